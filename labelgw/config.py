@@ -1,0 +1,185 @@
+"""Settings from the command line and the optional YAML file: validated once, before anything listens."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from labelgw.http.settings import ProxySettings
+from labelgw.model import ContainerSpec
+from labelgw.registry import STATIC_PREFIX
+
+DEFAULT_HTTP = ("tcp:8080",)
+DEFAULT_LABEL_PREFIX = "labelgw"
+_PREFIX_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TIMEOUTS = ("connect_timeout", "response_timeout", "head_timeout", "idle_timeout", "body_timeout")
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message names the setting and says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class StaticService:
+    name: str
+    hosts: tuple[str, ...]
+    path: str
+    strip_prefix: bool
+    backends: tuple[tuple[str, int], ...]
+
+    def specs(self) -> list[ContainerSpec]:
+        return [
+            ContainerSpec(
+                container_id=f"{STATIC_PREFIX}{self.name}:{index}",
+                name=f"{self.name}[{address}:{port}]",
+                service=self.name,
+                address=address,
+                port=port,
+                hosts=self.hosts,
+                path_prefix=self.path,
+                strip_prefix=self.strip_prefix,
+            )
+            for index, (address, port) in enumerate(self.backends)
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    http: tuple[str, ...] = DEFAULT_HTTP
+    docker_host: str | None = None
+    label_prefix: str = DEFAULT_LABEL_PREFIX
+    env: str | None = None
+    docker: bool = True
+    static_services: tuple[StaticService, ...] = ()
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    resync_interval: float = 60.0
+    drain_grace: float = 10.0
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read the YAML config file (blocking; called once at start, before the reactor runs)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except OSError as error:
+        raise ConfigError(f"--config {path}: cannot read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"--config {path}: not valid YAML{at}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: the top level must be a mapping of settings")
+    return data
+
+
+_FILE_KEYS = {"http", "docker_host", "label_prefix", "env", "docker", "services", "resync_interval", "drain_grace", *_TIMEOUTS}
+
+
+def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Settings:
+    """Command-line values win over the file's; defaults fill the rest."""
+    file = dict(file or {})
+    unknown = sorted(set(file) - _FILE_KEYS)
+    if unknown:
+        raise ConfigError(f"config file: unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(_FILE_KEYS))}")
+
+    def pick(name: str) -> Any:
+        value = cli.get(name)
+        return value if value not in (None, [], ()) else file.get(name)
+
+    http = pick("http") or list(DEFAULT_HTTP)
+    if isinstance(http, str):
+        http = [http]
+    if not isinstance(http, list) or not all(isinstance(item, str) and item for item in http):
+        raise ConfigError("http: must be a list of Twisted endpoint strings such as 'tcp:8080'")
+
+    docker_host = pick("docker_host") or os.environ.get("DOCKER_HOST") or None
+    if docker_host is not None and not isinstance(docker_host, str):
+        raise ConfigError("docker_host: must be a URL such as unix:///var/run/docker.sock")
+
+    prefix = pick("label_prefix") or DEFAULT_LABEL_PREFIX
+    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
+        raise ConfigError(f"label_prefix: {prefix!r} is not a valid label prefix (lower-case letters, digits, dots, dashes)")
+
+    env = pick("env")
+    if env is not None and (not isinstance(env, str) or not _NAME_RE.match(env)):
+        raise ConfigError(f"env: {env!r} is not a valid environment name")
+
+    docker = file.get("docker", True)
+    if not isinstance(docker, bool):
+        raise ConfigError("docker: must be true or false")
+
+    timeouts: dict[str, float] = {}
+    for name in _TIMEOUTS:
+        value = pick(name)
+        if value is None:
+            continue
+        timeouts[name] = _positive_number(name, value)
+    proxy = ProxySettings(**timeouts)
+
+    services = file.get("services") or {}
+    if not isinstance(services, dict):
+        raise ConfigError("services: must be a mapping of service name to its settings")
+    static = tuple(_static_service(name, spec) for name, spec in services.items())
+
+    return Settings(
+        http=tuple(http),
+        docker_host=docker_host,
+        label_prefix=prefix,
+        env=env,
+        docker=docker,
+        static_services=static,
+        proxy=proxy,
+        resync_interval=_positive_number("resync_interval", file.get("resync_interval", 60.0)),
+        drain_grace=_positive_number("drain_grace", file.get("drain_grace", 10.0)),
+    )
+
+
+def _positive_number(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not a number of seconds") from None
+    if not number > 0 or number > 86400:
+        raise ConfigError(f"{name}: {value!r} must be more than 0 and at most 86400 seconds")
+    return number
+
+
+def _static_service(name: Any, spec: Any) -> StaticService:
+    where = f"services.{name}"
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"{where}: {name!r} is not a valid service name")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: must be a mapping with hosts and backends")
+    unknown = sorted(set(spec) - {"hosts", "path", "strip_prefix", "backends"})
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown setting (known: hosts, path, strip_prefix, backends)")
+    hosts = spec.get("hosts") or [f"{name.lower()}.localhost"]
+    if isinstance(hosts, str):
+        hosts = [hosts]
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h and ":" not in h for h in hosts):
+        raise ConfigError(f"{where}.hosts: must be a list of host names without ports")
+    path = spec.get("path", "/")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"{where}.path: {path!r} must start with '/'")
+    if len(path) > 1:
+        path = path.rstrip("/")
+    strip = spec.get("strip_prefix", False)
+    if not isinstance(strip, bool):
+        raise ConfigError(f"{where}.strip_prefix: must be true or false")
+    raw_backends = spec.get("backends")
+    if not isinstance(raw_backends, list) or not raw_backends:
+        raise ConfigError(f"{where}.backends: must be a non-empty list of 'address:port'")
+    backends = []
+    for item in raw_backends:
+        address, _, port = str(item).rpartition(":")
+        if not address or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{where}.backends: {item!r} is not 'address:port'")
+        backends.append((address.strip("[]"), int(port)))
+    return StaticService(name.lower(), tuple(h.lower().rstrip(".") for h in hosts), path, strip, tuple(backends))

@@ -1,0 +1,317 @@
+"""Strict HTTP/1.1 message-head parsing and chunked framing. Pure: bytes in, values or HttpError out.
+
+A front proxy must refuse what a backend could read differently (request smuggling): bare LF, obs-fold, spaces
+before the colon, control characters, conflicting or malformed framing headers.
+"""
+
+from __future__ import annotations
+
+import re
+
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
+MAX_CHUNK_LINE = 4096
+
+# RFC 9110 tchar; translate(None, _TCHAR) leaves only the bytes that are not allowed in a token.
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# Control characters other than HTAB are never allowed in a head (CR and LF only as line ends, checked apart).
+_FORBIDDEN_IN_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_HEX = b"0123456789abcdefABCDEF"
+_KNOWN_CODINGS = {b"gzip", b"deflate", b"compress", b"x-gzip", b"br", b"zstd"}
+
+
+class HttpError(Exception):
+    """A message labelgw refuses: the status to answer with and a reason a person can read."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class RequestHead:
+    __slots__ = ("method", "target", "version", "headers", "host", "content_length", "chunked", "keep_alive", "upgrade", "connection_tokens")
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.version = b"HTTP/1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host: bytes | None = None
+        # None with chunked False means no body.
+        self.content_length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+        self.upgrade: bytes | None = None
+        self.connection_tokens: frozenset[bytes] = frozenset()
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+class ResponseHead:
+    __slots__ = ("version", "status", "status_line", "headers", "content_length", "chunked", "keep_alive", "connection_tokens")
+
+    def __init__(self) -> None:
+        self.version = b"HTTP/1.1"
+        self.status = 0
+        self.status_line = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+        self.connection_tokens: frozenset[bytes] = frozenset()
+
+
+def _split_lines(head: bytes, status: int) -> list[bytes]:
+    """Split a head (without its final CRLFCRLF) into lines, refusing bare CR or LF and control bytes."""
+    if _FORBIDDEN_IN_HEAD.search(head) is not None:
+        raise HttpError(status, "control character in message head")
+    crlf = head.count(b"\r\n")
+    if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
+        raise HttpError(status, "bare CR or LF in message head")
+    return head.split(b"\r\n")
+
+
+def _parse_fields(lines: list[bytes], status: int) -> list[tuple[bytes, bytes]]:
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HttpError(431 if status == 400 else status, f"more than {MAX_HEADERS} header fields")
+    fields = []
+    for line in lines[1:]:
+        colon = line.find(b":")
+        if colon <= 0:
+            if line[:1] in (b" ", b"\t"):
+                raise HttpError(status, "obsolete line folding in header field")
+            raise HttpError(status, "header field without a name and colon")
+        name = line[:colon]
+        if name.translate(None, _TCHAR):
+            raise HttpError(status, f"invalid header field name {name[:40]!r}")
+        fields.append((name, line[colon + 1 :].strip(b" \t")))
+    return fields
+
+
+def _parse_content_length(value: bytes, status: int) -> int:
+    # Digits only: no sign, no hex, no list ("5, 5"), bounded length.
+    if not value.isdigit() or len(value) > 18:
+        raise HttpError(status, f"invalid Content-Length {value[:40]!r}")
+    return int(value)
+
+
+def _connection_tokens(values: list[bytes]) -> frozenset[bytes]:
+    tokens = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip(b" \t").lower()
+            if token:
+                tokens.add(token)
+    return frozenset(tokens)
+
+
+def parse_request_head(head: bytes) -> RequestHead:
+    """Parse a request head: everything before the blank line that ends it."""
+    lines = _split_lines(head, 400)
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise HttpError(400, "malformed request line")
+    method, target, version = parts
+    if method.translate(None, _TCHAR):
+        raise HttpError(400, "invalid method")
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        if version.startswith(b"HTTP/") and len(version) == 8:
+            raise HttpError(505, "HTTP version not supported")
+        raise HttpError(400, "malformed HTTP version")
+    request = RequestHead()
+    request.method = method
+    request.version = version
+    request.headers = fields = _parse_fields(lines, 400)
+
+    host = None
+    content_length = None
+    transfer_encoding = None
+    connection_values = []
+    for name, value in fields:
+        lower = name.lower()
+        if lower == b"host":
+            if host is not None:
+                raise HttpError(400, "more than one Host header")
+            host = value
+        elif lower == b"content-length":
+            if content_length is not None:
+                raise HttpError(400, "more than one Content-Length header")
+            content_length = _parse_content_length(value, 400)
+        elif lower == b"transfer-encoding":
+            if transfer_encoding is not None:
+                raise HttpError(400, "more than one Transfer-Encoding header")
+            transfer_encoding = value
+        elif lower == b"connection":
+            connection_values.append(value)
+        elif lower == b"upgrade":
+            request.upgrade = value
+
+    if transfer_encoding is not None:
+        if content_length is not None:
+            raise HttpError(400, "both Content-Length and Transfer-Encoding")
+        if version == b"HTTP/1.0":
+            raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        coding = transfer_encoding.lower()
+        if coding != b"chunked":
+            if coding in _KNOWN_CODINGS:
+                raise HttpError(501, f"transfer coding {transfer_encoding[:40]!r} not supported")
+            raise HttpError(400, f"invalid Transfer-Encoding {transfer_encoding[:40]!r}")
+        request.chunked = True
+    request.content_length = content_length
+
+    if target[:1] == b"/":
+        request.target = target
+    elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+        # Absolute form: its authority wins over the Host header (RFC 9112 section 3.2.2).
+        rest = target.split(b"://", 1)[1]
+        slash = rest.find(b"/")
+        authority, path = (rest, b"/") if slash == -1 else (rest[:slash], rest[slash:])
+        if not authority or b"@" in authority:
+            raise HttpError(400, "invalid absolute request target")
+        host = authority
+        request.target = path
+    elif target == b"*" and method == b"OPTIONS":
+        request.target = target
+    else:
+        raise HttpError(400, "invalid request target")
+    if version == b"HTTP/1.1" and host is None:
+        raise HttpError(400, "HTTP/1.1 request without Host")
+    if host is not None and (b" " in host or b"/" in host):
+        raise HttpError(400, "invalid Host header")
+    request.host = host
+
+    tokens = _connection_tokens(connection_values)
+    request.connection_tokens = tokens
+    if version == b"HTTP/1.1":
+        request.keep_alive = b"close" not in tokens
+    else:
+        request.keep_alive = b"keep-alive" in tokens
+    if request.upgrade is not None and b"upgrade" not in tokens:
+        request.upgrade = None
+    return request
+
+
+def parse_response_head(head: bytes) -> ResponseHead:
+    """Parse an upstream's response head; anything malformed is a 502 to the client."""
+    lines = _split_lines(head, 502)
+    line = lines[0]
+    if not line.startswith(b"HTTP/1.") or len(line) < 12 or line[8:9] != b" ":
+        raise HttpError(502, "malformed status line from upstream")
+    code = line[9:12]
+    if not code.isdigit() or (len(line) > 12 and line[12:13] != b" "):
+        raise HttpError(502, "malformed status code from upstream")
+    response = ResponseHead()
+    response.version = line[:8]
+    response.status = int(code)
+    response.status_line = line
+    response.headers = fields = _parse_fields(lines, 502)
+    transfer_encoding = None
+    connection_values = []
+    for name, value in fields:
+        lower = name.lower()
+        if lower == b"content-length":
+            length = _parse_content_length(value, 502)
+            if response.content_length is not None and response.content_length != length:
+                raise HttpError(502, "conflicting Content-Length from upstream")
+            response.content_length = length
+        elif lower == b"transfer-encoding":
+            transfer_encoding = value if transfer_encoding is None else transfer_encoding + b", " + value
+        elif lower == b"connection":
+            connection_values.append(value)
+    if transfer_encoding is not None:
+        # Only plain chunked is relayed: a transfer coding such as gzip would have to be removed by a proxy.
+        if transfer_encoding.strip(b" \t").lower() != b"chunked":
+            raise HttpError(502, f"unsupported Transfer-Encoding {transfer_encoding[:40]!r} from upstream")
+        # Content-Length is ignored when chunked (RFC 9112 section 6.3).
+        response.content_length = None
+        response.chunked = True
+    tokens = _connection_tokens(connection_values)
+    response.connection_tokens = tokens
+    if response.version == b"HTTP/1.1":
+        response.keep_alive = b"close" not in tokens
+    else:
+        response.keep_alive = b"keep-alive" in tokens
+    return response
+
+
+class ChunkedDecoder:
+    """Incremental decoder of a chunked body. `feed` returns the payload pieces and, once the last chunk and
+    trailers are read, sets `done` and leaves the bytes after the body in `rest`."""
+
+    __slots__ = ("_state", "_remaining", "_line", "done", "rest", "_status")
+
+    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+    def __init__(self, error_status: int = 400) -> None:
+        self._state = self._SIZE
+        self._remaining = 0
+        self._line = b""
+        self.done = False
+        self.rest = b""
+        self._status = error_status
+
+    def _take_line(self, data: bytes, start: int) -> tuple[bytes | None, int]:
+        end = data.find(b"\n", start)
+        if end == -1:
+            self._line += data[start:]
+            if len(self._line) > MAX_CHUNK_LINE:
+                raise HttpError(self._status, "chunk size line too long")
+            return None, len(data)
+        line = self._line + data[start:end]
+        self._line = b""
+        if not line.endswith(b"\r"):
+            raise HttpError(self._status, "bare LF in chunked body")
+        line = line[:-1]
+        if b"\r" in line or len(line) > MAX_CHUNK_LINE:
+            raise HttpError(self._status, "invalid chunk line")
+        return line, end + 1
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out = []
+        pos = 0
+        size = len(data)
+        while pos < size and not self.done:
+            state = self._state
+            if state == self._DATA:
+                take = min(self._remaining, size - pos)
+                out.append(data[pos : pos + take] if (pos or take != size) else data)
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = self._DATA_END
+            elif state == self._SIZE:
+                line, pos = self._take_line(data, pos)
+                if line is None:
+                    break
+                digits = line.split(b";", 1)[0].rstrip(b" \t")
+                if not digits or digits.translate(None, _HEX) or len(digits) > 15:
+                    raise HttpError(self._status, f"invalid chunk size {digits[:20]!r}")
+                self._remaining = int(digits, 16)
+                self._state = self._DATA if self._remaining else self._TRAILER
+            elif state == self._DATA_END:
+                line, pos = self._take_line(data, pos)
+                if line is None:
+                    break
+                if line:
+                    raise HttpError(self._status, "chunk data longer than its size")
+                self._state = self._SIZE
+            else:
+                line, pos = self._take_line(data, pos)
+                if line is None:
+                    break
+                if not line:
+                    self.done = True
+                    self.rest = data[pos:]
+                    return out
+                # Trailer fields are read and dropped: nothing downstream relies on them.
+        return out
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

@@ -1,0 +1,341 @@
+"""Connections to backends: an HTTP/1.1 client protocol that relays one response at a time to an exchange, and
+a pool of idle keep-alive connections per backend."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
+
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from labelgw.backends import Backend
+from labelgw.http.fastwrite import write_now
+from labelgw.http.parser import MAX_HEAD_BYTES, ChunkedDecoder, HttpError, ResponseHead, parse_response_head
+
+if TYPE_CHECKING:
+    from labelgw.http.settings import ProxySettings
+
+
+class ResponseSink(TypingProtocol):
+    """What an upstream connection reports to the exchange it serves."""
+
+    def upstream_connected(self, connection: "UpstreamConnection") -> None: ...
+
+    def upstream_connect_failed(self, reason: Failure) -> None: ...
+
+    def response_head(self, head: ResponseHead, connection: "UpstreamConnection") -> None: ...
+
+    def response_data(self, data: bytes) -> None: ...
+
+    def response_chunk(self, data: bytes) -> None: ...
+
+    def response_done(self) -> None: ...
+
+    def upstream_failed(self, status: int, reason: str) -> None: ...
+
+    def tunnel_data(self, data: bytes) -> None: ...
+
+    def tunnel_closed(self) -> None: ...
+
+
+# What the connection is reading.
+_IDLE, _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _TUNNEL = range(6)
+
+
+class UpstreamConnection(Protocol):
+    _log = Logger()
+
+    def __init__(self, pool: "UpstreamPool", backend: Backend) -> None:
+        self.pool = pool
+        self.backend = backend
+        self.sink: ResponseSink | None = None
+        self.connected = False
+        self.reused = False
+        self.reusable = True
+        self.head_only = False
+        self.response_started = False
+        self._mode = _IDLE
+        self._buffer = b""
+        self._remaining = 0
+        self._decoder: ChunkedDecoder | None = None
+        self._sent_at = 0.0
+        self._idle_since = 0.0
+        self._timer: Any = None
+
+    # Lifecycle.
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        self.transport.setTcpNoDelay(True)
+        self._timer = self.pool.clock.callLater(self.pool.settings.response_timeout, self._check_timers)
+        sink = self.sink
+        if sink is None:
+            self.pool.release(self)
+        else:
+            sink.upstream_connected(self)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.connected = False
+        self.reusable = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        sink, self.sink = self.sink, None
+        if sink is None:
+            self.pool.forget(self)
+            return
+        mode = self._mode
+        self._mode = _IDLE
+        if mode == _UNTIL_CLOSE:
+            sink.response_done()
+        elif mode == _TUNNEL:
+            sink.tunnel_closed()
+        else:
+            sink.upstream_failed(502, "upstream closed the connection" + ("" if mode == _HEAD else " mid-response"))
+
+    def send(self, sink: ResponseSink, head: bytes, head_only: bool) -> None:
+        """Start one exchange on this connection: write the request head and wait for the response."""
+        self.sink = sink
+        self.head_only = head_only
+        self.response_started = False
+        self._mode = _HEAD
+        self._buffer = b""
+        now = self.pool.clock.seconds()
+        self._sent_at = now
+        timer = self._timer
+        if timer is not None and timer.getTime() > now + self.pool.settings.response_timeout:
+            timer.reset(self.pool.settings.response_timeout)
+        write_now(self.transport, head)
+
+    def abort(self) -> None:
+        """The exchange gave up on this connection (client gone, bad response): never reuse it."""
+        self.sink = None
+        self.reusable = False
+        if self.connected:
+            self.transport.abortConnection()
+
+    def detach(self) -> None:
+        """The exchange is done with this connection after a complete response: pool it or close it."""
+        self.sink = None
+        self._mode = _IDLE
+        self._idle_since = self.pool.clock.seconds()
+        self.pool.release(self)
+
+    # Timers: one per connection, re-armed lazily so a request costs no timer work in the common case.
+
+    def _check_timers(self) -> None:
+        self._timer = None
+        if not self.connected:
+            return
+        settings = self.pool.settings
+        now = self.pool.clock.seconds()
+        if self._mode == _HEAD:
+            deadline = self._sent_at + settings.response_timeout
+            if now >= deadline:
+                sink = self.sink
+                self.abort()
+                if sink is not None:
+                    sink.upstream_failed(504, f"no response from upstream within {settings.response_timeout:g} s")
+                return
+        elif self._mode == _IDLE and self.sink is None:
+            deadline = self._idle_since + settings.upstream_idle_timeout
+            if now >= deadline:
+                self.transport.loseConnection()
+                return
+        else:
+            deadline = now + settings.response_timeout
+        self._timer = self.pool.clock.callLater(max(deadline - now, 0.001), self._check_timers)
+
+    # Response parsing.
+
+    def dataReceived(self, data: bytes) -> None:
+        mode = self._mode
+        if mode == _LENGTH:
+            sink = self.sink
+            remaining = self._remaining
+            size = len(data)
+            if size < remaining:
+                self._remaining = remaining - size
+                sink.response_data(data)  # type: ignore[union-attr]
+                return
+            if size > remaining:
+                # Bytes after the announced end: the upstream is broken; never reuse this connection.
+                self.reusable = False
+                data = data[:remaining]
+            self._remaining = 0
+            if data:
+                sink.response_data(data)  # type: ignore[union-attr]
+            self._finish()
+        elif mode == _HEAD:
+            self._read_head(data)
+        elif mode == _CHUNKED:
+            self._read_chunked(data)
+        elif mode == _UNTIL_CLOSE:
+            self.sink.response_data(data)  # type: ignore[union-attr]
+        elif mode == _TUNNEL:
+            self.sink.tunnel_data(data)  # type: ignore[union-attr]
+        else:
+            # Bytes from an idle upstream connection: nothing asked for them.
+            self.reusable = False
+            self.transport.loseConnection()
+
+    def _read_head(self, data: bytes) -> None:
+        buffer = self._buffer + data if self._buffer else data
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end == -1:
+                if len(buffer) > MAX_HEAD_BYTES:
+                    self._fail(502, "upstream response head too large")
+                else:
+                    self._buffer = buffer
+                return
+            try:
+                head = parse_response_head(buffer[:end])
+            except HttpError as error:
+                self._fail(502, error.reason)
+                return
+            buffer = buffer[end + 4 :]
+            status = head.status
+            if 100 <= status < 200 and status != 101:
+                # Interim responses (100 Continue, 103 Early Hints) go to the client; the final one follows.
+                self.sink.response_head(head, self)  # type: ignore[union-attr]
+                if self.sink is None:
+                    return
+                continue
+            break
+        self._buffer = b""
+        self.response_started = True
+        if not head.keep_alive:
+            self.reusable = False
+        sink = self.sink
+        if status == 101:
+            self._mode = _TUNNEL
+            self.reusable = False
+            sink.response_head(head, self)  # type: ignore[union-attr]
+            if buffer and self.sink is not None:
+                self.sink.tunnel_data(buffer)
+            return
+        if self.head_only or status == 204 or status == 304:
+            self._mode = _IDLE
+            sink.response_head(head, self)  # type: ignore[union-attr]
+            if buffer:
+                self.reusable = False
+            self._finish()
+            return
+        if head.chunked:
+            self._mode = _CHUNKED
+            self._decoder = ChunkedDecoder(error_status=502)
+        elif head.content_length is not None:
+            self._mode = _LENGTH
+            self._remaining = head.content_length
+        else:
+            self._mode = _UNTIL_CLOSE
+            self.reusable = False
+        sink.response_head(head, self)  # type: ignore[union-attr]
+        if self.sink is None:
+            return
+        if self._mode == _LENGTH and self._remaining == 0:
+            if buffer:
+                self.reusable = False
+            self._finish()
+        elif buffer:
+            self.dataReceived(buffer)
+
+    def _read_chunked(self, data: bytes) -> None:
+        decoder = self._decoder
+        try:
+            pieces = decoder.feed(data)  # type: ignore[union-attr]
+        except HttpError as error:
+            self._fail(502, error.reason)
+            return
+        sink = self.sink
+        for piece in pieces:
+            sink.response_chunk(piece)  # type: ignore[union-attr]
+        if decoder.done:  # type: ignore[union-attr]
+            if decoder.rest:  # type: ignore[union-attr]
+                self.reusable = False
+            self._finish()
+
+    def _finish(self) -> None:
+        self._mode = _IDLE
+        self._decoder = None
+        sink = self.sink
+        if sink is not None:
+            sink.response_done()
+
+    def _fail(self, status: int, reason: str) -> None:
+        sink = self.sink
+        self.abort()
+        if sink is not None:
+            sink.upstream_failed(status, reason)
+
+
+class _ConnectFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, pool: "UpstreamPool", backend: Backend, sink: ResponseSink) -> None:
+        self.pool = pool
+        self.backend = backend
+        self.sink: ResponseSink | None = sink
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        connection = UpstreamConnection(self.pool, self.backend)
+        connection.sink = self.sink
+        self.sink = None
+        return connection
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.upstream_connect_failed(reason)
+
+
+class UpstreamPool:
+    """Hands out connections to backends: an idle keep-alive connection when one is there, else a new one."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, settings: "ProxySettings") -> None:
+        self.reactor = reactor
+        self.clock = reactor
+        self.settings = settings
+        self.open = 0
+
+    def acquire(self, backend: Backend, sink: ResponseSink) -> UpstreamConnection | None:
+        """An idle connection to `backend`, or None after starting a new one that reports to `sink`."""
+        idle = backend.idle
+        while idle:
+            connection = idle.pop()
+            if connection.connected:
+                connection.reused = True
+                return connection
+        self.reactor.connectTCP(
+            backend.address, backend.port, _ConnectFactory(self, backend, sink), timeout=self.settings.connect_timeout
+        )
+        return None
+
+    def release(self, connection: UpstreamConnection) -> None:
+        backend = connection.backend
+        if (
+            connection.reusable
+            and connection.connected
+            and backend.ready
+            and len(backend.idle) < self.settings.max_idle_per_backend
+        ):
+            connection._idle_since = self.clock.seconds()
+            backend.idle.append(connection)
+        elif connection.connected:
+            connection.transport.loseConnection()
+
+    def forget(self, connection: UpstreamConnection) -> None:
+        try:
+            connection.backend.idle.remove(connection)
+        except ValueError:
+            pass
+
+    def retire(self, backend: Backend) -> None:
+        """The backend left rotation: close its idle connections (its container is going away)."""
+        idle, backend.idle = backend.idle, []
+        for connection in idle:
+            if connection.connected:
+                connection.transport.loseConnection()

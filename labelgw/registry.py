@@ -1,0 +1,202 @@
+"""Container specs in, services, backends and routes out. Pure and incremental: a change touches only its own
+container's service and hosts. Called on the reactor thread only."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+from twisted.logger import Logger
+
+from labelgw.backends import Backend, Policy, RoundRobin, ServicePool
+from labelgw.model import ContainerSpec, Rejection
+from labelgw.routes import Route, RouteTable
+
+Outcome = ContainerSpec | Rejection | None
+PolicyFactory = Callable[[ContainerSpec], Policy]
+
+# Static backends from the config file carry ids with this prefix; a Docker resync never removes them.
+STATIC_PREFIX = "static:"
+
+
+def _default_policy(spec: ContainerSpec) -> Policy:
+    return RoundRobin()
+
+
+def _routing_key(spec: ContainerSpec) -> tuple[object, ...]:
+    return (spec.service, spec.hosts, spec.path_prefix, spec.strip_prefix, spec.scheme)
+
+
+class _Claim:
+    """Who serves one (host, path prefix): one service, through the containers that declared it."""
+
+    __slots__ = ("route", "members")
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.members: set[str] = set()
+
+
+class Registry:
+    _log = Logger()
+
+    def __init__(
+        self,
+        policy_factory: PolicyFactory = _default_policy,
+        on_backend_retired: Callable[[Backend], None] | None = None,
+    ) -> None:
+        self.table = RouteTable()
+        self.containers: dict[str, ContainerSpec] = {}
+        self.rejections: dict[str, Rejection] = {}
+        self.services: dict[str, ServicePool] = {}
+        self._policy_factory = policy_factory
+        self._claims: dict[tuple[str, str], _Claim] = {}
+        self._host_routes: dict[str, dict[str, Route]] = {}
+        # Told when a backend leaves rotation for good, so its idle upstream connections can be closed.
+        self._on_backend_retired = on_backend_retired or (lambda backend: None)
+
+    # The RouteSink interface the Docker watcher drives.
+
+    def apply(self, container_id: str, outcome: Outcome) -> None:
+        if outcome is None:
+            self.remove(container_id)
+        elif isinstance(outcome, Rejection):
+            self._reject(outcome)
+        else:
+            self._upsert(outcome)
+
+    def mark_down(self, container_id: str) -> None:
+        spec = self.containers.get(container_id)
+        if spec is None or not spec.ready:
+            return
+        self._upsert(dataclasses.replace(spec, running=False))
+
+    def remove(self, container_id: str) -> None:
+        self.rejections.pop(container_id, None)
+        spec = self.containers.pop(container_id, None)
+        if spec is not None:
+            self._detach(spec)
+            self._log.info("container {name} removed from service {service}", name=spec.name, service=spec.service)
+
+    def resync(self, outcomes: Mapping[str, Outcome]) -> None:
+        known = set(self.containers) | set(self.rejections)
+        for container_id in known - set(outcomes):
+            if not container_id.startswith(STATIC_PREFIX):
+                self.remove(container_id)
+        for container_id, outcome in outcomes.items():
+            self.apply(container_id, outcome)
+
+    # Lookups for the proxy and for status views.
+
+    def ready_count(self, service: str) -> int:
+        pool = self.services.get(service)
+        return len(pool.ready) if pool else 0
+
+    # Internals.
+
+    def _reject(self, rejection: Rejection) -> None:
+        if self.rejections.get(rejection.container_id) == rejection:
+            return
+        spec = self.containers.pop(rejection.container_id, None)
+        if spec is not None:
+            self._detach(spec)
+        self.rejections[rejection.container_id] = rejection
+        self._log.warn("skipping {what}", what=rejection.describe(), container=rejection.name, label=rejection.label)
+
+    def _conflict(self, spec: ContainerSpec) -> Rejection | None:
+        for host in spec.hosts:
+            claim = self._claims.get((host, spec.path_prefix))
+            if claim is not None and claim.route.service.name != spec.service:
+                return Rejection(
+                    spec.container_id,
+                    spec.name,
+                    "host" if spec.path_prefix == "/" else "path",
+                    host if spec.path_prefix == "/" else spec.path_prefix,
+                    f"http://{host}{spec.path_prefix} is already routed to service {claim.route.service.name!r}",
+                )
+        return None
+
+    def _upsert(self, spec: ContainerSpec) -> None:
+        old = self.containers.get(spec.container_id)
+        if old == spec:
+            return
+        if old is not None and _routing_key(old) == _routing_key(spec):
+            self.containers[spec.container_id] = spec
+            self._update_backend(spec)
+            return
+        if old is not None:
+            self._detach(old)
+            del self.containers[spec.container_id]
+        conflict = self._conflict(spec)
+        if conflict is not None:
+            self._reject(conflict)
+            return
+        self.rejections.pop(spec.container_id, None)
+        self.containers[spec.container_id] = spec
+        self._attach(spec)
+
+    def _update_backend(self, spec: ContainerSpec) -> None:
+        pool = self.services[spec.service]
+        backend = pool.backends[spec.container_id]
+        if (backend.address, backend.port) != (spec.address, spec.port):
+            self._on_backend_retired(backend)
+            backend = pool.backends[spec.container_id] = Backend(spec)
+        was_ready = backend.ready
+        backend.spec = spec
+        backend.version = spec.version
+        backend.ready = spec.ready
+        pool.refresh()
+        if was_ready and not backend.ready:
+            self._on_backend_retired(backend)
+        if was_ready != backend.ready:
+            self._log.info(
+                "backend {name} of service {service} {state} ({ready} ready)",
+                name=spec.name, service=spec.service, state="in rotation" if backend.ready else "out of rotation",
+                ready=len(pool.ready),
+            )
+
+    def _attach(self, spec: ContainerSpec) -> None:
+        pool = self.services.get(spec.service)
+        if pool is None:
+            pool = self.services[spec.service] = ServicePool(spec.service, self._policy_factory(spec))
+        pool.backends[spec.container_id] = Backend(spec)
+        pool.refresh()
+        for host in spec.hosts:
+            key = (host, spec.path_prefix)
+            claim = self._claims.get(key)
+            if claim is None:
+                route = Route(host, spec.path_prefix, pool, spec.strip_prefix, spec.scheme)
+                claim = self._claims[key] = _Claim(route)
+                self._host_routes.setdefault(host, {})[spec.path_prefix] = route
+                self.table.replace_host(host, self._host_routes[host])
+                self._log.info("route http://{host}{path} -> service {service}", host=host, path=spec.path_prefix, service=spec.service)
+            claim.members.add(spec.container_id)
+        self._log.info(
+            "container {name} joined service {service} at {address}:{port} ({state}; {ready} ready)",
+            name=spec.name, service=spec.service, address=spec.address, port=spec.port,
+            state="ready" if spec.ready else "not ready", ready=len(pool.ready),
+        )
+
+    def _detach(self, spec: ContainerSpec) -> None:
+        pool = self.services.get(spec.service)
+        if pool is not None:
+            backend = pool.backends.pop(spec.container_id, None)
+            pool.refresh()
+            if backend is not None:
+                self._on_backend_retired(backend)
+            if not pool.backends:
+                del self.services[spec.service]
+        for host in spec.hosts:
+            key = (host, spec.path_prefix)
+            claim = self._claims.get(key)
+            if claim is None:
+                continue
+            claim.members.discard(spec.container_id)
+            if not claim.members:
+                del self._claims[key]
+                routes = self._host_routes[host]
+                del routes[spec.path_prefix]
+                if not routes:
+                    del self._host_routes[host]
+                self.table.replace_host(host, routes)
+                self._log.info("route http://{host}{path} removed", host=host, path=spec.path_prefix)

@@ -1,0 +1,92 @@
+"""The route table: host -> longest matching path prefix -> route. Pure; rebuilt per host, never globally."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from labelgw.backends import ServicePool
+
+
+class Route:
+    """Where requests for one (host, path prefix) go. The service pool is shared and changes in place."""
+
+    __slots__ = ("host", "path_prefix", "service", "strip_prefix", "scheme")
+
+    def __init__(self, host: str, path_prefix: str, service: ServicePool, strip_prefix: bool = False, scheme: str = "http") -> None:
+        self.host = host
+        self.path_prefix = path_prefix
+        self.service = service
+        self.strip_prefix = strip_prefix
+        self.scheme = scheme
+
+    def upstream_path(self, target: bytes) -> bytes:
+        """The request target to send upstream: the prefix removed when the route strips it."""
+        if not self.strip_prefix or self.path_prefix == "/":
+            return target
+        rest = target[len(self.path_prefix):]
+        if not rest or rest[:1] != b"/":
+            rest = b"/" + rest
+        return rest
+
+    def __repr__(self) -> str:
+        return f"<Route {self.host}{self.path_prefix} -> {self.service.name}>"
+
+
+class HostRoutes:
+    """The routes of one host, immutable once built. Matching costs one dict lookup per distinct prefix length."""
+
+    __slots__ = ("_by_prefix", "_lengths", "_root")
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self._by_prefix: dict[str, Route] = {route.path_prefix: route for route in routes}
+        self._root = self._by_prefix.get("/")
+        self._lengths = sorted({len(prefix) for prefix in self._by_prefix if prefix != "/"}, reverse=True)
+
+    def match(self, path: str) -> Route | None:
+        for length in self._lengths:
+            # A prefix matches whole segments only: "/api" matches "/api" and "/api/x", never "/apix".
+            if len(path) >= length and (len(path) == length or path[length] == "/"):
+                route = self._by_prefix.get(path[:length])
+                if route is not None:
+                    return route
+        return self._root
+
+    def routes(self) -> list[Route]:
+        return list(self._by_prefix.values())
+
+
+def normalize_host(raw: str) -> str:
+    """Lower-case, port removed, trailing dot removed: how Host headers are compared with route hosts."""
+    host = raw.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end != -1 else host
+    colon = host.rfind(":")
+    if colon != -1:
+        host = host[:colon]
+    return host.rstrip(".")
+
+
+class RouteTable:
+    """Host name -> HostRoutes. Each host's entry is replaced whole, so a lookup never sees half an update."""
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, HostRoutes] = {}
+
+    def lookup(self, host: str, path: str) -> Route | None:
+        routes = self._hosts.get(host)
+        if routes is None:
+            return None
+        return routes.match(path)
+
+    def knows_host(self, host: str) -> bool:
+        return host in self._hosts
+
+    def replace_host(self, host: str, routes: Mapping[str, Route]) -> None:
+        if routes:
+            self._hosts[host] = HostRoutes(routes.values())
+        else:
+            self._hosts.pop(host, None)
+
+    def all_routes(self) -> list[Route]:
+        return [route for host in sorted(self._hosts) for route in self._hosts[host].routes()]

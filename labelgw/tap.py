@@ -1,0 +1,79 @@
+"""`twistd labelgw`: command-line options and the service they make."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from labelgw import config
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Routes HTTP to Docker containers by their labels (labelgw.service=NAME, ...). "
+        "Settings may also come from a YAML file (--config); command-line values win."
+    )
+    optParameters = [
+        ["docker-host", None, None, "Docker engine URL [default: $DOCKER_HOST, else the local socket]"],
+        ["label-prefix", None, None, f"Prefix of the labels labelgw reads [default: {config.DEFAULT_LABEL_PREFIX}]"],
+        ["env", None, None, "Route only containers whose <prefix>.env label is NAME"],
+        ["config", "c", None, "YAML file with the same settings plus static services"],
+        ["connect-timeout", None, None, "Seconds to connect to a backend before answering 502 [default: 5]"],
+        ["response-timeout", None, None, "Seconds to wait for a backend's response before answering 504 [default: 60]"],
+    ]
+
+    def __init__(self) -> None:
+        usage.Options.__init__(self)
+        self["http"] = []
+
+    def opt_http(self, endpoint: str) -> None:
+        """Listen for HTTP on a Twisted endpoint, e.g. tcp:8080 or tcp:8080:interface=127.0.0.1 (repeatable)
+        [default: tcp:8080]"""
+        self["http"].append(endpoint)
+
+    def opt_version(self) -> None:
+        from labelgw import __version__
+
+        print(f"labelgw {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        try:
+            self.settings = settings_from_options(self)
+        except config.ConfigError as error:
+            raise usage.UsageError(str(error)) from None
+
+
+def settings_from_options(options: Any) -> config.Settings:
+    file = config.load_file(options["config"]) if options["config"] else {}
+    cli = {
+        "http": list(options["http"]),
+        "docker_host": options["docker-host"],
+        "label_prefix": options["label-prefix"],
+        "env": options["env"],
+        "connect_timeout": options["connect-timeout"],
+        "response_timeout": options["response-timeout"],
+    }
+    settings = config.build(cli, file)
+    _check_endpoints(settings.http)
+    return settings
+
+
+def _check_endpoints(descriptions: tuple[str, ...]) -> None:
+    from twisted.internet.endpoints import _parseServer  # parsing only: nothing listens yet
+
+    for description in descriptions:
+        try:
+            _parseServer(description, None)
+        except Exception as error:  # the parser raises several kinds of errors; all mean the same to a user
+            raise config.ConfigError(f"--http {description!r}: not a valid endpoint ({error})") from None
+
+
+def makeService(options: Options) -> Any:
+    from twisted.internet import reactor
+
+    from labelgw.app import LabelgwService
+
+    return LabelgwService(options.settings, reactor)

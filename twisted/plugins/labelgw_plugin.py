@@ -1,0 +1,3 @@
+from twisted.application.service import ServiceMaker
+
+labelgw = ServiceMaker("labelgw", "labelgw.tap", "Reverse proxy routing by Docker container labels.", "labelgw")

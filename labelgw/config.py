@@ -127,6 +127,11 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
     if not isinstance(services, dict):
         raise ConfigError("services: must be a mapping of service name to its settings")
     static = tuple(_static_service(name, spec) for name, spec in services.items())
+    names = [service.name for service in static]
+    for name in names:
+        # Names are lower-cased, and two services with one name would share (and overwrite) backend ids.
+        if names.count(name) > 1:
+            raise ConfigError(f"services.{name}: defined more than once (service names ignore case)")
 
     return Settings(
         http=tuple(http),
@@ -142,6 +147,9 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
 
 
 def _positive_number(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        # YAML reads "yes"/"on" as true, which float() would take for 1 second.
+        raise ConfigError(f"{name}: {value!r} is not a number of seconds")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -179,7 +187,7 @@ def _static_service(name: Any, spec: Any) -> StaticService:
     backends = []
     for item in raw_backends:
         address, _, port = str(item).rpartition(":")
-        if not address or not port.isdigit() or not 0 < int(port) < 65536:
+        if not address or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ConfigError(f"{where}.backends: {item!r} is not 'address:port'")
         backends.append((address.strip("[]"), int(port)))
     return StaticService(name.lower(), tuple(h.lower().rstrip(".") for h in hosts), path, strip, tuple(backends))

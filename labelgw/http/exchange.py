@@ -55,6 +55,7 @@ class Exchange:
         self.attempts = 1
         self._tried: list[Backend] = [backend]
         self._pending: list[bytes] = []
+        self._out: list[bytes] = []
         self._pending_size = 0
         self._remaining = head.content_length or 0
         self._decoder = ChunkedDecoder() if head.chunked else None
@@ -102,24 +103,33 @@ class Exchange:
         if not self._retry(f"connect to {self.backend.address}:{self.backend.port} failed: {reason.getErrorMessage()}"):
             self._fail(502, f"could not connect to service {self.route.service.name!r} ({reason.getErrorMessage()})")
 
-    def _retry(self, why: str) -> bool:
-        if self.attempts >= 2 or self.response_started:
+    def _retry(self, why: str, same_backend_ok: bool = False) -> bool:
+        """Send the request once more: to another ready backend, or, when `same_backend_ok` (a pooled
+        connection the backend had closed), over a new connection to the same one."""
+        if self.attempts >= 2 or self.response_started or not self.gateway.retry_budget_allows():
             return False
-        backend = self.route.service.pick(exclude=self.backend)
-        if backend is None or backend is self.backend or not self.gateway.retry_budget_allows():
-            return False
-        self.gateway.log.debug("retrying on another backend: {why}", why=why)
+        failed = self.backend
+        backend = self.route.service.pick(exclude=failed)
+        if backend is None or backend is failed:
+            if not same_backend_ok:
+                return False
+            backend = failed
+        self.gateway.log.debug("retrying: {why}", why=why)
         self._release_backend(failed=True)
         self.attempts += 1
         self.gateway.retries += 1
+        self.gateway.active_retries += 1
         self.backend = backend
         backend.in_flight += 1
         backend.requests += 1
         self.route.service.policy.on_start(backend)
         self._started_at = self.gateway.clock.seconds()
         self.upstream = None
-        self.gateway.active_retries += 1
-        self.start()
+        if backend is failed:
+            # Not the pool: its other idle connections may be just as stale.
+            self.gateway.pool.connect(backend, self)
+        else:
+            self.start()
         return True
 
     # The request body, as the client sends it.
@@ -165,7 +175,7 @@ class Exchange:
     def response_head(self, head: ResponseHead, connection: UpstreamConnection) -> None:
         client = self.client
         status = head.status
-        if status < 200:
+        if status < 200 and status != 101:
             # Interim response: relay 100 Continue and friends, except to HTTP/1.0 clients.
             if self.head.version == b"HTTP/1.1":
                 client.transport.write(client_response_head(head, b"", close=False))
@@ -201,29 +211,31 @@ class Exchange:
         if not self.body_done:
             # The upstream answered before the whole body arrived: the rest cannot be skipped safely.
             self._client_close = True
-        write_now(client.transport, client_response_head(head, framing, self._client_close or client.draining))
+        # Held until the end of this upstream read: head and body then leave in one send (one TCP segment).
+        self._out.append(client_response_head(head, framing, self._client_close or client.draining))
 
     def response_data(self, data: bytes) -> None:
-        if self._client_chunked:
-            write_now(self.client.transport, encode_chunk(data))
-        else:
-            write_now(self.client.transport, data)
-        if not self._registered_upstream_producer and self.upstream is not None:
-            self._register_upstream_producer(self.upstream)
+        self._out.append(encode_chunk(data) if self._client_chunked else data)
 
-    def response_chunk(self, data: bytes) -> None:
-        if self._client_chunked:
-            write_now(self.client.transport, encode_chunk(data))
-        else:
-            write_now(self.client.transport, data)
-        if not self._registered_upstream_producer and self.upstream is not None:
+    response_chunk = response_data
+
+    def flush(self) -> None:
+        """End of one upstream read: send what it produced; a response still streaming gets back-pressure."""
+        out = self._out
+        if out:
+            write_now(self.client.transport, out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+        if not self.finished and not self._registered_upstream_producer and self.upstream is not None:
             self._register_upstream_producer(self.upstream)
 
     def response_done(self) -> None:
         if self.finished:
             return
         if self._client_chunked:
-            self.client.transport.write(LAST_CHUNK)
+            self._out.append(LAST_CHUNK)
+        if self._out:
+            write_now(self.client.transport, b"".join(self._out))
+            self._out.clear()
         upstream = self.upstream
         self._unregister_producers()
         if upstream is not None:
@@ -239,32 +251,16 @@ class Exchange:
         self._unregister_producers()
         self._count_failure()
         if not self.response_started:
-            stale = upstream is not None and upstream.reused
-            # A pooled connection the backend had closed: safe to try again when the request can be replayed.
-            if status == 502 and stale and self.head.method in IDEMPOTENT and not self.body_sent_upstream:
-                if self._retry_fresh(reason):
-                    return
-            if status == 502 and not self.body_sent_upstream and self.head.method in IDEMPOTENT:
-                if self._retry(reason):
+            # Replayable: idempotent and nothing but the head reached the upstream (RFC 9110 9.2.2).
+            if status == 502 and self.head.method in IDEMPOTENT and not self.body_sent_upstream:
+                stale = upstream is not None and upstream.reused
+                if self._retry(reason, same_backend_ok=stale):
                     return
             self._fail(status, f"service {self.route.service.name!r}: {reason}")
         else:
             # Part of the response already reached the client: all we can do is cut the connection.
             self._complete(failed=True)
             self.client.abort()
-
-    def _retry_fresh(self, why: str) -> bool:
-        if self.attempts >= 2 or not self.gateway.retry_budget_allows():
-            return False
-        self.attempts += 1
-        self.gateway.active_retries += 1
-        self.gateway.retries += 1
-        self.upstream = None
-        self.gateway.log.debug("retrying on a new connection: {why}", why=why)
-        self.gateway.pool.reactor.connectTCP(
-            self.backend.address, self.backend.port, _fresh_factory(self), timeout=self.gateway.settings.connect_timeout
-        )
-        return True
 
     # Tunnels (WebSocket and other upgrades).
 
@@ -350,9 +346,3 @@ class Exchange:
             upstream = self.upstream
             if upstream is not None and upstream.connected:
                 upstream.transport.resumeProducing()
-
-
-def _fresh_factory(exchange: Exchange) -> Any:
-    from labelgw.http.upstream import _ConnectFactory
-
-    return _ConnectFactory(exchange.gateway.pool, exchange.backend, exchange)

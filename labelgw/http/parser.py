@@ -108,6 +108,13 @@ def _connection_tokens(values: list[bytes]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+def _keep_alive(version: bytes, tokens: frozenset[bytes]) -> bool:
+    # "close" wins over everything; HTTP/1.0 persists only when asked to (RFC 9112 section 9.3).
+    if b"close" in tokens:
+        return False
+    return version == b"HTTP/1.1" or b"keep-alive" in tokens
+
+
 def parse_request_head(head: bytes) -> RequestHead:
     """Parse a request head: everything before the blank line that ends it."""
     lines = _split_lines(head, 400)
@@ -167,8 +174,11 @@ def parse_request_head(head: bytes) -> RequestHead:
     elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
         # Absolute form: its authority wins over the Host header (RFC 9112 section 3.2.2).
         rest = target.split(b"://", 1)[1]
-        slash = rest.find(b"/")
-        authority, path = (rest, b"/") if slash == -1 else (rest[:slash], rest[slash:])
+        # The authority ends at the first "/" or "?" (RFC 3986 section 3.2): "http://h?q" is host h, "/?q".
+        end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i != -1), default=len(rest))
+        authority, path = rest[:end], rest[end:]
+        if path[:1] != b"/":
+            path = b"/" + path
         if not authority or b"@" in authority:
             raise HttpError(400, "invalid absolute request target")
         host = authority
@@ -185,11 +195,9 @@ def parse_request_head(head: bytes) -> RequestHead:
 
     tokens = _connection_tokens(connection_values)
     request.connection_tokens = tokens
-    if version == b"HTTP/1.1":
-        request.keep_alive = b"close" not in tokens
-    else:
-        request.keep_alive = b"keep-alive" in tokens
-    if request.upgrade is not None and b"upgrade" not in tokens:
+    request.keep_alive = _keep_alive(version, tokens)
+    # An Upgrade in an HTTP/1.0 request is ignored (RFC 9110 section 7.8), as is one not named in Connection.
+    if request.upgrade is not None and (b"upgrade" not in tokens or version != b"HTTP/1.1"):
         request.upgrade = None
     return request
 
@@ -198,10 +206,11 @@ def parse_response_head(head: bytes) -> ResponseHead:
     """Parse an upstream's response head; anything malformed is a 502 to the client."""
     lines = _split_lines(head, 502)
     line = lines[0]
-    if not line.startswith(b"HTTP/1.") or len(line) < 12 or line[8:9] != b" ":
+    if not line.startswith(b"HTTP/1.") or not line[7:8].isdigit() or len(line) < 12 or line[8:9] != b" ":
         raise HttpError(502, "malformed status line from upstream")
     code = line[9:12]
-    if not code.isdigit() or (len(line) > 12 and line[12:13] != b" "):
+    # A status below 100 would be taken for an interim response by some code paths and a final one by others.
+    if not code.isdigit() or code[:1] == b"0" or (len(line) > 12 and line[12:13] != b" "):
         raise HttpError(502, "malformed status code from upstream")
     response = ResponseHead()
     response.version = line[:8]
@@ -230,10 +239,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
         response.chunked = True
     tokens = _connection_tokens(connection_values)
     response.connection_tokens = tokens
-    if response.version == b"HTTP/1.1":
-        response.keep_alive = b"close" not in tokens
-    else:
-        response.keep_alive = b"keep-alive" in tokens
+    response.keep_alive = _keep_alive(response.version, tokens)
     return response
 
 

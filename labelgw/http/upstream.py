@@ -32,6 +32,8 @@ class ResponseSink(TypingProtocol):
 
     def response_done(self) -> None: ...
 
+    def flush(self) -> None: ...
+
     def upstream_failed(self, status: int, reason: str) -> None: ...
 
     def tunnel_data(self, data: bytes) -> None: ...
@@ -149,6 +151,12 @@ class UpstreamConnection(Protocol):
     # Response parsing.
 
     def dataReceived(self, data: bytes) -> None:
+        self._relay(data)
+        sink = self.sink
+        if sink is not None:
+            sink.flush()
+
+    def _relay(self, data: bytes) -> None:
         mode = self._mode
         if mode == _LENGTH:
             sink = self.sink
@@ -239,7 +247,7 @@ class UpstreamConnection(Protocol):
                 self.reusable = False
             self._finish()
         elif buffer:
-            self.dataReceived(buffer)
+            self._relay(buffer)
 
     def _read_chunked(self, data: bytes) -> None:
         decoder = self._decoder
@@ -309,10 +317,14 @@ class UpstreamPool:
             if connection.connected:
                 connection.reused = True
                 return connection
+        self.connect(backend, sink)
+        return None
+
+    def connect(self, backend: Backend, sink: ResponseSink) -> None:
+        """Open a new connection to `backend`; `sink` hears of its success or failure."""
         self.reactor.connectTCP(
             backend.address, backend.port, _ConnectFactory(self, backend, sink), timeout=self.settings.connect_timeout
         )
-        return None
 
     def release(self, connection: UpstreamConnection) -> None:
         backend = connection.backend

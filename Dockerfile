@@ -1,0 +1,33 @@
+# labelgw: reverse proxy for containers, routes from Docker labels.
+#
+#   docker build -t labelgw .
+#   docker run -d --name labelgw -p 8080:8080 \
+#       -v /var/run/docker.sock:/var/run/docker.sock \
+#       --group-add "$(stat -c %g /var/run/docker.sock)" labelgw
+#
+# Backends that listen on the host's loopback need `--network host` instead of -p (see
+# compose-examples/basic/gateway.yml). Extra options go after the image name, replacing CMD:
+#   docker run ... labelgw twistd -n --pidfile= labelgw --http tcp:8080 --env staging
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# A plain (non-editable) install from a copy of the sources, which are then dropped.
+# `twistd --help` lists the plugins and so writes twisted/plugins/dropin.cache now, while
+# site-packages is writable: the unprivileged user could not, and would rescan at every start.
+COPY . /tmp/labelgw-src
+RUN pip install /tmp/labelgw-src \
+    && rm -rf /tmp/labelgw-src \
+    && twistd --help | grep '^ *labelgw ' \
+    && useradd --system --create-home --home-dir /home/labelgw --shell /usr/sbin/nologin labelgw
+
+USER labelgw
+WORKDIR /home/labelgw
+EXPOSE 8080
+# twistd shuts down cleanly on SIGTERM: listeners close, in-flight requests finish.
+STOPSIGNAL SIGTERM
+CMD ["twistd", "-n", "--pidfile=", "labelgw"]

@@ -1,0 +1,541 @@
+#!/usr/bin/env python3
+"""Issue 2's benchmark: what labelgw's forwarding costs, next to nginx and Twisted's own reverse proxy.
+
+One run, loopback only, bounded in time. It starts:
+  backend       nginx (1 worker, `return 200 "hello\\n"`, access_log off)
+  direct        wrk straight to the backend: the ceiling
+  nginx-proxy   nginx as a reverse proxy (1 worker, upstream keepalive 64, HTTP/1.1 upstream)
+  twisted-rpr   twisted.web.proxy.ReverseProxyResource (HTTP/1.0, one upstream connection per request)
+  labelgw       twistd -n --pidfile= labelgw --http tcp:P:interface=127.0.0.1 --config cfg.yaml
+                (a static service `bench`, hosts [bench.localhost]); skipped, with the reason, if it does not start
+then loads each target in turn with wrk (-t1 -cC -dDs --latency -H 'Host: bench.localhost') after a short warm-up,
+and prints req/s, p50, p99 and errors (socket errors + non-2xx/3xx) per target, with labelgw's ratios to the
+others. With --rounds N the targets are interleaved N times and the medians are quoted.
+
+    .venv/bin/python bench/bench_proxy.py [--duration 10] [--connections 50] [--rounds 1] [--json out.json]
+
+Needs Debian's nginx (nginx-light) and wrk. Everything it starts, it stops (also on Ctrl-C or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+HOST_HEADER = "bench.localhost"
+NGINX = "/usr/sbin/nginx"
+TARGET_ORDER = ("direct", "nginx-proxy", "twisted-rpr", "labelgw")
+RATIO_BASES = ("nginx-proxy", "twisted-rpr", "direct")
+READY_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0
+
+# Twisted's reverse proxy, as a one-file server: argv = listen port, backend port.
+TWISTED_RPR_SCRIPT = """
+import sys
+from twisted.internet import reactor
+from twisted.web import proxy, server
+listen_port, backend_port = int(sys.argv[1]), int(sys.argv[2])
+site = server.Site(proxy.ReverseProxyResource("127.0.0.1", backend_port, b""))
+site.log = lambda request: None  # no access log, like the nginx targets
+reactor.listenTCP(listen_port, site, backlog=1024, interface="127.0.0.1")
+reactor.run()
+"""
+
+
+# -- wrk output -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx_3xx: int
+    socket_errors: int
+    timeouts: int
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx_3xx + self.socket_errors
+
+
+_TIME_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def _duration_ms(text: str) -> float:
+    match = re.fullmatch(r"([0-9.]+)(us|ms|s|m|h)", text.strip())
+    if not match:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    return float(match.group(1)) * _TIME_UNITS_MS[match.group(2)]
+
+
+def parse_wrk(output: str) -> WrkResult:
+    """Figures from `wrk --latency` output."""
+
+    def find(pattern: str) -> re.Match[str] | None:
+        return re.search(pattern, output, re.MULTILINE)
+
+    rate = find(r"^Requests/sec:\s+([0-9.]+)")
+    p50 = find(r"^\s+50%\s+(\S+)")
+    p99 = find(r"^\s+99%\s+(\S+)")
+    total = find(r"^\s+(\d+) requests in ")
+    if not (rate and p50 and p99 and total):
+        raise ValueError("wrk output without Requests/sec or a latency distribution:\n" + output)
+    socket_errors = find(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+    non_2xx = find(r"Non-2xx or 3xx responses: (\d+)")
+    counts = [int(n) for n in socket_errors.groups()] if socket_errors else [0, 0, 0, 0]
+    return WrkResult(
+        requests_per_s=float(rate.group(1)),
+        p50_ms=_duration_ms(p50.group(1)),
+        p99_ms=_duration_ms(p99.group(1)),
+        requests=int(total.group(1)),
+        non_2xx_3xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(counts),
+        timeouts=counts[3],
+    )
+
+
+# -- processes ------------------------------------------------------------------------------------------------------
+
+
+class Managed:
+    """A server started in its own session, so a Ctrl-C reaches this script only and its stop is ours to do."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=self.env,
+                start_new_session=True,
+            )
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever is left in the session we created (nginx workers, a stuck twistd) is killed by its group id.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            print(f"warning: {self.name} (pid {process.pid}) did not stop", file=sys.stderr)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_ready(server: Managed, port: int, timeout_s: float = READY_TIMEOUT_S) -> str | None:
+    """None once `GET /` with Host: bench.localhost answers 2xx; otherwise why not."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        code = server.exited()
+        if code is not None:
+            return f"exited with status {code}"
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            connection.request("GET", "/", headers={"Host": HOST_HEADER})
+            response = connection.getresponse()
+            response.read()
+            if 200 <= response.status < 300:
+                return None
+            last = f"answered {response.status}"
+        except OSError as error:
+            last = str(error) or type(error).__name__
+        finally:
+            connection.close()
+        time.sleep(0.2)
+    return f"not ready after {timeout_s:.0f} s ({last})"
+
+
+# -- configurations -------------------------------------------------------------------------------------------------
+
+
+def _nginx_conf(prefix: Path, name: str, http_block: str) -> Path:
+    temp = prefix / f"{name}-temp"
+    temp.mkdir(parents=True, exist_ok=True)
+    conf = prefix / f"{name}.conf"
+    conf.write_text(
+        f"""
+worker_processes 1;
+daemon off;
+master_process on;
+pid {prefix}/{name}.pid;
+error_log {prefix}/{name}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    # No periodic reconnects of the load generator's or the proxies' keep-alive connections.
+    keepalive_requests 1000000;
+    keepalive_timeout 65s;
+{http_block}
+}}
+"""
+    )
+    return conf
+
+
+def nginx_backend(prefix: Path, port: int) -> Managed:
+    conf = _nginx_conf(
+        prefix,
+        "backend",
+        f"""
+    server {{
+        listen 127.0.0.1:{port} default_server backlog=4096;
+        location / {{ default_type text/plain; return 200 "hello\\n"; }}
+    }}""",
+    )
+    return Managed("backend", [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "backend-error.log")],
+                   prefix / "backend.log")
+
+
+def nginx_proxy(prefix: Path, port: int, backend_port: int) -> Managed:
+    conf = _nginx_conf(
+        prefix,
+        "nginx-proxy",
+        f"""
+    upstream bench_backend {{
+        server 127.0.0.1:{backend_port};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port} default_server backlog=4096;
+        location / {{
+            proxy_pass http://bench_backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            # What labelgw adds too, so both do the same work per request.
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $host;
+        }}
+    }}""",
+    )
+    return Managed(
+        "nginx-proxy",
+        [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "nginx-proxy-error.log")],
+        prefix / "nginx-proxy.log",
+    )
+
+
+def twisted_rpr(prefix: Path, port: int, backend_port: int) -> Managed:
+    return Managed(
+        "twisted-rpr",
+        [sys.executable, "-c", TWISTED_RPR_SCRIPT, str(port), str(backend_port)],
+        prefix / "twisted-rpr.log",
+    )
+
+
+def labelgw(prefix: Path, port: int, backend_port: int) -> Managed:
+    config = prefix / "labelgw.yaml"
+    config.write_text(
+        f"""services:
+  bench:
+    hosts: [{HOST_HEADER}]
+    path: /
+    backends: ["127.0.0.1:{backend_port}"]
+"""
+    )
+    twistd = Path(sys.executable).parent / "twistd"
+    env = dict(os.environ)
+    # The plugin (twisted/plugins/labelgw_plugin.py) and the package are found from the repository even when the
+    # environment has not installed them.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return Managed(
+        "labelgw",
+        [
+            str(twistd) if twistd.exists() else (shutil.which("twistd") or "twistd"),
+            "-n",
+            "--pidfile=",
+            "labelgw",
+            "--http",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--config",
+            str(config),
+        ],
+        prefix / "labelgw.log",
+        env=env,
+    )
+
+
+# -- load -----------------------------------------------------------------------------------------------------------
+
+
+def run_wrk(port: int, duration_s: int, connections: int, threads: int) -> WrkResult:
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration_s}s",
+        "--latency",
+        "-H",
+        f"Host: {HOST_HEADER}",
+        f"http://127.0.0.1:{port}/",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 30, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+    return parse_wrk(done.stdout)
+
+
+def median_result(results: Sequence[WrkResult]) -> dict[str, float]:
+    return {
+        "requests_per_s": statistics.median(r.requests_per_s for r in results),
+        "p50_ms": statistics.median(r.p50_ms for r in results),
+        "p99_ms": statistics.median(r.p99_ms for r in results),
+        "errors": sum(r.errors for r in results),
+        "requests": sum(r.requests for r in results),
+    }
+
+
+def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    if "labelgw" not in medians:
+        return {}
+    ours = medians["labelgw"]
+    found: dict[str, dict[str, float]] = {}
+    for base in RATIO_BASES:
+        other = medians.get(base)
+        if other is None:
+            continue
+        found[base] = {
+            key: ours[key] / other[key] if other[key] else float("nan")
+            for key in ("requests_per_s", "p50_ms", "p99_ms")
+        }
+    return found
+
+
+def print_table(medians: dict[str, dict[str, float]], skipped: dict[str, str], rounds: int) -> None:
+    label = "median of %d rounds" % rounds if rounds > 1 else "1 round"
+    print(f"\n{'target':<13} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>8}   ({label})")
+    for name in TARGET_ORDER:
+        if name in medians:
+            m = medians[name]
+            print(
+                f"{name:<13} {m['requests_per_s']:>10.0f} {m['p50_ms']:>9.2f} {m['p99_ms']:>9.2f} "
+                f"{int(m['errors']):>8}"
+            )
+        elif name in skipped:
+            print(f"{name:<13} skipped: {skipped[name]}")
+    found = ratios(medians)
+    print()
+    if not found:
+        print("ratios labelgw/other: n/a (labelgw " + ("skipped)" if "labelgw" in skipped else "not run)"))
+        return
+    for base, r in found.items():
+        print(
+            f"labelgw/{base:<12} req/s x{r['requests_per_s']:.3f}   p50 x{r['p50_ms']:.2f}   p99 x{r['p99_ms']:.2f}"
+        )
+
+
+def _versions() -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        except OSError as error:
+            return str(error)
+        return (done.stdout + done.stderr).strip().splitlines()[0] if (done.stdout + done.stderr).strip() else ""
+
+    import twisted
+
+    return {
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "nginx": first_line([NGINX, "-v"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "cpus": str(os.cpu_count()),
+    }
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    server: Managed | None  # None: the backend itself
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def bench(args: argparse.Namespace) -> dict[str, object]:
+    wanted = [name for name in TARGET_ORDER if name in args.targets]
+    missing = [tool for tool in (NGINX, "wrk") if not shutil.which(tool)]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: apt-get install nginx-light wrk")
+    prefix = Path(tempfile.mkdtemp(prefix="labelgw-bench-"))
+    prefix.chmod(0o755)  # nginx workers run as nobody
+    backend_port = free_port()
+    backend = nginx_backend(prefix, backend_port)
+    builders = {"nginx-proxy": nginx_proxy, "twisted-rpr": twisted_rpr, "labelgw": labelgw}
+    started: list[Managed] = []
+    targets: list[Target] = []
+    skipped: dict[str, str] = {}
+    results: dict[str, list[WrkResult]] = {}
+    try:
+        backend.start()
+        started.append(backend)
+        problem = wait_ready(backend, backend_port)
+        if problem:
+            raise SystemExit(f"backend nginx {problem}:\n{backend.log_tail()}")
+        for name in wanted:
+            if name == "direct":
+                targets.append(Target(name, backend_port, None))
+                continue
+            port = free_port()
+            server = builders[name](prefix, port, backend_port)
+            server.start()
+            started.append(server)
+            problem = wait_ready(server, port)
+            if problem:
+                tail = server.log_tail(5)
+                skipped[name] = problem
+                print(f"skipping {name}: {problem}" + (f"\n  log: " + tail.replace("\n", "\n  ") if tail else ""))
+                server.stop()
+                continue
+            targets.append(Target(name, port, server))
+        per_target_s = args.warmup + args.duration
+        print(
+            f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s --latency "
+            f"-H 'Host: {HOST_HEADER}'; warm-up {args.warmup:g}s; {args.rounds} round(s); "
+            f"about {len(targets) * args.rounds * per_target_s:.0f} s; load average {os.getloadavg()[0]:.2f}"
+        )
+        for round_index in range(args.rounds):
+            for target in targets:
+                if target.server is not None and target.server.exited() is not None:
+                    raise RuntimeError(f"{target.name} exited during the run:\n{target.server.log_tail()}")
+                if args.warmup > 0:
+                    run_wrk(target.port, args.warmup, args.connections, args.threads)
+                result = run_wrk(target.port, args.duration, args.connections, args.threads)
+                results.setdefault(target.name, []).append(result)
+                print(
+                    f"  round {round_index + 1} {target.name:<12} {result.requests_per_s:>10.0f} req/s  "
+                    f"p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms  errors {result.errors}"
+                )
+    finally:
+        for server in reversed(started):
+            server.stop()
+        if args.keep_logs:
+            print(f"logs and configurations kept in {prefix}")
+        else:
+            shutil.rmtree(prefix, ignore_errors=True)
+    medians = {name: median_result(runs) for name, runs in results.items()}
+    print_table(medians, skipped, args.rounds)
+    return {
+        "command": [sys.executable, *sys.argv],
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "versions": _versions(),
+        "targets": {
+            name: {"median": medians[name], "rounds": [asdict(r) | {"errors": r.errors} for r in results[name]]}
+            for name in medians
+        },
+        "skipped": skipped,
+        "ratios_labelgw_to": ratios(medians),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # wrk takes whole seconds only.
+    parser.add_argument("--duration", type=int, default=10, help="seconds of measured load per target and round")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load before each run (0: none)")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections (-c)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (-t)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians are quoted")
+    parser.add_argument(
+        "--targets",
+        default=",".join(TARGET_ORDER),
+        help="comma list among " + ", ".join(TARGET_ORDER) + " (default: all)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with configurations and logs")
+    args = parser.parse_args(argv)
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(args.targets) - set(TARGET_ORDER)
+    if unknown:
+        parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    if args.duration <= 0 or args.duration > 300 or args.rounds < 1 or args.rounds > 20 or args.warmup < 0:
+        parser.error("--duration must be in (0, 300], --rounds in [1, 20], --warmup >= 0")
+    if args.connections < args.threads or args.threads < 1:
+        parser.error("--connections must be at least --threads, which must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Progress lines appear as they happen, also when the output goes to a file.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGHUP, _raise_exit)
+    try:
+        report = bench(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything started was stopped", file=sys.stderr)
+        return 130
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""``python -m labelgw <command>``: helper commands next to ``twistd labelgw`` (which runs the gateway)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+USAGE = """\
+usage: python -m labelgw <command> [options]
+
+commands:
+  ca    show labelgw's local certificate authority; --install / --uninstall it in the system trust store
+
+The gateway itself runs under twistd: twistd -n labelgw --help"""
+
+
+def main(argv: Sequence[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "ca":
+        from labelgw.ca_command import main as ca_main  # noqa: PLC0415 - only the chosen command is imported
+
+        return ca_main(rest)
+    print(f"python -m labelgw: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,30 @@
+"""TLS for labelgw listeners: local CA, user certificate directory, Mozilla intermediate policy, SNI.
+
+Wiring an ``--https`` listener (see L{labelgw.tls.sni} for the certificate choice)::
+
+    run = thread_runner(reactor)
+    ca = LocalCA.load_or_create(state_dir)              # blocking, at start-up
+    certs = CertDirectory(cert_dir, clock=reactor, run_in_thread=run)   # a Service: setServiceParent(top)
+    selector = SNIContextSelector(clock=reactor, run_in_thread=run, is_routed=..., local_ca=ca, cert_dir=certs)
+    endpoint.listen(TLSMemoryBIOFactory(selector, False, http_factory))
+"""
+
+from labelgw.tls.ca import CAError, LeafMaterial, LocalCA, default_state_dir
+from labelgw.tls.certdir import CertDirectory, CertIndex, UserCertificate, thread_runner
+from labelgw.tls.policy import INTERMEDIATE, TLSPolicy, build_server_context
+from labelgw.tls.sni import SNIContextSelector
+
+__all__ = [
+    "INTERMEDIATE",
+    "CAError",
+    "CertDirectory",
+    "CertIndex",
+    "LeafMaterial",
+    "LocalCA",
+    "SNIContextSelector",
+    "TLSPolicy",
+    "UserCertificate",
+    "build_server_context",
+    "default_state_dir",
+    "thread_runner",
+]

@@ -1,0 +1,232 @@
+"""Certificate choice during the handshake: what an ``--https`` listener plugs into Twisted.
+
+For the SNI name a client sends, L{SNIContextSelector} picks, in order:
+    1. a user certificate from ``--cert-dir`` (exact name, then a one-label wildcard);
+    2. a leaf minted by the local CA, when the name is routed or local (localhost, ``*.localhost``, loopback
+       IPs);
+    3. the default certificate: ``default.pem`` from the cert dir, else a minted leaf for localhost,
+       127.0.0.1 and ::1; with ``strict=True`` the handshake is refused instead (a handshake_failure alert).
+A client that sends no SNI (``curl https://127.0.0.1:8443/``) gets the default certificate, or, when
+strict, the refusal too.
+
+The handshake path never touches the disk. Minting a leaf (EC P-256 key, certificate signed by the CA,
+server context) takes 0.4-0.8 ms of CPU, about half of what the handshake costs anyway, so a leaf for a new
+name is minted inline in the SNI callback; only the write to the disk cache happens in a thread afterwards.
+Leaves are cached in memory (LRU, C{max_minted} names) and renewed when less than a day is left. Only routed
+names (and the default leaf) are written to disk, so random ``*.localhost`` names cannot fill it.
+
+Every connection starts on a certificate-less dispatch context whose servername callback (which OpenSSL
+runs with or without SNI) switches it to the chosen context. Twisted's C{CertificateOptions(
+contextForServerName=...)} does the same switch, but its first context forces server cipher preference and
+a single ECDH curve (P-256, no X25519), and OpenSSL keeps the first context's groups after the switch; so
+all contexts here come from L{build_server_context} with one policy. ALPN is per listener: the listener's
+factory decides when it provides C{IProtocolNegotiationFactory}, else the policy's list (h2, http/1.1).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from OpenSSL import SSL
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from labelgw.tls.ca import DEFAULT_LEAF_NAMES, LeafMaterial, LocalCA
+from labelgw.tls.certdir import CertIndex, RunInThread
+from labelgw.tls.policy import INTERMEDIATE, TLSPolicy, build_server_context, is_local_name, normalize_server_name
+
+MAX_MINTED = 1000
+
+
+class CertIndexSource(Protocol):
+    """Anything with a current L{CertIndex}, such as L{labelgw.tls.certdir.CertDirectory}."""
+
+    @property
+    def index(self) -> CertIndex: ...
+
+    @property
+    def policy(self) -> TLSPolicy: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Minted:
+    leaf: LeafMaterial
+    context: SSL.Context
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class SNIContextSelector:
+    """Chooses the server context per handshake; pass it to C{TLSMemoryBIOFactory} or C{SSL4ServerEndpoint}.
+
+    Use it on the reactor thread only.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        run_in_thread: RunInThread,
+        is_routed: Callable[[str], bool],
+        local_ca: LocalCA | None = None,
+        cert_dir: CertIndexSource | None = None,
+        strict: bool = False,
+        policy: TLSPolicy = INTERMEDIATE,
+        max_minted: int = MAX_MINTED,
+    ) -> None:
+        if cert_dir is not None and cert_dir.policy != policy:
+            # OpenSSL mixes settings of the first and the switched-to context: they must agree.
+            raise ValueError("the cert dir's contexts were built with another TLSPolicy than the selector's")
+        self._clock = clock
+        self._run_in_thread = run_in_thread
+        self._is_routed = is_routed
+        self._ca = local_ca
+        self._cert_dir = cert_dir
+        self._strict = strict
+        self._policy = policy
+        self._max_minted = max_minted
+        self._minted: OrderedDict[str, _Minted] = OrderedDict()
+        self._default_minted: _Minted | None = None
+        self._writing: set[tuple[str, ...]] = set()
+        # No certificate at all: a handshake switched to it fails with a handshake_failure alert.
+        self._reject_context = build_server_context(policy, None, None)
+        # Every connection starts here; the servername callback (which OpenSSL runs with or without SNI)
+        # switches it to the chosen context before any certificate is sent.
+        self._dispatch_context = build_server_context(policy, None, None)
+        self._dispatch_context.set_tlsext_servername_callback(self._on_server_name)
+
+    # --- IOpenSSLServerConnectionCreator -------------------------------------------------------------------
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self._dispatch_context, None)
+
+    # --- start-up ---------------------------------------------------------------------------------------------
+
+    def load_cached_leaves(self) -> Deferred[None]:
+        """Fill the in-memory cache from the disk cache, in a thread; optional (minting is cheap). Never fails."""
+        if self._ca is None:
+            return defer.succeed(None)
+        ca, policy, now = self._ca, self._policy, self._now()
+
+        def load() -> list[_Minted]:
+            return [
+                _Minted(leaf, build_server_context(policy, leaf.certificate, leaf.private_key))
+                for leaf in ca.load_cached_leaves(now)
+            ]
+
+        loading: Deferred[Any] = self._run_in_thread(load)
+        loading.addCallback(self._adopt_cached)
+        loading.addErrback(lambda f: self._log.failure("loading cached leaf certificates", failure=f))
+        return loading
+
+    def _adopt_cached(self, cached: list[_Minted]) -> None:
+        for minted in cached:
+            if minted.leaf.names == DEFAULT_LEAF_NAMES:
+                if self._default_minted is None:
+                    self._default_minted = minted
+            elif len(minted.leaf.names) == 1 and minted.leaf.names[0] not in self._minted:
+                self._remember(minted.leaf.names[0], minted)
+        self._log.info("loaded {count} cached leaf certificates", count=len(cached))
+
+    # --- the handshake path (reactor thread, no I/O) ----------------------------------------------------------
+
+    def _on_server_name(self, connection: SSL.Connection) -> None:
+        try:
+            context = self.context_for(connection.get_servername())
+        except Exception:
+            self._log.failure("choosing a certificate for SNI {name!r}", name=connection.get_servername())
+            context = self._reject_context
+        connection.set_context(context)
+
+    def context_for(self, server_name: bytes | str | None) -> SSL.Context:
+        """The context for a handshake naming C{server_name} (None: the client sent no SNI)."""
+        name = normalize_server_name(server_name)
+        if name is not None:
+            user = self._cert_dir.index.lookup(name) if self._cert_dir is not None else None
+            if user is not None:
+                return user.context
+            if self._ca is not None and (is_local_name(name) or self._is_routed(name)):
+                minted = self._minted_context(name)
+                if minted is not None:
+                    return minted
+        if self._strict:
+            return self._reject_context
+        return self._default_context()
+
+    def _default_context(self) -> SSL.Context:
+        default = self._cert_dir.index.default if self._cert_dir is not None else None
+        if default is not None:
+            return default.context
+        minted = self._default_minted_context()
+        # Without a CA or a default file there is no certificate to offer.
+        return minted if minted is not None else self._reject_context
+
+    def _default_minted_context(self) -> SSL.Context | None:
+        if self._ca is None:
+            return None
+        now = self._now()
+        if self._default_minted is None or not self._default_minted.leaf.fresh_at(now):
+            minted = self._mint(DEFAULT_LEAF_NAMES, now)
+            if minted is None:
+                return None
+            self._default_minted = minted
+            self._persist(minted.leaf)
+        return self._default_minted.context
+
+    def _minted_context(self, name: str) -> SSL.Context | None:
+        if name in DEFAULT_LEAF_NAMES:
+            return self._default_minted_context()
+        now = self._now()
+        cached = self._minted.get(name)
+        if cached is not None and cached.leaf.fresh_at(now):
+            self._minted.move_to_end(name)
+            return cached.context
+        minted = self._mint((name,), now)
+        if minted is None:
+            return None
+        self._remember(name, minted)
+        if self._is_routed(name):
+            self._persist(minted.leaf)
+        return minted.context
+
+    def _mint(self, names: tuple[str, ...], now: datetime) -> _Minted | None:
+        assert self._ca is not None
+        try:
+            leaf = self._ca.issue_leaf(names, now)
+            return _Minted(leaf, build_server_context(self._policy, leaf.certificate, leaf.private_key))
+        except Exception:
+            self._log.failure("minting a certificate for {names}", names=", ".join(names))
+            return None
+
+    def _remember(self, name: str, minted: _Minted) -> None:
+        self._minted[name] = minted
+        self._minted.move_to_end(name)
+        while len(self._minted) > self._max_minted:
+            self._minted.popitem(last=False)
+
+    def _persist(self, leaf: LeafMaterial) -> None:
+        if self._ca is None or leaf.names in self._writing:
+            return
+        self._writing.add(leaf.names)
+        writing: Deferred[Any] = self._run_in_thread(self._ca.store_leaf, leaf)
+        writing.addErrback(self._persist_failed, leaf.names)
+        writing.addBoth(lambda _: self._writing.discard(leaf.names))
+
+    def _persist_failed(self, failure: Failure, names: tuple[str, ...]) -> None:
+        self._log.warn(
+            "could not cache the certificate for {names} on disk ({error}); it is still served from memory",
+            names=", ".join(names),
+            error=failure.getErrorMessage(),
+        )
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock.seconds(), UTC)

@@ -1,0 +1,461 @@
+"""The registry (labelgw.registry): container specs in, services, backends and routes out, incrementally."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any, Iterator
+
+import pytest
+
+from labelgw.backends import Backend, RoundRobin, ServicePool
+from labelgw.model import ContainerSpec, Rejection
+from labelgw.registry import STATIC_PREFIX, Registry
+from labelgw.routes import Route
+
+
+def spec(
+    container_id: str, service: str = "api", address: str = "127.0.0.1", port: int = 8000, hosts: tuple[str, ...] | None = None,
+    **changes: Any,
+) -> ContainerSpec:
+    return ContainerSpec(
+        container_id=container_id,
+        name=f"{service}-{container_id}",
+        service=service,
+        address=address,
+        port=port,
+        hosts=hosts if hosts is not None else (f"{service}.localhost",),
+        **changes,
+    )
+
+
+def rejection(container_id: str, reason: str = "bad port") -> Rejection:
+    return Rejection(container_id, f"c-{container_id}", "labelgw.port", "x", reason)
+
+
+class Recorder:
+    """A registry with its retired-backend callback and its RouteTable.replace_host calls recorded."""
+
+    def __init__(self) -> None:
+        self.retired: list[Backend] = []
+        self.policies: list[str] = []
+        self.registry = Registry(policy_factory=self._policy, on_backend_retired=self.retired.append)
+        self.replaced: list[str] = []
+        table = self.registry.table
+        original = table.replace_host
+
+        def spy(host: str, routes: Any) -> None:
+            self.replaced.append(host)
+            original(host, routes)
+
+        table.replace_host = spy  # type: ignore[method-assign]
+
+    def _policy(self, first: ContainerSpec) -> RoundRobin:
+        self.policies.append(first.service)
+        return RoundRobin()
+
+    def apply(self, *specs: ContainerSpec) -> None:
+        for item in specs:
+            self.registry.apply(item.container_id, item)
+
+    def route(self, host: str, path: str = "/") -> Route | None:
+        return self.registry.table.lookup(host, path)
+
+    def pool(self, service: str) -> ServicePool:
+        return self.registry.services[service]
+
+    def backend(self, service: str, container_id: str) -> Backend:
+        return self.pool(service).backends[container_id]
+
+    def ready_ids(self, service: str) -> list[str]:
+        return [backend.key for backend in self.pool(service).ready]
+
+
+@pytest.fixture
+def rec() -> Recorder:
+    return Recorder()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Services, backends and routes
+
+
+def test_two_replicas_one_route(rec: Recorder) -> None:
+    rec.apply(spec("c1", port=8001), spec("c2", port=8002))
+    route = rec.route("api.localhost")
+    assert route is not None
+    assert route.service is rec.pool("api")
+    assert [(b.address, b.port) for b in rec.pool("api").backends.values()] == [("127.0.0.1", 8001), ("127.0.0.1", 8002)]
+    assert rec.ready_ids("api") == ["c1", "c2"]
+    assert rec.registry.ready_count("api") == 2
+    assert len(rec.registry.table.all_routes()) == 1
+    assert rec.replaced == ["api.localhost"]
+    assert rec.policies == ["api"]
+
+
+def test_route_settings_come_from_the_spec(rec: Recorder) -> None:
+    rec.apply(spec("c1", hosts=("a.localhost", "b.localhost"), path_prefix="/api", strip_prefix=True, scheme="https"))
+    for host in ("a.localhost", "b.localhost"):
+        route = rec.route(host, "/api/x")
+        assert route is not None
+        assert (route.host, route.path_prefix, route.strip_prefix, route.scheme) == (host, "/api", True, "https")
+    assert rec.route("a.localhost", "/other") is None
+
+
+def test_versions_are_kept_on_backends(rec: Recorder) -> None:
+    rec.apply(spec("c1", version="v1"), spec("c2", version="v2", port=8002))
+    assert rec.backend("api", "c1").version == "v1"
+    assert rec.backend("api", "c2").version == "v2"
+    before = rec.backend("api", "c1")
+    rec.apply(spec("c1", version="v3"))
+    assert rec.backend("api", "c1") is before
+    assert before.version == "v3"
+    assert before.spec.version == "v3"
+    assert rec.retired == []
+
+
+@pytest.mark.parametrize(
+    "changes", [{"health": "starting"}, {"health": "unhealthy"}, {"paused": True}, {"running": False}]
+)
+def test_not_ready_container_keeps_the_route(rec: Recorder, changes: dict[str, Any]) -> None:
+    rec.apply(spec("c1", **changes))
+    # The route exists so the proxy can answer 503 instead of 404.
+    route = rec.route("api.localhost")
+    assert route is not None
+    assert route.service.ready == ()
+    assert route.service.pick() is None
+    assert rec.registry.ready_count("api") == 0
+    assert "c1" in rec.pool("api").backends
+
+
+def test_container_becomes_ready_in_place(rec: Recorder) -> None:
+    rec.apply(spec("c1", health="starting"))
+    backend = rec.backend("api", "c1")
+    rec.apply(spec("c1", health="healthy"))
+    assert rec.backend("api", "c1") is backend
+    assert rec.ready_ids("api") == ["c1"]
+    assert rec.replaced == ["api.localhost"]
+
+
+def test_becoming_unready_retires_the_backend(rec: Recorder) -> None:
+    rec.apply(spec("c1", health="healthy"), spec("c2", port=8002))
+    backend = rec.backend("api", "c1")
+    rec.apply(spec("c1", health="unhealthy"))
+    assert rec.ready_ids("api") == ["c2"]
+    assert rec.retired == [backend]
+
+
+def test_mark_down(rec: Recorder) -> None:
+    rec.apply(spec("c1"), spec("c2", port=8002))
+    backend = rec.backend("api", "c1")
+    rec.registry.mark_down("c1")
+    # Out of rotation at once, before Docker's inspect confirms anything; the route stays.
+    assert rec.ready_ids("api") == ["c2"]
+    assert rec.backend("api", "c1") is backend and backend.ready is False
+    assert rec.retired == [backend]
+    assert rec.route("api.localhost") is not None
+    # Twice, or for an unknown container: nothing more happens.
+    rec.registry.mark_down("c1")
+    rec.registry.mark_down("unknown")
+    assert rec.retired == [backend]
+    # The container comes back with the same address: the same backend returns to rotation.
+    rec.apply(spec("c1"))
+    assert rec.backend("api", "c1") is backend
+    assert rec.ready_ids("api") == ["c1", "c2"]
+
+
+def test_mark_down_of_last_replica_keeps_route_for_503(rec: Recorder) -> None:
+    rec.apply(spec("c1"))
+    rec.registry.mark_down("c1")
+    assert rec.route("api.localhost") is not None
+    assert rec.registry.ready_count("api") == 0
+
+
+def test_mark_down_of_unready_container_does_nothing(rec: Recorder) -> None:
+    rec.apply(spec("c1", health="starting"))
+    rec.registry.mark_down("c1")
+    assert rec.retired == []
+    assert rec.registry.containers["c1"].running is True
+
+
+def test_remove(rec: Recorder) -> None:
+    rec.apply(spec("c1"), spec("c2", port=8002))
+    first, second = rec.backend("api", "c1"), rec.backend("api", "c2")
+    rec.registry.remove("c1")
+    assert rec.route("api.localhost") is not None
+    assert rec.ready_ids("api") == ["c2"]
+    assert rec.retired == [first]
+    rec.registry.apply("c2", None)
+    assert rec.route("api.localhost") is None
+    assert not rec.registry.table.knows_host("api.localhost")
+    assert "api" not in rec.registry.services
+    assert rec.registry.ready_count("api") == 0
+    assert rec.registry.containers == {}
+    assert rec.retired == [first, second]
+    rec.registry.remove("c2")
+    rec.registry.remove("never-seen")
+    assert rec.retired == [first, second]
+
+
+def test_remove_keeps_other_routes_of_the_host(rec: Recorder) -> None:
+    rec.apply(spec("c1", service="web", hosts=("site.localhost",)), spec("c2", hosts=("site.localhost",), path_prefix="/api"))
+    rec.registry.remove("c2")
+    assert rec.route("site.localhost", "/api/x").service.name == "web"  # type: ignore[union-attr]
+    assert [(r.host, r.path_prefix) for r in rec.registry.table.all_routes()] == [("site.localhost", "/")]
+
+
+def test_same_host_different_paths_for_different_services(rec: Recorder) -> None:
+    rec.apply(spec("c1", service="web", hosts=("site.localhost",)), spec("c2", hosts=("site.localhost",), path_prefix="/api"))
+    assert rec.route("site.localhost", "/").service.name == "web"  # type: ignore[union-attr]
+    assert rec.route("site.localhost", "/api/v1").service.name == "api"  # type: ignore[union-attr]
+    assert rec.registry.rejections == {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conflicts and rejections
+
+
+@pytest.mark.parametrize(("path", "label", "value"), [("/", "host", "shared.localhost"), ("/api", "path", "/api")])
+def test_conflict_rejects_the_second_service(rec: Recorder, path: str, label: str, value: str) -> None:
+    rec.apply(spec("a1", service="api", hosts=("shared.localhost",), path_prefix=path))
+    rec.apply(spec("w1", service="web", hosts=("shared.localhost",), path_prefix=path))
+    rejected = rec.registry.rejections["w1"]
+    assert rejected.container_id == "w1"
+    assert (rejected.label, rejected.value) == (label, value)
+    assert "shared.localhost" in rejected.reason and "'api'" in rejected.reason
+    assert "shared.localhost" in rejected.describe()
+    # The first keeps serving; the second has neither backend nor service.
+    assert rec.route("shared.localhost", path).service.name == "api"  # type: ignore[union-attr]
+    assert "web" not in rec.registry.services
+    assert "w1" not in rec.registry.containers
+
+
+def test_conflict_on_one_host_rejects_the_whole_container(rec: Recorder) -> None:
+    rec.apply(spec("a1", service="api", hosts=("shared.localhost",)))
+    rec.apply(spec("w1", service="web", hosts=("web.localhost", "shared.localhost")))
+    assert "w1" in rec.registry.rejections
+    assert rec.route("web.localhost") is None
+
+
+def test_rejected_container_is_admitted_once_the_conflict_is_gone(rec: Recorder) -> None:
+    api, web = spec("a1", service="api", hosts=("shared.localhost",)), spec("w1", service="web", hosts=("shared.localhost",))
+    rec.apply(api, web)
+    rec.registry.remove("a1")
+    assert rec.route("shared.localhost") is None
+    rec.registry.resync({"w1": web})
+    assert rec.route("shared.localhost").service.name == "web"  # type: ignore[union-attr]
+    assert rec.registry.rejections == {}
+
+
+def test_conflicting_update_of_a_member(rec: Recorder) -> None:
+    # A container that moves to another service whose host is taken loses its routes; the other service stays.
+    rec.apply(spec("a1", service="api", hosts=("shared.localhost",)), spec("w1", service="web"))
+    rec.apply(spec("w1", service="web", hosts=("shared.localhost",)))
+    assert "w1" in rec.registry.rejections
+    assert rec.route("web.localhost") is None
+    assert rec.route("shared.localhost").service.name == "api"  # type: ignore[union-attr]
+
+
+def test_rejection_replaces_an_earlier_spec(rec: Recorder) -> None:
+    rec.apply(spec("c1"))
+    backend = rec.backend("api", "c1")
+    rec.registry.apply("c1", rejection("c1"))
+    assert "c1" not in rec.registry.containers
+    assert rec.registry.rejections["c1"] == rejection("c1")
+    assert rec.route("api.localhost") is None
+    assert rec.retired == [backend]
+    # A later valid spec clears the rejection.
+    rec.apply(spec("c1"))
+    assert rec.registry.rejections == {}
+    assert rec.ready_ids("api") == ["c1"]
+
+
+def test_rejection_of_one_replica_keeps_the_others(rec: Recorder) -> None:
+    rec.apply(spec("c1"), spec("c2", port=8002))
+    rec.registry.apply("c1", rejection("c1"))
+    assert rec.ready_ids("api") == ["c2"]
+    assert rec.route("api.localhost") is not None
+
+
+def test_new_rejection_replaces_the_old_one(rec: Recorder) -> None:
+    rec.registry.apply("c1", rejection("c1", "first"))
+    rec.registry.apply("c1", rejection("c1", "second"))
+    assert rec.registry.rejections["c1"].reason == "second"
+    rec.registry.apply("c1", None)
+    assert rec.registry.rejections == {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resync
+
+
+def test_resync_removes_absent_containers_but_not_static_ones(rec: Recorder) -> None:
+    static = spec(f"{STATIC_PREFIX}files:0", service="files")
+    rec.apply(static, spec("c1"), spec("c2", port=8002), spec("gone", service="old"))
+    rec.registry.apply("bad", rejection("bad"))
+    rec.registry.resync({"c1": spec("c1"), "c2": spec("c2", port=8002, health="starting"), "new": spec("new", service="web")})
+    assert set(rec.registry.containers) == {static.container_id, "c1", "c2", "new"}
+    assert rec.registry.rejections == {}
+    assert rec.route("old.localhost") is None
+    assert rec.route("files.localhost") is not None
+    assert rec.route("web.localhost") is not None
+    assert rec.ready_ids("api") == ["c1"]
+
+
+def test_resync_applies_every_kind_of_outcome(rec: Recorder) -> None:
+    rec.apply(spec("c1"), spec("c2", port=8002))
+    rec.registry.resync({"c1": None, "c2": rejection("c2"), "c3": spec("c3", port=8003)})
+    assert set(rec.registry.containers) == {"c3"}
+    assert set(rec.registry.rejections) == {"c2"}
+
+
+def test_resync_with_nothing_new_changes_nothing(rec: Recorder) -> None:
+    specs = [spec("c1"), spec("c2", port=8002), spec("w1", service="web")]
+    rec.apply(*specs)
+    def snapshot() -> dict[str, tuple[ServicePool, list[Backend]]]:
+        return {name: (pool, list(pool.backends.values())) for name, pool in rec.registry.services.items()}
+
+    before, replaced = snapshot(), list(rec.replaced)
+    rec.registry.resync({s.container_id: dataclasses.replace(s) for s in specs})
+    after = snapshot()
+    # The same pool and Backend objects (compared by identity), no table update, nothing retired.
+    assert after.keys() == before.keys()
+    assert all(after[n][0] is before[n][0] and list(map(id, after[n][1])) == list(map(id, before[n][1])) for n in before)
+    assert rec.replaced == replaced
+    assert rec.retired == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Idempotency, address changes and the retired callback
+
+
+def test_applying_the_same_spec_twice_changes_nothing(rec: Recorder) -> None:
+    original = spec("c1", version="v1")
+    rec.apply(original)
+    pool = rec.pool("api")
+    backend = rec.backend("api", "c1")
+    backend.stats = {"ewma": 0.012}
+    backend.in_flight = 3
+    backend.idle.append("connection")
+    rec.apply(original)
+    rec.apply(dataclasses.replace(original))  # equal, not identical
+    assert rec.pool("api") is pool
+    assert rec.backend("api", "c1") is backend
+    assert (backend.stats, backend.in_flight, backend.idle) == ({"ewma": 0.012}, 3, ["connection"])
+    assert rec.replaced == ["api.localhost"]
+    assert rec.retired == []
+    assert rec.policies == ["api"]
+
+
+def test_change_that_keeps_the_address_keeps_the_backend(rec: Recorder) -> None:
+    rec.apply(spec("c1", started_at="2024-01-01T00:00:00Z"))
+    backend = rec.backend("api", "c1")
+    backend.stats = "kept"
+    rec.apply(spec("c1", started_at="2024-01-02T00:00:00Z", options=(("weight", "5"),)))
+    assert rec.backend("api", "c1") is backend
+    assert backend.stats == "kept"
+    assert backend.spec.option("weight") == "5"
+
+
+@pytest.mark.parametrize("changes", [{"address": "127.0.0.2"}, {"port": 9000}, {"address": "127.0.0.2", "health": "starting"}])
+def test_address_change_makes_a_new_backend(rec: Recorder, changes: dict[str, Any]) -> None:
+    rec.apply(spec("c1"), spec("c2", port=8002))
+    pool = rec.pool("api")
+    old = rec.backend("api", "c1")
+    old.stats = "old estimate"
+    rec.apply(spec("c1", **changes))
+    new = rec.backend("api", "c1")
+    assert new is not old
+    assert (new.address, new.port) == (changes.get("address", "127.0.0.1"), changes.get("port", 8000))
+    assert new.stats is None
+    assert rec.retired == [old]
+    # Same service pool and route; the pool's ready tuple never holds the retired backend.
+    assert rec.pool("api") is pool
+    assert old not in pool.ready
+    assert (new in pool.ready) is new.ready
+    assert rec.replaced == ["api.localhost"]
+
+
+def test_routing_change_moves_the_container(rec: Recorder) -> None:
+    rec.apply(spec("c1"), spec("c2", port=8002))
+    old = rec.backend("api", "c1")
+    rec.apply(spec("c1", service="web", hosts=("web.localhost",)))
+    assert rec.retired == [old]
+    assert rec.ready_ids("api") == ["c2"]
+    assert rec.ready_ids("web") == ["c1"]
+    assert rec.route("web.localhost").service.name == "web"  # type: ignore[union-attr]
+    assert rec.route("api.localhost").service.name == "api"  # type: ignore[union-attr]
+
+
+def test_host_change_of_the_only_member_moves_the_route(rec: Recorder) -> None:
+    rec.apply(spec("c1", hosts=("one.localhost",)))
+    rec.apply(spec("c1", hosts=("two.localhost",)))
+    assert rec.route("one.localhost") is None
+    assert rec.route("two.localhost") is not None
+    assert rec.replaced == ["one.localhost", "one.localhost", "two.localhost"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scale: a change touches only its own container's hosts
+
+
+SERVICES = 500
+REPLICAS = 10
+
+
+def fleet() -> Iterator[ContainerSpec]:
+    for s in range(SERVICES):
+        for r in range(REPLICAS):
+            yield spec(
+                f"c{s}-{r}", service=f"svc{s}", address=f"127.0.{s // 250}.{s % 250 + 1}", port=10000 + r,
+                hosts=(f"svc{s}.localhost", f"svc{s}.example"), version=f"v{r % 2}",
+            )
+
+
+@pytest.fixture(scope="module")
+def loaded_specs() -> list[ContainerSpec]:
+    return list(fleet())
+
+
+@pytest.fixture
+def loaded(loaded_specs: list[ContainerSpec]) -> Recorder:
+    rec = Recorder()
+    rec.registry.resync({s.container_id: s for s in loaded_specs})
+    assert len(rec.registry.containers) == SERVICES * REPLICAS
+    # Building the table from scratch replaces each host exactly once.
+    assert Counter(rec.replaced) == {host: 1 for s in range(SERVICES) for host in (f"svc{s}.localhost", f"svc{s}.example")}
+    rec.replaced.clear()
+    return rec
+
+
+def test_scale_readiness_or_address_change_touches_no_host(loaded: Recorder) -> None:
+    loaded.apply(spec("c42-3", service="svc42", address="127.0.0.43", port=10003, hosts=("svc42.localhost", "svc42.example"), version="v1", health="unhealthy"))
+    loaded.apply(spec("c42-4", service="svc42", address="127.0.0.99", port=10004, hosts=("svc42.localhost", "svc42.example"), version="v0"))
+    loaded.registry.mark_down("c7-0")
+    assert loaded.replaced == []
+    assert loaded.registry.ready_count("svc42") == REPLICAS - 1
+
+
+def test_scale_host_change_touches_only_its_own_hosts(loaded: Recorder) -> None:
+    old = loaded.registry.containers["c42-3"]
+    loaded.apply(dataclasses.replace(old, hosts=(*old.hosts, "extra.localhost")))
+    assert set(loaded.replaced) <= {*old.hosts, "extra.localhost"}
+    assert loaded.replaced == ["extra.localhost"]
+
+
+def test_scale_removing_a_service_touches_only_its_hosts(loaded: Recorder, loaded_specs: list[ContainerSpec]) -> None:
+    for r in range(REPLICAS):
+        loaded.registry.remove(f"c7-{r}")
+    assert sorted(loaded.replaced) == ["svc7.example", "svc7.localhost"]
+    loaded.replaced.clear()
+    # A resync that finds everything else unchanged touches nothing.
+    loaded.registry.resync({s.container_id: s for s in loaded_specs if s.service != "svc7"})
+    assert loaded.replaced == []
+    assert len(loaded.registry.services) == SERVICES - 1
+
+
+def test_scale_resync_after_a_missed_removal(loaded: Recorder, loaded_specs: list[ContainerSpec]) -> None:
+    loaded.registry.resync({s.container_id: s for s in loaded_specs if s.container_id != "c300-0"})
+    assert loaded.replaced == []
+    assert "c300-0" not in loaded.registry.containers
+    assert loaded.registry.ready_count("svc300") == REPLICAS - 1

@@ -1,0 +1,236 @@
+"""The route table (labelgw.routes): host normalisation, longest path prefix on segment boundaries, prefix
+stripping, and whole-host replacement."""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import pytest
+
+from labelgw.backends import RoundRobin, ServicePool
+from labelgw.routes import HostRoutes, Route, RouteTable, normalize_host
+
+
+def pool(name: str) -> ServicePool:
+    return ServicePool(name, RoundRobin())
+
+
+def route(host: str, prefix: str, service: str | None = None, strip: bool = False) -> Route:
+    return Route(host, prefix, pool(service or f"{host}{prefix}"), strip_prefix=strip)
+
+
+def table_with(host: str, *prefixes: str) -> RouteTable:
+    table = RouteTable()
+    table.replace_host(host, {prefix: route(host, prefix) for prefix in prefixes})
+    return table
+
+
+def served_prefix(table: RouteTable, host: str, path: str) -> str | None:
+    found = table.lookup(host, path)
+    return None if found is None else found.path_prefix
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("api.localhost", "api.localhost"),
+        ("API.LocalHost", "api.localhost"),
+        ("api.localhost:8080", "api.localhost"),
+        ("API.localhost:80", "api.localhost"),
+        ("api.localhost.", "api.localhost"),
+        ("api.localhost.:8080", "api.localhost"),
+        ("api.localhost:", "api.localhost"),
+        (" api.localhost ", "api.localhost"),
+        ("127.0.0.1:18080", "127.0.0.1"),
+        ("[::1]", "[::1]"),
+        ("[::1]:8080", "[::1]"),
+        ("[2001:DB8::1]:443", "[2001:db8::1]"),
+        ("[fe80::1%25eth0]:80", "[fe80::1%25eth0]"),
+        ("localhost", "localhost"),
+        ("", ""),
+    ],
+)
+def test_normalize_host(raw: str, normal: str) -> None:
+    assert normalize_host(raw) == normal
+
+
+# Longest prefix on segment boundaries.
+
+PREFIXES = ("/", "/api", "/api/v2", "/static")
+
+
+@pytest.mark.parametrize(
+    ("path", "prefix"),
+    [
+        ("/", "/"),
+        ("/index.html", "/"),
+        ("/api", "/api"),
+        ("/api/", "/api"),
+        ("/api/x", "/api"),
+        ("/api/v1/users", "/api"),
+        ("/api/v2", "/api/v2"),
+        ("/api/v2/", "/api/v2"),
+        ("/api/v2/users/7", "/api/v2"),
+        ("/api/v22", "/api"),
+        ("/api/v2x/y", "/api"),
+        ("/apix", "/"),
+        ("/apix/v2", "/"),
+        ("/ap", "/"),
+        ("/API", "/"),  # paths are case-sensitive
+        ("/static/a.css", "/static"),
+        ("/staticky", "/"),
+        ("//api", "/"),
+    ],
+)
+def test_longest_prefix_on_segment_boundaries(path: str, prefix: str) -> None:
+    assert served_prefix(table_with("a", *PREFIXES), "a", path) == prefix
+
+
+@pytest.mark.parametrize(("path", "prefix"), [("/api", "/api"), ("/api/x", "/api"), ("/apix", None), ("/", None), ("/other", None)])
+def test_no_root_route(path: str, prefix: str | None) -> None:
+    assert served_prefix(table_with("a", "/api"), "a", path) == prefix
+
+
+def test_prefixes_of_the_same_length() -> None:
+    table = table_with("a", "/aaa", "/bbb", "/ccc")
+    assert [served_prefix(table, "a", p) for p in ("/aaa/1", "/bbb", "/ccc/", "/ddd")] == ["/aaa", "/bbb", "/ccc", None]
+
+
+def test_unknown_host() -> None:
+    table = table_with("api.localhost", "/")
+    assert table.lookup("web.localhost", "/") is None
+    assert table.knows_host("api.localhost")
+    assert not table.knows_host("web.localhost")
+    # The table compares normalised hosts: normalising is the caller's job.
+    assert table.lookup("API.localhost", "/") is None
+    assert table.lookup(normalize_host("API.localhost:8080"), "/") is not None
+
+
+def test_lookup_returns_the_route_with_its_service() -> None:
+    table = RouteTable()
+    api = route("a", "/api", service="api")
+    table.replace_host("a", {"/api": api})
+    found = table.lookup("a", "/api/x")
+    assert found is api
+    assert found.service.name == "api"
+    assert repr(found) == "<Route a/api -> api>"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "strip", "target", "upstream"),
+    [
+        ("/api", True, b"/api", b"/"),
+        ("/api", True, b"/api/", b"/"),
+        ("/api", True, b"/api/users", b"/users"),
+        ("/api", True, b"/api/users/7?x=1", b"/users/7?x=1"),
+        ("/api", True, b"/api?x=1", b"/?x=1"),
+        ("/api", True, b"/api?next=/api/x", b"/?next=/api/x"),
+        ("/api", True, b"/api/?x=1", b"/?x=1"),
+        ("/api", True, b"/api//x", b"//x"),
+        ("/api/v2", True, b"/api/v2/a", b"/a"),
+        ("/api", False, b"/api/users?x=1", b"/api/users?x=1"),
+        ("/", True, b"/users?x=1", b"/users?x=1"),
+        ("/", False, b"/", b"/"),
+    ],
+)
+def test_upstream_path(prefix: str, strip: bool, target: bytes, upstream: bytes) -> None:
+    assert route("a", prefix, strip=strip).upstream_path(target) == upstream
+
+
+# Whole-host replacement.
+
+
+def test_replace_host_replaces_every_prefix() -> None:
+    table = table_with("a", "/", "/api", "/old")
+    new_root = route("a", "/", service="new")
+    table.replace_host("a", {"/": new_root, "/new": route("a", "/new")})
+    assert table.lookup("a", "/old/x") is new_root
+    assert table.lookup("a", "/api") is new_root
+    assert served_prefix(table, "a", "/new/x") == "/new"
+
+
+def test_replace_host_leaves_other_hosts_alone() -> None:
+    table = RouteTable()
+    b_route = route("b", "/")
+    table.replace_host("a", {"/": route("a", "/")})
+    table.replace_host("b", {"/": b_route})
+    table.replace_host("a", {"/x": route("a", "/x")})
+    table.replace_host("a", {})
+    assert not table.knows_host("a")
+    assert table.lookup("b", "/anything") is b_route
+
+
+def test_empty_replacement_removes_the_host() -> None:
+    table = table_with("a", "/")
+    table.replace_host("a", {})
+    assert table.lookup("a", "/") is None
+    assert not table.knows_host("a")
+    table.replace_host("never-there", {})  # no error
+    assert table.all_routes() == []
+
+
+def test_table_does_not_share_the_callers_mapping() -> None:
+    # The registry keeps mutating its own per-host dict; the table must have taken a snapshot.
+    table = RouteTable()
+    routes = {"/": route("a", "/")}
+    table.replace_host("a", routes)
+    routes["/api"] = route("a", "/api")
+    del routes["/"]
+    assert served_prefix(table, "a", "/api") == "/"
+
+
+class _SpyingRoutes(Mapping[str, Route]):
+    """A mapping that looks the host up while the new HostRoutes is being built from it."""
+
+    def __init__(self, table: RouteTable, routes: dict[str, Route], probes: list[str]) -> None:
+        self._table = table
+        self._routes = routes
+        self._probes = probes
+        self.seen: list[list[str | None]] = []
+
+    def _probe(self) -> None:
+        self.seen.append([served_prefix(self._table, "a", path) for path in self._probes])
+
+    def __getitem__(self, key: str) -> Route:
+        return self._routes[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._routes)
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def values(self) -> Iterator[Route]:  # type: ignore[override]
+        for value in self._routes.values():
+            self._probe()
+            yield value
+        self._probe()
+
+
+def test_replace_host_is_atomic() -> None:
+    table = table_with("a", "/", "/api", "/old")
+    probes = ["/", "/api/x", "/old", "/new/x", "/api/v2/x"]
+    before = [served_prefix(table, "a", path) for path in probes]
+    new = {"/new": route("a", "/new"), "/api/v2": route("a", "/api/v2"), "/": route("a", "/")}
+    spy = _SpyingRoutes(table, new, probes)
+    table.replace_host("a", spy)
+    after = [served_prefix(table, "a", path) for path in probes]
+    assert before == ["/", "/api", "/old", "/", "/api"]
+    assert after == ["/", "/", "/", "/new", "/api/v2"]
+    # While the new routes were being read, every lookup still saw the complete old table.
+    assert spy.seen and all(seen == before for seen in spy.seen)
+
+
+def test_host_routes_are_immutable_snapshots() -> None:
+    routes = [route("a", "/"), route("a", "/x")]
+    host_routes = HostRoutes(routes)
+    routes.append(route("a", "/y"))
+    assert sorted(r.path_prefix for r in host_routes.routes()) == ["/", "/x"]
+    assert host_routes.match("/y").path_prefix == "/"  # type: ignore[union-attr]
+
+
+def test_all_routes_sorted_by_host() -> None:
+    table = RouteTable()
+    table.replace_host("b", {"/": route("b", "/")})
+    table.replace_host("a", {"/": route("a", "/"), "/x": route("a", "/x")})
+    assert [(r.host, r.path_prefix) for r in table.all_routes()] == [("a", "/"), ("a", "/x"), ("b", "/")]

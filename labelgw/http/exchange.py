@@ -40,31 +40,38 @@ class _Pauser:
 
 
 class Exchange:
+    # Defaults as class attributes: an exchange sets only what differs, on a path taken per request.
+    upstream: UpstreamConnection | None = None
+    finished = False
+    response_started = False
+    body_sent_upstream = False
+    tunnel = False
+    attempts = 1
+    _pending: list[bytes] | None = None
+    _pending_size = 0
+    _client_chunked = False
+    _registered_upstream_producer = False
+    _registered_client_producer = False
+    _ttfb = 0.0
+    _gateway_error = False
+
     def __init__(self, client: "ClientConnection", head: RequestHead, route: Route, backend: Backend) -> None:
         self.client = client
         self.gateway = client.gateway
         self.head = head
         self.route = route
         self.backend = backend
-        self.upstream: UpstreamConnection | None = None
-        self.finished = False
-        self.response_started = False
-        self.body_done = not head.has_body
-        self.body_sent_upstream = False
-        self.tunnel = False
-        self.attempts = 1
-        self._tried: list[Backend] = [backend]
-        self._pending: list[bytes] = []
         self._out: list[bytes] = []
-        self._pending_size = 0
-        self._remaining = head.content_length or 0
-        self._decoder = ChunkedDecoder() if head.chunked else None
-        self._client_chunked = False
+        if head.chunked:
+            self.body_done = False
+            self._decoder: ChunkedDecoder | None = ChunkedDecoder()
+            self._remaining = 0
+        else:
+            self.body_done = not head.content_length
+            self._decoder = None
+            self._remaining = head.content_length or 0
         self._client_close = not head.keep_alive
-        self._registered_upstream_producer = False
-        self._registered_client_producer = False
         self._started_at = self.gateway.clock.seconds()
-        self._ttfb = 0.0
         self._head_bytes = upstream_request_head(
             head, route.upstream_path(head.target), client.peer_ip, client.proto, client.local_port
         )
@@ -89,7 +96,7 @@ class Exchange:
         if self._pending:
             self.body_sent_upstream = True
             connection.transport.write(b"".join(self._pending))
-            self._pending = []
+            self._pending = None
             self._pending_size = 0
             self.client.set_paused("pending", False)
         if not self.body_done:
@@ -165,6 +172,8 @@ class Exchange:
             self.body_sent_upstream = True
             upstream.transport.writeSequence(pieces)
         elif upstream is None:
+            if self._pending is None:
+                self._pending = []
             self._pending.extend(pieces)
             self._pending_size += sum(len(piece) for piece in pieces)
             if self._pending_size > self.gateway.settings.pending_body_limit:
@@ -196,6 +205,8 @@ class Exchange:
             return
         if status >= 500:
             self.backend.errors += 1
+        # Gateway errors from the backend count against it (outlier ejection, latency penalty).
+        self._gateway_error = status in (502, 503, 504)
         no_body = self.head.method == b"HEAD" or status == 204 or status == 304
         if no_body:
             framing = b"Content-Length: %d\r\n" % head.content_length if head.content_length is not None else b""
@@ -242,7 +253,7 @@ class Exchange:
             if not self.body_done:
                 upstream.reusable = False
             upstream.detach()
-        self._complete(failed=False)
+        self._complete(failed=self._gateway_error)
 
     def upstream_failed(self, status: int, reason: str) -> None:
         if self.finished:
@@ -283,7 +294,8 @@ class Exchange:
             return
         self._unregister_producers()
         self._abort_upstream()
-        self._complete(failed=not self.tunnel)
+        # The client gave up: how long that took says nothing about the backend.
+        self._complete(failed=False, observe=False)
 
     # Ending.
 
@@ -297,20 +309,22 @@ class Exchange:
     def _count_failure(self) -> None:
         self.backend.errors += 1
 
-    def _release_backend(self, failed: bool) -> None:
+    def _release_backend(self, failed: bool, observe: bool = True) -> None:
         backend = self.backend
         backend.in_flight -= 1
-        elapsed = (self._ttfb if self.response_started else self.gateway.clock.seconds() - self._started_at)
-        self.route.service.policy.on_finish(backend, elapsed, failed)
+        if observe:
+            # Time to the response head: a long download or a WebSocket must not look like a slow backend.
+            elapsed = self._ttfb if self.response_started else self.gateway.clock.seconds() - self._started_at
+            self.route.service.policy.on_finish(backend, elapsed, failed)
 
-    def _complete(self, failed: bool) -> None:
+    def _complete(self, failed: bool, observe: bool = True) -> None:
         if self.finished:
             return
         self.finished = True
         self.gateway.in_flight -= 1
         if self.attempts > 1:
             self.gateway.active_retries -= 1
-        self._release_backend(failed)
+        self._release_backend(failed, observe and not self.tunnel)
         if not self.tunnel:
             self.client.exchange_done(self, close=self._client_close)
 

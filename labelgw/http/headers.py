@@ -21,12 +21,9 @@ def _is_managed(lower: bytes) -> bool:
     return lower[:2] in (b"x-", b"x_", b"x.") and lower.replace(b"_", b"-").replace(b".", b"-") in MANAGED
 
 
-def upstream_request_head(
-    head: RequestHead, target: bytes, client_ip: bytes, proto: bytes, port: bytes
-) -> bytes:
-    """The request head labelgw sends upstream, always HTTP/1.1 on a persistent connection."""
-    named = head.connection_tokens - _FRAMING if head.connection_tokens else head.connection_tokens
-    parts = [head.method, b" ", target, b" HTTP/1.1\r\n"]
+def _filter_request_fields(head: RequestHead, parts: list[bytes]) -> None:
+    """Field by field, for the rare heads the parser could not cut: fields named in Connection, absolute form."""
+    named = head.connection_tokens - _FRAMING
     host_seen = False
     for name, value in head.headers:
         lower = name.lower()
@@ -39,6 +36,19 @@ def upstream_request_head(
         parts.append(name + b": " + value + b"\r\n")
     if not host_seen and head.host is not None:
         parts.append(b"Host: " + head.host + b"\r\n")
+
+
+def upstream_request_head(
+    head: RequestHead, target: bytes, client_ip: bytes, proto: bytes, port: bytes
+) -> bytes:
+    """The request head labelgw sends upstream, always HTTP/1.1 on a persistent connection."""
+    parts = [head.method, b" ", target, b" HTTP/1.1\r\n"]
+    forward = head.forward
+    if forward is not None:
+        # The parser already cut what is not forwarded: the common case costs no per-field work.
+        parts.append(forward)
+    else:
+        _filter_request_fields(head, parts)
     if head.upgrade is not None:
         parts.append(b"Connection: Upgrade\r\nUpgrade: " + head.upgrade + b"\r\n")
     if head.chunked:
@@ -60,14 +70,20 @@ def client_response_head(response: ResponseHead, framing: bytes, close: bool, up
     labelgw chose; hop-by-hop fields and those the upstream named in Connection are removed."""
     reason = response.status_line[9:]
     parts = [b"HTTP/1.1 " + (reason if len(reason) > 3 else reason + b" ") + b"\r\n"]
-    named = response.connection_tokens
-    for name, value in response.headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower == b"content-length" or lower in named:
-            if upgrade and lower == b"upgrade":
-                parts.append(name + b": " + value + b"\r\n")
-            continue
-        parts.append(name + b": " + value + b"\r\n")
+    forward = response.forward
+    if forward is not None:
+        parts.append(forward)
+        if upgrade and response.upgrade is not None:
+            parts.append(b"Upgrade: " + response.upgrade + b"\r\n")
+    else:
+        named = response.connection_tokens
+        for name, value in response.headers:
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower == b"content-length" or lower in named:
+                if upgrade and lower == b"upgrade":
+                    parts.append(name + b": " + value + b"\r\n")
+                continue
+            parts.append(name + b": " + value + b"\r\n")
     parts.append(framing)
     if upgrade:
         parts.append(b"Connection: Upgrade\r\n\r\n")

@@ -29,14 +29,45 @@ class HttpError(Exception):
         self.reason = reason
 
 
-class RequestHead:
-    __slots__ = ("method", "target", "version", "headers", "host", "content_length", "chunked", "keep_alive", "upgrade", "connection_tokens")
+class _Head:
+    """Common to request and response heads: the raw field block, and the fields as pairs on demand."""
+
+    __slots__ = ("block", "forward", "_headers")
 
     def __init__(self) -> None:
+        # Every field line, each ending in CRLF, as received.
+        self.block = b""
+        # The field lines labelgw forwards as they are (hop-by-hop, framing and managed fields cut out), or None
+        # when the fields must be filtered one by one (fields named in Connection, fields set by hand).
+        self.forward: bytes | None = None
+        self._headers: list[tuple[bytes, bytes]] | None = None
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self._headers is None:
+            self._headers = [
+                (name, value.strip(b" \t"))
+                for name, _, value in (line.partition(b":") for line in self.block[:-2].split(b"\r\n"))
+            ] if self.block else []
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: list[tuple[bytes, bytes]]) -> None:
+        self._headers = value
+        self.forward = None
+
+
+class RequestHead(_Head):
+    __slots__ = ("method", "target", "version", "host", "content_length", "chunked", "keep_alive", "upgrade", "connection_tokens", "absolute_form")
+
+    def __init__(self) -> None:
+        # _Head's fields set here, not through its __init__: one call less per request.
+        self.block = b""
+        self.forward = None
+        self._headers = None
         self.method = b""
         self.target = b""
         self.version = b"HTTP/1.1"
-        self.headers: list[tuple[bytes, bytes]] = []
         self.host: bytes | None = None
         # None with chunked False means no body.
         self.content_length: int | None = None
@@ -44,34 +75,78 @@ class RequestHead:
         self.keep_alive = True
         self.upgrade: bytes | None = None
         self.connection_tokens: frozenset[bytes] = frozenset()
+        self.absolute_form = False
 
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
 
 
-class ResponseHead:
-    __slots__ = ("version", "status", "status_line", "headers", "content_length", "chunked", "keep_alive", "connection_tokens")
+class ResponseHead(_Head):
+    __slots__ = ("version", "status", "status_line", "content_length", "chunked", "keep_alive", "connection_tokens", "upgrade")
 
     def __init__(self) -> None:
+        self.block = b""
+        self.forward = None
+        self._headers = None
         self.version = b"HTTP/1.1"
         self.status = 0
         self.status_line = b""
-        self.headers: list[tuple[bytes, bytes]] = []
         self.content_length: int | None = None
         self.chunked = False
         self.keep_alive = True
         self.connection_tokens: frozenset[bytes] = frozenset()
+        self.upgrade: bytes | None = None
 
 
-def _split_lines(head: bytes, status: int) -> list[bytes]:
-    """Split a head (without its final CRLFCRLF) into lines, refusing bare CR or LF and control bytes."""
+# A whole field block in one match (C speed): token, colon, value, CRLF; control bytes and bare CR/LF are refused
+# before. Anything else (obs-fold, space before the colon, bad names) fails it and the slow path says what.
+_FIELD_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r\n)*")
+# The only request fields labelgw reads or removes; every other line is forwarded as it is.
+_REQUEST_SPECIAL = re.compile(
+    rb"^(host|content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|te|trailer|"
+    rb"proxy-authenticate|proxy-authorization|http2-settings|x[-_.]forwarded[-_.](?:for|proto|host|port)|x[-_.]real[-_.]ip)"
+    rb":[ \t]*([^\r\n]*?)[ \t]*\r\n",
+    re.IGNORECASE | re.MULTILINE,
+)
+_RESPONSE_SPECIAL = re.compile(
+    rb"^(content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|te|trailer|"
+    rb"proxy-authenticate|proxy-authorization|http2-settings):[ \t]*([^\r\n]*?)[ \t]*\r\n",
+    re.IGNORECASE | re.MULTILINE,
+)
+# Connection tokens that name no field to remove.
+_PLAIN_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+def _check_head(head: bytes, status: int) -> tuple[bytes, bytes]:
+    """Refuse bare CR or LF and control bytes; return the first line and the field block (lines with CRLF)."""
     if _FORBIDDEN_IN_HEAD.search(head) is not None:
         raise HttpError(status, "control character in message head")
     crlf = head.count(b"\r\n")
     if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
         raise HttpError(status, "bare CR or LF in message head")
-    return head.split(b"\r\n")
+    if crlf > MAX_HEADERS:
+        raise HttpError(431 if status == 400 else status, f"more than {MAX_HEADERS} header fields")
+    end = head.find(b"\r\n")
+    if end == -1:
+        return head, b""
+    block = head[end + 2 :] + b"\r\n"
+    if _FIELD_BLOCK.fullmatch(block) is None:
+        _parse_fields([b""] + block[:-2].split(b"\r\n"), status)  # raises the precise error
+        raise HttpError(status, "malformed header field")
+    return head[:end], block
+
+
+def _cut(block: bytes, spans: list[tuple[int, int]]) -> bytes:
+    if not spans:
+        return block
+    pieces = []
+    position = 0
+    for start, end in spans:
+        pieces.append(block[position:start])
+        position = end
+    pieces.append(block[position:])
+    return b"".join(pieces)
 
 
 def _parse_fields(lines: list[bytes], status: int) -> list[tuple[bytes, bytes]]:
@@ -98,7 +173,17 @@ def _parse_content_length(value: bytes, status: int) -> int:
     return int(value)
 
 
+_COMMON_TOKENS = {b"keep-alive": frozenset({b"keep-alive"}), b"close": frozenset({b"close"})}
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
 def _connection_tokens(values: list[bytes]) -> frozenset[bytes]:
+    if not values:
+        return _NO_TOKENS
+    if len(values) == 1:
+        common = _COMMON_TOKENS.get(values[0].lower())
+        if common is not None:
+            return common
     tokens = set()
     for value in values:
         for token in value.split(b","):
@@ -117,8 +202,8 @@ def _keep_alive(version: bytes, tokens: frozenset[bytes]) -> bool:
 
 def parse_request_head(head: bytes) -> RequestHead:
     """Parse a request head: everything before the blank line that ends it."""
-    lines = _split_lines(head, 400)
-    parts = lines[0].split(b" ")
+    line, block = _check_head(head, 400)
+    parts = line.split(b" ")
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise HttpError(400, "malformed request line")
     method, target, version = parts
@@ -131,14 +216,20 @@ def parse_request_head(head: bytes) -> RequestHead:
     request = RequestHead()
     request.method = method
     request.version = version
-    request.headers = fields = _parse_fields(lines, 400)
+    request.block = block
 
     host = None
     content_length = None
     transfer_encoding = None
     connection_values = []
-    for name, value in fields:
-        lower = name.lower()
+    # Lines cut from what is forwarded: everything matched here but Host (labelgw writes framing, hop-by-hop
+    # fields are the connection's own, X-Forwarded-* and X-Real-IP are labelgw's to set).
+    cut = []
+    for match in _REQUEST_SPECIAL.finditer(block):
+        lower = match.group(1).lower()
+        value = match.group(2)
+        if lower != b"host":
+            cut.append(match.span())
         if lower == b"host":
             if host is not None:
                 raise HttpError(400, "more than one Host header")
@@ -183,6 +274,7 @@ def parse_request_head(head: bytes) -> RequestHead:
             raise HttpError(400, "invalid absolute request target")
         host = authority
         request.target = path
+        request.absolute_form = True
     elif target == b"*" and method == b"OPTIONS":
         request.target = target
     else:
@@ -195,6 +287,8 @@ def parse_request_head(head: bytes) -> RequestHead:
 
     tokens = _connection_tokens(connection_values)
     request.connection_tokens = tokens
+    if not tokens - _PLAIN_TOKENS and not request.absolute_form:
+        request.forward = _cut(block, cut)
     request.keep_alive = _keep_alive(version, tokens)
     # An Upgrade in an HTTP/1.0 request is ignored (RFC 9110 section 7.8), as is one not named in Connection.
     if request.upgrade is not None and (b"upgrade" not in tokens or version != b"HTTP/1.1"):
@@ -204,8 +298,7 @@ def parse_request_head(head: bytes) -> RequestHead:
 
 def parse_response_head(head: bytes) -> ResponseHead:
     """Parse an upstream's response head; anything malformed is a 502 to the client."""
-    lines = _split_lines(head, 502)
-    line = lines[0]
+    line, block = _check_head(head, 502)
     if not line.startswith(b"HTTP/1.") or not line[7:8].isdigit() or len(line) < 12 or line[8:9] != b" ":
         raise HttpError(502, "malformed status line from upstream")
     code = line[9:12]
@@ -216,12 +309,17 @@ def parse_response_head(head: bytes) -> ResponseHead:
     response.version = line[:8]
     response.status = int(code)
     response.status_line = line
-    response.headers = fields = _parse_fields(lines, 502)
+    response.block = block
     transfer_encoding = None
     connection_values = []
-    for name, value in fields:
-        lower = name.lower()
-        if lower == b"content-length":
+    cut = []
+    for match in _RESPONSE_SPECIAL.finditer(block):
+        lower = match.group(1).lower()
+        value = match.group(2)
+        cut.append(match.span())
+        if lower == b"upgrade":
+            response.upgrade = value
+        elif lower == b"content-length":
             length = _parse_content_length(value, 502)
             if response.content_length is not None and response.content_length != length:
                 raise HttpError(502, "conflicting Content-Length from upstream")
@@ -239,6 +337,8 @@ def parse_response_head(head: bytes) -> ResponseHead:
         response.chunked = True
     tokens = _connection_tokens(connection_values)
     response.connection_tokens = tokens
+    if not tokens - _PLAIN_TOKENS:
+        response.forward = _cut(block, cut)
     response.keep_alive = _keep_alive(response.version, tokens)
     return response
 

@@ -18,6 +18,10 @@ from labelgw.http.upstream import UpstreamPool
 from labelgw.routes import RouteTable, normalize_host
 
 
+# Raw Host header -> normalised host name: the same few values arrive on every request.
+_HOSTS: dict[bytes, str] = {}
+
+
 class Gateway:
     """Shared by every client connection of every listener."""
 
@@ -202,7 +206,13 @@ class ClientConnection(Protocol):
 
     def _dispatch(self, head: RequestHead) -> None:
         gateway = self.gateway
-        host = normalize_host(head.host.decode("latin-1")) if head.host else ""
+        raw_host = head.host
+        host = _HOSTS.get(raw_host) if raw_host else ""
+        if host is None:
+            host = normalize_host(raw_host.decode("latin-1"))  # type: ignore[union-attr]
+            if len(_HOSTS) >= 4096:
+                _HOSTS.clear()
+            _HOSTS[raw_host] = host  # type: ignore[index]
         target = head.target
         query = target.find(b"?")
         path = (target if query == -1 else target[:query]).decode("latin-1")

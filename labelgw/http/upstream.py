@@ -69,7 +69,8 @@ class UpstreamConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
-        self.transport.setTcpNoDelay(True)
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
         self._timer = self.pool.clock.callLater(self.pool.settings.response_timeout, self._check_timers)
         sink = self.sink
         if sink is None:

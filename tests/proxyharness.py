@@ -286,7 +286,7 @@ def parse_request(data: bytes) -> tuple[Request, bytes]:
 
 def decode_chunked(data: bytes) -> tuple[bytes, bytes, bool]:
     """A plain chunked decoder for assertions: (payload, rest after the body, complete)."""
-    payload = []
+    payload: list[bytes] = []
     pos = 0
     while True:
         eol = data.find(b"\r\n", pos)

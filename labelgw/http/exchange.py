@@ -54,6 +54,10 @@ class Exchange:
     _registered_client_producer = False
     _ttfb = 0.0
     _gateway_error = False
+    # The version this request goes to (services split by version), and the cookie line that makes it stick.
+    version: str | None = None
+    pinned = False
+    response_extra = b""
 
     def __init__(self, client: "ClientConnection", head: RequestHead, route: Route, backend: Backend) -> None:
         self.client = client
@@ -92,7 +96,7 @@ class Exchange:
             connection.detach()
             return
         self.upstream = connection
-        connection.send(self, self._head_bytes, self.head.method == b"HEAD")
+        connection.send(self, self._head_bytes, self.head.method == b"HEAD", body_pending=not self.body_done)
         if self._pending:
             self.body_sent_upstream = True
             connection.transport.write(b"".join(self._pending))
@@ -112,11 +116,12 @@ class Exchange:
 
     def _retry(self, why: str, same_backend_ok: bool = False) -> bool:
         """Send the request once more: to another ready backend, or, when `same_backend_ok` (a pooled
-        connection the backend had closed), over a new connection to the same one."""
+        connection the backend had closed), over a new connection to the same one. After a stale pooled
+        connection the retry always takes a new connection: other idle ones may be just as stale."""
         if self.attempts >= 2 or self.response_started or not self.gateway.retry_budget_allows():
             return False
         failed = self.backend
-        backend = self.route.service.pick(exclude=failed)
+        backend = self.route.service.pick(exclude=failed, version=self.version, pinned=self.pinned)
         if backend is None or backend is failed:
             if not same_backend_ok:
                 return False
@@ -132,8 +137,7 @@ class Exchange:
         self.route.service.policy.on_start(backend)
         self._started_at = self.gateway.clock.seconds()
         self.upstream = None
-        if backend is failed:
-            # Not the pool: its other idle connections may be just as stale.
+        if same_backend_ok:
             self.gateway.pool.connect(backend, self)
         else:
             self.start()
@@ -164,6 +168,9 @@ class Exchange:
             self._send_upstream(out)
         if self.body_done:
             self._unregister_client_producer()
+            upstream = self.upstream
+            if upstream is not None:
+                upstream.request_complete()
         return rest
 
     def _send_upstream(self, pieces: list[bytes]) -> None:
@@ -222,6 +229,8 @@ class Exchange:
         if not self.body_done:
             # The upstream answered before the whole body arrived: the rest cannot be skipped safely.
             self._client_close = True
+        if self.response_extra:
+            framing += self.response_extra
         # Held until the end of this upstream read: head and body then leave in one send (one TCP segment).
         self._out.append(client_response_head(head, framing, self._client_close or client.draining))
 
@@ -269,7 +278,9 @@ class Exchange:
                     return
             self._fail(status, f"service {self.route.service.name!r}: {reason}")
         else:
-            # Part of the response already reached the client: all we can do is cut the connection.
+            # Part of the response already reached the client: all we can do is cut the connection, and no
+            # pipelined request behind it may start.
+            self._client_close = True
             self._complete(failed=True)
             self.client.abort()
 
@@ -279,6 +290,8 @@ class Exchange:
         self.client.transport.write(data)
 
     def tunnel_closed(self) -> None:
+        # A pauser left registered would keep a paused client transport from ever closing.
+        self._unregister_producers()
         self._complete(failed=False)
         self.client.transport.loseConnection()
 
@@ -303,7 +316,9 @@ class Exchange:
         extra = b"Retry-After: 1\r\n" if status == 503 else b""
         # An unread request body would be taken for the next request: close instead.
         self._client_close = self._client_close or not self.body_done
-        self.client.transport.write(error_response(status, message, self._client_close, extra))
+        self.client.transport.write(
+            error_response(status, message, self._client_close, extra, head_only=self.head.method == b"HEAD")
+        )
         self._complete(failed=True)
 
     def _count_failure(self) -> None:

@@ -29,6 +29,9 @@ class HttpError(Exception):
         self.reason = reason
 
 
+_FIELD_PATTERNS: dict[bytes, "re.Pattern[bytes]"] = {}
+
+
 class _Head:
     """Common to request and response heads: the raw field block, and the fields as pairs on demand."""
 
@@ -50,6 +53,17 @@ class _Head:
                 for name, _, value in (line.partition(b":") for line in self.block[:-2].split(b"\r\n"))
             ] if self.block else []
         return self._headers
+
+    def field(self, lower_name: bytes) -> bytes | None:
+        """The value of the first field with this (lower-case) name: a search of the raw block, for the few
+        fields only some requests need (version pinning, cookies)."""
+        pattern = _FIELD_PATTERNS.get(lower_name)
+        if pattern is None:
+            pattern = _FIELD_PATTERNS[lower_name] = re.compile(
+                rb"^" + re.escape(lower_name) + rb":[ \t]*([^\r\n]*?)[ \t]*\r\n", re.IGNORECASE | re.MULTILINE
+            )
+        match = pattern.search(self.block)
+        return match.group(1) if match else None
 
     @headers.setter
     def headers(self, value: list[tuple[bytes, bytes]]) -> None:

@@ -63,6 +63,8 @@ class UpstreamConnection(Protocol):
         self._decoder: ChunkedDecoder | None = None
         self._sent_at = 0.0
         self._idle_since = 0.0
+        # The response timeout runs from the end of the request body, not from its head.
+        self.body_pending = False
         self._timer: Any = None
 
     # Lifecycle.
@@ -96,10 +98,11 @@ class UpstreamConnection(Protocol):
         else:
             sink.upstream_failed(502, "upstream closed the connection" + ("" if mode == _HEAD else " mid-response"))
 
-    def send(self, sink: ResponseSink, head: bytes, head_only: bool) -> None:
+    def send(self, sink: ResponseSink, head: bytes, head_only: bool, body_pending: bool = False) -> None:
         """Start one exchange on this connection: write the request head and wait for the response."""
         self.sink = sink
         self.head_only = head_only
+        self.body_pending = body_pending
         self.response_started = False
         self._mode = _HEAD
         self._buffer = b""
@@ -109,6 +112,15 @@ class UpstreamConnection(Protocol):
         if timer is not None and timer.getTime() > now + self.pool.settings.response_timeout:
             timer.reset(self.pool.settings.response_timeout)
         write_now(self.transport, head)
+
+    def request_complete(self) -> None:
+        """The whole request body went out: the response timeout starts now."""
+        self.body_pending = False
+        now = self.pool.clock.seconds()
+        self._sent_at = now
+        timer = self._timer
+        if timer is not None and timer.active() and timer.getTime() > now + self.pool.settings.response_timeout:
+            timer.reset(self.pool.settings.response_timeout)
 
     def abort(self) -> None:
         """The exchange gave up on this connection (client gone, bad response): never reuse it."""
@@ -132,7 +144,7 @@ class UpstreamConnection(Protocol):
             return
         settings = self.pool.settings
         now = self.pool.clock.seconds()
-        if self._mode == _HEAD:
+        if self._mode == _HEAD and not self.body_pending:
             deadline = self._sent_at + settings.response_timeout
             if now >= deadline:
                 sink = self.sink
@@ -143,7 +155,7 @@ class UpstreamConnection(Protocol):
         elif self._mode == _IDLE and self.sink is None:
             deadline = self._idle_since + settings.upstream_idle_timeout
             if now >= deadline:
-                self.transport.loseConnection()
+                self._retire()
                 return
         else:
             deadline = now + settings.response_timeout
@@ -185,8 +197,7 @@ class UpstreamConnection(Protocol):
             self.sink.tunnel_data(data)  # type: ignore[union-attr]
         else:
             # Bytes from an idle upstream connection: nothing asked for them.
-            self.reusable = False
-            self.transport.loseConnection()
+            self._retire()
 
     def _read_head(self, data: bytes) -> None:
         buffer = self._buffer + data if self._buffer else data
@@ -265,6 +276,12 @@ class UpstreamConnection(Protocol):
                 self.reusable = False
             self._finish()
 
+    def _retire(self) -> None:
+        """Close an idle connection, out of the pool first so no request can take it meanwhile."""
+        self.reusable = False
+        self.pool.forget(self)
+        self.transport.loseConnection()
+
     def _finish(self) -> None:
         self._mode = _IDLE
         self._decoder = None
@@ -315,7 +332,7 @@ class UpstreamPool:
         idle = backend.idle
         while idle:
             connection = idle.pop()
-            if connection.connected:
+            if connection.connected and connection.reusable:
                 connection.reused = True
                 return connection
         self.connect(backend, sink)
@@ -335,8 +352,15 @@ class UpstreamPool:
             and backend.ready
             and len(backend.idle) < self.settings.max_idle_per_backend
         ):
-            connection._idle_since = self.clock.seconds()
+            now = connection._idle_since = self.clock.seconds()
             backend.idle.append(connection)
+            timer = connection._timer
+            limit = self.settings.upstream_idle_timeout
+            # Usually the pending timer is already due sooner and re-arms itself; only move it when it is not.
+            if timer is None or not timer.active():
+                connection._timer = self.clock.callLater(limit, connection._check_timers)
+            elif timer.getTime() > now + limit:
+                timer.reset(limit)
         elif connection.connected:
             connection.transport.loseConnection()
 

@@ -1,0 +1,125 @@
+"""Version splits: shares by label, pinning by header, stickiness by cookie (labelgw.versions)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from labelgw.backends import RoundRobin, ServicePool, Backend
+from labelgw.http.parser import parse_request_head
+from labelgw.model import ContainerSpec
+from labelgw.versions import VersionSplit, choose_version, sticky_version, versioned
+
+
+def backend(name: str, version: str | None, traffic: str | None = None, ready: bool = True) -> Backend:
+    options = (("traffic", traffic),) if traffic is not None else ()
+    spec = ContainerSpec(
+        container_id=name, name=name, service="api", address="127.0.0.1", port=8000, hosts=("api.localhost",),
+        version=version, running=ready, options=options,
+    )
+    return Backend(spec)
+
+
+def pool(*backends: Backend) -> ServicePool:
+    service = ServicePool("api", RoundRobin())
+    for item in backends:
+        service.backends[item.key] = item
+    service.refresh()
+    return service
+
+
+def request(*fields: str) -> object:
+    return parse_request_head(("GET / HTTP/1.1\r\nHost: api.localhost\r\n" + "".join(f + "\r\n" for f in fields)).rstrip("\r\n").encode())
+
+
+def test_one_version_needs_no_split() -> None:
+    assert pool(backend("a", "v1"), backend("b", "v1")).split is None
+    assert pool(backend("a", None), backend("b", None)).split is None
+    assert versioned([backend("a", "v1"), backend("b", "v2")])
+
+
+@pytest.mark.parametrize(
+    "labels, expected",
+    [
+        ({"v1": None, "v2": "10"}, {"v1": 90.0, "v2": 10.0}),
+        ({"v1": None, "v2": None}, {"v1": 50.0, "v2": 50.0}),
+        ({"v1": None, "v2": "20%", "v3": None}, {"v1": 40.0, "v2": 20.0, "v3": 40.0}),
+        ({"v1": "30", "v2": "30"}, {"v1": 50.0, "v2": 50.0}),  # declared shares under 100 % are scaled
+        ({"v1": "0", "v2": "0"}, {"v1": 50.0, "v2": 50.0}),  # all zero: equal rather than nobody
+        ({"v1": "100", "v2": None}, {"v1": 100.0, "v2": 0.0}),
+    ],
+)
+def test_shares(labels: dict[str, str | None], expected: dict[str, float]) -> None:
+    split = VersionSplit([backend(f"c-{v}", v, t) for v, t in labels.items()])
+    assert split.shares == pytest.approx(expected)
+
+
+def test_smooth_weighted_round_robin_follows_the_shares_in_every_window() -> None:
+    split = VersionSplit([backend("a", "v1"), backend("b", "v2", "10")])
+    picks = [split.choose() for _ in range(1000)]
+    assert Counter(picks) == {"v1": 900, "v2": 100}
+    for start in range(0, 1000, 10):
+        assert picks[start : start + 10].count("v2") == 1
+
+
+def test_a_gone_version_gives_its_share_to_the_others() -> None:
+    v2 = backend("b", "v2", "10")
+    service = pool(backend("a", "v1"), v2, backend("c", "v3", "30"))
+    assert service.split is not None and service.split.shares["v2"] == pytest.approx(10.0)
+    v2.ready = False
+    service.refresh()
+    assert service.split is not None and set(service.split.shares) == {"v1", "v3"}
+    assert sum(service.split.shares.values()) == pytest.approx(100.0)
+
+
+def test_new_client_gets_a_version_and_a_cookie() -> None:
+    service = pool(backend("a", "v1"), backend("b", "v2"))
+    chosen, version, cookie, pinned = choose_version(service, request(), b"x-labelgw-version")
+    assert chosen is not None and chosen.version == version and not pinned
+    assert cookie == f"Set-Cookie: labelgw_version_api={version}; Path=/; HttpOnly; SameSite=Lax\r\n".encode()
+
+
+def test_sticky_client_keeps_its_version_without_a_new_cookie() -> None:
+    service = pool(backend("a", "v1"), backend("b", "v2", "1"))
+    for _ in range(20):
+        chosen, version, cookie, pinned = choose_version(service, request("Cookie: x=1; labelgw_version_api=v2"), b"x-labelgw-version")
+        assert (chosen.version, version, cookie, pinned) == ("v2", "v2", b"", False)  # type: ignore[union-attr]
+
+
+def test_sticky_version_that_is_gone_is_replaced() -> None:
+    service = pool(backend("a", "v1"), backend("b", "v3"))
+    chosen, version, cookie, _ = choose_version(service, request("Cookie: labelgw_version_api=v2"), b"x-labelgw-version")
+    assert version in ("v1", "v3") and cookie.startswith(b"Set-Cookie: labelgw_version_api=" + version.encode())  # type: ignore[union-attr]
+
+
+def test_pinned_request_reaches_only_its_version_or_none() -> None:
+    service = pool(backend("a", "v1"), backend("b", "v2"))
+    for _ in range(10):
+        chosen, version, cookie, pinned = choose_version(service, request("X-Labelgw-Version: v2"), b"x-labelgw-version")
+        assert (chosen.version, version, cookie, pinned) == ("v2", "v2", b"", True)  # type: ignore[union-attr]
+    chosen, version, _, pinned = choose_version(service, request("X-Labelgw-Version: v9"), b"x-labelgw-version")
+    assert chosen is None and version == "v9" and pinned
+
+
+def test_retry_stays_in_the_version_and_a_pinned_one_never_leaves_it() -> None:
+    a, b, c = backend("a", "v1"), backend("b", "v2"), backend("c", "v2")
+    service = pool(a, b, c)
+    assert service.pick(exclude=b, version="v2") is c
+    service = pool(a, b)
+    assert service.pick(exclude=b, version="v2") is a  # sticky: another version beats a failure
+    assert service.pick(exclude=b, version="v2", pinned=True) is None
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        (b"labelgw_version_api=v2", "v2"),
+        (b"a=1; labelgw_version_api=v2; b=2", "v2"),
+        (b"labelgw_version_apix=v2", None),
+        (b"xlabelgw_version_api=v2", None),
+        (None, None),
+    ],
+)
+def test_sticky_cookie_parsing(header: bytes | None, expected: str | None) -> None:
+    assert sticky_version(header, "api") == expected

@@ -27,7 +27,10 @@ RUN pip install /tmp/labelgw-src \
 
 USER labelgw
 WORKDIR /home/labelgw
-EXPOSE 8080
+# The local CA and minted certificates live here: keep them across container restarts.
+RUN mkdir -p /home/labelgw/.local/share/labelgw
+VOLUME /home/labelgw/.local/share/labelgw
+EXPOSE 8080 8443
 # twistd shuts down cleanly on SIGTERM: listeners close, in-flight requests finish.
 STOPSIGNAL SIGTERM
 CMD ["twistd", "-n", "--pidfile=", "labelgw"]

@@ -308,6 +308,12 @@ def labelgw(prefix: Path, port: int, backend_port: int) -> Managed:
             f"tcp:{port}:interface=127.0.0.1",
             "--config",
             str(config),
+            # Only the data path is measured: no HTTPS listener (and no CA written to the home directory),
+            # no admin listener.
+            "--https",
+            "none",
+            "--admin",
+            "none",
         ],
         prefix / "labelgw.log",
         env=env,

@@ -9,9 +9,15 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
+from labelgw.admin import AdminListener, admin_site
+from labelgw.backends import Backend, ServicePool
+from labelgw.balancer import service_policy_factory
 from labelgw.config import Settings
+from labelgw.health import HealthChecker
 from labelgw.http.server import Gateway, ProxyFactory
+from labelgw.https import HttpsService
 from labelgw.listeners import ListenerService
+from labelgw.outlier import OutlierDetector
 from labelgw.registry import Registry
 
 
@@ -22,7 +28,18 @@ class LabelgwService(MultiService):
         MultiService.__init__(self)
         self.settings = settings
         self.reactor = reactor
-        self.registry = Registry(on_backend_retired=lambda backend: self.gateway.pool.retire(backend))
+        # Active health checks and outlier ejection each own a part of a backend's readiness; the registry
+        # re-derives `backend.ready` when they report a change.
+        self.health = HealthChecker(reactor, self._backend_state_changed)
+        self.outlier = OutlierDetector(reactor, self._backend_state_changed, base=settings.ejection_base)
+        self.registry = Registry(
+            # A service's policy: its first container's <prefix>.balancer label, else --balancer.
+            policy_factory=service_policy_factory(settings.balancer, reactor.seconds, tau=settings.balancer_decay),
+            on_backend_retired=lambda backend: self.gateway.pool.retire(backend),
+            listeners=(self.outlier, self.health),
+        )
+        self.health.setServiceParent(self)
+        self.outlier.setServiceParent(self)
         self.gateway = Gateway(reactor, self.registry.table, settings.proxy)
         self.listeners: list[ListenerService] = []
         factory = ProxyFactory(self.gateway, b"http")
@@ -30,10 +47,33 @@ class LabelgwService(MultiService):
             listener = ListenerService(reactor, description, factory, "http")
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        # HTTPS: loads or creates the local CA here, blocking, before the reactor runs.
+        self.https = HttpsService(settings, reactor, self.gateway)
+        self.https.setServiceParent(self)
+        for listener in self.https.listeners:
+            listener.setServiceParent(self)
+            self.listeners.append(listener)
+        # Read by the HTTP/1.1 server for plain-HTTP requests (--redirect-https, <prefix>.tls=redirect).
+        self.gateway.https_redirect = self.https.redirect
+        # The admin JSON view (--admin), on its own listener; stopped with the others.
+        if settings.admin is not None:
+            site = admin_site(self.registry, reactor.seconds, self.health.describe)
+            admin = AdminListener(reactor, settings.admin, site, "http")
+            admin.setServiceParent(self)
+            self.listeners.append(admin)
         self.watcher = None
         if settings.docker:
             self.watcher = _make_watcher(settings, reactor, self.registry)
             self.watcher.setServiceParent(self)
+
+    def _backend_state_changed(self, pool: ServicePool, backend: Backend) -> None:
+        self.registry.backend_state_changed(pool, backend)
+
+    def _stop_balancing(self, _: Any = None) -> None:
+        # No more health checks or ejection timers (both stop synchronously).
+        for service in (self.health, self.outlier):
+            if service.running:
+                service.stopService()
 
     def startService(self) -> None:
         for static in self.settings.static_services:
@@ -57,6 +97,8 @@ class LabelgwService(MultiService):
 
         stopped.addCallback(drain)
         stopped.addCallback(stop_watcher)
+        stopped.addCallback(lambda _: self.https.stopService() if self.https.running else None)
+        stopped.addCallback(self._stop_balancing)
         stopped.addErrback(lambda failure: self._log.failure("while stopping", failure))
         return stopped
 

@@ -5,6 +5,22 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol, Sequence
 
 from labelgw.model import ContainerSpec
+from labelgw.versions import VersionSplit, versioned
+
+
+# Active health-check states of a backend whose container has a `health.path` label (None: no check).
+HEALTH_UNKNOWN = "unknown"  # no check has succeeded yet: no traffic
+HEALTH_HEALTHY = "healthy"
+HEALTH_UNHEALTHY = "unhealthy"
+
+
+def spec_weight(spec: ContainerSpec) -> float:
+    """The `weight` label (validated by labels.py), 1 when absent."""
+    text = spec.option("weight")
+    try:
+        return float(text) if text else 1.0
+    except ValueError:
+        return 1.0
 
 
 class Backend:
@@ -12,18 +28,33 @@ class Backend:
 
     Mutable on purpose: the proxy counts in-flight requests here, the policy keeps its estimate in `stats`,
     and the upstream pool keeps idle connections in `idle`.
+
+    `ready` is the one flag the proxy reads. It is derived by `recompute()` from three sources, each owned by
+    one component: the container's own state (`spec.ready`, from Docker), the active health check
+    (`health_state`, from labelgw.health) and passive outlier ejection (`ejected_until`, from labelgw.outlier).
     """
 
-    __slots__ = ("key", "address", "port", "version", "weight", "spec", "ready", "in_flight", "stats", "idle", "requests", "errors")
+    __slots__ = (
+        "key", "address", "port", "version", "weight", "spec", "ready", "in_flight", "stats", "idle", "requests",
+        "errors", "health_state", "ejected_until", "ejections", "consecutive_failures",
+    )
 
-    def __init__(self, spec: ContainerSpec, weight: float = 1.0) -> None:
+    def __init__(self, spec: ContainerSpec, weight: float | None = None) -> None:
         self.key = spec.container_id
         self.address = spec.address
         self.port = spec.port
         self.version = spec.version
-        self.weight = weight
+        self.weight = spec_weight(spec) if weight is None else weight
         self.spec = spec
-        self.ready = spec.ready
+        # A backend with a health path gets traffic only after its first successful check.
+        self.health_state: str | None = HEALTH_UNKNOWN if spec.option("health.path") else None
+        # Clock time at which an ejection ends; None when not ejected.
+        self.ejected_until: float | None = None
+        self.ejections = 0
+        # Consecutive failed requests (gateway errors), for outlier ejection.
+        self.consecutive_failures = 0
+        self.ready = False
+        self.recompute()
         self.in_flight = 0
         self.requests = 0
         self.errors = 0
@@ -31,6 +62,19 @@ class Backend:
         self.stats: Any = None
         # Owned by the upstream connection pool: idle keep-alive connections to this backend.
         self.idle: list[Any] = []
+
+    def recompute(self) -> bool:
+        """Derive `ready` from the container, the health check and ejection; True when it changed.
+
+        The caller (the registry) then rebuilds its pool's ready set with `ServicePool.refresh()`."""
+        ready = (
+            self.spec.ready
+            and (self.health_state is None or self.health_state == HEALTH_HEALTHY)
+            and self.ejected_until is None
+        )
+        changed = ready != self.ready
+        self.ready = ready
+        return changed
 
     def __repr__(self) -> str:
         return f"<Backend {self.spec.name} {self.address}:{self.port} ready={self.ready} in_flight={self.in_flight}>"
@@ -45,9 +89,16 @@ class Policy(Protocol):
 
     def on_finish(self, backend: Backend, elapsed: float, failed: bool) -> None: ...
 
+    def on_ready(self, backend: Backend) -> None:
+        """The backend (re)entered the ready set after having been out (Docker healthy again, health check
+        passing again, ejection over): forget what the policy knew about it (slow start)."""
+        ...
+
 
 class RoundRobin:
     """Each ready backend in turn."""
+
+    name = "round_robin"
 
     def __init__(self) -> None:
         self._next = 0
@@ -63,6 +114,9 @@ class RoundRobin:
         pass
 
     def on_finish(self, backend: Backend, elapsed: float, failed: bool) -> None:
+        pass
+
+    def on_ready(self, backend: Backend) -> None:
         pass
 
 
@@ -81,12 +135,39 @@ class ServicePool:
         self.policy = policy
         self.backends: dict[str, Backend] = {}
         self.ready: tuple[Backend, ...] = ()
+        # Set when the ready backends hold more than one version (labelgw.versions).
+        self.split: VersionSplit | None = None
 
     def refresh(self) -> None:
         self.ready = tuple(b for b in self.backends.values() if b.ready)
+        self.split = VersionSplit(self.ready) if versioned(self.ready) else None
 
-    def pick(self, exclude: Backend | None = None) -> Backend | None:
+    def recompute(self, backend: Backend) -> bool:
+        """Re-derive one backend's `ready` after one of its sources changed; True when it changed.
+
+        Rebuilds the ready set, and tells the policy when the backend re-entered rotation, so that it starts
+        afresh (slow start) instead of being judged on what it did before it went out."""
+        if not backend.recompute():
+            return False
+        self.refresh()
+        if backend.ready:
+            self.policy.on_ready(backend)
+        return True
+
+    def ejected_count(self) -> int:
+        return sum(1 for backend in self.backends.values() if backend.ejected_until is not None)
+
+    def pick(self, exclude: Backend | None = None, version: str | None = None, pinned: bool = False) -> Backend | None:
         ready = self.ready
+        split = self.split
+        if version is not None and split is not None:
+            # Stay within the version (a retry keeps a sticky client's version) while it has another backend;
+            # a request pinned to a version never leaves it.
+            subset = split.subsets.get(version, ())
+            if pinned or len(subset) > (0 if exclude is None else 1):
+                ready = subset
+                if exclude is not None and not any(b is not exclude for b in ready):
+                    return None
         if exclude is not None and len(ready) > 1:
             ready = tuple(b for b in ready if b is not exclude)
         return self.policy.pick(ready)

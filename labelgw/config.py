@@ -12,6 +12,8 @@ from labelgw.model import ContainerSpec
 from labelgw.registry import STATIC_PREFIX
 
 DEFAULT_HTTP = ("tcp:8080",)
+DEFAULT_HTTPS = ("tcp:8443",)
+DEFAULT_ADMIN = "tcp:8081:interface=127.0.0.1"
 DEFAULT_LABEL_PREFIX = "labelgw"
 _PREFIX_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -57,6 +59,17 @@ class Settings:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     resync_interval: float = 60.0
     drain_grace: float = 10.0
+    # HTTPS (labelgw.https): no listener at all when `https` is empty (--https none).
+    https: tuple[str, ...] = DEFAULT_HTTPS
+    state_dir: str | None = None  # None: labelgw.tls.default_state_dir()
+    cert_dir: str | None = None
+    tls_strict: bool = False
+    redirect_https: bool = False
+    # Load balancing (labelgw.balancer, labelgw.outlier) and the admin view (labelgw.admin; None: --admin none).
+    balancer: str = "wrt"
+    balancer_decay: float = 10.0
+    ejection_base: float = 30.0
+    admin: str | None = DEFAULT_ADMIN
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -80,6 +93,10 @@ def load_file(path: str) -> dict[str, Any]:
 
 
 _FILE_KEYS = {"http", "docker_host", "label_prefix", "env", "docker", "services", "resync_interval", "drain_grace", *_TIMEOUTS}
+_HTTPS_KEYS = {"https", "state_dir", "cert_dir", "tls_strict", "redirect_https"}
+_FILE_KEYS |= _HTTPS_KEYS
+_BALANCING_KEYS = {"balancer", "balancer_decay", "ejection_base", "admin"}
+_FILE_KEYS |= _BALANCING_KEYS
 
 
 def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Settings:
@@ -143,6 +160,8 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
         proxy=proxy,
         resync_interval=_positive_number("resync_interval", file.get("resync_interval", 60.0)),
         drain_grace=_positive_number("drain_grace", file.get("drain_grace", 10.0)),
+        **_https_settings(pick),
+        **_balancing_settings(pick),
     )
 
 
@@ -191,3 +210,87 @@ def _static_service(name: Any, spec: Any) -> StaticService:
             raise ConfigError(f"{where}.backends: {item!r} is not 'address:port'")
         backends.append((address.strip("[]"), int(port)))
     return StaticService(name.lower(), tuple(h.lower().rstrip(".") for h in hosts), path, strip, tuple(backends))
+
+
+def _https_settings(pick: Any) -> dict[str, Any]:
+    """The HTTPS settings, named as on the command line in errors (the file's keys are the same with '_')."""
+    https = _https_endpoints(pick("https"))
+    redirect = _flag("--redirect-https", pick("redirect_https"))
+    if redirect and not https:
+        raise ConfigError("--redirect-https: needs an HTTPS listener, but --https is none")
+    return {
+        "https": https,
+        "state_dir": _directory("--state-dir", pick("state_dir"), must_exist=False),
+        "cert_dir": _directory("--cert-dir", pick("cert_dir"), must_exist=True),
+        "tls_strict": _flag("--tls-strict", pick("tls_strict")),
+        "redirect_https": redirect,
+    }
+
+
+def _https_endpoints(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return DEFAULT_HTTPS
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):
+        raise ConfigError("--https: must be Twisted endpoint strings such as 'tcp:8443', or 'none'")
+    if any(item.strip().lower() == "none" for item in value):
+        if len(value) > 1:
+            raise ConfigError("--https none: cannot be combined with other HTTPS endpoints")
+        return ()
+    for item in value:
+        if item.split(":", 1)[0].lower() in ("ssl", "tls"):
+            raise ConfigError(f"--https {item!r}: give a plain endpoint such as 'tcp:8443'; labelgw adds TLS itself")
+    return tuple(value)
+
+
+def _directory(option: str, value: Any, must_exist: bool) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{option}: must be a directory path")
+    path = os.path.abspath(os.path.expanduser(value))
+    if must_exist and not os.path.isdir(path):
+        raise ConfigError(f"{option} {value!r}: not a directory")
+    if not must_exist and os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{option} {value!r}: exists and is not a directory")
+    return path
+
+
+def _flag(option: str, value: Any) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"{option}: must be true or false")
+    return value
+
+
+def _balancing_settings(pick: Any) -> dict[str, Any]:
+    """--balancer and --admin, and two file-only knobs: `balancer_decay` (the wrt latency estimate's time
+    constant, seconds) and `ejection_base` (outlier ejection lasts this x the ejection count, at most 300 s)."""
+    from labelgw.balancer import DEFAULT_POLICY, POLICY_NAMES
+
+    balancer = pick("balancer") or DEFAULT_POLICY
+    if balancer not in POLICY_NAMES:
+        raise ConfigError(f"--balancer: {balancer!r} is not a balancer; use one of: {', '.join(POLICY_NAMES)}")
+    admin = pick("admin")
+    if admin is None:
+        admin = DEFAULT_ADMIN
+    elif admin is False or (isinstance(admin, str) and admin.strip().lower() == "none"):
+        admin = None
+    elif not isinstance(admin, str) or not admin.strip():
+        raise ConfigError("--admin: must be a Twisted endpoint string such as 'tcp:8081:interface=127.0.0.1', or 'none'")
+
+    def number(name: str, default: float) -> float:
+        value = pick(name)
+        return _positive_number(name, default if value is None else value)
+
+    ejection_base = number("ejection_base", 30.0)
+    if ejection_base > 300:
+        raise ConfigError(f"ejection_base: {ejection_base:g} must be at most 300 seconds (the ejection cap)")
+    return {
+        "balancer": balancer,
+        "balancer_decay": number("balancer_decay", 10.0),
+        "ejection_base": ejection_base,
+        "admin": admin,
+    }

@@ -1,14 +1,22 @@
 """Container specs in, services, backends and routes out. Pure and incremental: a change touches only its own
-container's service and hosts. Called on the reactor thread only."""
+container's service and hosts. Called on the reactor thread only.
+
+A service's selection policy is built from its first container's spec (its `balancer` label, else the global
+default); replicas that ask for another balancer later are logged and otherwise ignored: one service, one policy.
+
+Components that keep per-backend state of their own (the active health checker, outlier ejection) register as
+`BackendListener`s, and report a change of a backend's health or ejection through `backend_state_changed`,
+which re-derives `backend.ready` the same way a Docker state change does.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping, Protocol
 
 from twisted.logger import Logger
 
-from labelgw.backends import Backend, Policy, RoundRobin, ServicePool
+from labelgw.backends import Backend, Policy, RoundRobin, ServicePool, spec_weight
 from labelgw.model import ContainerSpec, Rejection
 from labelgw.routes import Route, RouteTable
 
@@ -19,8 +27,31 @@ PolicyFactory = Callable[[ContainerSpec], Policy]
 STATIC_PREFIX = "static:"
 
 
+class BackendListener(Protocol):
+    """Told about services and backends as they come and go (on the reactor thread, after the change)."""
+
+    def service_added(self, pool: ServicePool) -> None: ...
+
+    def backend_added(self, pool: ServicePool, backend: Backend) -> None: ...
+
+    def backend_updated(self, pool: ServicePool, backend: Backend) -> None:
+        """Same backend (same address and port), new spec: e.g. the container stopped, restarted or turned
+        unhealthy in Docker."""
+        ...
+
+    def backend_removed(self, pool: ServicePool, backend: Backend) -> None: ...
+
+
 def _default_policy(spec: ContainerSpec) -> Policy:
     return RoundRobin()
+
+
+def _readiness(backend: Backend) -> str:
+    if backend.ready:
+        return "ready"
+    if backend.spec.ready and backend.health_state == "unknown":
+        return "not ready until its first health check passes"
+    return "not ready"
 
 
 def _routing_key(spec: ContainerSpec) -> tuple[object, ...]:
@@ -44,6 +75,7 @@ class Registry:
         self,
         policy_factory: PolicyFactory = _default_policy,
         on_backend_retired: Callable[[Backend], None] | None = None,
+        listeners: Iterable[BackendListener] = (),
     ) -> None:
         self.table = RouteTable()
         self.containers: dict[str, ContainerSpec] = {}
@@ -54,6 +86,10 @@ class Registry:
         self._host_routes: dict[str, dict[str, Route]] = {}
         # Told when a backend leaves rotation for good, so its idle upstream connections can be closed.
         self._on_backend_retired = on_backend_retired or (lambda backend: None)
+        self._listeners: list[BackendListener] = list(listeners)
+
+    def add_listener(self, listener: BackendListener) -> None:
+        self._listeners.append(listener)
 
     # The RouteSink interface the Docker watcher drives.
 
@@ -86,7 +122,19 @@ class Registry:
         for container_id, outcome in outcomes.items():
             self.apply(container_id, outcome)
 
+    # Health and ejection changes, from the components that own them.
+
+    def backend_state_changed(self, pool: ServicePool, backend: Backend) -> None:
+        """A backend's health state or ejection changed: re-derive its readiness and act on the change."""
+        if pool.backends.get(backend.key) is not backend:
+            return  # removed (or replaced) meanwhile: nothing to do
+        self._readiness_changed(pool, backend, was_ready=backend.ready)
+
     # Lookups for the proxy and for status views.
+
+    def routes(self) -> list[Route]:
+        """Every route, sorted by host and path (for status views)."""
+        return sorted((claim.route for claim in self._claims.values()), key=lambda route: (route.host, route.path_prefix))
 
     def ready_count(self, service: str) -> int:
         pool = self.services.get(service)
@@ -139,33 +187,69 @@ class Registry:
         pool = self.services[spec.service]
         backend = pool.backends[spec.container_id]
         if (backend.address, backend.port) != (spec.address, spec.port):
-            self._on_backend_retired(backend)
+            old = backend
+            self._on_backend_retired(old)
             backend = pool.backends[spec.container_id] = Backend(spec)
+            pool.refresh()
+            self._notify("backend_removed", pool, old)
+            self._notify("backend_added", pool, backend)
+            if old.ready != backend.ready:
+                self._log_readiness(pool, backend)
+            return
         was_ready = backend.ready
         backend.spec = spec
         backend.version = spec.version
-        backend.ready = spec.ready
-        pool.refresh()
+        backend.weight = spec_weight(spec)
+        self._readiness_changed(pool, backend, was_ready)
+        self._notify("backend_updated", pool, backend)
+
+    def _readiness_changed(self, pool: ServicePool, backend: Backend, was_ready: bool) -> None:
+        pool.recompute(backend)  # calls the policy's on_ready when the backend re-enters rotation
         if was_ready and not backend.ready:
             self._on_backend_retired(backend)
         if was_ready != backend.ready:
-            self._log.info(
-                "backend {name} of service {service} {state} ({ready} ready)",
-                name=spec.name, service=spec.service, state="in rotation" if backend.ready else "out of rotation",
-                ready=len(pool.ready),
-            )
+            self._log_readiness(pool, backend)
+
+    def _log_readiness(self, pool: ServicePool, backend: Backend) -> None:
+        reasons = []
+        if not backend.spec.ready:
+            reasons.append("container not ready")
+        if backend.health_state not in (None, "healthy"):
+            reasons.append(f"health check {backend.health_state}")
+        if backend.ejected_until is not None:
+            reasons.append("ejected")
+        self._log.info(
+            "backend {name} of service {service} {state}{why} ({ready} ready)",
+            name=backend.spec.name, service=pool.name, state="in rotation" if backend.ready else "out of rotation",
+            why=f": {', '.join(reasons)}" if reasons else "", ready=len(pool.ready),
+        )
+
+    def _notify(self, event: str, *args: object) -> None:
+        for listener in self._listeners:
+            getattr(listener, event)(*args)
 
     def _attach(self, spec: ContainerSpec) -> None:
         pool = self.services.get(spec.service)
         if pool is None:
             pool = self.services[spec.service] = ServicePool(spec.service, self._policy_factory(spec))
-        pool.backends[spec.container_id] = Backend(spec)
+            self._notify("service_added", pool)
+        else:
+            wanted = spec.option("balancer")
+            chosen = getattr(pool.policy, "name", None)
+            if wanted is not None and chosen is not None and wanted != chosen:
+                self._log.warn(
+                    "container {name} asks for balancer {wanted} but service {service} uses {chosen} "
+                    "(its first container's choice)",
+                    name=spec.name, wanted=wanted, service=spec.service, chosen=chosen,
+                )
+        backend = pool.backends[spec.container_id] = Backend(spec)
         pool.refresh()
+        self._notify("backend_added", pool, backend)
         for host in spec.hosts:
             key = (host, spec.path_prefix)
             claim = self._claims.get(key)
             if claim is None:
-                route = Route(host, spec.path_prefix, pool, spec.strip_prefix, spec.scheme)
+                route = Route(host, spec.path_prefix, pool, spec.strip_prefix, spec.scheme, spec.option("tls"))
                 claim = self._claims[key] = _Claim(route)
                 self._host_routes.setdefault(host, {})[spec.path_prefix] = route
                 self.table.replace_host(host, self._host_routes[host])
@@ -174,7 +258,7 @@ class Registry:
         self._log.info(
             "container {name} joined service {service} at {address}:{port} ({state}; {ready} ready)",
             name=spec.name, service=spec.service, address=spec.address, port=spec.port,
-            state="ready" if spec.ready else "not ready", ready=len(pool.ready),
+            state=_readiness(backend), ready=len(pool.ready),
         )
 
     def _detach(self, spec: ContainerSpec) -> None:
@@ -184,6 +268,7 @@ class Registry:
             pool.refresh()
             if backend is not None:
                 self._on_backend_retired(backend)
+                self._notify("backend_removed", pool, backend)
             if not pool.backends:
                 del self.services[spec.service]
         for host in spec.hosts:

@@ -10,14 +10,19 @@ from labelgw.backends import ServicePool
 class Route:
     """Where requests for one (host, path prefix) go. The service pool is shared and changes in place."""
 
-    __slots__ = ("host", "path_prefix", "service", "strip_prefix", "scheme")
+    __slots__ = ("host", "path_prefix", "service", "strip_prefix", "scheme", "tls")
 
-    def __init__(self, host: str, path_prefix: str, service: ServicePool, strip_prefix: bool = False, scheme: str = "http") -> None:
+    def __init__(
+        self, host: str, path_prefix: str, service: ServicePool, strip_prefix: bool = False, scheme: str = "http",
+        tls: str | None = None,
+    ) -> None:
         self.host = host
         self.path_prefix = path_prefix
         self.service = service
         self.strip_prefix = strip_prefix
         self.scheme = scheme
+        # The <prefix>.tls label: "redirect" answers plain HTTP with a 308 to HTTPS, "off" never does.
+        self.tls = tls
 
     def upstream_path(self, target: bytes) -> bytes:
         """The request target to send upstream: the prefix removed when the route strips it."""

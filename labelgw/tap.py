@@ -22,16 +22,32 @@ class Options(usage.Options):
         ["config", "c", None, "YAML file with the same settings plus static services"],
         ["connect-timeout", None, None, "Seconds to connect to a backend before answering 502 [default: 5]"],
         ["response-timeout", None, None, "Seconds to wait for a backend's response before answering 504 [default: 60]"],
+        ["state-dir", None, None, "Directory of the local CA and cached certificates [default: $XDG_DATA_HOME/labelgw, "
+         "else ~/.local/share/labelgw]"],
+        ["cert-dir", None, None, "Directory of your own PEM certificates, picked up while running (default.pem: the "
+         "default certificate)"],
+        ["balancer", None, None, "Default balancer of services without a <prefix>.balancer label: wrt, least_conn or "
+         "round_robin [default: wrt]"],
+        ["admin", None, None, "Endpoint of the admin JSON view, or none [default: tcp:8081:interface=127.0.0.1]"],
+    ]
+    optFlags = [
+        ["tls-strict", None, "Refuse TLS handshakes for unknown names instead of serving the default certificate"],
+        ["redirect-https", None, "Answer every plain-HTTP request with a 308 redirect to HTTPS"],
     ]
 
     def __init__(self) -> None:
         usage.Options.__init__(self)
         self["http"] = []
+        self["https"] = []
 
     def opt_http(self, endpoint: str) -> None:
         """Listen for HTTP on a Twisted endpoint, e.g. tcp:8080 or tcp:8080:interface=127.0.0.1 (repeatable)
         [default: tcp:8080]"""
         self["http"].append(endpoint)
+
+    def opt_https(self, endpoint: str) -> None:
+        """Listen for HTTPS on a Twisted endpoint such as tcp:8443 (repeatable; none: no HTTPS) [default: tcp:8443]"""
+        self["https"].append(endpoint)
 
     def opt_version(self) -> None:
         from labelgw import __version__
@@ -55,20 +71,31 @@ def settings_from_options(options: Any) -> config.Settings:
         "env": options["env"],
         "connect_timeout": options["connect-timeout"],
         "response_timeout": options["response-timeout"],
+        "https": list(options["https"]),
+        "state_dir": options["state-dir"],
+        "cert_dir": options["cert-dir"],
+        # Flags are 0/1; an absent one is None, not False, so that the file's value applies.
+        "tls_strict": True if options["tls-strict"] else None,
+        "redirect_https": True if options["redirect-https"] else None,
+        "balancer": options["balancer"],
+        "admin": options["admin"],
     }
     settings = config.build(cli, file)
     _check_endpoints(settings.http)
+    _check_endpoints(settings.https, "--https")
+    if settings.admin is not None:
+        _check_endpoints((settings.admin,), "--admin")
     return settings
 
 
-def _check_endpoints(descriptions: tuple[str, ...]) -> None:
+def _check_endpoints(descriptions: tuple[str, ...], option: str = "--http") -> None:
     from twisted.internet.endpoints import _parseServer  # parsing only: nothing listens yet
 
     for description in descriptions:
         try:
             _parseServer(description, None)
         except Exception as error:  # the parser raises several kinds of errors; all mean the same to a user
-            raise config.ConfigError(f"--http {description!r}: not a valid endpoint ({error})") from None
+            raise config.ConfigError(f"{option} {description!r}: not a valid endpoint ({error})") from None
 
 
 def makeService(options: Options) -> Any:

@@ -459,3 +459,131 @@ def test_scale_resync_after_a_missed_removal(loaded: Recorder, loaded_specs: lis
     assert loaded.replaced == []
     assert "c300-0" not in loaded.registry.containers
     assert loaded.registry.ready_count("svc300") == REPLICAS - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Balancing: policy per service, weights, listeners, readiness from health checks and ejection
+
+
+class ListenerLog:
+    """A BackendListener that records what it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def service_added(self, pool: ServicePool) -> None:
+        self.events.append(("service", pool.name))
+
+    def backend_added(self, pool: ServicePool, backend: Backend) -> None:
+        self.events.append(("added", f"{backend.key}:{backend.port}"))
+
+    def backend_updated(self, pool: ServicePool, backend: Backend) -> None:
+        self.events.append(("updated", f"{backend.key}:{backend.port}"))
+
+    def backend_removed(self, pool: ServicePool, backend: Backend) -> None:
+        self.events.append(("removed", f"{backend.key}:{backend.port}"))
+
+
+class ReadyLog(RoundRobin):
+    def __init__(self) -> None:
+        super().__init__()
+        self.readied: list[str] = []
+
+    def on_ready(self, backend: Backend) -> None:
+        self.readied.append(backend.key)
+
+
+def with_options(container_id: str, port: int = 8000, service: str = "api", **options: str) -> ContainerSpec:
+    return spec(container_id, service=service, port=port, options=tuple(sorted(options.items())))
+
+
+def test_listeners_hear_about_services_and_backends() -> None:
+    log = ListenerLog()
+    registry = Registry(listeners=[log])
+    registry.apply("c1", spec("c1"))
+    registry.apply("c2", spec("c2", port=8002))
+    registry.apply("c1", spec("c1", running=False))
+    registry.apply("c2", spec("c2", port=9002))  # new address: a new backend
+    registry.remove("c1")
+    assert log.events == [
+        ("service", "api"), ("added", "c1:8000"), ("added", "c2:8002"), ("updated", "c1:8000"),
+        ("removed", "c2:8002"), ("added", "c2:9002"), ("removed", "c1:8000"),
+    ]
+
+
+def test_weight_comes_from_the_label_and_follows_updates(rec: Recorder) -> None:
+    rec.apply(with_options("c1", weight="2.5"), spec("c2", port=8002))
+    assert rec.backend("api", "c1").weight == 2.5
+    assert rec.backend("api", "c2").weight == 1.0
+    rec.apply(with_options("c1", weight="4"))
+    assert rec.backend("api", "c1").weight == 4.0
+
+
+def test_a_service_gets_the_policy_its_first_container_names() -> None:
+    from labelgw.balancer import LeastConn, WeightedResponseTime, service_policy_factory
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    registry = Registry(policy_factory=service_policy_factory("wrt", clock.seconds, tau=3.0))
+    registry.apply("a", with_options("a", service="plain"))
+    registry.apply("b", with_options("b", service="lc", balancer="least_conn"))
+    registry.apply("c", with_options("c", service="rr", balancer="round_robin"))
+    # A later replica that disagrees is logged and ignored: one policy per service.
+    registry.apply("d", with_options("d", port=8001, service="lc", balancer="wrt"))
+    policies = {name: pool.policy for name, pool in registry.services.items()}
+    assert isinstance(policies["plain"], WeightedResponseTime) and policies["plain"].tau == 3.0
+    assert isinstance(policies["lc"], LeastConn)
+    assert isinstance(policies["rr"], RoundRobin)
+    # --balancer sets the default.
+    other = Registry(policy_factory=service_policy_factory("least_conn", clock.seconds))
+    other.apply("a", with_options("a"))
+    assert isinstance(other.services["api"].policy, LeastConn)
+    with pytest.raises(ValueError):
+        service_policy_factory("fastest", clock.seconds)
+
+
+def test_on_ready_when_a_backend_reenters_rotation() -> None:
+    policy = ReadyLog()
+    registry = Registry(policy_factory=lambda first: policy)
+    registry.apply("c1", spec("c1"))
+    assert policy.readied == []  # new and ready at once: nothing to forget
+    registry.apply("c1", spec("c1", health="unhealthy"))
+    registry.apply("c1", spec("c1", health="healthy"))
+    assert policy.readied == ["c1"]
+
+
+def test_readiness_is_container_and_health_check_and_not_ejected(rec: Recorder) -> None:
+    rec.apply(with_options("c1", **{"health.path": "/h"}), spec("c2", port=8002))
+    pool = rec.pool("api")
+    b = rec.backend("api", "c1")
+    assert (b.health_state, b.ready) == ("unknown", False)  # no traffic before a first successful check
+    b.health_state = "healthy"
+    rec.registry.backend_state_changed(pool, b)
+    assert rec.ready_ids("api") == ["c1", "c2"]
+    b.ejected_until = 123.0
+    rec.registry.backend_state_changed(pool, b)
+    assert rec.ready_ids("api") == ["c2"]
+    assert rec.retired == [b]
+    b.ejected_until = None
+    rec.apply(dataclasses.replace(with_options("c1", **{"health.path": "/h"}), running=False))
+    assert rec.ready_ids("api") == ["c2"]
+    rec.apply(with_options("c1", **{"health.path": "/h"}))
+    assert rec.ready_ids("api") == ["c1", "c2"]
+
+
+def test_state_change_of_a_backend_that_left_is_ignored(rec: Recorder) -> None:
+    rec.apply(spec("c1"), spec("c2", port=8002))
+    pool = rec.pool("api")
+    gone = rec.backend("api", "c1")
+    rec.registry.remove("c1")
+    gone.ejected_until = None
+    gone.health_state = "healthy"
+    rec.registry.backend_state_changed(pool, gone)
+    assert rec.ready_ids("api") == ["c2"]
+
+
+def test_routes_lists_every_route(rec: Recorder) -> None:
+    rec.apply(spec("c1", hosts=("b.localhost", "a.localhost")), spec("c2", service="web", path_prefix="/web", hosts=("a.localhost",)))
+    assert [(r.host, r.path_prefix, r.service.name) for r in rec.registry.routes()] == [
+        ("a.localhost", "/", "api"), ("a.localhost", "/web", "web"), ("b.localhost", "/", "api"),
+    ]

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from support.gateway import twistd_environment
 from test_tls_support import InlineThreads, handshake, real_time_clock
 
 from labelgw.ca_command import System, TrustStore, main
@@ -177,8 +178,8 @@ def test_unusable_ca_files_are_reported(tmp_path: Path, store: TrustStore) -> No
 
 
 def test_python_dash_m_entry_point(tmp_path: Path) -> None:
-    # The labelgw this interpreter imports (installed by scripts/test, or via PYTHONPATH), not the cwd's.
-    env = {**os.environ, "HOME": str(tmp_path)}
+    # The labelgw this interpreter imports: installed by scripts/test, else the working tree on PYTHONPATH.
+    env = twistd_environment({"HOME": str(tmp_path)})
     shown = subprocess.run(
         [sys.executable, "-m", "labelgw", "ca", "--state-dir", str(tmp_path / "s")],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False,

@@ -127,9 +127,11 @@ def test_other_groups_are_refused(
     assert not handshake(selector, "rsa.example.test", curve=curve, maximum=maximum).ok
 
 
-def test_alpn_prefers_h2(selector: SNIContextSelector) -> None:
-    result = handshake(selector, "ecdsa.localhost", alpn=["http/1.1", "h2"])
-    assert (result.client_alpn, result.server_alpn) == ("h2", b"h2")
+def test_alpn_offers_http11_only_until_the_proxy_speaks_h2(selector: SNIContextSelector) -> None:
+    # A browser offering h2 must not get it: the proxy behind the handshake parses HTTP/1.1 only.
+    result = handshake(selector, "ecdsa.localhost", alpn=["h2", "http/1.1"])
+    assert (result.client_alpn, result.server_alpn) == ("http/1.1", b"http/1.1")
+    assert not handshake(selector, "ecdsa.localhost", alpn=["h2"]).server_alpn
 
 
 def test_alpn_http11_only_client(selector: SNIContextSelector) -> None:
@@ -181,15 +183,16 @@ def test_selector_and_cert_dir_must_share_the_policy(tmp_path: Path) -> None:
 
 def test_alpn_list_is_configurable(tmp_path: Path) -> None:
     clock, threads = real_time_clock(), InlineThreads()
-    http11_only = SNIContextSelector(
+    with_h2 = SNIContextSelector(
         clock=clock,
         run_in_thread=threads,
         is_routed=lambda name: False,
         local_ca=LocalCA.load_or_create(tmp_path),
-        policy=TLSPolicy(alpn_protocols=(b"http/1.1",)),
+        policy=TLSPolicy(alpn_protocols=(b"h2", b"http/1.1")),
     )
-    result = handshake(http11_only, "api.localhost", alpn=["h2", "http/1.1"])
-    assert result.server_alpn == b"http/1.1"
+    # The server's preference wins (h2 first), whatever order the client lists them in.
+    result = handshake(with_h2, "api.localhost", alpn=["http/1.1", "h2"])
+    assert (result.client_alpn, result.server_alpn) == ("h2", b"h2")
 
 
 # --- names ---------------------------------------------------------------------------------------------

@@ -212,8 +212,8 @@ class Exchange:
             return
         if status >= 500:
             self.backend.errors += 1
-        # Gateway errors from the backend count against it (outlier ejection, latency penalty).
-        self._gateway_error = status in (502, 503, 504)
+            # A 5xx counts against the backend (outlier ejection, latency penalty), like Envoy's consecutive_5xx.
+            self._gateway_error = True
         no_body = self.head.method == b"HEAD" or status == 204 or status == 304
         if no_body:
             framing = b"Content-Length: %d\r\n" % head.content_length if head.content_length is not None else b""

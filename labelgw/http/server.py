@@ -15,6 +15,7 @@ from labelgw.http.headers import error_response
 from labelgw.http.parser import MAX_HEAD_BYTES, HttpError, RequestHead, parse_request_head
 from labelgw.http.settings import ProxySettings
 from labelgw.http.upstream import UpstreamPool
+from labelgw.versions import DEFAULT_VERSION_HEADER, choose_version
 from labelgw.routes import RouteTable, normalize_host
 
 
@@ -38,6 +39,10 @@ class Gateway:
         self.active_retries = 0
         self.draining = False
         self._drained: list[Deferred[None]] = []
+        # Lower-case name of the request field that pins a request to one version.
+        self.version_header = DEFAULT_VERSION_HEADER
+        # Set when plain HTTP is to be answered with a 308 to HTTPS (labelgw.https.HttpsRedirect).
+        self.https_redirect: Any = None
 
     def retry_budget_allows(self) -> bool:
         # Envoy's retry budget: retries in flight at most max(3, 20 % of the requests in flight).
@@ -170,7 +175,10 @@ class ClientConnection(Protocol):
                         return
                 end = buffer.find(b"\r\n\r\n")
                 if end == -1:
-                    if len(buffer) > MAX_HEAD_BYTES:
+                    if b"\n\n" in buffer or b"\n\r\n" in buffer:
+                        # A head ended with bare LF: refuse now rather than wait for a CRLFCRLF that never comes.
+                        self.send_error(400, "bare LF in request head", close=True)
+                    elif len(buffer) > MAX_HEAD_BYTES:
                         self.send_error(431, "request head too large", close=True)
                     elif not self._head_started:
                         # A head that does not arrive whole gets an absolute deadline (slow clients).
@@ -192,6 +200,7 @@ class ClientConnection(Protocol):
                 exchange = self.exchange
                 if exchange is not None and not exchange.finished and not exchange.body_done:
                     self._body_seen = self.gateway.clock.seconds()
+                    self._rearm_within(self.gateway.settings.body_timeout)
                     if self._buffer:
                         data, self._buffer = self._buffer, b""
                         try:
@@ -217,24 +226,43 @@ class ClientConnection(Protocol):
         query = target.find(b"?")
         path = (target if query == -1 else target[:query]).decode("latin-1")
         route = gateway.table.lookup(host, path)
+        # Plain HTTP answered with a 308 to HTTPS (--redirect-https, <prefix>.tls=redirect): labelgw.https.
+        redirect = gateway.https_redirect
+        if redirect is not None and self.proto == b"http":
+            location = redirect.location(host, target, route)
+            if location is not None:
+                self.send_error(308, "use HTTPS", close=head.has_body or not head.keep_alive, head_only=head.method == b"HEAD", extra=b"Location: %s\r\n" % location)
+                return
         if route is None:
             if gateway.table.knows_host(host):
                 message = f"no route for http://{host}{path}"
             else:
                 message = f"no route for host {host!r}" if host else "no Host header"
-            self.send_error(404, message, close=head.has_body or not head.keep_alive)
+            self.send_error(404, message, close=head.has_body or not head.keep_alive, head_only=head.method == b"HEAD")
             return
         if gateway.in_flight >= gateway.settings.max_in_flight:
-            self.send_error(503, "too many requests in flight", close=head.has_body or not head.keep_alive, extra=b"Retry-After: 1\r\n")
+            self.send_error(503, "too many requests in flight", close=head.has_body or not head.keep_alive, head_only=head.method == b"HEAD", extra=b"Retry-After: 1\r\n")
             return
-        backend = route.service.pick()
+        service = route.service
+        version = None
+        cookie = b""
+        pinned = False
+        if service.split is None:
+            backend = service.pick()
+        else:
+            backend, version, cookie, pinned = choose_version(service, head, gateway.version_header)
         if backend is None:
+            what = f" of version {version!r}" if version is not None else ""
             self.send_error(
-                503, f"service {route.service.name!r} has no ready backend",
-                close=head.has_body or not head.keep_alive, extra=b"Retry-After: 1\r\n",
+                503, f"service {service.name!r} has no ready backend{what}",
+                close=head.has_body or not head.keep_alive, head_only=head.method == b"HEAD", extra=b"Retry-After: 1\r\n",
             )
             return
         exchange = self.exchange = Exchange(self, head, route, backend)
+        if version is not None:
+            exchange.version = version
+            exchange.pinned = pinned
+            exchange.response_extra = cookie
         exchange.start()
 
     def _refuse_body(self, exchange: Exchange, error: HttpError) -> None:
@@ -245,9 +273,9 @@ class ClientConnection(Protocol):
 
     # Writing and pausing.
 
-    def send_error(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
+    def send_error(self, status: int, message: str, close: bool, extra: bytes = b"", head_only: bool = False) -> None:
         close = close or self.draining
-        self.transport.write(error_response(status, message, close, extra))
+        self.transport.write(error_response(status, message, close, extra, head_only))
         if close:
             self._close()
         else:
@@ -297,6 +325,15 @@ class ClientConnection(Protocol):
             exchange.client_tunnel_data(data)
 
     # Timers: one per connection, checked lazily; the common request does no timer work at all.
+
+    def _rearm_within(self, delay: float) -> None:
+        """Make sure the timer fires within `delay` (it re-arms itself lazily after that)."""
+        timer = self._timer
+        if timer is not None and timer.active():
+            if timer.getTime() > self.gateway.clock.seconds() + delay:
+                timer.reset(delay)
+        elif not self._closing:
+            self._timer = self.gateway.clock.callLater(delay, self._check_timers)
 
     def _rearm(self, delay: float) -> None:
         timer = self._timer

@@ -33,7 +33,9 @@ TLS12_CIPHERS = ":".join(
 )
 TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 GROUPS = "X25519:P-256:P-384"
-ALPN_PROTOCOLS: tuple[bytes, ...] = (b"h2", b"http/1.1")
+# What the proxy speaks after the handshake. Offering h2 before the proxy serves HTTP/2 would make browsers send
+# HTTP/2 frames to an HTTP/1.1 parser; when it does, this becomes (b"h2", b"http/1.1").
+ALPN_PROTOCOLS: tuple[bytes, ...] = (b"http/1.1",)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,8 @@ runs with or without SNI) switches it to the chosen context. Twisted's C{Certifi
 contextForServerName=...)} does the same switch, but its first context forces server cipher preference and
 a single ECDH curve (P-256, no X25519), and OpenSSL keeps the first context's groups after the switch; so
 all contexts here come from L{build_server_context} with one policy. ALPN is per listener: the listener's
-factory decides when it provides C{IProtocolNegotiationFactory}, else the policy's list (h2, http/1.1).
+factory decides when it provides C{IProtocolNegotiationFactory}, else the policy's list (http/1.1 until the
+proxy serves HTTP/2, then h2 and http/1.1).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .containers import REPO_ROOT, labelgw_is_installed
-from .net import LOOPBACK, port_accepts
+from .net import LOOPBACK, free_port, port_accepts
 
 START_TIMEOUT = 20.0
 STOP_GRACE = 10.0
@@ -73,6 +73,42 @@ class TwistdProcess:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def option(self, name: str) -> str | None:
+        """The first value given to ``name`` (e.g. "--https") on the command line, or None."""
+        for index, arg in enumerate(self.args):
+            if arg == name and index + 1 < len(self.args):
+                return self.args[index + 1]
+            if arg.startswith(name + "="):
+                return arg[len(name) + 1 :]
+        return None
+
+    @property
+    def https_port(self) -> int | None:
+        """The port of the first ``--https tcp:PORT...`` listener (None without one)."""
+        endpoint = self.option("--https")
+        if endpoint is None or not endpoint.startswith("tcp:"):
+            return None
+        return int(endpoint.split(":")[1])
+
+    @property
+    def https_url(self) -> str:
+        assert self.https_port is not None, "this gateway has no --https tcp: listener"
+        return f"https://{self.host}:{self.https_port}"
+
+    @property
+    def admin_url(self) -> str | None:
+        """The admin JSON view of the ``--admin tcp:PORT...`` listener (None with ``--admin none``)."""
+        endpoint = self.option("--admin")
+        if endpoint is None or not endpoint.startswith("tcp:"):
+            return None
+        return f"http://{self.host}:{int(endpoint.split(':')[1])}"
+
+    @property
+    def state_dir(self) -> Path | None:
+        """``--state-dir``, resolved against the gateway's cwd: where its local CA lives (ca.pem)."""
+        value = self.option("--state-dir")
+        return None if value is None else self.cwd / value
+
     @property
     def returncode(self) -> int | None:
         return self.process.poll()
@@ -133,7 +169,18 @@ class TwistdProcess:
 
 
 def labelgw_args(port: int, docker_host: str | None, extra: Sequence[str] = ()) -> list[str]:
+    """The command line of a test gateway. Unless ``extra`` says otherwise, HTTPS listens on a free loopback
+    port (never the shared default 8443), the local CA lives in ``state`` under the gateway's cwd (never in
+    ~/.local/share), and the admin view listens on a free loopback port (``gateway.admin_url``)."""
     args = ["-n", "--pidfile=", "labelgw", "--http", f"tcp:{port}:interface={LOOPBACK}"]
     if docker_host is not None:
         args += ["--docker-host", docker_host]
+    given = {arg.split("=", 1)[0] for arg in extra}
+    if "--https" not in given:
+        args += ["--https", f"tcp:{free_port()}:interface={LOOPBACK}"]
+    if "--state-dir" not in given:
+        args += ["--state-dir", "state"]
+    if "--admin" not in given:
+        # Never the shared default 8081: several gateways run at once or one after another.
+        args += ["--admin", f"tcp:{free_port()}:interface={LOOPBACK}"]
     return [*args, *extra]

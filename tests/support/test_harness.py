@@ -207,7 +207,9 @@ STAND_IN_TAP = textwrap.dedent(
 
 
     class Options(usage.Options):
-        optParameters = [["docker-host", None, None, ""]]
+        # The options the fixture always passes (see labelgw_args), accepted and ignored.
+        optParameters = [["docker-host", None, None, ""], ["https", None, None, ""], ["state-dir", None, None, ""],
+                         ["admin", None, None, ""]]
 
         def __init__(self):
             super().__init__()

@@ -1,0 +1,164 @@
+"""The admin listener: a read-only JSON view of what labelgw routes and how its backends are doing.
+
+`GET /` or `GET /api/state` answers with every service (its balancer, versions and backends: address, weight,
+readiness and why, health-check state, ejections, in-flight, requests, errors, latency estimate and slow-start
+factor), every route (host + path -> service) and every container skipped for a bad label, with the reason.
+It is a twisted.web Site on its own listener (127.0.0.1 only by default), off the proxy's data path; building
+the view reads the registry on the reactor thread and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from labelgw import balancer
+from labelgw.backends import Backend, ServicePool
+from labelgw.listeners import ListenerService
+from labelgw.registry import Registry
+
+__all__ = ["AdminListener", "AdminResource", "admin_site", "state"]
+
+Clock = Callable[[], float]
+Describe = Callable[[Backend], "dict[str, Any] | None"]
+
+STATE_PATHS = (b"/", b"/api/state", b"/api/state/")
+
+
+def state(registry: Registry, now: float, health: Describe | None = None) -> dict[str, Any]:
+    """The JSON-ready view of `registry` at clock time `now`; `health` adds each backend's check details."""
+    return {
+        "time": now,
+        "services": {name: _service(pool, now, health) for name, pool in sorted(registry.services.items())},
+        "routes": [
+            {
+                "host": route.host,
+                "path": route.path_prefix,
+                "service": route.service.name,
+                "strip_prefix": route.strip_prefix,
+                "scheme": route.scheme,
+            }
+            for route in registry.routes()
+        ],
+        "rejections": [
+            {
+                "container": rejection.name,
+                "id": rejection.container_id,
+                "label": rejection.label,
+                "value": rejection.value,
+                "reason": rejection.reason,
+                "message": rejection.describe(),
+            }
+            for rejection in sorted(registry.rejections.values(), key=lambda r: (r.name, r.container_id))
+        ],
+    }
+
+
+def _service(pool: ServicePool, now: float, health: Describe | None) -> dict[str, Any]:
+    backends = sorted(pool.backends.values(), key=lambda b: (b.version or "", b.spec.name, b.key))
+    versions: dict[str, dict[str, Any]] = {}
+    for backend in backends:
+        key = backend.version or ""
+        entry = versions.setdefault(key, {"backends": [], "ready": 0, "traffic": None})
+        entry["backends"].append(backend.spec.name)
+        entry["ready"] += 1 if backend.ready else 0
+        traffic = backend.spec.option("traffic")
+        if traffic is not None and entry["traffic"] is None:
+            entry["traffic"] = traffic
+    # The share of new clients each version gets now (labelgw.versions); one ready version gets them all.
+    split = getattr(pool, "split", None)
+    for key, entry in versions.items():
+        if split is not None:
+            entry["share"] = round(split.shares.get(key, 0.0), 3)
+        else:
+            entry["share"] = 100.0 if entry["ready"] else 0.0
+    return {
+        "balancer": getattr(pool.policy, "name", type(pool.policy).__name__),
+        "ready": len(pool.ready),
+        "total": len(pool.backends),
+        "ejected": pool.ejected_count(),
+        "versions": versions,
+        "backends": [_backend(backend, now, health) for backend in backends],
+    }
+
+
+def _backend(backend: Backend, now: float, health: Describe | None) -> dict[str, Any]:
+    spec = backend.spec
+    selection = balancer.describe(backend)
+    until = backend.ejected_until
+    return {
+        "container": spec.name,
+        "id": spec.container_id,
+        "address": f"{backend.address}:{backend.port}",
+        "version": backend.version,
+        "weight": backend.weight,
+        "ready": backend.ready,
+        # The three sources of `ready`.
+        "container_ready": spec.ready,
+        "docker_health": spec.health,
+        "health": backend.health_state,
+        "health_check": health(backend) if health is not None else None,
+        "ejected": until is not None,
+        "ejected_until": until,
+        "ejected_for": round(max(0.0, until - now), 3) if until is not None else None,
+        "ejections": backend.ejections,
+        "consecutive_failures": backend.consecutive_failures,
+        "in_flight": backend.in_flight,
+        "requests": backend.requests,
+        "errors": backend.errors,
+        "latency_ms": selection.get("latency_ms"),
+        "slow_start": selection.get("slow_start"),
+        "samples": selection.get("samples", 0),
+    }
+
+
+class AdminResource(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: Registry, clock: Clock, health: Describe | None = None) -> None:
+        Resource.__init__(self)
+        self._registry = registry
+        self._clock = clock
+        self._health = health
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"cache-control", b"no-store")
+        # A leaf at the site's root: the path is all in postpath.
+        path = b"/" + b"/".join(request.postpath or [])
+        if path not in STATE_PATHS:
+            request.setResponseCode(404)
+            return self._json(request, {"error": "not found", "try": "/api/state"})
+        return self._json(request, state(self._registry, self._clock(), self._health))
+
+    def render_HEAD(self, request: Request) -> bytes:
+        return self.render_GET(request)
+
+    @staticmethod
+    def _json(request: Request, body: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(body, indent=1, sort_keys=False).encode("utf-8") + b"\n"
+
+
+class AdminSite(Site):
+    """No access log: tests and dashboards poll the admin view, which would drown the gateway's own log."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def admin_site(registry: Registry, clock: Clock, health: Describe | None = None) -> Site:
+    return AdminSite(AdminResource(registry, clock, health))
+
+
+class AdminListener(ListenerService):
+    """The admin endpoint; logs `labelgw admin on http://...` instead of the proxy listeners' line."""
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._log.info("labelgw admin on {url}", url=self.url)

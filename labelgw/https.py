@@ -1,0 +1,128 @@
+"""HTTPS for the gateway: the TLS listeners and the plain-HTTP -> HTTPS redirect, built from the settings.
+
+Every ``--https`` endpoint (default ``tcp:8443``; ``--https none`` for none) serves the same proxy as ``--http``,
+one Gateway, behind TLS terminated in this process by Twisted's C{TLSMemoryBIOFactory}. Per handshake,
+L{SNIContextSelector} picks the certificate: a user certificate from ``--cert-dir``; else a leaf the local CA
+(``--state-dir``) mints for a routed name or a local one (``*.localhost``, loopback IPs); else the default
+certificate, or with ``--tls-strict`` a handshake alert. Requests reach backends with ``X-Forwarded-Proto:
+https``. ALPN offers http/1.1 only until the proxy serves HTTP/2 (L{labelgw.tls.policy.ALPN_PROTOCOLS}).
+
+Plain HTTP is answered with ``308 Permanent Redirect`` to ``https://<host>[:<port>]<path>?<query>`` (the port
+of the first HTTPS listener, left out when it is 443) for every request with ``--redirect-https``, and for
+routes labelled ``<prefix>.tls=redirect``; ``<prefix>.tls=off`` exempts a route from ``--redirect-https``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from labelgw.config import Settings
+from labelgw.http.server import Gateway, ProxyFactory
+from labelgw.listeners import ListenerService
+from labelgw.routes import Route
+from labelgw.tls import CAError, CertDirectory, LocalCA, SNIContextSelector, default_state_dir, thread_runner
+
+# Hosts put in a Location header as they are: names and bracketed IPv6 literals, nothing that needs escaping.
+_REDIRECTABLE_HOST = re.compile(r"(?:[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?|\[[0-9a-f:.]+\])\Z")
+
+
+class HttpsRedirect:
+    """Which plain-HTTP requests get a 308 to HTTPS, and where to. Consulted by the HTTP/1.1 server per request."""
+
+    __slots__ = ("everything", "_listener_port", "_port_suffix")
+
+    def __init__(self, everything: bool, listener_port: Callable[[], int | None]) -> None:
+        self.everything = everything
+        self._listener_port = listener_port
+        self._port_suffix: bytes | None = None
+
+    def location(self, host: str, target: bytes, route: Route | None) -> bytes | None:
+        """The https URL for a plain-HTTP request, or None to serve it as usual.
+
+        C{host} is the normalised Host (lower case, no port), C{target} the origin-form target (path and query).
+        """
+        mode = route.tls if route is not None else None
+        if mode is None:
+            if not self.everything:
+                return None
+        else:
+            mode = mode.strip()
+            if mode != "redirect" and (mode == "off" or not self.everything):
+                return None
+        # "OPTIONS *" has no URL; a host that would need escaping is served as usual rather than echoed.
+        if target[:1] != b"/" or not host or _REDIRECTABLE_HOST.match(host) is None:
+            return None
+        return b"https://" + host.encode("ascii") + self._port() + target
+
+    def _port(self) -> bytes:
+        if self._port_suffix is None:
+            port = self._listener_port()
+            if port is None:
+                # Not listening yet, or on a UNIX socket behind something else: the default port.
+                return b""
+            self._port_suffix = b"" if port == 443 else b":%d" % port
+        return self._port_suffix
+
+
+class HttpsService(MultiService):
+    """The HTTPS side of one gateway: local CA, certificate directory, SNI selector, listeners and redirect.
+
+    Building it loads or creates the local CA (blocking: call it before the reactor runs, as makeService does).
+    The listeners are left to the caller to parent, so that it can stop them before draining connections;
+    the certificate directory (a child) is stopped with this service.
+    """
+
+    _log = Logger()
+
+    def __init__(self, settings: Settings, reactor: Any, gateway: Gateway) -> None:
+        MultiService.__init__(self)
+        self.listeners: list[ListenerService] = []
+        self.redirect: HttpsRedirect | None = None
+        self.ca: LocalCA | None = None
+        self.cert_dir: CertDirectory | None = None
+        self.selector: SNIContextSelector | None = None
+        if not settings.https:
+            return
+        state_dir = Path(settings.state_dir) if settings.state_dir else default_state_dir()
+        try:
+            self.ca = LocalCA.load_or_create(state_dir)
+        except (CAError, OSError) as error:
+            raise SystemExit(f"labelgw: --state-dir {state_dir}: cannot load or create the local CA: {error}") from None
+        run_in_thread = thread_runner(reactor)
+        if settings.cert_dir:
+            self.cert_dir = CertDirectory(Path(settings.cert_dir), clock=reactor, run_in_thread=run_in_thread)
+            self.cert_dir.setServiceParent(self)
+        self.selector = SNIContextSelector(
+            clock=reactor,
+            run_in_thread=run_in_thread,
+            # Routed names get a minted leaf; the check is a dict lookup, run in the handshake.
+            is_routed=gateway.table.knows_host,
+            local_ca=self.ca,
+            cert_dir=self.cert_dir,
+            strict=settings.tls_strict,
+        )
+        factory = TLSMemoryBIOFactory(self.selector, False, ProxyFactory(gateway, b"https"))
+        self.listeners = [ListenerService(reactor, description, factory, "https") for description in settings.https]
+        self.redirect = HttpsRedirect(settings.redirect_https, self._first_listener_port)
+
+    def startService(self) -> None:
+        MultiService.startService(self)
+        if self.ca is None or self.selector is None:
+            return
+        self._log.info(
+            "local CA {path}; to trust it: python -m labelgw ca --install --state-dir {state_dir}",
+            path=str(self.ca.cert_path),
+            state_dir=str(self.ca.state_dir),
+        )
+        # Leaves cached on disk by an earlier run, read in a thread (the call never fails).
+        self.selector.load_cached_leaves()
+
+    def _first_listener_port(self) -> int | None:
+        port = self.listeners[0].port if self.listeners else None
+        return getattr(port.getHost(), "port", None) if port is not None else None

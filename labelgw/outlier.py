@@ -1,0 +1,153 @@
+"""Passive health (outlier ejection): a backend that fails several requests in a row leaves rotation for a while.
+
+The rule, after Envoy's outlier detection: `consecutive` (5) failed requests in a row -- connect failures,
+resets, timeouts and 5xx answers, as the exchange reports them through `Policy.on_finish(failed=True)`
+-- eject the backend for `base` (30 s) x its ejection count, at most `cap` (300 s). At most half of a service's
+backends are ejected at once, and never its last ready one: a service whose backends all fail keeps trying
+them rather than answering 503 for minutes. When the time is up the backend is re-admitted; the policy's
+`on_ready` puts it through slow start.
+
+It hooks into the request path by wrapping each service's policy (`EjectingPolicy`), so the exchange needs no
+change, and it learns about services and backends as a `labelgw.registry.BackendListener`. Readiness changes
+go back through the registry (`changed`), which re-derives `backend.ready`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+from labelgw.backends import Backend, Policy, ServicePool
+
+__all__ = ["EjectingPolicy", "OutlierDetector"]
+
+Changed = Callable[[ServicePool, Backend], None]
+
+
+class EjectingPolicy:
+    """A service's policy with outlier ejection added: `on_finish` also reports the outcome to the detector.
+
+    `pick` and `on_start` are the inner policy's own bound methods: nothing added to the per-request cost of
+    selection."""
+
+    def __init__(self, inner: Policy, pool: ServicePool, detector: OutlierDetector) -> None:
+        self.inner = inner
+        self.name = getattr(inner, "name", type(inner).__name__)
+        self.pick: Callable[[Sequence[Backend]], Backend | None] = inner.pick
+        self.on_start: Callable[[Backend], None] = inner.on_start
+        self._inner_finish = inner.on_finish
+        self._pool = pool
+        self._detector = detector
+
+    def on_finish(self, backend: Backend, elapsed: float, failed: bool) -> None:
+        self._inner_finish(backend, elapsed, failed)
+        self._detector.observe(self._pool, backend, failed)
+
+    def on_ready(self, backend: Backend) -> None:
+        self.inner.on_ready(backend)
+
+    def describe(self, backend: Backend) -> dict[str, Any]:
+        describe = getattr(self.inner, "describe", None)
+        return describe(backend) if describe is not None else {}
+
+
+class OutlierDetector(Service):
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: Any,
+        changed: Changed,
+        *,
+        consecutive: int = 5,
+        base: float = 30.0,
+        cap: float = 300.0,
+        max_fraction: float = 0.5,
+    ) -> None:
+        if consecutive < 1:
+            raise ValueError("consecutive must be at least 1")
+        if not 0 < base <= cap:
+            raise ValueError("ejection base must be positive and at most the cap")
+        self._clock = clock
+        self._changed = changed
+        self.consecutive = consecutive
+        self.base = base
+        self.cap = cap
+        self.max_fraction = max_fraction
+        # Backend -> the IDelayedCall that re-admits it (from clock.callLater).
+        self._timers: dict[Backend, Any] = {}
+
+    # -- BackendListener ------------------------------------------------------------------------------
+
+    def service_added(self, pool: ServicePool) -> None:
+        pool.policy = EjectingPolicy(pool.policy, pool, self)
+
+    def backend_added(self, pool: ServicePool, backend: Backend) -> None:
+        pass
+
+    def backend_updated(self, pool: ServicePool, backend: Backend) -> None:
+        pass
+
+    def backend_removed(self, pool: ServicePool, backend: Backend) -> None:
+        timer = self._timers.pop(backend, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    # -- the rule -------------------------------------------------------------------------------------
+
+    def observe(self, pool: ServicePool, backend: Backend, failed: bool) -> None:
+        """The outcome of one request to `backend` (called for every finished request: keep it cheap)."""
+        if not failed:
+            backend.consecutive_failures = 0
+            return
+        if backend.ejected_until is not None:
+            return  # a request still in flight when it was ejected: already counted against it
+        backend.consecutive_failures += 1
+        if backend.consecutive_failures >= self.consecutive:
+            self._try_eject(pool, backend)
+
+    def _try_eject(self, pool: ServicePool, backend: Backend) -> None:
+        if pool.backends.get(backend.key) is not backend:
+            return  # its container left meanwhile
+        allowed = int(len(pool.backends) * self.max_fraction)
+        ejected = pool.ejected_count()
+        last_ready = backend.ready and len(pool.ready) <= 1
+        if ejected >= allowed or last_ready:
+            if backend.consecutive_failures == self.consecutive:  # say it once per run of failures
+                self._log.warn(
+                    "backend {name} of service {service} failed {count} requests in a row but stays in rotation "
+                    "({ejected} of {total} backends ejected already, {ready} ready)",
+                    name=backend.spec.name, service=pool.name, count=backend.consecutive_failures,
+                    ejected=ejected, total=len(pool.backends), ready=len(pool.ready),
+                )
+            return
+        backend.ejections += 1
+        duration = min(self.base * backend.ejections, self.cap)
+        backend.ejected_until = self._clock.seconds() + duration
+        self._timers[backend] = self._clock.callLater(duration, self._readmit, pool, backend)
+        self._log.warn(
+            "backend {name} of service {service} ejected for {duration:g} s after {count} failed requests in a row "
+            "(ejection {ejections})",
+            name=backend.spec.name, service=pool.name, duration=duration, count=backend.consecutive_failures,
+            ejections=backend.ejections,
+        )
+        self._changed(pool, backend)
+
+    def _readmit(self, pool: ServicePool, backend: Backend) -> None:
+        self._timers.pop(backend, None)
+        backend.ejected_until = None
+        backend.consecutive_failures = 0
+        self._log.info(
+            "backend {name} of service {service} re-admitted after its ejection", name=backend.spec.name, service=pool.name
+        )
+        # The registry re-derives readiness; if the backend is back in rotation the policy's on_ready slow-starts it.
+        self._changed(pool, backend)
+
+    def stopService(self) -> Any:
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        return Service.stopService(self)

@@ -5,7 +5,7 @@ one Gateway, behind TLS terminated in this process by Twisted's C{TLSMemoryBIOFa
 L{SNIContextSelector} picks the certificate: a user certificate from ``--cert-dir``; else a leaf the local CA
 (``--state-dir``) mints for a routed name or a local one (``*.localhost``, loopback IPs); else the default
 certificate, or with ``--tls-strict`` a handshake alert. Requests reach backends with ``X-Forwarded-Proto:
-https``. ALPN offers http/1.1 only until the proxy serves HTTP/2 (L{labelgw.tls.policy.ALPN_PROTOCOLS}).
+https``. ALPN offers what the protocol factory speaks: h2 and http/1.1 (L{labelgw.http.h2.negotiating_factory}).
 
 Plain HTTP is answered with ``308 Permanent Redirect`` to ``https://<host>[:<port>]<path>?<query>`` (the port
 of the first HTTPS listener, left out when it is 443) for every request with ``--redirect-https``, and for
@@ -23,7 +23,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from labelgw.config import Settings
-from labelgw.http.server import Gateway, ProxyFactory
+from labelgw.http.h2 import negotiating_factory
+from labelgw.http.server import Gateway
 from labelgw.listeners import ListenerService
 from labelgw.routes import Route
 from labelgw.tls import CAError, CertDirectory, LocalCA, SNIContextSelector, default_state_dir, thread_runner
@@ -107,7 +108,7 @@ class HttpsService(MultiService):
             cert_dir=self.cert_dir,
             strict=settings.tls_strict,
         )
-        factory = TLSMemoryBIOFactory(self.selector, False, ProxyFactory(gateway, b"https"))
+        factory = TLSMemoryBIOFactory(self.selector, False, negotiating_factory(gateway, b"https"))
         self.listeners = [ListenerService(reactor, description, factory, "https") for description in settings.https]
         self.redirect = HttpsRedirect(settings.redirect_https, self._first_listener_port)
 

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from labelgw import config
 from labelgw.app import LabelgwService
 from labelgw.backends import RoundRobin, ServicePool
+from labelgw.http.h2 import NegotiatingFactory
 from labelgw.http.server import ProxyFactory
 from labelgw.https import HttpsRedirect, HttpsService
 from labelgw.model import ContainerSpec
@@ -304,7 +305,9 @@ def test_https_listeners_wrap_the_proxy_in_tls_with_the_sni_selector(tmp_path: P
     assert all(listener in service.listeners for listener in https.listeners)
     factory = https.listeners[0].factory
     assert isinstance(factory, TLSMemoryBIOFactory)
-    assert isinstance(factory.wrappedFactory, ProxyFactory) and factory.wrappedFactory.proto == b"https"
+    # HTTP/2 or HTTP/1.1 as ALPN decides, both serving the same gateway.
+    assert isinstance(factory.wrappedFactory, NegotiatingFactory) and factory.wrappedFactory.proto == b"https"
+    assert factory.wrappedFactory.acceptableProtocols() == [b"h2", b"http/1.1"]
     assert factory.wrappedFactory.gateway is service.gateway
     assert isinstance(https.selector, SNIContextSelector)
     assert https.cert_dir is None

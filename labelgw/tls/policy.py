@@ -33,8 +33,8 @@ TLS12_CIPHERS = ":".join(
 )
 TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 GROUPS = "X25519:P-256:P-384"
-# What the proxy speaks after the handshake. Offering h2 before the proxy serves HTTP/2 would make browsers send
-# HTTP/2 frames to an HTTP/1.1 parser; when it does, this becomes (b"h2", b"http/1.1").
+# ALPN for a listener whose protocol factory does not say what it speaks (IProtocolNegotiationFactory). The
+# gateway's HTTPS factory does (labelgw.http.h2.negotiating_factory: h2 and http/1.1) and that list wins.
 ALPN_PROTOCOLS: tuple[bytes, ...] = (b"http/1.1",)
 
 

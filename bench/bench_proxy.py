@@ -451,7 +451,7 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
             if problem:
                 tail = server.log_tail(5)
                 skipped[name] = problem
-                print(f"skipping {name}: {problem}" + (f"\n  log: " + tail.replace("\n", "\n  ") if tail else ""))
+                print(f"skipping {name}: {problem}" + ("\n  log: " + tail.replace("\n", "\n  ") if tail else ""))
                 server.stop()
                 continue
             targets.append(Target(name, port, server))

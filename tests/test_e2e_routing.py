@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
-import struct
 import threading
 import time
 from typing import Any, Callable
@@ -14,6 +12,7 @@ import pytest
 
 from support.net import free_port, http_get
 from support.measurements import record
+from support.websocket import assert_echo
 
 pytestmark = pytest.mark.docker
 
@@ -154,7 +153,7 @@ def test_bad_label_disables_only_its_own_container(labelgw: Any, containers: Any
     whoami(containers, good, "good", port)
     broken = containers.run(labels={"labelgw.service": bad, "labelgw.port": "80a"})
     assert poll(gw, f"{good}.localhost", lambda r: r.status == 200).header("X-Whoami") == "good"
-    line = gw.wait_for_log(f"label labelgw.port='80a'")
+    line = gw.wait_for_log("label labelgw.port='80a'")
     assert broken.name in line and "not a port number" in line
     assert http_get(gw.base_url, host=f"{bad}.localhost").status == 404
 
@@ -247,12 +246,6 @@ def test_one_gib_upload_and_download_stream_with_flat_memory(labelgw: Any, conta
     assert rss_after - rss_before < 64 * 1024, (rss_before, rss_upload, rss_after)
 
 
-def _ws_frame(payload: bytes, opcode: int = 1) -> bytes:
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + mask + masked
-
-
 def test_websocket_echo_passes_through(labelgw: Any, containers: Any, unique_name: Any) -> None:
     gw = labelgw()
     service = unique_name("ws").replace("-", "")
@@ -260,23 +253,7 @@ def test_websocket_echo_passes_through(labelgw: Any, containers: Any, unique_nam
     whoami(containers, service, "ws", free_port())
     poll(gw, host, lambda r: r.status == 200)
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
-        sock.sendall(
-            f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(4096)
-        head, rest = head.split(b"\r\n\r\n", 1)
-        assert head.startswith(b"HTTP/1.1 101"), head
-        assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
-        for message in (b"hello labelgw", b"second message"):
-            sock.sendall(_ws_frame(message))
-            data = rest
-            while len(data) < 2 + len(message):
-                data += sock.recv(4096)
-            rest = data[2 + len(message):]
-            assert data[0] == 0x81 and data[1] == len(message) and data[2 : 2 + len(message)] == message
+        assert_echo(sock, host, [b"hello labelgw", b"second message"])
 
 
 def test_several_set_cookie_headers_are_kept(labelgw: Any, containers: Any, unique_name: Any) -> None:

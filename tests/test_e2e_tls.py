@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 import ssl
-import struct
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+from support.websocket import assert_echo
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -305,12 +306,6 @@ def test_tls_policy_mozilla_intermediate(labelgw: Any) -> None:
 # --- proxying over TLS -----------------------------------------------------------------------------------
 
 
-def _ws_frame(payload: bytes) -> bytes:
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return struct.pack("!BB", 0x81, 0x80 | len(payload)) + mask + masked
-
-
 def test_wss_echo_through_tls(labelgw: Any, containers: Any, unique_name: Any) -> None:
     gw = labelgw()
     service = service_name(unique_name, "wss")
@@ -320,23 +315,7 @@ def test_wss_echo_through_tls(labelgw: Any, containers: Any, unique_name: Any) -
     context = client_context(gw.state_dir / "ca.pem", alpn=["http/1.1"])
     with socket.create_connection((LOOPBACK, gw.https_port), timeout=5) as raw:
         with context.wrap_socket(raw, server_hostname=host) as sock:
-            sock.sendall(
-                f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-            )
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += sock.recv(4096)
-            head, rest = head.split(b"\r\n\r\n", 1)
-            assert head.startswith(b"HTTP/1.1 101"), head
-            assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
-            for message in (b"hello over TLS", b"x" * 100):
-                sock.sendall(_ws_frame(message))
-                data = rest
-                while len(data) < 2 + len(message):
-                    data += sock.recv(4096)
-                rest = data[2 + len(message):]
-                assert data[0] == 0x81 and data[1] == len(message) and data[2 : 2 + len(message)] == message
+            assert_echo(sock, host, [b"hello over TLS", b"x" * 100])
 
 
 def test_redirect_to_https_by_label_and_globally(labelgw: Any, containers: Any, unique_name: Any) -> None:

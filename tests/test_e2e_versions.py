@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from support.measurements import record
-from support.net import free_port, http_get
+from support.net import free_port
 from test_e2e_routing import poll
 
 pytestmark = pytest.mark.docker

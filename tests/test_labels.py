@@ -12,7 +12,6 @@ The 172.x addresses in them are data only; nothing here connects anywhere.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from functools import cache

@@ -7,7 +7,6 @@ that runs the real ``update-ca-certificates`` points every one of its paths into
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import stat
 import subprocess

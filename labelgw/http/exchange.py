@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from labelgw.backends import Backend
 from labelgw.http.fastwrite import write_now
 from labelgw.http.headers import client_response_head, error_response, upstream_request_head
-from labelgw.http.parser import LAST_CHUNK, ChunkedDecoder, HttpError, RequestHead, ResponseHead, encode_chunk
+from labelgw.http.parser import LAST_CHUNK, ChunkedDecoder, RequestHead, ResponseHead, encode_chunk
 from labelgw.http.upstream import UpstreamConnection
 from labelgw.routes import Route
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import sys
 import tarfile
 import io
 import textwrap
@@ -27,7 +26,6 @@ from support import (
     http_get,
     raw_exchange,
     shell_healthcheck,
-    wait_for_port,
 )
 from support.dockerenv import _is_leftover
 from support.images import APPLETS, busybox_rootfs_tar, find_static_busybox

@@ -41,6 +41,7 @@ class LabelgwService(MultiService):
         self.health.setServiceParent(self)
         self.outlier.setServiceParent(self)
         self.gateway = Gateway(reactor, self.registry.table, settings.proxy)
+        self.gateway.version_header = settings.version_header.lower().encode("ascii")
         self.listeners: list[ListenerService] = []
         factory = ProxyFactory(self.gateway, b"http")
         for description in settings.http:

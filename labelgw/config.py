@@ -70,6 +70,8 @@ class Settings:
     balancer_decay: float = 10.0
     ejection_base: float = 30.0
     admin: str | None = DEFAULT_ADMIN
+    # The request field that pins a request to one version (labelgw.versions).
+    version_header: str = "X-Labelgw-Version"
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -95,7 +97,7 @@ def load_file(path: str) -> dict[str, Any]:
 _FILE_KEYS = {"http", "docker_host", "label_prefix", "env", "docker", "services", "resync_interval", "drain_grace", *_TIMEOUTS}
 _HTTPS_KEYS = {"https", "state_dir", "cert_dir", "tls_strict", "redirect_https"}
 _FILE_KEYS |= _HTTPS_KEYS
-_BALANCING_KEYS = {"balancer", "balancer_decay", "ejection_base", "admin"}
+_BALANCING_KEYS = {"balancer", "balancer_decay", "ejection_base", "admin", "version_header"}
 _FILE_KEYS |= _BALANCING_KEYS
 
 
@@ -288,9 +290,13 @@ def _balancing_settings(pick: Any) -> dict[str, Any]:
     ejection_base = number("ejection_base", 30.0)
     if ejection_base > 300:
         raise ConfigError(f"ejection_base: {ejection_base:g} must be at most 300 seconds (the ejection cap)")
+    version_header = pick("version_header") or "X-Labelgw-Version"
+    if not isinstance(version_header, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", version_header):
+        raise ConfigError(f"--version-header: {version_header!r} is not a header field name")
     return {
         "balancer": balancer,
         "balancer_decay": number("balancer_decay", 10.0),
         "ejection_base": ejection_base,
         "admin": admin,
+        "version_header": version_header,
     }

@@ -29,6 +29,7 @@ class Options(usage.Options):
         ["balancer", None, None, "Default balancer of services without a <prefix>.balancer label: wrt, least_conn or "
          "round_robin [default: wrt]"],
         ["admin", None, None, "Endpoint of the admin JSON view, or none [default: tcp:8081:interface=127.0.0.1]"],
+        ["version-header", None, None, "Request header that pins a request to one version [default: X-Labelgw-Version]"],
     ]
     optFlags = [
         ["tls-strict", None, "Refuse TLS handshakes for unknown names instead of serving the default certificate"],
@@ -79,6 +80,7 @@ def settings_from_options(options: Any) -> config.Settings:
         "redirect_https": True if options["redirect-https"] else None,
         "balancer": options["balancer"],
         "admin": options["admin"],
+        "version_header": options["version-header"],
     }
     settings = config.build(cli, file)
     _check_endpoints(settings.http)

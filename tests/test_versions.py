@@ -123,3 +123,26 @@ def test_retry_stays_in_the_version_and_a_pinned_one_never_leaves_it() -> None:
 )
 def test_sticky_cookie_parsing(header: bytes | None, expected: str | None) -> None:
     assert sticky_version(header, "api") == expected
+
+
+def test_the_version_header_is_configurable() -> None:
+    from labelgw.tap import Options
+
+    options = Options()
+    options.parseOptions(["--version-header", "X-Canary", "--https", "none", "--admin", "none"])
+    assert options.settings.version_header == "X-Canary"
+    options = Options()
+    options.parseOptions(["--https", "none"])
+    assert options.settings.version_header == "X-Labelgw-Version"
+    service = pool(backend("a", "v1"), backend("b", "v2"))
+    chosen, version, _, pinned = choose_version(service, request("X-Canary: v2"), b"x-canary")
+    assert (chosen.version, pinned) == ("v2", True)  # type: ignore[union-attr]
+
+
+def test_a_bad_version_header_is_a_one_line_error() -> None:
+    from twisted.python.usage import UsageError
+
+    from labelgw.tap import Options
+
+    with pytest.raises(UsageError, match="--version-header"):
+        Options().parseOptions(["--version-header", "X Canary"])

@@ -127,8 +127,9 @@ def test_other_groups_are_refused(
     assert not handshake(selector, "rsa.example.test", curve=curve, maximum=maximum).ok
 
 
-def test_alpn_offers_http11_only_until_the_proxy_speaks_h2(selector: SNIContextSelector) -> None:
-    # A browser offering h2 must not get it: the proxy behind the handshake parses HTTP/1.1 only.
+def test_alpn_default_is_http11_for_a_factory_that_names_no_protocols(selector: SNIContextSelector) -> None:
+    # The policy's own ALPN list, used when the protocol factory does not say what it speaks: http/1.1 only.
+    # (The gateway's HTTPS factory does say so, h2 and http/1.1: tests/test_e2e_tls.py, tests/test_h2.py.)
     result = handshake(selector, "ecdsa.localhost", alpn=["h2", "http/1.1"])
     assert (result.client_alpn, result.server_alpn) == ("http/1.1", b"http/1.1")
     assert not handshake(selector, "ecdsa.localhost", alpn=["h2"]).server_alpn

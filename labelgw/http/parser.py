@@ -128,6 +128,16 @@ _RESPONSE_SPECIAL = re.compile(
     rb"proxy-authenticate|proxy-authorization|http2-settings):[ \t]*([^\r\n]*?)[ \t]*\r\n",
     re.IGNORECASE | re.MULTILINE,
 )
+# A whole well-formed head in one match, request or status line included: what nearly every message is. A head
+# it does not match takes the line-by-line path, which either accepts it too or says precisely what is wrong.
+_TOKEN_PATTERN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_FIELD_LINES = rb"((?:" + _TOKEN_PATTERN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)"
+_WELL_FORMED_REQUEST = re.compile(
+    rb"(" + _TOKEN_PATTERN + rb") ([!-~\x80-\xff]+) (HTTP/1\.[01])\r\n" + _FIELD_LINES
+)
+_WELL_FORMED_RESPONSE = re.compile(
+    rb"((HTTP/1\.[0-9]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?)\r\n" + _FIELD_LINES
+)
 # Connection tokens that name no field to remove.
 _PLAIN_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
@@ -216,17 +226,21 @@ def _keep_alive(version: bytes, tokens: frozenset[bytes]) -> bool:
 
 def parse_request_head(head: bytes) -> RequestHead:
     """Parse a request head: everything before the blank line that ends it."""
-    line, block = _check_head(head, 400)
-    parts = line.split(b" ")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise HttpError(400, "malformed request line")
-    method, target, version = parts
-    if method.translate(None, _TCHAR):
-        raise HttpError(400, "invalid method")
-    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-        if version.startswith(b"HTTP/") and len(version) == 8:
-            raise HttpError(505, "HTTP version not supported")
-        raise HttpError(400, "malformed HTTP version")
+    well_formed = _WELL_FORMED_REQUEST.fullmatch(head + b"\r\n") if head.count(b"\r\n") <= MAX_HEADERS else None
+    if well_formed is not None:
+        method, target, version, block = well_formed.groups()
+    else:
+        line, block = _check_head(head, 400)
+        parts = line.split(b" ")
+        if len(parts) != 3 or not parts[0] or not parts[1]:
+            raise HttpError(400, "malformed request line")
+        method, target, version = parts
+        if method.translate(None, _TCHAR):
+            raise HttpError(400, "invalid method")
+        if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+            if version.startswith(b"HTTP/") and len(version) == 8:
+                raise HttpError(505, "HTTP version not supported")
+            raise HttpError(400, "malformed HTTP version")
     request = RequestHead()
     request.method = method
     request.version = version
@@ -301,7 +315,7 @@ def parse_request_head(head: bytes) -> RequestHead:
 
     tokens = _connection_tokens(connection_values)
     request.connection_tokens = tokens
-    if not tokens - _PLAIN_TOKENS and not request.absolute_form:
+    if tokens <= _PLAIN_TOKENS and not request.absolute_form:
         request.forward = _cut(block, cut)
     request.keep_alive = _keep_alive(version, tokens)
     # An Upgrade in an HTTP/1.0 request is ignored (RFC 9110 section 7.8), as is one not named in Connection.
@@ -312,15 +326,20 @@ def parse_request_head(head: bytes) -> RequestHead:
 
 def parse_response_head(head: bytes) -> ResponseHead:
     """Parse an upstream's response head; anything malformed is a 502 to the client."""
-    line, block = _check_head(head, 502)
-    if not line.startswith(b"HTTP/1.") or not line[7:8].isdigit() or len(line) < 12 or line[8:9] != b" ":
-        raise HttpError(502, "malformed status line from upstream")
-    code = line[9:12]
-    # A status below 100 would be taken for an interim response by some code paths and a final one by others.
-    if not code.isdigit() or code[:1] == b"0" or (len(line) > 12 and line[12:13] != b" "):
-        raise HttpError(502, "malformed status code from upstream")
+    well_formed = _WELL_FORMED_RESPONSE.fullmatch(head + b"\r\n") if head.count(b"\r\n") <= MAX_HEADERS else None
+    if well_formed is not None:
+        line, version, code, block = well_formed.groups()
+    else:
+        line, block = _check_head(head, 502)
+        if not line.startswith(b"HTTP/1.") or not line[7:8].isdigit() or len(line) < 12 or line[8:9] != b" ":
+            raise HttpError(502, "malformed status line from upstream")
+        code = line[9:12]
+        # A status below 100 would be taken for an interim response by some code paths and a final one by others.
+        if not code.isdigit() or code[:1] == b"0" or (len(line) > 12 and line[12:13] != b" "):
+            raise HttpError(502, "malformed status code from upstream")
+        version = line[:8]
     response = ResponseHead()
-    response.version = line[:8]
+    response.version = version
     response.status = int(code)
     response.status_line = line
     response.block = block
@@ -351,7 +370,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
         response.chunked = True
     tokens = _connection_tokens(connection_values)
     response.connection_tokens = tokens
-    if not tokens - _PLAIN_TOKENS:
+    if tokens <= _PLAIN_TOKENS:
         response.forward = _cut(block, cut)
     response.keep_alive = _keep_alive(response.version, tokens)
     return response

@@ -1733,11 +1733,16 @@ def _tcp_server(recorder: _Recorder, accept: int | BaseException | None, **state
     for name, value in state.items():
         setattr(server, name, value)
 
-    def write_some(data: bytes) -> Any:
-        recorder.direct.append(bytes(data))
-        return len(data) if accept is None else accept
+    class _Socket:
+        """What the kernel takes: everything, a part, nothing, or an error (a reset connection)."""
 
-    server.writeSomeData = write_some  # type: ignore[method-assign]
+        def send(self, data: bytes) -> int:
+            recorder.direct.append(bytes(data))
+            if isinstance(accept, BaseException):
+                raise OSError(104, "Connection reset by peer")
+            return len(data) if accept is None else accept
+
+    server.socket = _Socket()
     server.write = recorder.queued.append  # type: ignore[method-assign]
     return server
 

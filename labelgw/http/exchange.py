@@ -257,7 +257,8 @@ class Exchange:
             write_now(self.client.transport, b"".join(self._out))
             self._out.clear()
         upstream = self.upstream
-        self._unregister_producers()
+        if self._registered_client_producer or self._registered_upstream_producer:
+            self._unregister_producers()
         if upstream is not None:
             if not self.body_done:
                 upstream.reusable = False

@@ -326,6 +326,7 @@ class UpstreamPool:
         self.clock = reactor
         self.settings = settings
         self.open = 0
+        self._tls_options: Any = None
 
     def acquire(self, backend: Backend, sink: ResponseSink) -> UpstreamConnection | None:
         """An idle connection to `backend`, or None after starting a new one that reports to `sink`."""
@@ -340,9 +341,22 @@ class UpstreamPool:
 
     def connect(self, backend: Backend, sink: ResponseSink) -> None:
         """Open a new connection to `backend`; `sink` hears of its success or failure."""
-        self.reactor.connectTCP(
-            backend.address, backend.port, _ConnectFactory(self, backend, sink), timeout=self.settings.connect_timeout
-        )
+        factory = _ConnectFactory(self, backend, sink)
+        if backend.spec.scheme == "https":
+            self.reactor.connectSSL(
+                backend.address, backend.port, factory, self._backend_tls(), timeout=self.settings.connect_timeout
+            )
+        else:
+            self.reactor.connectTCP(backend.address, backend.port, factory, timeout=self.settings.connect_timeout)
+
+    def _backend_tls(self) -> Any:
+        # Backends behind labelgw.scheme=https: encrypted, not verified. Containers on the same host mostly serve
+        # self-signed certificates, and labelgw reaches them by IP address, not by a name a certificate could match.
+        if self._tls_options is None:
+            from twisted.internet.ssl import CertificateOptions
+
+            self._tls_options = CertificateOptions(verify=False)
+        return self._tls_options
 
     def release(self, connection: UpstreamConnection) -> None:
         backend = connection.backend

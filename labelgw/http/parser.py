@@ -123,6 +123,13 @@ _REQUEST_SPECIAL = re.compile(
     rb":[ \t]*([^\r\n]*?)[ \t]*\r\n",
     re.IGNORECASE | re.MULTILINE,
 )
+# The same fields but Host: what is cut from a request's forwarded block.
+_REQUEST_CUT = re.compile(
+    rb"^(?:content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|te|trailer|"
+    rb"proxy-authenticate|proxy-authorization|http2-settings|x[-_.]forwarded[-_.](?:for|proto|host|port)|"
+    rb"x[-_.]real[-_.]ip):[^\r\n]*\r\n",
+    re.IGNORECASE | re.MULTILINE,
+)
 _RESPONSE_SPECIAL = re.compile(
     rb"^(content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|te|trailer|"
     rb"proxy-authenticate|proxy-authorization|http2-settings):[ \t]*([^\r\n]*?)[ \t]*\r\n",
@@ -159,18 +166,6 @@ def _check_head(head: bytes, status: int) -> tuple[bytes, bytes]:
         _parse_fields([b""] + block[:-2].split(b"\r\n"), status)  # raises the precise error
         raise HttpError(status, "malformed header field")
     return head[:end], block
-
-
-def _cut(block: bytes, spans: list[tuple[int, int]]) -> bytes:
-    if not spans:
-        return block
-    pieces = []
-    position = 0
-    for start, end in spans:
-        pieces.append(block[position:start])
-        position = end
-    pieces.append(block[position:])
-    return b"".join(pieces)
 
 
 def _parse_fields(lines: list[bytes], status: int) -> list[tuple[bytes, bytes]]:
@@ -250,14 +245,11 @@ def parse_request_head(head: bytes) -> RequestHead:
     content_length = None
     transfer_encoding = None
     connection_values = []
-    # Lines cut from what is forwarded: everything matched here but Host (labelgw writes framing, hop-by-hop
-    # fields are the connection's own, X-Forwarded-* and X-Real-IP are labelgw's to set).
-    cut = []
-    for match in _REQUEST_SPECIAL.finditer(block):
-        lower = match.group(1).lower()
-        value = match.group(2)
-        if lower != b"host":
-            cut.append(match.span())
+    # Every field matched here but Host is cut from what is forwarded (labelgw writes framing, hop-by-hop fields
+    # are the connection's own, X-Forwarded-* and X-Real-IP are labelgw's to set).
+    specials = _REQUEST_SPECIAL.findall(block)
+    for name, value in specials:
+        lower = name.lower()
         if lower == b"host":
             if host is not None:
                 raise HttpError(400, "more than one Host header")
@@ -316,7 +308,7 @@ def parse_request_head(head: bytes) -> RequestHead:
     tokens = _connection_tokens(connection_values)
     request.connection_tokens = tokens
     if tokens <= _PLAIN_TOKENS and not request.absolute_form:
-        request.forward = _cut(block, cut)
+        request.forward = _REQUEST_CUT.sub(b"", block) if len(specials) > (host is not None) else block
     request.keep_alive = _keep_alive(version, tokens)
     # An Upgrade in an HTTP/1.0 request is ignored (RFC 9110 section 7.8), as is one not named in Connection.
     if request.upgrade is not None and (b"upgrade" not in tokens or version != b"HTTP/1.1"):
@@ -345,11 +337,9 @@ def parse_response_head(head: bytes) -> ResponseHead:
     response.block = block
     transfer_encoding = None
     connection_values = []
-    cut = []
-    for match in _RESPONSE_SPECIAL.finditer(block):
-        lower = match.group(1).lower()
-        value = match.group(2)
-        cut.append(match.span())
+    specials = _RESPONSE_SPECIAL.findall(block)
+    for name, value in specials:
+        lower = name.lower()
         if lower == b"upgrade":
             response.upgrade = value
         elif lower == b"content-length":
@@ -371,7 +361,8 @@ def parse_response_head(head: bytes) -> ResponseHead:
     tokens = _connection_tokens(connection_values)
     response.connection_tokens = tokens
     if tokens <= _PLAIN_TOKENS:
-        response.forward = _cut(block, cut)
+        # Every matched field is cut: labelgw writes framing and Connection itself.
+        response.forward = _RESPONSE_SPECIAL.sub(b"", block) if specials else block
     response.keep_alive = _keep_alive(response.version, tokens)
     return response
 

@@ -244,29 +244,30 @@ def nginx_backend(prefix: Path, port: int) -> Managed:
                    prefix / "backend.log")
 
 
-def nginx_proxy(prefix: Path, port: int, backend_port: int) -> Managed:
-    conf = _nginx_conf(
-        prefix,
-        "nginx-proxy",
-        f"""
+def nginx_proxy_server(listen: str, backend_port: int, extra: str = "") -> str:
+    """nginx as the peer proxy: upstream keepalive, and the X-Forwarded-* labelgw adds too, so both do the same
+    work per request. `extra` goes into the server block (TLS settings)."""
+    return f"""
     upstream bench_backend {{
         server 127.0.0.1:{backend_port};
         keepalive 64;
     }}
     server {{
-        listen 127.0.0.1:{port} default_server backlog=4096;
+        listen {listen} default_server backlog=4096;{extra}
         location / {{
             proxy_pass http://bench_backend;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $host;
-            # What labelgw adds too, so both do the same work per request.
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
             proxy_set_header X-Forwarded-Host $host;
         }}
-    }}""",
-    )
+    }}"""
+
+
+def nginx_proxy(prefix: Path, port: int, backend_port: int) -> Managed:
+    conf = _nginx_conf(prefix, "nginx-proxy", nginx_proxy_server(f"127.0.0.1:{port}", backend_port))
     return Managed(
         "nginx-proxy",
         [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "nginx-proxy-error.log")],

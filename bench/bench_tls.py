@@ -57,6 +57,7 @@ from bench_proxy import (  # noqa: E402
     _nginx_conf,
     free_port,
     nginx_backend,
+    nginx_proxy_server,
     parse_wrk,
     run_wrk,
     wait_ready,
@@ -78,16 +79,7 @@ NGINX_GROUPS = GROUPS.replace("P-256", "prime256v1").replace("P-384", "secp384r1
 
 
 def nginx_tls(prefix: Path, port: int, backend_port: int, cert: Path, key: Path) -> Managed:
-    conf = _nginx_conf(
-        prefix,
-        "nginx-tls",
-        f"""
-    upstream bench_backend {{
-        server 127.0.0.1:{backend_port};
-        keepalive 64;
-    }}
-    server {{
-        listen 127.0.0.1:{port} ssl default_server backlog=4096;
+    tls = f"""
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -97,18 +89,8 @@ def nginx_tls(prefix: Path, port: int, backend_port: int, cert: Path, key: Path)
         # labelgw keeps no sessions (no cache, no tickets): the same here, so every new connection is a full
         # handshake on both.
         ssl_session_cache off;
-        ssl_session_tickets off;
-        location / {{
-            proxy_pass http://bench_backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_set_header X-Forwarded-Host $host;
-        }}
-    }}""",
-    )
+        ssl_session_tickets off;"""
+    conf = _nginx_conf(prefix, "nginx-tls", nginx_proxy_server(f"127.0.0.1:{port} ssl", backend_port, tls))
     return Managed(
         "nginx-tls",
         [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "nginx-tls-error.log")],

@@ -101,8 +101,9 @@ def _check_endpoints(descriptions: tuple[str, ...], option: str = "--http") -> N
 
 
 def makeService(options: Options) -> Any:
-    from twisted.internet import reactor
-
     from labelgw.app import LabelgwService
+    from labelgw.reactor import default_reactor
+
+    reactor = default_reactor()
 
     return LabelgwService(options.settings, reactor)

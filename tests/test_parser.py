@@ -657,3 +657,23 @@ def test_encode_chunk_round_trip() -> None:
     payload, decoder, _ = decode([wire])
     assert payload == b"".join(pieces)
     assert decoder.done and decoder.rest == b""
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_forwarded_block_is_every_other_field_line_in_order(seed: int) -> None:
+    # Cut fields anywhere (first line, last line, side by side) must leave every other line intact and in order.
+    rng = random.Random(seed)
+    cut = [b"Content-Length: 0", b"Connection: keep-alive", b"Keep-Alive: timeout=5", b"TE: trailers",
+           b"X-Forwarded-For: 10.0.0.1", b"x-real-ip: 10.0.0.2", b"Proxy-Authorization: Basic eA=="]
+    kept = [b"Accept: */*", b"User-Agent: t", b"Cookie: a=b", b"X-Forwarded: no", b"Hostname: h", b"Tea: green"]
+    fields = [HOST] + rng.sample(cut, rng.randint(0, len(cut))) + rng.sample(kept, rng.randint(0, len(kept)))
+    rng.shuffle(fields)
+    parsed = request(*fields)
+    assert parsed.forward == b"".join(line + b"\r\n" for line in fields if line not in cut)
+
+    response_cut = [b"Content-Length: 5", b"Connection: keep-alive", b"Keep-Alive: timeout=5", b"Trailer: x"]
+    response_kept = [b"Server: s", b"Set-Cookie: a=1", b"Set-Cookie: b=2", b"Content-Type: text/plain", b"Upgraded: no"]
+    fields = rng.sample(response_cut, rng.randint(0, len(response_cut))) + rng.sample(response_kept, rng.randint(0, 5))
+    rng.shuffle(fields)
+    parsed_response = response(*fields)
+    assert parsed_response.forward == b"".join(line + b"\r\n" for line in fields if line not in response_cut)

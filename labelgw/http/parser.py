@@ -116,25 +116,24 @@ class ResponseHead(_Head):
 # A whole field block in one match (C speed): token, colon, value, CRLF; control bytes and bare CR/LF are refused
 # before. Anything else (obs-fold, space before the colon, bad names) fails it and the slow path says what.
 _FIELD_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r\n)*")
-# The only request fields labelgw reads or removes; every other line is forwarded as it is.
-_REQUEST_SPECIAL = re.compile(
-    rb"^(host|content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|te|trailer|"
-    rb"proxy-authenticate|proxy-authorization|http2-settings|x[-_.]forwarded[-_.](?:for|proto|host|port)|x[-_.]real[-_.]ip)"
-    rb":[ \t]*([^\r\n]*?)[ \t]*\r\n",
-    re.IGNORECASE | re.MULTILINE,
-)
-# The same fields but Host: what is cut from a request's forwarded block.
-_REQUEST_CUT = re.compile(
-    rb"^(?:content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|te|trailer|"
+# The only request fields labelgw reads or removes; every other line is forwarded as it is. These patterns run over
+# a whole head (start line included, every line ending in CRLF): each field line is found by the LF before its name
+# (a one-byte prefix the regex engine skips to quickly) and ends at its CR, so that a cut leaves the CR of the line
+# before and the LF of the line itself: the head stays well formed.
+_REQUEST_NAMES = (
+    rb"content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|te|trailer|"
     rb"proxy-authenticate|proxy-authorization|http2-settings|x[-_.]forwarded[-_.](?:for|proto|host|port)|"
-    rb"x[-_.]real[-_.]ip):[^\r\n]*\r\n",
-    re.IGNORECASE | re.MULTILINE,
+    rb"x[-_.]real[-_.]ip"
 )
-_RESPONSE_SPECIAL = re.compile(
-    rb"^(content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|te|trailer|"
-    rb"proxy-authenticate|proxy-authorization|http2-settings):[ \t]*([^\r\n]*?)[ \t]*\r\n",
-    re.IGNORECASE | re.MULTILINE,
+_REQUEST_SPECIAL = re.compile(rb"\n(host|" + _REQUEST_NAMES + rb"):[ \t]*([^\r\n]*?)[ \t]*\r", re.IGNORECASE)
+# The same fields but Host: what is cut from a request's forwarded block.
+_REQUEST_CUT = re.compile(rb"\n(?:" + _REQUEST_NAMES + rb"):[^\r\n]*\r", re.IGNORECASE)
+_RESPONSE_NAMES = (
+    rb"content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|te|trailer|"
+    rb"proxy-authenticate|proxy-authorization|http2-settings"
 )
+_RESPONSE_SPECIAL = re.compile(rb"\n(" + _RESPONSE_NAMES + rb"):[ \t]*([^\r\n]*?)[ \t]*\r", re.IGNORECASE)
+_RESPONSE_CUT = re.compile(rb"\n(?:" + _RESPONSE_NAMES + rb"):[^\r\n]*\r", re.IGNORECASE)
 # A whole well-formed head in one match, request or status line included: what nearly every message is. A head
 # it does not match takes the line-by-line path, which either accepts it too or says precisely what is wrong.
 _TOKEN_PATTERN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -221,11 +220,14 @@ def _keep_alive(version: bytes, tokens: frozenset[bytes]) -> bool:
 
 def parse_request_head(head: bytes) -> RequestHead:
     """Parse a request head: everything before the blank line that ends it."""
-    well_formed = _WELL_FORMED_REQUEST.fullmatch(head + b"\r\n") if head.count(b"\r\n") <= MAX_HEADERS else None
+    data = head + b"\r\n"
+    well_formed = _WELL_FORMED_REQUEST.fullmatch(data) if head.count(b"\r\n") <= MAX_HEADERS else None
     if well_formed is not None:
         method, target, version, block = well_formed.groups()
+        block_start = well_formed.start(4)
     else:
         line, block = _check_head(head, 400)
+        block_start = len(line) + 2
         parts = line.split(b" ")
         if len(parts) != 3 or not parts[0] or not parts[1]:
             raise HttpError(400, "malformed request line")
@@ -247,7 +249,7 @@ def parse_request_head(head: bytes) -> RequestHead:
     connection_values = []
     # Every field matched here but Host is cut from what is forwarded (labelgw writes framing, hop-by-hop fields
     # are the connection's own, X-Forwarded-* and X-Real-IP are labelgw's to set).
-    specials = _REQUEST_SPECIAL.findall(block)
+    specials = _REQUEST_SPECIAL.findall(data)
     for name, value in specials:
         lower = name.lower()
         if lower == b"host":
@@ -308,7 +310,7 @@ def parse_request_head(head: bytes) -> RequestHead:
     tokens = _connection_tokens(connection_values)
     request.connection_tokens = tokens
     if tokens <= _PLAIN_TOKENS and not request.absolute_form:
-        request.forward = _REQUEST_CUT.sub(b"", block) if len(specials) > (host is not None) else block
+        request.forward = _REQUEST_CUT.sub(b"", data)[block_start:] if len(specials) > (host is not None) else block
     request.keep_alive = _keep_alive(version, tokens)
     # An Upgrade in an HTTP/1.0 request is ignored (RFC 9110 section 7.8), as is one not named in Connection.
     if request.upgrade is not None and (b"upgrade" not in tokens or version != b"HTTP/1.1"):
@@ -318,11 +320,14 @@ def parse_request_head(head: bytes) -> RequestHead:
 
 def parse_response_head(head: bytes) -> ResponseHead:
     """Parse an upstream's response head; anything malformed is a 502 to the client."""
-    well_formed = _WELL_FORMED_RESPONSE.fullmatch(head + b"\r\n") if head.count(b"\r\n") <= MAX_HEADERS else None
+    data = head + b"\r\n"
+    well_formed = _WELL_FORMED_RESPONSE.fullmatch(data) if head.count(b"\r\n") <= MAX_HEADERS else None
     if well_formed is not None:
         line, version, code, block = well_formed.groups()
+        block_start = well_formed.start(4)
     else:
         line, block = _check_head(head, 502)
+        block_start = len(line) + 2
         if not line.startswith(b"HTTP/1.") or not line[7:8].isdigit() or len(line) < 12 or line[8:9] != b" ":
             raise HttpError(502, "malformed status line from upstream")
         code = line[9:12]
@@ -337,7 +342,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     response.block = block
     transfer_encoding = None
     connection_values = []
-    specials = _RESPONSE_SPECIAL.findall(block)
+    specials = _RESPONSE_SPECIAL.findall(data)
     for name, value in specials:
         lower = name.lower()
         if lower == b"upgrade":
@@ -362,7 +367,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     response.connection_tokens = tokens
     if tokens <= _PLAIN_TOKENS:
         # Every matched field is cut: labelgw writes framing and Connection itself.
-        response.forward = _RESPONSE_SPECIAL.sub(b"", block) if specials else block
+        response.forward = _RESPONSE_CUT.sub(b"", data)[block_start:] if specials else block
     response.keep_alive = _keep_alive(response.version, tokens)
     return response
 

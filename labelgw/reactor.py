@@ -1,0 +1,65 @@
+"""The reactor labelgw runs on by default: Twisted's epoll reactor, minus the legacy log context around each event.
+
+Twisted's reactors run every read or write event inside `log.callWithLogger`: the selectable's `logPrefix()` is
+called and copied into a fresh context dictionary, pushed and popped on a thread-local stack, so that legacy
+`log.msg` calls made during the event carry it as "system" (Twisted issues #2534 and #12338 describe the cost).
+A proxied request is two events; under load that wrapping cost 6.5 us of the 44 us of CPU labelgw spent per request
+(`bench/bench_proxy.py`, this module's commit). labelgw logs through `twisted.logger` with structured fields, which
+never reads that context; without it, a legacy message emitted inside an event (an unhandled exception in a protocol
+callback, say) shows "-" as its system, and its traceback still names the code.
+
+twistd installs the default reactor only when asked (`--reactor`); `twistd -n labelgw` without that option gets
+this one when the platform has epoll, and any reactor chosen on the command line is used as it is.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from typing import Any
+
+from twisted.internet.epollreactor import EPollReactor
+
+
+class LeanEPollReactor(EPollReactor):
+    """EPollReactor whose poll step dispatches each event straight to `_doReadOrWrite`, which still catches,
+    logs and disconnects exactly as in the stock reactor."""
+
+    def doPoll(self, timeout: float | None) -> None:
+        try:
+            # At most one event per tracked descriptor, as the stock reactor asks.
+            events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
+        except OSError as error:
+            if error.errno == errno.EINTR:
+                return
+            raise
+        dispatch = self._doReadOrWrite
+        selectables = self._selectables
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            # A descriptor removed by an earlier event of this same batch has no selectable any more.
+            if selectable is not None:
+                dispatch(selectable, fd, event)
+
+    doIteration = doPoll
+
+
+def install() -> LeanEPollReactor:
+    from twisted.internet.main import installReactor
+
+    reactor = LeanEPollReactor()
+    installReactor(reactor)
+    return reactor
+
+
+def default_reactor() -> Any:
+    """The reactor to run on: the one already installed (`twistd --reactor`, tests), else a LeanEPollReactor where
+    epoll exists, else Twisted's default for the platform."""
+    if "twisted.internet.reactor" not in sys.modules:
+        import select
+
+        if hasattr(select, "epoll"):
+            return install()
+    from twisted.internet import reactor
+
+    return reactor

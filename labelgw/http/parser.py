@@ -33,17 +33,23 @@ _FIELD_PATTERNS: dict[bytes, "re.Pattern[bytes]"] = {}
 
 
 class _Head:
-    """Common to request and response heads: the raw field block, and the fields as pairs on demand."""
+    """Common to request and response heads: the raw field block, and the fields as pairs on demand.
 
-    __slots__ = ("block", "forward", "_headers")
+    Defaults are class attributes: the parser sets only what a message has, on a path taken twice per request."""
 
-    def __init__(self) -> None:
-        # Every field line, each ending in CRLF, as received.
-        self.block = b""
-        # The field lines labelgw forwards as they are (hop-by-hop, framing and managed fields cut out), or None
-        # when the fields must be filtered one by one (fields named in Connection, fields set by hand).
-        self.forward: bytes | None = None
-        self._headers: list[tuple[bytes, bytes]] | None = None
+    # Every field line, each ending in CRLF, as received.
+    block = b""
+    # The field lines labelgw forwards as they are (hop-by-hop, framing and managed fields cut out), or None when the
+    # fields must be filtered one by one (fields named in Connection, fields set by hand).
+    forward: bytes | None = None
+    _headers: list[tuple[bytes, bytes]] | None = None
+    version = b"HTTP/1.1"
+    # None with chunked False means no body.
+    content_length: int | None = None
+    chunked = False
+    keep_alive = True
+    upgrade: bytes | None = None
+    connection_tokens: frozenset[bytes] = frozenset()
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -53,6 +59,11 @@ class _Head:
                 for name, _, value in (line.partition(b":") for line in self.block[:-2].split(b"\r\n"))
             ] if self.block else []
         return self._headers
+
+    @headers.setter
+    def headers(self, value: list[tuple[bytes, bytes]]) -> None:
+        self._headers = value
+        self.forward = None
 
     def field(self, lower_name: bytes) -> bytes | None:
         """The value of the first field with this (lower-case) name: a search of the raw block, for the few
@@ -65,31 +76,12 @@ class _Head:
         match = pattern.search(self.block)
         return match.group(1) if match else None
 
-    @headers.setter
-    def headers(self, value: list[tuple[bytes, bytes]]) -> None:
-        self._headers = value
-        self.forward = None
-
 
 class RequestHead(_Head):
-    __slots__ = ("method", "target", "version", "host", "content_length", "chunked", "keep_alive", "upgrade", "connection_tokens", "absolute_form")
-
-    def __init__(self) -> None:
-        # _Head's fields set here, not through its __init__: one call less per request.
-        self.block = b""
-        self.forward = None
-        self._headers = None
-        self.method = b""
-        self.target = b""
-        self.version = b"HTTP/1.1"
-        self.host: bytes | None = None
-        # None with chunked False means no body.
-        self.content_length: int | None = None
-        self.chunked = False
-        self.keep_alive = True
-        self.upgrade: bytes | None = None
-        self.connection_tokens: frozenset[bytes] = frozenset()
-        self.absolute_form = False
+    method = b""
+    target = b""
+    host: bytes | None = None
+    absolute_form = False
 
     @property
     def has_body(self) -> bool:
@@ -97,20 +89,8 @@ class RequestHead(_Head):
 
 
 class ResponseHead(_Head):
-    __slots__ = ("version", "status", "status_line", "content_length", "chunked", "keep_alive", "connection_tokens", "upgrade")
-
-    def __init__(self) -> None:
-        self.block = b""
-        self.forward = None
-        self._headers = None
-        self.version = b"HTTP/1.1"
-        self.status = 0
-        self.status_line = b""
-        self.content_length: int | None = None
-        self.chunked = False
-        self.keep_alive = True
-        self.connection_tokens: frozenset[bytes] = frozenset()
-        self.upgrade: bytes | None = None
+    status = 0
+    status_line = b""
 
 
 # A whole field block in one match (C speed): token, colon, value, CRLF; control bytes and bare CR/LF are refused
@@ -133,7 +113,6 @@ _RESPONSE_NAMES = (
     rb"proxy-authenticate|proxy-authorization|http2-settings"
 )
 _RESPONSE_SPECIAL = re.compile(rb"\n(" + _RESPONSE_NAMES + rb"):[ \t]*([^\r\n]*?)[ \t]*\r", re.IGNORECASE)
-_RESPONSE_CUT = re.compile(rb"\n(?:" + _RESPONSE_NAMES + rb"):[^\r\n]*\r", re.IGNORECASE)
 # A whole well-formed head in one match, request or status line included: what nearly every message is. A head
 # it does not match takes the line-by-line path, which either accepts it too or says precisely what is wrong.
 _TOKEN_PATTERN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -280,7 +259,8 @@ def parse_request_head(head: bytes) -> RequestHead:
                 raise HttpError(501, f"transfer coding {transfer_encoding[:40]!r} not supported")
             raise HttpError(400, f"invalid Transfer-Encoding {transfer_encoding[:40]!r}")
         request.chunked = True
-    request.content_length = content_length
+    if content_length is not None:
+        request.content_length = content_length
 
     if target[:1] == b"/":
         request.target = target
@@ -307,13 +287,19 @@ def parse_request_head(head: bytes) -> RequestHead:
         raise HttpError(400, "invalid Host header")
     request.host = host
 
-    tokens = _connection_tokens(connection_values)
-    request.connection_tokens = tokens
-    if tokens <= _PLAIN_TOKENS and not request.absolute_form:
+    if connection_values:
+        tokens = request.connection_tokens = _connection_tokens(connection_values)
+        plain = tokens <= _PLAIN_TOKENS
+        keep_alive = _keep_alive(version, tokens)
+    else:
+        plain = True
+        keep_alive = version == b"HTTP/1.1"
+    if plain and not request.absolute_form:
         request.forward = _REQUEST_CUT.sub(b"", data)[block_start:] if len(specials) > (host is not None) else block
-    request.keep_alive = _keep_alive(version, tokens)
+    if not keep_alive:
+        request.keep_alive = False
     # An Upgrade in an HTTP/1.0 request is ignored (RFC 9110 section 7.8), as is one not named in Connection.
-    if request.upgrade is not None and (b"upgrade" not in tokens or version != b"HTTP/1.1"):
+    if request.upgrade is not None and (b"upgrade" not in request.connection_tokens or version != b"HTTP/1.1"):
         request.upgrade = None
     return request
 
@@ -342,20 +328,23 @@ def parse_response_head(head: bytes) -> ResponseHead:
     response.block = block
     transfer_encoding = None
     connection_values = []
-    specials = _RESPONSE_SPECIAL.findall(data)
-    for name, value in specials:
+    # One pass finds the fields labelgw reads and cuts them: [text, name, value, text, name, value, ..., text].
+    pieces = _RESPONSE_SPECIAL.split(data)
+    for index in range(1, len(pieces), 3):
+        name = pieces[index]
+        value = pieces[index + 1]
         lower = name.lower()
-        if lower == b"upgrade":
-            response.upgrade = value
-        elif lower == b"content-length":
+        if lower == b"content-length":
             length = _parse_content_length(value, 502)
             if response.content_length is not None and response.content_length != length:
                 raise HttpError(502, "conflicting Content-Length from upstream")
             response.content_length = length
-        elif lower == b"transfer-encoding":
-            transfer_encoding = value if transfer_encoding is None else transfer_encoding + b", " + value
         elif lower == b"connection":
             connection_values.append(value)
+        elif lower == b"upgrade":
+            response.upgrade = value
+        elif lower == b"transfer-encoding":
+            transfer_encoding = value if transfer_encoding is None else transfer_encoding + b", " + value
     if transfer_encoding is not None:
         # Only plain chunked is relayed: a transfer coding such as gzip would have to be removed by a proxy.
         if transfer_encoding.strip(b" \t").lower() != b"chunked":
@@ -363,12 +352,18 @@ def parse_response_head(head: bytes) -> ResponseHead:
         # Content-Length is ignored when chunked (RFC 9112 section 6.3).
         response.content_length = None
         response.chunked = True
-    tokens = _connection_tokens(connection_values)
-    response.connection_tokens = tokens
-    if tokens <= _PLAIN_TOKENS:
+    if connection_values:
+        tokens = response.connection_tokens = _connection_tokens(connection_values)
+        plain = tokens <= _PLAIN_TOKENS
+        keep_alive = _keep_alive(version, tokens)
+    else:
+        plain = True
+        keep_alive = version == b"HTTP/1.1"
+    if plain:
         # Every matched field is cut: labelgw writes framing and Connection itself.
-        response.forward = _RESPONSE_CUT.sub(b"", data)[block_start:] if specials else block
-    response.keep_alive = _keep_alive(response.version, tokens)
+        response.forward = b"".join(pieces[::3])[block_start:] if len(pieces) > 1 else block
+    if not keep_alive:
+        response.keep_alive = False
     return response
 
 

@@ -133,7 +133,7 @@ class UpstreamConnection(Protocol):
         """The exchange is done with this connection after a complete response: pool it or close it."""
         self.sink = None
         self._mode = _IDLE
-        self._idle_since = self.pool.clock.seconds()
+        # The pool notes when it became idle.
         self.pool.release(self)
 
     # Timers: one per connection, re-armed lazily so a request costs no timer work in the common case.
@@ -242,23 +242,35 @@ class UpstreamConnection(Protocol):
                 self.reusable = False
             self._finish()
             return
+        length = head.content_length
+        if length is not None and not head.chunked:
+            self._mode = _LENGTH
+            sink.response_head(head, self)  # type: ignore[union-attr]
+            if self.sink is None:
+                return
+            size = len(buffer)
+            if size < length:
+                self._remaining = length - size
+                if buffer:
+                    sink.response_data(buffer)  # type: ignore[union-attr]
+                return
+            # The whole body came with the head, as small responses do: done without another pass.
+            if size > length:
+                # Bytes after the announced end: the upstream is broken; never reuse this connection.
+                self.reusable = False
+                buffer = buffer[:length]
+            if buffer:
+                sink.response_data(buffer)  # type: ignore[union-attr]
+            self._finish()
+            return
         if head.chunked:
             self._mode = _CHUNKED
             self._decoder = ChunkedDecoder(error_status=502)
-        elif head.content_length is not None:
-            self._mode = _LENGTH
-            self._remaining = head.content_length
         else:
             self._mode = _UNTIL_CLOSE
             self.reusable = False
         sink.response_head(head, self)  # type: ignore[union-attr]
-        if self.sink is None:
-            return
-        if self._mode == _LENGTH and self._remaining == 0:
-            if buffer:
-                self.reusable = False
-            self._finish()
-        elif buffer:
+        if self.sink is not None and buffer:
             self._relay(buffer)
 
     def _read_chunked(self, data: bytes) -> None:

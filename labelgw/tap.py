@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from twisted.python import usage
@@ -100,9 +101,23 @@ def _check_endpoints(descriptions: tuple[str, ...], option: str = "--http") -> N
             raise config.ConfigError(f"{option} {description!r}: not a valid endpoint ({error})") from None
 
 
+def default_reactor() -> Any:
+    """The reactor to run on: the one already installed (`twistd --reactor`, tests), else labelgw's lean epoll
+    reactor where epoll exists (labelgw.reactor: ~15 % less CPU per proxied request), else Twisted's default."""
+    if "twisted.internet.reactor" not in sys.modules:
+        import select
+
+        if hasattr(select, "epoll"):
+            from labelgw.reactor import install
+
+            return install()
+    from twisted.internet import reactor
+
+    return reactor
+
+
 def makeService(options: Options) -> Any:
     from labelgw.app import LabelgwService
-    from labelgw.reactor import default_reactor
 
     reactor = default_reactor()
 

@@ -10,7 +10,8 @@ from typing import Any, Iterator
 import pytest
 from twisted.python import context, log
 
-from labelgw.reactor import LeanEPollReactor, default_reactor
+from labelgw.reactor import LeanEPollReactor
+from labelgw.tap import default_reactor
 from support.gateway import TwistdProcess
 from support.net import free_port
 

@@ -197,6 +197,19 @@ def _keep_alive(version: bytes, tokens: frozenset[bytes]) -> bool:
     return version == b"HTTP/1.1" or b"keep-alive" in tokens
 
 
+def _connection_options(message: _Head, version: bytes, values: list[bytes]) -> bool:
+    """Set a message's Connection tokens and whether its connection persists; True when no token names a field
+    (the forwarded block can then be cut by pattern, not field by field)."""
+    if not values:
+        if version != b"HTTP/1.1":
+            message.keep_alive = False
+        return True
+    tokens = message.connection_tokens = _connection_tokens(values)
+    if not _keep_alive(version, tokens):
+        message.keep_alive = False
+    return tokens <= _PLAIN_TOKENS
+
+
 def parse_request_head(head: bytes) -> RequestHead:
     """Parse a request head: everything before the blank line that ends it."""
     data = head + b"\r\n"
@@ -287,17 +300,8 @@ def parse_request_head(head: bytes) -> RequestHead:
         raise HttpError(400, "invalid Host header")
     request.host = host
 
-    if connection_values:
-        tokens = request.connection_tokens = _connection_tokens(connection_values)
-        plain = tokens <= _PLAIN_TOKENS
-        keep_alive = _keep_alive(version, tokens)
-    else:
-        plain = True
-        keep_alive = version == b"HTTP/1.1"
-    if plain and not request.absolute_form:
+    if _connection_options(request, version, connection_values) and not request.absolute_form:
         request.forward = _REQUEST_CUT.sub(b"", data)[block_start:] if len(specials) > (host is not None) else block
-    if not keep_alive:
-        request.keep_alive = False
     # An Upgrade in an HTTP/1.0 request is ignored (RFC 9110 section 7.8), as is one not named in Connection.
     if request.upgrade is not None and (b"upgrade" not in request.connection_tokens or version != b"HTTP/1.1"):
         request.upgrade = None
@@ -352,18 +356,9 @@ def parse_response_head(head: bytes) -> ResponseHead:
         # Content-Length is ignored when chunked (RFC 9112 section 6.3).
         response.content_length = None
         response.chunked = True
-    if connection_values:
-        tokens = response.connection_tokens = _connection_tokens(connection_values)
-        plain = tokens <= _PLAIN_TOKENS
-        keep_alive = _keep_alive(version, tokens)
-    else:
-        plain = True
-        keep_alive = version == b"HTTP/1.1"
-    if plain:
+    if _connection_options(response, version, connection_values):
         # Every matched field is cut: labelgw writes framing and Connection itself.
         response.forward = b"".join(pieces[::3])[block_start:] if len(pieces) > 1 else block
-    if not keep_alive:
-        response.keep_alive = False
     return response
 
 

@@ -9,8 +9,8 @@ One run, loopback only, bounded in time. It starts:
   labelgw       twistd -n --pidfile= labelgw --http tcp:P:interface=127.0.0.1 --config cfg.yaml
                 (a static service `bench`, hosts [bench.localhost]); skipped, with the reason, if it does not start
 then loads each target in turn with wrk (-t1 -cC -dDs --latency -H 'Host: bench.localhost') after a short warm-up,
-and prints req/s, p50, p99 and errors (socket errors + non-2xx/3xx) per target, with labelgw's ratios to the
-others. With --rounds N the targets are interleaved N times and the medians are quoted.
+and prints req/s, p50, p99, errors (socket errors + non-2xx/3xx) and the CPU time the target's processes spent per
+request (user + system, from /proc) per target, with labelgw's ratios to the others. With --rounds N the targets are interleaved N times and the medians are quoted.
 
     .venv/bin/python bench/bench_proxy.py [--duration 10] [--connections 50] [--rounds 1] [--json out.json]
 
@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -70,6 +70,8 @@ class WrkResult:
     non_2xx_3xx: int
     socket_errors: int
     timeouts: int
+    # CPU time (user + system) the target's processes spent per request during the run; NaN when not measured.
+    cpu_us_per_request: float = float("nan")
 
     @property
     def errors(self) -> int:
@@ -172,6 +174,26 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def session_cpu_s(session_id: int) -> float:
+    """User + system CPU seconds of every live process in a session (a server and its workers), from /proc."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                # After the command name in parentheses: state, ppid, pgrp, session, ..., utime (12th), stime (13th).
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # it exited meanwhile
+        if int(fields[3]) == session_id:
+            total += int(fields[11]) + int(fields[12])
+    return total / _CLOCK_TICKS
 
 
 def wait_ready(server: Managed, port: int, timeout_s: float = READY_TIMEOUT_S) -> str | None:
@@ -348,6 +370,7 @@ def median_result(results: Sequence[WrkResult]) -> dict[str, float]:
         "p99_ms": statistics.median(r.p99_ms for r in results),
         "errors": sum(r.errors for r in results),
         "requests": sum(r.requests for r in results),
+        "cpu_us_per_request": statistics.median(r.cpu_us_per_request for r in results),
     }
 
 
@@ -362,20 +385,20 @@ def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
             continue
         found[base] = {
             key: ours[key] / other[key] if other[key] else float("nan")
-            for key in ("requests_per_s", "p50_ms", "p99_ms")
+            for key in ("requests_per_s", "p50_ms", "p99_ms", "cpu_us_per_request")
         }
     return found
 
 
 def print_table(medians: dict[str, dict[str, float]], skipped: dict[str, str], rounds: int) -> None:
     label = "median of %d rounds" % rounds if rounds > 1 else "1 round"
-    print(f"\n{'target':<13} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>8}   ({label})")
+    print(f"\n{'target':<13} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>8} {'cpu us/req':>11}   ({label})")
     for name in TARGET_ORDER:
         if name in medians:
             m = medians[name]
             print(
                 f"{name:<13} {m['requests_per_s']:>10.0f} {m['p50_ms']:>9.2f} {m['p99_ms']:>9.2f} "
-                f"{int(m['errors']):>8}"
+                f"{int(m['errors']):>8} {m['cpu_us_per_request']:>11.1f}"
             )
         elif name in skipped:
             print(f"{name:<13} skipped: {skipped[name]}")
@@ -387,6 +410,7 @@ def print_table(medians: dict[str, dict[str, float]], skipped: dict[str, str], r
     for base, r in found.items():
         print(
             f"labelgw/{base:<12} req/s x{r['requests_per_s']:.3f}   p50 x{r['p50_ms']:.2f}   p99 x{r['p99_ms']:.2f}"
+            f"   cpu/req x{r['cpu_us_per_request']:.2f}"
         )
 
 
@@ -468,11 +492,18 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
                     raise RuntimeError(f"{target.name} exited during the run:\n{target.server.log_tail()}")
                 if args.warmup > 0:
                     run_wrk(target.port, args.warmup, args.connections, args.threads)
+                # The backend's own CPU counts for "direct" only: there it is the server under test.
+                session = (target.server or backend).process.pid  # type: ignore[union-attr]
+                cpu_before = session_cpu_s(session)
                 result = run_wrk(target.port, args.duration, args.connections, args.threads)
+                cpu_used = session_cpu_s(session) - cpu_before
+                if result.requests:
+                    result = replace(result, cpu_us_per_request=cpu_used / result.requests * 1e6)
                 results.setdefault(target.name, []).append(result)
                 print(
                     f"  round {round_index + 1} {target.name:<12} {result.requests_per_s:>10.0f} req/s  "
-                    f"p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms  errors {result.errors}"
+                    f"p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms  errors {result.errors}  "
+                    f"cpu {result.cpu_us_per_request:.1f} us/req"
                 )
     finally:
         for server in reversed(started):

@@ -1,0 +1,61 @@
+"""bench/bench_proxy.py's pure parts: reading wrk's output, and the CPU time of a server's session."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+_PATH = Path(__file__).resolve().parent.parent / "bench" / "bench_proxy.py"
+
+
+def _load() -> ModuleType:
+    # bench/ is a directory of scripts, not a package.
+    spec = importlib.util.spec_from_file_location("bench_proxy", _PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_proxy = _load()
+
+WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:40001/
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.42ms  380.12us   9.01ms   80.00%
+    Req/Sec    35.27k     1.10k   37.00k    70.00%
+  Latency Distribution
+     50%    1.31ms
+     75%    1.52ms
+     90%    1.80ms
+     99%    2.90ms
+  352650 requests in 10.00s, 52.13MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  35265.13
+Transfer/sec:      5.21MB
+"""
+
+
+def test_wrk_output_gives_rate_percentiles_and_errors() -> None:
+    result = bench_proxy.parse_wrk(WRK_OUTPUT)
+    assert (result.requests_per_s, result.p50_ms, result.p99_ms, result.requests) == (35265.13, 1.31, 2.90, 352650)
+    assert (result.socket_errors, result.timeouts, result.non_2xx_3xx, result.errors) == (3, 1, 4, 7)
+    assert math.isnan(result.cpu_us_per_request)
+
+
+def test_session_cpu_grows_with_work_done_in_the_session() -> None:
+    session = os.getsid(0)
+    before = bench_proxy.session_cpu_s(session)
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    spent = bench_proxy.session_cpu_s(session) - before
+    assert 0.1 <= spent < 5.0
+    assert bench_proxy.session_cpu_s(2**22 + 12345) == 0.0  # no such session

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-import sys
 import time
-from pathlib import Path
-from types import ModuleType
 
-_PATH = Path(__file__).resolve().parent.parent / "bench" / "bench_proxy.py"
+from support.benchscripts import load_bench_script
 
-
-def _load() -> ModuleType:
-    # bench/ is a directory of scripts, not a package.
-    spec = importlib.util.spec_from_file_location("bench_proxy", _PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_proxy = _load()
+bench_proxy = load_bench_script("bench_proxy")
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:40001/
   1 threads and 50 connections

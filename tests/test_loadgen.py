@@ -5,29 +5,14 @@ No network, no sleeps: outcomes are built by hand with the times a run would rec
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import statistics
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "bench" / "loadgen.py"
+from support.benchscripts import load_bench_script
 
-
-def _load() -> ModuleType:
-    # bench/ is a directory of scripts, not a package.
-    spec = importlib.util.spec_from_file_location("bench_loadgen", _PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-loadgen = _load()
+loadgen = load_bench_script("loadgen")
 Outcome = loadgen.Outcome
 
 

@@ -172,21 +172,7 @@ class UpstreamConnection(Protocol):
     def _relay(self, data: bytes) -> None:
         mode = self._mode
         if mode == _LENGTH:
-            sink = self.sink
-            remaining = self._remaining
-            size = len(data)
-            if size < remaining:
-                self._remaining = remaining - size
-                sink.response_data(data)  # type: ignore[union-attr]
-                return
-            if size > remaining:
-                # Bytes after the announced end: the upstream is broken; never reuse this connection.
-                self.reusable = False
-                data = data[:remaining]
-            self._remaining = 0
-            if data:
-                sink.response_data(data)  # type: ignore[union-attr]
-            self._finish()
+            self._read_length(data)
         elif mode == _HEAD:
             self._read_head(data)
         elif mode == _CHUNKED:
@@ -245,23 +231,11 @@ class UpstreamConnection(Protocol):
         length = head.content_length
         if length is not None and not head.chunked:
             self._mode = _LENGTH
+            self._remaining = length
             sink.response_head(head, self)  # type: ignore[union-attr]
-            if self.sink is None:
-                return
-            size = len(buffer)
-            if size < length:
-                self._remaining = length - size
-                if buffer:
-                    sink.response_data(buffer)  # type: ignore[union-attr]
-                return
-            # The whole body came with the head, as small responses do: done without another pass.
-            if size > length:
-                # Bytes after the announced end: the upstream is broken; never reuse this connection.
-                self.reusable = False
-                buffer = buffer[:length]
-            if buffer:
-                sink.response_data(buffer)  # type: ignore[union-attr]
-            self._finish()
+            if self.sink is not None:
+                # Small responses come whole with their head: this finishes them at once.
+                self._read_length(buffer)
             return
         if head.chunked:
             self._mode = _CHUNKED
@@ -272,6 +246,24 @@ class UpstreamConnection(Protocol):
         sink.response_head(head, self)  # type: ignore[union-attr]
         if self.sink is not None and buffer:
             self._relay(buffer)
+
+    def _read_length(self, data: bytes) -> None:
+        """Bytes of a Content-Length body (maybe none yet): relayed, and the response finished at its end."""
+        remaining = self._remaining
+        size = len(data)
+        if size < remaining:
+            self._remaining = remaining - size
+            if data:
+                self.sink.response_data(data)  # type: ignore[union-attr]
+            return
+        if size > remaining:
+            # Bytes after the announced end: the upstream is broken; never reuse this connection.
+            self.reusable = False
+            data = data[:remaining]
+        self._remaining = 0
+        if data:
+            self.sink.response_data(data)  # type: ignore[union-attr]
+        self._finish()
 
     def _read_chunked(self, data: bytes) -> None:
         decoder = self._decoder

@@ -44,8 +44,9 @@ class LeanEPollReactor(EPollReactor):
             if selectable is None:
                 continue
             if event == _READABLE:
-                # Nearly every event under load: data to read, nothing else. Same outcome as _doReadOrWrite, which
-                # every other event (writable, hang-up, error) still goes through.
+                # Nearly every event under load: data to read, nothing else. Handled as _doReadOrWrite handles it,
+                # less its check for a selectable whose fileno() is -1 (one still registered after closing its
+                # descriptor: a bug it exists to report). Every other event (writable, hang-up, error) goes there.
                 try:
                     why = selectable.doRead()
                 except BaseException:

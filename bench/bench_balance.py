@@ -34,7 +34,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -49,7 +48,7 @@ import docker.errors
 from docker.models.containers import Container
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_proxy import Managed, free_port  # noqa: E402  (same directory)
+from bench_proxy import Managed, free_port, run_bench, wait_until  # noqa: E402  (same directory)
 from loadgen import Summary  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -234,25 +233,6 @@ def _get_json(port: int, path: str, host: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"GET {path}: not a JSON object")
     return value
-
-
-def wait_until(server: Managed, check: Callable[[], str | None], timeout_s: float = READY_TIMEOUT_S) -> str | None:
-    """Poll `check` (None: ready, else why not) until ready; returns why not on a timeout or an exit."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        code = server.exited()
-        if code is not None:
-            return f"exited with status {code}"
-        try:
-            problem = check()
-        except (OSError, ValueError, http.client.HTTPException) as error:
-            problem = str(error) or type(error).__name__
-        if problem is None:
-            return None
-        last = problem
-        time.sleep(0.2)
-    return f"not ready after {timeout_s:.0f} s ({last})"
 
 
 # -- proxies --------------------------------------------------------------------------------------------------------
@@ -569,7 +549,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 check = labelgw_ready(proxy, len(S1)) if run.proxy == "labelgw" else (
                     lambda: None if _get(proxy.port, "/", HOST_HEADER)[0] == 200 else "GET / did not answer 200"
                 )
-                problem = wait_until(proxy.server, check)
+                problem = wait_until(proxy.server, check, READY_TIMEOUT_S)
                 if problem:
                     skipped[run.name] = problem
                     print(f"skipping {run.name}: {problem}\n  log: {proxy.server.log_tail(8)}")
@@ -625,10 +605,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _raise_exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per proxy (default 30)")
@@ -657,19 +633,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    signal.signal(signal.SIGTERM, _raise_exit)
-    signal.signal(signal.SIGHUP, _raise_exit)
-    try:
-        report = bench(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"\nwrote {args.json}")
-    return 0
+    return run_bench(bench, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_HEADER = "bench.localhost"
@@ -196,28 +196,39 @@ def session_cpu_s(session_id: int) -> float:
     return total / _CLOCK_TICKS
 
 
-def wait_ready(server: Managed, port: int, timeout_s: float = READY_TIMEOUT_S) -> str | None:
-    """None once `GET /` with Host: bench.localhost answers 2xx; otherwise why not."""
+def wait_until(server: Managed, check: Callable[[], str | None], timeout_s: float = READY_TIMEOUT_S) -> str | None:
+    """Poll `check` (None: ready, else why not) until ready; returns why not on a timeout or an exit."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
         code = server.exited()
         if code is not None:
             return f"exited with status {code}"
+        try:
+            problem = check()
+        except (OSError, ValueError, http.client.HTTPException) as error:  # ssl.SSLError is an OSError
+            problem = str(error) or type(error).__name__
+        if problem is None:
+            return None
+        last = problem
+        time.sleep(0.2)
+    return f"not ready after {timeout_s:.0f} s ({last})"
+
+
+def wait_ready(server: Managed, port: int, timeout_s: float = READY_TIMEOUT_S) -> str | None:
+    """None once `GET /` with Host: bench.localhost answers 2xx; otherwise why not."""
+
+    def answers_2xx() -> str | None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         try:
             connection.request("GET", "/", headers={"Host": HOST_HEADER})
             response = connection.getresponse()
             response.read()
-            if 200 <= response.status < 300:
-                return None
-            last = f"answered {response.status}"
-        except OSError as error:
-            last = str(error) or type(error).__name__
+            return None if 200 <= response.status < 300 else f"answered {response.status}"
         finally:
             connection.close()
-        time.sleep(0.2)
-    return f"not ready after {timeout_s:.0f} s ({last})"
+
+    return wait_until(server, answers_2xx, timeout_s)
 
 
 # -- configurations -------------------------------------------------------------------------------------------------
@@ -305,10 +316,13 @@ def twisted_rpr(prefix: Path, port: int, backend_port: int) -> Managed:
     )
 
 
-def labelgw(prefix: Path, port: int, backend_port: int) -> Managed:
+def labelgw_server(prefix: Path, backend_port: int, listeners: Sequence[str]) -> Managed:
+    """`twistd -n labelgw` with `listeners` (its listener and state options) and a config file holding one static
+    service `bench` (hosts [bench.localhost], the backend) and no Docker watcher: only the data path is measured."""
     config = prefix / "labelgw.yaml"
     config.write_text(
-        f"""services:
+        f"""docker: false
+services:
   bench:
     hosts: [{HOST_HEADER}]
     path: /
@@ -324,22 +338,17 @@ def labelgw(prefix: Path, port: int, backend_port: int) -> Managed:
         "labelgw",
         [
             str(twistd) if twistd.exists() else (shutil.which("twistd") or "twistd"),
-            "-n",
-            "--pidfile=",
-            "labelgw",
-            "--http",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--config",
-            str(config),
-            # Only the data path is measured: no HTTPS listener (and no CA written to the home directory),
-            # no admin listener.
-            "--https",
-            "none",
-            "--admin",
-            "none",
+            "-n", "--pidfile=", "labelgw", *listeners, "--config", str(config),
         ],
         prefix / "labelgw.log",
         env=env,
+    )
+
+
+def labelgw(prefix: Path, port: int, backend_port: int) -> Managed:
+    # No HTTPS listener (and no CA written to the home directory), no admin listener.
+    return labelgw_server(
+        prefix, backend_port, ["--http", f"tcp:{port}:interface=127.0.0.1", "--https", "none", "--admin", "none"]
     )
 
 
@@ -558,8 +567,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_bench(bench: Callable[[argparse.Namespace], dict[str, object]], args: argparse.Namespace) -> int:
+    """What every bench script's main does: run, stop everything on Ctrl-C or SIGTERM, write --json."""
     # Progress lines appear as they happen, also when the output goes to a file.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     signal.signal(signal.SIGTERM, _raise_exit)
@@ -570,9 +579,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted; everything started was stopped", file=sys.stderr)
         return 130
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
         print(f"\nwrote {args.json}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_bench(bench, parse_args(argv))
 
 
 if __name__ == "__main__":

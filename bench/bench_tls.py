@@ -26,11 +26,8 @@ Needs Debian's nginx (nginx-light), wrk and openssl. Everything it starts, it st
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import statistics
@@ -51,16 +48,18 @@ sys.path.insert(0, str(HERE.parent))
 from bench_proxy import (  # noqa: E402
     HOST_HEADER,
     NGINX,
-    REPO,
     Managed,
     WrkResult,
     _nginx_conf,
     free_port,
+    labelgw_server,
     nginx_backend,
     nginx_proxy_server,
     parse_wrk,
+    run_bench,
     run_wrk,
     wait_ready,
+    wait_until,
 )
 
 from cryptography.hazmat.primitives import serialization  # noqa: E402
@@ -99,31 +98,16 @@ def nginx_tls(prefix: Path, port: int, backend_port: int, cert: Path, key: Path)
 
 
 def labelgw_tls(prefix: Path, http_port: int, https_port: int, backend_port: int, state: Path, certs: Path) -> Managed:
-    config = prefix / "labelgw.yaml"
-    config.write_text(
-        f"""docker: false
-services:
-  bench:
-    hosts: [{HOST_HEADER}]
-    path: /
-    backends: ["127.0.0.1:{backend_port}"]
-"""
-    )
-    twistd = Path(sys.executable).parent / "twistd"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return Managed(
-        "labelgw",
+    return labelgw_server(
+        prefix,
+        backend_port,
         [
-            str(twistd), "-n", "--pidfile=", "labelgw",
             "--http", f"tcp:{http_port}:interface=127.0.0.1",
             "--https", f"tcp:{https_port}:interface=127.0.0.1",
             "--state-dir", str(state),
             "--cert-dir", str(certs),
-            "--config", str(config),
+            "--admin", "none",
         ],
-        prefix / "labelgw.log",
-        env=env,
     )
 
 
@@ -152,29 +136,22 @@ def served_certificate(port: int, server_name: str | None, cafile: Path) -> byte
 
 def https_ready(server: Managed, port: int, cafile: Path, expected_der: bytes) -> str | None:
     """None once GET / over verified TLS answers 200 and the bench certificate is served with and without SNI."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    last = "no answer"
-    while time.monotonic() < deadline:
-        code = server.exited()
-        if code is not None:
-            return f"exited with status {code}"
-        try:
-            context = ssl.create_default_context(cafile=str(cafile))
-            with socket.create_connection(("127.0.0.1", port), timeout=3) as raw:
-                with context.wrap_socket(raw, server_hostname=HOST_HEADER) as tls:
-                    tls.sendall(f"GET / HTTP/1.1\r\nHost: {HOST_HEADER}\r\nConnection: close\r\n\r\n".encode())
-                    answer = b""
-                    while chunk := tls.recv(4096):
-                        answer += chunk
-            status = answer.split(b" ", 2)[1] if answer.startswith(b"HTTP/1.1 ") else b"?"
-            same = [served_certificate(port, name, cafile) == expected_der for name in (HOST_HEADER, None)]
-            if status == b"200" and all(same):
-                return None
-            last = f"status {status.decode()}, bench certificate served (SNI, no SNI): {same}"
-        except (OSError, ssl.SSLError) as error:
-            last = str(error) or type(error).__name__
-        time.sleep(0.2)
-    return f"not ready after {READY_TIMEOUT_S:.0f} s ({last})"
+
+    def serves_the_bench_certificate() -> str | None:
+        context = ssl.create_default_context(cafile=str(cafile))
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as raw:
+            with context.wrap_socket(raw, server_hostname=HOST_HEADER) as tls:
+                tls.sendall(f"GET / HTTP/1.1\r\nHost: {HOST_HEADER}\r\nConnection: close\r\n\r\n".encode())
+                answer = b""
+                while chunk := tls.recv(4096):
+                    answer += chunk
+        status = answer.split(b" ", 2)[1] if answer.startswith(b"HTTP/1.1 ") else b"?"
+        same = [served_certificate(port, name, cafile) == expected_der for name in (HOST_HEADER, None)]
+        if status == b"200" and all(same):
+            return None
+        return f"status {status.decode()}, bench certificate served (SNI, no SNI): {same}"
+
+    return wait_until(server, serves_the_bench_certificate, READY_TIMEOUT_S)
 
 
 # -- load ---------------------------------------------------------------------------------------------------------
@@ -270,10 +247,6 @@ def print_report(summary: dict[str, dict[str, float]], args: argparse.Namespace)
 # -- main -------------------------------------------------------------------------------------------------------
 
 
-def _raise_exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def bench(args: argparse.Namespace) -> dict[str, object]:
     prefix = Path(tempfile.mkdtemp(prefix="labelgw-bench-tls-"))
     state, certs = prefix / "state", prefix / "certs"
@@ -359,12 +332,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_exit)
-    report = bench(args)
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2, default=str))
-    return 0
+    return run_bench(bench, parse_args(argv))
 
 
 if __name__ == "__main__":

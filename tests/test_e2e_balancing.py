@@ -248,7 +248,9 @@ def test_a_failing_health_check_takes_a_backend_out(labelgw: Any, containers: An
     changed_at = time.monotonic()
     wait_for("the flaky backend back", lambda: backends(gw, service)[container["flaky"]]["ready"], 5, gw)
     back_after = time.monotonic() - changed_at
-    assert "flaky" in {who for _, who in (client.get() for _ in range(40))}
+    # Re-admitted backends ramp up (slow start: a candidate in 10 % of picks at first), so 40 requests can
+    # miss it by chance; it must get traffic within a bounded number of them.
+    assert any(client.get()[1] == "flaky" for _ in range(400))
     record("health check 200 ms: out after / back after (s)", f"{out_after:.2f} / {back_after:.2f}")
     client.close()
 

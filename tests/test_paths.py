@@ -107,8 +107,8 @@ def test_a_normal_path_costs_no_copy() -> None:
 
 
 def test_decode_unreserved() -> None:
-    assert decode_unreserved(b"%41%7a%2d%2E%5f%7E%2f%3a%c3") == b"Az-._~%2F%3A%C3"
-    assert decode_unreserved(b"/plain") == b"/plain"
+    assert decode_unreserved("%41%7a%2d%2E%5f%7E%2f%3a%c3") == "Az-._~%2F%3A%C3"
+    assert decode_unreserved("/plain") == "/plain"
 
 
 @pytest.mark.parametrize(

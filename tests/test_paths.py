@@ -347,3 +347,26 @@ def test_the_parser_hands_absolute_form_targets_over_as_paths() -> None:
     head = parse_request_head(b"GET http://api.localhost/v2/%2e%2e/x?q HTTP/1.1\r\nHost: other")
     assert head.absolute_form and head.target == b"/v2/%2e%2e/x?q"
     assert route_target(head.target) == ("/x", b"/x?q")
+
+
+# HTTP/2 requests take the same way (labelgw.http.h2 hands them to the same dispatch).
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "upstream_target"),
+    [(b"/v2/%2e%2e/v2/admin?a=/../", 200, b"/v2/admin?a=/../"), (b"/v2/./x", 200, b"/x"), (b"/v2/../../x", 400, None)],
+)
+def test_http2_paths_are_routed_and_forwarded_alike(h: Any, path: bytes, status: int, upstream_target: bytes | None) -> None:
+    from test_h2 import H2Client
+
+    client = H2Client(h, validate=False)
+    stream = client.request(path, authority=b"api.localhost")
+    if upstream_target is None:
+        assert client.streams[stream].status == status
+        assert h.connect_count() == 0
+        return
+    upstream = h.upstream().accept()
+    assert upstream.request().target == upstream_target
+    upstream.send(ok())
+    client.exchange()
+    assert client.streams[stream].status == status

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -64,7 +63,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         port = free_port()
         gateway = TwistdProcess(
             labelgw_args(port, None, ["--config", str(config), "--https", "none", "--admin", "none"]),
-            port=port, cwd=Path(base / "gateway"),
+            port=port, cwd=base / "gateway",
         )
         gateway.wait_until_listening()
         yield World(gateway)

@@ -5,7 +5,7 @@ receives. The hypothesis properties pin the rule: nothing a backend could resolv
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import unquote_to_bytes
 
 import pytest
@@ -268,7 +268,7 @@ def test_the_forwarded_form_is_a_fixed_point(path: str) -> None:
 
 
 @pytest.fixture
-def h() -> Any:
+def h() -> Iterator[ProxyHarness]:
     harness = ProxyHarness()
     yield harness
     harness.assert_accounting()

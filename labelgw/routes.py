@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 from labelgw.backends import ServicePool
+from labelgw.http.paths import match_prefix, strip_segments
 
 
 class Route:
     """Where requests for one (host, path prefix) go. The service pool is shared and changes in place."""
 
-    __slots__ = ("host", "path_prefix", "service", "strip_prefix", "scheme", "tls")
+    __slots__ = ("host", "path_prefix", "match_prefix", "service", "strip_prefix", "scheme", "tls")
 
     def __init__(
         self, host: str, path_prefix: str, service: ServicePool, strip_prefix: bool = False, scheme: str = "http",
@@ -18,6 +19,8 @@ class Route:
     ) -> None:
         self.host = host
         self.path_prefix = path_prefix
+        # The prefix as request paths are matched: escapes normalised like theirs (labelgw.http.paths).
+        self.match_prefix = match_prefix(path_prefix)
         self.service = service
         self.strip_prefix = strip_prefix
         self.scheme = scheme
@@ -25,13 +28,11 @@ class Route:
         self.tls = tls
 
     def upstream_path(self, target: bytes) -> bytes:
-        """The request target to send upstream: the prefix removed when the route strips it."""
-        if not self.strip_prefix or self.path_prefix == "/":
+        """The request target to send upstream: the prefix removed when the route strips it. C{target} is the
+        forwarded form of labelgw.http.paths.route_target, whose matching form routed here."""
+        if not self.strip_prefix or self.match_prefix == "/":
             return target
-        rest = target[len(self.path_prefix):]
-        if not rest or rest[:1] != b"/":
-            rest = b"/" + rest
-        return rest
+        return strip_segments(target, self.match_prefix)
 
     def __repr__(self) -> str:
         return f"<Route {self.host}{self.path_prefix} -> {self.service.name}>"
@@ -40,14 +41,19 @@ class Route:
 class HostRoutes:
     """The routes of one host, immutable once built. Matching costs one dict lookup per distinct prefix length."""
 
-    __slots__ = ("_by_prefix", "_lengths", "_root")
+    __slots__ = ("_all", "_by_prefix", "_lengths", "_root")
 
     def __init__(self, routes: Iterable[Route]) -> None:
-        self._by_prefix: dict[str, Route] = {route.path_prefix: route for route in routes}
+        self._all = list(routes)
+        # Keyed by matching form; of two prefixes with one matching form (/%7Ea, /~a) the first keeps it.
+        self._by_prefix: dict[str, Route] = {}
+        for route in self._all:
+            self._by_prefix.setdefault(route.match_prefix, route)
         self._root = self._by_prefix.get("/")
         self._lengths = sorted({len(prefix) for prefix in self._by_prefix if prefix != "/"}, reverse=True)
 
     def match(self, path: str) -> Route | None:
+        """The route of a path in matching form (labelgw.http.paths.route_target)."""
         for length in self._lengths:
             # A prefix matches whole segments only: "/api" matches "/api" and "/api/x", never "/apix".
             if len(path) >= length and (len(path) == length or path[length] == "/"):
@@ -57,7 +63,7 @@ class HostRoutes:
         return self._root
 
     def routes(self) -> list[Route]:
-        return list(self._by_prefix.values())
+        return list(self._all)
 
 
 def normalize_host(raw: str) -> str:

@@ -8,6 +8,8 @@ from typing import Iterator, Mapping
 import pytest
 
 from labelgw.backends import RoundRobin, ServicePool
+from labelgw.http.parser import HttpError
+from labelgw.http.paths import route_target
 from labelgw.routes import HostRoutes, Route, RouteTable, normalize_host
 
 
@@ -135,6 +137,82 @@ def test_lookup_returns_the_route_with_its_service() -> None:
 )
 def test_upstream_path(prefix: str, strip: bool, target: bytes, upstream: bytes) -> None:
     assert route("a", prefix, strip=strip).upstream_path(target) == upstream
+
+
+@pytest.mark.parametrize(
+    ("prefix", "strip", "target", "upstream"),
+    [
+        # Targets as labelgw.http.paths forwards them: escapes as received, the prefix cut by segments.
+        ("/api", True, b"/%61pi/users?x=1", b"/users?x=1"),
+        ("/api", True, b"/api%2Fusers", b"/users"),
+        ("/~user", True, b"/%7Euser/x", b"/x"),
+        ("/%7Euser", True, b"/~user/x", b"/x"),
+        ("/group%2Fproject", True, b"/group/project/x", b"/x"),
+        ("/api", False, b"/%61pi%2Fusers", b"/%61pi%2Fusers"),
+    ],
+)
+def test_upstream_path_of_encoded_targets(prefix: str, strip: bool, target: bytes, upstream: bytes) -> None:
+    assert route("a", prefix, strip=strip).upstream_path(target) == upstream
+
+
+# Prefixes and paths compared in matching form (labelgw.http.paths).
+
+
+@pytest.mark.parametrize(
+    ("prefix", "path", "matched"),
+    [
+        ("/%7Euser", "/~user/x", True),
+        ("/~user", "/~user", True),
+        ("/caf%c3%a9", "/caf%C3%A9/menu", True),
+        ("/group%2Fproject", "/group/project/x", True),
+        ("/api/", "/api/x", True),
+        ("/%7Euser", "/%7Euser", False),  # request paths arrive in matching form: %7E is already "~"
+    ],
+)
+def test_prefixes_are_matched_in_matching_form(prefix: str, path: str, matched: bool) -> None:
+    assert (served_prefix(table_with("a", prefix), "a", path) == prefix) is matched
+
+
+def test_two_prefixes_with_one_matching_form_first_keeps_it() -> None:
+    first, second = route("a", "/~user", service="first"), route("a", "/%7Euser", service="second")
+    host_routes = HostRoutes([first, second])
+    assert host_routes.match("/~user/x") is first
+    assert host_routes.routes() == [first, second]
+
+
+TABLE_PREFIXES = {"/": False, "/public": False, "/api": True, "/admin": False}
+
+
+@pytest.mark.parametrize(
+    ("target", "prefix", "upstream"),
+    [
+        (b"/public/../admin", "/admin", b"/admin"),
+        (b"/public/%2e%2e/admin/x?q=1", "/admin", b"/admin/x?q=1"),
+        (b"/api/../admin", "/admin", b"/admin"),
+        (b"/api/./v1/../users?q=/../x", "/api", b"/users?q=/../x"),
+        (b"/api/%2E%2e/api/x", "/api", b"/x"),
+        (b"/public/.%2e/api/x", "/api", b"/x"),
+        (b"//api//x", "/api", b"/x"),
+        (b"/api//x", "/api", b"/x"),  # merged before the cut: never a "//x" a backend could read as a host
+        (b"/api%2Fx", "/api", b"/x"),
+        (b"/public%2Fx", "/public", b"/public%2Fx"),
+        (b"/x/../public", "/public", b"/public"),
+        (b"*", "/", b"*"),
+    ],
+)
+def test_routed_on_the_matching_form_and_forwarded_without_dots(target: bytes, prefix: str, upstream: bytes) -> None:
+    table = RouteTable()
+    table.replace_host("a", {p: route("a", p, strip=strip) for p, strip in TABLE_PREFIXES.items()})
+    path, forwarded = route_target(target)
+    found = table.lookup("a", path)
+    assert found is not None and found.path_prefix == prefix
+    assert found.upstream_path(forwarded) == upstream
+
+
+@pytest.mark.parametrize("target", [b"/../admin", b"/api/../../admin", b"/public%2F..%2Fadmin", b"/api/..;/admin"])
+def test_paths_that_leave_every_prefix_ambiguously_are_refused(target: bytes) -> None:
+    with pytest.raises(HttpError):
+        route_target(target)
 
 
 # Whole-host replacement.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from twisted.application.service import Service
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -159,6 +158,4 @@ def admin_site(registry: Registry, clock: Clock, health: Describe | None = None)
 class AdminListener(ListenerService):
     """The admin endpoint; logs `labelgw admin on http://...` instead of the proxy listeners' line."""
 
-    def startService(self) -> None:
-        Service.startService(self)
-        self._log.info("labelgw admin on {url}", url=self.url)
+    started_message = "labelgw admin on {url}"

@@ -65,6 +65,8 @@ class Settings:
     cert_dir: str | None = None
     tls_strict: bool = False
     redirect_https: bool = False
+    # Seconds from labelgw's TLS close_notify to its closing of the TCP connection (labelgw.tls.deadlines).
+    tls_close_grace: float = 2.0
     # Load balancing (labelgw.balancer, labelgw.outlier) and the admin view (labelgw.admin; None: --admin none).
     balancer: str = "wrt"
     balancer_decay: float = 10.0
@@ -95,7 +97,7 @@ def load_file(path: str) -> dict[str, Any]:
 
 
 _FILE_KEYS = {"http", "docker_host", "label_prefix", "env", "docker", "services", "resync_interval", "drain_grace", *_TIMEOUTS}
-_HTTPS_KEYS = {"https", "state_dir", "cert_dir", "tls_strict", "redirect_https"}
+_HTTPS_KEYS = {"https", "state_dir", "cert_dir", "tls_strict", "redirect_https", "tls_close_grace"}
 _FILE_KEYS |= _HTTPS_KEYS
 _BALANCING_KEYS = {"balancer", "balancer_decay", "ejection_base", "admin", "version_header"}
 _FILE_KEYS |= _BALANCING_KEYS
@@ -217,6 +219,7 @@ def _static_service(name: Any, spec: Any) -> StaticService:
 def _https_settings(pick: Any) -> dict[str, Any]:
     """The HTTPS settings, named as on the command line in errors (the file's keys are the same with '_')."""
     https = _https_endpoints(pick("https"))
+    grace = pick("tls_close_grace")
     redirect = _flag("--redirect-https", pick("redirect_https"))
     if redirect and not https:
         raise ConfigError("--redirect-https: needs an HTTPS listener, but --https is none")
@@ -226,6 +229,7 @@ def _https_settings(pick: Any) -> dict[str, Any]:
         "cert_dir": _directory("--cert-dir", pick("cert_dir"), must_exist=True),
         "tls_strict": _flag("--tls-strict", pick("tls_strict")),
         "redirect_https": redirect,
+        "tls_close_grace": _positive_number("tls_close_grace", 2.0 if grace is None else grace),
     }
 
 

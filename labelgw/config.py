@@ -72,6 +72,8 @@ class Settings:
     balancer_decay: float = 10.0
     ejection_base: float = 30.0
     admin: str | None = DEFAULT_ADMIN
+    # Host names the admin view answers besides localhost, *.localhost and loopback addresses (labelgw.admin).
+    admin_hosts: tuple[str, ...] = ()
     # The request field that pins a request to one version (labelgw.versions).
     version_header: str = "X-Labelgw-Version"
 
@@ -99,7 +101,7 @@ def load_file(path: str) -> dict[str, Any]:
 _FILE_KEYS = {"http", "docker_host", "label_prefix", "env", "docker", "services", "resync_interval", "drain_grace", *_TIMEOUTS}
 _HTTPS_KEYS = {"https", "state_dir", "cert_dir", "tls_strict", "redirect_https", "tls_close_grace"}
 _FILE_KEYS |= _HTTPS_KEYS
-_BALANCING_KEYS = {"balancer", "balancer_decay", "ejection_base", "admin", "version_header"}
+_BALANCING_KEYS = {"balancer", "balancer_decay", "ejection_base", "admin", "admin_hosts", "version_header"}
 _FILE_KEYS |= _BALANCING_KEYS
 
 
@@ -302,5 +304,24 @@ def _balancing_settings(pick: Any) -> dict[str, Any]:
         "balancer_decay": number("balancer_decay", 10.0),
         "ejection_base": ejection_base,
         "admin": admin,
+        "admin_hosts": _admin_hosts(pick("admin_hosts")),
         "version_header": version_header,
     }
+
+
+def _admin_hosts(value: Any) -> tuple[str, ...]:
+    from labelgw.admin import normalize_admin_host
+
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError("--admin-host: must be host names such as 'gw.example.com'")
+    hosts = []
+    for item in value:
+        host = normalize_admin_host(item) if isinstance(item, str) else None
+        if not host:
+            raise ConfigError(f"--admin-host {item!r}: not a host name or IP address")
+        hosts.append(host)
+    return tuple(dict.fromkeys(hosts))

@@ -117,3 +117,25 @@ def test_a_busy_port_stops_start_up_with_one_line() -> None:
 def test_a_bad_endpoint_string_stops_start_up_with_one_line() -> None:
     with pytest.raises(SystemExit, match="labelgw: cannot listen on 'nonsense:1'"):
         ListenerService(MemoryReactorClock(), "nonsense:1", Factory())
+
+
+def test_every_listener_of_the_gateway_gets_the_backlog(tmp_path: Any) -> None:
+    from labelgw import config
+    from labelgw.app import LabelgwService
+
+    settings = config.build(
+        {
+            "http": ["tcp:8080:interface=127.0.0.1", "tcp:8090:backlog=200"],
+            "https": ["tcp:8443:interface=127.0.0.1"],
+            "admin": "tcp:8081:interface=127.0.0.1",
+            "state_dir": str(tmp_path / "state"),
+        },
+        {"docker": False},
+    )
+    reactor = MemoryReactorClock()
+    service = LabelgwService(settings, reactor)
+    for listener in service.listeners:
+        listener.privilegedStartService()
+    assert sorted((port, backlog) for port, _, backlog, _ in reactor.tcpServers) == [
+        (8080, DEFAULT_BACKLOG), (8081, DEFAULT_BACKLOG), (8090, 200), (8443, DEFAULT_BACKLOG),
+    ]

@@ -5,14 +5,22 @@ readiness and why, health-check state, ejections, in-flight, requests, errors, l
 factor), every route (host + path -> service) and every container skipped for a bad label, with the reason.
 It is a twisted.web Site on its own listener (127.0.0.1 only by default), off the proxy's data path; building
 the view reads the registry on the reactor thread and changes nothing.
+
+Listening on loopback does not keep web pages out: a page whose host name an attacker re-points at 127.0.0.1
+(DNS rebinding) may read the view as its own origin. So the view answers only requests whose Host is
+``localhost`` or a name under ``.localhost`` (RFC 6761: browsers resolve those to loopback themselves, never
+through DNS, so no page can rebind them), a loopback address (127.0.0.0/8, ``[::1]``), or a name given with
+``--admin-host`` / ``admin_hosts``; the port does not matter. Any other Host gets ``421`` and a body saying
+why. A request without Host (HTTP/1.0 tools; browsers always send one) is answered.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Iterable
 
-from twisted.application.service import Service
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -21,12 +29,33 @@ from labelgw.backends import Backend, ServicePool
 from labelgw.listeners import ListenerService
 from labelgw.registry import Registry
 
-__all__ = ["AdminListener", "AdminResource", "admin_site", "state"]
+__all__ = ["AdminListener", "AdminResource", "admin_host_allowed", "admin_site", "normalize_admin_host", "state"]
 
 Clock = Callable[[], float]
 Describe = Callable[[Backend], "dict[str, Any] | None"]
 
 STATE_PATHS = (b"/", b"/api/state", b"/api/state/")
+
+# A Host field: a name or IPv4 address, or a bracketed IPv6 literal, then an optional port.
+_HOST_FIELD = re.compile(r"(?:\[(?P<ip6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9_.-]+))(?::[0-9]{0,5})?\Z")
+
+
+def normalize_admin_host(raw: str) -> str | None:
+    """The host of a Host field (lower case, no port, no trailing dot, IPv6 without brackets); None if malformed."""
+    match = _HOST_FIELD.match(raw.strip().lower())
+    if match is None:
+        return None
+    return match.group("ip6") or match.group("name").rstrip(".")
+
+
+def admin_host_allowed(host: str, allowed: Iterable[str] = ()) -> bool:
+    """Whether the admin view answers a request for C{host} (as L{normalize_admin_host} returns it)."""
+    if host == "localhost" or host.endswith(".localhost") or host in allowed:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def state(registry: Registry, now: float, health: Describe | None = None) -> dict[str, Any]:
@@ -119,11 +148,31 @@ def _backend(backend: Backend, now: float, health: Describe | None) -> dict[str,
 class AdminResource(Resource):
     isLeaf = True
 
-    def __init__(self, registry: Registry, clock: Clock, health: Describe | None = None) -> None:
+    def __init__(
+        self, registry: Registry, clock: Clock, health: Describe | None = None, allowed_hosts: Iterable[str] = ()
+    ) -> None:
         Resource.__init__(self)
         self._registry = registry
         self._clock = clock
         self._health = health
+        self._allowed_hosts = frozenset(allowed_hosts)
+
+    def render(self, request: Request) -> bytes:
+        # Before anything else, whatever the method: a page reached through DNS rebinding learns nothing.
+        raw = request.getHeader(b"host")
+        if raw is not None:
+            text = raw.decode("latin-1")
+            host = normalize_admin_host(text)
+            if host is None or not admin_host_allowed(host, self._allowed_hosts):
+                request.setHeader(b"cache-control", b"no-store")
+                request.setResponseCode(421)
+                return self._json(request, {
+                    "error": f"the admin view does not answer for host {text!r}",
+                    "allowed": "localhost, *.localhost, loopback addresses (127.0.0.0/8, [::1]) and the names "
+                    "given with --admin-host or admin_hosts",
+                })
+        result: bytes = Resource.render(self, request)
+        return result
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"cache-control", b"no-store")
@@ -152,13 +201,13 @@ class AdminSite(Site):
         pass
 
 
-def admin_site(registry: Registry, clock: Clock, health: Describe | None = None) -> Site:
-    return AdminSite(AdminResource(registry, clock, health))
+def admin_site(
+    registry: Registry, clock: Clock, health: Describe | None = None, allowed_hosts: Iterable[str] = ()
+) -> Site:
+    return AdminSite(AdminResource(registry, clock, health, allowed_hosts))
 
 
 class AdminListener(ListenerService):
     """The admin endpoint; logs `labelgw admin on http://...` instead of the proxy listeners' line."""
 
-    def startService(self) -> None:
-        Service.startService(self)
-        self._log.info("labelgw admin on {url}", url=self.url)
+    started_message = "labelgw admin on {url}"

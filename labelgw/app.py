@@ -58,7 +58,7 @@ class LabelgwService(MultiService):
         self.gateway.https_redirect = self.https.redirect
         # The admin JSON view (--admin), on its own listener; stopped with the others.
         if settings.admin is not None:
-            site = admin_site(self.registry, reactor.seconds, self.health.describe)
+            site = admin_site(self.registry, reactor.seconds, self.health.describe, settings.admin_hosts)
             admin = AdminListener(reactor, settings.admin, site, "http")
             admin.setServiceParent(self)
             self.listeners.append(admin)

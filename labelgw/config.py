@@ -65,11 +65,15 @@ class Settings:
     cert_dir: str | None = None
     tls_strict: bool = False
     redirect_https: bool = False
+    # Seconds from labelgw's TLS close_notify to its closing of the TCP connection (labelgw.tls.deadlines).
+    tls_close_grace: float = 2.0
     # Load balancing (labelgw.balancer, labelgw.outlier) and the admin view (labelgw.admin; None: --admin none).
     balancer: str = "wrt"
     balancer_decay: float = 10.0
     ejection_base: float = 30.0
     admin: str | None = DEFAULT_ADMIN
+    # Host names the admin view answers besides localhost, *.localhost and loopback addresses (labelgw.admin).
+    admin_hosts: tuple[str, ...] = ()
     # The request field that pins a request to one version (labelgw.versions).
     version_header: str = "X-Labelgw-Version"
 
@@ -95,9 +99,9 @@ def load_file(path: str) -> dict[str, Any]:
 
 
 _FILE_KEYS = {"http", "docker_host", "label_prefix", "env", "docker", "services", "resync_interval", "drain_grace", *_TIMEOUTS}
-_HTTPS_KEYS = {"https", "state_dir", "cert_dir", "tls_strict", "redirect_https"}
+_HTTPS_KEYS = {"https", "state_dir", "cert_dir", "tls_strict", "redirect_https", "tls_close_grace"}
 _FILE_KEYS |= _HTTPS_KEYS
-_BALANCING_KEYS = {"balancer", "balancer_decay", "ejection_base", "admin", "version_header"}
+_BALANCING_KEYS = {"balancer", "balancer_decay", "ejection_base", "admin", "admin_hosts", "version_header"}
 _FILE_KEYS |= _BALANCING_KEYS
 
 
@@ -217,6 +221,7 @@ def _static_service(name: Any, spec: Any) -> StaticService:
 def _https_settings(pick: Any) -> dict[str, Any]:
     """The HTTPS settings, named as on the command line in errors (the file's keys are the same with '_')."""
     https = _https_endpoints(pick("https"))
+    grace = pick("tls_close_grace")
     redirect = _flag("--redirect-https", pick("redirect_https"))
     if redirect and not https:
         raise ConfigError("--redirect-https: needs an HTTPS listener, but --https is none")
@@ -226,6 +231,7 @@ def _https_settings(pick: Any) -> dict[str, Any]:
         "cert_dir": _directory("--cert-dir", pick("cert_dir"), must_exist=True),
         "tls_strict": _flag("--tls-strict", pick("tls_strict")),
         "redirect_https": redirect,
+        "tls_close_grace": _positive_number("tls_close_grace", 2.0 if grace is None else grace),
     }
 
 
@@ -298,5 +304,24 @@ def _balancing_settings(pick: Any) -> dict[str, Any]:
         "balancer_decay": number("balancer_decay", 10.0),
         "ejection_base": ejection_base,
         "admin": admin,
+        "admin_hosts": _admin_hosts(pick("admin_hosts")),
         "version_header": version_header,
     }
+
+
+def _admin_hosts(value: Any) -> tuple[str, ...]:
+    from labelgw.admin import normalize_admin_host
+
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError("--admin-host: must be host names such as 'gw.example.com'")
+    hosts = []
+    for item in value:
+        host = normalize_admin_host(item) if isinstance(item, str) else None
+        if not host:
+            raise ConfigError(f"--admin-host {item!r}: not a host name or IP address")
+        hosts.append(host)
+    return tuple(dict.fromkeys(hosts))

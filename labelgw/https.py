@@ -1,7 +1,8 @@
 """HTTPS for the gateway: the TLS listeners and the plain-HTTP -> HTTPS redirect, built from the settings.
 
 Every ``--https`` endpoint (default ``tcp:8443``; ``--https none`` for none) serves the same proxy as ``--http``,
-one Gateway, behind TLS terminated in this process by Twisted's C{TLSMemoryBIOFactory}. Per handshake,
+one Gateway, behind TLS terminated in this process by Twisted's C{TLSMemoryBIOFactory} with a handshake deadline and
+a bounded close (L{labelgw.tls.deadlines}). Per handshake,
 L{SNIContextSelector} picks the certificate: a user certificate from ``--cert-dir``; else a leaf the local CA
 (``--state-dir``) mints for a routed name or a local one (``*.localhost``, loopback IPs); else the default
 certificate, or with ``--tls-strict`` a handshake alert. Requests reach backends with ``X-Forwarded-Proto:
@@ -20,14 +21,21 @@ from typing import Any, Callable
 
 from twisted.application.service import MultiService
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from labelgw.config import Settings
 from labelgw.http.h2 import negotiating_factory
 from labelgw.http.server import Gateway
 from labelgw.listeners import ListenerService
 from labelgw.routes import Route
-from labelgw.tls import CAError, CertDirectory, LocalCA, SNIContextSelector, default_state_dir, thread_runner
+from labelgw.tls import (
+    CAError,
+    CertDirectory,
+    LocalCA,
+    SNIContextSelector,
+    TLSServerFactory,
+    default_state_dir,
+    thread_runner,
+)
 
 # Hosts put in a Location header as they are: names and bracketed IPv6 literals, nothing that needs escaping.
 _REDIRECTABLE_HOST = re.compile(r"(?:[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?|\[[0-9a-f:.]+\])\Z")
@@ -108,7 +116,14 @@ class HttpsService(MultiService):
             cert_dir=self.cert_dir,
             strict=settings.tls_strict,
         )
-        factory = TLSMemoryBIOFactory(self.selector, False, negotiating_factory(gateway, b"https"))
+        # Deadlines for the handshake (the request head's) and for closing (close_notify, then TCP).
+        factory = TLSServerFactory(
+            self.selector,
+            negotiating_factory(gateway, b"https"),
+            clock=reactor,
+            handshake_timeout=settings.proxy.head_timeout,
+            close_grace=settings.tls_close_grace,
+        )
         self.listeners = [ListenerService(reactor, description, factory, "https") for description in settings.https]
         self.redirect = HttpsRedirect(settings.redirect_https, self._first_listener_port)
 

@@ -1,43 +1,110 @@
-"""A listening endpoint as a Service: listens in privilegedStartService so a bad or busy endpoint stops twistd
-with a clear error before anything else starts, logs the URL it serves, and stops accepting on stop."""
+"""A listening endpoint as a Service: Twisted's C{StreamServerEndpointService}, plus what labelgw wants of it.
+
+It listens in privilegedStartService, so a bad or busy endpoint stops twistd with one clear line before anything
+else starts; it logs the URL it serves; and every listener gets a listen backlog of L{DEFAULT_BACKLOG} unless its
+endpoint string says ``backlog=`` itself (Twisted's default of 50 makes a burst of connects wait for a SYN retry).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
+
+# nginx listens with 511; twice that takes a burst of a thousand connects (the kernel caps it at
+# net.core.somaxconn, 4096 since Linux 5.4).
+DEFAULT_BACKLOG = 1024
+# Endpoint types of Twisted's own parsers that take a backlog argument.
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "unix", "ssl"})
 
 
-class ListenerService(Service):
+def _fields(description: str) -> list[str]:
+    """The ``:``-separated fields of an endpoint string, honouring Twisted's backslash escapes."""
+    fields: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for char in description:
+        if escaped:
+            current.append("\\" + char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    fields.append("".join(current))
+    return fields
+
+
+def with_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """C{description} with ``:backlog=N`` added, unless it names a backlog or its type takes none."""
+    fields = _fields(description)
+    if fields[0].strip().lower() not in _BACKLOG_TYPES:
+        return description
+    if any(field.strip().lower().startswith("backlog=") for field in fields[1:]):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+@implementer(IStreamServerEndpoint)
+class _KeepsPort:
+    """An endpoint that remembers the port it listens on (the stock service keeps it to itself)."""
+
+    def __init__(self, endpoint: Any) -> None:
+        self.endpoint = endpoint
+        self.port: IListeningPort | None = None
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        listening: Deferred[Any] = self.endpoint.listen(factory)
+        return listening.addCallback(self._keep)
+
+    def _keep(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        return port
+
+
+class ListenerService(StreamServerEndpointService):
     _log = Logger()
+    # Logged once listening, with the URL.
+    started_message = "labelgw listening on {url}"
 
     def __init__(self, reactor: Any, description: str, factory: Any, scheme: str = "http") -> None:
-        self._reactor = reactor
-        self.description = description
-        self.factory = factory
-        self.scheme = scheme
-        self.port: Any = None
-
-    def privilegedStartService(self) -> None:
         from twisted.internet.endpoints import serverFromString
 
-        endpoint = serverFromString(self._reactor, self.description)
-        result: list[Any] = []
-        endpoint.listen(self.factory).addBoth(result.append)
-        if result and not isinstance(result[0], Exception) and hasattr(result[0], "getHost"):
-            self.port = result[0]
-        elif result:
-            failure = result[0]
-            raise SystemExit(f"labelgw: cannot listen on {self.description!r}: {failure.getErrorMessage()}")
-        else:
+        self.description = description
+        self.scheme = scheme
+        try:
+            endpoint = serverFromString(reactor, with_backlog(description))
+        except Exception as error:  # the parser raises several kinds of errors; all mean the same to a user
+            raise SystemExit(f"labelgw: cannot listen on {description!r}: {error}") from None
+        self._endpoint = _KeepsPort(endpoint)
+        StreamServerEndpointService.__init__(self, self._endpoint, factory)
+        # A failure to listen raises from privilegedStartService instead of being logged later.
+        self._raiseSynchronously = True
+        self._listening = False
+
+    @property
+    def port(self) -> Any:
+        return self._endpoint.port
+
+    def privilegedStartService(self) -> None:
+        self._listening = True
+        try:
+            StreamServerEndpointService.privilegedStartService(self)
+        except Exception as error:
+            raise SystemExit(f"labelgw: cannot listen on {self.description!r}: {error}") from None
+        if self.port is None:
             raise SystemExit(f"labelgw: listening on {self.description!r} did not complete at start")
-        Service.privilegedStartService(self)
 
     def startService(self) -> None:
-        Service.startService(self)
-        self._log.info("labelgw listening on {url}", url=self.url)
+        StreamServerEndpointService.startService(self)
+        self._log.info(self.started_message, url=self.url)
 
     @property
     def url(self) -> str:
@@ -50,8 +117,10 @@ class ListenerService(Service):
         return f"{self.scheme}://{host}:{address.port}"
 
     def stopService(self) -> Deferred[None]:
-        Service.stopService(self)
-        port, self.port = self.port, None
-        if port is None:
+        if not self._listening:
+            self.running = False
             return succeed(None)
-        return port.stopListening()
+        self._listening = False
+        self._endpoint.port = None
+        stopped: Deferred[None] = StreamServerEndpointService.stopService(self)
+        return stopped

@@ -41,6 +41,7 @@ class Options(usage.Options):
         usage.Options.__init__(self)
         self["http"] = []
         self["https"] = []
+        self["admin-host"] = []
 
     def opt_http(self, endpoint: str) -> None:
         """Listen for HTTP on a Twisted endpoint, e.g. tcp:8080 or tcp:8080:interface=127.0.0.1 (repeatable)
@@ -50,6 +51,10 @@ class Options(usage.Options):
     def opt_https(self, endpoint: str) -> None:
         """Listen for HTTPS on a Twisted endpoint such as tcp:8443 (repeatable; none: no HTTPS) [default: tcp:8443]"""
         self["https"].append(endpoint)
+
+    def opt_admin_host(self, name: str) -> None:
+        """A host name the admin view answers besides localhost, *.localhost and loopback addresses (repeatable)"""
+        self["admin-host"].append(name)
 
     def opt_version(self) -> None:
         from labelgw import __version__
@@ -81,6 +86,7 @@ def settings_from_options(options: Any) -> config.Settings:
         "redirect_https": True if options["redirect-https"] else None,
         "balancer": options["balancer"],
         "admin": options["admin"],
+        "admin_hosts": list(options["admin-host"]),
         "version_header": options["version-header"],
     }
     settings = config.build(cli, file)

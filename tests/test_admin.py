@@ -231,3 +231,106 @@ def test_balancing_settings_from_the_file(tmp_path: Any) -> None:
     config.write_text("ejection_base: 0\n")
     with pytest.raises(usage.UsageError, match="ejection_base"):
         parse("--config", str(config))
+
+
+# -- which Host the admin view answers (DNS rebinding) ---------------------------------------------------------
+
+
+def render_for(host: bytes | None, allowed: tuple[str, ...] = (), method: bytes = b"GET") -> tuple[int, dict[str, Any]]:
+    request = DummyRequest([b""])
+    request.method = method
+    if host is not None:
+        request.requestHeaders.setRawHeaders(b"host", [host])
+    body = AdminResource(Registry(), lambda: 1.0, allowed_hosts=allowed).render(request)
+    assert isinstance(body, bytes)
+    return request.responseCode or 200, json.loads(body) if body else {}
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"localhost", b"LOCALHOST:8081", b"localhost.", b"admin.localhost", b"a.b.localhost:8081",
+        b"127.0.0.1", b"127.0.0.1:8081", b"127.1.2.3:9000", b"[::1]", b"[::1]:8081",
+    ],
+)
+def test_loopback_names_and_addresses_are_answered(host: bytes) -> None:
+    status, view = render_for(host)
+    assert status == 200 and "services" in view
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"evil.example", b"evil.example:8081", b"localhost.evil.example", b"evillocalhost", b"10.0.0.1:8081",
+        b"192.168.1.5", b"[2001:db8::1]:8081", b"::1", b"0.0.0.0:8081", b"[::]", b"", b"local host",
+        b"127.0.0.1:8081:1", b"127.1",
+    ],
+)
+def test_any_other_host_gets_421_saying_why(host: bytes) -> None:
+    status, view = render_for(host)
+    assert status == 421
+    assert view["error"] == f"the admin view does not answer for host {host.decode()!r}"
+    assert "--admin-host" in view["allowed"] and "services" not in view
+
+
+def test_configured_admin_hosts_are_answered_with_any_port() -> None:
+    allowed = ("gw.example.com", "192.168.1.5")
+    for host in (b"gw.example.com", b"GW.example.com.:8081", b"192.168.1.5:8081"):
+        assert render_for(host, allowed)[0] == 200
+    assert render_for(b"other.example.com", allowed)[0] == 421
+
+
+def test_the_host_is_checked_before_the_method() -> None:
+    from twisted.web.error import UnsupportedMethod
+
+    assert render_for(b"evil.example", method=b"POST")[0] == 421
+    with pytest.raises(UnsupportedMethod):  # twisted.web's 405
+        render_for(b"localhost", method=b"POST")
+
+
+def test_a_request_without_host_is_answered() -> None:
+    # Browsers always send Host; an HTTP/1.0 tool that sends none is not a web page.
+    assert render_for(None)[0] == 200
+
+
+def test_the_site_checks_the_host_of_real_requests() -> None:
+    from twisted.internet.testing import StringTransport
+
+    site = admin_site(Registry(), lambda: 1.0, allowed_hosts=("gw.example.com",))
+    for host, status in ((b"evil.example:8081", b"421"), (b"127.0.0.1:8081", b"200"), (b"gw.example.com", b"200")):
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /api/state HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        assert transport.value().startswith(b"HTTP/1.1 " + status + b" "), (host, transport.value()[:60])
+        channel.connectionLost(None)
+
+
+def test_admin_host_option_and_setting(tmp_path: Any) -> None:
+    assert parse().admin_hosts == ()
+    assert parse("--admin-host", "GW.example.com", "--admin-host", "[2001:db8::5]").admin_hosts == (
+        "gw.example.com", "2001:db8::5",
+    )
+    config = tmp_path / "labelgw.yaml"
+    config.write_text("admin_hosts: [gw.example.com, 192.168.1.5]\n")
+    assert parse("--config", str(config)).admin_hosts == ("gw.example.com", "192.168.1.5")
+    # The command line wins.
+    assert parse("--config", str(config), "--admin-host", "other.example").admin_hosts == ("other.example",)
+    config.write_text("admin_hosts: gw.example.com\n")
+    assert parse("--config", str(config)).admin_hosts == ("gw.example.com",)
+    for bad in ("admin_hosts: [3]\n", "admin_hosts: {a: b}\n", "admin_hosts: ['evil example']\n"):
+        config.write_text(bad)
+        with pytest.raises(usage.UsageError, match="--admin-host"):
+            parse("--config", str(config))
+    with pytest.raises(usage.UsageError, match="--admin-host 'a/b'"):
+        parse("--admin-host", "a/b")
+
+
+def test_the_gateway_passes_admin_hosts_to_the_admin_view(tmp_path: Any) -> None:
+    from labelgw import config
+    from labelgw.app import LabelgwService
+
+    settings = config.build({"https": ["none"], "admin_hosts": ["gw.example.com"]}, {"docker": False})
+    service = LabelgwService(settings, MemoryReactorClock())
+    [admin] = [listener for listener in service.listeners if isinstance(listener, AdminListener)]
+    assert admin.factory.resource._allowed_hosts == frozenset({"gw.example.com"})

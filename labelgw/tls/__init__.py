@@ -6,11 +6,12 @@ Wiring an ``--https`` listener (see L{labelgw.tls.sni} for the certificate choic
     ca = LocalCA.load_or_create(state_dir)              # blocking, at start-up
     certs = CertDirectory(cert_dir, clock=reactor, run_in_thread=run)   # a Service: setServiceParent(top)
     selector = SNIContextSelector(clock=reactor, run_in_thread=run, is_routed=..., local_ca=ca, cert_dir=certs)
-    endpoint.listen(TLSMemoryBIOFactory(selector, False, http_factory))
+    endpoint.listen(TLSServerFactory(selector, http_factory, clock=reactor, handshake_timeout=10.0))
 """
 
 from labelgw.tls.ca import CAError, LeafMaterial, LocalCA, default_state_dir
 from labelgw.tls.certdir import CertDirectory, CertIndex, UserCertificate, thread_runner
+from labelgw.tls.deadlines import TLSServerFactory
 from labelgw.tls.policy import INTERMEDIATE, TLSPolicy, build_server_context
 from labelgw.tls.sni import SNIContextSelector
 
@@ -23,6 +24,7 @@ __all__ = [
     "LocalCA",
     "SNIContextSelector",
     "TLSPolicy",
+    "TLSServerFactory",
     "UserCertificate",
     "build_server_context",
     "default_state_dir",

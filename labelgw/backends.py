@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from labelgw.model import ContainerSpec
 from labelgw.versions import VersionSplit, versioned
@@ -12,15 +12,6 @@ from labelgw.versions import VersionSplit, versioned
 HEALTH_UNKNOWN = "unknown"  # no check has succeeded yet: no traffic
 HEALTH_HEALTHY = "healthy"
 HEALTH_UNHEALTHY = "unhealthy"
-
-
-def spec_weight(spec: ContainerSpec) -> float:
-    """The `weight` label (validated by labels.py), 1 when absent."""
-    text = spec.option("weight")
-    try:
-        return float(text) if text else 1.0
-    except ValueError:
-        return 1.0
 
 
 class Backend:
@@ -44,10 +35,10 @@ class Backend:
         self.address = spec.address
         self.port = spec.port
         self.version = spec.version
-        self.weight = spec_weight(spec) if weight is None else weight
+        self.weight = spec.weight if weight is None else weight
         self.spec = spec
         # A backend with a health path gets traffic only after its first successful check.
-        self.health_state: str | None = HEALTH_UNKNOWN if spec.option("health.path") else None
+        self.health_state: str | None = HEALTH_UNKNOWN if spec.health_check is not None else None
         # Clock time at which an ejection ends; None when not ejected.
         self.ejected_until: float | None = None
         self.ejections = 0
@@ -118,13 +109,6 @@ class RoundRobin:
 
     def on_ready(self, backend: Backend) -> None:
         pass
-
-
-PolicyFactory = Callable[[str], Policy]
-
-
-def round_robin_factory(service: str) -> Policy:
-    return RoundRobin()
 
 
 class ServicePool:

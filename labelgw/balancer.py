@@ -368,7 +368,7 @@ def service_policy_factory(
         raise ValueError(f"unknown balancer {default!r}; expected one of {', '.join(POLICY_NAMES)}")
 
     def build(spec: ContainerSpec) -> Policy:
-        name = spec.option("balancer") or default
+        name = spec.balancer or default
         params: dict[str, Any] = {"tau": tau} if name == "wrt" else {}
         return make_policy(name, clock, rng_factory(), **params)
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Mapping, Protocol
 
 from twisted.logger import Logger
 
-from labelgw.backends import Backend, Policy, RoundRobin, ServicePool, spec_weight
+from labelgw.backends import Backend, Policy, RoundRobin, ServicePool
 from labelgw.model import ContainerSpec, Rejection
 from labelgw.routes import Route, RouteTable
 
@@ -199,7 +199,7 @@ class Registry:
         was_ready = backend.ready
         backend.spec = spec
         backend.version = spec.version
-        backend.weight = spec_weight(spec)
+        backend.weight = spec.weight
         self._readiness_changed(pool, backend, was_ready)
         self._notify("backend_updated", pool, backend)
 
@@ -234,7 +234,7 @@ class Registry:
             pool = self.services[spec.service] = ServicePool(spec.service, self._policy_factory(spec))
             self._notify("service_added", pool)
         else:
-            wanted = spec.option("balancer")
+            wanted = spec.balancer
             chosen = getattr(pool.policy, "name", None)
             if wanted is not None and chosen is not None and wanted != chosen:
                 self._log.warn(
@@ -249,7 +249,7 @@ class Registry:
             key = (host, spec.path_prefix)
             claim = self._claims.get(key)
             if claim is None:
-                route = Route(host, spec.path_prefix, pool, spec.strip_prefix, spec.scheme, spec.option("tls"))
+                route = Route(host, spec.path_prefix, pool, spec.strip_prefix, spec.scheme, spec.tls)
                 claim = self._claims[key] = _Claim(route)
                 self._host_routes.setdefault(host, {})[spec.path_prefix] = route
                 self.table.replace_host(host, self._host_routes[host])

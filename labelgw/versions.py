@@ -20,16 +20,6 @@ DEFAULT_VERSION_HEADER = b"x-labelgw-version"
 COOKIE_PREFIX = "labelgw_version_"
 
 
-def _traffic(backend: "Backend") -> float | None:
-    value = backend.spec.option("traffic")
-    if value is None:
-        return None
-    try:
-        return float(value.strip().rstrip("%"))
-    except ValueError:  # labels.py refuses these; a static spec cannot have one
-        return None
-
-
 class VersionSplit:
     """The ready backends of one service, by version, and the share of new clients each version gets."""
 
@@ -39,7 +29,7 @@ class VersionSplit:
         for backend in ready:
             version = backend.version or ""
             subsets.setdefault(version, []).append(backend)
-            share = _traffic(backend)
+            share = backend.spec.traffic
             if share is not None and version not in declared:
                 declared[version] = share
         self.subsets: dict[str, tuple["Backend", ...]] = {version: tuple(group) for version, group in subsets.items()}

@@ -12,6 +12,7 @@ from labelgw.backends import Backend, RoundRobin, ServicePool
 from labelgw.model import ContainerSpec, Rejection
 from labelgw.registry import STATIC_PREFIX, Registry
 from labelgw.routes import Route
+from support.specs import typed_options
 
 
 def spec(
@@ -351,10 +352,11 @@ def test_change_that_keeps_the_address_keeps_the_backend(rec: Recorder) -> None:
     rec.apply(spec("c1", started_at="2024-01-01T00:00:00Z"))
     backend = rec.backend("api", "c1")
     backend.stats = "kept"
-    rec.apply(spec("c1", started_at="2024-01-02T00:00:00Z", options=(("weight", "5"),)))
+    rec.apply(spec("c1", started_at="2024-01-02T00:00:00Z", **typed_options({"weight": "5"})))
     assert rec.backend("api", "c1") is backend
     assert backend.stats == "kept"
     assert backend.spec.option("weight") == "5"
+    assert backend.spec.weight == backend.weight == 5.0
 
 
 @pytest.mark.parametrize("changes", [{"address": "127.0.0.2"}, {"port": 9000}, {"address": "127.0.0.2", "health": "starting"}])
@@ -494,7 +496,7 @@ class ReadyLog(RoundRobin):
 
 
 def with_options(container_id: str, port: int = 8000, service: str = "api", **options: str) -> ContainerSpec:
-    return spec(container_id, service=service, port=port, options=tuple(sorted(options.items())))
+    return spec(container_id, service=service, port=port, **typed_options(options))
 
 
 def test_listeners_hear_about_services_and_backends() -> None:

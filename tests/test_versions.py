@@ -9,14 +9,14 @@ import pytest
 from labelgw.backends import RoundRobin, ServicePool, Backend
 from labelgw.http.parser import parse_request_head
 from labelgw.model import ContainerSpec
+from support.specs import typed_options
 from labelgw.versions import VersionSplit, choose_version, sticky_version, versioned
 
 
 def backend(name: str, version: str | None, traffic: str | None = None, ready: bool = True) -> Backend:
-    options = (("traffic", traffic),) if traffic is not None else ()
     spec = ContainerSpec(
         container_id=name, name=name, service="api", address="127.0.0.1", port=8000, hosts=("api.localhost",),
-        version=version, running=ready, options=options,
+        version=version, running=ready, **typed_options({} if traffic is None else {"traffic": traffic}),
     )
     return Backend(spec)
 

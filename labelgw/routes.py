@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 from labelgw.backends import ServicePool
+from labelgw.model import TlsMode, normalize_host
+
+__all__ = ["HostRoutes", "Route", "RouteTable", "normalize_host"]
 
 
 class Route:
@@ -14,7 +17,7 @@ class Route:
 
     def __init__(
         self, host: str, path_prefix: str, service: ServicePool, strip_prefix: bool = False, scheme: str = "http",
-        tls: str | None = None,
+        tls: TlsMode | None = None,
     ) -> None:
         self.host = host
         self.path_prefix = path_prefix
@@ -58,18 +61,6 @@ class HostRoutes:
 
     def routes(self) -> list[Route]:
         return list(self._by_prefix.values())
-
-
-def normalize_host(raw: str) -> str:
-    """Lower-case, port removed, trailing dot removed: how Host headers are compared with route hosts."""
-    host = raw.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end != -1 else host
-    colon = host.rfind(":")
-    if colon != -1:
-        host = host[:colon]
-    return host.rstrip(".")
 
 
 class RouteTable:

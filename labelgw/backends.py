@@ -74,6 +74,10 @@ class Backend:
 class Policy(Protocol):
     """Chooses a backend among the ready ones. Replaceable per service; time comes from an injected clock."""
 
+    # The balancer's name, as in `<prefix>.balancer` and the admin view.
+    @property
+    def name(self) -> str: ...
+
     def pick(self, ready: Sequence[Backend]) -> Backend | None: ...
 
     def on_start(self, backend: Backend) -> None: ...

@@ -74,7 +74,7 @@ class Settings:
     balancer_decay: float = 10.0
     ejection_base: float = 30.0
     admin: str | None = DEFAULT_ADMIN
-    # The request field that pins a request to one version (labelgw.versions).
+    # The request field that pins a request to one version (labelgw.http.versioning).
     version_header: str = "X-Labelgw-Version"
 
 

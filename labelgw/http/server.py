@@ -15,7 +15,7 @@ from labelgw.http.headers import error_response
 from labelgw.http.parser import MAX_HEAD_BYTES, HttpError, RequestHead, parse_request_head
 from labelgw.http.settings import ProxySettings
 from labelgw.http.upstream import UpstreamPool
-from labelgw.versions import DEFAULT_VERSION_HEADER, choose_version
+from labelgw.http.versioning import DEFAULT_VERSION_HEADER, choose_version
 from labelgw.routes import RouteTable, normalize_host
 
 

@@ -332,7 +332,7 @@ def test_power_of_two_choices_divides_by_weight() -> None:
     heavy.in_flight = 1
     picks = Counter(policy.pick(pool).key for _ in range(3000))  # type: ignore[union-attr]
     assert picks["heavy"] / 3000 == pytest.approx(1 / 3, abs=0.03)
-    # Three in flight: 50 ms x 4 / 3 > 50 ms: its weight covers two extra requests, not three; it loses every draw.
+    # Three in flight: 50 ms x 4 / 3 > 50 ms: its weight no longer makes up for its load; it loses every draw.
     heavy.in_flight = 3
     picks = Counter(policy.pick(pool).key for _ in range(3000))  # type: ignore[union-attr]
     assert picks["heavy"] == 0 and len(picks) == 5

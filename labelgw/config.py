@@ -142,13 +142,18 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
     if not isinstance(docker, bool):
         raise ConfigError("docker: must be true or false")
 
-    timeouts: dict[str, float] = {}
-    for name in _TIMEOUTS:
+    def seconds(name: str, default: float) -> float:
         value = pick(name)
-        if value is None:
-            continue
-        timeouts[name] = _positive_number(name, value)
-    proxy = ProxySettings(**timeouts)
+        return default if value is None else _positive_number(name, value)
+
+    defaults = DEFAULTS.proxy
+    proxy = ProxySettings(
+        connect_timeout=seconds("connect_timeout", defaults.connect_timeout),
+        response_timeout=seconds("response_timeout", defaults.response_timeout),
+        head_timeout=seconds("head_timeout", defaults.head_timeout),
+        idle_timeout=seconds("idle_timeout", defaults.idle_timeout),
+        body_timeout=seconds("body_timeout", defaults.body_timeout),
+    )
 
     services = file.get("services") or {}
     if not isinstance(services, dict):

@@ -69,7 +69,7 @@ def _quiet_pool(reactor: Any) -> Any:
     except ImportError:  # a private name; without it the checks only log more
         return pool
 
-    class QuietFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+    class QuietFactory(_HTTP11ClientFactory):
         noisy = False
 
     pool._factory = QuietFactory

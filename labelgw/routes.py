@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 from labelgw.backends import ServicePool
-from labelgw.model import TlsMode, normalize_host
+from labelgw.model import normalize_host
 
 __all__ = ["HostRoutes", "Route", "RouteTable", "normalize_host"]
 
@@ -17,7 +17,7 @@ class Route:
 
     def __init__(
         self, host: str, path_prefix: str, service: ServicePool, strip_prefix: bool = False, scheme: str = "http",
-        tls: TlsMode | None = None,
+        tls: str | None = None,
     ) -> None:
         self.host = host
         self.path_prefix = path_prefix

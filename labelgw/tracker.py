@@ -544,13 +544,7 @@ class ContainerTracker:
             # A bug in the registry must not stop the watcher: the next change or resync tries again.
             self._log.failure("route sink {method} failed", method=method)
 
-    # For status views and tests.
-
-    def delivered(self, container_id: str) -> Outcome | None:
-        track = self._tracks.get(container_id)
-        if track is None or isinstance(track.delivered, _Missing):
-            return None
-        return track.delivered
+    # For tests.
 
     def tracked(self) -> frozenset[str]:
         return frozenset(self._tracks)

@@ -303,10 +303,6 @@ class DockerWatcher(Service):
         self._resync_again = False
         self._resync_loop: LoopingCall | None = None
 
-    @property
-    def tracker(self) -> ContainerTracker:
-        return self._tracker
-
     # Service.
 
     def startService(self) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from labelgw.model import ContainerSpec
 from labelgw.versions import VersionSplit, versioned
+
+if TYPE_CHECKING:
+    from labelgw.balancer import WrtStats
 
 
 # Active health-check states of a backend whose container has a `health.path` label (None: no check).
@@ -49,8 +52,9 @@ class Backend:
         self.in_flight = 0
         self.requests = 0
         self.errors = 0
-        # Owned by the selection policy (latency estimate, slow-start origin, ...).
-        self.stats: Any = None
+        # Owned by the selection policy that keeps per-backend state (wrt: latency estimate, slow start); None
+        # means "never seen". The policy checks that the stats are its own before it trusts them.
+        self.stats: WrtStats | None = None
         # Owned by the upstream connection pool: idle keep-alive connections to this backend.
         self.idle: list[Any] = []
 

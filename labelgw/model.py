@@ -15,6 +15,7 @@ __all__ = [
     "BalancerName",
     "ContainerSpec",
     "HealthCheck",
+    "Outcome",
     "Rejection",
     "Scheme",
     "TlsMode",
@@ -99,6 +100,10 @@ class Rejection:
 
     def describe(self) -> str:
         return f"container {self.name} ({self.container_id[:12]}): label {self.label}={self.value!r}: {self.reason}"
+
+
+# What one container comes to: routed, skipped for a bad label, or not labelgw's at all (None).
+Outcome = ContainerSpec | Rejection | None
 
 
 def normalize_name(raw: str) -> str:

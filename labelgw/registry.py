@@ -24,10 +24,9 @@ from typing import Callable, Iterable, Mapping, Protocol
 from twisted.logger import Logger
 
 from labelgw.backends import Backend, Policy, RoundRobin, ServicePool
-from labelgw.model import ContainerSpec, Rejection
+from labelgw.model import ContainerSpec, Outcome, Rejection
 from labelgw.routes import Route, RouteTable
 
-Outcome = ContainerSpec | Rejection | None
 PolicyFactory = Callable[[ContainerSpec], Policy]
 
 # Static backends from the config file carry ids with this prefix; a Docker resync never removes them.

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 from twisted.logger import Logger
 
-from labelgw.model import ContainerSpec, Rejection
+from labelgw.model import ContainerSpec, Outcome, Rejection
 
 __all__ = [
     "GONE",
@@ -42,7 +42,6 @@ __all__ = [
     "timestamp_ns",
 ]
 
-Outcome = ContainerSpec | Rejection | None
 
 # Signals after which a container is going away (TERM, KILL, INT, QUIT); its own StopSignal counts too.
 # Anything else (HUP to reload, USR1, WINCH for a log reopen ...) leaves it in rotation.

@@ -100,10 +100,10 @@ def decide(service: ServicePool, *, pinned: str | None = None, sticky: str | Non
         raise ValueError(f"service {service.name!r} is not split by version")
     if pinned is not None:
         subset = split.subsets.get(pinned)
-        return VersionDecision(service.policy.pick(subset) if subset else None, pinned, pinned=True, assigned=False)
+        return VersionDecision(service.policy.pick(subset) if subset else None, pinned, True, False)
     if sticky is not None:
         subset = split.subsets.get(sticky)
         if subset:
-            return VersionDecision(service.policy.pick(subset), sticky, pinned=False, assigned=False)
+            return VersionDecision(service.policy.pick(subset), sticky, False, False)
     version = split.choose()
-    return VersionDecision(service.policy.pick(split.subsets[version]), version, pinned=False, assigned=True)
+    return VersionDecision(service.policy.pick(split.subsets[version]), version, False, True)

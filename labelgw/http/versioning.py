@@ -8,7 +8,6 @@ SameSite=Lax; JavaScript does not need it).
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from labelgw.versions import decide
@@ -34,11 +33,19 @@ def cookie_name(service: str) -> str:
     return COOKIE_PREFIX + service
 
 
-@lru_cache(maxsize=1024)
+# Service name -> the pattern of its cookie-pair in a Cookie header (RFC 6265 section 4.2.1: pairs separated by
+# ";" and optional spaces): the name exactly (case matters), "=", then the value up to the next ";" or whitespace.
+# One entry per service that ever had versions.
+_COOKIE_PATTERNS: dict[str, re.Pattern[bytes]] = {}
+
+
 def _cookie_pattern(service: str) -> re.Pattern[bytes]:
-    # One cookie-pair of a Cookie header (RFC 6265 section 4.2.1: pairs separated by ";" and optional spaces):
-    # the name exactly (case matters), "=", then the value up to the next ";" or whitespace.
-    return re.compile(rb"(?:^|;)[ \t]*" + re.escape(cookie_name(service).encode()) + rb"=([^;\s]*)")
+    pattern = _COOKIE_PATTERNS.get(service)
+    if pattern is None:
+        pattern = _COOKIE_PATTERNS[service] = re.compile(
+            rb"(?:^|;)[ \t]*" + re.escape(cookie_name(service).encode()) + rb"=([^;\s]*)"
+        )
+    return pattern
 
 
 def sticky_version(cookie_header: bytes | None, service: str) -> str | None:

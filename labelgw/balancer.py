@@ -19,7 +19,6 @@ from labelgw.model import ContainerSpec
 
 __all__ = [
     "POLICY_NAMES",
-    "DEFAULT_POLICY",
     "LeastConn",
     "RoundRobin",
     "WeightedResponseTime",
@@ -32,7 +31,6 @@ __all__ = [
 Clock = Callable[[], float]
 
 POLICY_NAMES = ("wrt", "round_robin", "least_conn")
-DEFAULT_POLICY = "wrt"
 
 # Service size up to which `wrt` compares every ready backend; above it, power of two choices.
 # Measured with `python -m labelgw.simulate --crossover` (3 to 128 backends, none / one / 1 in 5 of them 10x

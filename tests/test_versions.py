@@ -1,4 +1,4 @@
-"""Version splits: shares by label, pinning by header, stickiness by cookie (labelgw.versions)."""
+"""Version splits: shares by label (labelgw.versions); pinning by header and stickiness by cookie (labelgw.http.versioning)."""
 
 from __future__ import annotations
 

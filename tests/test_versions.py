@@ -191,3 +191,20 @@ def test_decide_from_plain_values() -> None:
 def test_decide_needs_a_split_service() -> None:
     with pytest.raises(ValueError, match="not split by version"):
         decide(pool(backend("a", "v1")))
+
+
+def test_the_core_knows_no_http() -> None:
+    # The version decision and the rest of the pure core load without any module of the HTTP layer.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "import labelgw.model, labelgw.labels, labelgw.routes, labelgw.registry, labelgw.backends\n"
+        "import labelgw.balancer, labelgw.versions, labelgw.tracker\n"
+        "print(sorted(name for name in sys.modules if name.startswith('labelgw.http') or name == 'docker'))\n"
+    )
+    root = Path(__file__).resolve().parent.parent  # the working tree's labelgw, first on the path
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    assert out.strip() == "[]"

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from labelgw.model import ContainerSpec
 from labelgw.versions import VersionSplit, versioned
+
+if TYPE_CHECKING:
+    from labelgw.balancer import WrtStats
 
 
 # Active health-check states of a backend whose container has a `health.path` label (None: no check).
 HEALTH_UNKNOWN = "unknown"  # no check has succeeded yet: no traffic
 HEALTH_HEALTHY = "healthy"
 HEALTH_UNHEALTHY = "unhealthy"
-
-
-def spec_weight(spec: ContainerSpec) -> float:
-    """The `weight` label (validated by labels.py), 1 when absent."""
-    text = spec.option("weight")
-    try:
-        return float(text) if text else 1.0
-    except ValueError:
-        return 1.0
 
 
 class Backend:
@@ -44,10 +38,10 @@ class Backend:
         self.address = spec.address
         self.port = spec.port
         self.version = spec.version
-        self.weight = spec_weight(spec) if weight is None else weight
+        self.weight = spec.weight if weight is None else weight
         self.spec = spec
         # A backend with a health path gets traffic only after its first successful check.
-        self.health_state: str | None = HEALTH_UNKNOWN if spec.option("health.path") else None
+        self.health_state: str | None = HEALTH_UNKNOWN if spec.health_check is not None else None
         # Clock time at which an ejection ends; None when not ejected.
         self.ejected_until: float | None = None
         self.ejections = 0
@@ -58,8 +52,9 @@ class Backend:
         self.in_flight = 0
         self.requests = 0
         self.errors = 0
-        # Owned by the selection policy (latency estimate, slow-start origin, ...).
-        self.stats: Any = None
+        # Owned by the selection policy that keeps per-backend state (wrt: latency estimate, slow start); None
+        # means "never seen". The policy checks that the stats are its own before it trusts them.
+        self.stats: WrtStats | None = None
         # Owned by the upstream connection pool: idle keep-alive connections to this backend.
         self.idle: list[Any] = []
 
@@ -82,6 +77,10 @@ class Backend:
 
 class Policy(Protocol):
     """Chooses a backend among the ready ones. Replaceable per service; time comes from an injected clock."""
+
+    # The balancer's name, as in `<prefix>.balancer` and the admin view.
+    @property
+    def name(self) -> str: ...
 
     def pick(self, ready: Sequence[Backend]) -> Backend | None: ...
 
@@ -118,13 +117,6 @@ class RoundRobin:
 
     def on_ready(self, backend: Backend) -> None:
         pass
-
-
-PolicyFactory = Callable[[str], Policy]
-
-
-def round_robin_factory(service: str) -> Policy:
-    return RoundRobin()
 
 
 class ServicePool:

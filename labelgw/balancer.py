@@ -19,7 +19,6 @@ from labelgw.model import ContainerSpec
 
 __all__ = [
     "POLICY_NAMES",
-    "DEFAULT_POLICY",
     "LeastConn",
     "RoundRobin",
     "WeightedResponseTime",
@@ -32,7 +31,6 @@ __all__ = [
 Clock = Callable[[], float]
 
 POLICY_NAMES = ("wrt", "round_robin", "least_conn")
-DEFAULT_POLICY = "wrt"
 
 # Service size up to which `wrt` compares every ready backend; above it, power of two choices.
 # Measured with `python -m labelgw.simulate --crossover` (3 to 128 backends, none / one / 1 in 5 of them 10x
@@ -368,7 +366,7 @@ def service_policy_factory(
         raise ValueError(f"unknown balancer {default!r}; expected one of {', '.join(POLICY_NAMES)}")
 
     def build(spec: ContainerSpec) -> Policy:
-        name = spec.option("balancer") or default
+        name = spec.balancer or default
         params: dict[str, Any] = {"tau": tau} if name == "wrt" else {}
         return make_policy(name, clock, rng_factory(), **params)
 

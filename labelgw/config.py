@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from labelgw.http.settings import ProxySettings
-from labelgw.model import ContainerSpec
+from labelgw.labels import BALANCERS, parse_hosts, parse_path
+from labelgw.model import BalancerName, ContainerSpec
 from labelgw.registry import STATIC_PREFIX
 
 DEFAULT_HTTP = ("tcp:8080",)
@@ -26,6 +27,9 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class StaticService:
+    """A service of the config file; its backends become the same ContainerSpecs a labelled container makes
+    (typed options at their defaults)."""
+
     name: str
     hosts: tuple[str, ...]
     path: str
@@ -68,14 +72,18 @@ class Settings:
     # Seconds from labelgw's TLS close_notify to its closing of the TCP connection (labelgw.tls.deadlines).
     tls_close_grace: float = 2.0
     # Load balancing (labelgw.balancer, labelgw.outlier) and the admin view (labelgw.admin; None: --admin none).
-    balancer: str = "wrt"
+    balancer: BalancerName = "wrt"
     balancer_decay: float = 10.0
     ejection_base: float = 30.0
     admin: str | None = DEFAULT_ADMIN
     # Host names the admin view answers besides localhost, *.localhost and loopback addresses (labelgw.admin).
     admin_hosts: tuple[str, ...] = ()
-    # The request field that pins a request to one version (labelgw.versions).
+        # The request field that pins a request to one version (labelgw.http.versioning).
     version_header: str = "X-Labelgw-Version"
+
+
+# The one place the defaults are written: `build` fills what neither the command line nor the file sets from it.
+DEFAULTS = Settings()
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -116,7 +124,7 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
         value = cli.get(name)
         return value if value not in (None, [], ()) else file.get(name)
 
-    http = pick("http") or list(DEFAULT_HTTP)
+    http = pick("http") or list(DEFAULTS.http)
     if isinstance(http, str):
         http = [http]
     if not isinstance(http, list) or not all(isinstance(item, str) and item for item in http):
@@ -126,7 +134,7 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
     if docker_host is not None and not isinstance(docker_host, str):
         raise ConfigError("docker_host: must be a URL such as unix:///var/run/docker.sock")
 
-    prefix = pick("label_prefix") or DEFAULT_LABEL_PREFIX
+    prefix = pick("label_prefix") or DEFAULTS.label_prefix
     if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
         raise ConfigError(f"label_prefix: {prefix!r} is not a valid label prefix (lower-case letters, digits, dots, dashes)")
 
@@ -134,17 +142,22 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
     if env is not None and (not isinstance(env, str) or not _NAME_RE.match(env)):
         raise ConfigError(f"env: {env!r} is not a valid environment name")
 
-    docker = file.get("docker", True)
+    docker = file.get("docker", DEFAULTS.docker)
     if not isinstance(docker, bool):
         raise ConfigError("docker: must be true or false")
 
-    timeouts: dict[str, float] = {}
-    for name in _TIMEOUTS:
+    def seconds(name: str, default: float) -> float:
         value = pick(name)
-        if value is None:
-            continue
-        timeouts[name] = _positive_number(name, value)
-    proxy = ProxySettings(**timeouts)
+        return default if value is None else _positive_number(name, value)
+
+    defaults = DEFAULTS.proxy
+    proxy = ProxySettings(
+        connect_timeout=seconds("connect_timeout", defaults.connect_timeout),
+        response_timeout=seconds("response_timeout", defaults.response_timeout),
+        head_timeout=seconds("head_timeout", defaults.head_timeout),
+        idle_timeout=seconds("idle_timeout", defaults.idle_timeout),
+        body_timeout=seconds("body_timeout", defaults.body_timeout),
+    )
 
     services = file.get("services") or {}
     if not isinstance(services, dict):
@@ -164,8 +177,8 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
         docker=docker,
         static_services=static,
         proxy=proxy,
-        resync_interval=_positive_number("resync_interval", file.get("resync_interval", 60.0)),
-        drain_grace=_positive_number("drain_grace", file.get("drain_grace", 10.0)),
+        resync_interval=_positive_number("resync_interval", file.get("resync_interval", DEFAULTS.resync_interval)),
+        drain_grace=_positive_number("drain_grace", file.get("drain_grace", DEFAULTS.drain_grace)),
         **_https_settings(pick),
         **_balancing_settings(pick),
     )
@@ -196,13 +209,20 @@ def _static_service(name: Any, spec: Any) -> StaticService:
     hosts = spec.get("hosts") or [f"{name.lower()}.localhost"]
     if isinstance(hosts, str):
         hosts = [hosts]
-    if not isinstance(hosts, list) or not all(isinstance(h, str) and h and ":" not in h for h in hosts):
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h and "," not in h for h in hosts):
         raise ConfigError(f"{where}.hosts: must be a list of host names without ports")
+    # The rules (and the normal form) of the host and path labels.
+    try:
+        normal_hosts = parse_hosts(",".join(hosts))
+    except ValueError as error:
+        raise ConfigError(f"{where}.hosts: {error}") from None
     path = spec.get("path", "/")
-    if not isinstance(path, str) or not path.startswith("/"):
+    if not isinstance(path, str):
         raise ConfigError(f"{where}.path: {path!r} must start with '/'")
-    if len(path) > 1:
-        path = path.rstrip("/")
+    try:
+        path = parse_path(path.strip())
+    except ValueError as error:
+        raise ConfigError(f"{where}.path: {path!r} {error}") from None
     strip = spec.get("strip_prefix", False)
     if not isinstance(strip, bool):
         raise ConfigError(f"{where}.strip_prefix: must be true or false")
@@ -215,7 +235,7 @@ def _static_service(name: Any, spec: Any) -> StaticService:
         if not address or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ConfigError(f"{where}.backends: {item!r} is not 'address:port'")
         backends.append((address.strip("[]"), int(port)))
-    return StaticService(name.lower(), tuple(h.lower().rstrip(".") for h in hosts), path, strip, tuple(backends))
+    return StaticService(name.lower(), normal_hosts, path, strip, tuple(backends))
 
 
 def _https_settings(pick: Any) -> dict[str, Any]:
@@ -237,7 +257,7 @@ def _https_settings(pick: Any) -> dict[str, Any]:
 
 def _https_endpoints(value: Any) -> tuple[str, ...]:
     if value is None:
-        return DEFAULT_HTTPS
+        return DEFAULTS.https
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):
@@ -276,14 +296,15 @@ def _flag(option: str, value: Any) -> bool:
 def _balancing_settings(pick: Any) -> dict[str, Any]:
     """--balancer and --admin, and two file-only knobs: `balancer_decay` (the wrt latency estimate's time
     constant, seconds) and `ejection_base` (outlier ejection lasts this x the ejection count, at most 300 s)."""
-    from labelgw.balancer import DEFAULT_POLICY, POLICY_NAMES
+    from labelgw.balancer import POLICY_NAMES
 
-    balancer = pick("balancer") or DEFAULT_POLICY
-    if balancer not in POLICY_NAMES:
-        raise ConfigError(f"--balancer: {balancer!r} is not a balancer; use one of: {', '.join(POLICY_NAMES)}")
+    chosen = pick("balancer") or DEFAULTS.balancer
+    balancer = BALANCERS.get(chosen) if isinstance(chosen, str) else None
+    if balancer is None:
+        raise ConfigError(f"--balancer: {chosen!r} is not a balancer; use one of: {', '.join(POLICY_NAMES)}")
     admin = pick("admin")
     if admin is None:
-        admin = DEFAULT_ADMIN
+        admin = DEFAULTS.admin
     elif admin is False or (isinstance(admin, str) and admin.strip().lower() == "none"):
         admin = None
     elif not isinstance(admin, str) or not admin.strip():
@@ -293,15 +314,15 @@ def _balancing_settings(pick: Any) -> dict[str, Any]:
         value = pick(name)
         return _positive_number(name, default if value is None else value)
 
-    ejection_base = number("ejection_base", 30.0)
+    ejection_base = number("ejection_base", DEFAULTS.ejection_base)
     if ejection_base > 300:
         raise ConfigError(f"ejection_base: {ejection_base:g} must be at most 300 seconds (the ejection cap)")
-    version_header = pick("version_header") or "X-Labelgw-Version"
+    version_header = pick("version_header") or DEFAULTS.version_header
     if not isinstance(version_header, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", version_header):
         raise ConfigError(f"--version-header: {version_header!r} is not a header field name")
     return {
         "balancer": balancer,
-        "balancer_decay": number("balancer_decay", 10.0),
+        "balancer_decay": number("balancer_decay", DEFAULTS.balancer_decay),
         "ejection_base": ejection_base,
         "admin": admin,
         "admin_hosts": _admin_hosts(pick("admin_hosts")),

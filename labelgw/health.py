@@ -1,6 +1,7 @@
 """Active health checks: `GET http://address:port<health.path>` on every backend whose container has the label.
 
-Per backend, from its labels: `health.path`, `health.interval` (default 5 s) and `health.timeout` (default 2 s).
+Per backend, from its spec's `health_check` (the labels `health.path`, `health.interval`, default 5 s, and
+`health.timeout`, default 2 s, as `labelgw.labels` read them).
 A 2xx or 3xx answer within the timeout is a success (redirects are not followed); anything else is a failure.
 
 States (`Backend.health_state`): "unknown" until the first success (no traffic before it), then "healthy";
@@ -25,12 +26,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from labelgw.backends import HEALTH_HEALTHY, HEALTH_UNHEALTHY, HEALTH_UNKNOWN, Backend, ServicePool
-from labelgw.labels import parse_duration
+from labelgw.model import DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, HealthCheck
 
 __all__ = ["DEFAULT_INTERVAL", "DEFAULT_TIMEOUT", "HealthChecker", "HttpGet", "treq_getter"]
 
-DEFAULT_INTERVAL = 5.0
-DEFAULT_TIMEOUT = 2.0
+DEFAULT_INTERVAL = DEFAULT_HEALTH_INTERVAL
+DEFAULT_TIMEOUT = DEFAULT_HEALTH_TIMEOUT
 UNHEALTHY_AFTER = 3
 HEALTHY_AFTER = 2
 
@@ -68,21 +69,11 @@ def _quiet_pool(reactor: Any) -> Any:
     except ImportError:  # a private name; without it the checks only log more
         return pool
 
-    class QuietFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+    class QuietFactory(_HTTP11ClientFactory):
         noisy = False
 
     pool._factory = QuietFactory
     return pool
-
-
-def _seconds(backend: Backend, label: str, default: float) -> float:
-    text = backend.spec.option(label)
-    if not text:
-        return default
-    try:
-        return parse_duration(text)
-    except ValueError:
-        return default  # labels.py rejects such a container; a static backend has no labels
 
 
 class _Probe:
@@ -93,14 +84,14 @@ class _Probe:
         "deadline",
     )
 
-    def __init__(self, pool: ServicePool, backend: Backend, path: str) -> None:
+    def __init__(self, pool: ServicePool, backend: Backend, check: HealthCheck) -> None:
         self.pool = pool
         self.backend = backend
-        self.path = path
+        self.path = check.path
         address = backend.address if ":" not in backend.address else f"[{backend.address}]"
-        self.url = f"{backend.spec.scheme}://{address}:{backend.port}{path}"
-        self.interval = _seconds(backend, "health.interval", DEFAULT_INTERVAL)
-        self.timeout = _seconds(backend, "health.timeout", DEFAULT_TIMEOUT)
+        self.url = f"{backend.spec.scheme}://{address}:{backend.port}{check.path}"
+        self.interval = check.interval
+        self.timeout = check.timeout
         self.successes = 0
         self.failures = 0
         self.last: str | None = None
@@ -138,10 +129,10 @@ class HealthChecker(Service):
         pass
 
     def backend_added(self, pool: ServicePool, backend: Backend) -> None:
-        path = backend.spec.option("health.path")
-        if not path:
+        check = backend.spec.health_check
+        if check is None:
             return
-        probe = self._probes[backend] = _Probe(pool, backend, path)
+        probe = self._probes[backend] = _Probe(pool, backend, check)
         self._sync(probe)
 
     def backend_updated(self, pool: ServicePool, backend: Backend) -> None:

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
-from labelgw.model import ContainerSpec, Rejection
+from labelgw.model import (
+    DEFAULT_HEALTH_INTERVAL,
+    DEFAULT_HEALTH_TIMEOUT,
+    BalancerName,
+    ContainerSpec,
+    HealthCheck,
+    Rejection,
+    Scheme,
+    TlsMode,
+    normalize_name,
+)
 
-__all__ = ["KNOWN_LABELS", "parse_container", "parse_duration", "parse_bool"]
+__all__ = ["KNOWN_LABELS", "parse_bool", "parse_container", "parse_duration", "parse_hosts", "parse_path"]
 
 # Suffixes after "<prefix>.". Anything else under the prefix is refused: a typo must not be silently ignored.
 KNOWN_LABELS: frozenset[str] = frozenset(
@@ -37,11 +47,14 @@ KNOWN_LABELS: frozenset[str] = frozenset(
     }
 )
 
-BALANCERS: frozenset[str] = frozenset({"wrt", "round_robin", "least_conn"})
-TLS_MODES: frozenset[str] = frozenset({"redirect", "off"})
-SCHEMES: frozenset[str] = frozenset({"http", "https"})
+# Label text -> the typed value (a mapping rather than a set, so that the result is the Literal type).
+BALANCERS: Mapping[str, BalancerName] = {"wrt": "wrt", "round_robin": "round_robin", "least_conn": "least_conn"}
+TLS_MODES: Mapping[str, TlsMode] = {"redirect": "redirect", "off": "off"}
+SCHEMES: Mapping[str, Scheme] = {"http": "http", "https": "https"}
 MAX_WEIGHT = 1000.0
 MAX_DURATION = 3600.0
+
+_T = TypeVar("_T")
 
 _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -143,7 +156,7 @@ def _build_spec(
     def full(suffix: str) -> str:
         return f"{prefix}.{suffix}"
 
-    def check(suffix: str, parse: Callable[[str], Any]) -> Any:
+    def check(suffix: str, parse: Callable[[str], _T]) -> _T | None:
         """Parse an optional label; None when absent. ValueError from `parse` becomes a Rejection."""
         if suffix not in labels:
             return None
@@ -162,7 +175,8 @@ def _build_spec(
             "unknown label; known labels are: " + ", ".join(full(known) for known in sorted(KNOWN_LABELS)),
         )
 
-    service: str = check("service", _parse_identifier).lower()
+    # Present: parse_container returns None for containers without it.
+    service = (check("service", _parse_identifier) or "").lower()
     version: str | None = check("version", _parse_identifier)
     env: str | None = check("env", _parse_identifier)
 
@@ -170,23 +184,33 @@ def _build_spec(
     if port is None:
         port = _exposed_port(inspect, full("port"))
 
-    hosts: tuple[str, ...] | None = check("host", _parse_hosts)
+    hosts: tuple[str, ...] | None = check("host", parse_hosts)
     if hosts is None:
         hosts = _default_hosts(labels, service, env if pinned_env is None else None, full)
 
-    path: str = check("path", _parse_path) or "/"
+    path: str = check("path", parse_path) or "/"
     strip_prefix: bool = bool(check("strip_prefix", parse_bool))
-    scheme: str = check("scheme", _parse_scheme) or "http"
+    scheme: Scheme = check("scheme", _parse_scheme) or "http"
 
-    # Labels the balancer, health checker and TLS use later; validated now so a bad one disables
-    # only this container instead of failing later in the data path.
-    check("balancer", _choice(BALANCERS, "balancer"))
-    check("weight", _parse_weight)
-    check("traffic", _parse_traffic)
-    check("health.path", _parse_health_path)
-    check("health.interval", parse_duration)
-    check("health.timeout", parse_duration)
-    check("tls", _choice(TLS_MODES, "tls mode"))
+    # Read here, once, into typed fields: a bad one disables only this container instead of failing later in
+    # the data path, and nothing after this module reads label text again.
+    balancer: BalancerName | None = check("balancer", _parse_balancer)
+    weight: float | None = check("weight", _parse_weight)
+    traffic: float | None = check("traffic", _parse_traffic)
+    health_path: str | None = check("health.path", _parse_health_path)
+    interval: float | None = check("health.interval", parse_duration)
+    timeout: float | None = check("health.timeout", parse_duration)
+    tls: TlsMode | None = check("tls", _parse_tls)
+    # Interval and timeout without a path check nothing; they are accepted (and kept in `options`).
+    health_check = (
+        HealthCheck(
+            health_path,
+            DEFAULT_HEALTH_INTERVAL if interval is None else interval,
+            DEFAULT_HEALTH_TIMEOUT if timeout is None else timeout,
+        )
+        if health_path is not None
+        else None
+    )
 
     network: str | None = check("network", _parse_network_name)
     state = _mapping(inspect.get("State"))
@@ -218,6 +242,11 @@ def _build_spec(
         paused=bool(state.get("Paused", False)),
         health=health,
         started_at=str(state.get("StartedAt") or ""),
+        weight=1.0 if weight is None else weight,
+        traffic=traffic,
+        balancer=balancer,
+        health_check=health_check,
+        tls=tls,
         options=tuple(sorted(labels.items())),
     )
 
@@ -273,16 +302,13 @@ def _host_problem(host: str) -> str | None:
     return None
 
 
-def _normalise_host(text: str) -> str:
-    host = text.strip().lower()
-    return host[:-1] if host.endswith(".") else host
-
-
-def _parse_hosts(text: str) -> tuple[str, ...]:
+def parse_hosts(text: str) -> tuple[str, ...]:
+    """Comma-separated host names, normalised (lower case, no trailing dot), duplicates dropped; ValueError
+    naming the first bad one."""
     hosts: list[str] = []
     # Empty items (a trailing comma) are harmless; an empty list is not.
     for item in text.split(","):
-        host = _normalise_host(item)
+        host = normalize_name(item)
         if not host:
             continue
         problem = _host_problem(host)
@@ -312,7 +338,8 @@ def _default_hosts(
     return (".".join(value for _, value in parts) + ".localhost",)
 
 
-def _parse_path(text: str) -> str:
+def parse_path(text: str) -> str:
+    """A path prefix: starts with '/', whole segments, no trailing '/' (except the root); ValueError saying why."""
     if not text.startswith("/"):
         raise ValueError("must start with '/'")
     if "?" in text or "#" in text:
@@ -330,20 +357,29 @@ def _parse_path(text: str) -> str:
     return text.rstrip("/") or "/"
 
 
-def _parse_scheme(text: str) -> str:
-    scheme = text.lower()
-    if scheme not in SCHEMES:
+def _parse_scheme(text: str) -> Scheme:
+    scheme = SCHEMES.get(text.lower())
+    if scheme is None:
         raise ValueError("scheme must be http or https")
     return scheme
 
 
-def _choice(allowed: frozenset[str], what: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text not in allowed:
-            raise ValueError(f"unknown {what}; use one of: {', '.join(sorted(allowed))}")
-        return text
+def _unknown_choice(what: str, allowed: Mapping[str, str]) -> ValueError:
+    return ValueError(f"unknown {what}; use one of: {', '.join(sorted(allowed))}")
 
-    return parse
+
+def _parse_balancer(text: str) -> BalancerName:
+    balancer = BALANCERS.get(text)
+    if balancer is None:
+        raise _unknown_choice("balancer", BALANCERS)
+    return balancer
+
+
+def _parse_tls(text: str) -> TlsMode:
+    mode = TLS_MODES.get(text)
+    if mode is None:
+        raise _unknown_choice("tls mode", TLS_MODES)
+    return mode
 
 
 def _parse_number(text: str) -> float:

@@ -1,8 +1,44 @@
-"""Frozen value objects shared by the pure modules (labels, routes, registry) and the services."""
+"""Frozen value objects shared by the pure modules (labels, routes, registry, backends, versions) and the services.
+
+Labels are read once, by `labelgw.labels`, into the typed fields of `ContainerSpec`; everything after that reads
+fields and never label text. Static services of the config file produce the same specs.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "DEFAULT_HEALTH_INTERVAL",
+    "DEFAULT_HEALTH_TIMEOUT",
+    "BalancerName",
+    "ContainerSpec",
+    "HealthCheck",
+    "Outcome",
+    "Rejection",
+    "Scheme",
+    "TlsMode",
+    "normalize_host",
+    "normalize_name",
+]
+
+BalancerName = Literal["wrt", "round_robin", "least_conn"]
+Scheme = Literal["http", "https"]
+# "redirect": plain HTTP for the route is answered with a 308 to HTTPS; "off": exempt from --redirect-https.
+TlsMode = Literal["redirect", "off"]
+
+DEFAULT_HEALTH_INTERVAL = 5.0
+DEFAULT_HEALTH_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """An active health check: `GET <path>` every `interval` seconds, each answer awaited `timeout` seconds."""
+
+    path: str
+    interval: float = DEFAULT_HEALTH_INTERVAL
+    timeout: float = DEFAULT_HEALTH_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +53,7 @@ class ContainerSpec:
     hosts: tuple[str, ...]
     path_prefix: str = "/"
     strip_prefix: bool = False
-    scheme: str = "http"
+    scheme: Scheme = "http"
     version: str | None = None
     env: str | None = None
     running: bool = True
@@ -26,7 +62,17 @@ class ContainerSpec:
     health: str | None = None
     # State.StartedAt: tells a container that restarted from one that is still being stopped.
     started_at: str = ""
-    # Every label under the prefix, with the prefix removed ("balancer", "weight", ...), for later policies.
+    # Relative weight of this backend among its service's (positive).
+    weight: float = 1.0
+    # Percent of new clients that get this container's version; None: a share of the remainder.
+    traffic: float | None = None
+    # The balancer this container asks for; None: the gateway's default (--balancer).
+    balancer: BalancerName | None = None
+    # The active health check; None: only Docker's own healthcheck counts.
+    health_check: HealthCheck | None = None
+    tls: TlsMode | None = None
+    # Every label under the prefix as written, prefix removed ("balancer", "weight", ...): for views and
+    # messages only. Decisions read the typed fields above.
     options: tuple[tuple[str, str], ...] = field(default=())
 
     @property
@@ -35,6 +81,7 @@ class ContainerSpec:
         return self.running and not self.paused and self.health in (None, "healthy")
 
     def option(self, name: str, default: str | None = None) -> str | None:
+        """A label as written (for views such as the admin page); never parsed again."""
         for key, value in self.options:
             if key == name:
                 return value
@@ -53,3 +100,29 @@ class Rejection:
 
     def describe(self) -> str:
         return f"container {self.name} ({self.container_id[:12]}): label {self.label}={self.value!r}: {self.reason}"
+
+
+# What one container comes to: routed, skipped for a bad label, or not labelgw's at all (None).
+Outcome = ContainerSpec | Rejection | None
+
+
+def normalize_name(raw: str) -> str:
+    """A host name as labelgw compares it: trimmed, lower-case, without the trailing dot of a FQDN.
+
+    The one normaliser of host names: labels, the config file, the route table and TLS server names use it.
+    """
+    name = raw.strip().lower()
+    return name[:-1] if name.endswith(".") else name
+
+
+def normalize_host(raw: str) -> str:
+    """A Host header's value as a route host: its port removed (IPv6 literals keep their brackets), then
+    `normalize_name`."""
+    host = raw.strip()
+    if host.startswith("["):
+        end = host.find("]")
+        return (host[: end + 1] if end != -1 else host).lower()
+    colon = host.rfind(":")
+    if colon != -1:
+        host = host[:colon]
+    return normalize_name(host)

@@ -34,7 +34,7 @@ class EjectingPolicy:
 
     def __init__(self, inner: Policy, pool: ServicePool, detector: OutlierDetector) -> None:
         self.inner = inner
-        self.name = getattr(inner, "name", type(inner).__name__)
+        self.name = inner.name
         self.pick: Callable[[Sequence[Backend]], Backend | None] = inner.pick
         self.on_start: Callable[[Backend], None] = inner.on_start
         self._inner_finish = inner.on_finish
@@ -47,10 +47,6 @@ class EjectingPolicy:
 
     def on_ready(self, backend: Backend) -> None:
         self.inner.on_ready(backend)
-
-    def describe(self, backend: Backend) -> dict[str, Any]:
-        describe = getattr(self.inner, "describe", None)
-        return describe(backend) if describe is not None else {}
 
 
 class OutlierDetector(Service):

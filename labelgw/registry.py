@@ -4,6 +4,13 @@ container's service and hosts. Called on the reactor thread only.
 A service's selection policy is built from its first container's spec (its `balancer` label, else the global
 default); replicas that ask for another balancer later are logged and otherwise ignored: one service, one policy.
 
+Some label errors involve several containers; the registry finds them and skips only the container that
+arrived last, with a Rejection like the label parser's (logged, listed in the admin view):
+- two services claiming one host and path: the first keeps it;
+- containers of one version with different `traffic` shares;
+- `traffic` shares of one service's versions adding up to more than 100 %.
+A container skipped for such a conflict is admitted by the next resync after the conflict is gone.
+
 Components that keep per-backend state of their own (the active health checker, outlier ejection) register as
 `BackendListener`s, and report a change of a backend's health or ejection through `backend_state_changed`,
 which re-derives `backend.ready` the same way a Docker state change does.
@@ -16,11 +23,10 @@ from typing import Callable, Iterable, Mapping, Protocol
 
 from twisted.logger import Logger
 
-from labelgw.backends import Backend, Policy, RoundRobin, ServicePool, spec_weight
-from labelgw.model import ContainerSpec, Rejection
+from labelgw.backends import Backend, Policy, RoundRobin, ServicePool
+from labelgw.model import ContainerSpec, Outcome, Rejection
 from labelgw.routes import Route, RouteTable
 
-Outcome = ContainerSpec | Rejection | None
 PolicyFactory = Callable[[ContainerSpec], Policy]
 
 # Static backends from the config file carry ids with this prefix; a Docker resync never removes them.
@@ -56,6 +62,10 @@ def _readiness(backend: Backend) -> str:
 
 def _routing_key(spec: ContainerSpec) -> tuple[object, ...]:
     return (spec.service, spec.hosts, spec.path_prefix, spec.strip_prefix, spec.scheme)
+
+
+def _percent(share: float | None) -> str:
+    return "none" if share is None else f"{share:g} %"
 
 
 class _Claim:
@@ -162,6 +172,38 @@ class Registry:
                     host if spec.path_prefix == "/" else spec.path_prefix,
                     f"http://{host}{spec.path_prefix} is already routed to service {claim.route.service.name!r}",
                 )
+        pool = self.services.get(spec.service)
+        return self._share_conflict(spec, pool) if pool is not None else None
+
+    def _share_conflict(self, spec: ContainerSpec, pool: ServicePool) -> Rejection | None:
+        """The `traffic` rules between the containers of one service (the label parser sees one at a time)."""
+        version = spec.version or ""
+        declared: dict[str, float] = {}
+        for backend in pool.backends.values():
+            if backend.key == spec.container_id:
+                continue
+            other = backend.spec
+            other_version = other.version or ""
+            if other_version == version and other.traffic != spec.traffic:
+                return Rejection(
+                    spec.container_id, spec.name, "traffic", _percent(spec.traffic),
+                    f"container {other.name} of the same version {version or '(none)'!r} of service "
+                    f"{spec.service!r} has traffic {_percent(other.traffic)}; the containers of one version must "
+                    "declare the same share",
+                )
+            if other.traffic is not None:
+                declared.setdefault(other_version, other.traffic)
+        if spec.traffic is None or version in declared:
+            return None
+        declared[version] = spec.traffic
+        total = sum(declared.values())
+        if total > 100.0:
+            listed = ", ".join(f"{name or '(none)'} {share:g} %" for name, share in sorted(declared.items()))
+            return Rejection(
+                spec.container_id, spec.name, "traffic", _percent(spec.traffic),
+                f"the traffic shares of service {spec.service!r} would add up to {total:g} % ({listed}); "
+                "at most 100 %",
+            )
         return None
 
     def _upsert(self, spec: ContainerSpec) -> None:
@@ -169,6 +211,11 @@ class Registry:
         if old == spec:
             return
         if old is not None and _routing_key(old) == _routing_key(spec):
+            if (old.version, old.traffic) != (spec.version, spec.traffic):
+                conflict = self._share_conflict(spec, self.services[spec.service])
+                if conflict is not None:
+                    self._reject(conflict)  # detaches the old spec
+                    return
             self.containers[spec.container_id] = spec
             self._update_backend(spec)
             return
@@ -191,17 +238,20 @@ class Registry:
             self._on_backend_retired(old)
             backend = pool.backends[spec.container_id] = Backend(spec)
             pool.refresh()
-            self._notify("backend_removed", pool, old)
-            self._notify("backend_added", pool, backend)
+            for listener in self._listeners:
+                listener.backend_removed(pool, old)
+            for listener in self._listeners:
+                listener.backend_added(pool, backend)
             if old.ready != backend.ready:
                 self._log_readiness(pool, backend)
             return
         was_ready = backend.ready
         backend.spec = spec
         backend.version = spec.version
-        backend.weight = spec_weight(spec)
+        backend.weight = spec.weight
         self._readiness_changed(pool, backend, was_ready)
-        self._notify("backend_updated", pool, backend)
+        for listener in self._listeners:
+            listener.backend_updated(pool, backend)
 
     def _readiness_changed(self, pool: ServicePool, backend: Backend, was_ready: bool) -> None:
         pool.recompute(backend)  # calls the policy's on_ready when the backend re-enters rotation
@@ -224,19 +274,16 @@ class Registry:
             why=f": {', '.join(reasons)}" if reasons else "", ready=len(pool.ready),
         )
 
-    def _notify(self, event: str, *args: object) -> None:
-        for listener in self._listeners:
-            getattr(listener, event)(*args)
-
     def _attach(self, spec: ContainerSpec) -> None:
         pool = self.services.get(spec.service)
         if pool is None:
             pool = self.services[spec.service] = ServicePool(spec.service, self._policy_factory(spec))
-            self._notify("service_added", pool)
+            for listener in self._listeners:
+                listener.service_added(pool)
         else:
-            wanted = spec.option("balancer")
-            chosen = getattr(pool.policy, "name", None)
-            if wanted is not None and chosen is not None and wanted != chosen:
+            wanted = spec.balancer
+            chosen = pool.policy.name
+            if wanted is not None and wanted != chosen:
                 self._log.warn(
                     "container {name} asks for balancer {wanted} but service {service} uses {chosen} "
                     "(its first container's choice)",
@@ -244,12 +291,13 @@ class Registry:
                 )
         backend = pool.backends[spec.container_id] = Backend(spec)
         pool.refresh()
-        self._notify("backend_added", pool, backend)
+        for listener in self._listeners:
+            listener.backend_added(pool, backend)
         for host in spec.hosts:
             key = (host, spec.path_prefix)
             claim = self._claims.get(key)
             if claim is None:
-                route = Route(host, spec.path_prefix, pool, spec.strip_prefix, spec.scheme, spec.option("tls"))
+                route = Route(host, spec.path_prefix, pool, spec.strip_prefix, spec.scheme, spec.tls)
                 claim = self._claims[key] = _Claim(route)
                 self._host_routes.setdefault(host, {})[spec.path_prefix] = route
                 self.table.replace_host(host, self._host_routes[host])
@@ -268,7 +316,8 @@ class Registry:
             pool.refresh()
             if backend is not None:
                 self._on_backend_retired(backend)
-                self._notify("backend_removed", pool, backend)
+                for listener in self._listeners:
+                    listener.backend_removed(pool, backend)
             if not pool.backends:
                 del self.services[spec.service]
         for host in spec.hosts:

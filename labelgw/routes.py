@@ -6,6 +6,9 @@ from typing import Iterable, Mapping
 
 from labelgw.backends import ServicePool
 from labelgw.http.paths import match_prefix, strip_segments
+from labelgw.model import normalize_host
+
+__all__ = ["HostRoutes", "Route", "RouteTable", "normalize_host"]
 
 
 class Route:
@@ -64,18 +67,6 @@ class HostRoutes:
 
     def routes(self) -> list[Route]:
         return list(self._all)
-
-
-def normalize_host(raw: str) -> str:
-    """Lower-case, port removed, trailing dot removed: how Host headers are compared with route hosts."""
-    host = raw.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end != -1 else host
-    colon = host.rfind(":")
-    if colon != -1:
-        host = host[:colon]
-    return host.rstrip(".")
 
 
 class RouteTable:

@@ -11,7 +11,7 @@ where the request would finish first (argmin of max(now, free_at) + x * m_i): a 
     python -m labelgw.simulate [--scenario S1] [--load 0.5] [--seconds 60] [--seeds 3] [--policies ...]
     python -m labelgw.simulate --crossover
 
-Scenarios (notes/load-balancing.md), five single-worker backends: S1 4 x 10 ms + 1 x 100 ms (capacity
+Scenarios, five single-worker backends: S1 4 x 10 ms + 1 x 100 ms (capacity
 410 req/s); S2 5 x 10 ms, one at 100 ms during the middle third of the run; S3 one backend at 2 ms (90 %) or
 82 ms (10 %); S4 a fifth backend joins after a third of the run and is 10 x slow for 10 s. S2-S4 count 500
 req/s as 100 %. Columns: p50/p99/p99.9 over all requests (a timeout counts as 5 000 ms), `win p99` over the
@@ -80,7 +80,7 @@ def bimodal(p_fast: float, fast: float, slow: float) -> Multiplier:
 
 
 def scenario(name: str, seconds: float) -> Scenario:
-    """S1-S4 of notes/load-balancing.md; event times scale with the run length (20 s marks at 60 s)."""
+    """S1-S4 as the module docstring describes them; event times scale with the run length (20 s marks at 60 s)."""
     fast = constant(0.010)
     name = name.upper()
     if name == "S1":
@@ -187,7 +187,7 @@ def run(scene: Scenario, policy_spec: str | PolicyMaker, load: Workload, seconds
         policy = None if name == ORACLE else make_policy(name, clock.seconds, rng, **params)
     else:
         policy = policy_spec(clock.seconds, rng)
-        label = getattr(policy, "name", type(policy).__name__)
+        label = policy.name
     count = len(scene.backends)
     backends = [
         Backend(
@@ -206,7 +206,6 @@ def run(scene: Scenario, policy_spec: str | PolicyMaker, load: Workload, seconds
     joins = sorted((sim.joins_at, i) for i, sim in enumerate(scene.backends) if sim.joins_at > 0)
     ready = tuple(b for i, b in enumerate(backends) if scene.backends[i].joins_at <= 0)
     ready_indices = [index_of[id(b)] for b in ready]
-    on_ready = getattr(policy, "on_ready", None)
 
     events: list[tuple[float, int, int, float, bool]] = []  # (time, seq, backend, elapsed, failed)
     latencies: list[float] = []
@@ -234,8 +233,8 @@ def run(scene: Scenario, policy_spec: str | PolicyMaker, load: Workload, seconds
             clock.now = at
             ready = ready + (backends[index],)
             ready_indices.append(index)
-            if on_ready is not None:
-                on_ready(backends[index])
+            if policy is not None:
+                policy.on_ready(backends[index])
         settle(arrival)
         clock.now = arrival
 

@@ -9,6 +9,8 @@ from twisted.python import usage
 
 from labelgw import config
 
+_DEFAULTS = config.DEFAULTS
+
 
 class Options(usage.Options):
     synopsis = "[options]"
@@ -18,19 +20,22 @@ class Options(usage.Options):
     )
     optParameters = [
         ["docker-host", None, None, "Docker engine URL [default: $DOCKER_HOST, else the local socket]"],
-        ["label-prefix", None, None, f"Prefix of the labels labelgw reads [default: {config.DEFAULT_LABEL_PREFIX}]"],
+        ["label-prefix", None, None, f"Prefix of the labels labelgw reads [default: {_DEFAULTS.label_prefix}]"],
         ["env", None, None, "Route only containers whose <prefix>.env label is NAME"],
         ["config", "c", None, "YAML file with the same settings plus static services"],
-        ["connect-timeout", None, None, "Seconds to connect to a backend before answering 502 [default: 5]"],
-        ["response-timeout", None, None, "Seconds to wait for a backend's response before answering 504 [default: 60]"],
+        ["connect-timeout", None, None,
+         f"Seconds to connect to a backend before answering 502 [default: {_DEFAULTS.proxy.connect_timeout:g}]"],
+        ["response-timeout", None, None,
+         f"Seconds to wait for a backend's response before answering 504 [default: {_DEFAULTS.proxy.response_timeout:g}]"],
         ["state-dir", None, None, "Directory of the local CA and cached certificates [default: $XDG_DATA_HOME/labelgw, "
          "else ~/.local/share/labelgw]"],
         ["cert-dir", None, None, "Directory of your own PEM certificates, picked up while running (default.pem: the "
          "default certificate)"],
         ["balancer", None, None, "Default balancer of services without a <prefix>.balancer label: wrt, least_conn or "
-         "round_robin [default: wrt]"],
-        ["admin", None, None, "Endpoint of the admin JSON view, or none [default: tcp:8081:interface=127.0.0.1]"],
-        ["version-header", None, None, "Request header that pins a request to one version [default: X-Labelgw-Version]"],
+         f"round_robin [default: {_DEFAULTS.balancer}]"],
+        ["admin", None, None, f"Endpoint of the admin JSON view, or none [default: {_DEFAULTS.admin}]"],
+        ["version-header", None, None,
+         f"Request header that pins a request to one version [default: {_DEFAULTS.version_header}]"],
     ]
     optFlags = [
         ["tls-strict", None, "Refuse TLS handshakes for unknown names instead of serving the default certificate"],

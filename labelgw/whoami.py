@@ -22,7 +22,6 @@ import argparse
 import base64
 import binascii
 import hashlib
-import io
 import json
 import os
 import random
@@ -31,7 +30,7 @@ import struct
 import sys
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 from urllib.parse import parse_qs
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -76,8 +75,9 @@ class WhoamiRequest(Request):
     _on_gone: list[Callable[[], None]] | None = None
 
     def gotLength(self, length: int | None) -> None:
-        # requestReceived still seeks and reads `content`; an empty buffer keeps it happy.
-        self.content = io.BytesIO()
+        # requestReceived still seeks and reads `content`; an empty buffer keeps it happy (Twisted makes an
+        # in-memory one for a short length, and the body never goes into it: handleContentChunk hashes it).
+        super().gotLength(0)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._body_hash is None:
@@ -308,24 +308,28 @@ class WebSocketEcho(Protocol):
     def _handle(self, frame: Frame) -> None:
         if not frame.masked:
             raise WebSocketError(1002, "client frames must be masked")
+        transport = self.transport
+        assert transport is not None  # frames arrive on a connection
         if frame.opcode in _DATA_OPCODES:
             # Echoing each fragment as it came keeps fragmented messages intact.
-            self.transport.write(encode_frame(frame.opcode, frame.payload, fin=frame.fin))
+            transport.write(encode_frame(frame.opcode, frame.payload, fin=frame.fin))
         elif frame.opcode == OP_PING:
-            self.transport.write(encode_frame(OP_PONG, frame.payload))
+            transport.write(encode_frame(OP_PONG, frame.payload))
         elif frame.opcode == OP_CLOSE:
             if len(frame.payload) == 1:
                 raise WebSocketError(1002, "close payload of one byte")
             # Return the peer's status code, as RFC 6455 section 5.5.1 suggests.
             self._closing = True
-            self.transport.write(encode_frame(OP_CLOSE, frame.payload[:2]))
-            self.transport.loseConnection()
+            transport.write(encode_frame(OP_CLOSE, frame.payload[:2]))
+            transport.loseConnection()
         # A pong needs no answer.
 
     def _close(self, code: int) -> None:
         self._closing = True
-        self.transport.write(encode_frame(OP_CLOSE, struct.pack("!H", code)))
-        self.transport.loseConnection()
+        transport = self.transport
+        assert transport is not None
+        transport.write(encode_frame(OP_CLOSE, struct.pack("!H", code)))
+        transport.loseConnection()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -460,7 +464,7 @@ class WhoamiResource(Resource):
         )
         self.control = _ControlState()
 
-    def render(self, request: WhoamiRequest) -> bytes | int:  # type: ignore[override]
+    def render(self, request: WhoamiRequest) -> bytes | int:
         request.setHeader(b"x-whoami", self._name_bytes)
         if request.path == b"/control":
             return self._safely(request, self._control)
@@ -717,7 +721,7 @@ class WhoamiSite(Site):
 
     access_log = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         if self.access_log:
             super().log(request)
 
@@ -756,24 +760,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
+    from twisted.internet.interfaces import IReactorCore, IReactorTCP
+    from twisted.internet.protocol import ServerFactory
     from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    reactor = IReactorTime(installed)
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     name = args.name or default_name()
     site = make_site(
         name, reactor, delay_ms=args.delay_ms, workers=args.workers, seed=args.seed, access_log=args.access_log
     )
-    port = reactor.listenTCP(args.port, site, backlog=1024, interface=args.host)  # type: ignore[attr-defined]
-    address = port.getHost()
-    host = f"[{address.host}]" if ":" in address.host else address.host
-    _log.info(
-        "whoami {name} listening on http://{host}:{port}",
-        name=name,
-        host=host,
-        port=address.port,
-    )
-    reactor.run()  # type: ignore[attr-defined]
+    # A Site is a ServerFactory of HTTP channels; Twisted's ServerFactory type is invariant in its protocol type.
+    factory = cast(ServerFactory, site)
+    port = IReactorTCP(installed).listenTCP(args.port, factory, backlog=1024, interface=args.host)
+    _log.info("whoami {name} listening on http://{address}", name=name, address=_address(port.getHost()))
+    IReactorCore(installed).run()
 
 
 if __name__ == "__main__":

@@ -23,13 +23,14 @@ from labelgw.health import HealthChecker
 from labelgw.model import ContainerSpec, Rejection
 from labelgw.outlier import OutlierDetector
 from labelgw.registry import Registry
+from support.specs import typed_options
 
 
 def spec(container_id: str, service: str = "api", port: int = 8000, **options: str) -> ContainerSpec:
     return ContainerSpec(
         container_id=container_id, name=f"{service}-{container_id}", service=service, address="127.0.0.1",
         port=port, hosts=(f"{service}.localhost",), version=options.pop("version", None),
-        options=tuple(sorted(options.items())),
+        **typed_options(options),
     )
 
 

@@ -319,6 +319,25 @@ def test_power_of_two_choices_above_the_limit() -> None:
     assert share == pytest.approx(1 / 3, abs=0.03)
 
 
+def test_power_of_two_choices_divides_by_weight() -> None:
+    # Six equal backends above the scan limit; "heavy" has weight 3 and one request in flight:
+    # cost 50 ms x 2 / 3 < 50 ms x 1 / 1, so it wins every draw it is in (2 in 6), and only those.
+    # Without the weight it would cost 100 ms and lose every draw against an idle peer.
+    policy = wrt(Clock(), scan_limit=5, p2c_draws=1)
+    pool = [backend(str(i)) for i in range(5)] + [backend("heavy", weight=3.0)]
+    policy.pick(pool)
+    for b in pool:
+        policy.on_finish(b, 0.050, False)
+    heavy = pool[-1]
+    heavy.in_flight = 1
+    picks = Counter(policy.pick(pool).key for _ in range(3000))  # type: ignore[union-attr]
+    assert picks["heavy"] / 3000 == pytest.approx(1 / 3, abs=0.03)
+    # Three in flight: 50 ms x 4 / 3 > 50 ms: its weight no longer makes up for its load; it loses every draw.
+    heavy.in_flight = 3
+    picks = Counter(policy.pick(pool).key for _ in range(3000))  # type: ignore[union-attr]
+    assert picks["heavy"] == 0 and len(picks) == 5
+
+
 def test_p2c_draws_again_when_both_candidates_are_slow() -> None:
     def fast_share(draws: int) -> float:
         clock = Clock()

@@ -274,6 +274,12 @@ def test_command_line_timeout_wins_over_file(tmp_path: Path) -> None:
         ("services:\n  api:\n    hosts: ['api.localhost:8080']\n    backends: ['127.0.0.1:1']\n", "services.api.hosts: "),
         ("services:\n  api:\n    hosts: [5]\n    backends: ['127.0.0.1:1']\n", "services.api.hosts: "),
         ("services:\n  api:\n    path: api\n    backends: ['127.0.0.1:1']\n", "services.api.path: "),
+        # The host and path rules of the labels.
+        ("services:\n  api:\n    hosts: ['bad_host']\n    backends: ['127.0.0.1:1']\n", "services.api.hosts: 'bad_host': not a valid"),
+        ("services:\n  api:\n    hosts: ['*.localhost']\n    backends: ['127.0.0.1:1']\n", "services.api.hosts: "),
+        ("services:\n  api:\n    hosts: ['a.localhost,b.localhost']\n    backends: ['127.0.0.1:1']\n", "services.api.hosts: "),
+        ("services:\n  api:\n    path: /a/../b\n    backends: ['127.0.0.1:1']\n", "services.api.path: '/a/../b' must not contain"),
+        ("services:\n  api:\n    path: /a?b\n    backends: ['127.0.0.1:1']\n", "services.api.path: "),
         ("services:\n  api:\n    strip_prefix: 'yes'\n    backends: ['127.0.0.1:1']\n", "services.api.strip_prefix: "),
         ("services:\n  api:\n    hosts: [a.localhost]\n", "services.api.backends: "),
         ("services:\n  api:\n    backends: []\n", "services.api.backends: "),

@@ -17,12 +17,13 @@ from labelgw.backends import Backend, RoundRobin, ServicePool
 from labelgw.health import HealthChecker, treq_getter
 from labelgw.model import ContainerSpec
 from labelgw.registry import Registry
+from support.specs import typed_options
 
 
 def spec(container_id: str, port: int = 8000, **options: str) -> ContainerSpec:
     return ContainerSpec(
         container_id=container_id, name=f"api-{container_id}", service="api", address="127.0.0.1", port=port,
-        hosts=("api.localhost",), options=tuple(sorted(options.items())),
+        hosts=("api.localhost",), **typed_options(options),
     )
 
 

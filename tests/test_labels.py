@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from labelgw.labels import KNOWN_LABELS, parse_bool, parse_container, parse_duration
-from labelgw.model import ContainerSpec, Rejection
+from labelgw.model import ContainerSpec, HealthCheck, Rejection
 
 FIXTURES = Path(__file__).parent / "data" / "inspect"
 
@@ -671,6 +671,26 @@ def test_container_network_mode_explained() -> None:
 def test_later_labels_valid(suffix: str, value: str) -> None:
     spec = spec_of(set_labels(load("twonet"), **{suffix.replace(".", "__"): value}))
     assert spec.option(suffix) == value
+
+
+def test_typed_options_are_read_once() -> None:
+    labels = {
+        "balancer": "least_conn", "weight": "2.5", "traffic": "12.5%", "health__path": "/healthz",
+        "health__interval": "500ms", "health__timeout": "1m", "tls": "redirect",
+    }
+    spec = spec_of(set_labels(load("twonet"), **labels))
+    assert (spec.balancer, spec.weight, spec.traffic, spec.tls) == ("least_conn", 2.5, 12.5, "redirect")
+    assert spec.health_check == HealthCheck("/healthz", interval=0.5, timeout=60.0)
+
+
+def test_typed_options_defaults() -> None:
+    spec = spec_of(load("twonet"))
+    assert (spec.balancer, spec.weight, spec.traffic, spec.tls, spec.health_check) == (None, 1.0, None, None, None)
+    # Interval and timeout alone check nothing; the path alone gets the default interval and timeout.
+    spec = spec_of(set_labels(load("twonet"), health__interval="1s", health__timeout="1s"))
+    assert spec.health_check is None
+    spec = spec_of(set_labels(load("twonet"), health__path="/"))
+    assert spec.health_check == HealthCheck("/", interval=5.0, timeout=2.0)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from labelgw.backends import Backend, RoundRobin, ServicePool
 from labelgw.model import ContainerSpec, Rejection
 from labelgw.registry import STATIC_PREFIX, Registry
 from labelgw.routes import Route
+from support.specs import typed_options
 
 
 def spec(
@@ -351,10 +352,11 @@ def test_change_that_keeps_the_address_keeps_the_backend(rec: Recorder) -> None:
     rec.apply(spec("c1", started_at="2024-01-01T00:00:00Z"))
     backend = rec.backend("api", "c1")
     backend.stats = "kept"
-    rec.apply(spec("c1", started_at="2024-01-02T00:00:00Z", options=(("weight", "5"),)))
+    rec.apply(spec("c1", started_at="2024-01-02T00:00:00Z", **typed_options({"weight": "5"})))
     assert rec.backend("api", "c1") is backend
     assert backend.stats == "kept"
     assert backend.spec.option("weight") == "5"
+    assert backend.spec.weight == backend.weight == 5.0
 
 
 @pytest.mark.parametrize("changes", [{"address": "127.0.0.2"}, {"port": 9000}, {"address": "127.0.0.2", "health": "starting"}])
@@ -494,7 +496,7 @@ class ReadyLog(RoundRobin):
 
 
 def with_options(container_id: str, port: int = 8000, service: str = "api", **options: str) -> ContainerSpec:
-    return spec(container_id, service=service, port=port, options=tuple(sorted(options.items())))
+    return spec(container_id, service=service, port=port, **typed_options(options))
 
 
 def test_listeners_hear_about_services_and_backends() -> None:
@@ -587,3 +589,73 @@ def test_routes_lists_every_route(rec: Recorder) -> None:
     assert [(r.host, r.path_prefix, r.service.name) for r in rec.registry.routes()] == [
         ("a.localhost", "/", "api"), ("a.localhost", "/web", "web"), ("b.localhost", "/", "api"),
     ]
+
+
+# Traffic shares: rules between the containers of one service (the label parser sees one container at a time).
+
+
+def test_containers_of_one_version_with_different_traffic_skip_the_later_one(rec: Recorder) -> None:
+    rec.apply(
+        spec("a", version="v1", port=8001),
+        spec("b", version="v2", port=8002, traffic=10.0),
+        spec("c", version="v2", port=8003, traffic=20.0),
+    )
+    skipped = rec.registry.rejections["c"]
+    assert (skipped.label, skipped.value) == ("traffic", "20 %")
+    assert "api-b" in skipped.reason and "10 %" in skipped.reason and "same share" in skipped.reason
+    pool = rec.pool("api")
+    assert sorted(pool.backends) == ["a", "b"]
+    assert pool.split is not None and pool.split.shares == pytest.approx({"v1": 90.0, "v2": 10.0})
+
+
+def test_an_undeclared_share_differs_from_a_declared_one(rec: Recorder) -> None:
+    rec.apply(spec("b", version="v2", port=8002, traffic=10.0), spec("c", version="v2", port=8003))
+    assert rec.registry.rejections["c"].value == "none"
+    assert sorted(rec.pool("api").backends) == ["b"]
+
+
+def test_replicas_with_the_same_share_are_fine(rec: Recorder) -> None:
+    rec.apply(
+        spec("a", version="v1", port=8001),
+        spec("b", version="v2", port=8002, traffic=10.0),
+        spec("c", version="v2", port=8003, traffic=10.0),
+        spec("d", version="v3", port=8004, traffic=90.0),
+    )
+    assert rec.registry.rejections == {}
+    pool = rec.pool("api")
+    assert pool.split is not None and pool.split.shares == pytest.approx({"v1": 0.0, "v2": 10.0, "v3": 90.0})
+
+
+def test_shares_over_100_percent_skip_the_container_that_exceeds(rec: Recorder) -> None:
+    rec.apply(
+        spec("a", version="v1", port=8001, traffic=60.0),
+        spec("b", version="v2", port=8002, traffic=50.0),
+        spec("c", version="v3", port=8003),
+    )
+    skipped = rec.registry.rejections["b"]
+    assert (skipped.label, skipped.value) == ("traffic", "50 %")
+    assert "add up to 110 % (v1 60 %, v2 50 %)" in skipped.reason and "at most 100 %" in skipped.reason
+    pool = rec.pool("api")
+    assert sorted(pool.backends) == ["a", "c"]
+    assert pool.split is not None and pool.split.shares == pytest.approx({"v1": 60.0, "v3": 40.0})
+    assert all(share >= 0 for share in pool.split.shares.values())
+    # Exactly 100 % is allowed; once v1 is gone, v2 fits, at the next resync.
+    rec.registry.remove("a")
+    rec.registry.resync({"b": spec("b", version="v2", port=8002, traffic=50.0), "c": spec("c", version="v3", port=8003)})
+    assert rec.registry.rejections == {}
+    assert sorted(rec.pool("api").backends) == ["b", "c"]
+
+
+def test_a_share_change_that_conflicts_skips_the_container(rec: Recorder) -> None:
+    rec.apply(spec("a", version="v1", port=8001, traffic=60.0), spec("b", version="v2", port=8002, traffic=40.0))
+    rec.apply(spec("b", version="v2", port=8002, traffic=41.0))
+    assert "b" in rec.registry.rejections and sorted(rec.pool("api").backends) == ["a"]
+
+
+def test_share_rejections_show_in_the_admin_view(rec: Recorder) -> None:
+    from labelgw.admin import state
+
+    rec.apply(spec("a", version="v1", port=8001, traffic=70.0), spec("b", version="v2", port=8002, traffic=70.0))
+    view = state(rec.registry, 0.0)
+    assert [(item["id"], item["label"]) for item in view["rejections"]] == [("b", "traffic")]
+    assert "140 %" in view["rejections"][0]["reason"]

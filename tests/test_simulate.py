@@ -73,6 +73,9 @@ class Spy:
     def on_finish(self, backend: Backend, elapsed: float, failed: bool) -> None:
         self.finished.append((backend.key, self.clock(), elapsed, failed))
 
+    def on_ready(self, backend: Backend) -> None:
+        pass
+
 
 def test_the_proxy_bookkeeping_is_reproduced() -> None:
     spies: list[Spy] = []

@@ -194,7 +194,7 @@ def test_ipv6_literal_and_asterisk_target() -> None:
 
 def labelled(container_id: str, service: str, port: int, host: str, tls: str) -> ContainerSpec:
     base = spec(container_id, service, port, (host,))
-    return ContainerSpec(**{**{f: getattr(base, f) for f in base.__slots__}, "options": (("tls", tls),)})
+    return ContainerSpec(**{**{f: getattr(base, f) for f in base.__slots__}, "options": (("tls", tls),), "tls": tls})
 
 
 @pytest.fixture

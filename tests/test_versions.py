@@ -1,4 +1,4 @@
-"""Version splits: shares by label, pinning by header, stickiness by cookie (labelgw.versions)."""
+"""Version splits: shares by label (labelgw.versions); pinning by header and stickiness by cookie (labelgw.http.versioning)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import pytest
 from labelgw.backends import RoundRobin, ServicePool, Backend
 from labelgw.http.parser import parse_request_head
 from labelgw.model import ContainerSpec
-from labelgw.versions import VersionSplit, choose_version, sticky_version, versioned
+from support.specs import typed_options
+from labelgw.http.versioning import choose_version, sticky_version
+from labelgw.versions import VersionSplit, decide, versioned
 
 
 def backend(name: str, version: str | None, traffic: str | None = None, ready: bool = True) -> Backend:
-    options = (("traffic", traffic),) if traffic is not None else ()
     spec = ContainerSpec(
         container_id=name, name=name, service="api", address="127.0.0.1", port=8000, hosts=("api.localhost",),
-        version=version, running=ready, options=options,
+        version=version, running=ready, **typed_options({} if traffic is None else {"traffic": traffic}),
     )
     return Backend(spec)
 
@@ -119,6 +120,20 @@ def test_retry_stays_in_the_version_and_a_pinned_one_never_leaves_it() -> None:
         (b"labelgw_version_apix=v2", None),
         (b"xlabelgw_version_api=v2", None),
         (None, None),
+        (b"", None),
+        # Pinned further: separators, order, quoting and case.
+        (b"a=1;labelgw_version_api=v2", "v2"),  # no space after ';'
+        (b"a=1;\tlabelgw_version_api=v2", "v2"),  # a tab
+        (b"labelgw_version_api=v2 ; b=2", "v2"),  # the value ends at whitespace
+        (b"labelgw_version_api=v1; labelgw_version_api=v2", "v1"),  # the first pair of the name
+        (b'labelgw_version_api="v2"', "v2"),  # RFC 6265 allows a quoted value
+        (b'labelgw_version_api="', '"'),  # a lone quote is the value as written (no such version)
+        (b"labelgw_version_api=", ""),  # empty: no such version, the client gets a new one
+        (b"LABELGW_VERSION_API=v2", None),  # cookie names are case-sensitive
+        (b"labelgw_version_api =v2", None),  # no space before '='
+        (b"a=labelgw_version_api=v2", None),  # inside another cookie's value
+        (b"labelgw_version_api2=v2", None),  # another service's cookie
+        (b"labelgw_version_api=v2,x", "v2,x"),
     ],
 )
 def test_sticky_cookie_parsing(header: bytes | None, expected: str | None) -> None:
@@ -146,3 +161,50 @@ def test_a_bad_version_header_is_a_one_line_error() -> None:
 
     with pytest.raises(UsageError, match="--version-header"):
         Options().parseOptions(["--version-header", "X Canary"])
+
+
+def test_shares_over_100_percent_are_scaled_and_never_negative() -> None:
+    # The registry refuses such labels; the split itself stays sane when it meets them anyway.
+    split = VersionSplit([backend("a", "v1", "80"), backend("b", "v2", "60"), backend("c", "v3")])
+    assert split.shares == pytest.approx({"v1": 80 / 1.4, "v2": 60 / 1.4, "v3": 0.0})
+    assert all(share >= 0 for share in split.shares.values())
+    picks = Counter(split.choose() for _ in range(140))
+    assert picks == {"v1": 80, "v2": 60}
+
+
+def test_decide_from_plain_values() -> None:
+    service = pool(backend("a", "v1"), backend("b", "v2"))
+    pinned = decide(service, pinned="v2", sticky="v1")
+    assert (pinned.backend.version, pinned.version, pinned.pinned, pinned.assigned) == ("v2", "v2", True, False)  # type: ignore[union-attr]
+    missing = decide(service, pinned="v9")
+    assert (missing.backend, missing.version, missing.pinned, missing.assigned) == (None, "v9", True, False)
+    sticky = decide(service, sticky="v1")
+    assert (sticky.backend.version, sticky.version, sticky.pinned, sticky.assigned) == ("v1", "v1", False, False)  # type: ignore[union-attr]
+    for gone in ("v9", "", None):
+        fresh = decide(service, sticky=gone)
+        assert fresh.assigned and not fresh.pinned and fresh.backend is not None
+        assert fresh.backend.version == fresh.version in ("v1", "v2")
+    with pytest.raises(AttributeError):
+        pinned.version = "v1"  # type: ignore[misc]  # a frozen value
+
+
+def test_decide_needs_a_split_service() -> None:
+    with pytest.raises(ValueError, match="not split by version"):
+        decide(pool(backend("a", "v1")))
+
+
+def test_the_core_knows_no_http() -> None:
+    # The version decision and the rest of the pure core load without any module of the HTTP layer.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "import labelgw.model, labelgw.labels, labelgw.routes, labelgw.registry, labelgw.backends\n"
+        "import labelgw.balancer, labelgw.versions, labelgw.tracker\n"
+        "print(sorted(name for name in sys.modules if name.startswith('labelgw.http') or name == 'docker'))\n"
+    )
+    root = Path(__file__).resolve().parent.parent  # the working tree's labelgw, first on the path
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    assert out.strip() == "[]"

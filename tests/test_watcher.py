@@ -957,3 +957,15 @@ def test_the_default_parser_is_labels_parse_container() -> None:
 
     watcher = DockerWatcher(FakeReactor(), RecordingSink(), FakeEngine().factory)
     assert watcher._parse_function() is parse_container
+
+
+def test_the_tracker_is_pure() -> None:
+    # The state machine needs no Docker SDK and no reactor: it runs (and is tested) without them.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, labelgw.tracker; print(sorted({'docker', 'twisted.internet.reactor'} & set(sys.modules)))"
+    root = Path(__file__).resolve().parent.parent  # the working tree's labelgw, first on the path
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    assert out.strip() == "[]"

@@ -16,7 +16,7 @@ from labelgw.http.parser import MAX_HEAD_BYTES, HttpError, RequestHead, parse_re
 from labelgw.http.paths import route_target
 from labelgw.http.settings import ProxySettings
 from labelgw.http.upstream import UpstreamPool
-from labelgw.versions import DEFAULT_VERSION_HEADER, choose_version
+from labelgw.http.versioning import DEFAULT_VERSION_HEADER, choose_version
 from labelgw.routes import RouteTable, normalize_host
 
 

@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from OpenSSL import SSL
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 
+from labelgw.model import normalize_name
+
 # Mozilla Server Side TLS "intermediate" (guidelines 5.7), minus the DHE suites: ECDHE key exchange with an
 # AEAD cipher only, so no RSA key exchange and no CBC. Order is irrelevant with the client choosing.
 TLS12_CIPHERS = ":".join(
@@ -157,7 +159,7 @@ def normalize_server_name(raw: bytes | str | None) -> str | None:
             raw = raw.decode("ascii")
         except UnicodeDecodeError:
             return None
-    name = raw.strip().lower().removesuffix(".")
+    name = normalize_name(raw)
     ip = ip_literal(name)
     if ip is not None:
         return ip

@@ -16,9 +16,9 @@ Twisted's C{TLSMemoryBIOProtocol} has no timer of its own:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime, ITCPTransport
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
@@ -59,11 +59,15 @@ class TLSServerProtocol(BufferingTLSTransport):
     def _grace_over(self) -> None:
         # The client has not answered close_notify: close TCP after what is left to send (an orderly close).
         self._timer = self.factory.clock.callLater(self.factory.flush_timeout, self._flush_overdue)
-        self.transport.loseConnection()
+        self._tcp().loseConnection()
 
     def _flush_overdue(self) -> None:
         self._timer = None
-        self.transport.abortConnection()
+        self._tcp().abortConnection()
+
+    def _tcp(self) -> ITCPTransport:
+        # The TCP connection under TLS: set from connectionMade on, which is before any timer is armed.
+        return cast(ITCPTransport, self.transport)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_timer()

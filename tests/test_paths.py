@@ -1,4 +1,4 @@
-"""Request paths against path-prefix routes (labelgw.http.paths): the matching form labelgw routes on, the
+"""Request paths against path-prefix routes (labelgw.paths): the matching form labelgw routes on, the
 forwarded form it sends upstream, the paths it refuses, and (through the deterministic proxy harness) what a backend
 receives. The hypothesis properties pin the rule: nothing a backend could resolve leaves the matched prefix."""
 
@@ -13,8 +13,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from labelgw.backends import RoundRobin, ServicePool
-from labelgw.http.parser import HttpError, parse_request_head
-from labelgw.http.paths import decode_unreserved, match_prefix, route_target, strip_segments
+from labelgw.http.parser import parse_request_head
+from labelgw.paths import PathRefused, decode_unreserved, match_prefix, route_target, strip_segments
 from labelgw.routes import Route, RouteTable
 from proxyharness import ProxyHarness, get, ok
 
@@ -94,7 +94,7 @@ def test_matching_and_forwarded_forms(target: bytes, matching: str, forwarded: b
     ],
 )
 def test_refused(target: bytes, reason: str) -> None:
-    with pytest.raises(HttpError) as caught:
+    with pytest.raises(PathRefused) as caught:
         route_target(target)
     assert caught.value.status == 400
     assert reason in caught.value.reason
@@ -230,7 +230,7 @@ def test_no_backend_can_resolve_a_forwarded_path_out_of_its_route(path: str, que
     target = (path + query).encode("latin-1")
     try:
         matching, forwarded = route_target(target)
-    except HttpError as error:
+    except PathRefused as error:
         assert error.status == 400
         return
     route = TABLE.lookup("h", matching)
@@ -258,7 +258,7 @@ def test_no_backend_can_resolve_a_forwarded_path_out_of_its_route(path: str, que
 def test_the_forwarded_form_is_a_fixed_point(path: str) -> None:
     try:
         matching, forwarded = route_target(path.encode("latin-1"))
-    except HttpError:
+    except PathRefused:
         return
     assert route_target(forwarded) == (matching, forwarded)
 

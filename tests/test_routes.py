@@ -8,8 +8,7 @@ from typing import Iterator, Mapping
 import pytest
 
 from labelgw.backends import RoundRobin, ServicePool
-from labelgw.http.parser import HttpError
-from labelgw.http.paths import route_target
+from labelgw.paths import PathRefused, route_target
 from labelgw.routes import HostRoutes, Route, RouteTable, normalize_host
 
 
@@ -142,7 +141,7 @@ def test_upstream_path(prefix: str, strip: bool, target: bytes, upstream: bytes)
 @pytest.mark.parametrize(
     ("prefix", "strip", "target", "upstream"),
     [
-        # Targets as labelgw.http.paths forwards them: escapes as received, the prefix cut by segments.
+        # Targets as labelgw.paths forwards them: escapes as received, the prefix cut by segments.
         ("/api", True, b"/%61pi/users?x=1", b"/users?x=1"),
         ("/api", True, b"/api%2Fusers", b"/users"),
         ("/~user", True, b"/%7Euser/x", b"/x"),
@@ -155,7 +154,7 @@ def test_upstream_path_of_encoded_targets(prefix: str, strip: bool, target: byte
     assert route("a", prefix, strip=strip).upstream_path(target) == upstream
 
 
-# Prefixes and paths compared in matching form (labelgw.http.paths).
+# Prefixes and paths compared in matching form (labelgw.paths).
 
 
 @pytest.mark.parametrize(
@@ -211,7 +210,7 @@ def test_routed_on_the_matching_form_and_forwarded_without_dots(target: bytes, p
 
 @pytest.mark.parametrize("target", [b"/../admin", b"/api/../../admin", b"/public%2F..%2Fadmin", b"/api/..;/admin"])
 def test_paths_that_leave_every_prefix_ambiguously_are_refused(target: bytes) -> None:
-    with pytest.raises(HttpError):
+    with pytest.raises(PathRefused):
         route_target(target)
 
 

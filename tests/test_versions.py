@@ -201,7 +201,7 @@ def test_the_core_knows_no_http() -> None:
 
     code = (
         "import sys\n"
-        "import labelgw.model, labelgw.labels, labelgw.routes, labelgw.registry, labelgw.backends\n"
+        "import labelgw.model, labelgw.labels, labelgw.paths, labelgw.routes, labelgw.registry, labelgw.backends\n"
         "import labelgw.balancer, labelgw.versions, labelgw.tracker\n"
         "print(sorted(name for name in sys.modules if name.startswith('labelgw.http') or name == 'docker'))\n"
     )

@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from labelgw.http.exchange import Exchange
 from labelgw.http.headers import error_response
 from labelgw.http.parser import MAX_HEAD_BYTES, HttpError, RequestHead, parse_request_head
-from labelgw.http.paths import route_target
+from labelgw.paths import PathRefused, route_target
 from labelgw.http.settings import ProxySettings
 from labelgw.http.upstream import UpstreamPool
 from labelgw.http.versioning import DEFAULT_VERSION_HEADER, choose_version
@@ -223,10 +223,10 @@ class ClientConnection(Protocol):
             if len(_HOSTS) >= 4096:
                 _HOSTS.clear()
             _HOSTS[raw_host] = host  # type: ignore[index]
-        # Routed on the path's normal form, forwarded without dot segments; or refused (labelgw.http.paths).
+        # Routed on the path's normal form, forwarded without dot segments; or refused (labelgw.paths).
         try:
             path, target = route_target(head.target)
-        except HttpError as error:
+        except PathRefused as error:
             self.send_error(400, error.reason, close=head.has_body or not head.keep_alive, head_only=head.method == b"HEAD")
             return
         head.target = target

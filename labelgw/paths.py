@@ -24,7 +24,16 @@ from __future__ import annotations
 
 import re
 
-from labelgw.http.parser import HttpError
+
+class PathRefused(ValueError):
+    """A path labelgw will not route: the HTTP layer answers 400 with the reason."""
+
+    status: int = 400
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -61,7 +70,7 @@ def _matching_form(path: str) -> str:
 
 def route_target(target: bytes) -> tuple[str, bytes]:
     """Split a request target (origin form, or ``*``) into the path to route on (matching form) and the target to
-    forward (forwarded form, query as received). Raises HttpError(400) for a path labelgw refuses."""
+    forward (forwarded form, query as received). Raises PathRefused for a path labelgw refuses (a 400)."""
     query = target.find(b"?")
     path = (target if query == -1 else target[:query]).decode("latin-1")
     if "%" not in path and "/." not in path and "//" not in path and "\\" not in path or path[:1] != "/":
@@ -84,12 +93,12 @@ def _forwarded_path(path: str) -> str:
             name, semicolon, _ = piece.partition(";")
             if name in _DOTS:
                 if semicolon:
-                    raise HttpError(400, "dot segment with parameters in the path")
+                    raise PathRefused("dot segment with parameters in the path")
                 has_dots = True
     if not has_dots:
         return _SLASHES.sub("/", path) if "//" in path else path
     if ambiguous:
-        raise HttpError(400, "dot segments in a path with an encoded slash or a backslash")
+        raise PathRefused("dot segments in a path with an encoded slash or a backslash")
     # RFC 3986 section 5.2.4 over whole segments, empty segments (runs of "/") merged first as nginx does.
     kept: list[str] = []
     trailing = False
@@ -99,7 +108,7 @@ def _forwarded_path(path: str) -> str:
         name = decode_unreserved(segment)
         if name == "..":
             if not kept:
-                raise HttpError(400, "the path climbs above the root")
+                raise PathRefused("the path climbs above the root")
             kept.pop()
             trailing = True
         elif name == "." or not segment:

@@ -29,12 +29,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from hpack import Encoder
-from hyperframe.frame import ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, WindowUpdateFrame
 
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 from zope.interface import implementer
@@ -868,3 +869,130 @@ def test_real_tls_handshake_negotiates_h2_with_the_labelgw_policy(
     for _ in range(5):
         h.reactor.advance(0)
         pump.flush()
+
+
+# Clients that stop reading (issue 14, item 6).
+
+
+def test_stream_whose_window_stays_closed_is_reset_after_the_send_timeout(h: ProxyHarness) -> None:
+    client = H2Client(h, auto_ack=False)
+    stream = client.request(b"/big")
+    upstream = h.upstream().accept()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"x" * 100_000)
+    client.exchange()
+    assert len(client.streams[stream].body) == 65535
+    h.advance(h.settings.send_timeout - 1)
+    client.exchange()
+    assert client.streams[stream].reset is None and not upstream.aborted
+    h.advance(2)
+    client.exchange()
+    assert client.streams[stream].reset == ErrorCodes.CANCEL
+    assert upstream.aborted
+    h.settle()
+    assert client.server.streams == {} and not client.closing
+
+
+def test_stream_send_timeout_counts_from_the_last_progress(h: ProxyHarness) -> None:
+    client = H2Client(h, auto_ack=False)
+    stream = client.request(b"/big")
+    upstream = h.upstream().accept()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100_000)
+    client.exchange()
+    h.advance(h.settings.send_timeout * 0.75)
+    client.conn.acknowledge_received_data(20_000, stream)
+    client.exchange()
+    h.advance(h.settings.send_timeout * 0.75)
+    client.exchange()
+    assert client.streams[stream].reset is None
+    client.conn.acknowledge_received_data(80_000, stream)
+    client.exchange()
+    assert client.streams[stream].ended and len(client.streams[stream].body) == 100_000
+
+
+def test_connection_whose_client_reads_nothing_is_aborted_after_the_send_timeout(h: ProxyHarness, client: H2Client) -> None:
+    client.request()
+    upstream = h.upstream().accept()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+    client.exchange()
+    client.transport.fill_buffer()
+    h.advance(h.settings.send_timeout - 1)
+    assert not client.transport.aborted
+    h.advance(2)
+    assert client.transport.aborted
+    h.settle()
+    assert upstream.aborted
+    assert h.gateway.connections == set()
+
+
+def test_response_bytes_of_one_connection_are_bounded_together(h: ProxyHarness) -> None:
+    client = H2Client(h, H2Settings(connection_buffer=100_000), auto_ack=False)
+    streams = [client.request(b"/%d" % i) for i in range(3)]
+    upstreams = [upstream.accept() for upstream in h.new_connects()]
+    assert len(upstreams) == len(streams)
+    for upstream in upstreams[:2]:
+        upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n" + b"x" * 60_000)
+    client.exchange()
+    # The client's connection window (65535) took the first bytes; what waits is under each stream's own buffer
+    # and under the connection's bound: nothing is paused yet.
+    assert not any(upstream.paused for upstream in upstreams)
+    upstreams[2].send(b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n" + b"x" * 60_000)
+    client.exchange()
+    # Together past the connection's bound: every upstream is paused.
+    assert all(upstream.paused for upstream in upstreams)
+    assert client.server.queued <= 3 * 60_000
+    for upstream in upstreams:
+        upstream.close()
+    h.settle()
+
+
+# MadeYouReset (CVE-2025-8671) and log lines (issue 14, items 7 and 10).
+
+
+def _data_after_end_stream(client: H2Client, stream: int) -> None:
+    client.send_raw(DataFrame(stream, data=b"late", flags=["END_STREAM"]).serialize())
+
+
+def test_resets_labelgw_sends_for_client_protocol_errors_count_against_the_budget(h: ProxyHarness) -> None:
+    client = H2Client(h, H2Settings(reset_budget=5, reset_window=10.0))
+    upstreams = []
+    for _ in range(5):
+        stream = client.request()
+        upstream = h.upstream().accept()
+        upstreams.append(upstream)
+        _data_after_end_stream(client, stream)
+        # labelgw reset the stream (h2 did, for the DATA after END_STREAM) and cancelled its upstream request.
+        assert client.streams[stream].reset == ErrorCodes.STREAM_CLOSED
+        assert upstream.aborted
+    assert client.terminated is None
+    stream = client.request()
+    h.upstream().accept()
+    _data_after_end_stream(client, stream)
+    assert client.terminated is not None
+    assert client.terminated.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert client.closing
+    h.settle()
+
+
+def test_window_update_overflow_on_a_stream_is_counted_and_cancels_the_upstream(h: ProxyHarness) -> None:
+    client = H2Client(h, H2Settings(reset_budget=1, reset_window=10.0))
+    for attempt in range(2):
+        stream = client.request()
+        upstream = h.upstream().accept()
+        client.send_raw(WindowUpdateFrame(stream, window_increment=2**31 - 1).serialize())
+        assert upstream.aborted
+    assert client.terminated is not None and client.terminated.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    h.settle()
+
+
+def test_client_controlled_text_in_log_lines_is_escaped(h: ProxyHarness) -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client = H2Client(h, validate=False)
+        client.request(headers=[(b"x-evil", b"a\r\n\x1b[31mforged")])
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [formatEvent(event) for event in events if "HTTP/2" in (event.get("log_format") or "")]
+    assert lines
+    for line in lines:
+        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in line), line

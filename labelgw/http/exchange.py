@@ -9,6 +9,7 @@ from twisted.python.failure import Failure
 
 from labelgw.backends import Backend
 from labelgw.http.fastwrite import write_now
+from labelgw.http.logsafe import printable
 from labelgw.http.headers import client_response_head, error_response, upstream_request_head
 from labelgw.http.parser import LAST_CHUNK, ChunkedDecoder, RequestHead, ResponseHead, encode_chunk
 from labelgw.http.upstream import UpstreamConnection
@@ -80,6 +81,7 @@ class Exchange:
             head, route.upstream_path(head.target), client.peer_ip, client.proto, client.local_port
         )
         self.gateway.in_flight += 1
+        route.service.in_flight += 1
         backend.in_flight += 1
         backend.requests += 1
         route.service.policy.on_start(backend)
@@ -126,7 +128,7 @@ class Exchange:
             if not same_backend_ok:
                 return False
             backend = failed
-        self.gateway.log.debug("retrying: {why}", why=why)
+        self.gateway.log.debug("retrying: {why}", why=printable(why))
         self._release_backend(failed=True)
         self.attempts += 1
         self.gateway.retries += 1
@@ -294,7 +296,7 @@ class Exchange:
         # A pauser left registered would keep a paused client transport from ever closing.
         self._unregister_producers()
         self._complete(failed=False)
-        self.client.transport.loseConnection()
+        self.client.close()
 
     def client_tunnel_data(self, data: bytes) -> None:
         upstream = self.upstream
@@ -338,6 +340,7 @@ class Exchange:
             return
         self.finished = True
         self.gateway.in_flight -= 1
+        self.route.service.in_flight -= 1
         if self.attempts > 1:
             self.gateway.active_retries -= 1
         self._release_backend(failed, observe and not self.tunnel)
@@ -356,7 +359,7 @@ class Exchange:
 
     def _register_upstream_producer(self, connection: UpstreamConnection) -> None:
         if not self._registered_upstream_producer and connection.connected:
-            self.client.transport.registerProducer(_Pauser(connection.transport), True)
+            self.client.set_response_producer(_Pauser(connection.transport))
             self._registered_upstream_producer = True
 
     def _unregister_client_producer(self) -> None:
@@ -372,7 +375,7 @@ class Exchange:
         self._unregister_client_producer()
         if self._registered_upstream_producer:
             self._registered_upstream_producer = False
-            self.client.transport.unregisterProducer()
+            self.client.set_response_producer(None)
             upstream = self.upstream
             if upstream is not None and upstream.connected:
                 upstream.transport.resumeProducing()

@@ -52,6 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from labelgw.http.headers import HOP_BY_HOP, error_response
+from labelgw.http.logsafe import printable
 from labelgw.http.parser import LAST_CHUNK, MAX_HEAD_BYTES, ChunkedDecoder, HttpError, encode_chunk, parse_response_head
 from labelgw.http.server import ClientConnection, Gateway
 
@@ -67,9 +68,12 @@ class H2Settings:
     initial_window_size: int = 65535
     # Response bytes kept per stream (waiting for the client's window) before the upstream is paused.
     stream_buffer: int = 64 * 1024
-    # Rapid reset: resets of unanswered streams by the client allowed per sliding window.
+    # Rapid reset and MadeYouReset: stream resets allowed per sliding window, by the client (of unanswered streams)
+    # or by labelgw for the client's protocol errors on a stream.
     reset_budget: int = 100
     reset_window: float = 10.0
+    # Response bytes kept for all streams of one connection together; past it every upstream is paused.
+    connection_buffer: int = 1024 * 1024
 
 
 DEFAULT_H2_SETTINGS = H2Settings()
@@ -121,6 +125,9 @@ class StreamTransport:
         self._producer_paused = False
         self._lost = False
         self._lost_scheduled = False
+        # Since when response bytes wait and none could be sent (0.0: none wait); the stream's send timeout.
+        self.stalled_since = 0.0
+        self._progressed = False
 
     def __repr__(self) -> str:
         return f"<StreamTransport {self.stream_id} state={self._state} queued={self._queued}>"
@@ -234,7 +241,7 @@ class StreamTransport:
             self._consume(data)
         except (HttpError, ProtocolError) as problem:
             self.owner.log.error(
-                "HTTP/2 stream {stream}: cannot relay the response: {problem}", stream=self.stream_id, problem=str(problem)
+                "HTTP/2 stream {stream}: cannot relay the response: {problem}", stream=self.stream_id, problem=printable(str(problem))
             )
             self._reset(ErrorCodes.INTERNAL_ERROR, error.ConnectionLost())
             return
@@ -287,7 +294,8 @@ class StreamTransport:
         limit = self.owner.settings.stream_buffer
         if self._producer_paused:
             limit //= 2
-        pause = self.owner.tcp_blocked or self._queued > limit
+        owner = self.owner
+        pause = owner.tcp_blocked or owner.buffer_full or self._queued > limit
         if pause != self._producer_paused:
             self._producer_paused = pause
             if pause:
@@ -373,6 +381,14 @@ class StreamTransport:
         if data:
             self._queue.append(data)
             self._queued += len(data)
+            self.owner.queued_more(len(data))
+
+    def _drop_queue(self) -> None:
+        self.stalled_since = 0.0
+        self._queue.clear()
+        if self._queued:
+            self.owner.queued_less(self._queued)
+            self._queued = 0
 
     def _pump(self) -> None:
         """Send what the windows allow; END_STREAM after the last byte of a complete response."""
@@ -390,6 +406,14 @@ class StreamTransport:
                 # h2 closed the stream itself (for example after a stream error): it cannot be answered any more.
                 self._reset(ErrorCodes.INTERNAL_ERROR, error.ConnectionLost())
                 return
+            if self._queue and not self.local_done:
+                # Bytes wait for the window: the send timeout runs from the last progress.
+                if self._progressed or not self.stalled_since:
+                    self.stalled_since = owner.clock.seconds()
+                    owner.watch_stall(self.stalled_since)
+            else:
+                self.stalled_since = 0.0
+            self._progressed = False
             self.sync_producer()
         owner.flush_soon()
 
@@ -408,8 +432,10 @@ class StreamTransport:
         if size <= limit:
             queue.popleft()
             self._queued -= size
+            self.owner.queued_less(size)
             last = self._ending and not queue
             conn.send_data(self.stream_id, chunk, end_stream=last)
+            self._progressed = True
             if last:
                 self._sent_all()
                 return False
@@ -417,7 +443,9 @@ class StreamTransport:
         view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
         queue[0] = view[limit:]
         self._queued -= limit
+        self.owner.queued_less(limit)
         conn.send_data(self.stream_id, view[:limit])
+        self._progressed = True
         return True
 
     def pump_one(self) -> bool:
@@ -467,8 +495,7 @@ class StreamTransport:
         owner = self.owner
         if not self.local_done:
             self.local_done = True
-            self._queue.clear()
-            self._queued = 0
+            self._drop_queue()
             if not owner.closed:
                 try:
                     owner.conn.reset_stream(self.stream_id, code)
@@ -479,19 +506,22 @@ class StreamTransport:
         owner.flush_soon()
         self._schedule_lost(reason)
 
+    def send_timed_out(self) -> None:
+        """Nothing could be sent for the send timeout (a window the client never opens): reset, upstream cancelled."""
+        self.stalled_since = 0.0
+        self._reset(ErrorCodes.CANCEL, error.ConnectionLost("HTTP/2 stream send timeout"))
+
     def abandon(self) -> None:
         """The whole connection is going away: no more frames for this stream."""
         self.local_done = True
-        self._queue.clear()
-        self._queued = 0
+        self._drop_queue()
         self._inbound.clear()
         self._unacked = 0
         self._schedule_lost(error.ConnectionLost("HTTP/2 connection closed"))
 
     def reset_by_client(self) -> None:
         self.local_done = True
-        self._queue.clear()
-        self._queued = 0
+        self._drop_queue()
         self._inbound.clear()
         self._ack()
         self.connection_lost(error.ConnectionLost("stream reset by the client"))
@@ -539,6 +569,11 @@ class H2Protocol(Protocol):
         self.host: Any = None
         self.closed = False
         self.tcp_blocked = False
+        # Since when the client's TCP buffer is full (0.0: it is not).
+        self._blocked_since = 0.0
+        # Response bytes queued for all streams together, and whether that is past the connection's bound.
+        self.queued = 0
+        self.buffer_full = False
         self.requests = 0
         self._receiving = False
         # GOAWAY sent for a drain: streams above this id are refused.
@@ -622,7 +657,7 @@ class H2Protocol(Protocol):
             events = self.conn.receive_data(data)
         except ProtocolError as problem:
             # h2 queued a GOAWAY with the right code (ENHANCE_YOUR_CALM for an HPACK bomb).
-            self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=str(problem))
+            self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=printable(str(problem)))
             self._shut(None)
             return
         if self._header_block_size() > self.settings.max_header_list_size:
@@ -691,10 +726,10 @@ class H2Protocol(Protocol):
 
     def _stream_reset(self, event: StreamReset) -> None:
         stream = self.streams.get(event.stream_id)
-        if stream is None:
-            return
-        if event.remote_reset and not stream.local_done:
-            # Reset before its response was complete: the pattern of rapid reset when it repeats.
+        # Counted against one budget: the client's resets of streams not yet answered (rapid reset,
+        # CVE-2023-44487), and the resets h2 sends for the client's protocol errors on a stream, such as DATA after
+        # END_STREAM or a window overflow (MadeYouReset, CVE-2025-8671). Either way a backend may be serving it.
+        if not event.remote_reset or (stream is not None and not stream.local_done):
             now = self.clock.seconds()
             resets = self._resets
             resets.append(now)
@@ -702,10 +737,13 @@ class H2Protocol(Protocol):
             while resets and resets[0] < horizon:
                 resets.popleft()
             if len(resets) > self.settings.reset_budget:
-                stream.reset_by_client()
+                if stream is not None:
+                    stream.reset_by_client()
                 self._enhance_your_calm(f"more than {self.settings.reset_budget} stream resets in {self.settings.reset_window:g} s")
                 return
-        stream.reset_by_client()
+        if stream is not None:
+            # The stream's upstream request is cancelled with it.
+            stream.reset_by_client()
 
     def _header_block_size(self) -> int:
         # A header block still waiting for its END_HEADERS: h2 alone would buffer up to 64 CONTINUATION frames.
@@ -741,6 +779,11 @@ class H2Protocol(Protocol):
         if self.tcp_blocked:
             return
         self.tcp_blocked = True
+        now = self._blocked_since = self.clock.seconds()
+        timer = self._timer
+        delay = self.gateway.settings.send_timeout
+        if timer is not None and timer.active() and timer.getTime() > now + delay:
+            timer.reset(delay)
         self.transport.pauseProducing()
         for stream in list(self.streams.values()):
             stream.sync_producer()
@@ -749,6 +792,7 @@ class H2Protocol(Protocol):
         if not self.tcp_blocked:
             return
         self.tcp_blocked = False
+        self._blocked_since = 0.0
         if not self.closed:
             self.transport.resumeProducing()
         for stream in list(self.streams.values()):
@@ -756,6 +800,22 @@ class H2Protocol(Protocol):
 
     def stopProducing(self) -> None:
         pass
+
+    # The bound on response bytes queued by all streams together.
+
+    def queued_more(self, size: int) -> None:
+        queued = self.queued = self.queued + size
+        if not self.buffer_full and queued > self.settings.connection_buffer:
+            self.buffer_full = True
+            for stream in list(self.streams.values()):
+                stream.sync_producer()
+
+    def queued_less(self, size: int) -> None:
+        queued = self.queued = self.queued - size
+        if self.buffer_full and queued <= self.settings.connection_buffer // 2:
+            self.buffer_full = False
+            for stream in list(self.streams.values()):
+                stream.sync_producer()
 
     # Streams and closing.
 
@@ -791,19 +851,50 @@ class H2Protocol(Protocol):
             stream.abandon()
         self.transport.loseConnection()
 
+    def watch_stall(self, since: float) -> None:
+        """A stream began to wait for its window: make sure the timer looks at it after the send timeout."""
+        deadline = since + self.gateway.settings.send_timeout
+        timer = self._timer
+        if timer is None or not timer.active():
+            if not self.closed:
+                self._timer = self.clock.callLater(max(deadline - self.clock.seconds(), 0.001), self._check_timers)
+        elif timer.getTime() > deadline:
+            timer.reset(max(deadline - self.clock.seconds(), 0.001))
+
     def _check_timers(self) -> None:
         self._timer = None
         if self.closed:
             return
         settings = self.gateway.settings
         now = self.clock.seconds()
+        blocked = self._blocked_since
+        if blocked and now >= blocked + settings.send_timeout:
+            # The client read nothing for that long (nginx send_timeout): every stream goes with the connection.
+            self.log.info("HTTP/2 connection from {peer}: send timeout", peer=_describe(self.peer))
+            self.closed = True
+            for stream in list(self.streams.values()):
+                stream.abandon()
+            self.transport.abortConnection()
+            return
         if self.streams:
             deadline = now + settings.idle_timeout
+            if blocked:
+                deadline = min(deadline, blocked + settings.send_timeout)
+            for stream in list(self.streams.values()):
+                stalled = stream.stalled_since
+                if stalled:
+                    if now >= stalled + settings.send_timeout:
+                        stream.send_timed_out()
+                    else:
+                        deadline = min(deadline, stalled + settings.send_timeout)
+            self.flush_soon()
         else:
             deadline = self._idle_since + (settings.idle_timeout if self.requests else settings.head_timeout)
             if now >= deadline:
                 self._shut(ErrorCodes.NO_ERROR)
                 return
+            if blocked:
+                deadline = min(deadline, blocked + settings.send_timeout)
         self._timer = self.clock.callLater(max(deadline - now, 0.001), self._check_timers)
 
 

@@ -33,6 +33,7 @@ class Gateway:
         self.table = table
         self.settings = settings or ProxySettings()
         self.pool = UpstreamPool(reactor, self.settings)
+        self.service_limit = self.settings.service_in_flight_limit
         self.connections: set[ClientConnection] = set()
         self.in_flight = 0
         self.retries = 0
@@ -93,6 +94,11 @@ class ClientConnection(Protocol):
         self._body_seen = 0.0
         self._pause_reasons: set[str] = set()
         self._timer: Any = None
+        # The client's transport is full: since when (0.0: it is not), and what to pause meanwhile (the upstream
+        # of a streaming response).
+        self._send_blocked_since = 0.0
+        self._response_producer: Any = None
+        self._lost = False
 
     @property
     def paused(self) -> bool:
@@ -110,14 +116,20 @@ class ClientConnection(Protocol):
         gateway.connections.add(self)
         self._idle_since = gateway.clock.seconds()
         self._timer = gateway.clock.callLater(gateway.settings.head_timeout, self._check_timers)
+        # Registered for the connection's life: a client that stops reading is noticed whatever is in progress.
+        transport.registerProducer(self, True)
         if gateway.draining:
             self.drain()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closing = True
+        self._lost = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._response_producer = None
+        # Also when the TLS listener hands a connection that never was HTTP/1.1 over to HTTP/2.
+        self.transport.unregisterProducer()
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.client_lost()
@@ -133,8 +145,15 @@ class ClientConnection(Protocol):
         self._closing = True
         self.transport.abortConnection()
 
+    def close(self) -> None:
+        """Close once what was written is sent (the send timeout still applies meanwhile)."""
+        self._close()
+
     def _close(self) -> None:
         self._closing = True
+        # A registered producer would keep a full transport from ever closing (FileDescriptor.loseConnection).
+        self._response_producer = None
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     # Reading.
@@ -167,6 +186,10 @@ class ClientConnection(Protocol):
         self._processing = True
         try:
             while self.exchange is None and self._buffer and not self._closing:
+                if self._send_blocked_since:
+                    # Responses already wait for a client that does not read: buffer no more of them.
+                    self.set_paused("pipeline", True)
+                    return
                 buffer = self._buffer
                 if buffer[:1] in (b"\r", b"\n"):
                     # RFC 9112 section 2.2: empty lines before a request line are ignored.
@@ -240,10 +263,10 @@ class ClientConnection(Protocol):
                 message = f"no route for host {host!r}" if host else "no Host header"
             self.send_error(404, message, close=head.has_body or not head.keep_alive, head_only=head.method == b"HEAD")
             return
-        if gateway.in_flight >= gateway.settings.max_in_flight:
+        service = route.service
+        if gateway.in_flight >= gateway.settings.max_in_flight or service.in_flight >= gateway.service_limit:
             self.send_error(503, "too many requests in flight", close=head.has_body or not head.keep_alive, head_only=head.method == b"HEAD", extra=b"Retry-After: 1\r\n")
             return
-        service = route.service
         version = None
         cookie = b""
         pinned = False
@@ -280,6 +303,45 @@ class ClientConnection(Protocol):
             self._close()
         else:
             self._idle_since = self.gateway.clock.seconds()
+
+    # IPushProducer, for the client's transport: its buffer is full (pause) or drained (resume).
+
+    def pauseProducing(self) -> None:
+        if self._send_blocked_since or self._lost:
+            return
+        self._send_blocked_since = self.gateway.clock.seconds()
+        producer = self._response_producer
+        if producer is not None:
+            producer.pauseProducing()
+        # Armed even while closing: a close waits for the client to read what is buffered.
+        delay = self.gateway.settings.send_timeout
+        timer = self._timer
+        if timer is None or not timer.active():
+            self._timer = self.gateway.clock.callLater(delay, self._check_timers)
+        elif timer.getTime() > self._send_blocked_since + delay:
+            timer.reset(delay)
+
+    def resumeProducing(self) -> None:
+        if not self._send_blocked_since:
+            return
+        self._send_blocked_since = 0.0
+        producer = self._response_producer
+        if producer is not None:
+            producer.resumeProducing()
+        if self.exchange is None and self._buffer and not self._processing and not self._closing:
+            # Pipelined requests waited for the client to read the responses before them.
+            self._pause_reasons.discard("pipeline")
+            self.sync_paused()
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def set_response_producer(self, producer: Any) -> None:
+        """What to pause while the client does not read: the upstream of the response in progress (or None)."""
+        self._response_producer = producer
+        if producer is not None and self._send_blocked_since:
+            producer.pauseProducing()
 
     def set_paused(self, reason: str, paused: bool) -> None:
         reasons = self._pause_reasons
@@ -344,10 +406,23 @@ class ClientConnection(Protocol):
 
     def _check_timers(self) -> None:
         self._timer = None
-        if self._closing:
+        if self._lost:
             return
         settings = self.gateway.settings
         now = self.gateway.clock.seconds()
+        blocked = self._send_blocked_since
+        if blocked and now >= blocked + settings.send_timeout:
+            # nginx's send_timeout: the client read nothing for that long.
+            exchange = self.exchange
+            if exchange is not None:
+                exchange.client_lost()
+            self.abort()
+            return
+        if self._closing:
+            # Closing, waiting for a blocked client to read: only the send timeout matters now.
+            if blocked:
+                self._timer = self.gateway.clock.callLater(max(blocked + settings.send_timeout - now, 0.001), self._check_timers)
+            return
         exchange = self.exchange
         if self.tunnel:
             deadline = now + settings.idle_timeout
@@ -374,6 +449,8 @@ class ClientConnection(Protocol):
             if now >= deadline:
                 self._close()
                 return
+        if blocked and blocked + settings.send_timeout < deadline:
+            deadline = blocked + settings.send_timeout
         self._timer = self.gateway.clock.callLater(max(deadline - now, 0.001), self._check_timers)
 
 

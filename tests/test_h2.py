@@ -40,7 +40,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 from zope.interface import implementer
 
-from labelgw.http.h2 import H2Factory, H2Protocol, H2Settings, NegotiatingFactory, _request_head, negotiating_factory
+from labelgw.http.h2 import H2Factory, H2Protocol, H2Settings, NegotiatingFactory, negotiating_factory, request_head
+from labelgw.http.headers import upstream_request_head
+from labelgw.http.parser import RequestHead
 from labelgw.http.server import ClientConnection
 from labelgw.http.settings import ProxySettings
 from labelgw.tls.policy import INTERMEDIATE, build_server_context
@@ -615,7 +617,7 @@ def test_line_break_in_a_header_value_is_refused_before_any_backend(h: ProxyHarn
 )
 def test_request_head_refuses_line_breaks_itself(value: bytes) -> None:
     fields = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", SOLO), (b":path", b"/"), (b"x", value)]
-    assert isinstance(_request_head(fields, False), str)
+    assert isinstance(request_head(fields, False), tuple)
 
 
 def test_request_head_shape() -> None:
@@ -623,11 +625,15 @@ def test_request_head_shape() -> None:
         (b":method", b"POST"), (b":scheme", b"https"), (b":authority", SOLO), (b":path", b"/p"),
         (b"host", SOLO), (b"te", b"trailers"), (b"cookie", b"a=1; b=2"), (b"accept", b"*/*"),
     ]
-    method, head, chunked = _request_head(fields, True)  # type: ignore[misc]
-    assert method == b"POST" and chunked
-    assert head == (
+    head = request_head(fields, True)
+    assert isinstance(head, RequestHead)
+    assert (head.method, head.target, head.host, head.chunked, head.content_length) == (b"POST", b"/p", SOLO, True, None)
+    assert head.headers == [(b"host", SOLO), (b"cookie", b"a=1; b=2"), (b"accept", b"*/*")]
+    # Upstream, as an HTTP/1.1 request: the body chunked, te and the pseudo-headers gone.
+    assert upstream_request_head(head, b"/p", b"10.0.0.9", b"https", b"443") == (
         b"POST /p HTTP/1.1\r\nhost: solo.localhost\r\ncookie: a=1; b=2\r\naccept: */*\r\n"
-        b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        b"Transfer-Encoding: chunked\r\nX-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Host: solo.localhost\r\nX-Forwarded-Port: 443\r\nX-Real-IP: 10.0.0.9\r\n\r\n"
     )
 
 

@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 _HOSTS: dict[bytes, str] = {}
 
 
+def _close(head: RequestHead) -> bool:
+    # An unread request body would be taken for the next request: answers without an exchange close instead.
+    return head.has_body or not head.keep_alive
+
+
 def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchange | None:
     """The exchange that will serve `head` (not started yet), or None after `side` answered it itself."""
     raw_host = head.host
@@ -31,28 +36,26 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
     query = target.find(b"?")
     path = (target if query == -1 else target[:query]).decode("latin-1")
     route = gateway.table.lookup(host, path)
-    # An unread request body would be taken for the next request: answers without an exchange close instead.
-    close = head.has_body or not head.keep_alive
     # Plain HTTP answered with a 308 to HTTPS (--redirect-https, <prefix>.tls=redirect): labelgw.https.
     redirect = gateway.https_redirect
     if redirect is not None and side.proto == b"http":
         location = redirect.location(host, target, route)
         if location is not None:
-            side.refuse(308, "use HTTPS", close, b"Location: %s\r\n" % location)
+            side.refuse(308, "use HTTPS", _close(head), b"Location: %s\r\n" % location)
             return None
     if route is None:
         if gateway.table.knows_host(host):
             message = f"no route for http://{host}{path}"
         else:
             message = f"no route for host {host!r}" if host else "no Host header"
-        side.refuse(404, message, close)
+        side.refuse(404, message, _close(head))
         return None
     service = route.service
     if gateway.in_flight >= gateway.settings.max_in_flight:
-        side.refuse(503, "too many requests in flight", close, b"Retry-After: 1\r\n")
+        side.refuse(503, "too many requests in flight", _close(head), b"Retry-After: 1\r\n")
         return None
     if service.in_flight >= gateway.service_limit:
-        side.refuse(503, f"too many requests in flight to service {service.name!r}", close, b"Retry-After: 1\r\n")
+        side.refuse(503, f"too many requests in flight to service {service.name!r}", _close(head), b"Retry-After: 1\r\n")
         return None
     version = None
     cookie = b""
@@ -63,7 +66,7 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
         backend, version, cookie, pinned = choose_version(service, head, gateway.version_header)
     if backend is None:
         what = f" of version {version!r}" if version is not None else ""
-        side.refuse(503, f"service {service.name!r} has no ready backend{what}", close, b"Retry-After: 1\r\n")
+        side.refuse(503, f"service {service.name!r} has no ready backend{what}", _close(head), b"Retry-After: 1\r\n")
         return None
     exchange = Exchange(side, gateway, head, route, backend)
     if version is not None:

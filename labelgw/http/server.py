@@ -122,7 +122,10 @@ class ClientConnection(Protocol):
         self._close_after = False
 
     def _move(self, new: ConnectionState) -> None:
-        self.state = check_move(CONNECTION_MOVES, self.state, new)
+        # check_move, inlined: this runs twice per request.
+        if new not in CONNECTION_MOVES[self.state]:
+            check_move(CONNECTION_MOVES, self.state, new)
+        self.state = new
 
     @property
     def paused(self) -> bool:
@@ -367,10 +370,13 @@ class ClientConnection(Protocol):
             out.clear()
 
     def response_end(self) -> None:
+        out = self._out
         if self._chunked:
             self._chunked = False
-            self._out.append(LAST_CHUNK)
-        self.flush()
+            out.append(LAST_CHUNK)
+        if out:
+            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def error_response(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
         request = self._request

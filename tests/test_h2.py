@@ -1002,3 +1002,38 @@ def test_client_controlled_text_in_log_lines_is_escaped(h: ProxyHarness) -> None
     assert lines
     for line in lines:
         assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in line), line
+
+
+def test_stalled_request_body_gets_a_408_and_the_upstream_is_cancelled(h: ProxyHarness, client: H2Client) -> None:
+    stream = client.request(b"/upload", method=b"POST", headers=[(b"content-length", b"10")], body=b"abc", end=False)
+    upstream = h.upstream().accept()
+    h.advance(h.settings.body_timeout - 1)
+    client.exchange()
+    assert client.streams[stream].headers is None and not upstream.aborted
+    h.advance(2)
+    client.exchange()
+    assert client.streams[stream].status == 408
+    assert upstream.aborted
+    h.settle()
+    assert client.server.streams == {} and not client.closing
+
+
+@pytest.mark.parametrize(
+    ("field", "status"),
+    [
+        ((b"bad name", b"x"), 400),
+        ((b"x-ctl", b"a\x01b"), 400),
+        ((b"content-length", b"+5"), 400),
+        ((b"content-length", b"0x10"), 400),
+    ],
+)
+def test_request_head_applies_the_http11_field_rules(field: tuple[bytes, bytes], status: int) -> None:
+    fields = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", SOLO), (b":path", b"/"), field]
+    assert request_head(fields, True) == (status, request_head(fields, True)[1])  # type: ignore[index]
+
+
+def test_request_head_refuses_two_content_lengths_and_bad_paths() -> None:
+    base = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", SOLO)]
+    assert request_head(base + [(b":path", b"/"), (b"content-length", b"1"), (b"content-length", b"1")], True)[0] == 400  # type: ignore[index]
+    assert request_head(base + [(b":path", b"/a b")], False)[0] == 400  # type: ignore[index]
+    assert request_head(base + [(b":path", b"/a\x7fb")], False)[0] == 400  # type: ignore[index]

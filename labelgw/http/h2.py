@@ -116,7 +116,7 @@ class H2Stream:
     # Since when response bytes wait and none could be sent (0.0: none wait); the stream's send timeout.
     stalled_since = 0.0
     _progressed = False
-    _body_seen = 0.0
+    body_seen = 0.0
 
     def __init__(self, owner: "H2Protocol", stream_id: int, method: bytes) -> None:
         self.owner = owner
@@ -146,10 +146,10 @@ class H2Stream:
             self._drop_inbound()
             return
         self.exchange = exchange
-        self._body_seen = self.owner.clock.seconds()
+        self.body_seen = self.owner.clock.seconds()
         exchange.start()
         if self.exchange is exchange and not exchange.body_done:
-            self.owner.watch(self._body_seen + self.owner.gateway.settings.body_timeout)
+            self.owner.watch(self.body_seen + self.owner.gateway.settings.body_timeout)
             if not self._paused:
                 self._release_inbound()
 
@@ -167,7 +167,7 @@ class H2Stream:
                 # Answered, or gone: the bytes are dropped, the window given back.
                 self._ack()
             return
-        self._body_seen = self.owner.clock.seconds()
+        self.body_seen = self.owner.clock.seconds()
         if self._paused:
             if data:
                 self._inbound.append(data)
@@ -207,7 +207,8 @@ class H2Stream:
         if unacked:
             self._unacked = 0
             owner = self.owner
-            if owner.state is not _CLOSED and not self.gone:
+            if owner.state is not _CLOSED:
+                # Also for a closed stream: the connection's window gets the bytes back.
                 try:
                     owner.conn.acknowledge_received_data(unacked, self.stream_id)
                 except (StreamClosedError, ProtocolError):
@@ -496,13 +497,13 @@ class H2Stream:
         if self.state is not _DONE:
             self._move(_DONE)
         self._drop_queue()
-        self._inbound.clear()
-        self._unacked = 0
+        self._drop_inbound()
         self._end_exchange()
         self._maybe_gone()
 
     def abandon(self) -> None:
         """The whole connection is going away: no more frames for this stream."""
+        self._unacked = 0
         self.reset_by_client()
 
     def _end_exchange(self) -> None:
@@ -880,7 +881,7 @@ class H2Protocol(Protocol):
                     deadline = min(deadline, stalled + settings.send_timeout)
                 exchange = stream.exchange
                 if exchange is not None and not exchange.body_done:
-                    body_deadline = stream._body_seen + settings.body_timeout
+                    body_deadline = stream.body_seen + settings.body_timeout
                     if now >= body_deadline:
                         stream.body_timed_out()
                     else:

@@ -232,7 +232,8 @@ class H2Stream:
         # Interim response (100 Continue, 103 Early Hints): informational HEADERS.
         fields = [(b":status", b"%d" % head.status)]
         self._add_fields(fields, head)
-        self._send_headers(fields, False)
+        if self._send_headers(fields, False):
+            self.owner.flush_soon()
 
     def response_head(self, head: ResponseHead, body: bool, close: bool, extra: bytes) -> None:
         if self.state is not _WAITING:
@@ -248,6 +249,7 @@ class H2Stream:
             if self._send_headers(fields, True):
                 self._sent_all()
             return
+        # HEADERS leave with the first DATA, at the flush that ends this upstream read.
         if self._send_headers(fields, False):
             self._move(_SENDING)
 
@@ -355,7 +357,8 @@ class H2Stream:
             # h2 closed the stream itself (for example after a stream error): it cannot be answered any more.
             self._reset(ErrorCodes.INTERNAL_ERROR)
             return False
-        owner.flush_soon()
+        if end:
+            owner.flush_soon()
         return True
 
     def _pump(self) -> None:

@@ -17,7 +17,7 @@ from labelgw.http.logsafe import printable
 from labelgw.http.headers import upstream_request_head
 from labelgw.http.parser import LAST_CHUNK, RequestHead, ResponseHead, encode_chunk
 from labelgw.http.sides import ClientSide
-from labelgw.http.states import EXCHANGE_MOVES, ExchangeState, check_move
+from labelgw.http.states import EXCHANGE_MOVES, ExchangeState, check_move, sources
 from labelgw.http.upstream import UpstreamConnection
 from labelgw.routes import Route
 
@@ -32,6 +32,10 @@ _WAITING = ExchangeState.WAITING
 _RESPONDING = ExchangeState.RESPONDING
 _TUNNEL = ExchangeState.TUNNEL
 _DONE = ExchangeState.DONE
+# The per-request moves, checked inline against the table (see _move).
+_TO_WAITING = sources(EXCHANGE_MOVES, _WAITING)
+_TO_RESPONDING = sources(EXCHANGE_MOVES, _RESPONDING)
+_TO_DONE = sources(EXCHANGE_MOVES, _DONE)
 
 
 class _BodyPauser:
@@ -91,10 +95,7 @@ class Exchange:
         route.service.policy.on_start(backend)
 
     def _move(self, new: ExchangeState) -> None:
-        # check_move, inlined: this runs three times per request.
-        if new not in EXCHANGE_MOVES[self.state]:
-            check_move(EXCHANGE_MOVES, self.state, new)
-        self.state = new
+        self.state = check_move(EXCHANGE_MOVES, self.state, new)
 
     @property
     def finished(self) -> bool:
@@ -121,7 +122,9 @@ class Exchange:
             connection.detach()
             return
         self.upstream = connection
-        self._move(_WAITING)
+        if self.state not in _TO_WAITING:
+            self._move(_WAITING)  # refused: raises StateError
+        self.state = _WAITING
         connection.send(self, self._head_bytes, self.head.method == b"HEAD", body_pending=not self.body_done)
         if self._pending:
             self.body_sent_upstream = True
@@ -218,7 +221,9 @@ class Exchange:
             self._register_body_pauser(connection)
             self._register_upstream_producer(connection)
             return
-        self._move(_RESPONDING)
+        if self.state not in _TO_RESPONDING:
+            self._move(_RESPONDING)
+        self.state = _RESPONDING
         if status >= 500:
             self.backend.errors += 1
             # A 5xx counts against the backend (outlier ejection, latency penalty), like Envoy's consecutive_5xx.
@@ -331,7 +336,9 @@ class Exchange:
         if self.attempts > 1:
             self.gateway.active_retries -= 1
         self._release_backend(failed, observe and state is not _TUNNEL)
-        self._move(_DONE)
+        if state not in _TO_DONE:
+            self._move(_DONE)
+        self.state = _DONE
         self.client.exchange_done(self, close=self._client_close)
 
     def _abort_upstream(self) -> None:

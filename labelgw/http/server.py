@@ -19,7 +19,7 @@ from labelgw.http.parser import (
     LAST_CHUNK, MAX_HEAD_BYTES, ChunkedDecoder, HttpError, RequestHead, ResponseHead, encode_chunk, parse_request_head,
 )
 from labelgw.http.settings import ProxySettings
-from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move
+from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move, sources
 from labelgw.http.upstream import UpstreamPool
 from labelgw.versions import DEFAULT_VERSION_HEADER
 from labelgw.routes import RouteTable
@@ -31,6 +31,9 @@ _RESPONSE = ConnectionState.RESPONSE
 _TUNNEL = ConnectionState.TUNNEL
 _CLOSING = ConnectionState.CLOSING
 _CLOSED = ConnectionState.CLOSED
+# The per-request moves, checked inline against the table (see _move).
+_TO_RESPONSE = sources(CONNECTION_MOVES, _RESPONSE)
+_TO_IDLE = sources(CONNECTION_MOVES, _IDLE)
 
 
 class Gateway:
@@ -122,10 +125,7 @@ class ClientConnection(Protocol):
         self._close_after = False
 
     def _move(self, new: ConnectionState) -> None:
-        # check_move, inlined: this runs twice per request.
-        if new not in CONNECTION_MOVES[self.state]:
-            check_move(CONNECTION_MOVES, self.state, new)
-        self.state = new
+        self.state = check_move(CONNECTION_MOVES, self.state, new)
 
     @property
     def paused(self) -> bool:
@@ -193,7 +193,11 @@ class ClientConnection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state
-        if state is _RESPONSE:
+        if state < _BODY:
+            # IDLE or HEAD: (more of) a request head.
+            self._buffer = self._buffer + data if self._buffer else data
+            self._process()
+        elif state is _RESPONSE:
             # Pipelined bytes while a response is pending: keep them and stop reading until it is done.
             self._buffer += data
             self.set_paused("pipeline", True)
@@ -210,9 +214,6 @@ class ClientConnection(Protocol):
                 self.set_paused("pipeline", True)
         elif state is _TUNNEL:
             self.exchange.client_tunnel_data(data)  # type: ignore[union-attr]
-        elif state < _BODY:
-            self._buffer = self._buffer + data if self._buffer else data
-            self._process()
 
     def _read_body(self, exchange: Exchange, data: bytes) -> bytes:
         """Relay request body bytes; returns what follows the body (a pipelined request) once it is complete."""
@@ -298,9 +299,12 @@ class ClientConnection(Protocol):
             self._move(_BODY)
         elif head.content_length:
             self._remaining = head.content_length
+            self._decoder = None
             self._move(_BODY)
         else:
-            self._move(_RESPONSE)
+            if self.state not in _TO_RESPONSE:
+                self._move(_RESPONSE)  # refused: raises StateError
+            self.state = _RESPONSE
         exchange.start()
         if self.state is _BODY and self.exchange is exchange:
             self._body_seen = self.gateway.clock.seconds()
@@ -414,12 +418,13 @@ class ClientConnection(Protocol):
         if exchange is not self.exchange:
             return
         self.exchange = None
-        self._chunked = False
-        self._decoder = None
-        if close or self.draining or self._close_after or self.state is _TUNNEL:
+        # A tunnel's end always comes with close (Exchange.tunnel_closed).
+        if close or self.draining or self._close_after:
             self._close()
             return
-        self._move(_IDLE)
+        if self.state not in _TO_IDLE:
+            self._move(_IDLE)
+        self.state = _IDLE
         self._idle_since = self.gateway.clock.seconds()
         reasons = self._pause_reasons
         if reasons:

@@ -125,7 +125,7 @@ class Exchange:
         if self.state not in _TO_WAITING:
             self._move(_WAITING)  # refused: raises StateError
         self.state = _WAITING
-        connection.send(self, self._head_bytes, self.head.method == b"HEAD", body_pending=not self.body_done)
+        connection.send(self, self._head_bytes, self.head.method == b"HEAD", not self.body_done)
         if self._pending:
             self.body_sent_upstream = True
             connection.transport.write(b"".join(self._pending))
@@ -331,11 +331,20 @@ class Exchange:
         state = self.state
         if state is _DONE:
             return
-        self.gateway.in_flight -= 1
-        self.route.service.in_flight -= 1
+        gateway = self.gateway
+        gateway.in_flight -= 1
+        service = self.route.service
+        service.in_flight -= 1
         if self.attempts > 1:
-            self.gateway.active_retries -= 1
-        self._release_backend(failed, observe and state is not _TUNNEL)
+            gateway.active_retries -= 1
+        # _release_backend, inlined: this runs once per request.
+        backend = self.backend
+        backend.in_flight -= 1
+        if observe and state is not _TUNNEL:
+            # Time to the response head: a long download or a WebSocket must not look like a slow backend.
+            started = state is _RESPONDING
+            elapsed = self._ttfb if started else gateway.clock.seconds() - self._started_at
+            service.policy.on_finish(backend, elapsed, failed)
         if state not in _TO_DONE:
             self._move(_DONE)
         self.state = _DONE

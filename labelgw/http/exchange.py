@@ -8,7 +8,7 @@ itself. Its state is one L{ExchangeState}, changed only through the moves of L{E
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from twisted.python.failure import Failure
 
@@ -20,9 +20,6 @@ from labelgw.http.sides import ClientSide
 from labelgw.http.states import EXCHANGE_MOVES, ExchangeState, check_move, sources
 from labelgw.http.upstream import UpstreamConnection
 from labelgw.routes import Route
-
-if TYPE_CHECKING:
-    from labelgw.http.server import Gateway
 
 # A request whose bytes reached an upstream may be sent again only when it is idempotent (RFC 9110 9.2.2).
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -75,7 +72,9 @@ class Exchange:
     pinned = False
     response_extra = b""
 
-    def __init__(self, client: ClientSide, gateway: "Gateway", head: RequestHead, route: Route, backend: Backend) -> None:
+    # `gateway`: the labelgw.http.server.Gateway (clock, pool, settings, counters), not imported: the exchange
+    # depends on its two interfaces only.
+    def __init__(self, client: ClientSide, gateway: Any, head: RequestHead, route: Route, backend: Backend) -> None:
         self.client = client
         self.gateway = gateway
         self.head = head

@@ -1037,3 +1037,15 @@ def test_request_head_refuses_two_content_lengths_and_bad_paths() -> None:
     assert request_head(base + [(b":path", b"/"), (b"content-length", b"1"), (b"content-length", b"1")], True)[0] == 400  # type: ignore[index]
     assert request_head(base + [(b":path", b"/a b")], False)[0] == 400  # type: ignore[index]
     assert request_head(base + [(b":path", b"/a\x7fb")], False)[0] == 400  # type: ignore[index]
+
+
+def test_response_headers_and_body_leave_in_one_write(h: ProxyHarness, client: H2Client) -> None:
+    client.request()
+    upstream = h.upstream().accept()
+    writes: list[bytes] = []
+    write = client.transport.write
+    client.transport.write = lambda data: (writes.append(data), write(data))[1]  # type: ignore[method-assign]
+    upstream.send(ok(b"hello"))
+    frames = [Frame.parse_frame_header(memoryview(data[:9]))[0] for data in writes]
+    assert len(writes) == 1 and isinstance(frames[0], HeadersFrame)
+    client.exchange()

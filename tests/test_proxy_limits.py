@@ -153,3 +153,14 @@ def test_per_service_bound_is_configurable(make_harness: Callable[..., ProxyHarn
 )
 def test_printable_escapes_control_characters(raw: str | bytes, shown: str) -> None:
     assert printable(raw) == shown
+
+
+def test_a_connection_refuses_a_move_its_table_does_not_allow(h: ProxyHarness) -> None:
+    from labelgw.http.states import ConnectionState, StateError
+
+    client = h.connect()
+    client.close()
+    h.settle()
+    assert client.protocol.state is ConnectionState.CLOSED
+    with pytest.raises(StateError):
+        client.protocol._move(ConnectionState.IDLE)

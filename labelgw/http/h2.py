@@ -105,9 +105,8 @@ class H2Stream:
     exchange: Exchange | None = None
     # Dispatched (or answered locally): DATA from now on goes to the exchange or is dropped.
     started = False
-    # The client sent END_STREAM; the exchange was told the body is complete.
+    # The client sent END_STREAM (the exchange hears of it once it has the whole body: body_done).
     remote_ended = False
-    _end_fed = False
     # Out of the connection's table: nothing more happens on this stream.
     gone = False
     _paused = False
@@ -183,8 +182,7 @@ class H2Stream:
 
     def _feed_end(self) -> None:
         exchange = self.exchange
-        if not self._end_fed and exchange is not None and not exchange.body_done:
-            self._end_fed = True
+        if exchange is not None and not exchange.body_done:
             exchange.request_end()
 
     def _release_inbound(self) -> None:

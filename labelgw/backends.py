@@ -129,6 +129,8 @@ class ServicePool:
         self.ready: tuple[Backend, ...] = ()
         # Set when the ready backends hold more than one version (labelgw.versions).
         self.split: VersionSplit | None = None
+        # Requests in flight to this service (kept by the proxy, bounded by ProxySettings.max_in_flight_per_service).
+        self.in_flight = 0
 
     def refresh(self) -> None:
         self.ready = tuple(b for b in self.backends.values() if b.ready)

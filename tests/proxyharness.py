@@ -35,8 +35,8 @@ class FakeTransport(StringTransport):
     - connectionLost arrives on a later reactor turn (clock.advance(0)) after loseConnection/abortConnection;
     - abortConnection drops whatever is written afterwards; nothing is written after connectionLost;
     - setTcpNoDelay exists; unregisterProducer is allowed with none registered (as on TCP);
-    - a streaming producer paused because the buffer is full keeps a closing connection open until it is
-      unregistered (twisted.internet.abstract.FileDescriptor.doWrite does exactly this).
+    - a full buffer keeps a closing connection open until the peer reads it (twisted.internet.abstract.
+      FileDescriptor.doWrite), and so does a registered streaming producer paused because the buffer is full.
     """
 
     def __init__(self, clock: MemoryReactorClock, host: Any, peer: Any) -> None:
@@ -101,7 +101,7 @@ class FakeTransport(StringTransport):
         self.buffer_full = False
         if self.producer is not None:
             self.producer.resumeProducing()
-        elif self.disconnecting:
+        if self.disconnecting and self.producer is None:
             self._maybe_finish_close()
 
     def connection_lost(self, reason: BaseException | None = None) -> None:
@@ -116,7 +116,8 @@ class FakeTransport(StringTransport):
         self.protocol.connectionLost(Failure(reason if reason is not None else error.ConnectionDone()))
 
     def _maybe_finish_close(self) -> None:
-        if self.disconnecting and not (self.producer is not None and self.buffer_full):
+        # As TCP: a close waits until the peer has read what is buffered.
+        if self.disconnecting and not self.buffer_full:
             self._schedule_lost(error.ConnectionDone())
 
     def _schedule_lost(self, reason: BaseException) -> None:
@@ -448,6 +449,8 @@ class ProxyHarness:
         gateway = self.gateway
         assert gateway.in_flight == 0, f"gateway.in_flight is {gateway.in_flight}"
         assert gateway.active_retries == 0, f"gateway.active_retries is {gateway.active_retries}"
+        for route in self.registry.routes():
+            assert route.service.in_flight == 0, f"service {route.service.name} in_flight is {route.service.in_flight}"
         for backend in self.backends():
             assert backend.in_flight == 0, f"{backend!r}"
             for connection in backend.idle:

@@ -29,17 +29,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from hpack import Encoder
-from hyperframe.frame import ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, WindowUpdateFrame
 
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 from zope.interface import implementer
 
-from labelgw.http.h2 import H2Factory, H2Protocol, H2Settings, NegotiatingFactory, _request_head, negotiating_factory
+from labelgw.http.h2 import H2Factory, H2Protocol, H2Settings, NegotiatingFactory, negotiating_factory, request_head
+from labelgw.http.headers import upstream_request_head
+from labelgw.http.parser import RequestHead
 from labelgw.http.server import ClientConnection
 from labelgw.http.settings import ProxySettings
 from labelgw.tls.policy import INTERMEDIATE, build_server_context
@@ -614,7 +617,7 @@ def test_line_break_in_a_header_value_is_refused_before_any_backend(h: ProxyHarn
 )
 def test_request_head_refuses_line_breaks_itself(value: bytes) -> None:
     fields = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", SOLO), (b":path", b"/"), (b"x", value)]
-    assert isinstance(_request_head(fields, False), str)
+    assert isinstance(request_head(fields, False), tuple)
 
 
 def test_request_head_shape() -> None:
@@ -622,11 +625,15 @@ def test_request_head_shape() -> None:
         (b":method", b"POST"), (b":scheme", b"https"), (b":authority", SOLO), (b":path", b"/p"),
         (b"host", SOLO), (b"te", b"trailers"), (b"cookie", b"a=1; b=2"), (b"accept", b"*/*"),
     ]
-    method, head, chunked = _request_head(fields, True)  # type: ignore[misc]
-    assert method == b"POST" and chunked
-    assert head == (
+    head = request_head(fields, True)
+    assert isinstance(head, RequestHead)
+    assert (head.method, head.target, head.host, head.chunked, head.content_length) == (b"POST", b"/p", SOLO, True, None)
+    assert head.headers == [(b"host", SOLO), (b"cookie", b"a=1; b=2"), (b"accept", b"*/*")]
+    # Upstream, as an HTTP/1.1 request: the body chunked, te and the pseudo-headers gone.
+    assert upstream_request_head(head, b"/p", b"10.0.0.9", b"https", b"443") == (
         b"POST /p HTTP/1.1\r\nhost: solo.localhost\r\ncookie: a=1; b=2\r\naccept: */*\r\n"
-        b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        b"Transfer-Encoding: chunked\r\nX-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Host: solo.localhost\r\nX-Forwarded-Port: 443\r\nX-Real-IP: 10.0.0.9\r\n\r\n"
     )
 
 
@@ -868,3 +875,177 @@ def test_real_tls_handshake_negotiates_h2_with_the_labelgw_policy(
     for _ in range(5):
         h.reactor.advance(0)
         pump.flush()
+
+
+# Clients that stop reading (issue 14, item 6).
+
+
+def test_stream_whose_window_stays_closed_is_reset_after_the_send_timeout(h: ProxyHarness) -> None:
+    client = H2Client(h, auto_ack=False)
+    stream = client.request(b"/big")
+    upstream = h.upstream().accept()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"x" * 100_000)
+    client.exchange()
+    assert len(client.streams[stream].body) == 65535
+    h.advance(h.settings.send_timeout - 1)
+    client.exchange()
+    assert client.streams[stream].reset is None and not upstream.aborted
+    h.advance(2)
+    client.exchange()
+    assert client.streams[stream].reset == ErrorCodes.CANCEL
+    assert upstream.aborted
+    h.settle()
+    assert client.server.streams == {} and not client.closing
+
+
+def test_stream_send_timeout_counts_from_the_last_progress(h: ProxyHarness) -> None:
+    client = H2Client(h, auto_ack=False)
+    stream = client.request(b"/big")
+    upstream = h.upstream().accept()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100_000)
+    client.exchange()
+    h.advance(h.settings.send_timeout * 0.75)
+    client.conn.acknowledge_received_data(20_000, stream)
+    client.exchange()
+    h.advance(h.settings.send_timeout * 0.75)
+    client.exchange()
+    assert client.streams[stream].reset is None
+    client.conn.acknowledge_received_data(80_000, stream)
+    client.exchange()
+    assert client.streams[stream].ended and len(client.streams[stream].body) == 100_000
+
+
+def test_connection_whose_client_reads_nothing_is_aborted_after_the_send_timeout(h: ProxyHarness, client: H2Client) -> None:
+    client.request()
+    upstream = h.upstream().accept()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+    client.exchange()
+    client.transport.fill_buffer()
+    h.advance(h.settings.send_timeout - 1)
+    assert not client.transport.aborted
+    h.advance(2)
+    assert client.transport.aborted
+    h.settle()
+    assert upstream.aborted
+    assert h.gateway.connections == set()
+
+
+def test_response_bytes_of_one_connection_are_bounded_together(h: ProxyHarness) -> None:
+    client = H2Client(h, H2Settings(connection_buffer=100_000), auto_ack=False)
+    streams = [client.request(b"/%d" % i) for i in range(3)]
+    upstreams = [upstream.accept() for upstream in h.new_connects()]
+    assert len(upstreams) == len(streams)
+    for upstream in upstreams[:2]:
+        upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n" + b"x" * 60_000)
+    client.exchange()
+    # The client's connection window (65535) took the first bytes; what waits is under each stream's own buffer
+    # and under the connection's bound: nothing is paused yet.
+    assert not any(upstream.paused for upstream in upstreams)
+    upstreams[2].send(b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n" + b"x" * 60_000)
+    client.exchange()
+    # Together past the connection's bound: every upstream is paused.
+    assert all(upstream.paused for upstream in upstreams)
+    assert client.server.queued <= 3 * 60_000
+    for upstream in upstreams:
+        upstream.close()
+    h.settle()
+
+
+# MadeYouReset (CVE-2025-8671) and log lines (issue 14, items 7 and 10).
+
+
+def _data_after_end_stream(client: H2Client, stream: int) -> None:
+    client.send_raw(DataFrame(stream, data=b"late", flags=["END_STREAM"]).serialize())
+
+
+def test_resets_labelgw_sends_for_client_protocol_errors_count_against_the_budget(h: ProxyHarness) -> None:
+    client = H2Client(h, H2Settings(reset_budget=5, reset_window=10.0))
+    upstreams = []
+    for _ in range(5):
+        stream = client.request()
+        upstream = h.upstream().accept()
+        upstreams.append(upstream)
+        _data_after_end_stream(client, stream)
+        # labelgw reset the stream (h2 did, for the DATA after END_STREAM) and cancelled its upstream request.
+        assert client.streams[stream].reset == ErrorCodes.STREAM_CLOSED
+        assert upstream.aborted
+    assert client.terminated is None
+    stream = client.request()
+    h.upstream().accept()
+    _data_after_end_stream(client, stream)
+    assert client.terminated is not None
+    assert client.terminated.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert client.closing
+    h.settle()
+
+
+def test_window_update_overflow_on_a_stream_is_counted_and_cancels_the_upstream(h: ProxyHarness) -> None:
+    client = H2Client(h, H2Settings(reset_budget=1, reset_window=10.0))
+    for attempt in range(2):
+        stream = client.request()
+        upstream = h.upstream().accept()
+        client.send_raw(WindowUpdateFrame(stream, window_increment=2**31 - 1).serialize())
+        assert upstream.aborted
+    assert client.terminated is not None and client.terminated.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    h.settle()
+
+
+def test_client_controlled_text_in_log_lines_is_escaped(h: ProxyHarness) -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client = H2Client(h, validate=False)
+        client.request(headers=[(b"x-evil", b"a\r\n\x1b[31mforged")])
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [formatEvent(event) for event in events if "HTTP/2" in (event.get("log_format") or "")]
+    assert lines
+    for line in lines:
+        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in line), line
+
+
+def test_stalled_request_body_gets_a_408_and_the_upstream_is_cancelled(h: ProxyHarness, client: H2Client) -> None:
+    stream = client.request(b"/upload", method=b"POST", headers=[(b"content-length", b"10")], body=b"abc", end=False)
+    upstream = h.upstream().accept()
+    h.advance(h.settings.body_timeout - 1)
+    client.exchange()
+    assert client.streams[stream].headers is None and not upstream.aborted
+    h.advance(2)
+    client.exchange()
+    assert client.streams[stream].status == 408
+    assert upstream.aborted
+    h.settle()
+    assert client.server.streams == {} and not client.closing
+
+
+@pytest.mark.parametrize(
+    ("field", "status"),
+    [
+        ((b"bad name", b"x"), 400),
+        ((b"x-ctl", b"a\x01b"), 400),
+        ((b"content-length", b"+5"), 400),
+        ((b"content-length", b"0x10"), 400),
+    ],
+)
+def test_request_head_applies_the_http11_field_rules(field: tuple[bytes, bytes], status: int) -> None:
+    fields = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", SOLO), (b":path", b"/"), field]
+    assert request_head(fields, True) == (status, request_head(fields, True)[1])  # type: ignore[index]
+
+
+def test_request_head_refuses_two_content_lengths_and_bad_paths() -> None:
+    base = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", SOLO)]
+    assert request_head(base + [(b":path", b"/"), (b"content-length", b"1"), (b"content-length", b"1")], True)[0] == 400  # type: ignore[index]
+    assert request_head(base + [(b":path", b"/a b")], False)[0] == 400  # type: ignore[index]
+    assert request_head(base + [(b":path", b"/a\x7fb")], False)[0] == 400  # type: ignore[index]
+
+
+def test_response_headers_and_body_leave_in_one_write(h: ProxyHarness, client: H2Client) -> None:
+    client.request()
+    upstream = h.upstream().accept()
+    writes: list[bytes] = []
+    write = client.transport.write
+    client.transport.write = lambda data: (writes.append(data), write(data))[1]  # type: ignore[method-assign]
+    upstream.send(ok(b"hello"))
+    frames = [Frame.parse_frame_header(memoryview(data[:9]))[0] for data in writes]
+    assert len(writes) == 1 and isinstance(frames[0], HeadersFrame)
+    client.exchange()

@@ -945,8 +945,8 @@ def test_response_backpressure_pauses_the_upstream(h: ProxyHarness) -> None:
     assert upstream.paused
     upstream.send(b"67890")
     assert client.response().body == b"1234567890"
-    # Done: unregistered, and the pooled connection is readable again.
-    assert client.transport.producer is None
+    # Done: the client's buffer no longer governs the upstream, and the pooled connection is readable again.
+    assert client.protocol._response_producer is None
     assert not upstream.paused
     assert upstream.pooled_in(h.backend("solo-1"))
 

@@ -1,39 +1,54 @@
 """One request's trip through labelgw: pick a backend, get a connection, relay the request body, relay the
-response, retry where that is safe, and account for it all."""
+response, retry where that is safe, and account for it all.
+
+The exchange talks to its client through L{ClientSide} (an HTTP/1.1 connection or an HTTP/2 stream) and to its
+upstream through the L{labelgw.http.upstream.ResponseSink} calls it implements; it writes to no client transport
+itself. Its state is one L{ExchangeState}, changed only through the moves of L{EXCHANGE_MOVES}.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.python.failure import Failure
 
 from labelgw.backends import Backend
-from labelgw.http.fastwrite import write_now
-from labelgw.http.headers import client_response_head, error_response, upstream_request_head
-from labelgw.http.parser import LAST_CHUNK, ChunkedDecoder, RequestHead, ResponseHead, encode_chunk
+from labelgw.http.logsafe import printable
+from labelgw.http.headers import upstream_request_head
+from labelgw.http.parser import LAST_CHUNK, RequestHead, ResponseHead, encode_chunk
+from labelgw.http.sides import ClientSide
+from labelgw.http.states import EXCHANGE_MOVES, ExchangeState, check_move, sources
 from labelgw.http.upstream import UpstreamConnection
 from labelgw.routes import Route
-
-if TYPE_CHECKING:
-    from labelgw.http.server import ClientConnection
 
 # A request whose bytes reached an upstream may be sent again only when it is idempotent (RFC 9110 9.2.2).
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
+_CONNECTING = ExchangeState.CONNECTING
+_WAITING = ExchangeState.WAITING
+_RESPONDING = ExchangeState.RESPONDING
+_TUNNEL = ExchangeState.TUNNEL
+_DONE = ExchangeState.DONE
+# The per-request moves, checked inline against the table (see _move).
+_TO_WAITING = sources(EXCHANGE_MOVES, _WAITING)
+_TO_RESPONDING = sources(EXCHANGE_MOVES, _RESPONDING)
+_TO_DONE = sources(EXCHANGE_MOVES, _DONE)
 
-class _Pauser:
-    """Lets one transport's buffer pause the other side's reading, without the cascade of stopProducing."""
 
-    __slots__ = ("_transport",)
+class _BodyPauser:
+    """Registered on the upstream's transport while the request body streams: its full buffer pauses the
+    client side's reading. stopProducing (the upstream connection lost) does not cascade to the client."""
 
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
+    __slots__ = ("_side",)
+
+    def __init__(self, side: ClientSide) -> None:
+        self._side = side
 
     def pauseProducing(self) -> None:
-        self._transport.pauseProducing()
+        self._side.pause_request_body(True)
 
     def resumeProducing(self) -> None:
-        self._transport.resumeProducing()
+        self._side.pause_request_body(False)
 
     def stopProducing(self) -> None:
         pass
@@ -41,17 +56,15 @@ class _Pauser:
 
 class Exchange:
     # Defaults as class attributes: an exchange sets only what differs, on a path taken per request.
+    state = _CONNECTING
     upstream: UpstreamConnection | None = None
-    finished = False
-    response_started = False
     body_sent_upstream = False
-    tunnel = False
     attempts = 1
     _pending: list[bytes] | None = None
     _pending_size = 0
-    _client_chunked = False
-    _registered_upstream_producer = False
-    _registered_client_producer = False
+    # The upstream's buffer governs the client's request body; the client's buffer governs the upstream.
+    _body_paused_by_upstream = False
+    _upstream_paused_by_client = False
     _ttfb = 0.0
     _gateway_error = False
     # The version this request goes to (services split by version), and the cookie line that makes it stick.
@@ -59,30 +72,42 @@ class Exchange:
     pinned = False
     response_extra = b""
 
-    def __init__(self, client: "ClientConnection", head: RequestHead, route: Route, backend: Backend) -> None:
+    # `gateway`: the labelgw.http.server.Gateway (clock, pool, settings, counters), not imported: the exchange
+    # depends on its two interfaces only.
+    def __init__(self, client: ClientSide, gateway: Any, head: RequestHead, route: Route, backend: Backend) -> None:
         self.client = client
-        self.gateway = client.gateway
+        self.gateway = gateway
         self.head = head
         self.route = route
         self.backend = backend
-        self._out: list[bytes] = []
-        if head.chunked:
-            self.body_done = False
-            self._decoder: ChunkedDecoder | None = ChunkedDecoder()
-            self._remaining = 0
-        else:
-            self.body_done = not head.content_length
-            self._decoder = None
-            self._remaining = head.content_length or 0
+        # The request side: its body (payload only, framing removed by the client side) is still arriving.
+        self.body_done = not (head.chunked or head.content_length)
         self._client_close = not head.keep_alive
-        self._started_at = self.gateway.clock.seconds()
+        self._started_at = gateway.clock.seconds()
         self._head_bytes = upstream_request_head(
             head, route.upstream_path(head.target), client.peer_ip, client.proto, client.local_port
         )
-        self.gateway.in_flight += 1
+        gateway.in_flight += 1
+        route.service.in_flight += 1
         backend.in_flight += 1
         backend.requests += 1
         route.service.policy.on_start(backend)
+
+    def _move(self, new: ExchangeState) -> None:
+        self.state = check_move(EXCHANGE_MOVES, self.state, new)
+
+    @property
+    def finished(self) -> bool:
+        return self.state is _DONE
+
+    @property
+    def response_started(self) -> bool:
+        state = self.state
+        return state is _RESPONDING or state is _TUNNEL
+
+    @property
+    def tunnel(self) -> bool:
+        return self.state is _TUNNEL
 
     # Starting and connecting.
 
@@ -92,22 +117,25 @@ class Exchange:
             self.upstream_connected(connection)
 
     def upstream_connected(self, connection: UpstreamConnection) -> None:
-        if self.finished:
+        if self.state is _DONE:
             connection.detach()
             return
         self.upstream = connection
-        connection.send(self, self._head_bytes, self.head.method == b"HEAD", body_pending=not self.body_done)
+        if self.state not in _TO_WAITING:
+            self._move(_WAITING)  # refused: raises StateError
+        self.state = _WAITING
+        connection.send(self, self._head_bytes, self.head.method == b"HEAD", not self.body_done)
         if self._pending:
             self.body_sent_upstream = True
             connection.transport.write(b"".join(self._pending))
             self._pending = None
             self._pending_size = 0
-            self.client.set_paused("pending", False)
+            self.client.pause_request_body(False)
         if not self.body_done:
-            self._register_client_producer(connection)
+            self._register_body_pauser(connection)
 
     def upstream_connect_failed(self, reason: Failure) -> None:
-        if self.finished:
+        if self.state is _DONE:
             return
         # Nothing reached the backend: any method may go to another one.
         self._count_failure()
@@ -126,7 +154,7 @@ class Exchange:
             if not same_backend_ok:
                 return False
             backend = failed
-        self.gateway.log.debug("retrying: {why}", why=why)
+        self.gateway.log.debug("retrying: {why}", why=printable(why))
         self._release_backend(failed=True)
         self.attempts += 1
         self.gateway.retries += 1
@@ -137,127 +165,92 @@ class Exchange:
         self.route.service.policy.on_start(backend)
         self._started_at = self.gateway.clock.seconds()
         self.upstream = None
+        self._move(_CONNECTING)
         if same_backend_ok:
             self.gateway.pool.connect(backend, self)
         else:
             self.start()
         return True
 
-    # The request body, as the client sends it.
+    # The request body, as the client side takes it from the client (payload only, framing removed).
 
-    def client_body(self, data: bytes) -> bytes:
-        """Relay body bytes; returns what follows the body (a pipelined request) once the body is complete."""
-        rest = b""
-        decoder = self._decoder
-        if decoder is None:
-            remaining = self._remaining
-            if len(data) > remaining:
-                data, rest = data[:remaining], data[remaining:]
-            self._remaining = remaining - len(data)
-            out = [data] if data else []
-            if self._remaining == 0:
-                self.body_done = True
-        else:
-            pieces = decoder.feed(data)  # HttpError goes to the caller: 400 and close
-            out = [encode_chunk(piece) for piece in pieces if piece]
-            if decoder.done:
-                out.append(LAST_CHUNK)
-                rest = decoder.rest
-                self.body_done = True
-        if out:
-            self._send_upstream(out)
-        if self.body_done:
-            self._unregister_client_producer()
-            upstream = self.upstream
-            if upstream is not None:
-                upstream.request_complete()
-        return rest
+    def request_data(self, data: bytes) -> None:
+        """One piece of the request body, sent upstream in the request's framing."""
+        self._send_upstream(encode_chunk(data) if self.head.chunked else data)
 
-    def _send_upstream(self, pieces: list[bytes]) -> None:
+    def request_end(self) -> None:
+        """The request body is complete."""
+        if self.head.chunked:
+            self._send_upstream(LAST_CHUNK)
+        self.body_done = True
+        self._unregister_body_pauser()
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.request_complete()
+
+    def _send_upstream(self, data: bytes) -> None:
         upstream = self.upstream
         if upstream is not None and upstream.connected:
             self.body_sent_upstream = True
-            upstream.transport.writeSequence(pieces)
+            upstream.transport.write(data)
         elif upstream is None:
             if self._pending is None:
                 self._pending = []
-            self._pending.extend(pieces)
-            self._pending_size += sum(len(piece) for piece in pieces)
+            self._pending.append(data)
+            self._pending_size += len(data)
             if self._pending_size > self.gateway.settings.pending_body_limit:
-                self.client.set_paused("pending", True)
+                self.client.pause_request_body(True)
 
     # The response, as the upstream sends it.
 
     def response_head(self, head: ResponseHead, connection: UpstreamConnection) -> None:
-        client = self.client
         status = head.status
         if status < 200 and status != 101:
-            # Interim response: relay 100 Continue and friends, except to HTTP/1.0 clients.
-            if self.head.version == b"HTTP/1.1":
-                client.transport.write(client_response_head(head, b"", close=False))
+            # Interim response: relay 100 Continue and friends, where the client side can.
+            self.client.interim_head(head)
             return
-        now = self.gateway.clock.seconds()
-        self._ttfb = now - self._started_at
-        self.response_started = True
+        self._ttfb = self.gateway.clock.seconds() - self._started_at
         if status == 101:
             if self.head.upgrade is None:
                 self._abort_upstream()
                 self._fail(502, "upstream switched protocols without being asked")
                 return
-            self.tunnel = True
-            client.transport.write(client_response_head(head, b"", close=False, upgrade=True))
-            client.start_tunnel(self)
-            self._register_client_producer(connection)
+            self._move(_TUNNEL)
+            self.client.start_tunnel(head, self)
+            self._register_body_pauser(connection)
             self._register_upstream_producer(connection)
             return
+        if self.state not in _TO_RESPONDING:
+            self._move(_RESPONDING)
+        self.state = _RESPONDING
         if status >= 500:
             self.backend.errors += 1
             # A 5xx counts against the backend (outlier ejection, latency penalty), like Envoy's consecutive_5xx.
             self._gateway_error = True
-        no_body = self.head.method == b"HEAD" or status == 204 or status == 304
-        if no_body:
-            framing = b"Content-Length: %d\r\n" % head.content_length if head.content_length is not None else b""
-        elif head.content_length is not None:
-            framing = b"Content-Length: %d\r\n" % head.content_length
-        elif self.head.version == b"HTTP/1.1":
-            # Chunked, or delimited by close upstream: chunked to the client keeps its connection alive.
-            framing = b"Transfer-Encoding: chunked\r\n"
-            self._client_chunked = True
-        else:
-            framing = b""
-            self._client_close = True
         if not self.body_done:
             # The upstream answered before the whole body arrived: the rest cannot be skipped safely.
             self._client_close = True
-        if self.response_extra:
-            framing += self.response_extra
-        # Held until the end of this upstream read: head and body then leave in one send (one TCP segment).
-        self._out.append(client_response_head(head, framing, self._client_close or client.draining))
+        body = not (self.head.method == b"HEAD" or status == 204 or status == 304)
+        # Held by the client side until flush: head and body then leave together (one TCP segment).
+        self.client.response_head(head, body, self._client_close, self.response_extra)
 
     def response_data(self, data: bytes) -> None:
-        self._out.append(encode_chunk(data) if self._client_chunked else data)
+        self.client.response_data(data)
 
     response_chunk = response_data
 
     def flush(self) -> None:
         """End of one upstream read: send what it produced; a response still streaming gets back-pressure."""
-        out = self._out
-        if out:
-            write_now(self.client.transport, out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
-        if not self.finished and not self._registered_upstream_producer and self.upstream is not None:
+        self.client.flush()
+        if self.state is not _DONE and not self._upstream_paused_by_client and self.upstream is not None:
             self._register_upstream_producer(self.upstream)
 
     def response_done(self) -> None:
-        if self.finished:
+        if self.state is _DONE:
             return
-        if self._client_chunked:
-            self._out.append(LAST_CHUNK)
-        if self._out:
-            write_now(self.client.transport, b"".join(self._out))
-            self._out.clear()
+        self.client.response_end()
         upstream = self.upstream
-        if self._registered_client_producer or self._registered_upstream_producer:
+        if self._body_paused_by_upstream or self._upstream_paused_by_client:
             self._unregister_producers()
         if upstream is not None:
             if not self.body_done:
@@ -283,18 +276,18 @@ class Exchange:
             # pipelined request behind it may start.
             self._client_close = True
             self._complete(failed=True)
-            self.client.abort()
+            self.client.abort(reason)
 
     # Tunnels (WebSocket and other upgrades).
 
     def tunnel_data(self, data: bytes) -> None:
-        self.client.transport.write(data)
+        self.client.tunnel_data(data)
 
     def tunnel_closed(self) -> None:
-        # A pauser left registered would keep a paused client transport from ever closing.
+        # A producer left registered would keep a paused client transport from ever closing.
         self._unregister_producers()
+        self._client_close = True
         self._complete(failed=False)
-        self.client.transport.loseConnection()
 
     def client_tunnel_data(self, data: bytes) -> None:
         upstream = self.upstream
@@ -304,7 +297,7 @@ class Exchange:
     # The client went away.
 
     def client_lost(self) -> None:
-        if self.finished:
+        if self.state is _DONE:
             return
         self._unregister_producers()
         self._abort_upstream()
@@ -317,9 +310,7 @@ class Exchange:
         extra = b"Retry-After: 1\r\n" if status == 503 else b""
         # An unread request body would be taken for the next request: close instead.
         self._client_close = self._client_close or not self.body_done
-        self.client.transport.write(
-            error_response(status, message, self._client_close, extra, head_only=self.head.method == b"HEAD")
-        )
+        self.client.error_response(status, message, self._client_close, extra)
         self._complete(failed=True)
 
     def _count_failure(self) -> None:
@@ -330,49 +321,64 @@ class Exchange:
         backend.in_flight -= 1
         if observe:
             # Time to the response head: a long download or a WebSocket must not look like a slow backend.
-            elapsed = self._ttfb if self.response_started else self.gateway.clock.seconds() - self._started_at
+            state = self.state
+            started = state is _RESPONDING or state is _TUNNEL
+            elapsed = self._ttfb if started else self.gateway.clock.seconds() - self._started_at
             self.route.service.policy.on_finish(backend, elapsed, failed)
 
     def _complete(self, failed: bool, observe: bool = True) -> None:
-        if self.finished:
+        state = self.state
+        if state is _DONE:
             return
-        self.finished = True
-        self.gateway.in_flight -= 1
+        gateway = self.gateway
+        gateway.in_flight -= 1
+        service = self.route.service
+        service.in_flight -= 1
         if self.attempts > 1:
-            self.gateway.active_retries -= 1
-        self._release_backend(failed, observe and not self.tunnel)
-        if not self.tunnel:
-            self.client.exchange_done(self, close=self._client_close)
+            gateway.active_retries -= 1
+        # _release_backend, inlined: this runs once per request.
+        backend = self.backend
+        backend.in_flight -= 1
+        if observe and state is not _TUNNEL:
+            # Time to the response head: a long download or a WebSocket must not look like a slow backend.
+            started = state is _RESPONDING
+            elapsed = self._ttfb if started else gateway.clock.seconds() - self._started_at
+            service.policy.on_finish(backend, elapsed, failed)
+        if state not in _TO_DONE:
+            self._move(_DONE)
+        self.state = _DONE
+        self.client.exchange_done(self, close=self._client_close)
 
     def _abort_upstream(self) -> None:
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.abort()
 
-    def _register_client_producer(self, connection: UpstreamConnection) -> None:
-        if not self._registered_client_producer and connection.connected:
-            connection.transport.registerProducer(_Pauser(self.client.transport), True)
-            self._registered_client_producer = True
+    def _register_body_pauser(self, connection: UpstreamConnection) -> None:
+        if not self._body_paused_by_upstream and connection.connected:
+            connection.transport.registerProducer(_BodyPauser(self.client), True)
+            self._body_paused_by_upstream = True
 
     def _register_upstream_producer(self, connection: UpstreamConnection) -> None:
-        if not self._registered_upstream_producer and connection.connected:
-            self.client.transport.registerProducer(_Pauser(connection.transport), True)
-            self._registered_upstream_producer = True
+        if not self._upstream_paused_by_client and connection.connected:
+            # The client side calls only pauseProducing and resumeProducing on it.
+            self.client.set_response_producer(connection.transport)
+            self._upstream_paused_by_client = True
 
-    def _unregister_client_producer(self) -> None:
-        if self._registered_client_producer:
-            self._registered_client_producer = False
+    def _unregister_body_pauser(self) -> None:
+        if self._body_paused_by_upstream:
+            self._body_paused_by_upstream = False
             upstream = self.upstream
             if upstream is not None and upstream.connected:
                 upstream.transport.unregisterProducer()
-            # The pauser may have left the client paused; our own reasons decide from here on.
-            self.client.sync_paused()
+            # The pauser may have left the client paused.
+            self.client.pause_request_body(False)
 
     def _unregister_producers(self) -> None:
-        self._unregister_client_producer()
-        if self._registered_upstream_producer:
-            self._registered_upstream_producer = False
-            self.client.transport.unregisterProducer()
+        self._unregister_body_pauser()
+        if self._upstream_paused_by_client:
+            self._upstream_paused_by_client = False
+            self.client.set_response_producer(None)
             upstream = self.upstream
             if upstream is not None and upstream.connected:
                 upstream.transport.resumeProducing()

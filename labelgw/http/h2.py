@@ -1,22 +1,21 @@
-"""HTTP/2 towards clients (RFC 9113), in front of the unchanged HTTP/1.1 proxy.
+"""HTTP/2 towards clients (RFC 9113), on the same exchange as HTTP/1.1.
 
-Every stream is served by its own L{ClientConnection} attached to a L{StreamTransport}. The stream's request
-becomes an HTTP/1.1 request head (plus its body, chunk-encoded when it has no content-length) fed to that
-connection; the HTTP/1.1 response the connection writes is turned back into HEADERS and DATA frames. So routing,
-the strict parser, retries, timeouts, limits and accounting of the HTTP/1.1 data path apply to HTTP/2 as they
-are, and the HTTP/1.1 hot path gains no code at all.
+Each stream's request becomes a parsed L{RequestHead} (no HTTP/1.1 text in between) that goes to the shared
+dispatcher (L{labelgw.http.dispatch}); the stream is then the client side of its exchange
+(L{labelgw.http.sides.ClientSide}): it gives the exchange the request body as DATA frames arrive, and sends the
+response as HEADERS and DATA frames within the flow-control windows. Routing, retries, timeouts, limits and
+accounting are those of HTTP/1.1.
 
-The request head always says ``Connection: close``: the per-stream connection then closes itself after its one
-response, which is what ends the stream. Streams never wait for each other: each has its own exchange and upstream
-connection, its own flow-control window, and its own back-pressure (the upstream is paused while the stream's
-window is exhausted or the client's TCP buffer is full; the client's request body is not acknowledged while the
-upstream is paused).
+Streams never wait for each other: each has its own exchange and upstream connection, its own flow-control window,
+and its own back-pressure (the upstream is paused while the stream's window is exhausted, the client's TCP buffer
+is full, or the connection's streams together hold too many response bytes; the client's request body is not
+acknowledged while the upstream is paused).
 
 Defences (hardening checklist item 23): at most 100 concurrent streams; header blocks (HEADERS + CONTINUATION) over
-64 KiB and HPACK bombs end the connection with GOAWAY(ENHANCE_YOUR_CALM); so do client resets of unanswered
-streams past a budget in a sliding window (rapid reset, CVE-2023-44487), and a stream opened and reset in the same
-read never reaches a backend. Memory per connection is bounded by the windows: at most one stream window of
-unacknowledged request body and about twice the stream buffer of response body per stream.
+64 KiB and HPACK bombs end the connection with GOAWAY(ENHANCE_YOUR_CALM); so do stream resets past a budget in a
+sliding window, whether the client sent them (rapid reset, CVE-2023-44487) or h2 sent them for the client's
+protocol errors (MadeYouReset, CVE-2025-8671); a stream opened and reset in the same read never reaches a backend.
+A stream whose response bytes cannot be sent for the send timeout is reset and its upstream cancelled.
 
 Wiring: L{negotiating_factory} for TLS listeners (HTTP/2 when ALPN chose ``h2``, HTTP/1.1 otherwise; it also tells
 the TLS layer to offer both, see L{labelgw.tls.policy.listener_protocols}); L{H2Factory} for a listener that
@@ -25,6 +24,7 @@ speaks only HTTP/2 (cleartext with prior knowledge, tests).
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -45,15 +45,19 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 from twisted.internet import error
-from twisted.internet.interfaces import IConsumer, IProtocolNegotiationFactory, IPushProducer, ITransport
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from labelgw.http.headers import HOP_BY_HOP, error_response
-from labelgw.http.parser import LAST_CHUNK, MAX_HEAD_BYTES, ChunkedDecoder, HttpError, encode_chunk, parse_response_head
+from labelgw.http.dispatch import dispatch
+from labelgw.http.exchange import Exchange
+from labelgw.http.headers import HOP_BY_HOP
+from labelgw.http.logsafe import printable
+from labelgw.http.parser import MAX_HEADERS, RequestHead, ResponseHead
 from labelgw.http.server import ClientConnection, Gateway
+from labelgw.http.states import H2_MOVES, STREAM_MOVES, H2State, StreamState, check_move
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,227 +71,241 @@ class H2Settings:
     initial_window_size: int = 65535
     # Response bytes kept per stream (waiting for the client's window) before the upstream is paused.
     stream_buffer: int = 64 * 1024
-    # Rapid reset: resets of unanswered streams by the client allowed per sliding window.
+    # Rapid reset and MadeYouReset: stream resets allowed per sliding window, by the client (of unanswered streams)
+    # or by labelgw for the client's protocol errors on a stream.
     reset_budget: int = 100
     reset_window: float = 10.0
+    # Response bytes kept for all streams of one connection together; past it every upstream is paused.
+    connection_buffer: int = 1024 * 1024
 
 
 DEFAULT_H2_SETTINGS = H2Settings()
 
-# What the response conversion is reading of the HTTP/1.1 response the per-stream connection writes.
-_HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE = range(5)
+_WAITING = StreamState.WAITING
+_SENDING = StreamState.SENDING
+_ENDING = StreamState.ENDING
+_DONE = StreamState.DONE
+_OPEN = H2State.OPEN
+_DRAINING = H2State.DRAINING
+_CLOSED = H2State.CLOSED
 
-_NO_BODY_STATUSES = frozenset({204, 304})
+_TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
 
 
-@implementer(ITransport, IConsumer, IPushProducer)
-class StreamTransport:
-    """One HTTP/2 stream, as the transport of one L{ClientConnection}.
+class H2Stream:
+    """One HTTP/2 stream: a request for the dispatcher, then the client side of its exchange.
 
-    Request direction: the request head, then the body from DATA frames, go to C{protocol.dataReceived}; while
-    paused (C{pauseProducing}) DATA is kept and not acknowledged, so the client's window closes.
-    Response direction: C{write} takes the HTTP/1.1 response the protocol writes and sends it as HEADERS and DATA
-    frames within the flow-control windows; the registered producer (the upstream) is paused while too much waits.
+    Request direction: DATA goes to the exchange as it arrives; while paused (the upstream's buffer is full, or no
+    upstream connection yet) DATA is kept and not acknowledged, so the client's window closes.
+    Response direction: HEADERS at once, DATA queued and sent within the windows at the end of each upstream read;
+    the upstream (the response producer) is paused while too much waits.
     """
 
-    connected = True
-    disconnecting = False
+    state = _WAITING
+    exchange: Exchange | None = None
+    # Dispatched (or answered locally): DATA from now on goes to the exchange or is dropped.
+    started = False
+    # The client sent END_STREAM (the exchange hears of it once it has the whole body: body_done).
+    remote_ended = False
+    # Out of the connection's table: nothing more happens on this stream.
+    gone = False
+    _paused = False
+    _producer: Any = None
+    _producer_paused = False
+    # Since when response bytes wait and none could be sent (0.0: none wait); the stream's send timeout.
+    stalled_since = 0.0
+    _progressed = False
+    body_seen = 0.0
 
-    def __init__(self, owner: "H2Protocol", stream_id: int, method: bytes, head: bytes, chunked: bool) -> None:
+    def __init__(self, owner: "H2Protocol", stream_id: int, method: bytes) -> None:
         self.owner = owner
         self.stream_id = stream_id
         self.method = method
-        self.protocol: ClientConnection | None = None
-        self.started = False
-        # The request: its HTTP/1.1 head until started, DATA held while paused, flow-controlled bytes not acked.
-        self._head = head
-        self._chunked_request = chunked
-        self._paused = False
+        self.peer_ip = owner.peer_ip
+        self.proto = owner.proto
+        self.local_port = owner.local_port
         self._inbound: list[bytes] = []
         self._unacked = 0
-        self.remote_ended = False
-        self._end_fed = False
-        # The response.
-        self._state = _HEAD
-        self._head_buffer = b""
-        self._remaining = 0
-        self._decoder: ChunkedDecoder | None = None
         self._queue: deque[bytes | memoryview] = deque()
         self._queued = 0
-        self._ending = False
-        self.local_done = False
-        self._wrote = False
-        self._producer: Any = None
-        self._producer_paused = False
-        self._lost = False
-        self._lost_scheduled = False
 
     def __repr__(self) -> str:
-        return f"<StreamTransport {self.stream_id} state={self._state} queued={self._queued}>"
+        return f"<H2Stream {self.stream_id} {self.state.name} queued={self._queued}>"
+
+    def _move(self, new: StreamState) -> None:
+        self.state = check_move(STREAM_MOVES, self.state, new)
 
     # Starting.
 
-    def start(self) -> None:
-        """Attach a new ClientConnection and feed it the request head and any body received so far."""
+    def start(self, head: RequestHead) -> None:
+        """Dispatch the request; the body received so far follows."""
         self.started = True
-        owner = self.owner
-        client = ClientConnection(owner.gateway, owner.proto)
-        self.protocol = client
-        client.makeConnection(self)
-        if self._lost:
+        exchange = dispatch(self.owner.gateway, head, self)
+        if exchange is None:
+            self._drop_inbound()
             return
-        head, self._head = self._head, b""
-        client.dataReceived(head)
-        if not self._paused and (self._inbound or self.remote_ended):
-            self._release_inbound()
-
-    def respond_locally(self, status: int, message: str) -> None:
-        """Answer without a ClientConnection (requests HTTP/2 cannot relay)."""
-        self.started = True
-        self.write(error_response(status, message, close=True, head_only=self.method == b"HEAD"))
-        self.loseConnection()
+        self.exchange = exchange
+        self.body_seen = self.owner.clock.seconds()
+        exchange.start()
+        if self.exchange is exchange and not exchange.body_done:
+            self.owner.watch(self.body_seen + self.owner.gateway.settings.body_timeout)
+            if not self._paused:
+                self._release_inbound()
 
     # Request direction, from H2Protocol.
 
     def data_received(self, data: bytes, flow_length: int) -> None:
         self._unacked += flow_length
-        if not self.started or self._paused:
+        exchange = self.exchange
+        if exchange is None or exchange.body_done:
+            if not self.started:
+                # Not dispatched yet (the read is not over).
+                if data:
+                    self._inbound.append(data)
+            else:
+                # Answered, or gone: the bytes are dropped, the window given back.
+                self._ack()
+            return
+        self.body_seen = self.owner.clock.seconds()
+        if self._paused:
             if data:
                 self._inbound.append(data)
             return
-        self._deliver(data)
+        if data:
+            exchange.request_data(data)
+        self._ack()
 
     def request_ended(self) -> None:
         self.remote_ended = True
-        if self.started and not self._paused and not self._inbound:
-            self._deliver(b"")
+        if self.exchange is not None and not self._paused and not self._inbound:
+            self._feed_end()
 
-    def _deliver(self, data: bytes) -> None:
-        protocol = self.protocol
-        if protocol is None or self._lost:
-            # Answered locally, or gone: the bytes are dropped, the window given back.
-            self._inbound.clear()
-            self._ack()
-            return
-        end = self.remote_ended and not self._end_fed
-        if end:
-            self._end_fed = True
-        if self._chunked_request:
-            out = encode_chunk(data) if data else b""
-            if end:
-                out += LAST_CHUNK
-        else:
-            out = data
-        if out:
-            protocol.dataReceived(out)
-        if not self._paused:
-            self._ack()
+    def _feed_end(self) -> None:
+        exchange = self.exchange
+        if exchange is not None and not exchange.body_done:
+            exchange.request_end()
 
     def _release_inbound(self) -> None:
-        data = b"".join(self._inbound)
+        exchange = self.exchange
+        if self._inbound:
+            data = b"".join(self._inbound)
+            self._inbound.clear()
+            if exchange is not None and not exchange.body_done:
+                exchange.request_data(data)
+        self._ack()
+        if self.remote_ended and not self._paused:
+            self._feed_end()
+
+    def _drop_inbound(self) -> None:
         self._inbound.clear()
-        self._deliver(data)
+        self._ack()
 
     def _ack(self) -> None:
         unacked = self._unacked
         if unacked:
             self._unacked = 0
             owner = self.owner
-            if not owner.closed:
-                owner.conn.acknowledge_received_data(unacked, self.stream_id)
+            if owner.state is not _CLOSED:
+                # Also for a closed stream: the connection's window gets the bytes back.
+                try:
+                    owner.conn.acknowledge_received_data(unacked, self.stream_id)
+                except (StreamClosedError, ProtocolError):
+                    return
                 owner.flush_soon()
 
-    # IPushProducer: the ClientConnection (or the exchange's pauser) stops and starts the request body.
+    # The client side of the exchange: the request body's back-pressure.
 
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        if not self._paused:
+    def pause_request_body(self, paused: bool) -> None:
+        if paused == self._paused:
             return
-        self._paused = False
-        if not self.started:
-            return
-        if self._inbound or (self.remote_ended and not self._end_fed):
+        self._paused = paused
+        if not paused and self.exchange is not None:
             self._release_inbound()
-        else:
-            self._ack()
 
-    def stopProducing(self) -> None:
-        self.abortConnection()
+    # The client side: the response.
 
-    # ITransport: the HTTP/1.1 response, as the ClientConnection and its exchange write it.
-
-    def write(self, data: bytes) -> None:
-        if self.local_done or not data:
+    def interim_head(self, head: ResponseHead) -> None:
+        if self.state is not _WAITING:
             return
-        self._wrote = True
-        if self._state == _LENGTH:
-            # The common case, a body piece of a Content-Length response: no parsing.
-            remaining = self._remaining
-            if len(data) < remaining:
-                self._remaining = remaining - len(data)
-                self._queue_data(data)
-                self._pump()
-                return
-        try:
-            self._consume(data)
-        except (HttpError, ProtocolError) as problem:
-            self.owner.log.error(
-                "HTTP/2 stream {stream}: cannot relay the response: {problem}", stream=self.stream_id, problem=str(problem)
-            )
-            self._reset(ErrorCodes.INTERNAL_ERROR, error.ConnectionLost())
+        # Interim response (100 Continue, 103 Early Hints): informational HEADERS.
+        fields = [(b":status", b"%d" % head.status)]
+        self._add_fields(fields, head)
+        if self._send_headers(fields, False):
+            self.owner.flush_soon()
+
+    def response_head(self, head: ResponseHead, body: bool, close: bool, extra: bytes) -> None:
+        if self.state is not _WAITING:
             return
+        fields = [(b":status", b"%d" % head.status)]
+        self._add_fields(fields, head)
+        length = head.content_length
+        if length is not None:
+            fields.append((b"content-length", b"%d" % length))
+        if extra:
+            _add_lines(fields, extra)
+        if not body or length == 0:
+            if self._send_headers(fields, True):
+                self._sent_all()
+            return
+        # HEADERS leave with the first DATA, at the flush that ends this upstream read.
+        if self._send_headers(fields, False):
+            self._move(_SENDING)
+
+    def response_data(self, data: bytes) -> None:
+        if data and self.state is _SENDING:
+            self._queue.append(data)
+            self._queued += len(data)
+            self.owner.queued_more(len(data))
+
+    def flush(self) -> None:
         self._pump()
 
-    def writeSequence(self, data: Any) -> None:
-        self.write(b"".join(data))
-
-    def loseConnection(self) -> None:
-        if self.disconnecting:
-            return
-        self.disconnecting = True
-        if self.local_done:
-            self._schedule_lost(error.ConnectionDone())
-        elif self._state == _DONE or self._state == _UNTIL_CLOSE:
-            # A complete response (or one delimited by the close): END_STREAM once the queue is out.
-            self._state = _DONE
-            self._ending = True
+    def response_end(self) -> None:
+        if self.state is _SENDING:
+            self._move(_ENDING)
             self._pump()
-        else:
-            # Nothing sent: the client may safely retry elsewhere (REFUSED_STREAM); a cut response is an error.
-            self._reset(ErrorCodes.INTERNAL_ERROR if self._wrote else ErrorCodes.REFUSED_STREAM, error.ConnectionDone())
 
-    def abortConnection(self) -> None:
-        self.disconnecting = True
-        self._reset(ErrorCodes.INTERNAL_ERROR, error.ConnectionAborted())
+    def error_response(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
+        if self.state is not _WAITING:
+            return
+        body = f"labelgw: {message}\n".encode("utf-8", "replace")
+        fields = [(b":status", b"%d" % status), _TEXT_PLAIN, (b"content-length", b"%d" % len(body))]
+        if extra:
+            _add_lines(fields, extra)
+        if self.method == b"HEAD":
+            if self._send_headers(fields, True):
+                self._sent_all()
+            return
+        if self._send_headers(fields, False):
+            self._move(_SENDING)
+            self.response_data(body)
+            self.response_end()
 
-    def getPeer(self) -> Any:
-        return self.owner.peer
+    def refuse(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
+        """Answered without an exchange (404, 503, a request HTTP/2 cannot relay)."""
+        self.started = True
+        self.error_response(status, message, close, extra)
+        self._drop_inbound()
 
-    def getHost(self) -> Any:
-        return self.owner.host
+    def abort(self, reason: str) -> None:
+        self._reset(ErrorCodes.INTERNAL_ERROR)
 
-    # IConsumer: the exchange registers the upstream's pauser here.
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
+    def set_response_producer(self, producer: Any) -> None:
         self._producer = producer
         self._producer_paused = False
-        self.sync_producer()
-
-    def unregisterProducer(self) -> None:
-        self._producer = None
-        self._producer_paused = False
+        if producer is not None:
+            self.sync_producer()
 
     def sync_producer(self) -> None:
-        """Pause the upstream while the client's TCP buffer is full or too much waits for this stream's window."""
+        """Pause the upstream while the client's TCP buffer is full or too much waits for the windows."""
         producer = self._producer
         if producer is None:
             return
-        limit = self.owner.settings.stream_buffer
+        owner = self.owner
+        limit = owner.settings.stream_buffer
         if self._producer_paused:
             limit //= 2
-        pause = self.owner.tcp_blocked or self._queued > limit
+        pause = owner.tcp_blocked or owner.buffer_full or self._queued > limit
         if pause != self._producer_paused:
             self._producer_paused = pause
             if pause:
@@ -295,102 +313,76 @@ class StreamTransport:
             else:
                 producer.resumeProducing()
 
-    # Response conversion.
+    # The client side: tunnels cannot happen (an HTTP/2 request never asks for an Upgrade).
 
-    def _consume(self, data: bytes) -> None:
-        while data:
-            state = self._state
-            if state == _HEAD:
-                buffer = self._head_buffer + data if self._head_buffer else data
-                end = buffer.find(b"\r\n\r\n")
-                if end == -1:
-                    if len(buffer) > MAX_HEAD_BYTES:
-                        raise HttpError(502, "response head too large")
-                    self._head_buffer = buffer
-                    return
-                self._head_buffer = b""
-                data = buffer[end + 4 :]
-                self._start_response(buffer[:end])
-            elif state == _LENGTH:
-                remaining = self._remaining
-                if len(data) >= remaining:
-                    data = data[:remaining]
-                    self._state = _DONE
-                    self._ending = True
-                self._remaining = remaining - len(data)
-                self._queue_data(data)
-                return
-            elif state == _CHUNKED:
-                decoder = self._decoder
-                for piece in decoder.feed(data):  # type: ignore[union-attr]
-                    self._queue_data(piece)
-                if decoder.done:  # type: ignore[union-attr]
-                    self._state = _DONE
-                    self._ending = True
-                return
-            elif state == _UNTIL_CLOSE:
-                self._queue_data(data)
-                return
-            else:
-                # After the end of the response: nothing more belongs to this stream.
-                return
+    def start_tunnel(self, head: ResponseHead, exchange: Exchange) -> None:
+        self.owner.log.error("HTTP/2 stream {stream}: protocol switch over HTTP/2", stream=self.stream_id)
+        self._reset(ErrorCodes.INTERNAL_ERROR)
 
-    def _start_response(self, raw_head: bytes) -> None:
-        head = parse_response_head(raw_head)
-        status = head.status
-        headers = [(b":status", b"%d" % status)]
+    def tunnel_data(self, data: bytes) -> None:
+        pass
+
+    # The client side: the end.
+
+    def exchange_done(self, exchange: Exchange, close: bool) -> None:
+        if exchange is not self.exchange:
+            return
+        self.exchange = None
+        self._producer = None
+        if self.state is _WAITING:
+            # Nothing was answered (the client went away, or its body was refused): nothing more to send.
+            self._reset(ErrorCodes.REFUSED_STREAM)
+            return
+        self._maybe_gone()
+
+    # Sending.
+
+    def _add_fields(self, fields: list[tuple[bytes, bytes]], head: ResponseHead) -> None:
+        named = head.connection_tokens
         for name, value in head.headers:
             lower = name.lower()
-            if lower not in HOP_BY_HOP:
-                headers.append((lower, value))
-        conn = self.owner.conn
-        if status < 200:
-            if status == 101:
-                raise HttpError(502, "protocol switch over HTTP/2")
-            # Interim response (100 Continue, 103 Early Hints): informational HEADERS.
-            conn.send_headers(self.stream_id, headers)
-            return
-        if self.method == b"HEAD" or status in _NO_BODY_STATUSES or head.content_length == 0:
-            self._state = _DONE
-            self._finish_headers_only(headers)
-            return
-        if head.chunked:
-            self._state = _CHUNKED
-            self._decoder = ChunkedDecoder(error_status=502)
-        elif head.content_length is not None:
-            self._state = _LENGTH
-            self._remaining = head.content_length
-        else:
-            self._state = _UNTIL_CLOSE
-        conn.send_headers(self.stream_id, headers)
+            if lower in HOP_BY_HOP or lower == b"content-length" or lower in named:
+                continue
+            fields.append((lower, value))
 
-    def _finish_headers_only(self, headers: list[tuple[bytes, bytes]]) -> None:
-        self.owner.conn.send_headers(self.stream_id, headers, end_stream=True)
-        self._ending = True
-        self._sent_all()
-
-    def _queue_data(self, data: bytes) -> None:
-        if data:
-            self._queue.append(data)
-            self._queued += len(data)
+    def _send_headers(self, fields: list[tuple[bytes, bytes]], end: bool) -> bool:
+        owner = self.owner
+        if owner.state is _CLOSED or self.gone:
+            return False
+        try:
+            owner.conn.send_headers(self.stream_id, fields, end_stream=end)
+        except (StreamClosedError, ProtocolError):
+            # h2 closed the stream itself (for example after a stream error): it cannot be answered any more.
+            self._reset(ErrorCodes.INTERNAL_ERROR)
+            return False
+        if end:
+            owner.flush_soon()
+        return True
 
     def _pump(self) -> None:
         """Send what the windows allow; END_STREAM after the last byte of a complete response."""
         owner = self.owner
-        if owner.closed:
+        state = self.state
+        if owner.state is _CLOSED or (state is not _SENDING and state is not _ENDING):
             return
-        if not self.local_done:
-            try:
-                while self._send_frame():
-                    pass
-                if self._ending and not self._queue and not self.local_done:
-                    owner.conn.end_stream(self.stream_id)
-                    self._sent_all()
-            except (StreamClosedError, ProtocolError):
-                # h2 closed the stream itself (for example after a stream error): it cannot be answered any more.
-                self._reset(ErrorCodes.INTERNAL_ERROR, error.ConnectionLost())
-                return
-            self.sync_producer()
+        try:
+            while self._send_frame():
+                pass
+            if self.state is _ENDING and not self._queue:
+                owner.conn.end_stream(self.stream_id)
+                self._sent_all()
+        except (StreamClosedError, ProtocolError):
+            self._reset(ErrorCodes.INTERNAL_ERROR)
+            return
+        if self._queue and self.state is not _DONE:
+            # Bytes wait for the window: the send timeout runs from the last progress.
+            if self._progressed or not self.stalled_since:
+                self.stalled_since = owner.clock.seconds()
+                owner.watch(self.stalled_since + owner.gateway.settings.send_timeout)
+        else:
+            self.stalled_since = 0.0
+        self._progressed = False
+        self.sync_producer()
         owner.flush_soon()
 
     def _send_frame(self) -> bool:
@@ -398,17 +390,20 @@ class StreamTransport:
         queue = self._queue
         if not queue:
             return False
-        conn = self.owner.conn
+        owner = self.owner
+        conn = owner.conn
         window = conn.local_flow_control_window(self.stream_id)
         if window <= 0:
             return False
         limit = min(window, conn.max_outbound_frame_size)
         chunk = queue[0]
         size = len(chunk)
+        self._progressed = True
         if size <= limit:
             queue.popleft()
             self._queued -= size
-            last = self._ending and not queue
+            owner.queued_less(size)
+            last = self.state is _ENDING and not queue
             conn.send_data(self.stream_id, chunk, end_stream=last)
             if last:
                 self._sent_all()
@@ -417,19 +412,19 @@ class StreamTransport:
         view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
         queue[0] = view[limit:]
         self._queued -= limit
+        owner.queued_less(limit)
         conn.send_data(self.stream_id, view[:limit])
         return True
 
     def pump_one(self) -> bool:
         """Round-robin step for the connection: one frame, True when this stream could send more."""
-        if self.local_done or not self._queue:
+        if (self.state is not _SENDING and self.state is not _ENDING) or not self._queue:
             return False
         try:
-            more = self._send_frame()
+            return self._send_frame()
         except (StreamClosedError, ProtocolError):
-            self._reset(ErrorCodes.INTERNAL_ERROR, error.ConnectionLost())
+            self._reset(ErrorCodes.INTERNAL_ERROR)
             return False
-        return more
 
     def pump(self) -> None:
         """The window opened (or round-robin sending is over): send, end the stream if complete, resume the
@@ -439,87 +434,107 @@ class StreamTransport:
     @property
     def waiting(self) -> bool:
         """Response bytes wait for the flow-control window."""
-        return bool(self._queue) and not self.local_done
-
-    @property
-    def gone(self) -> bool:
-        return self._lost
+        return bool(self._queue) and self.state is not _DONE
 
     def _sent_all(self) -> None:
         """END_STREAM is out: the response is complete."""
-        self.local_done = True
+        self._move(_DONE)
+        self.stalled_since = 0.0
         owner = self.owner
-        if not self.remote_ended and not owner.closed:
+        if not self.remote_ended and owner.state is not _CLOSED:
             # The client is still sending a body nobody will read: tell it to stop (RFC 9113 section 8.1).
             try:
                 owner.conn.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
             except (StreamClosedError, ProtocolError):
                 pass
-            self._inbound.clear()
-            self._ack()
-        if self.disconnecting or self.protocol is None:
-            self._schedule_lost(error.ConnectionDone())
+            self._drop_inbound()
+            owner.flush_soon()
+        self._maybe_gone()
 
     # Ending.
 
-    def _reset(self, code: ErrorCodes, reason: BaseException) -> None:
-        """RST_STREAM (if the stream is still ours to end), then connectionLost on a later turn."""
-        owner = self.owner
-        if not self.local_done:
-            self.local_done = True
-            self._queue.clear()
+    def _drop_queue(self) -> None:
+        self.stalled_since = 0.0
+        self._queue.clear()
+        if self._queued:
+            self.owner.queued_less(self._queued)
             self._queued = 0
-            if not owner.closed:
+
+    def _reset(self, code: ErrorCodes) -> None:
+        """RST_STREAM (if the stream is still ours to end); the exchange, if any, is told the client is gone."""
+        owner = self.owner
+        if self.state is not _DONE:
+            self._move(_DONE)
+            self._drop_queue()
+            if owner.state is not _CLOSED and not self.gone:
                 try:
                     owner.conn.reset_stream(self.stream_id, code)
                 except (StreamClosedError, ProtocolError):
                     pass
-        self._inbound.clear()
-        self._ack()
+        self._drop_inbound()
         owner.flush_soon()
-        self._schedule_lost(reason)
+        self._end_exchange()
+        self._maybe_gone()
+
+    def send_timed_out(self) -> None:
+        """Nothing could be sent for the send timeout (a window the client never opens): reset, upstream cancelled."""
+        self._reset(ErrorCodes.CANCEL)
+
+    def body_timed_out(self) -> None:
+        """The request body stalled for the body timeout: 408 if nothing was answered yet, else a reset."""
+        exchange, self.exchange = self.exchange, None
+        if exchange is None:
+            return
+        started = exchange.response_started
+        exchange.client_lost()
+        if started or self.state is not _WAITING:
+            self._reset(ErrorCodes.CANCEL)
+        else:
+            self.error_response(408, "request body timed out", True)
+            self._maybe_gone()
+
+    def reset_by_client(self) -> None:
+        """RST_STREAM from the client, or from h2 for the client's error on this stream: the stream is over."""
+        if self.state is not _DONE:
+            self._move(_DONE)
+        self._drop_queue()
+        self._drop_inbound()
+        self._end_exchange()
+        self._maybe_gone()
 
     def abandon(self) -> None:
         """The whole connection is going away: no more frames for this stream."""
-        self.local_done = True
-        self._queue.clear()
-        self._queued = 0
-        self._inbound.clear()
         self._unacked = 0
-        self._schedule_lost(error.ConnectionLost("HTTP/2 connection closed"))
+        self.reset_by_client()
 
-    def reset_by_client(self) -> None:
-        self.local_done = True
-        self._queue.clear()
-        self._queued = 0
-        self._inbound.clear()
-        self._ack()
-        self.connection_lost(error.ConnectionLost("stream reset by the client"))
-
-    def _schedule_lost(self, reason: BaseException) -> None:
-        if self._lost_scheduled or self._lost:
-            return
-        self._lost_scheduled = True
-        # A later reactor turn, as for TCP: the protocol may still be inside the call that closed it.
-        self.owner.clock.callLater(0, self.connection_lost, reason)
-
-    def connection_lost(self, reason: BaseException) -> None:
-        if self._lost:
-            return
-        self._lost = True
+    def _end_exchange(self) -> None:
+        exchange, self.exchange = self.exchange, None
         self._producer = None
-        self.owner.stream_gone(self)
-        protocol = self.protocol
-        if protocol is not None:
-            protocol.connectionLost(Failure(reason))
+        if exchange is not None:
+            exchange.client_lost()
+
+    def _maybe_gone(self) -> None:
+        if self.state is _DONE and self.exchange is None and not self.gone:
+            self.gone = True
+            self._producer = None
+            self.owner.stream_gone(self)
+
+
+def _add_lines(fields: list[tuple[bytes, bytes]], lines: bytes) -> None:
+    """Field lines labelgw adds ("Name: value\\r\\n" each), as HTTP/2 fields."""
+    for line in lines.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            fields.append((name.strip().lower(), value.strip()))
 
 
 class H2Protocol(Protocol):
-    """One HTTP/2 client connection (server side): frames in, per-stream ClientConnections, frames out."""
+    """One HTTP/2 client connection (server side): frames in, one H2Stream per request, frames out."""
 
     log = Logger()
     # A TCP or TLS transport (ITransport, IConsumer, IPushProducer): typed loosely, as in server.py.
     transport: Any
+    state = _OPEN
 
     def __init__(self, gateway: Gateway, proto: bytes = b"https", settings: H2Settings = DEFAULT_H2_SETTINGS) -> None:
         self.gateway = gateway
@@ -529,16 +544,22 @@ class H2Protocol(Protocol):
         self.conn: H2Connection = H2Connection(
             H2Configuration(
                 client_side=False, header_encoding=None, validate_inbound_headers=True,
-                # Response fields come out of the strict HTTP/1.1 parser, lower-cased and without connection-specific
-                # fields (StreamTransport._start_response): h2 checking them again costs more than the rest.
+                # Response fields come out of the strict HTTP/1.1 parser and are lower-cased, without
+                # connection-specific fields (H2Stream._add_fields): h2 checking them again costs more than the rest.
                 validate_outbound_headers=False, normalize_outbound_headers=False,
             )
         )
-        self.streams: dict[int, StreamTransport] = {}
+        self.streams: dict[int, H2Stream] = {}
         self.peer: Any = None
         self.host: Any = None
-        self.closed = False
+        self.peer_ip = b""
+        self.local_port = b""
         self.tcp_blocked = False
+        # Since when the client's TCP buffer is full (0.0: it is not).
+        self._blocked_since = 0.0
+        # Response bytes queued for all streams together, and whether that is past the connection's bound.
+        self.queued = 0
+        self.buffer_full = False
         self.requests = 0
         self._receiving = False
         # GOAWAY sent for a drain: streams above this id are refused.
@@ -547,12 +568,21 @@ class H2Protocol(Protocol):
         self._idle_since = 0.0
         self._timer: Any = None
 
+    def _move(self, new: H2State) -> None:
+        self.state = check_move(H2_MOVES, self.state, new)
+
+    @property
+    def closed(self) -> bool:
+        return self.state is _CLOSED
+
     # Lifecycle.
 
     def connectionMade(self) -> None:
         transport = self.transport
         self.peer = transport.getPeer()
         self.host = transport.getHost()
+        self.peer_ip = getattr(self.peer, "host", "").encode("ascii", "replace")
+        self.local_port = b"%d" % getattr(self.host, "port", 0)
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
         settings = self.settings
@@ -582,18 +612,19 @@ class H2Protocol(Protocol):
             self.drain()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.closed = True
+        self._move(_CLOSED)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         for stream in list(self.streams.values()):
-            stream.connection_lost(error.ConnectionLost("HTTP/2 connection lost"))
+            stream.abandon()
         self.gateway.connection_closed(self)  # type: ignore[arg-type]
 
     def drain(self) -> None:
         """Graceful close: GOAWAY naming the last stream that will be served; close when those are done."""
-        if self.closed or self._goaway_last is not None:
+        if self.state is not _OPEN:
             return
+        self._move(_DRAINING)
         last = self.conn.highest_inbound_stream_id
         self._goaway_last = last
         self.flush()
@@ -601,14 +632,14 @@ class H2Protocol(Protocol):
         self.transport.write(GoAwayFrame(0, last_stream_id=last, error_code=0).serialize())
         self._close_if_drained()
 
-    def abort(self) -> None:
-        self.closed = True
+    def abort(self, reason: str = "") -> None:
+        self._move(_CLOSED)
         self.transport.abortConnection()
 
     # Reading.
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closed:
+        if self.state is _CLOSED:
             return
         self._receiving = True
         try:
@@ -622,13 +653,13 @@ class H2Protocol(Protocol):
             events = self.conn.receive_data(data)
         except ProtocolError as problem:
             # h2 queued a GOAWAY with the right code (ENHANCE_YOUR_CALM for an HPACK bomb).
-            self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=str(problem))
+            self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=printable(str(problem)))
             self._shut(None)
             return
         if self._header_block_size() > self.settings.max_header_list_size:
             self._enhance_your_calm("header block (HEADERS + CONTINUATION) too large")
             return
-        starting: list[StreamTransport] = []
+        starting: list[tuple[H2Stream, RequestHead]] = []
         streams = self.streams
         for event in events:
             if isinstance(event, DataReceived):
@@ -638,9 +669,7 @@ class H2Protocol(Protocol):
                 elif event.flow_controlled_length:
                     self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, RequestReceived):
-                stream = self._request(event)
-                if stream is not None:
-                    starting.append(stream)
+                self._request(event, starting)
             elif isinstance(event, StreamEnded):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
@@ -654,7 +683,7 @@ class H2Protocol(Protocol):
                     self._pump_all()
             elif isinstance(event, StreamReset):
                 self._stream_reset(event)
-                if self.closed:
+                if self.state is _CLOSED:
                     return
             elif isinstance(event, RemoteSettingsChanged):
                 if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
@@ -664,37 +693,37 @@ class H2Protocol(Protocol):
                 self._shut(None)
                 return
         # Streams start after the whole read: one opened and reset in the same read never reaches a backend.
-        for stream in starting:
-            if not stream.gone and not stream.local_done:
-                stream.start()
+        for stream, head in starting:
+            if not stream.gone and stream.state is _WAITING and self.state is not _CLOSED:
+                stream.start(head)
 
-    def _request(self, event: RequestReceived) -> StreamTransport | None:
+    def _request(self, event: RequestReceived, starting: list[tuple[H2Stream, RequestHead]]) -> None:
         stream_id = event.stream_id
         if self._goaway_last is not None and stream_id > self._goaway_last:
             self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
-            return None
+            return
         self.requests += 1
         has_body = event.stream_ended is None
-        built = _request_head(event.headers, has_body)
-        if isinstance(built, str):
-            # A request h2 accepted that HTTP/1.1 cannot carry.
+        head = request_head(event.headers, has_body)
+        if isinstance(head, tuple):
+            # A request h2 accepted that labelgw does not relay.
             method = next((value for name, value in event.headers if name == b":method"), b"")
-            stream = StreamTransport(self, stream_id, method, b"", False)
+            stream = H2Stream(self, stream_id, method)
             self.streams[stream_id] = stream
             stream.remote_ended = not has_body
-            stream.respond_locally(405 if built.startswith("CONNECT") else 400, built)
-            return None
-        method, head, chunked = built
-        stream = StreamTransport(self, stream_id, method, head, chunked)
+            status, message = head
+            stream.refuse(status, message, True)
+            return
+        stream = H2Stream(self, stream_id, head.method)
         self.streams[stream_id] = stream
-        return stream
+        starting.append((stream, head))
 
     def _stream_reset(self, event: StreamReset) -> None:
         stream = self.streams.get(event.stream_id)
-        if stream is None:
-            return
-        if event.remote_reset and not stream.local_done:
-            # Reset before its response was complete: the pattern of rapid reset when it repeats.
+        # Counted against one budget: the client's resets of streams not yet answered (rapid reset,
+        # CVE-2023-44487), and the resets h2 sends for the client's protocol errors on a stream, such as DATA after
+        # END_STREAM or a window overflow (MadeYouReset, CVE-2025-8671). Either way a backend may be serving it.
+        if not event.remote_reset or (stream is not None and stream.state is not _DONE):
             now = self.clock.seconds()
             resets = self._resets
             resets.append(now)
@@ -702,10 +731,13 @@ class H2Protocol(Protocol):
             while resets and resets[0] < horizon:
                 resets.popleft()
             if len(resets) > self.settings.reset_budget:
-                stream.reset_by_client()
+                if stream is not None:
+                    stream.reset_by_client()
                 self._enhance_your_calm(f"more than {self.settings.reset_budget} stream resets in {self.settings.reset_window:g} s")
                 return
-        stream.reset_by_client()
+        if stream is not None:
+            # The stream's upstream request is cancelled with it.
+            stream.reset_by_client()
 
     def _header_block_size(self) -> int:
         # A header block still waiting for its END_HEADERS: h2 alone would buffer up to 64 CONTINUATION frames.
@@ -723,7 +755,7 @@ class H2Protocol(Protocol):
 
     def flush_soon(self) -> None:
         """Flush now, unless inside dataReceived (which flushes once at its end)."""
-        if not self._receiving and not self.closed:
+        if not self._receiving and self.state is not _CLOSED:
             self.flush()
 
     def _pump_all(self) -> None:
@@ -732,7 +764,7 @@ class H2Protocol(Protocol):
         while waiting:
             waiting = [stream for stream in waiting if stream.pump_one()]
         for stream in list(self.streams.values()):
-            if not stream.local_done:
+            if stream.state is not _DONE:
                 stream.pump()
 
     # IPushProducer, for the client's transport: its buffer is full, so pause every upstream and stop reading.
@@ -741,6 +773,8 @@ class H2Protocol(Protocol):
         if self.tcp_blocked:
             return
         self.tcp_blocked = True
+        now = self._blocked_since = self.clock.seconds()
+        self.watch(now + self.gateway.settings.send_timeout)
         self.transport.pauseProducing()
         for stream in list(self.streams.values()):
             stream.sync_producer()
@@ -749,7 +783,8 @@ class H2Protocol(Protocol):
         if not self.tcp_blocked:
             return
         self.tcp_blocked = False
-        if not self.closed:
+        self._blocked_since = 0.0
+        if self.state is not _CLOSED:
             self.transport.resumeProducing()
         for stream in list(self.streams.values()):
             stream.sync_producer()
@@ -757,9 +792,25 @@ class H2Protocol(Protocol):
     def stopProducing(self) -> None:
         pass
 
+    # The bound on response bytes queued by all streams together.
+
+    def queued_more(self, size: int) -> None:
+        queued = self.queued = self.queued + size
+        if not self.buffer_full and queued > self.settings.connection_buffer:
+            self.buffer_full = True
+            for stream in list(self.streams.values()):
+                stream.sync_producer()
+
+    def queued_less(self, size: int) -> None:
+        queued = self.queued = self.queued - size
+        if self.buffer_full and queued <= self.settings.connection_buffer // 2:
+            self.buffer_full = False
+            for stream in list(self.streams.values()):
+                stream.sync_producer()
+
     # Streams and closing.
 
-    def stream_gone(self, stream: StreamTransport) -> None:
+    def stream_gone(self, stream: H2Stream) -> None:
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
         if not self.streams:
@@ -767,8 +818,8 @@ class H2Protocol(Protocol):
             self._close_if_drained()
 
     def _close_if_drained(self) -> None:
-        if self._goaway_last is not None and not self.streams and not self.closed:
-            self.closed = True
+        if self.state is _DRAINING and not self.streams:
+            self._move(_CLOSED)
             self.flush()
             self.transport.loseConnection()
 
@@ -778,7 +829,7 @@ class H2Protocol(Protocol):
 
     def _shut(self, code: ErrorCodes | None) -> None:
         """Close the connection now; GOAWAY with `code` unless h2 already queued one."""
-        if self.closed:
+        if self.state is _CLOSED:
             return
         if code is not None:
             try:
@@ -786,24 +837,64 @@ class H2Protocol(Protocol):
             except ProtocolError:
                 pass
         self.flush()
-        self.closed = True
+        self._move(_CLOSED)
         for stream in list(self.streams.values()):
             stream.abandon()
         self.transport.loseConnection()
 
+    # Timers: one per connection; streams ask for it to look at them in time (watch).
+
+    def watch(self, deadline: float) -> None:
+        """Make sure the timer runs by `deadline` (a stream's send or body timeout, a blocked client)."""
+        timer = self._timer
+        now = self.clock.seconds()
+        if timer is None or not timer.active():
+            if self.state is not _CLOSED:
+                self._timer = self.clock.callLater(max(deadline - now, 0.001), self._check_timers)
+        elif timer.getTime() > deadline:
+            timer.reset(max(deadline - now, 0.001))
+
     def _check_timers(self) -> None:
         self._timer = None
-        if self.closed:
+        if self.state is _CLOSED:
             return
         settings = self.gateway.settings
         now = self.clock.seconds()
+        blocked = self._blocked_since
+        if blocked and now >= blocked + settings.send_timeout:
+            # The client read nothing for that long (nginx send_timeout): every stream goes with the connection.
+            self.log.info("HTTP/2 connection from {peer}: send timeout", peer=_describe(self.peer))
+            self._move(_CLOSED)
+            for stream in list(self.streams.values()):
+                stream.abandon()
+            self.transport.abortConnection()
+            return
         if self.streams:
             deadline = now + settings.idle_timeout
+            if blocked:
+                deadline = min(deadline, blocked + settings.send_timeout)
+            for stream in list(self.streams.values()):
+                stalled = stream.stalled_since
+                if stalled:
+                    if now >= stalled + settings.send_timeout:
+                        stream.send_timed_out()
+                        continue
+                    deadline = min(deadline, stalled + settings.send_timeout)
+                exchange = stream.exchange
+                if exchange is not None and not exchange.body_done:
+                    body_deadline = stream.body_seen + settings.body_timeout
+                    if now >= body_deadline:
+                        stream.body_timed_out()
+                    else:
+                        deadline = min(deadline, body_deadline)
+            self.flush_soon()
         else:
             deadline = self._idle_since + (settings.idle_timeout if self.requests else settings.head_timeout)
             if now >= deadline:
                 self._shut(ErrorCodes.NO_ERROR)
                 return
+            if blocked:
+                deadline = min(deadline, blocked + settings.send_timeout)
         self._timer = self.clock.callLater(max(deadline - now, 0.001), self._check_timers)
 
 
@@ -812,16 +903,25 @@ def _describe(address: Any) -> str:
     return f"{host}:{getattr(address, 'port', '')}" if host is not None else str(address)
 
 
-def _request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> tuple[bytes, bytes, bool] | str:
-    """The HTTP/1.1 request head for an HTTP/2 request: (method, head, chunked body) or why it cannot be made.
+# What labelgw accepts of an HTTP/2 request beyond h2's own checks (RFC 9113 section 8.2: lower-case names, no
+# CR/LF/NUL, no connection-specific fields, valid pseudo-headers, Host equal to :authority): the rules the strict
+# HTTP/1.1 parser applies to the same fields, since the request goes upstream as HTTP/1.1.
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Origin form without spaces or control characters: it becomes the upstream request line.
+_PATH = re.compile(rb"/[\x21-\x7e\x80-\xff]*")
 
-    h2 has already refused malformed blocks (RFC 9113 section 8.2: upper-case names, CR/LF/NUL, connection-specific
-    fields, bad pseudo-headers, Host differing from :authority) and joined split cookie fields; the HTTP/1.1
-    parser behind applies every other rule (tokens, managed X-Forwarded-* fields, header count, size).
-    """
+
+def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestHead | tuple[int, str]:
+    """The parsed request of an HTTP/2 HEADERS block, or (status, why) when labelgw does not relay it.
+
+    A body without content-length goes upstream chunked. Field lines are kept as a block (Host first), so that
+    the rules of labelgw.http.headers (hop-by-hop, managed X-Forwarded-* fields) and the version pinning of
+    labelgw.versions read them as they read an HTTP/1.1 request's."""
     method = path = authority = b""
     lines: list[bytes] = []
-    has_length = False
+    content_length: int | None = None
     for name, value in headers:
         if name[:1] == b":":
             if name == b":method":
@@ -831,35 +931,50 @@ def _request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> tuple[b
             elif name == b":authority":
                 authority = value
             elif name == b":protocol":
-                return "CONNECT with :protocol (RFC 8441) is not supported"
+                return 405, "CONNECT with :protocol (RFC 8441) is not supported"
             continue
         if name == b"host":
-            if authority:
-                continue
-            authority = value
+            if not authority:
+                authority = value
             continue
         if name == b"te":
             # Only "trailers" gets past h2, and it means nothing to an HTTP/1.1 upstream.
             continue
+        # Defence in depth: one line per field, whatever a future h2 lets through.
+        if _FIELD_NAME.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
+            return 400, "invalid header field"
         if name == b"content-length":
-            has_length = True
-        lines.append(b"%s: %s\r\n" % (name, value))
+            if content_length is not None:
+                return 400, "more than one Content-Length header"
+            if not value.isdigit() or len(value) > 18:
+                return 400, "invalid Content-Length"
+            content_length = int(value)
+            continue
+        lines.append(name + b": " + value + b"\r\n")
+    if len(lines) >= MAX_HEADERS:
+        return 431, "too many header fields"
     if method == b"CONNECT":
-        return "CONNECT is not supported over HTTP/2"
+        return 405, "CONNECT is not supported over HTTP/2"
+    if _METHOD.fullmatch(method) is None:
+        return 400, "invalid method"
     # RFC 9113 section 8.3.1: origin form (or "*"), and no userinfo. An absolute :path would re-route the request
-    # by its own authority in the HTTP/1.1 parser.
-    if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
-        return "invalid :path"
+    # by its own authority.
+    if _PATH.fullmatch(path) is None and not (path == b"*" and method == b"OPTIONS"):
+        return 400, "invalid :path"
     if b"@" in authority:
-        return "userinfo in :authority"
-    chunked = has_body and not has_length
-    if chunked:
-        lines.append(b"transfer-encoding: chunked\r\n")
-    head = b"%s %s HTTP/1.1\r\nhost: %s\r\n%sconnection: close\r\n\r\n" % (method, path, authority, b"".join(lines))
-    # Defence in depth: one line per field, whatever a future h2 lets through.
-    if head.count(b"\n") != len(lines) + 4 or head.count(b"\r") != len(lines) + 4:
-        return "line break in a header field"
-    return method, head, chunked
+        return 400, "userinfo in :authority"
+    if _FIELD_VALUE.fullmatch(authority) is None or b" " in authority or b"/" in authority:
+        return 400, "invalid :authority"
+    head = RequestHead()
+    head.method = method
+    head.target = path
+    head.host = authority
+    head.block = (b"host: " + authority + b"\r\n" if authority else b"") + b"".join(lines)
+    if has_body and content_length is None:
+        head.chunked = True
+    elif content_length is not None:
+        head.content_length = content_length
+    return head
 
 
 class H2Factory(Factory):

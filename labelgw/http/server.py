@@ -1,5 +1,6 @@
-"""The client side: one strict HTTP/1.1 connection, its timers, pipelining and tunnels; and the Gateway, the
-state every connection shares (route table, upstream pool, counters)."""
+"""The client side over HTTP/1.1: one strict connection, its timers, pipelining and tunnels, as the client side of
+each exchange (labelgw.http.sides.ClientSide); and the Gateway, the state every connection shares (route table,
+upstream pool, counters)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,29 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from labelgw.http.dispatch import dispatch
 from labelgw.http.exchange import Exchange
-from labelgw.http.headers import error_response
-from labelgw.http.parser import MAX_HEAD_BYTES, HttpError, RequestHead, parse_request_head
-from labelgw.paths import PathRefused, route_target
+from labelgw.http.fastwrite import write_now
+from labelgw.http.headers import client_response_head, error_response
+from labelgw.http.parser import (
+    LAST_CHUNK, MAX_HEAD_BYTES, ChunkedDecoder, HttpError, RequestHead, ResponseHead, encode_chunk, parse_request_head,
+)
 from labelgw.http.settings import ProxySettings
+from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move, sources
 from labelgw.http.upstream import UpstreamPool
-from labelgw.http.versioning import DEFAULT_VERSION_HEADER, choose_version
-from labelgw.routes import RouteTable, normalize_host
+from labelgw.http.versioning import DEFAULT_VERSION_HEADER
+from labelgw.routes import RouteTable
 
-
-# Raw Host header -> normalised host name: the same few values arrive on every request.
-_HOSTS: dict[bytes, str] = {}
+_IDLE = ConnectionState.IDLE
+_HEAD = ConnectionState.HEAD
+_BODY = ConnectionState.BODY
+_RESPONSE = ConnectionState.RESPONSE
+_TUNNEL = ConnectionState.TUNNEL
+_CLOSING = ConnectionState.CLOSING
+_CLOSED = ConnectionState.CLOSED
+# The per-request moves, checked inline against the table (see _move).
+_TO_RESPONSE = sources(CONNECTION_MOVES, _RESPONSE)
+_TO_IDLE = sources(CONNECTION_MOVES, _IDLE)
 
 
 class Gateway:
@@ -34,6 +46,7 @@ class Gateway:
         self.table = table
         self.settings = settings or ProxySettings()
         self.pool = UpstreamPool(reactor, self.settings)
+        self.service_limit = self.settings.service_in_flight_limit
         self.connections: set[ClientConnection] = set()
         self.in_flight = 0
         self.retries = 0
@@ -77,15 +90,18 @@ class Gateway:
 
 
 class ClientConnection(Protocol):
+    """One HTTP/1.1 client connection: requests parsed and dispatched one at a time (pipelined ones wait), each
+    served by an exchange to which this connection is the client side (L{labelgw.http.sides.ClientSide})."""
+
+    state = _IDLE
+
     def __init__(self, gateway: Gateway, proto: bytes = b"http") -> None:
         self.gateway = gateway
         self.proto = proto
         self.peer_ip = b""
         self.local_port = b""
         self.exchange: Exchange | None = None
-        self.tunnel = False
         self.draining = False
-        self._closing = False
         self._buffer = b""
         self._processing = False
         self._requests = 0
@@ -94,10 +110,30 @@ class ClientConnection(Protocol):
         self._body_seen = 0.0
         self._pause_reasons: set[str] = set()
         self._timer: Any = None
+        # The client's transport is full: since when (0.0: it is not), and what to pause meanwhile (the upstream
+        # of a streaming response).
+        self._send_blocked_since = 0.0
+        self._response_producer: Any = None
+        # The request in progress: its head, and what is left of its body (Content-Length, or chunked).
+        self._request: RequestHead | None = None
+        self._remaining = 0
+        self._decoder: ChunkedDecoder | None = None
+        # The response in progress: held until the end of one upstream read, chunk-encoded or not, and whether
+        # its framing (delimited by the close) ends the connection.
+        self._out: list[bytes] = []
+        self._chunked = False
+        self._close_after = False
+
+    def _move(self, new: ConnectionState) -> None:
+        self.state = check_move(CONNECTION_MOVES, self.state, new)
 
     @property
     def paused(self) -> bool:
         return bool(self._pause_reasons)
+
+    @property
+    def tunnel(self) -> bool:
+        return self.state is _TUNNEL
 
     # Lifecycle.
 
@@ -111,14 +147,19 @@ class ClientConnection(Protocol):
         gateway.connections.add(self)
         self._idle_since = gateway.clock.seconds()
         self._timer = gateway.clock.callLater(gateway.settings.head_timeout, self._check_timers)
+        # Registered for the connection's life: a client that stops reading is noticed whatever is in progress.
+        transport.registerProducer(self, True)
         if gateway.draining:
             self.drain()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._closing = True
+        self._move(_CLOSED)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._response_producer = None
+        # Also when the TLS listener hands a connection that never was HTTP/1.1 over to HTTP/2.
+        self.transport.unregisterProducer()
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.client_lost()
@@ -127,47 +168,90 @@ class ClientConnection(Protocol):
     def drain(self) -> None:
         """Finish the request in progress, then close; an idle connection closes now."""
         self.draining = True
-        if self.exchange is None and not self.tunnel:
+        if self.exchange is None and self.state < _CLOSING:
             self._close()
 
-    def abort(self) -> None:
-        self._closing = True
+    def abort(self, reason: str = "") -> None:
+        if self.state < _CLOSING:
+            self._move(_CLOSING)
         self.transport.abortConnection()
 
+    def close(self) -> None:
+        """Close once what was written is sent (the send timeout still applies meanwhile)."""
+        self._close()
+
     def _close(self) -> None:
-        self._closing = True
+        if self.state >= _CLOSING:
+            return
+        self._move(_CLOSING)
+        # A registered producer would keep a full transport from ever closing (FileDescriptor.loseConnection).
+        self._response_producer = None
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     # Reading.
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        exchange = self.exchange
-        if exchange is not None:
-            if self.tunnel:
-                exchange.client_tunnel_data(data)
-                return
-            if not exchange.body_done:
-                self._body_seen = self.gateway.clock.seconds()
-                try:
-                    data = exchange.client_body(data)
-                except HttpError as error:
-                    self._refuse_body(exchange, error)
-                    return
-                if not data:
-                    return
+        state = self.state
+        if state < _BODY:
+            # IDLE or HEAD: (more of) a request head.
+            self._buffer = self._buffer + data if self._buffer else data
+            self._process()
+        elif state is _RESPONSE:
             # Pipelined bytes while a response is pending: keep them and stop reading until it is done.
             self._buffer += data
             self.set_paused("pipeline", True)
-            return
-        self._buffer = self._buffer + data if self._buffer else data
-        self._process()
+        elif state is _BODY:
+            self._body_seen = self.gateway.clock.seconds()
+            exchange = self.exchange
+            try:
+                data = self._read_body(exchange, data)  # type: ignore[arg-type]
+            except HttpError as error:
+                self._refuse_body(exchange, error)  # type: ignore[arg-type]
+                return
+            if data:
+                self._buffer += data
+                self.set_paused("pipeline", True)
+        elif state is _TUNNEL:
+            self.exchange.client_tunnel_data(data)  # type: ignore[union-attr]
+
+    def _read_body(self, exchange: Exchange, data: bytes) -> bytes:
+        """Relay request body bytes; returns what follows the body (a pipelined request) once it is complete."""
+        decoder = self._decoder
+        if decoder is None:
+            remaining = self._remaining
+            rest = b""
+            if len(data) > remaining:
+                data, rest = data[:remaining], data[remaining:]
+            self._remaining = remaining - len(data)
+            if data:
+                exchange.request_data(data)
+            if self._remaining == 0:
+                self._body_end(exchange)
+            return rest
+        pieces = decoder.feed(data)  # HttpError goes to the caller: 400 and close
+        for piece in pieces:
+            if piece:
+                exchange.request_data(piece)
+        if decoder.done:
+            self._body_end(exchange)
+            return decoder.rest
+        return b""
+
+    def _body_end(self, exchange: Exchange) -> None:
+        self._decoder = None
+        if self.state is _BODY:
+            self._move(_RESPONSE)
+        exchange.request_end()
 
     def _process(self) -> None:
         self._processing = True
         try:
-            while self.exchange is None and self._buffer and not self._closing:
+            while self.exchange is None and self._buffer and self.state < _CLOSING:
+                if self._send_blocked_since:
+                    # Responses already wait for a client that does not read: buffer no more of them.
+                    self.set_paused("pipeline", True)
+                    return
                 buffer = self._buffer
                 if buffer[:1] in (b"\r", b"\n"):
                     # RFC 9112 section 2.2: empty lines before a request line are ignored.
@@ -181,12 +265,12 @@ class ClientConnection(Protocol):
                         self.send_error(400, "bare LF in request head", close=True)
                     elif len(buffer) > MAX_HEAD_BYTES:
                         self.send_error(431, "request head too large", close=True)
-                    elif not self._head_started:
+                    elif self.state is _IDLE:
                         # A head that does not arrive whole gets an absolute deadline (slow clients).
+                        self._move(_HEAD)
                         self._head_started = self.gateway.clock.seconds()
                         self._rearm(self.gateway.settings.head_timeout)
                     return
-                self._head_started = 0.0
                 if end + 4 > MAX_HEAD_BYTES:
                     self.send_error(431, "request head too large", close=True)
                     return
@@ -198,85 +282,49 @@ class ClientConnection(Protocol):
                 self._buffer = buffer[end + 4 :]
                 self._requests += 1
                 self._dispatch(head)
-                exchange = self.exchange
-                if exchange is not None and not exchange.finished and not exchange.body_done:
-                    self._body_seen = self.gateway.clock.seconds()
-                    self._rearm_within(self.gateway.settings.body_timeout)
-                    if self._buffer:
-                        data, self._buffer = self._buffer, b""
-                        try:
-                            self._buffer = exchange.client_body(data)
-                        except HttpError as error:
-                            self._refuse_body(exchange, error)
-                            return
             if self.exchange is not None and self._buffer:
                 self.set_paused("pipeline", True)
         finally:
             self._processing = False
 
     def _dispatch(self, head: RequestHead) -> None:
-        gateway = self.gateway
-        raw_host = head.host
-        host = _HOSTS.get(raw_host) if raw_host else ""
-        if host is None:
-            host = normalize_host(raw_host.decode("latin-1"))  # type: ignore[union-attr]
-            if len(_HOSTS) >= 4096:
-                _HOSTS.clear()
-            _HOSTS[raw_host] = host  # type: ignore[index]
-        # Routed on the path's normal form, forwarded without dot segments; or refused (labelgw.paths).
-        try:
-            path, target = route_target(head.target)
-        except PathRefused as error:
-            self.send_error(400, error.reason, close=head.has_body or not head.keep_alive, head_only=head.method == b"HEAD")
+        self._request = head
+        # Route lookup, redirect, 404/503, version choice: labelgw.http.dispatch, shared with HTTP/2.
+        exchange = dispatch(self.gateway, head, self)
+        if exchange is None:
             return
-        head.target = target
-        route = gateway.table.lookup(host, path)
-        # Plain HTTP answered with a 308 to HTTPS (--redirect-https, <prefix>.tls=redirect): labelgw.https.
-        redirect = gateway.https_redirect
-        if redirect is not None and self.proto == b"http":
-            location = redirect.location(host, target, route)
-            if location is not None:
-                self.send_error(308, "use HTTPS", close=head.has_body or not head.keep_alive, head_only=head.method == b"HEAD", extra=b"Location: %s\r\n" % location)
-                return
-        if route is None:
-            if gateway.table.knows_host(host):
-                message = f"no route for http://{host}{path}"
-            else:
-                message = f"no route for host {host!r}" if host else "no Host header"
-            self.send_error(404, message, close=head.has_body or not head.keep_alive, head_only=head.method == b"HEAD")
-            return
-        if gateway.in_flight >= gateway.settings.max_in_flight:
-            self.send_error(503, "too many requests in flight", close=head.has_body or not head.keep_alive, head_only=head.method == b"HEAD", extra=b"Retry-After: 1\r\n")
-            return
-        service = route.service
-        version = None
-        cookie = b""
-        pinned = False
-        if service.split is None:
-            backend = service.pick()
+        self.exchange = exchange
+        if head.chunked:
+            self._decoder = ChunkedDecoder()
+            self._move(_BODY)
+        elif head.content_length:
+            self._remaining = head.content_length
+            self._decoder = None
+            self._move(_BODY)
         else:
-            backend, version, cookie, pinned = choose_version(service, head, gateway.version_header)
-        if backend is None:
-            what = f" of version {version!r}" if version is not None else ""
-            self.send_error(
-                503, f"service {service.name!r} has no ready backend{what}",
-                close=head.has_body or not head.keep_alive, head_only=head.method == b"HEAD", extra=b"Retry-After: 1\r\n",
-            )
-            return
-        exchange = self.exchange = Exchange(self, head, route, backend)
-        if version is not None:
-            exchange.version = version
-            exchange.pinned = pinned
-            exchange.response_extra = cookie
+            if self.state not in _TO_RESPONSE:
+                self._move(_RESPONSE)  # refused: raises StateError
+            self.state = _RESPONSE
         exchange.start()
+        if self.state is _BODY and self.exchange is exchange:
+            self._body_seen = self.gateway.clock.seconds()
+            self._rearm_within(self.gateway.settings.body_timeout)
+            if self._buffer:
+                data, self._buffer = self._buffer, b""
+                try:
+                    self._buffer = self._read_body(exchange, data)
+                except HttpError as error:
+                    self._refuse_body(exchange, error)
 
     def _refuse_body(self, exchange: Exchange, error: HttpError) -> None:
+        started = exchange.response_started
+        self.exchange = None
         exchange.client_lost()
-        if not exchange.response_started:
+        if not started:
             self.transport.write(error_response(error.status, error.reason, close=True))
         self._close()
 
-    # Writing and pausing.
+    # Answers of labelgw's own.
 
     def send_error(self, status: int, message: str, close: bool, extra: bytes = b"", head_only: bool = False) -> None:
         close = close or self.draining
@@ -284,7 +332,142 @@ class ClientConnection(Protocol):
         if close:
             self._close()
         else:
+            if self.state is _HEAD:
+                self._move(_IDLE)
             self._idle_since = self.gateway.clock.seconds()
+
+    def refuse(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
+        request = self._request
+        self.send_error(status, message, close, extra, head_only=request is not None and request.method == b"HEAD")
+
+    # The client side of the exchange (labelgw.http.sides.ClientSide): the response.
+
+    def interim_head(self, head: ResponseHead) -> None:
+        # HTTP/1.0 clients do not get interim responses.
+        if self._request is not None and self._request.version == b"HTTP/1.1":
+            self.transport.write(client_response_head(head, b"", close=False))
+
+    def response_head(self, head: ResponseHead, body: bool, close: bool, extra: bytes) -> None:
+        if not body:
+            framing = b"Content-Length: %d\r\n" % head.content_length if head.content_length is not None else b""
+        elif head.content_length is not None:
+            framing = b"Content-Length: %d\r\n" % head.content_length
+        elif self._request.version == b"HTTP/1.1":  # type: ignore[union-attr]
+            # Chunked, or delimited by close upstream: chunked to the client keeps its connection alive.
+            framing = b"Transfer-Encoding: chunked\r\n"
+            self._chunked = True
+        else:
+            framing = b""
+            close = self._close_after = True
+        if extra:
+            framing += extra
+        # Held until flush (the end of this upstream read): head and body then leave in one send.
+        self._out.append(client_response_head(head, framing, close or self.draining))
+
+    def response_data(self, data: bytes) -> None:
+        self._out.append(encode_chunk(data) if self._chunked else data)
+
+    def flush(self) -> None:
+        out = self._out
+        if out:
+            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def response_end(self) -> None:
+        out = self._out
+        if self._chunked:
+            self._chunked = False
+            out.append(LAST_CHUNK)
+        if out:
+            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def error_response(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
+        request = self._request
+        head_only = request is not None and request.method == b"HEAD"
+        self.transport.write(error_response(status, message, close, extra, head_only=head_only))
+
+    # The client side: back-pressure both ways.
+
+    def set_response_producer(self, producer: Any) -> None:
+        """What to pause while the client does not read: the upstream of the response in progress (or None)."""
+        self._response_producer = producer
+        if producer is not None and self._send_blocked_since:
+            producer.pauseProducing()
+
+    def pause_request_body(self, paused: bool) -> None:
+        self.set_paused("body", paused)
+
+    # The client side: tunnels.
+
+    def start_tunnel(self, head: ResponseHead, exchange: Exchange) -> None:
+        self.transport.write(client_response_head(head, b"", close=False, upgrade=True))
+        self._move(_TUNNEL)
+        self._pause_reasons.clear()
+        self.sync_paused()
+        if self._buffer:
+            data, self._buffer = self._buffer, b""
+            exchange.client_tunnel_data(data)
+
+    def tunnel_data(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    # The client side: the end.
+
+    def exchange_done(self, exchange: Exchange, close: bool) -> None:
+        if exchange is not self.exchange:
+            return
+        self.exchange = None
+        # A tunnel's end always comes with close (Exchange.tunnel_closed).
+        if close or self.draining or self._close_after:
+            self._close()
+            return
+        if self.state not in _TO_IDLE:
+            self._move(_IDLE)
+        self.state = _IDLE
+        self._idle_since = self.gateway.clock.seconds()
+        reasons = self._pause_reasons
+        if reasons:
+            reasons.discard("pipeline")
+            reasons.discard("body")
+            self.sync_paused()
+        if self._buffer and not self._processing:
+            self._process()
+
+    # IPushProducer, for the client's transport: its buffer is full (pause) or drained (resume).
+
+    def pauseProducing(self) -> None:
+        if self._send_blocked_since or self.state is _CLOSED:
+            return
+        self._send_blocked_since = self.gateway.clock.seconds()
+        producer = self._response_producer
+        if producer is not None:
+            producer.pauseProducing()
+        # Armed even while closing: a close waits for the client to read what is buffered.
+        delay = self.gateway.settings.send_timeout
+        timer = self._timer
+        if timer is None or not timer.active():
+            self._timer = self.gateway.clock.callLater(delay, self._check_timers)
+        elif timer.getTime() > self._send_blocked_since + delay:
+            timer.reset(delay)
+
+    def resumeProducing(self) -> None:
+        if not self._send_blocked_since:
+            return
+        self._send_blocked_since = 0.0
+        producer = self._response_producer
+        if producer is not None:
+            producer.resumeProducing()
+        if self.exchange is None and self._buffer and not self._processing and self.state < _CLOSING:
+            # Pipelined requests waited for the client to read the responses before them.
+            self._pause_reasons.discard("pipeline")
+            self.sync_paused()
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass
+
+    # Pausing the client's reading.
 
     def set_paused(self, reason: str, paused: bool) -> None:
         reasons = self._pause_reasons
@@ -297,37 +480,12 @@ class ClientConnection(Protocol):
             self.sync_paused()
 
     def sync_paused(self) -> None:
-        if self._closing:
+        if self.state >= _CLOSING:
             return
         if self._pause_reasons:
             self.transport.pauseProducing()
         else:
             self.transport.resumeProducing()
-
-    # Called by the exchange.
-
-    def exchange_done(self, exchange: Exchange, close: bool) -> None:
-        if exchange is not self.exchange:
-            return
-        self.exchange = None
-        if close or self.draining:
-            self._close()
-            return
-        self._idle_since = self.gateway.clock.seconds()
-        if self._pause_reasons:
-            self._pause_reasons.discard("pipeline")
-            self._pause_reasons.discard("pending")
-            self.sync_paused()
-        if self._buffer and not self._processing:
-            self._process()
-
-    def start_tunnel(self, exchange: Exchange) -> None:
-        self.tunnel = True
-        self._pause_reasons.clear()
-        self.sync_paused()
-        if self._buffer:
-            data, self._buffer = self._buffer, b""
-            exchange.client_tunnel_data(data)
 
     # Timers: one per connection, checked lazily; the common request does no timer work at all.
 
@@ -337,38 +495,52 @@ class ClientConnection(Protocol):
         if timer is not None and timer.active():
             if timer.getTime() > self.gateway.clock.seconds() + delay:
                 timer.reset(delay)
-        elif not self._closing:
+        elif self.state < _CLOSING:
             self._timer = self.gateway.clock.callLater(delay, self._check_timers)
 
     def _rearm(self, delay: float) -> None:
         timer = self._timer
         if timer is not None and timer.active():
             timer.reset(delay)
-        elif not self._closing:
+        elif self.state < _CLOSING:
             self._timer = self.gateway.clock.callLater(delay, self._check_timers)
 
     def _check_timers(self) -> None:
         self._timer = None
-        if self._closing:
+        state = self.state
+        if state is _CLOSED:
             return
         settings = self.gateway.settings
         now = self.gateway.clock.seconds()
+        blocked = self._send_blocked_since
+        if blocked and now >= blocked + settings.send_timeout:
+            # nginx's send_timeout: the client read nothing for that long.
+            exchange, self.exchange = self.exchange, None
+            if exchange is not None:
+                exchange.client_lost()
+            self.abort("send timeout")
+            return
+        if state is _CLOSING:
+            # Closing, waiting for a blocked client to read: only the send timeout matters now.
+            if blocked:
+                self._timer = self.gateway.clock.callLater(max(blocked + settings.send_timeout - now, 0.001), self._check_timers)
+            return
         exchange = self.exchange
-        if self.tunnel:
+        if state is _TUNNEL:
             deadline = now + settings.idle_timeout
+        elif state is _BODY:
+            deadline = self._body_seen + settings.body_timeout
+            if now >= deadline:
+                started = exchange.response_started  # type: ignore[union-attr]
+                self.exchange = None
+                exchange.client_lost()  # type: ignore[union-attr]
+                if not started:
+                    self.transport.write(error_response(408, "request body timed out", close=True))
+                self._close()
+                return
         elif exchange is not None:
-            if not exchange.body_done:
-                deadline = self._body_seen + settings.body_timeout
-                if now >= deadline:
-                    started = exchange.response_started
-                    exchange.client_lost()
-                    if not started:
-                        self.transport.write(error_response(408, "request body timed out", close=True))
-                    self._close()
-                    return
-            else:
-                deadline = now + settings.idle_timeout
-        elif self._head_started:
+            deadline = now + settings.idle_timeout
+        elif state is _HEAD:
             deadline = self._head_started + settings.head_timeout
             if now >= deadline:
                 self.send_error(408, "request head timed out", close=True)
@@ -379,6 +551,8 @@ class ClientConnection(Protocol):
             if now >= deadline:
                 self._close()
                 return
+        if blocked and blocked + settings.send_timeout < deadline:
+            deadline = blocked + settings.send_timeout
         self._timer = self.gateway.clock.callLater(max(deadline - now, 0.001), self._check_timers)
 
 

@@ -1,0 +1,81 @@
+"""Routing, written once for HTTP/1.1 and HTTP/2: a parsed request head in, an exchange (or labelgw's own
+answer) out. Route lookup, the redirect to HTTPS, 404 and 503 answers, the in-flight bounds, the version choice."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from labelgw.http.exchange import Exchange
+from labelgw.http.parser import RequestHead
+from labelgw.http.sides import RequestSide
+from labelgw.routes import normalize_host
+from labelgw.http.versioning import choose_version
+from labelgw.paths import PathRefused, route_target
+
+if TYPE_CHECKING:
+    from labelgw.http.server import Gateway
+
+# Raw Host header -> normalised host name: the same few values arrive on every request.
+_HOSTS: dict[bytes, str] = {}
+
+
+def _close(head: RequestHead) -> bool:
+    # An unread request body would be taken for the next request: answers without an exchange close instead.
+    return head.has_body or not head.keep_alive
+
+
+def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchange | None:
+    """The exchange that will serve `head` (not started yet), or None after `side` answered it itself."""
+    raw_host = head.host
+    host = _HOSTS.get(raw_host) if raw_host else ""
+    if host is None:
+        host = normalize_host(raw_host.decode("latin-1"))  # type: ignore[union-attr]
+        if len(_HOSTS) >= 4096:
+            _HOSTS.clear()
+        _HOSTS[raw_host] = host  # type: ignore[index]
+    # Routed on the path's normal form, forwarded without dot segments; or refused (labelgw.paths).
+    try:
+        path, target = route_target(head.target)
+    except PathRefused as error:
+        side.refuse(400, error.reason, _close(head))
+        return None
+    head.target = target
+    route = gateway.table.lookup(host, path)
+    # Plain HTTP answered with a 308 to HTTPS (--redirect-https, <prefix>.tls=redirect): labelgw.https.
+    redirect = gateway.https_redirect
+    if redirect is not None and side.proto == b"http":
+        location = redirect.location(host, target, route)
+        if location is not None:
+            side.refuse(308, "use HTTPS", _close(head), b"Location: %s\r\n" % location)
+            return None
+    if route is None:
+        if gateway.table.knows_host(host):
+            message = f"no route for http://{host}{path}"
+        else:
+            message = f"no route for host {host!r}" if host else "no Host header"
+        side.refuse(404, message, _close(head))
+        return None
+    service = route.service
+    if gateway.in_flight >= gateway.settings.max_in_flight:
+        side.refuse(503, "too many requests in flight", _close(head), b"Retry-After: 1\r\n")
+        return None
+    if service.in_flight >= gateway.service_limit:
+        side.refuse(503, f"too many requests in flight to service {service.name!r}", _close(head), b"Retry-After: 1\r\n")
+        return None
+    version = None
+    cookie = b""
+    pinned = False
+    if service.split is None:
+        backend = service.pick()
+    else:
+        backend, version, cookie, pinned = choose_version(service, head, gateway.version_header)
+    if backend is None:
+        what = f" of version {version!r}" if version is not None else ""
+        side.refuse(503, f"service {service.name!r} has no ready backend{what}", _close(head), b"Retry-After: 1\r\n")
+        return None
+    exchange = Exchange(side, gateway, head, route, backend)
+    if version is not None:
+        exchange.version = version
+        exchange.pinned = pinned
+        exchange.response_extra = cookie
+    return exchange

@@ -171,12 +171,52 @@ class Sample:
     at: float  # seconds from the case's start
     rss_mib: float
     fds: int
+    clients: int = 0  # TCP sockets accepted on labelgw's listeners
+    upstream: int = 0  # TCP sockets to the backends (in use or idle in the pool)
+
+    @property
+    def not_upstream(self) -> int:
+        return self.fds - self.upstream
+
+
+def tcp_table(text: str) -> dict[int, tuple[int, int, int]]:
+    """/proc/net/tcp{,6} as inode -> (local port, remote port, state)."""
+    sockets = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10:
+            continue
+        local, remote = fields[1].rsplit(":", 1)[1], fields[2].rsplit(":", 1)[1]
+        sockets[int(fields[9])] = (int(local, 16), int(remote, 16), int(fields[3], 16))
+    return sockets
+
+
+TCP_LISTEN = 0x0A
+
+
+def classify_sockets(inodes: Sequence[int], table: dict[int, tuple[int, int, int]], listen_ports: Sequence[int],
+                     backend_ports: Sequence[int]) -> tuple[int, int]:
+    """How many of a process's sockets are its clients' (accepted on a listener) and how many go to a backend."""
+    clients = upstream = 0
+    for inode in inodes:
+        found = table.get(inode)
+        if found is None:
+            continue
+        local, remote, state = found
+        if state == TCP_LISTEN:
+            continue
+        if local in listen_ports:
+            clients += 1
+        elif remote in backend_ports:
+            upstream += 1
+    return clients, upstream
 
 
 def first_release(samples: Sequence[Sample], since: float, threshold: int) -> float | None:
-    """When labelgw's fds first fell to `threshold` or below at or after `since` (seconds); None if never."""
+    """When labelgw's client sockets first fell to `threshold` or below at or after `since` (seconds); None if
+    never."""
     for sample in samples:
-        if sample.at >= since and sample.fds <= threshold:
+        if sample.at >= since and sample.clients <= threshold:
             return sample.at
     return None
 
@@ -194,6 +234,10 @@ class CaseResult:
     after_rss_mib: float | None
     alive: bool
     attack_s: float  # from the first attack connection to the end of the hold
+    baseline_upstream: int = 0
+    peak_clients: int = 0
+    peak_upstream: int = 0
+    after_upstream: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
     samples: list[Sample] = field(default_factory=list)
     error: str = ""  # why the case could not be run (labelgw did not start, ...)
@@ -219,8 +263,11 @@ def judge(result: CaseResult) -> tuple[str, list[str]]:
     growth = result.peak_rss_mib - result.baseline_rss_mib
     if growth > MAX_RSS_GROWTH_MIB:
         reasons.append(f"RSS grew {growth:.0f} MiB > {MAX_RSS_GROWTH_MIB:g} MiB")
-    if result.after_fds is not None and result.after_fds > result.baseline_fds + MAX_FDS_LEFT:
-        reasons.append(f"{result.after_fds - result.baseline_fds} fds still open after the attack")
+    if result.after_fds is not None:
+        # Upstream connections idle in labelgw's pool are not a leak; everything else should be gone.
+        left = (result.after_fds - (result.after_upstream or 0)) - (result.baseline_fds - result.baseline_upstream)
+        if left > MAX_FDS_LEFT:
+            reasons.append(f"{left} more fds (not to backends) open after the attack than before")
     details = result.details
     if result.case == "5" and details.get("still_open_at_end", 0) > 0:
         reasons.append(f"{details['still_open_at_end']} sockets kept open without close_notify")
@@ -289,14 +336,27 @@ def reset_trigger(stream_id: int, index: int) -> bytes:
 # -- /proc --------------------------------------------------------------------------------------------------------
 
 
-def proc_sample(pid: int, at: float) -> Sample | None:
+def proc_sample(pid: int, at: float, listen_ports: Sequence[int] = (), backend_ports: Sequence[int] = ()) -> Sample | None:
     try:
         with open(f"/proc/{pid}/status") as status:
             rss_kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        fds = os.listdir(f"/proc/{pid}/fd")
+        inodes = []
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue  # closed meanwhile
+            if link.startswith("socket:["):
+                inodes.append(int(link[8:-1]))
+        table: dict[int, tuple[int, int, int]] = {}
+        for name in ("tcp", "tcp6"):
+            with open(f"/proc/{pid}/net/{name}") as handle:
+                table.update(tcp_table(handle.read()))
     except (OSError, StopIteration, ValueError):
         return None
-    return Sample(at, rss_kib / 1024, fds)
+    clients, upstream = classify_sockets(inodes, table, listen_ports, backend_ports)
+    return Sample(at, rss_kib / 1024, len(fds), clients, upstream)
 
 
 @contextmanager
@@ -556,7 +616,9 @@ class _LingeringTLS(asyncio.Protocol):
                     data = self.tls.read(65536)
                 except ssl.SSLWantReadError:
                     break
-                except ssl.SSLZeroReturnError:  # the server's close_notify: read, never answered
+                except ssl.SSLZeroReturnError:
+                    data = b""
+                if not data:  # the server's close_notify (read() returns b"" for it): noted, never answered
                     self.close_notify_at = time.monotonic()
                     break
                 if self.parser.feed(data) and not self.answered.done():
@@ -651,14 +713,16 @@ class PlainClients(Attack):
 
     read = True
     service = "slow"
-    path = "/"
+
+    def path(self) -> str:
+        return "/"
 
     def count(self) -> int:
         return int(self.args.slow_clients)
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        request = f"GET {self.path} HTTP/1.1\r\nHost: {host(self.service)}\r\n\r\n".encode()
+        request = f"GET {self.path()} HTTP/1.1\r\nHost: {host(self.service)}\r\n\r\n".encode()
         self.protocols: list[_Plain] = []
         self.sockets: list[socket.socket] = []
 
@@ -697,8 +761,10 @@ class StalledReaders(PlainClients):
     read = False
     service = "big"
 
+    def path(self) -> str:
+        return f"/download?bytes={self.args.large_bytes}"
+
     def count(self) -> int:
-        self.path = f"/download?bytes={self.args.large_bytes}"
         return int(self.args.stalled_clients)
 
 
@@ -826,19 +892,24 @@ class MadeYouReset(Attack):
         headers = [(":method", "GET"), (":scheme", "https"), (":authority", name), (":path", "/")]
         deadline = started + self.args.myr_seconds
         stream_id = 1
+        opened: list[int] = []  # the previous batch's streams, whose requests labelgw has had time to forward
         try:
-            while (self.sent < self.args.myr_streams and time.monotonic() < deadline and self.goaway is None
-                   and not self.closed):
+            while opened or (self.sent < self.args.myr_streams and time.monotonic() < deadline):
+                if self.goaway is not None or self.closed:
+                    break
                 batch = bytearray()
-                for _ in range(20):
+                for earlier in opened:
+                    batch += reset_trigger(earlier, earlier // 2)
+                opened = []
+                while len(opened) < 20 and self.sent < self.args.myr_streams and time.monotonic() < deadline:
                     batch += h2_frame(HEADERS, END_STREAM | END_HEADERS, stream_id, encoder.encode(headers))
-                    batch += reset_trigger(stream_id, self.sent)
+                    opened.append(stream_id)
                     stream_id += 2
                     self.sent += 1
                 writer.write(batch)
                 async with asyncio.timeout(2.0):
                     await writer.drain()
-                await asyncio.sleep(0)  # the reader's turn
+                await asyncio.sleep(0.005)  # the reader's turn, and labelgw's to forward the new requests
         except (TimeoutError, OSError):
             self.connect_errors["write-stalled-or-closed"] += 1
         self.flood_s = time.monotonic() - started
@@ -896,7 +967,8 @@ async def attack_case(case: str, args: argparse.Namespace, env: Environment, ser
     gone = asyncio.Event()
 
     def sample() -> Sample | None:
-        found = proc_sample(pid, round(time.monotonic() - origin, 3))
+        found = proc_sample(pid, round(time.monotonic() - origin, 3), (http_port, https_port),
+                            tuple(env.backend_ports.values()))
         if found is None or server.exited() is not None:
             gone.set()
             return None
@@ -948,10 +1020,11 @@ async def attack_case(case: str, args: argparse.Namespace, env: Environment, ser
         details |= attack.details(hold_end)
         details["ramp_s"] = round(ramp_s, 2)
         details["memory_guard"] = memory_guard.is_set()
-        released = first_release(samples, hold_end - origin - args.hold, baseline.fds + RELEASED_MARGIN_FDS)
         if case == "5":
-            details["fds_back_near_baseline_at_s"] = (None if released is None
-                                                      else round(released - (hold_end - origin - args.hold), 2))
+            hold_start = hold_end - origin - args.hold
+            released = first_release(samples, hold_start, RELEASED_MARGIN_FDS)
+            details["client_sockets_released_after_s"] = (
+                "never" if released is None else round(max(0.0, released - hold_start), 2))
     finally:
         attack.close()
         if probe.returncode is None:
@@ -965,6 +1038,7 @@ async def attack_case(case: str, args: argparse.Namespace, env: Environment, ser
         after_counts = await backend_counts(env.backend_ports[counted])
         details[f"backend_{counted}_requests"] = after_counts.get("requests", 0) - before.get("requests", 0)
         details[f"backend_{counted}_max_concurrent"] = after_counts.get("max_active")
+        details[f"backend_{counted}_active_after"] = after_counts.get("active")
     during = [s for s in samples if s.at <= attack_s + baseline.at]
     return CaseResult(
         case=case,
@@ -978,6 +1052,10 @@ async def attack_case(case: str, args: argparse.Namespace, env: Environment, ser
         after_rss_mib=round(after.rss_mib, 1) if after else None,
         alive=after is not None,
         attack_s=round(attack_s, 2),
+        baseline_upstream=baseline.upstream,
+        peak_clients=max(s.clients for s in during or samples),
+        peak_upstream=max(s.upstream for s in during or samples),
+        after_upstream=after.upstream if after else None,
         details=details,
         samples=samples,
     )
@@ -1034,10 +1112,11 @@ def case_line(result: CaseResult) -> str:
     probe = result.probe
     served = (f"others {probe.success_pct:.1f} % ok of {probe.requests} (p50 {probe.p50_ms:.0f} ms, "
               f"p99 {probe.p99_ms:.0f} ms, failures {probe.failures or 'none'})" if probe else "others: no figures")
-    shown = {k: v for k, v in result.details.items() if v not in ({}, None, [], False) or k == "goaway"}
+    shown = {k: v for k, v in result.details.items() if k == "goaway" or not (v is None or v == {} or v == [])}
     return (f"case {result.case} ({result.title}): {served}; labelgw RSS {result.baseline_rss_mib:.0f} -> "
-            f"{result.peak_rss_mib:.0f} MiB peak, fds {result.baseline_fds} -> {result.peak_fds} peak -> "
-            f"{_fmt(result.after_fds, 'd')} after; {json.dumps(shown, default=str)} => {result.verdict}"
+            f"{result.peak_rss_mib:.0f} MiB peak, fds {result.baseline_fds} -> {result.peak_fds} peak (clients "
+            f"{result.peak_clients}, upstream {result.peak_upstream}) -> {_fmt(result.after_fds, 'd')} after "
+            f"({_fmt(result.after_upstream, 'd')} upstream); {json.dumps(shown, default=str)} => {result.verdict}"
             + (f" ({'; '.join(result.reasons)})" if result.reasons else ""))
 
 

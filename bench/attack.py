@@ -998,17 +998,21 @@ async def attack_case(case: str, args: argparse.Namespace, env: Environment, ser
     attack = ATTACKS[case](args, http_port, https_port)
     records: list[ProbeRecord] = []
     details: dict[str, Any] = {}
+    stops = [asyncio.create_task(event.wait()) for event in (memory_guard, gone)]
     try:
+        # The ramp, until it is done, its time is up, labelgw's RSS passed --rss-cap or labelgw is gone.
+        opening = asyncio.create_task(attack.open())
+        await asyncio.wait([opening, *stops], timeout=RAMP_LIMIT_S + 2 * CONNECT_TIMEOUT_S,
+                           return_when=asyncio.FIRST_COMPLETED)
+        opening.cancel()
         try:
-            async with asyncio.timeout(RAMP_LIMIT_S + 2 * CONNECT_TIMEOUT_S):
-                await attack.open()
-        except (TimeoutError, OSError, ssl.SSLError) as error:
+            await opening
+        except (asyncio.CancelledError, TimeoutError, OSError, ssl.SSLError) as error:
             details["attack_error"] = repr(error)
         ramp_s = time.monotonic() - attack.started
-        stops = [asyncio.create_task(event.wait()) for event in (memory_guard, gone)]
-        await asyncio.wait(stops, timeout=args.hold)
-        for task in stops:
-            task.cancel()
+        hold = args.tls_hold if case == "5" else args.hold
+        hold_start = time.monotonic() - origin
+        await asyncio.wait(stops, timeout=hold)
         hold_end = time.monotonic()
         probe.send_signal(signal.SIGTERM)
         try:
@@ -1021,11 +1025,12 @@ async def attack_case(case: str, args: argparse.Namespace, env: Environment, ser
         details["ramp_s"] = round(ramp_s, 2)
         details["memory_guard"] = memory_guard.is_set()
         if case == "5":
-            hold_start = hold_end - origin - args.hold
             released = first_release(samples, hold_start, RELEASED_MARGIN_FDS)
             details["client_sockets_released_after_s"] = (
                 "never" if released is None else round(max(0.0, released - hold_start), 2))
     finally:
+        for task in stops:
+            task.cancel()
         attack.close()
         if probe.returncode is None:
             probe.kill()
@@ -1141,7 +1146,7 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     env = Environment(prefix, state, ports)
     results: list[CaseResult] = []
     print(f"labelgw's open-file limit: {args.labelgw_nofile} (soft); this script's: {own_limit}; "
-          f"cases {','.join(args.cases)}, hold {args.hold:g} s; load average {os.getloadavg()[0]:.2f}")
+          f"cases {','.join(args.cases)}, hold {args.hold:g} s (case 5: {args.tls_hold:g} s); load average {os.getloadavg()[0]:.2f}")
     try:
         for backend in backends:
             backend.start()
@@ -1179,6 +1184,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--cases", default=",".join(CASES), help="comma list among " + ", ".join(CASES))
     parser.add_argument("--hold", type=float, default=6.0, help="seconds the attack is held once set up")
+    parser.add_argument("--tls-hold", type=float, default=10.0, help="case 5's hold: time for labelgw to give up "
+                        "on the clients that never send close_notify")
     parser.add_argument("--tls-clients", type=int, default=1000, help="case 5's TLS clients")
     parser.add_argument("--stalled-clients", type=int, default=1030, help="case 6a's clients that stop reading")
     parser.add_argument("--large-bytes", type=int, default=8 * MIB, help="size of 6a's and 6b's large answers")
@@ -1199,9 +1206,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.cases) - set(CASES))
     if unknown or not args.cases:
         parser.error(f"--cases: unknown {', '.join(unknown) or '(none given)'}; choose among {', '.join(CASES)}")
-    bounds = {"hold": (0.5, 60), "tls_clients": (1, 5000), "stalled_clients": (1, 5000), "h2_connections": (1, 100),
+    bounds = {"hold": (0.5, 60), "tls_hold": (0.5, 60), "tls_clients": (1, 5000), "stalled_clients": (1, 5000), "h2_connections": (1, 100),
               "h2_streams": (1, 1000), "slow_clients": (1, 5000), "myr_streams": (1, 100_000),
-              "myr_seconds": (0.1, 30), "idle_timeout": (0.1, 600), "labelgw_nofile": (64, 1 << 20),
+              "myr_seconds": (0.1, 10), "idle_timeout": (0.1, 600), "labelgw_nofile": (64, 1 << 20),
               "attacker_nofile": (1024, 1 << 20), "large_bytes": (1, 1 << 30), "rss_cap": (64, 1 << 20)}
     for name, (low, high) in bounds.items():
         if not low <= getattr(args, name) <= high:

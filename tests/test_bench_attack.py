@@ -156,6 +156,16 @@ def test_each_failure_is_named() -> None:
     assert attack.judge(result("5", details={"still_open_at_end": 975}))[1] == [
         "975 sockets kept open without close_notify"]
     assert attack.judge(result("7", details={"goaway": None}))[1] == ["no GOAWAY"]
+    idle_close = {"error": "NO_ERROR", "last_stream_id": 19999, "after_streams": 10000, "after_s": 10.1}
+    assert attack.judge(result("7", details={"goaway": idle_close, "flood_s": 4.0}))[1][0].startswith(
+        "no GOAWAY against the flood")
+
+
+def test_a_goaway_answers_the_flood_with_an_error_code_or_while_it_lasts() -> None:
+    assert attack.goaway_answers_flood({"error": "ENHANCE_YOUR_CALM", "after_s": 9.0}, 4.0)
+    assert attack.goaway_answers_flood({"error": "NO_ERROR", "after_s": 0.8}, 0.5)
+    assert not attack.goaway_answers_flood({"error": "NO_ERROR", "after_s": 7.0}, 4.0)
+    assert not attack.goaway_answers_flood(None, 4.0)
     assert attack.judge(result(probe=None))[1] == ["no well-behaved requests measured"]
     assert attack.judge(result(error="labelgw not ready")) == ("ERROR", ["labelgw not ready"])
 

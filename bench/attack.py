@@ -26,7 +26,9 @@ script raises its own limit for the attackers). The cases:
         reset each one (DATA after END_STREAM, or a WINDOW_UPDATE overflowing the stream window), thousands of
         times in a few seconds
 
-During each case a well-behaved client (the `probe` role, its own process) opens a NEW connection per request,
+The attackers connect from 127.0.0.2 (--attacker-address), the well-behaved client from 127.0.0.1, so a limit per
+client address can tell them apart. During each case a well-behaved client (the `probe` role, its own process) opens
+a NEW connection per request,
 25 requests/s, round robin over http://bench, http://other and https://bench, 2 s timeout, and the script samples
 labelgw's RSS and open file descriptors from /proc every 0.2 s: during the attack, then after the attackers closed
 everything and 3 s passed. It prints one line per case, then one table (case, the probe's success % and p99 ms,
@@ -37,7 +39,7 @@ labelgw RSS MiB peak/after, fds peak/after, verdict).
 Verdict PASS when: labelgw still runs; the probe got >= 99 % answers with p99 <= 1000 ms; RSS grew less than
 256 MiB; 3 s after the attackers closed, labelgw holds at most 16 more fds than before, not counting its sockets to
 the backends (idle pooled connections are no leak); and per case: 5: every answered client's socket closed by
-labelgw before the end of the hold; 7: labelgw sent GOAWAY. Everything it starts, it stops (also on Ctrl-C or
+labelgw before the end of the hold; 7: labelgw sent a GOAWAY against the flood. Everything it starts, it stops (also on Ctrl-C or
 SIGTERM).
 """
 
@@ -546,6 +548,9 @@ class Attack:
         self.transports: list[asyncio.BaseTransport] = []
         self.connect_errors: Counter[str] = Counter()
         self.started = time.monotonic()
+        # The attackers come from another loopback address than the well-behaved client, so that a per-address
+        # limit in labelgw can tell them apart, as it would tell remote clients apart.
+        self.source = (args.attacker_address, 0)
 
     async def open(self) -> None:
         raise NotImplementedError
@@ -666,7 +671,8 @@ class LingeringTLS(Attack):
             # 1 in 4 keeps the connection alive and is left to labelgw's idle timeout.
             close = "Connection: close\r\n" if index % 4 != 3 else ""
             protocol = _LingeringTLS(context, name, f"GET / HTTP/1.1\r\nHost: {name}\r\n{close}\r\n".encode())
-            transport, _ = await loop.create_connection(lambda: protocol, "127.0.0.1", self.https_port)
+            transport, _ = await loop.create_connection(lambda: protocol, "127.0.0.1", self.https_port,
+                                                        local_addr=self.source)
             self.transports.append(transport)
             self.protocols.append(protocol)
             await protocol.answered
@@ -752,6 +758,7 @@ class PlainClients(Attack):
                 if not self.read:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 sock.setblocking(False)
+                sock.bind(self.source)
                 await loop.sock_connect(sock, ("127.0.0.1", self.http_port))
                 protocol = _Plain(request, self.read)
                 transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
@@ -827,6 +834,7 @@ class ZeroWindowH2(Attack):
 
         async def one(index: int) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", self.https_port, ssl=context,
+                                                           local_addr=self.source,
                                                            server_hostname=name)
             self.transports.append(writer.transport)
             if writer.get_extra_info("ssl_object").selected_alpn_protocol() != "h2":
@@ -876,6 +884,7 @@ class MadeYouReset(Attack):
         name = host("count")
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             reader, writer = await asyncio.open_connection("127.0.0.1", self.https_port, ssl=insecure_tls(("h2",)),
+                                                           local_addr=self.source,
                                                            server_hostname=name)
         self.transports.append(writer.transport)
         if writer.get_extra_info("ssl_object").selected_alpn_protocol() != "h2":
@@ -1218,6 +1227,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--myr-streams", type=int, default=10_000, help="case 7's most streams")
     parser.add_argument("--myr-seconds", type=float, default=4.0, help="case 7's most seconds of flood")
     parser.add_argument("--idle-timeout", type=float, default=3.0, help="labelgw's idle_timeout (config file)")
+    parser.add_argument("--attacker-address", default="127.0.0.2",
+                        help="loopback address the attackers connect from (the well-behaved client uses 127.0.0.1)")
     parser.add_argument("--labelgw-nofile", type=int, default=1024, help="labelgw's soft open-file limit")
     parser.add_argument("--attacker-nofile", type=int, default=16384, help="this script's open-file limit, if allowed")
     parser.add_argument("--rss-cap", type=float, default=2048.0, help="MiB of labelgw RSS that stop an attack early")
@@ -1225,6 +1236,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory with labelgw's logs")
     args = parser.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not args.attacker_address.startswith("127."):
+        parser.error("--attacker-address must be a loopback address (127.0.0.0/8)")
     unknown = sorted(set(args.cases) - set(CASES))
     if unknown or not args.cases:
         parser.error(f"--cases: unknown {', '.join(unknown) or '(none given)'}; choose among {', '.join(CASES)}")

@@ -504,7 +504,14 @@ async def probe_request(target: str, port: int, service: str, intended: float, o
         error = phase if phase == "connect" else "closed"
     finished = time.monotonic()
     if writer is not None:
-        writer.transport.abort()  # the answer is in; no need to wait for TLS's goodbye
+        # A well-behaved client says goodbye (close_notify over TLS, then FIN), but waits for no one.
+        writer.close()
+        try:
+            async with asyncio.timeout(1.0):
+                await writer.wait_closed()
+        except (TimeoutError, OSError, ssl.SSLError):
+            pass
+        writer.transport.abort()
     return ProbeRecord(round(intended - origin, 4), round(finished - intended, 6), status, error, target)
 
 
@@ -579,7 +586,7 @@ class Attack:
                     self.connect_errors["timeout"] += 1
                 except ssl.SSLError:
                     self.connect_errors["tls"] += 1
-                except OSError as error:
+                except Exception as error:  # refused, reset, a protocol error: counted, the others go on
                     self.connect_errors[type(error).__name__] += 1
 
         tasks = [asyncio.create_task(gated(i)) for i in range(count)]

@@ -34,7 +34,7 @@ labelgw's RSS and open file descriptors from /proc every 0.2 s: during the attac
 everything and 3 s passed. It prints one line per case, then one table (case, the probe's success % and p99 ms,
 labelgw RSS MiB peak/after, fds peak/after, verdict).
 
-    .venv/bin/python bench/attack.py [--cases 5,6a,6b,6c,7] [--hold 6] [--tls-hold 10] [--json out.json]
+    .venv/bin/python bench/attack.py [--cases 5,6a,6b,6c,7] [--hold 6] [--tls-hold 10] [--json out.json|-]
 
 Verdict PASS when: labelgw still runs; the probe got >= 99 % answers with p99 <= 1000 ms; RSS grew less than
 256 MiB; 3 s after the attackers closed, labelgw holds at most 16 more fds than before, not counting its sockets to
@@ -62,7 +62,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -223,6 +223,20 @@ def first_release(samples: Sequence[Sample], since: float, threshold: int) -> fl
         if sample.at >= since and sample.clients <= threshold:
             return sample.at
     return None
+
+
+def timeline(samples: Sequence[Sample], start: float, end: float, step: float) -> list[tuple[float, int]]:
+    """(seconds from `start`, client sockets) of the first sample at or after start, start + step, ... <= end."""
+    points: list[tuple[float, int]] = []
+    mark = start
+    for sample in samples:
+        if sample.at > end + 1e-9:
+            break
+        if sample.at >= mark - 1e-9:
+            points.append((round(sample.at - start, 1), sample.clients))
+            while mark <= sample.at + 1e-9:
+                mark += step
+    return points
 
 
 @dataclass
@@ -1064,6 +1078,7 @@ async def attack_case(case: str, args: argparse.Namespace, env: Environment, ser
             released = first_release(samples, hold_start, RELEASED_MARGIN_FDS)
             details["client_sockets_released_after_s"] = (
                 "never" if released is None else round(max(0.0, released - hold_start), 2))
+            details["client_sockets_over_the_hold"] = timeline(samples, hold_start, hold_end - origin, 2.0)
     finally:
         for task in stops:
             task.cancel()
@@ -1239,7 +1254,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--labelgw-nofile", type=int, default=1024, help="labelgw's soft open-file limit")
     parser.add_argument("--attacker-nofile", type=int, default=16384, help="this script's open-file limit, if allowed")
     parser.add_argument("--rss-cap", type=float, default=2048.0, help="MiB of labelgw RSS that stop an attack early")
-    parser.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write every figure to this file ('-': to stdout, everything else to stderr)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory with labelgw's logs")
     args = parser.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -1284,7 +1300,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("backend", "probe"):
         return role_main(argv)
-    return run_bench(bench, parse_args(argv))
+    args = parse_args(argv)
+    if str(args.json) != "-":
+        return run_bench(bench, args)
+    # --json -: the report alone on stdout, the progress and the table on stderr.
+    args.json = None
+    reports: list[dict[str, object]] = []
+
+    def bench_to_stdout(args: argparse.Namespace) -> dict[str, object]:
+        with redirect_stdout(sys.stderr):
+            reports.append(bench(args))
+        return reports[-1]
+
+    code = run_bench(bench_to_stdout, args)
+    if reports:
+        sys.stdout.write(json.dumps(reports[0], indent=1, default=str) + "\n")
+    return code
 
 
 if __name__ == "__main__":

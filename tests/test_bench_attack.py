@@ -103,6 +103,13 @@ def test_first_release_looks_at_client_sockets_from_a_time_on() -> None:
     assert Sample(0, 0, 100, 10, 60).not_upstream == 40
 
 
+def test_timeline_takes_a_sample_per_step_from_the_start() -> None:
+    samples = [Sample(round(0.2 * i, 1), 60, 100, 1000 - i) for i in range(40)]  # 0.0 .. 7.8 s
+    assert attack.timeline(samples, 2.0, 7.0, 2.0) == [(0.0, 990), (2.0, 980), (4.0, 970)]
+    assert attack.timeline(samples, 2.1, 2.5, 2.0) == [(0.1, 989)]
+    assert attack.timeline([], 0.0, 1.0, 1.0) == []
+
+
 # -- HTTP/2 frames by hand (case 7) --------------------------------------------------------------------------------
 
 

@@ -57,7 +57,6 @@ import signal
 import socket
 import ssl
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -261,6 +260,11 @@ class CaseResult:
     error: str = ""  # why the case could not be run (labelgw did not start, ...)
     verdict: str = ""
     reasons: list[str] = field(default_factory=list)
+
+
+def failed_case(case: str, why: str) -> CaseResult:
+    """A case that could not be run: no figures, and why."""
+    return CaseResult(case, CASE_TITLES[case], None, 0, 0.0, 0, 0.0, None, None, False, 0.0, error=why)
 
 
 def judge(result: CaseResult) -> tuple[str, list[str]]:
@@ -1034,8 +1038,7 @@ async def attack_case(case: str, args: argparse.Namespace, env: Environment, ser
 
     baseline = sample()
     if baseline is None:
-        return CaseResult(case, CASE_TITLES[case], None, 0, 0.0, 0, 0.0, None, None, False, 0.0,
-                          error="labelgw is not running")
+        return failed_case(case, "labelgw is not running")
     counted = COUNTED.get(case)
     if counted:
         await backend_counts(env.backend_ports[counted])  # resets the peak of concurrent requests
@@ -1057,7 +1060,7 @@ async def attack_case(case: str, args: argparse.Namespace, env: Environment, ser
         opening.cancel()
         try:
             await opening
-        except (asyncio.CancelledError, TimeoutError, OSError, ssl.SSLError) as error:
+        except (asyncio.CancelledError, Exception) as error:  # whatever it got to is still measured
             details["attack_error"] = repr(error)
         ramp_s = time.monotonic() - attack.started
         hold = args.tls_hold if case == "5" else args.hold
@@ -1154,8 +1157,7 @@ def run_case(case: str, args: argparse.Namespace, env: Environment) -> CaseResul
         problem = wait_ready(server, http_port, READY_TIMEOUT_S) or https_ready(
             server, https_port, [host("bench"), host("big"), host("count")])
         if problem:
-            return CaseResult(case, CASE_TITLES[case], None, 0, 0.0, 0, 0.0, None, None, False, 0.0,
-                              error=f"labelgw not ready: {problem}: {server.log_tail(3)}")
+            return failed_case(case, f"labelgw not ready: {problem}: {server.log_tail(3)}")
         result = asyncio.run(attack_case(case, args, env, server, http_port, https_port))
         if not result.alive:
             result.details["log_tail"] = server.log_tail(5)
@@ -1208,7 +1210,10 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
             if problem:
                 raise SystemExit(f"{backend.name}: {problem}\n{backend.log_tail()}")
         for case in args.cases:
-            result = run_case(case, args, env)
+            try:
+                result = run_case(case, args, env)
+            except Exception as error:  # a bug or a surprise in one case does not cost the others
+                result = failed_case(case, f"{type(error).__name__}: {error}")
             result.verdict, result.reasons = judge(result)
             results.append(result)
             print(case_line(result))

@@ -175,6 +175,7 @@ def test_a_goaway_answers_the_flood_with_an_error_code_or_while_it_lasts() -> No
     assert not attack.goaway_answers_flood(None, 4.0)
     assert attack.judge(result(probe=None))[1] == ["no well-behaved requests measured"]
     assert attack.judge(result(error="labelgw not ready")) == ("ERROR", ["labelgw not ready"])
+    assert attack.judge(attack.failed_case("6b", "RuntimeError: boom")) == ("ERROR", ["RuntimeError: boom"])
 
 
 def test_fds_left_after_the_attack_do_not_count_pooled_upstream_connections() -> None:
@@ -191,6 +192,9 @@ def test_the_table_has_a_row_per_case_with_the_figures() -> None:
     assert lines[0].split()[:3] == ["case", "what", "others"]
     assert lines[2].split()[-5:] == ["100.0", "4", "70/60", "900/40", "PASS"]
     assert lines[3].split()[-5:] == ["-", "-", "70/-", "900/-", "FAIL"]
+    broken = attack.failed_case("6a", "labelgw not ready")
+    broken.verdict = "ERROR"
+    assert attack.format_table([broken]).splitlines()[2].split()[-5:] == ["-", "-", "0/-", "0/-", "ERROR"]
 
 
 # -- options -------------------------------------------------------------------------------------------------------

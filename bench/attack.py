@@ -390,6 +390,19 @@ def proc_sample(pid: int, at: float, listen_ports: Sequence[int] = (), backend_p
     return Sample(at, rss_kib / 1024, len(fds), clients, upstream)
 
 
+def proc_nofile(pid: int) -> int | None:
+    """A process's soft open-file limit as it runs (labelgw could raise its own), from /proc/PID/limits."""
+    try:
+        with open(f"/proc/{pid}/limits") as limits:
+            for line in limits:
+                if line.startswith("Max open files"):
+                    soft = line.split()[3]
+                    return None if soft == "unlimited" else int(soft)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @contextmanager
 def nofile_soft_limit(limit: int) -> Iterator[None]:
     """Processes started inside get `limit` as their soft open-file limit (the hard limit stays)."""
@@ -1036,9 +1049,11 @@ async def attack_case(case: str, args: argparse.Namespace, env: Environment, ser
             await asyncio.sleep(SAMPLE_INTERVAL_S)
             sample()
 
+    details: dict[str, Any] = {}
     baseline = sample()
     if baseline is None:
         return failed_case(case, "labelgw is not running")
+    details["labelgw_nofile_soft"] = proc_nofile(pid)
     counted = COUNTED.get(case)
     if counted:
         await backend_counts(env.backend_ports[counted])  # resets the peak of concurrent requests
@@ -1050,7 +1065,6 @@ async def attack_case(case: str, args: argparse.Namespace, env: Environment, ser
         start_new_session=True)
     attack = ATTACKS[case](args, http_port, https_port)
     records: list[ProbeRecord] = []
-    details: dict[str, Any] = {}
     stops = [asyncio.create_task(event.wait()) for event in (memory_guard, gone)]
     try:
         # The ramp, until it is done, its time is up, labelgw's RSS passed --rss-cap or labelgw is gone.
@@ -1171,7 +1185,9 @@ def case_line(result: CaseResult) -> str:
         return f"case {result.case}: ERROR {result.error}"
     probe = result.probe
     served = (f"others {probe.success_pct:.1f} % ok of {probe.requests} (p50 {probe.p50_ms:.0f} ms, "
-              f"p99 {probe.p99_ms:.0f} ms, failures {probe.failures or 'none'})" if probe else "others: no figures")
+              f"p99 {probe.p99_ms:.0f} ms, failures {probe.failures or 'none'}; ok by target: "
+              + ", ".join(f"{t} {pct:.0f} %" for t, pct in probe.by_target.items()) + ")"
+              if probe else "others: no figures")
     shown = {k: v for k, v in result.details.items() if k == "goaway" or not (v is None or v == {} or v == [])}
     return (f"case {result.case} ({result.title}): {served}; labelgw RSS {result.baseline_rss_mib:.0f} -> "
             f"{result.peak_rss_mib:.0f} MiB peak, fds {result.baseline_fds} -> {result.peak_fds} peak (clients "

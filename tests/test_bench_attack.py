@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import resource
 import ssl
 import struct
 from datetime import UTC, datetime
@@ -108,6 +110,15 @@ def test_timeline_takes_a_sample_per_step_from_the_start() -> None:
     assert attack.timeline(samples, 2.0, 7.0, 2.0) == [(0.0, 990), (2.0, 980), (4.0, 970)]
     assert attack.timeline(samples, 2.1, 2.5, 2.0) == [(0.1, 989)]
     assert attack.timeline([], 0.0, 1.0, 1.0) == []
+
+
+def test_open_file_limits_read_from_proc_and_set_for_children() -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert attack.proc_nofile(os.getpid()) == (None if soft == resource.RLIM_INFINITY else soft)
+    assert attack.proc_nofile(2**22 + 12345) is None  # no such process
+    with attack.nofile_soft_limit(256):
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == min(256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == soft
 
 
 # -- HTTP/2 frames by hand (case 7) --------------------------------------------------------------------------------

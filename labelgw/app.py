@@ -13,6 +13,7 @@ from labelgw.admin import AdminListener, admin_site
 from labelgw.backends import Backend, ServicePool
 from labelgw.balancer import service_policy_factory
 from labelgw.config import Settings
+from labelgw.fdlimit import raise_open_file_limit
 from labelgw.health import HealthChecker
 from labelgw.http.server import Gateway, ProxyFactory
 from labelgw.https import HttpsService
@@ -77,10 +78,24 @@ class LabelgwService(MultiService):
                 service.stopService()
 
     def startService(self) -> None:
+        self._raise_file_limit()
         for static in self.settings.static_services:
             for spec in static.specs():
                 self.registry.apply(spec.container_id, spec)
         MultiService.startService(self)
+
+    def _raise_file_limit(self) -> None:
+        limit = raise_open_file_limit()
+        if limit.error:
+            self._log.warn("could not raise the open-file limit from {before}: {error}", before=limit.before, error=limit.error)
+        elif limit.after != limit.before:
+            self._log.info("open-file limit raised from {before} to {after}", before=limit.before, after=limit.after)
+        in_flight = self.gateway.settings.max_in_flight
+        if not limit.enough_for(in_flight):
+            self._log.warn(
+                "open-file limit {limit} is low for {in_flight} requests in flight (two descriptors each): raise the"
+                " hard limit (ulimit -Hn, docker run --ulimit nofile=N:N)", limit=limit.after, in_flight=in_flight,
+            )
 
     def stopService(self) -> Deferred[Any]:
         # Stop accepting first, then drain in-flight requests, then stop watching Docker.

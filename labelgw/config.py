@@ -18,7 +18,8 @@ DEFAULT_ADMIN = "tcp:8081:interface=127.0.0.1"
 DEFAULT_LABEL_PREFIX = "labelgw"
 _PREFIX_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_TIMEOUTS = ("connect_timeout", "response_timeout", "head_timeout", "idle_timeout", "body_timeout")
+_TIMEOUTS = ("connect_timeout", "response_timeout", "head_timeout", "idle_timeout", "body_timeout", "send_timeout")
+_LIMITS = ("max_in_flight", "max_in_flight_per_service")
 
 
 class ConfigError(Exception):
@@ -106,7 +107,7 @@ def load_file(path: str) -> dict[str, Any]:
     return data
 
 
-_FILE_KEYS = {"http", "docker_host", "label_prefix", "env", "docker", "services", "resync_interval", "drain_grace", *_TIMEOUTS}
+_FILE_KEYS = {"http", "docker_host", "label_prefix", "env", "docker", "services", "resync_interval", "drain_grace", *_TIMEOUTS, *_LIMITS}
 _HTTPS_KEYS = {"https", "state_dir", "cert_dir", "tls_strict", "redirect_https", "tls_close_grace"}
 _FILE_KEYS |= _HTTPS_KEYS
 _BALANCING_KEYS = {"balancer", "balancer_decay", "ejection_base", "admin", "admin_hosts", "version_header"}
@@ -157,6 +158,12 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
         head_timeout=seconds("head_timeout", defaults.head_timeout),
         idle_timeout=seconds("idle_timeout", defaults.idle_timeout),
         body_timeout=seconds("body_timeout", defaults.body_timeout),
+        send_timeout=seconds("send_timeout", defaults.send_timeout),
+        max_in_flight=_count("max_in_flight", file.get("max_in_flight", defaults.max_in_flight)),
+        max_in_flight_per_service=(
+            None if file.get("max_in_flight_per_service") is None
+            else _count("max_in_flight_per_service", file["max_in_flight_per_service"])
+        ),
     )
 
     services = file.get("services") or {}
@@ -182,6 +189,12 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
         **_https_settings(pick),
         **_balancing_settings(pick),
     )
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+        raise ConfigError(f"{name}: {value!r} must be a whole number from 1 to 1000000")
+    return value
 
 
 def _positive_number(name: str, value: Any) -> float:

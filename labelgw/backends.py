@@ -137,6 +137,8 @@ class ServicePool:
         self.ready: tuple[Backend, ...] = ()
         # Set when the ready backends hold more than one version (labelgw.versions).
         self.split: VersionSplit | None = None
+        # New clients given each version (and its cookie) so far: the admin view's sticky clients.
+        self.sticky_clients: dict[str, int] = {}
 
     def refresh(self) -> None:
         self.ready = tuple(b for b in self.backends.values() if b.ready)

@@ -123,4 +123,5 @@ def choose_version(
     if sticky is not None and sticky in split.subsets:
         return service.policy.pick(split.subsets[sticky]), sticky, b"", False
     version = split.choose()
+    service.sticky_clients[version] = service.sticky_clients.get(version, 0) + 1
     return service.policy.pick(split.subsets[version]), version, set_cookie_line(service.name, version), False

@@ -22,8 +22,11 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+// Columns of numbers: right-aligned, headers too.
+const NUMERIC = new Set(["traffic share", "sticky clients", "ready backends", "latency ms", "in flight", "req/s", "errors", "requests", "weight"]);
+
 function table(headers, rows, attrs) {
-  const head = el("tr", {}, ...headers.map((h) => el("th", { scope: "col" }, h)));
+  const head = el("tr", {}, ...headers.map((h) => el("th", { scope: "col", class: NUMERIC.has(h) ? "num" : null }, h)));
   return el("table", attrs, el("thead", {}, head), el("tbody", {}, ...rows));
 }
 
@@ -77,13 +80,13 @@ function serviceCard(name, service, routes, now) {
       el("td", {}, b.container),
       el("td", {}, el("code", {}, b.address)),
       versioned ? el("td", {}, b.version || "–") : null,
-      el("td", { class: "state" }, text),
-      el("td", { class: "num" }, fixed(b.latency_ms, 1)),
-      el("td", { class: "num" }, b.in_flight),
-      el("td", { class: "num" }, fixed(rps, 1)),
-      el("td", { class: "num" }, errorRate === null ? "–" : fixed(errorRate, 1) + " %"),
-      el("td", { class: "num" }, b.requests),
-      el("td", { class: "num" }, b.weight));
+      el("td", { class: "state", "data-field": "health" }, text),
+      el("td", { class: "num", "data-field": "latency" }, fixed(b.latency_ms, 1)),
+      el("td", { class: "num", "data-field": "in-flight" }, b.in_flight),
+      el("td", { class: "num", "data-field": "rps" }, fixed(rps, 1)),
+      el("td", { class: "num", "data-field": "error-rate" }, errorRate === null ? "–" : fixed(errorRate, 1) + " %"),
+      el("td", { class: "num", "data-field": "requests" }, b.requests),
+      el("td", { class: "num", "data-field": "weight" }, b.weight));
   });
   const headers = ["backend", "address"].concat(versioned ? ["version"] : [],
     ["health", "latency ms", "in flight", "req/s", "errors", "requests", "weight"]);
@@ -116,7 +119,7 @@ function render(view) {
   previous = next;
   const status = document.getElementById("status");
   status.dataset.state = "live";
-  status.textContent = "live · " + names.length + " services · " + ready + " of " + total + " backends ready · updated " + new Date().toLocaleTimeString();
+  status.textContent = "live · " + names.length + (names.length === 1 ? " service · " : " services · ") + ready + " of " + total + " backends ready · updated " + new Date().toLocaleTimeString();
 }
 
 async function poll() {

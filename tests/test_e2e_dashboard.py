@@ -10,6 +10,7 @@ import http.client
 import json
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -60,12 +61,24 @@ def test_the_dashboard_shows_services_backends_skipped_containers_and_follows_a_
         )
         containers.wait_serving(container, port)
         replicas.append(container)
+    # A second service in two versions: its traffic shares and sticky clients.
+    canary = service + "v"
+    for version, extra in (("v1", {}), ("v2", {"labelgw.traffic": "20"})):
+        port = free_port()
+        labels = {"labelgw.service": canary, "labelgw.port": str(port), "labelgw.version": version, **extra}
+        container = containers.python(["-m", "labelgw.whoami", "--port", str(port), "--name", version], labels=labels)
+        containers.wait_serving(container, port)
     skipped = containers.run(labels={"labelgw.service": service + "x", "labelgw.prot": "80"})
     poll(gw, host, lambda r: r.status == 200, path="/app")
+    seen: set[str] = set()
+    poll(gw, f"{canary}.localhost", lambda r: r.status == 200 and (seen.add(r.header("X-Whoami") or "") or seen == {"v1", "v2"}))
     # Some traffic, so that requests per second show (bounded: 200 requests on loopback).
     connection = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
     for _ in range(200):
         connection.request("GET", "/app/x", headers={"Host": host})
+        connection.getresponse().read()
+    for _ in range(50):  # 50 new clients (no cookie): 40 get v1, 10 get v2
+        connection.request("GET", "/", headers={"Host": f"{canary}.localhost"})
         connection.getresponse().read()
 
     browser.navigate(gw.admin_url + "/dashboard")
@@ -75,6 +88,15 @@ def test_the_dashboard_shows_services_backends_skipped_containers_and_follows_a_
     assert f"http://{host}/app" in text
     assert skipped.name in text and "labelgw.prot" in text
     assert browser.evaluate("document.getElementById('status').dataset.state") == "live"
+    versions = browser.wait_for(
+        f"[...document.querySelectorAll('[data-service=\"{canary}\"] tr[data-version]')].map(r => r.innerText)", 5
+    )
+    with urllib.request.urlopen(gw.admin_url + "/api/state", timeout=5) as response:
+        sticky = {v: e["sticky_clients"] for v, e in json.loads(response.read())["services"][canary]["versions"].items()}
+    assert sticky["v1"] >= 40 and sticky["v2"] >= 10
+    assert [row.split("\t")[:3] for row in versions] == [
+        ["v1", "80.0 %", str(sticky["v1"])], ["v2", "20.0 %", str(sticky["v2"])],
+    ], versions
     # Traffic during the page's life: a rate is computed between two updates.
     stop_traffic = threading.Event()
 
@@ -109,6 +131,17 @@ def test_the_dashboard_shows_services_backends_skipped_containers_and_follows_a_
     assert elapsed < 3
     assert browser.evaluate(backend_state(service, second)) == "ready"
     stopper.join(10)
+    # The explain form: the stopped replica is out, the other one is chosen.
+    url = json.dumps(f"http://{host}/app/users")
+    browser.evaluate(
+        f"document.getElementById('explain-url').value = {url}; "
+        "document.getElementById('explain-form').requestSubmit(); true"
+    )
+    answer = browser.wait_for("document.getElementById('explain-result').textContent", 5)
+    explained = json.loads(answer)
+    assert explained["choice"]["container"] == second and explained["route"]["path"] == "/app"
+    assert [row["container"] for row in explained["not_ready"]] == [first]
+    assert browser.evaluate("document.getElementById('explain-answer').textContent").startswith(f"forwarded to {second}")
     shot = browser.screenshot(tmp_path / "dashboard-stopped.png")
     print(f"dashboard screenshot after the stop: {shot}")
     connection.close()

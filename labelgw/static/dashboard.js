@@ -138,14 +138,17 @@ async function poll() {
 async function explain(event) {
   event.preventDefault();
   const out = document.getElementById("explain-result");
+  const answer = document.getElementById("explain-answer");
   const query = new URLSearchParams({ url: document.getElementById("explain-url").value });
   const version = document.getElementById("explain-version").value.trim();
   if (version) query.set("version", version);
   try {
     const response = await fetch("/explain?" + query.toString(), { cache: "no-store" });
-    out.textContent = JSON.stringify(await response.json(), null, 2);
+    const view = await response.json();
+    answer.textContent = view.answer || view.error || "";
+    out.textContent = JSON.stringify(view, null, 2);
   } catch (error) {
-    out.textContent = "explain failed: " + error.message;
+    answer.textContent = "explain failed: " + error.message;
   }
 }
 

@@ -81,6 +81,33 @@ def test_explain_says_when_the_admin_listener_does_not_answer() -> None:
     assert "cannot ask the admin listener at http://127.0.0.1:" in err.getvalue()
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def dockerfile_healthcheck() -> tuple[list[str], str]:
+    """The image's HEALTHCHECK command (exec form) and the URL it checks by default."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    [line] = [line for line in text.splitlines() if line.startswith("HEALTHCHECK ")]
+    command = json.loads(line.split(" CMD ", 1)[1])
+    [default] = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ENV LABELGW_HEALTHZ=")]
+    return command, default
+
+
+def run_healthcheck(url: str) -> int:
+    command, _ = dockerfile_healthcheck()
+    assert command[0] == "python"
+    env = dict(os.environ, LABELGW_HEALTHZ=url)
+    return subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=30).returncode
+
+
+def test_the_image_checks_the_default_admin_listener() -> None:
+    command, default = dockerfile_healthcheck()
+    assert default == "http://127.0.0.1:8081/healthz"
+    assert command[:2] == ["python", "-c"] and "LABELGW_HEALTHZ" in command[2]
+    # Nothing listening: unhealthy (exit 1; Docker reserves 2).
+    assert run_healthcheck(f"http://127.0.0.1:{free_port()}/healthz") == 1
+
+
 def test_healthz_is_200_while_serving_and_503_while_draining(labelgw: Any, tmp_path: Path) -> None:
     # A backend that accepts and never answers keeps one request in flight: SIGTERM then waits for it.
     silent = socket.socket()
@@ -88,6 +115,7 @@ def test_healthz_is_200_while_serving_and_503_while_draining(labelgw: Any, tmp_p
     silent.listen(8)
     gw = labelgw("--config", str(config(tmp_path, [silent.getsockname()[1]], drain_grace=5)), docker_host=None)
     assert get(gw.admin_url + "/healthz") == (200, {"status": "serving"})
+    assert run_healthcheck(gw.admin_url + "/healthz") == 0  # the Dockerfile's HEALTHCHECK
     client = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
     try:
         client.sendall(b"GET /api/x HTTP/1.1\r\nHost: api.localhost\r\n\r\n")
@@ -101,6 +129,7 @@ def test_healthz_is_200_while_serving_and_503_while_draining(labelgw: Any, tmp_p
                 break
             time.sleep(0.05)
         assert answers[-1] == (503, {"status": "draining"}), answers
+        assert run_healthcheck(gw.admin_url + "/healthz") == 1
         assert gw.returncode is None
     finally:
         client.close()

@@ -244,7 +244,7 @@ class AdminResource(Resource):
         return self._json(request, {"status": "serving" if serving else "draining"})
 
     def _explain(self, request: Request) -> bytes:
-        args = request.args or {}
+        args: dict[bytes, list[bytes]] = request.args or {}
 
         def arg(name: bytes) -> str | None:
             values = args.get(name)

@@ -61,9 +61,9 @@ class LabelgwService(MultiService):
         self.admin: AdminListener | None = None
         if settings.admin is not None:
             explainer = Explainer(self.registry.table, settings.version_header, lambda: self.gateway.https_redirect)
-            site = admin_site(
-                self.registry, reactor.seconds, self.health.describe, settings.admin_hosts, explainer, lambda: self.running
-            )
+            # /healthz: 503 from the moment stopService starts (SIGTERM) until the drain is over.
+            serving = lambda: bool(self.running)  # noqa: E731
+            site = admin_site(self.registry, reactor.seconds, self.health.describe, settings.admin_hosts, explainer, serving)
             admin = self.admin = AdminListener(reactor, settings.admin, site, "http")
             admin.setServiceParent(self)
             self.listeners.append(admin)

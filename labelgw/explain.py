@@ -232,7 +232,7 @@ def _undone(service: ServicePool) -> Iterator[None]:
     """Whatever a pick changes is put back: the policy's attributes (its rotation), its random source's state
     and every backend's selection state (a first pick gives backends their starting estimate)."""
     policy = service.policy
-    saved = dict(vars(policy)) if hasattr(policy, "__dict__") else {}
+    saved = _attributes(policy)
     sources = [(value, value.getstate()) for value in saved.values() if isinstance(value, random.Random)]
     stats = [(backend, backend.stats) for backend in service.backends.values()]
     try:
@@ -242,8 +242,19 @@ def _undone(service: ServicePool) -> Iterator[None]:
             backend.stats = value
         for source, state in sources:
             source.setstate(state)
-        if saved:
-            vars(policy).update(saved)
+        for name, value in saved.items():
+            setattr(policy, name, value)
+
+
+def _attributes(policy: object) -> dict[str, Any]:
+    """A policy's own attributes, whether kept in a __dict__ or in __slots__."""
+    names = set(getattr(policy, "__dict__", ()))
+    for cls in type(policy).__mro__:
+        slots = getattr(cls, "__slots__", ())
+        names.update((slots,) if isinstance(slots, str) else slots)
+    names.discard("__dict__")
+    names.discard("__weakref__")
+    return {name: getattr(policy, name) for name in names if hasattr(policy, name)}
 
 
 def _dry_pick(service: ServicePool, candidates: Sequence[Backend]) -> tuple[Backend | None, dict[str, dict[str, Any]]]:

@@ -169,6 +169,30 @@ def test_rotating_policies_name_the_next_in_turn_and_keep_their_turn(policy: str
         assert pool.pick().key == expected  # type: ignore[union-attr]
 
 
+def test_a_policy_with_slots_keeps_its_turn_too() -> None:
+    class Turns:
+        __slots__ = ("name", "turn", "rng")
+
+        def __init__(self) -> None:
+            self.name = "turns"
+            self.turn = 0
+            self.rng = random.Random(3)
+
+        def pick(self, ready: Any) -> Backend | None:
+            self.turn += 1
+            return ready[(self.turn + self.rng.randrange(2)) % len(ready)] if ready else None
+
+    registry, _ = world(*THREE)
+    pool = registry.services["api"]
+    pool.policy = Turns()  # type: ignore[assignment]
+    explainer = Explainer(registry.table)
+    for _ in range(6):
+        expected = explainer.explain("http://api.localhost/")["choice"]["id"]
+        assert explainer.explain("http://api.localhost/")["choice"]["id"] == expected
+        assert pool.pick().key == expected  # type: ignore[union-attr]
+    assert explainer.explain("http://api.localhost/")["cost"] == "policy turns"
+
+
 def test_least_conn_cost_is_in_flight_per_weight() -> None:
     registry, _ = world(*THREE, policy="least_conn")
     pool = registry.services["api"]

@@ -31,6 +31,11 @@ WORKDIR /home/labelgw
 RUN mkdir -p /home/labelgw/.local/share/labelgw
 VOLUME /home/labelgw/.local/share/labelgw
 EXPOSE 8080 8443
+# Healthy while labelgw serves; unhealthy once it drains on SIGTERM (503) or stops answering. The admin listener
+# must be on (the default --admin tcp:8081:interface=127.0.0.1); with another --admin, set LABELGW_HEALTHZ too.
+ENV LABELGW_HEALTHZ=http://127.0.0.1:8081/healthz
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['LABELGW_HEALTHZ'], timeout=3)"]
 # twistd shuts down cleanly on SIGTERM: listeners close, in-flight requests finish.
 STOPSIGNAL SIGTERM
 CMD ["twistd", "-n", "--pidfile=", "labelgw"]

@@ -9,7 +9,8 @@ USAGE = """\
 usage: python -m labelgw <command> [options]
 
 commands:
-  ca    show labelgw's local certificate authority; --install / --uninstall it in the system trust store
+  ca       show labelgw's local certificate authority; --install / --uninstall it in the system trust store
+  explain  where a running labelgw would send a request to URL now (asks its admin listener; --help)
 
 The gateway itself runs under twistd: twistd -n labelgw --help"""
 
@@ -23,6 +24,10 @@ def main(argv: Sequence[str]) -> int:
         from labelgw.ca_command import main as ca_main  # noqa: PLC0415 - only the chosen command is imported
 
         return ca_main(rest)
+    if command == "explain":
+        from labelgw.explain_command import main as explain_main  # noqa: PLC0415 - only the chosen command
+
+        return explain_main(rest)
     print(f"python -m labelgw: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -12,6 +12,10 @@ Listening on loopback does not keep web pages out: a page whose host name an att
 through DNS, so no page can rebind them), a loopback address (127.0.0.0/8, ``[::1]``), or a name given with
 ``--admin-host`` / ``admin_hosts``; the port does not matter. Any other Host gets ``421`` and a body saying
 why. A request without Host (HTTP/1.0 tools; browsers always send one) is answered.
+
+Besides the JSON view: ``GET /dashboard``, an HTML page (files shipped in ``labelgw/static``, plain JavaScript
+that polls the JSON view every second); ``GET /explain?url=...`` (labelgw.explain); ``GET /healthz``, ``200``
+while labelgw serves and ``503`` once it is stopping (SIGTERM) and draining its connections.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from importlib import resources
 from typing import Any, Callable, Iterable
 
 from twisted.web.resource import Resource
@@ -26,15 +31,37 @@ from twisted.web.server import Request, Site
 
 from labelgw import balancer
 from labelgw.backends import Backend, ServicePool
+from labelgw.explain import ExplainError, Explainer
 from labelgw.listeners import ListenerService
 from labelgw.registry import Registry
 
-__all__ = ["AdminListener", "AdminResource", "admin_host_allowed", "admin_site", "normalize_admin_host", "state"]
+__all__ = [
+    "AdminListener", "AdminResource", "admin_host_allowed", "admin_site", "normalize_admin_host", "state", "static_files",
+]
 
 Clock = Callable[[], float]
 Describe = Callable[[Backend], "dict[str, Any] | None"]
+Serving = Callable[[], bool]
 
 STATE_PATHS = (b"/", b"/api/state", b"/api/state/")
+# The dashboard's files (labelgw/static), by path: read once when the view is built, never on a request.
+STATIC = {
+    b"/dashboard": ("dashboard.html", b"text/html; charset=utf-8"),
+    b"/dashboard/": ("dashboard.html", b"text/html; charset=utf-8"),
+    b"/dashboard.js": ("dashboard.js", b"text/javascript; charset=utf-8"),
+    b"/dashboard.css": ("dashboard.css", b"text/css; charset=utf-8"),
+}
+# Only the dashboard's own files and fetches to this origin; no inline script, no framing, no forms.
+CONTENT_SECURITY_POLICY = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def static_files() -> dict[str, bytes]:
+    """The dashboard's files, from the installed package."""
+    folder = resources.files("labelgw") / "static"
+    return {name: (folder / name).read_bytes() for name in {name for name, _ in STATIC.values()}}
 
 # A Host field: a name or IPv4 address, or a bracketed IPv6 literal, then an optional port.
 _HOST_FIELD = re.compile(r"(?:\[(?P<ip6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9_.-]+))(?::[0-9]{0,5})?\Z")
@@ -100,11 +127,14 @@ def _service(pool: ServicePool, now: float, health: Describe | None) -> dict[str
             entry["traffic"] = traffic
     # The share of new clients each version gets now (labelgw.versions); one ready version gets them all.
     split = getattr(pool, "split", None)
+    # Clients given each version so far (a cookie keeps them there): counted by labelgw.versions.
+    sticky = getattr(pool, "sticky_clients", {})
     for key, entry in versions.items():
         if split is not None:
             entry["share"] = round(split.shares.get(key, 0.0), 3)
         else:
             entry["share"] = 100.0 if entry["ready"] else 0.0
+        entry["sticky_clients"] = sticky.get(key, 0)
     return {
         "balancer": getattr(pool.policy, "name", type(pool.policy).__name__),
         "ready": len(pool.ready),
@@ -149,13 +179,22 @@ class AdminResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, registry: Registry, clock: Clock, health: Describe | None = None, allowed_hosts: Iterable[str] = ()
+        self,
+        registry: Registry,
+        clock: Clock,
+        health: Describe | None = None,
+        allowed_hosts: Iterable[str] = (),
+        explainer: Explainer | None = None,
+        serving: Serving | None = None,
     ) -> None:
         Resource.__init__(self)
         self._registry = registry
         self._clock = clock
         self._health = health
         self._allowed_hosts = frozenset(allowed_hosts)
+        self._explainer = explainer if explainer is not None else Explainer(registry.table)
+        self._serving = serving
+        self._static = static_files()
 
     def render(self, request: Request) -> bytes:
         # Before anything else, whatever the method: a page reached through DNS rebinding learns nothing.
@@ -176,15 +215,52 @@ class AdminResource(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-security-policy", CONTENT_SECURITY_POLICY)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
         # A leaf at the site's root: the path is all in postpath.
         path = b"/" + b"/".join(request.postpath or [])
-        if path not in STATE_PATHS:
-            request.setResponseCode(404)
-            return self._json(request, {"error": "not found", "try": "/api/state"})
-        return self._json(request, state(self._registry, self._clock(), self._health))
+        if path in STATE_PATHS:
+            return self._json(request, state(self._registry, self._clock(), self._health))
+        if path == b"/healthz":
+            return self._healthz(request)
+        if path == b"/explain":
+            return self._explain(request)
+        static = STATIC.get(path)
+        if static is not None:
+            name, content_type = static
+            request.setHeader(b"content-type", content_type)
+            return self._static[name]
+        request.setResponseCode(404)
+        return self._json(request, {"error": "not found", "try": ["/api/state", "/dashboard", "/explain?url=", "/healthz"]})
 
     def render_HEAD(self, request: Request) -> bytes:
         return self.render_GET(request)
+
+    def _healthz(self, request: Request) -> bytes:
+        serving = self._serving is None or self._serving()
+        if not serving:
+            request.setResponseCode(503)
+        return self._json(request, {"status": "serving" if serving else "draining"})
+
+    def _explain(self, request: Request) -> bytes:
+        args: dict[bytes, list[bytes]] = request.args or {}
+
+        def arg(name: bytes) -> str | None:
+            values = args.get(name)
+            return values[0].decode("utf-8", "replace") if values else None
+
+        version = arg(b"version")
+        if version is None:
+            # The version header, passed along on the explain request itself.
+            header = request.getHeader(self._explainer.version_header.lower().encode("ascii"))
+            version = header.decode("latin-1") if header is not None else None
+        try:
+            view = self._explainer.explain(arg(b"url") or "", version=version, cookie=arg(b"cookie"))
+        except ExplainError as error:
+            request.setResponseCode(400)
+            return self._json(request, {"error": str(error), "try": "/explain?url=http://api.localhost/x&version=v2"})
+        return self._json(request, view)
 
     @staticmethod
     def _json(request: Request, body: Any) -> bytes:
@@ -202,9 +278,14 @@ class AdminSite(Site):
 
 
 def admin_site(
-    registry: Registry, clock: Clock, health: Describe | None = None, allowed_hosts: Iterable[str] = ()
+    registry: Registry,
+    clock: Clock,
+    health: Describe | None = None,
+    allowed_hosts: Iterable[str] = (),
+    explainer: Explainer | None = None,
+    serving: Serving | None = None,
 ) -> Site:
-    return AdminSite(AdminResource(registry, clock, health, allowed_hosts))
+    return AdminSite(AdminResource(registry, clock, health, allowed_hosts, explainer, serving))
 
 
 class AdminListener(ListenerService):

@@ -13,6 +13,7 @@ from labelgw.admin import AdminListener, admin_site
 from labelgw.backends import Backend, ServicePool
 from labelgw.balancer import service_policy_factory
 from labelgw.config import Settings
+from labelgw.explain import Explainer
 from labelgw.fdlimit import raise_open_file_limit
 from labelgw.health import HealthChecker
 from labelgw.http.server import Gateway, ProxyFactory
@@ -58,9 +59,13 @@ class LabelgwService(MultiService):
         # Read by the HTTP/1.1 server for plain-HTTP requests (--redirect-https, <prefix>.tls=redirect).
         self.gateway.https_redirect = self.https.redirect
         # The admin JSON view (--admin), on its own listener; stopped with the others.
+        self.admin: AdminListener | None = None
         if settings.admin is not None:
-            site = admin_site(self.registry, reactor.seconds, self.health.describe, settings.admin_hosts)
-            admin = AdminListener(reactor, settings.admin, site, "http")
+            explainer = Explainer(self.registry.table, settings.version_header, lambda: self.gateway.https_redirect)
+            # /healthz: 503 from the moment stopService starts (SIGTERM) until the drain is over.
+            serving = lambda: bool(self.running)  # noqa: E731
+            site = admin_site(self.registry, reactor.seconds, self.health.describe, settings.admin_hosts, explainer, serving)
+            admin = self.admin = AdminListener(reactor, settings.admin, site, "http")
             admin.setServiceParent(self)
             self.listeners.append(admin)
         self.watcher = None
@@ -98,9 +103,12 @@ class LabelgwService(MultiService):
             )
 
     def stopService(self) -> Deferred[Any]:
-        # Stop accepting first, then drain in-flight requests, then stop watching Docker.
+        # Stop accepting first, then drain in-flight requests, then stop watching Docker. The admin listener stays
+        # until the drain is over: its /healthz answers 503 meanwhile.
         self.running = False
-        stopped = DeferredList([listener.stopService() for listener in self.listeners], consumeErrors=True)
+        stopped = DeferredList(
+            [listener.stopService() for listener in self.listeners if listener is not self.admin], consumeErrors=True
+        )
 
         def drain(_: Any) -> Deferred[None]:
             self._log.info("draining {count} connections", count=len(self.gateway.connections))
@@ -112,6 +120,7 @@ class LabelgwService(MultiService):
             return None
 
         stopped.addCallback(drain)
+        stopped.addCallback(lambda _: self.admin.stopService() if self.admin is not None else None)
         stopped.addCallback(stop_watcher)
         stopped.addCallback(lambda _: self.https.stopService() if self.https.running else None)
         stopped.addCallback(self._stop_balancing)

@@ -131,6 +131,8 @@ class ServicePool:
         self.split: VersionSplit | None = None
         # Requests in flight to this service (kept by the proxy, bounded by ProxySettings.max_in_flight_per_service).
         self.in_flight = 0
+        # New clients given each version (and its cookie) so far: the admin view's sticky clients.
+        self.sticky_clients: dict[str, int] = {}
 
     def refresh(self) -> None:
         self.ready = tuple(b for b in self.backends.values() if b.ready)

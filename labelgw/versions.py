@@ -106,4 +106,5 @@ def decide(service: ServicePool, *, pinned: str | None = None, sticky: str | Non
         if subset:
             return VersionDecision(service.policy.pick(subset), sticky, False, False)
     version = split.choose()
+    service.sticky_clients[version] = service.sticky_clients.get(version, 0) + 1
     return VersionDecision(service.policy.pick(split.subsets[version]), version, False, True)

@@ -71,6 +71,12 @@ def test_wheel_ships_the_plugin_file_but_no_twisted_package_init(wheel: Path) ->
     assert not [n for n in names if n.startswith("tests/")]
 
 
+def test_wheel_ships_the_dashboard_files(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("dashboard.html", "dashboard.js", "dashboard.css"):
+        assert f"labelgw/static/{name}" in names
+
+
 def _site_packages_without_labelgw(view: Path) -> Path:
     """Symlinks to everything in this venv's site-packages except labelgw's own files."""
     site = Path(sysconfig.get_paths()["purelib"])
@@ -138,6 +144,14 @@ print(plugin.__file__)
 print(makers["labelgw"].module)
 print(sorted(m for m in sys.modules if m == "labelgw" or m.startswith("labelgw.")))
 """
+
+
+def test_the_installed_admin_view_serves_its_dashboard(isolated: tuple[Path, dict[str, str], Path]) -> None:
+    target, env, cwd = isolated
+    probe = "import labelgw.admin as a; print(a.__file__); print(sorted(a.static_files()))"
+    module, files = _run([sys.executable, "-S", "-c", probe], cwd=cwd, env=env).splitlines()
+    assert Path(module).resolve() == (target / "labelgw" / "admin.py").resolve()
+    assert files == "['dashboard.css', 'dashboard.html', 'dashboard.js']"
 
 
 def test_plugin_module_does_not_import_labelgw(isolated: tuple[Path, dict[str, str], Path]) -> None:

@@ -411,10 +411,12 @@ def test_informational_responses(line: bytes, fields: list[bytes], status: int) 
         [b"Content-Length: 10", b"Transfer-Encoding: Chunked", b"Content-Length: 10"],
     ],
 )
-def test_chunked_response_ignores_content_length(fields: list[bytes]) -> None:
-    parsed = response(*fields)
-    assert parsed.chunked is True
-    assert parsed.content_length is None
+def test_chunked_response_with_content_length_is_502(fields: list[bytes]) -> None:
+    # Issue 14 item 1: relayed as chunked, such a response left the backend's idea of its end behind, and the
+    # bytes after it went to the next client of the pooled connection. Never relayed, whatever the order.
+    error = refused_response(head(b"HTTP/1.1 200 OK", *fields))
+    assert error.status == 502
+    assert "Content-Length and Transfer-Encoding" in error.reason
 
 
 def test_identical_duplicate_content_length_is_one_length() -> None:

@@ -120,8 +120,18 @@ _RESPONSE_SPECIAL = re.compile(rb"\n(" + _RESPONSE_NAMES + rb"):[ \t]*([^\r\n]*?
 # it does not match takes the line-by-line path, which either accepts it too or says precisely what is wrong.
 _TOKEN_PATTERN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _FIELD_LINES = rb"((?:" + _TOKEN_PATTERN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)"
+# The request target: visible ASCII only (RFC 9112 section 3.2; no obs-text, no HTAB), on both paths.
+_TARGET_PATTERN = rb"[!-~]+"
+_TARGET = re.compile(_TARGET_PATTERN)
 _WELL_FORMED_REQUEST = re.compile(
-    rb"(" + _TOKEN_PATTERN + rb") ([!-~\x80-\xff]+) (HTTP/1\.[01])\r\n" + _FIELD_LINES
+    rb"(" + _TOKEN_PATTERN + rb") (" + _TARGET_PATTERN + rb") (HTTP/1\.[01])\r\n" + _FIELD_LINES
+)
+# Host (and an absolute target's authority): uri-host [ ":" port ] (RFC 9110 section 7.2, RFC 3986 section 3.2.2),
+# without userinfo: a reg-name or IPv4 address, or an IPv6 address in brackets; the port digits only. Empty is
+# allowed (RFC 9112 section 3.2). Anything else ("h:1@evil", "h h", "h/x") would be routed by one part and
+# forwarded whole.
+_HOST = re.compile(
+    rb"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?"
 )
 _WELL_FORMED_RESPONSE = re.compile(
     rb"((HTTP/1\.[0-9]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?)\r\n" + _FIELD_LINES
@@ -229,6 +239,8 @@ def parse_request_head(head: bytes) -> RequestHead:
         method, target, version = parts
         if method.translate(None, _TCHAR):
             raise HttpError(400, "invalid method")
+        if _TARGET.fullmatch(target) is None:
+            raise HttpError(400, "invalid request target")
         if version != b"HTTP/1.1" and version != b"HTTP/1.0":
             if version.startswith(b"HTTP/") and len(version) == 8:
                 raise HttpError(505, "HTTP version not supported")
@@ -288,7 +300,7 @@ def parse_request_head(head: bytes) -> RequestHead:
         authority, path = rest[:end], rest[end:]
         if path[:1] != b"/":
             path = b"/" + path
-        if not authority or b"@" in authority:
+        if not authority or _HOST.fullmatch(authority) is None:
             raise HttpError(400, "invalid absolute request target")
         host = authority
         request.target = path
@@ -299,7 +311,7 @@ def parse_request_head(head: bytes) -> RequestHead:
         raise HttpError(400, "invalid request target")
     if version == b"HTTP/1.1" and host is None:
         raise HttpError(400, "HTTP/1.1 request without Host")
-    if host is not None and (b" " in host or b"/" in host):
+    if host is not None and _HOST.fullmatch(host) is None:
         raise HttpError(400, "invalid Host header")
     request.host = host
 

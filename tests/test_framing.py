@@ -10,24 +10,19 @@ import pytest
 
 from labelgw.http.framing import (
     CHUNKED,
-    CHUNKED_BODY,
-    CLOSE_DELIMITED,
     LAST_CHUNK,
     LENGTH,
     MAX_HEAD_BYTES,
-    NO_BODY,
-    NONE,
     UNTIL_CLOSE,
+    BodyReader,
     ChunkedReader,
     ContentLengthReader,
-    Framing,
     HttpError,
     UntilCloseReader,
-    body_reader,
     encode_chunk,
     find_head_end,
-    request_framing,
-    response_framing,
+    request_reader,
+    response_reader,
 )
 from labelgw.http import parser
 from labelgw.http.parser import parse_request_head, parse_response_head
@@ -107,78 +102,92 @@ def response(fields: bytes = b"", status: bytes = b"200") -> parser.ResponseHead
     return parse_response_head(b"HTTP/1.1 " + status + b" X" + fields)
 
 
+def framing(reader: BodyReader | None) -> tuple[str, int] | None:
+    """A reader as (kind, length): None for no body."""
+    if reader is None:
+        return None
+    return (reader.kind, reader.length if isinstance(reader, ContentLengthReader) else 0)
+
+
 @pytest.mark.parametrize(
-    ("fields", "framing"),
+    ("fields", "expected"),
     [
-        (b"", NO_BODY),
-        (b"\r\nContent-Length: 0", NO_BODY),
-        (b"\r\nContent-Length: 7", Framing(LENGTH, 7)),
-        (b"\r\nTransfer-Encoding: chunked", CHUNKED_BODY),
+        (b"", None),
+        (b"\r\nContent-Length: 0", None),
+        (b"\r\nContent-Length: 7", (LENGTH, 7)),
+        (b"\r\nTransfer-Encoding: chunked", (CHUNKED, 0)),
     ],
 )
-def test_request_framing(fields: bytes, framing: Framing) -> None:
-    assert request_framing(request(fields)) == framing
+def test_request_reader(fields: bytes, expected: tuple[str, int] | None) -> None:
+    assert framing(request_reader(request(fields))) == expected
 
 
 def test_a_request_is_never_close_delimited() -> None:
-    assert request_framing(request(line=b"GET / HTTP/1.0")) == NO_BODY
+    assert request_reader(request(line=b"GET / HTTP/1.0")) is None
 
 
 @pytest.mark.parametrize(
-    ("status", "fields", "head_only", "framing"),
+    ("status", "fields", "head_only", "expected"),
     [
-        (b"200", b"\r\nContent-Length: 5", False, Framing(LENGTH, 5)),
-        (b"200", b"\r\nContent-Length: 0", False, NO_BODY),
-        (b"200", b"\r\nTransfer-Encoding: chunked", False, CHUNKED_BODY),
-        (b"200", b"", False, CLOSE_DELIMITED),
-        (b"500", b"", False, CLOSE_DELIMITED),
-        (b"205", b"\r\nContent-Length: 3", False, Framing(LENGTH, 3)),
+        (b"200", b"\r\nContent-Length: 5", False, (LENGTH, 5)),
+        (b"200", b"\r\nContent-Length: 0", False, None),
+        (b"200", b"\r\nTransfer-Encoding: chunked", False, (CHUNKED, 0)),
+        (b"200", b"", False, (UNTIL_CLOSE, 0)),
+        (b"500", b"", False, (UNTIL_CLOSE, 0)),
+        (b"205", b"\r\nContent-Length: 3", False, (LENGTH, 3)),
         # Whatever the fields say: no body.
-        (b"200", b"\r\nContent-Length: 5", True, NO_BODY),
-        (b"200", b"\r\nTransfer-Encoding: chunked", True, NO_BODY),
-        (b"200", b"", True, NO_BODY),
-        (b"204", b"\r\nContent-Length: 5", False, NO_BODY),
-        (b"204", b"", False, NO_BODY),
-        (b"304", b"\r\nContent-Length: 5", False, NO_BODY),
-        (b"304", b"\r\nTransfer-Encoding: chunked", False, NO_BODY),
-        (b"304", b"", False, NO_BODY),
-        (b"100", b"", False, NO_BODY),
-        (b"101", b"", False, NO_BODY),
-        (b"103", b"\r\nContent-Length: 5", False, NO_BODY),
-        (b"199", b"", False, NO_BODY),
+        (b"200", b"\r\nContent-Length: 5", True, None),
+        (b"200", b"\r\nTransfer-Encoding: chunked", True, None),
+        (b"200", b"", True, None),
+        (b"204", b"\r\nContent-Length: 5", False, None),
+        (b"204", b"", False, None),
+        (b"304", b"\r\nContent-Length: 5", False, None),
+        (b"304", b"\r\nTransfer-Encoding: chunked", False, None),
+        (b"304", b"", False, None),
+        (b"100", b"", False, None),
+        (b"101", b"", False, None),
+        (b"103", b"\r\nContent-Length: 5", False, None),
+        (b"199", b"", False, None),
     ],
 )
-def test_response_framing(status: bytes, fields: bytes, head_only: bool, framing: Framing) -> None:
-    assert response_framing(response(fields, status), head_only) == framing
+def test_response_reader(status: bytes, fields: bytes, head_only: bool, expected: tuple[str, int] | None) -> None:
+    assert framing(response_reader(response(fields, status), head_only)) == expected
 
 
-def test_framing_values() -> None:
-    assert NO_BODY == Framing(NONE, 0)
-    assert CHUNKED_BODY.kind == CHUNKED and CLOSE_DELIMITED.kind == UNTIL_CLOSE
-    assert len({NONE, LENGTH, CHUNKED, UNTIL_CLOSE}) == 4
-
-
-# Readers
-
-
-def test_body_reader_kinds() -> None:
-    assert body_reader(NO_BODY) is None
-    assert isinstance(body_reader(Framing(LENGTH, 3)), ContentLengthReader)
-    assert isinstance(body_reader(CHUNKED_BODY), ChunkedReader)
-    assert isinstance(body_reader(CLOSE_DELIMITED), UntilCloseReader)
+def test_kinds_are_distinct() -> None:
+    assert len({LENGTH, CHUNKED, UNTIL_CLOSE}) == 3
+    assert ContentLengthReader.kind == LENGTH and ChunkedReader.kind == CHUNKED
+    assert UntilCloseReader.kind == UNTIL_CLOSE
 
 
 @pytest.mark.parametrize("status", [400, 502])
-def test_body_reader_error_status(status: int) -> None:
-    for framing in (Framing(LENGTH, 3), CHUNKED_BODY):
-        reader = body_reader(framing, status)
-        assert reader is not None
+def test_reader_error_status(status: int) -> None:
+    for reader in (ContentLengthReader(3, status), ChunkedReader(status)):
         with pytest.raises(HttpError) as info:
             reader.read_eof()
         assert info.value.status == status
     with pytest.raises(HttpError) as chunk_error:
-        body_reader(CHUNKED_BODY, status).feed(b"Z\r\n")  # type: ignore[union-attr]
+        ChunkedReader(status).feed(b"Z\r\n")
     assert chunk_error.value.status == status
+
+
+def test_default_error_status_by_direction() -> None:
+    chunked = b"\r\nTransfer-Encoding: chunked"
+    for reader, status in (
+        (request_reader(request(chunked)), 400),
+        (response_reader(response(chunked), False), 502),
+        (request_reader(request(b"\r\nContent-Length: 3")), 400),
+        (response_reader(response(b"\r\nContent-Length: 3"), False), 502),
+    ):
+        assert reader is not None
+        with pytest.raises(HttpError) as info:
+            reader.read_eof()
+        assert info.value.status == status
+    given = response_reader(response(b"\r\nContent-Length: 3"), False, 400)
+    assert given is not None
+    with pytest.raises(HttpError) as info:
+        given.read_eof()
+    assert info.value.status == 400
 
 
 def test_content_length_reader_in_pieces() -> None:

@@ -770,3 +770,46 @@ def test_forwarded_block_is_every_other_field_line_in_order(seed: int) -> None:
     rng.shuffle(fields)
     parsed_response = response(*fields)
     assert parsed_response.forward == b"".join(line + b"\r\n" for line in fields if line not in response_cut)
+
+
+# Fields on demand: the pairs (computed once from the raw block) and one field's value by name.
+
+
+def test_headers_are_computed_once_from_the_block() -> None:
+    parsed = request(HOST, b"X-A:  one \t", b"x-b:two")
+    assert parsed.headers == [(b"Host", b"api.localhost"), (b"X-A", b"one"), (b"x-b", b"two")]
+    assert parsed.headers is parsed.headers
+
+
+def test_headers_set_by_hand_are_kept_and_the_forwarded_block_dropped() -> None:
+    parsed = request(HOST, b"Accept: */*")
+    assert parsed.forward is not None
+    parsed.headers = [(b"Host", b"other")]
+    assert parsed.headers == [(b"Host", b"other")]
+    assert parsed.forward is None
+
+
+def test_a_head_without_fields_has_no_headers() -> None:
+    assert request(line=b"GET / HTTP/1.0").headers == []
+    assert parse_response_head(b"HTTP/1.1 204 No Content").headers == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "name", "value"),
+    [
+        ([HOST, b"Cookie: a=1; b=2"], b"cookie", b"a=1; b=2"),
+        ([HOST, b"COOKIE:\t a=1 \t"], b"cookie", b"a=1"),
+        ([HOST, b"Cookie: first", b"Cookie: second"], b"cookie", b"first"),
+        ([HOST, b"X-Cookie: no", b"Cookies: no"], b"cookie", None),
+        ([HOST, b"X-Version: v2"], b"x-version", b"v2"),
+        ([HOST, b"X-Version:"], b"x-version", b""),
+        ([HOST], b"x-version", None),
+        ([HOST, b"X-A: Cookie: inside"], b"cookie", None),
+        ([HOST, b"x.version: v2"], b"x-version", None),
+    ],
+)
+def test_field(fields: list[bytes], name: bytes, value: bytes | None) -> None:
+    parsed = request(*fields)
+    assert parsed.field(name) == value
+    # Asked again (the pattern is cached): the same answer.
+    assert parsed.field(name) == value

@@ -31,8 +31,9 @@ from labelgw.http.parser import RequestHead, parse_request_head
 
 # LABELGW_PROPERTY_EXAMPLES=20000 searches further, with a random seed (derandomized only at the default).
 _EXAMPLES = int(os.environ.get("LABELGW_PROPERTY_EXAMPLES", "0"))
+_DERANDOMIZE = not _EXAMPLES or os.environ.get("LABELGW_PROPERTY_DERANDOMIZE") == "1"
 SETTINGS = settings(
-    max_examples=_EXAMPLES or 400, derandomize=not _EXAMPLES, deadline=None,
+    max_examples=_EXAMPLES or 400, derandomize=_DERANDOMIZE, deadline=None,
     suppress_health_check=[HealthCheck.too_slow], database=None,
 )
 

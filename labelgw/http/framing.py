@@ -8,13 +8,17 @@ are meant to follow), so that a rule such as "a 304 has no body" is decided in o
 1. `find_head_end(buffer, cap)`: where the blank line ending a head is, -1 while it is incomplete; a head over
    `cap` bytes, or one ended by a bare LF, raises `HttpError` at once instead of waiting for bytes that never
    come.
-2. `request_framing(head)` / `response_framing(head, head_only)`: a `Framing` (kind and length) from a parsed head.
-   Every "no body" case (HEAD, 1xx, 204, 304) is there and nowhere else.
-3. `body_reader(framing, error_status)`: a reader for that framing, or None when there is no body. Each reader has
-   `feed(data) -> list[bytes]` (the body's payload in that data, never an empty piece), `done` (the body ended),
-   `rest` (bytes after the end, in the data that ended it: a pipelined message, or garbage), and `read_eof()`
-   (the peer closed: fine for a body delimited by the close, an `HttpError` for one cut short).
+2. `request_reader(head)` / `response_reader(head, head_only)`: the one decision of a message's framing, from its
+   parsed head, as the reader of its body, or None when it has none. Every "no body" case (HEAD, 1xx, 204, 304)
+   is there and nowhere else. A reader's `kind` says the framing (LENGTH, with `length`; CHUNKED; UNTIL_CLOSE),
+   which is what a writer needs to frame the same body on another connection.
+3. Each reader has `feed(data) -> list[bytes]` (the body's payload in that data, never an empty piece), `done`
+   (the body ended), `rest` (bytes after the end, in the data that ended it: a pipelined message, or garbage),
+   and `read_eof()` (the peer closed: fine for a body delimited by the close, an `HttpError` for one cut short).
 4. `encode_chunk(data)` and `LAST_CHUNK`: the chunked writer.
+
+The decision returns the reader itself, not a description to build one from: it runs once per message on the
+proxy's hottest path, where every object made counts.
 
 Errors carry the status to answer with: 400 (or 431 for size) by default, for a client's message; readers of an
 upstream's message are made with `error_status=502`, and callers on the upstream side map every error to 502.
@@ -22,7 +26,7 @@ upstream's message are made with `error_status=502`, and callers on the upstream
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from labelgw.http.parser import RequestHead, ResponseHead
@@ -71,51 +75,11 @@ def find_head_end(buffer: bytes, cap: int = MAX_HEAD_BYTES) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# How long the body is.
+# Framing kinds: a reader's `kind`.
 
-NONE = "none"
 LENGTH = "length"
 CHUNKED = "chunked"
 UNTIL_CLOSE = "until-close"
-
-
-class Framing(NamedTuple):
-    """How a message's body is delimited: `kind` is NONE, LENGTH (`length` bytes), CHUNKED or UNTIL_CLOSE (the
-    body ends when the connection does: responses only)."""
-
-    kind: str
-    length: int = 0
-
-
-NO_BODY = Framing(NONE)
-CHUNKED_BODY = Framing(CHUNKED)
-CLOSE_DELIMITED = Framing(UNTIL_CLOSE)
-
-
-def request_framing(head: "RequestHead") -> Framing:
-    """A request's body framing (RFC 9112 section 6.3): chunked, a Content-Length, or none; a request is never
-    delimited by the close. The parser has already refused a request with both or with a bad value."""
-    if head.chunked:
-        return CHUNKED_BODY
-    length = head.content_length
-    if length:
-        return Framing(LENGTH, length)
-    return NO_BODY
-
-
-def response_framing(head: "ResponseHead", head_only: bool) -> Framing:
-    """A response's body framing (RFC 9112 section 6.3). `head_only`: the request was HEAD. A 1xx (101 included:
-    what follows it is another protocol), 204 or 304, and any answer to HEAD, have no body whatever their fields
-    say; then chunked; then Content-Length; else the body runs until the upstream closes."""
-    status = head.status
-    if head_only or status < 200 or status == 204 or status == 304:
-        return NO_BODY
-    if head.chunked:
-        return CHUNKED_BODY
-    length = head.content_length
-    if length is not None:
-        return Framing(LENGTH, length) if length else NO_BODY
-    return CLOSE_DELIMITED
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,6 +89,7 @@ def response_framing(head: "ResponseHead", head_only: bool) -> Framing:
 class BodyReader(Protocol):
     """What every reader offers (see the module docstring)."""
 
+    kind: str
     done: bool
     rest: bytes
 
@@ -136,10 +101,11 @@ class BodyReader(Protocol):
 class ContentLengthReader:
     """A body of a known length."""
 
-    __slots__ = ("remaining", "done", "rest", "_status")
+    __slots__ = ("length", "remaining", "done", "rest", "_status")
+    kind = LENGTH
 
     def __init__(self, length: int, error_status: int = 400) -> None:
-        self.remaining = length
+        self.length = self.remaining = length
         self.done = length == 0
         self.rest = b""
         self._status = error_status
@@ -168,6 +134,7 @@ class UntilCloseReader:
     """A response body delimited by the end of the connection: everything is payload."""
 
     __slots__ = ("done", "rest")
+    kind = UNTIL_CLOSE
 
     def __init__(self) -> None:
         self.done = False
@@ -193,6 +160,7 @@ class ChunkedReader:
     __slots__ = ("_state", "_remaining", "_line", "_trailers", "done", "rest", "_status")
 
     _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+    kind = CHUNKED
 
     def __init__(self, error_status: int = 400) -> None:
         self._state = self._SIZE
@@ -282,16 +250,34 @@ class ChunkedReader:
             raise HttpError(self._status, "connection closed before the last chunk")
 
 
-def body_reader(framing: Framing, error_status: int = 400) -> BodyReader | None:
-    """A reader for `framing`, or None when the message has no body."""
-    kind = framing.kind
-    if kind == LENGTH:
-        return ContentLengthReader(framing.length, error_status)
-    if kind == CHUNKED:
+# ---------------------------------------------------------------------------------------------------------------
+# The framing decision (RFC 9112 section 6.3), written once per direction.
+
+
+def request_reader(head: "RequestHead", error_status: int = 400) -> BodyReader | None:
+    """The reader of a request's body: chunked, a Content-Length, or none (None); a request is never delimited by
+    the close. The parser has already refused a request with both fields or with a bad value."""
+    if head.chunked:
         return ChunkedReader(error_status)
-    if kind == UNTIL_CLOSE:
-        return UntilCloseReader()
+    length = head.content_length
+    if length:
+        return ContentLengthReader(length, error_status)
     return None
+
+
+def response_reader(head: "ResponseHead", head_only: bool, error_status: int = 502) -> BodyReader | None:
+    """The reader of a response's body, or None when it has none. `head_only`: the request was HEAD. A 1xx (101
+    included: what follows it is another protocol), 204 or 304, and any answer to HEAD, have no body whatever
+    their fields say; then chunked; then Content-Length; else the body runs until the upstream closes."""
+    status = head.status
+    if head_only or status < 200 or status == 204 or status == 304:
+        return None
+    if head.chunked:
+        return ChunkedReader(error_status)
+    length = head.content_length
+    if length is None:
+        return UntilCloseReader()
+    return ContentLengthReader(length, error_status) if length else None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 
 from labelgw.backends import Backend
 from labelgw.http.fastwrite import write_now
-from labelgw.http.framing import UNTIL_CLOSE, BodyReader, HttpError, body_reader, find_head_end, response_framing
+from labelgw.http.framing import UNTIL_CLOSE, BodyReader, HttpError, find_head_end, response_reader
 from labelgw.http.parser import ResponseHead, parse_response_head
 
 if TYPE_CHECKING:
@@ -264,8 +264,7 @@ class UpstreamConnection(Protocol):
             if buffer and self.sink is not None:
                 self.sink.tunnel_data(buffer)
             return
-        framing = response_framing(head, self.head_only)
-        reader = body_reader(framing, 502)
+        reader = response_reader(head, self.head_only)
         if reader is None:
             self._mode = _IDLE
             sink.response_head(head, self)  # type: ignore[union-attr]
@@ -274,7 +273,7 @@ class UpstreamConnection(Protocol):
                 self.reusable = False
             self._finish()
             return
-        if framing.kind == UNTIL_CLOSE:
+        if reader.kind == UNTIL_CLOSE:
             self.reusable = False
         # Read what came with the head before the head goes anywhere: a body that is malformed from its first
         # bytes is still a clean 502 to a client that has received nothing. Small responses finish right here.
@@ -287,7 +286,12 @@ class UpstreamConnection(Protocol):
         self._reader = reader
         sink.response_head(head, self)  # type: ignore[union-attr]
         if self.sink is not None:
-            self._deliver(pieces, reader)
+            for piece in pieces:
+                sink.response_data(piece)  # type: ignore[union-attr]
+            if reader.done:
+                if reader.rest:
+                    self.reusable = False
+                self._finish()
 
     def _read_body(self, data: bytes) -> None:
         reader = self._reader

@@ -813,3 +813,25 @@ def test_field(fields: list[bytes], name: bytes, value: bytes | None) -> None:
     assert parsed.field(name) == value
     # Asked again (the pattern is cached): the same answer.
     assert parsed.field(name) == value
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ([HOST, b"X-A: a", b" folded"], "obsolete line folding"),
+        ([HOST, b"X-A: a", b"\tfolded"], "obsolete line folding"),
+        ([b" Host: a"], "invalid header field name"),
+        ([HOST, b"X-A"], "without a name and colon"),
+        ([HOST, b": v"], "without a name and colon"),
+        ([HOST, b""], "without a name and colon"),
+        ([HOST, b"X A: b"], "invalid header field name b'X A'"),
+        ([HOST, b"Host : a"], "invalid header field name b'Host '"),
+        ([HOST, b"X-\xc3\xa9: b"], "invalid header field name"),
+    ],
+)
+def test_field_errors_say_what_is_wrong(fields: list[bytes], reason: str, both_paths: str) -> None:
+    for parse, line, status in ((parse_request_head, b"GET / HTTP/1.1", 400), (parse_response_head, b"HTTP/1.1 200 OK", 502)):
+        with pytest.raises(HttpError) as info:
+            parse(head(line, *fields))
+        assert info.value.status == status
+        assert reason in info.value.reason

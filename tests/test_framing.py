@@ -198,6 +198,7 @@ def test_content_length_reader_in_pieces() -> None:
     assert reader.feed(b"defghij") == [b"defghij"]
     assert reader.done and reader.rest == b"" and reader.remaining == 0
     assert reader.feed(b"more") == []
+    assert reader.rest == b"" and reader.done
     reader.read_eof()
 
 
@@ -291,3 +292,34 @@ def test_parser_reexports_framing_names() -> None:
     assert parser.HttpError is framing.HttpError
     assert parser.MAX_HEAD_BYTES is framing.MAX_HEAD_BYTES
     assert parser.encode_chunk is framing.encode_chunk and parser.LAST_CHUNK is framing.LAST_CHUNK
+
+
+def test_limits() -> None:
+    # The documented limits (notes/hardening.md items 6 and 10): tests elsewhere derive their cases from these.
+    from labelgw.http import framing
+
+    assert framing.MAX_HEAD_BYTES == 65536
+    assert framing.MAX_HEADERS == 100
+    assert framing.MAX_CHUNK_LINE == 4096
+    assert framing.MAX_CHUNK_SIZE_DIGITS == 15
+    assert framing.MAX_CHUNK_SIZE_WIDTH == 20
+
+
+def test_content_length_reader_default_error_status_is_400() -> None:
+    reader = ContentLengthReader(3)
+    with pytest.raises(HttpError) as info:
+        reader.read_eof()
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("byte", [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+def test_control_bytes_in_a_trailer_value_are_refused(byte: int) -> None:
+    with pytest.raises(HttpError):
+        ChunkedReader().feed(b"0\r\nX-T: a" + bytes([byte]) + b"b\r\n\r\n")
+
+
+@pytest.mark.parametrize("value", [b"a\tb", b"a b", b"\x80\xff", b"~!", b""])
+def test_trailer_values_that_are_allowed(value: bytes) -> None:
+    reader = ChunkedReader()
+    reader.feed(b"0\r\nX-T: " + value + b"\r\n\r\n")
+    assert reader.done

@@ -203,7 +203,7 @@ class UpstreamConnection(Protocol):
         elif self._mode == _IDLE and self.sink is None:
             deadline = self._idle_since + settings.upstream_idle_timeout
             if now >= deadline:
-                self._retire()
+                self.discard()
                 return
         else:
             deadline = now + settings.response_timeout
@@ -227,7 +227,7 @@ class UpstreamConnection(Protocol):
             self.sink.tunnel_data(data)  # type: ignore[union-attr]
         elif mode == _IDLE:
             # Bytes from an idle upstream connection: nothing asked for them.
-            self._retire()
+            self.discard()
         # _ABORTED: what a connection we gave up on still delivers is dropped.
 
     def _read_head(self, data: bytes) -> None:
@@ -286,12 +286,7 @@ class UpstreamConnection(Protocol):
         self._reader = reader
         sink.response_head(head, self)  # type: ignore[union-attr]
         if self.sink is not None:
-            for piece in pieces:
-                sink.response_data(piece)  # type: ignore[union-attr]
-            if reader.done:
-                if reader.rest:
-                    self.reusable = False
-                self._finish()
+            self._deliver(pieces, reader)
 
     def _read_body(self, data: bytes) -> None:
         reader = self._reader
@@ -312,7 +307,7 @@ class UpstreamConnection(Protocol):
                 self.reusable = False
             self._finish()
 
-    def _retire(self) -> None:
+    def discard(self) -> None:
         """Close an idle connection, out of the pool first so no request can take it meanwhile."""
         self.reusable = False
         self.pool.forget(self)
@@ -373,7 +368,7 @@ class UpstreamPool:
                 continue
             if connection.has_unread():
                 # Late bytes after its last response (or its close) wait unread: never before a new request.
-                connection._retire()
+                connection.discard()
                 continue
             connection.reused = True
             return connection

@@ -18,6 +18,9 @@ import pytest
 from support.gateway import TwistdProcess
 from support.net import LOOPBACK, free_port
 
+# Runs the real product (no engine needed): with the end-to-end tests, out of `-m "not docker"` unit runs.
+pytestmark = pytest.mark.docker
+
 SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nstolen!"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 ANSWERS = {

@@ -298,7 +298,7 @@ def test_a_stale_pooled_connection_is_retried_once_on_a_new_connection(world: Wo
     world.pool.idle.append(stale)
     world.play(
         (exchange.start, [("upstream.send", b"GET /p HTTP/1.1", False, False)]),
-        (lambda: exchange.upstream_failed(502, "upstream closed the connection"), [("pool.connect", "solo-1")]),
+        (lambda: exchange.upstream_failed(502, "upstream closed the connection", retryable=True), [("pool.connect", "solo-1")]),
     )
     assert exchange.state is ExchangeState.CONNECTING
     exchange.client_lost()
@@ -314,7 +314,7 @@ def test_a_post_whose_body_reached_the_upstream_is_not_retried(world: World) -> 
     exchange.request_end()
     world.log.take()
     world.play(
-        (lambda: exchange.upstream_failed(502, "upstream closed the connection"), [
+        (lambda: exchange.upstream_failed(502, "upstream closed the connection", retryable=True), [
             ("client.error", 502, False, b""), ("client.done", False),
         ]),
     )

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import pytest
 
+from labelgw.http import parser as parser_module
 from labelgw.http.parser import (
     LAST_CHUNK,
     MAX_CHUNK_LINE,
@@ -25,6 +26,20 @@ from labelgw.http.parser import (
 )
 
 HOST = b"Host: api.localhost"
+
+
+class _NeverMatches:
+    def fullmatch(self, data: bytes) -> None:
+        return None
+
+
+@pytest.fixture(params=["fast-path", "line-by-line"])
+def both_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test twice: as is, and with the one-pattern fast path switched off, so the line-by-line path decides."""
+    if request.param == "line-by-line":
+        monkeypatch.setattr(parser_module, "_WELL_FORMED_REQUEST", _NeverMatches())
+        monkeypatch.setattr(parser_module, "_WELL_FORMED_RESPONSE", _NeverMatches())
+    return str(request.param)
 
 
 def head(*lines: bytes) -> bytes:
@@ -134,6 +149,22 @@ def test_http10_without_host_is_accepted() -> None:
 def test_empty_host_is_accepted() -> None:
     # RFC 9112 section 3.2: a target without authority is sent with an empty Host.
     assert request(b"Host:").host == b""
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"api.localhost", b"api.localhost:8080", b"api.localhost:", b"127.0.0.1", b"127.0.0.1:80", b"[::1]",
+     b"[::1]:8443", b"[2001:db8::1]", b"[::ffff:127.0.0.1]", b"a-b_c~d.localhost", b"xn--caf-dma.localhost",
+     b"a%2Eb", b"API.Localhost.", b"sub!$&'()*+,;=.localhost", b"localhost:0"],
+)
+def test_valid_hosts(host: bytes, both_paths: str) -> None:
+    assert request(b"Host: " + host).host == host
+    assert request(line=b"GET http://" + host + b"/p HTTP/1.1").host == host
+
+
+@pytest.mark.parametrize("target", [b"/a%09b", b"/caf%C3%A9", b"/~user/!$&'()*+,;=:@", b"/?q=a/b?c", b"/\\"])
+def test_valid_targets(target: bytes, both_paths: str) -> None:
+    assert request(HOST, line=b"GET " + target + b" HTTP/1.1").target == target
 
 
 def test_host_keeps_port_and_case() -> None:
@@ -318,11 +349,36 @@ REFUSED_REQUESTS = [
     ("DEL in value", head(b"GET / HTTP/1.1", HOST, b"X-A: a\x7fb"), 400),
     ("vertical tab in value", head(b"GET / HTTP/1.1", HOST, b"X-A: a\x0bb"), 400),
     ("NUL in target", head(b"GET /\x00 HTTP/1.1", HOST), 400),
+    # The request line as strictly as the fields (issue 8): HTAB and obs-text are no target bytes.
+    ("tab inside the target", head(b"GET /a\tb HTTP/1.1", HOST), 400),
+    ("tab and a second version in the target", head(b"GET /a\tHTTP/1.0 HTTP/1.1", HOST), 400),
+    ("obs-text in the target", head(b"GET /caf\xc3\xa9 HTTP/1.1", HOST), 400),
+    ("byte 0x80 in the target", head(b"GET /\x80 HTTP/1.1", HOST), 400),
+    ("byte 0xff in the target", head(b"GET /\xff HTTP/1.1", HOST), 400),
+    ("obs-text in an absolute target", head(b"GET http://h/\xe9 HTTP/1.1", HOST), 400),
+    # Host must be a host: routed by one part and forwarded whole, anything else fools the backend.
+    ("userinfo in Host", head(b"GET / HTTP/1.1", b"Host: api.localhost:1@evil.example"), 400),
+    ("at sign in Host", head(b"GET / HTTP/1.1", b"Host: user@api.localhost"), 400),
+    ("tab in Host", head(b"GET / HTTP/1.1", b"Host: a\tb"), 400),
+    ("obs-text in Host", head(b"GET / HTTP/1.1", b"Host: caf\xc3\xa9.localhost"), 400),
+    ("two ports in Host", head(b"GET / HTTP/1.1", b"Host: a:1:2"), 400),
+    ("port not numeric", head(b"GET / HTTP/1.1", b"Host: a:http"), 400),
+    ("port too long", head(b"GET / HTTP/1.1", b"Host: a:123456"), 400),
+    ("IPv6 without brackets", head(b"GET / HTTP/1.1", b"Host: ::1"), 400),
+    ("IPv6 unclosed", head(b"GET / HTTP/1.1", b"Host: [::1"), 400),
+    ("junk after IPv6", head(b"GET / HTTP/1.1", b"Host: [::1]x"), 400),
+    ("IPv6 zone", head(b"GET / HTTP/1.1", b"Host: [fe80::1%eth0]"), 400),
+    ("backslash in Host", head(b"GET / HTTP/1.1", b"Host: a\\b"), 400),
+    ("bad percent escape in Host", head(b"GET / HTTP/1.1", b"Host: a%zz"), 400),
+    ("query in Host", head(b"GET / HTTP/1.1", b"Host: a?b"), 400),
+    ("fragment in Host", head(b"GET / HTTP/1.1", b"Host: a#b"), 400),
+    ("userinfo in an absolute target", head(b"GET http://a:1@evil.example/ HTTP/1.1", HOST), 400),
+    ("bad port in an absolute target", head(b"GET http://a:b/ HTTP/1.1", HOST), 400),
 ]
 
 
 @pytest.mark.parametrize(("data", "status"), [case[1:] for case in REFUSED_REQUESTS], ids=[c[0] for c in REFUSED_REQUESTS])
-def test_refused_request(data: bytes, status: int) -> None:
+def test_refused_request(data: bytes, status: int, both_paths: str) -> None:
     error = refused_request(data)
     assert error.status == status
     assert error.reason and str(error) == error.reason
@@ -411,10 +467,12 @@ def test_informational_responses(line: bytes, fields: list[bytes], status: int) 
         [b"Content-Length: 10", b"Transfer-Encoding: Chunked", b"Content-Length: 10"],
     ],
 )
-def test_chunked_response_ignores_content_length(fields: list[bytes]) -> None:
-    parsed = response(*fields)
-    assert parsed.chunked is True
-    assert parsed.content_length is None
+def test_chunked_response_with_content_length_is_502(fields: list[bytes]) -> None:
+    # Issue 14 item 1: relayed as chunked, such a response left the backend's idea of its end behind, and the
+    # bytes after it went to the next client of the pooled connection. Never relayed, whatever the order.
+    error = refused_response(head(b"HTTP/1.1 200 OK", *fields))
+    assert error.status == 502
+    assert "Content-Length and Transfer-Encoding" in error.reason
 
 
 def test_identical_duplicate_content_length_is_one_length() -> None:
@@ -610,6 +668,31 @@ def test_chunk_size_forms(size_line: bytes, size: int) -> None:
     assert decoder.done
 
 
+@pytest.mark.parametrize(
+    ("size_line", "size"),
+    [(b"0" * 19 + b"a", 10), (b"0" * 15 + b"a", 10), (b"0" * 5 + b"f" * 3, 4095), (b"0" * 20, 0)],
+    ids=["20 digits", "16 digits", "zeros then 3 digits", "20 zeros"],
+)
+def test_chunk_size_leading_zeros_up_to_20_digits(size_line: bytes, size: int) -> None:
+    # Issue 8: zero padding beyond 15 digits was refused; h11 allows 20 digits. The value still may not overflow.
+    body = b"z" * size + b"\r\n0\r\n\r\n" if size else b"\r\n"
+    payload, decoder, _ = decode([size_line + b"\r\n" + body])
+    assert payload == b"z" * size
+    assert decoder.done
+
+
+def test_largest_chunk_size_is_15_significant_digits() -> None:
+    decoder = ChunkedDecoder()
+    assert decoder.feed(b"00000fffffffffffffff\r\nabc") == [b"abc"]
+    assert not decoder.done
+
+
+def test_trailers_that_are_fields_are_accepted_and_dropped() -> None:
+    data = b"0\r\nX-Sum: abc\r\nX-Empty:\r\nX-Text: caf\xc3\xa9 \t x\r\n" + b"X-N: 1\r\n" * 97 + b"\r\n"
+    payload, decoder, _ = decode([data])
+    assert payload == b"" and decoder.done
+
+
 def test_line_ending_split_across_feeds() -> None:
     payload, decoder, _ = decode([b"5\r", b"\nhello\r", b"\n0\r", b"\n\r", b"\n"])
     assert payload == b"hello"
@@ -626,6 +709,16 @@ BAD_BODIES = [
     ("empty size line", b"\r\nhello\r\n0\r\n\r\n"),
     ("extension without size", b";ext\r\nhello\r\n0\r\n\r\n"),
     ("16 hex digits", b"1" + b"0" * 15 + b"\r\n"),
+    ("16 significant hex digits after zeros", b"0001" + b"0" * 15 + b"\r\n"),
+    ("21 digits, all zeros but the last", b"0" * 20 + b"5\r\nhello\r\n0\r\n\r\n"),
+    ("21 zeros for the last chunk", b"0" * 21 + b"\r\n\r\n"),
+    ("trailer without a colon", b"0\r\nX-T\r\n\r\n"),
+    ("trailer with space before the colon", b"0\r\nX-T : 1\r\n\r\n"),
+    ("trailer obs-fold", b"0\r\nX-T: 1\r\n 2\r\n\r\n"),
+    ("trailer with an empty name", b"0\r\n: 1\r\n\r\n"),
+    ("trailer with NUL in its value", b"0\r\nX-T: a\x00b\r\n\r\n"),
+    ("trailer with DEL in its value", b"0\r\nX-T: a\x7fb\r\n\r\n"),
+    ("101 trailer fields", b"0\r\n" + b"".join(b"X-%d: 1\r\n" % n for n in range(101)) + b"\r\n"),
     ("bare LF after size", b"5\nhello\r\n0\r\n\r\n"),
     ("bare LF after data", b"5\r\nhello\n0\r\n\r\n"),
     ("bare LF after last chunk", b"5\r\nhello\r\n0\n\r\n"),
@@ -677,3 +770,68 @@ def test_forwarded_block_is_every_other_field_line_in_order(seed: int) -> None:
     rng.shuffle(fields)
     parsed_response = response(*fields)
     assert parsed_response.forward == b"".join(line + b"\r\n" for line in fields if line not in response_cut)
+
+
+# Fields on demand: the pairs (computed once from the raw block) and one field's value by name.
+
+
+def test_headers_are_computed_once_from_the_block() -> None:
+    parsed = request(HOST, b"X-A:  one \t", b"x-b:two")
+    assert parsed.headers == [(b"Host", b"api.localhost"), (b"X-A", b"one"), (b"x-b", b"two")]
+    assert parsed.headers is parsed.headers
+
+
+def test_headers_set_by_hand_are_kept_and_the_forwarded_block_dropped() -> None:
+    parsed = request(HOST, b"Accept: */*")
+    assert parsed.forward is not None
+    parsed.headers = [(b"Host", b"other")]
+    assert parsed.headers == [(b"Host", b"other")]
+    assert parsed.forward is None
+
+
+def test_a_head_without_fields_has_no_headers() -> None:
+    assert request(line=b"GET / HTTP/1.0").headers == []
+    assert parse_response_head(b"HTTP/1.1 204 No Content").headers == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "name", "value"),
+    [
+        ([HOST, b"Cookie: a=1; b=2"], b"cookie", b"a=1; b=2"),
+        ([HOST, b"COOKIE:\t a=1 \t"], b"cookie", b"a=1"),
+        ([HOST, b"Cookie: first", b"Cookie: second"], b"cookie", b"first"),
+        ([HOST, b"X-Cookie: no", b"Cookies: no"], b"cookie", None),
+        ([HOST, b"X-Version: v2"], b"x-version", b"v2"),
+        ([HOST, b"X-Version:"], b"x-version", b""),
+        ([HOST], b"x-version", None),
+        ([HOST, b"X-A: Cookie: inside"], b"cookie", None),
+        ([HOST, b"x.version: v2"], b"x-version", None),
+    ],
+)
+def test_field(fields: list[bytes], name: bytes, value: bytes | None) -> None:
+    parsed = request(*fields)
+    assert parsed.field(name) == value
+    # Asked again (the pattern is cached): the same answer.
+    assert parsed.field(name) == value
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ([HOST, b"X-A: a", b" folded"], "obsolete line folding"),
+        ([HOST, b"X-A: a", b"\tfolded"], "obsolete line folding"),
+        ([b" Host: a"], "invalid header field name"),
+        ([HOST, b"X-A"], "without a name and colon"),
+        ([HOST, b": v"], "without a name and colon"),
+        ([HOST, b""], "without a name and colon"),
+        ([HOST, b"X A: b"], "invalid header field name b'X A'"),
+        ([HOST, b"Host : a"], "invalid header field name b'Host '"),
+        ([HOST, b"X-\xc3\xa9: b"], "invalid header field name"),
+    ],
+)
+def test_field_errors_say_what_is_wrong(fields: list[bytes], reason: str, both_paths: str) -> None:
+    for parse, line, status in ((parse_request_head, b"GET / HTTP/1.1", 400), (parse_response_head, b"HTTP/1.1 200 OK", 502)):
+        with pytest.raises(HttpError) as info:
+            parse(head(line, *fields))
+        assert info.value.status == status
+        assert reason in info.value.reason

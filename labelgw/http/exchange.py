@@ -258,15 +258,18 @@ class Exchange:
             upstream.detach()
         self._complete(failed=self._gateway_error)
 
-    def upstream_failed(self, status: int, reason: str) -> None:
+    def upstream_failed(self, status: int, reason: str, retryable: bool = False) -> None:
         if self.finished:
             return
         upstream = self.upstream
         self._unregister_producers()
         self._count_failure()
         if not self.response_started:
-            # Replayable: idempotent and nothing but the head reached the upstream (RFC 9110 9.2.2).
-            if status == 502 and self.head.method in IDEMPOTENT and not self.body_sent_upstream:
+            # Replayable: the upstream closed without answering (`retryable`: never a malformed response or a
+            # timeout, which say the request may have been acted on), the method is idempotent and nothing but
+            # the head reached the upstream (RFC 9110 9.2.2). Failures before a byte was written (connect) are
+            # retried for every method, in upstream_connect_failed.
+            if retryable and self.head.method in IDEMPOTENT and not self.body_sent_upstream:
                 stale = upstream is not None and upstream.reused
                 if self._retry(reason, same_backend_ok=stale):
                     return

@@ -8,25 +8,28 @@ from __future__ import annotations
 
 import re
 
-MAX_HEAD_BYTES = 64 * 1024
-MAX_HEADERS = 100
-MAX_CHUNK_LINE = 4096
+# Re-exported: the limits, the error and the chunked reader and writer live in framing.py, and older callers import
+# them from here.
+from labelgw.http.framing import (
+    LAST_CHUNK,
+    MAX_CHUNK_LINE,
+    MAX_HEAD_BYTES,
+    MAX_HEADERS,
+    ChunkedReader as ChunkedDecoder,
+    HttpError,
+    encode_chunk,
+)
+
+__all__ = [
+    "LAST_CHUNK", "MAX_CHUNK_LINE", "MAX_HEAD_BYTES", "MAX_HEADERS", "ChunkedDecoder", "HttpError", "RequestHead",
+    "ResponseHead", "encode_chunk", "parse_request_head", "parse_response_head",
+]
 
 # RFC 9110 tchar; translate(None, _TCHAR) leaves only the bytes that are not allowed in a token.
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # Control characters other than HTAB are never allowed in a head (CR and LF only as line ends, checked apart).
 _FORBIDDEN_IN_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_HEX = b"0123456789abcdefABCDEF"
 _KNOWN_CODINGS = {b"gzip", b"deflate", b"compress", b"x-gzip", b"br", b"zstd"}
-
-
-class HttpError(Exception):
-    """A message labelgw refuses: the status to answer with and a reason a person can read."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 _FIELD_PATTERNS: dict[bytes, "re.Pattern[bytes]"] = {}
@@ -117,8 +120,18 @@ _RESPONSE_SPECIAL = re.compile(rb"\n(" + _RESPONSE_NAMES + rb"):[ \t]*([^\r\n]*?
 # it does not match takes the line-by-line path, which either accepts it too or says precisely what is wrong.
 _TOKEN_PATTERN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _FIELD_LINES = rb"((?:" + _TOKEN_PATTERN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)"
+# The request target: visible ASCII only (RFC 9112 section 3.2; no obs-text, no HTAB), on both paths.
+_TARGET_PATTERN = rb"[!-~]+"
+_TARGET = re.compile(_TARGET_PATTERN)
 _WELL_FORMED_REQUEST = re.compile(
-    rb"(" + _TOKEN_PATTERN + rb") ([!-~\x80-\xff]+) (HTTP/1\.[01])\r\n" + _FIELD_LINES
+    rb"(" + _TOKEN_PATTERN + rb") (" + _TARGET_PATTERN + rb") (HTTP/1\.[01])\r\n" + _FIELD_LINES
+)
+# Host (and an absolute target's authority): uri-host [ ":" port ] (RFC 9110 section 7.2, RFC 3986 section 3.2.2),
+# without userinfo: a reg-name or IPv4 address, or an IPv6 address in brackets; the port digits only. Empty is
+# allowed (RFC 9112 section 3.2). Anything else ("h:1@evil", "h h", "h/x") would be routed by one part and
+# forwarded whole.
+_HOST = re.compile(
+    rb"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?"
 )
 _WELL_FORMED_RESPONSE = re.compile(
     rb"((HTTP/1\.[0-9]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?)\r\n" + _FIELD_LINES
@@ -141,26 +154,22 @@ def _check_head(head: bytes, status: int) -> tuple[bytes, bytes]:
         return head, b""
     block = head[end + 2 :] + b"\r\n"
     if _FIELD_BLOCK.fullmatch(block) is None:
-        _parse_fields([b""] + block[:-2].split(b"\r\n"), status)  # raises the precise error
-        raise HttpError(status, "malformed header field")
+        raise _field_error(block[:-2].split(b"\r\n"), status)
     return head[:end], block
 
 
-def _parse_fields(lines: list[bytes], status: int) -> list[tuple[bytes, bytes]]:
-    if len(lines) - 1 > MAX_HEADERS:
-        raise HttpError(431 if status == 400 else status, f"more than {MAX_HEADERS} header fields")
-    fields = []
-    for line in lines[1:]:
+def _field_error(lines: list[bytes], status: int) -> HttpError:
+    """What is wrong with a field block the one-pattern check refused, said precisely."""
+    for line in lines:
         colon = line.find(b":")
         if colon <= 0:
             if line[:1] in (b" ", b"\t"):
-                raise HttpError(status, "obsolete line folding in header field")
-            raise HttpError(status, "header field without a name and colon")
+                return HttpError(status, "obsolete line folding in header field")
+            return HttpError(status, "header field without a name and colon")
         name = line[:colon]
         if name.translate(None, _TCHAR):
-            raise HttpError(status, f"invalid header field name {name[:40]!r}")
-        fields.append((name, line[colon + 1 :].strip(b" \t")))
-    return fields
+            return HttpError(status, f"invalid header field name {name[:40]!r}")
+    return HttpError(status, "malformed header field")
 
 
 def _parse_content_length(value: bytes, status: int) -> int:
@@ -226,6 +235,8 @@ def parse_request_head(head: bytes) -> RequestHead:
         method, target, version = parts
         if method.translate(None, _TCHAR):
             raise HttpError(400, "invalid method")
+        if _TARGET.fullmatch(target) is None:
+            raise HttpError(400, "invalid request target")
         if version != b"HTTP/1.1" and version != b"HTTP/1.0":
             if version.startswith(b"HTTP/") and len(version) == 8:
                 raise HttpError(505, "HTTP version not supported")
@@ -285,7 +296,7 @@ def parse_request_head(head: bytes) -> RequestHead:
         authority, path = rest[:end], rest[end:]
         if path[:1] != b"/":
             path = b"/" + path
-        if not authority or b"@" in authority:
+        if not authority or _HOST.fullmatch(authority) is None:
             raise HttpError(400, "invalid absolute request target")
         host = authority
         request.target = path
@@ -296,7 +307,7 @@ def parse_request_head(head: bytes) -> RequestHead:
         raise HttpError(400, "invalid request target")
     if version == b"HTTP/1.1" and host is None:
         raise HttpError(400, "HTTP/1.1 request without Host")
-    if host is not None and (b" " in host or b"/" in host):
+    if host is not None and _HOST.fullmatch(host) is None:
         raise HttpError(400, "invalid Host header")
     request.host = host
 
@@ -353,90 +364,12 @@ def parse_response_head(head: bytes) -> ResponseHead:
         # Only plain chunked is relayed: a transfer coding such as gzip would have to be removed by a proxy.
         if transfer_encoding.strip(b" \t").lower() != b"chunked":
             raise HttpError(502, f"unsupported Transfer-Encoding {transfer_encoding[:40]!r} from upstream")
-        # Content-Length is ignored when chunked (RFC 9112 section 6.3).
-        response.content_length = None
+        # RFC 9112 section 6.3 lets a recipient read such a message as chunked, but a backend that sends both
+        # frames its messages in two ways: what follows may be read by another request. Never relay it.
+        if response.content_length is not None:
+            raise HttpError(502, "both Content-Length and Transfer-Encoding from upstream")
         response.chunked = True
     if _connection_options(response, version, connection_values):
         # Every matched field is cut: labelgw writes framing and Connection itself.
         response.forward = b"".join(pieces[::3])[block_start:] if len(pieces) > 1 else block
     return response
-
-
-class ChunkedDecoder:
-    """Incremental decoder of a chunked body. `feed` returns the payload pieces and, once the last chunk and
-    trailers are read, sets `done` and leaves the bytes after the body in `rest`."""
-
-    __slots__ = ("_state", "_remaining", "_line", "done", "rest", "_status")
-
-    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
-
-    def __init__(self, error_status: int = 400) -> None:
-        self._state = self._SIZE
-        self._remaining = 0
-        self._line = b""
-        self.done = False
-        self.rest = b""
-        self._status = error_status
-
-    def _take_line(self, data: bytes, start: int) -> tuple[bytes | None, int]:
-        end = data.find(b"\n", start)
-        if end == -1:
-            self._line += data[start:]
-            if len(self._line) > MAX_CHUNK_LINE:
-                raise HttpError(self._status, "chunk size line too long")
-            return None, len(data)
-        line = self._line + data[start:end]
-        self._line = b""
-        if not line.endswith(b"\r"):
-            raise HttpError(self._status, "bare LF in chunked body")
-        line = line[:-1]
-        if b"\r" in line or len(line) > MAX_CHUNK_LINE:
-            raise HttpError(self._status, "invalid chunk line")
-        return line, end + 1
-
-    def feed(self, data: bytes) -> list[bytes]:
-        out = []
-        pos = 0
-        size = len(data)
-        while pos < size and not self.done:
-            state = self._state
-            if state == self._DATA:
-                take = min(self._remaining, size - pos)
-                out.append(data[pos : pos + take] if (pos or take != size) else data)
-                pos += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._state = self._DATA_END
-            elif state == self._SIZE:
-                line, pos = self._take_line(data, pos)
-                if line is None:
-                    break
-                digits = line.split(b";", 1)[0].rstrip(b" \t")
-                if not digits or digits.translate(None, _HEX) or len(digits) > 15:
-                    raise HttpError(self._status, f"invalid chunk size {digits[:20]!r}")
-                self._remaining = int(digits, 16)
-                self._state = self._DATA if self._remaining else self._TRAILER
-            elif state == self._DATA_END:
-                line, pos = self._take_line(data, pos)
-                if line is None:
-                    break
-                if line:
-                    raise HttpError(self._status, "chunk data longer than its size")
-                self._state = self._SIZE
-            else:
-                line, pos = self._take_line(data, pos)
-                if line is None:
-                    break
-                if not line:
-                    self.done = True
-                    self.rest = data[pos:]
-                    return out
-                # Trailer fields are read and dropped: nothing downstream relies on them.
-        return out
-
-
-def encode_chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-LAST_CHUNK = b"0\r\n\r\n"

@@ -3,6 +3,7 @@ a pool of idle keep-alive connections per backend."""
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
 
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -11,7 +12,8 @@ from twisted.python.failure import Failure
 
 from labelgw.backends import Backend
 from labelgw.http.fastwrite import write_now
-from labelgw.http.parser import MAX_HEAD_BYTES, ChunkedDecoder, HttpError, ResponseHead, parse_response_head
+from labelgw.http.framing import UNTIL_CLOSE, BodyReader, HttpError, find_head_end, response_reader
+from labelgw.http.parser import ResponseHead, parse_response_head
 
 if TYPE_CHECKING:
     from labelgw.http.settings import ProxySettings
@@ -26,15 +28,17 @@ class ResponseSink(TypingProtocol):
 
     def response_head(self, head: ResponseHead, connection: "UpstreamConnection") -> None: ...
 
-    def response_data(self, data: bytes) -> None: ...
-
-    def response_chunk(self, data: bytes) -> None: ...
+    def response_data(self, data: bytes) -> None:
+        """Payload of the response body (de-chunked), never empty."""
 
     def response_done(self) -> None: ...
 
     def flush(self) -> None: ...
 
-    def upstream_failed(self, status: int, reason: str) -> None: ...
+    def upstream_failed(self, status: int, reason: str, retryable: bool = False) -> None:
+        """The exchange on this connection failed; the connection is already closed and never pooled.
+        `retryable`: the upstream closed the connection before sending a byte of the response, so the request may
+        be sent again if its method allows; never for a malformed response or a timeout."""
 
     def tunnel_data(self, data: bytes) -> None: ...
 
@@ -42,7 +46,9 @@ class ResponseSink(TypingProtocol):
 
 
 # What the connection is reading.
-_IDLE, _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _TUNNEL = range(6)
+_IDLE, _HEAD, _BODY, _TUNNEL, _ABORTED = range(5)
+# A non-blocking peek: is there anything (or an EOF) the reactor has not read yet?
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 class UpstreamConnection(Protocol):
@@ -59,8 +65,9 @@ class UpstreamConnection(Protocol):
         self.response_started = False
         self._mode = _IDLE
         self._buffer = b""
-        self._remaining = 0
-        self._decoder: ChunkedDecoder | None = None
+        # True once a byte of the current response arrived (a close after that is not retryable).
+        self._answered = False
+        self._reader: BodyReader | None = None
         self._sent_at = 0.0
         self._idle_since = 0.0
         # The response timeout runs from the end of the request body, not from its head.
@@ -91,12 +98,21 @@ class UpstreamConnection(Protocol):
             return
         mode = self._mode
         self._mode = _IDLE
-        if mode == _UNTIL_CLOSE:
-            sink.response_done()
+        if mode == _BODY:
+            reader, self._reader = self._reader, None
+            try:
+                reader.read_eof()  # type: ignore[union-attr]
+            except HttpError:
+                sink.upstream_failed(502, "upstream closed the connection mid-response")
+            else:
+                sink.response_done()
         elif mode == _TUNNEL:
             sink.tunnel_closed()
         else:
-            sink.upstream_failed(502, "upstream closed the connection" + ("" if mode == _HEAD else " mid-response"))
+            answered = self._answered
+            sink.upstream_failed(
+                502, "upstream closed the connection" + (" mid-head" if answered else ""), retryable=not answered
+            )
 
     def send(self, sink: ResponseSink, head: bytes, head_only: bool, body_pending: bool = False) -> None:
         """Start one exchange on this connection: write the request head and wait for the response."""
@@ -106,6 +122,7 @@ class UpstreamConnection(Protocol):
         self.response_started = False
         self._mode = _HEAD
         self._buffer = b""
+        self._answered = False
         now = self.pool.clock.seconds()
         self._sent_at = now
         timer = self._timer
@@ -126,6 +143,7 @@ class UpstreamConnection(Protocol):
         """The exchange gave up on this connection (client gone, bad response): never reuse it."""
         self.sink = None
         self.reusable = False
+        self._mode = _ABORTED
         if self.connected:
             self.transport.abortConnection()
 
@@ -135,6 +153,36 @@ class UpstreamConnection(Protocol):
         self._mode = _IDLE
         # The pool notes when it became idle.
         self.pool.release(self)
+
+    def has_unread(self) -> bool:
+        """Whether the backend sent bytes, or closed, since the last response ended, and the reactor has not read
+        them yet: a connection must not be handed to a new request then (those bytes would be read as its
+        response). One non-blocking peek on the socket. A TLS connection is not peeked: its socket may hold TLS
+        records that are no response bytes (session tickets); bytes it reads while idle still close it."""
+        try:
+            handle = self.transport.getHandle()
+        except AttributeError:
+            return False
+        if not isinstance(handle, socket.socket):
+            return False
+        try:
+            handle.recv(1, _PEEK_FLAGS)  # a byte, or b"" at EOF: either way not a clean idle connection
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        return True
+
+    def park(self, now: float) -> None:
+        """The pool took this connection as idle at `now`: its timer must fire by the end of the idle timeout."""
+        self._idle_since = now
+        timer = self._timer
+        limit = self.pool.settings.upstream_idle_timeout
+        # Usually the pending timer is already due sooner and re-arms itself; only move it when it is not.
+        if timer is None or not timer.active():
+            self._timer = self.pool.clock.callLater(limit, self._check_timers)
+        elif timer.getTime() > now + limit:
+            timer.reset(limit)
 
     # Timers: one per connection, re-armed lazily so a request costs no timer work in the common case.
 
@@ -155,7 +203,7 @@ class UpstreamConnection(Protocol):
         elif self._mode == _IDLE and self.sink is None:
             deadline = self._idle_since + settings.upstream_idle_timeout
             if now >= deadline:
-                self._retire()
+                self.discard()
                 return
         else:
             deadline = now + settings.response_timeout
@@ -171,31 +219,26 @@ class UpstreamConnection(Protocol):
 
     def _relay(self, data: bytes) -> None:
         mode = self._mode
-        if mode == _LENGTH:
-            self._read_length(data)
+        if mode == _BODY:
+            self._read_body(data)
         elif mode == _HEAD:
             self._read_head(data)
-        elif mode == _CHUNKED:
-            self._read_chunked(data)
-        elif mode == _UNTIL_CLOSE:
-            self.sink.response_data(data)  # type: ignore[union-attr]
         elif mode == _TUNNEL:
             self.sink.tunnel_data(data)  # type: ignore[union-attr]
-        else:
+        elif mode == _IDLE:
             # Bytes from an idle upstream connection: nothing asked for them.
-            self._retire()
+            self.discard()
+        # _ABORTED: what a connection we gave up on still delivers is dropped.
 
     def _read_head(self, data: bytes) -> None:
+        self._answered = True
         buffer = self._buffer + data if self._buffer else data
         while True:
-            end = buffer.find(b"\r\n\r\n")
-            if end == -1:
-                if len(buffer) > MAX_HEAD_BYTES:
-                    self._fail(502, "upstream response head too large")
-                else:
-                    self._buffer = buffer
-                return
             try:
+                end = find_head_end(buffer)
+                if end == -1:
+                    self._buffer = buffer
+                    return
                 head = parse_response_head(buffer[:end])
             except HttpError as error:
                 self._fail(502, error.reason)
@@ -221,66 +264,50 @@ class UpstreamConnection(Protocol):
             if buffer and self.sink is not None:
                 self.sink.tunnel_data(buffer)
             return
-        if self.head_only or status == 204 or status == 304:
+        reader = response_reader(head, self.head_only)
+        if reader is None:
             self._mode = _IDLE
             sink.response_head(head, self)  # type: ignore[union-attr]
             if buffer:
+                # A body (or anything) where none may be: the connection's framing cannot be trusted.
                 self.reusable = False
             self._finish()
             return
-        length = head.content_length
-        if length is not None and not head.chunked:
-            self._mode = _LENGTH
-            self._remaining = length
-            sink.response_head(head, self)  # type: ignore[union-attr]
-            if self.sink is not None:
-                # Small responses come whole with their head: this finishes them at once.
-                self._read_length(buffer)
-            return
-        if head.chunked:
-            self._mode = _CHUNKED
-            self._decoder = ChunkedDecoder(error_status=502)
-        else:
-            self._mode = _UNTIL_CLOSE
+        if reader.kind == UNTIL_CLOSE:
             self.reusable = False
-        sink.response_head(head, self)  # type: ignore[union-attr]
-        if self.sink is not None and buffer:
-            self._relay(buffer)
-
-    def _read_length(self, data: bytes) -> None:
-        """Bytes of a Content-Length body (maybe none yet): relayed, and the response finished at its end."""
-        remaining = self._remaining
-        size = len(data)
-        if size < remaining:
-            self._remaining = remaining - size
-            if data:
-                self.sink.response_data(data)  # type: ignore[union-attr]
-            return
-        if size > remaining:
-            # Bytes after the announced end: the upstream is broken; never reuse this connection.
-            self.reusable = False
-            data = data[:remaining]
-        self._remaining = 0
-        if data:
-            self.sink.response_data(data)  # type: ignore[union-attr]
-        self._finish()
-
-    def _read_chunked(self, data: bytes) -> None:
-        decoder = self._decoder
+        # Read what came with the head before the head goes anywhere: a body that is malformed from its first
+        # bytes is still a clean 502 to a client that has received nothing. Small responses finish right here.
         try:
-            pieces = decoder.feed(data)  # type: ignore[union-attr]
+            pieces = reader.feed(buffer) if buffer else []
         except HttpError as error:
             self._fail(502, error.reason)
             return
+        self._mode = _BODY
+        self._reader = reader
+        sink.response_head(head, self)  # type: ignore[union-attr]
+        if self.sink is not None:
+            self._deliver(pieces, reader)
+
+    def _read_body(self, data: bytes) -> None:
+        reader = self._reader
+        try:
+            pieces = reader.feed(data)  # type: ignore[union-attr]
+        except HttpError as error:
+            self._fail(502, error.reason)
+            return
+        self._deliver(pieces, reader)  # type: ignore[arg-type]
+
+    def _deliver(self, pieces: list[bytes], reader: BodyReader) -> None:
         sink = self.sink
         for piece in pieces:
-            sink.response_chunk(piece)  # type: ignore[union-attr]
-        if decoder.done:  # type: ignore[union-attr]
-            if decoder.rest:  # type: ignore[union-attr]
+            sink.response_data(piece)  # type: ignore[union-attr]
+        if reader.done:
+            if reader.rest:
+                # Bytes after the announced end: the upstream is broken; never reuse this connection.
                 self.reusable = False
             self._finish()
 
-    def _retire(self) -> None:
+    def discard(self) -> None:
         """Close an idle connection, out of the pool first so no request can take it meanwhile."""
         self.reusable = False
         self.pool.forget(self)
@@ -288,7 +315,7 @@ class UpstreamConnection(Protocol):
 
     def _finish(self) -> None:
         self._mode = _IDLE
-        self._decoder = None
+        self._reader = None
         sink = self.sink
         if sink is not None:
             sink.response_done()
@@ -337,9 +364,14 @@ class UpstreamPool:
         idle = backend.idle
         while idle:
             connection = idle.pop()
-            if connection.connected and connection.reusable:
-                connection.reused = True
-                return connection
+            if not (connection.connected and connection.reusable):
+                continue
+            if connection.has_unread():
+                # Late bytes after its last response (or its close) wait unread: never before a new request.
+                connection.discard()
+                continue
+            connection.reused = True
+            return connection
         self.connect(backend, sink)
         return None
 
@@ -370,15 +402,8 @@ class UpstreamPool:
             and backend.ready
             and len(backend.idle) < self.settings.max_idle_per_backend
         ):
-            now = connection._idle_since = self.clock.seconds()
             backend.idle.append(connection)
-            timer = connection._timer
-            limit = self.settings.upstream_idle_timeout
-            # Usually the pending timer is already due sooner and re-arms itself; only move it when it is not.
-            if timer is None or not timer.active():
-                connection._timer = self.clock.callLater(limit, connection._check_timers)
-            elif timer.getTime() > now + limit:
-                timer.reset(limit)
+            connection.park(self.clock.seconds())
         elif connection.connected:
             connection.transport.loseConnection()
 

@@ -2,7 +2,7 @@
 """Issue 3's benchmark: how labelgw balances between backends of unequal speed, next to nginx and HAProxy.
 
 Scenario S1 of shared/notes/load-balancing.md: five latency-injecting backends run as real labelled containers
-(host network, 127.0.0.1), each `python -m labelgw.whoami --delay-ms M --workers 1`: a FIFO queue with one worker,
+(host network, 127.0.0.1), each `python -m labelgw.tools.whoami --delay-ms M --workers 1`: a FIFO queue with one worker,
 a request holding it M ms x Exp(1); four at 10 ms and one ("b4") at 100 ms, 410 req/s of capacity in all.
 The same seeded open-loop Poisson load (bench/loadgen.py, its own process) is sent through each proxy in turn:
 
@@ -149,7 +149,7 @@ class Backends:
             container = self._client.containers.create(
                 IMAGE,
                 command=[
-                    python, "-m", "labelgw.whoami", "--port", str(port), "--name", spec.name,
+                    python, "-m", "labelgw.tools.whoami", "--port", str(port), "--name", spec.name,
                     "--delay-ms", f"{spec.delay_ms:g}", "--workers", "1", "--seed", str(self._seed * 100 + index),
                 ],
                 name=f"labelgw-bench-{self.run_id}-{spec.name}",

@@ -21,11 +21,11 @@ def main(argv: Sequence[str]) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "ca":
-        from labelgw.ca_command import main as ca_main  # noqa: PLC0415 - only the chosen command is imported
+        from labelgw.cli.ca_command import main as ca_main  # noqa: PLC0415 - only the chosen command is imported
 
         return ca_main(rest)
     if command == "explain":
-        from labelgw.explain_command import main as explain_main  # noqa: PLC0415 - only the chosen command
+        from labelgw.cli.explain_command import main as explain_main  # noqa: PLC0415 - only the chosen command
 
         return explain_main(rest)
     print(f"python -m labelgw: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -15,12 +15,12 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from labelgw.backends import Backend
+from labelgw.core.backends import Backend
 from labelgw.http.server import ClientConnection, Gateway, ProxyFactory
 from labelgw.http.settings import ProxySettings
 from labelgw.http.upstream import UpstreamConnection
-from labelgw.model import ContainerSpec
-from labelgw.registry import Registry
+from labelgw.core.model import ContainerSpec
+from labelgw.core.registry import Registry
 
 # A real clock is never at 0; starting there would hide nothing but could trip "0.0 means unset" sentinels.
 START_TIME = 1_000_000.0

@@ -1,4 +1,4 @@
-"""The admin JSON view (labelgw.admin), rendered with twisted.web's test request; and its command-line option."""
+"""The admin JSON view (labelgw.control.admin), rendered with twisted.web's test request; and its command-line option."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.web.test.requesthelper import DummyRequest
 
-from labelgw import tap
-from labelgw.admin import AdminListener, AdminResource, admin_site, state
-from labelgw.backends import Backend, ServicePool
-from labelgw.balancer import service_policy_factory
-from labelgw.config import DEFAULT_ADMIN
-from labelgw.health import HealthChecker
-from labelgw.model import ContainerSpec, Rejection
-from labelgw.outlier import OutlierDetector
-from labelgw.registry import Registry
+from labelgw.cli import tap
+from labelgw.control.admin import AdminListener, AdminResource, admin_site, state
+from labelgw.core.backends import Backend, ServicePool
+from labelgw.core.balancer import service_policy_factory
+from labelgw.cli.config import DEFAULT_ADMIN
+from labelgw.control.health import HealthChecker
+from labelgw.core.model import ContainerSpec, Rejection
+from labelgw.control.outlier import OutlierDetector
+from labelgw.core.registry import Registry
 from support.specs import typed_options
 
 
@@ -328,8 +328,8 @@ def test_admin_host_option_and_setting(tmp_path: Any) -> None:
 
 
 def test_the_gateway_passes_admin_hosts_to_the_admin_view(tmp_path: Any) -> None:
-    from labelgw import config
-    from labelgw.app import LabelgwService
+    from labelgw.cli import config
+    from labelgw.cli.app import LabelgwService
 
     settings = config.build({"https": ["none"], "admin_hosts": ["gw.example.com"]}, {"docker": False})
     service = LabelgwService(settings, MemoryReactorClock())

@@ -9,9 +9,9 @@ from collections import Counter
 import pytest
 from twisted.internet.task import Clock
 
-from labelgw import backends as backends_module
-from labelgw.backends import Backend
-from labelgw.balancer import (
+from labelgw.core import backends as backends_module
+from labelgw.core.backends import Backend
+from labelgw.core.balancer import (
     DEFAULT_SCAN_LIMIT,
     POLICY_NAMES,
     LeastConn,
@@ -20,7 +20,7 @@ from labelgw.balancer import (
     describe,
     make_policy,
 )
-from labelgw.model import ContainerSpec
+from labelgw.core.model import ContainerSpec
 
 
 def backend(name: str, weight: float = 1.0) -> Backend:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from labelgw import config
+from labelgw.cli import config
 from labelgw.tls.ca import LocalCA
 from support.benchscripts import load_bench_script
 

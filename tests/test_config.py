@@ -1,4 +1,4 @@
-"""Settings from the command line and the YAML file (labelgw.tap.Options -> labelgw.config). No reactor, no engine."""
+"""Settings from the command line and the YAML file (labelgw.cli.tap.Options -> labelgw.cli.config). No reactor, no engine."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
-from labelgw import config
-from labelgw.config import Settings, StaticService
+from labelgw.cli import config
+from labelgw.cli.config import Settings, StaticService
 from labelgw.http.settings import ProxySettings
-from labelgw.model import ContainerSpec
-from labelgw.tap import Options
+from labelgw.core.model import ContainerSpec
+from labelgw.cli.tap import Options
 
 
 @pytest.fixture(autouse=True)

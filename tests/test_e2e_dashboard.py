@@ -56,7 +56,7 @@ def test_the_dashboard_shows_services_backends_skipped_containers_and_follows_a_
     for index in (1, 2):
         port = free_port()
         container = containers.python(
-            ["-m", "labelgw.whoami", "--port", str(port), "--name", f"r{index}"],
+            ["-m", "labelgw.tools.whoami", "--port", str(port), "--name", f"r{index}"],
             labels={"labelgw.service": service, "labelgw.port": str(port), "labelgw.path": "/app"},
         )
         containers.wait_serving(container, port)
@@ -66,7 +66,7 @@ def test_the_dashboard_shows_services_backends_skipped_containers_and_follows_a_
     for version, extra in (("v1", {}), ("v2", {"labelgw.traffic": "20"})):
         port = free_port()
         labels = {"labelgw.service": canary, "labelgw.port": str(port), "labelgw.version": version, **extra}
-        container = containers.python(["-m", "labelgw.whoami", "--port", str(port), "--name", version], labels=labels)
+        container = containers.python(["-m", "labelgw.tools.whoami", "--port", str(port), "--name", version], labels=labels)
         containers.wait_serving(container, port)
     skipped = containers.run(labels={"labelgw.service": service + "x", "labelgw.prot": "80"})
     poll(gw, host, lambda r: r.status == 200, path="/app")

@@ -1,5 +1,5 @@
 """End to end: dot segments and encoded slashes against path-prefix routes, through the real `twistd -n labelgw`
-(static services, no Docker watcher) to real labelgw.whoami backends that echo the request line they received.
+(static services, no Docker watcher) to real labelgw.tools.whoami backends that echo the request line they received.
 Loopback only; one gateway and three backends for the whole module."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         for name, (prefix, strip) in SERVICES.items():
             port = free_port()
             backends.append(subprocess.Popen(
-                [sys.executable, "-m", "labelgw.whoami", "--host", LOOPBACK, "--port", str(port), "--name", name],
+                [sys.executable, "-m", "labelgw.tools.whoami", "--host", LOOPBACK, "--port", str(port), "--name", name],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             ))
             wait_for_port(port)

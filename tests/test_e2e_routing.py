@@ -19,7 +19,7 @@ pytestmark = pytest.mark.docker
 
 def whoami(containers: Any, service: str, name: str, port: int, **labels: str) -> Any:
     all_labels = {"labelgw.service": service, "labelgw.port": str(port), **{f"labelgw.{k}": v for k, v in labels.items()}}
-    container = containers.python(["-m", "labelgw.whoami", "--port", str(port), "--name", name], labels=all_labels)
+    container = containers.python(["-m", "labelgw.tools.whoami", "--port", str(port), "--name", name], labels=all_labels)
     containers.wait_serving(container, port)
     return container
 

@@ -130,7 +130,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 15.0, log: Ca
 
 def whoami(containers: Any, service: str, port: int, **labels: str) -> Any:
     all_labels = {"labelgw.service": service, "labelgw.port": str(port), **{f"labelgw.{k}": v for k, v in labels.items()}}
-    container = containers.python(["-m", "labelgw.whoami", "--port", str(port), "--name", service], labels=all_labels)
+    container = containers.python(["-m", "labelgw.tools.whoami", "--port", str(port), "--name", service], labels=all_labels)
     containers.wait_serving(container, port)
     return container
 

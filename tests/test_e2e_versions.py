@@ -22,7 +22,7 @@ def versioned_service(containers: Any, service: str, **versions: dict[str, str])
         port = free_port()
         labels = {"labelgw.service": service, "labelgw.port": str(port), "labelgw.version": version}
         labels.update({f"labelgw.{key}": value for key, value in extra.items()})
-        container = containers.python(["-m", "labelgw.whoami", "--port", str(port), "--name", version], labels=labels)
+        container = containers.python(["-m", "labelgw.tools.whoami", "--port", str(port), "--name", version], labels=labels)
         containers.wait_serving(container, port)
 
 

@@ -16,7 +16,7 @@ from labelgw.http.parser import RequestHead, ResponseHead, parse_request_head, p
 from labelgw.http.server import Gateway
 from labelgw.http.settings import ProxySettings
 from labelgw.http.states import ExchangeState, StateError
-from labelgw.registry import Registry
+from labelgw.core.registry import Registry
 from proxyharness import DEFAULT_SPECS
 
 Call = tuple[Any, ...]

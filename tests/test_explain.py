@@ -1,4 +1,4 @@
-"""labelgw.explain (what would happen to a request, without doing it) and the admin listener's /explain, /healthz
+"""labelgw.control.explain (what would happen to a request, without doing it) and the admin listener's /explain, /healthz
 and /dashboard paths. Deterministic: fake clocks, seeded random sources, twisted.web's test requests."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.test.requesthelper import DummyRequest
 
-from labelgw.admin import CONTENT_SECURITY_POLICY, AdminListener, AdminResource, static_files
-from labelgw.backends import Backend
-from labelgw.balancer import service_policy_factory
-from labelgw.explain import ExplainError, Explainer, parse_url
-from labelgw.model import ContainerSpec
-from labelgw.registry import Registry
+from labelgw.control.admin import CONTENT_SECURITY_POLICY, AdminListener, AdminResource, static_files
+from labelgw.core.backends import Backend
+from labelgw.core.balancer import service_policy_factory
+from labelgw.control.explain import ExplainError, Explainer, parse_url
+from labelgw.core.model import ContainerSpec
+from labelgw.core.registry import Registry
 from labelgw.http.versioning import choose_version
 from support.specs import typed_options
 
@@ -346,8 +346,8 @@ def test_the_dashboard_is_served_from_the_package_with_a_strict_policy() -> None
 def test_the_gateway_keeps_its_admin_listener_through_the_drain_and_answers_503() -> None:
     from twisted.internet.testing import StringTransport
 
-    from labelgw import config
-    from labelgw.app import LabelgwService
+    from labelgw.cli import config
+    from labelgw.cli.app import LabelgwService
 
     reactor = MemoryReactorClock()
     settings = config.build({"https": ["none"], "http": ["tcp:0:interface=127.0.0.1"]}, {"docker": False})

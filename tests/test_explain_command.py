@@ -18,7 +18,7 @@ from typing import Any
 
 from support.net import free_port
 
-from labelgw.explain_command import main
+from labelgw.cli.explain_command import main
 
 
 def config(tmp_path: Path, backends: list[int], drain_grace: float = 10.0) -> Path:

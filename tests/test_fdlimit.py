@@ -1,10 +1,10 @@
-"""The open-file limit labelgw raises for itself at startup (labelgw.fdlimit)."""
+"""The open-file limit labelgw raises for itself at startup (labelgw.cli.fdlimit)."""
 
 from __future__ import annotations
 
 import resource
 
-from labelgw.fdlimit import RAISE_CAP, FileLimit, raise_open_file_limit
+from labelgw.cli.fdlimit import RAISE_CAP, FileLimit, raise_open_file_limit
 
 
 class FakeLimits:

@@ -1,4 +1,4 @@
-"""Active health checks (labelgw.health): an injected clock and an injected HTTP call; no sockets, no sleeps.
+"""Active health checks (labelgw.control.health): an injected clock and an injected HTTP call; no sockets, no sleeps.
 
 One test at the end runs the real treq call against a twisted.web server on loopback (real reactor)."""
 
@@ -13,10 +13,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 
-from labelgw.backends import Backend, RoundRobin, ServicePool
-from labelgw.health import HealthChecker, treq_getter
-from labelgw.model import ContainerSpec
-from labelgw.registry import Registry
+from labelgw.core.backends import Backend, RoundRobin, ServicePool
+from labelgw.control.health import HealthChecker, treq_getter
+from labelgw.core.model import ContainerSpec
+from labelgw.core.registry import Registry
 from support.specs import typed_options
 
 

@@ -2,11 +2,11 @@
 
 Each set lives in one labelgw module:
 
-- labelgw/reactor.py: EPollReactor's poll step, which LeanEPollReactor re-implements;
+- labelgw/cli/reactor.py: EPollReactor's poll step, which LeanEPollReactor re-implements;
 - labelgw/http/fastwrite.py: a TCP transport's write queue and socket;
 - labelgw/http/h2.py: parts of h2's H2Connection that are not its documented API;
 - labelgw/tls/deadlines.py: TLSMemoryBIOProtocol's handshake flag, the class its factory builds;
-- labelgw/listeners.py: StreamServerEndpointService's synchronous start errors.
+- labelgw/cli/listeners.py: StreamServerEndpointService's synchronous start errors.
 
 When a new Twisted or h2 release fails one of these, read the named labelgw module against the new release
 before widening the version bounds in setup.cfg (which this module also checks).
@@ -90,7 +90,7 @@ def test_the_installed_h2_is_on_the_verified_line() -> None:
     )
 
 
-# --- labelgw/reactor.py: EPollReactor's poll step ----------------------------------------------------------
+# --- labelgw/cli/reactor.py: EPollReactor's poll step ----------------------------------------------------------
 
 epoll_only = pytest.mark.skipif(not HAS_EPOLL, reason="epoll is Linux only")
 
@@ -100,7 +100,7 @@ def test_the_stock_poll_step_is_the_one_lean_epoll_reactor_re_implements() -> No
     from twisted.internet.epollreactor import EPollReactor
 
     # LeanEPollReactor.doPoll is this method less log.callWithLogger, with _doReadOrWrite's read path inlined.
-    # A change in either: compare labelgw/reactor.py with the new code, then update the fingerprint.
+    # A change in either: compare labelgw/cli/reactor.py with the new code, then update the fingerprint.
     assert fingerprint(EPollReactor.doPoll) == "63d8cd39bc3446b4", "EPollReactor.doPoll changed"
     assert fingerprint(EPollReactor._doReadOrWrite) == "1c2b886057898f07", "_doReadOrWrite changed"
     assert EPollReactor.doIteration is EPollReactor.doPoll
@@ -145,7 +145,7 @@ class Selectable:
 def lean() -> Iterator[Any]:
     if not HAS_EPOLL:
         pytest.skip("epoll is Linux only")
-    from labelgw.reactor import LeanEPollReactor
+    from labelgw.cli.reactor import LeanEPollReactor
 
     reactor = LeanEPollReactor()
     yield reactor
@@ -380,7 +380,7 @@ def test_a_hand_written_goaway_is_understood() -> None:
     assert (terminated.last_stream_id, terminated.error_code) == (5, 0)
 
 
-# --- labelgw/tls/deadlines.py and labelgw/listeners.py: Twisted's TLS layer and endpoint service -----------
+# --- labelgw/tls/deadlines.py and labelgw/cli/listeners.py: Twisted's TLS layer and endpoint service -----------
 
 
 def test_tls_memory_bio_protocol_keeps_the_handshake_flag_and_builds_the_factorys_protocol() -> None:
@@ -450,7 +450,7 @@ def test_stream_server_endpoint_service_raises_start_errors_synchronously_when_a
 def test_every_private_name_the_reactor_and_fastwrite_use_is_checked_here() -> None:
     """These two modules have no private names of their own: every one they use is Twisted's, and checked above."""
     checked = {
-        "labelgw/reactor.py": {
+        "labelgw/cli/reactor.py": {
             "_POLL_IN", "_poller", "_selectables", "_doReadOrWrite", "_disconnectSelectable", "_READABLE",
         },
         "labelgw/http/fastwrite.py": {"_tempDataBuffer", "_writeDisconnected", "_DIRECT", "_SEND_LIMIT"},

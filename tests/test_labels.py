@@ -1,4 +1,4 @@
-"""labelgw.labels against real `docker inspect` output (tests/data/inspect/*.json), mutated per case.
+"""labelgw.core.labels against real `docker inspect` output (tests/data/inspect/*.json), mutated per case.
 
 The fixtures were captured from a dockerd 20.10 engine:
   host.json       --network host, labels service=Whoami, port=18081, env=dev (+ one foreign label)
@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from labelgw.labels import KNOWN_LABELS, parse_bool, parse_container, parse_duration
-from labelgw.model import ContainerSpec, HealthCheck, Rejection
+from labelgw.core.labels import KNOWN_LABELS, parse_bool, parse_container, parse_duration
+from labelgw.core.model import ContainerSpec, HealthCheck, Rejection
 
 FIXTURES = Path(__file__).parent / "data" / "inspect"
 

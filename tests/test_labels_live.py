@@ -1,4 +1,4 @@
-"""labelgw.labels against live inspect data from the Docker engine. Sends no traffic to any container.
+"""labelgw.core.labels against live inspect data from the Docker engine. Sends no traffic to any container.
 
 Needs the `docker_client` (docker.DockerClient) and `unique_name` (callable returning a fresh name) fixtures
 from tests/conftest.py.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from labelgw.labels import parse_container
-from labelgw.model import ContainerSpec
+from labelgw.core.labels import parse_container
+from labelgw.core.model import ContainerSpec
 
 TEST_IMAGE = "labelgw-test-busybox"
 

@@ -1,4 +1,4 @@
-"""labelgw.listeners: Twisted's StreamServerEndpointService with a listen backlog, a URL and a clear start error."""
+"""labelgw.cli.listeners: Twisted's StreamServerEndpointService with a listen backlog, a URL and a clear start error."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
-from labelgw.listeners import DEFAULT_BACKLOG, ListenerService, with_backlog
+from labelgw.cli.listeners import DEFAULT_BACKLOG, ListenerService, with_backlog
 
 
 def test_the_default_backlog_is_at_least_nginxs() -> None:
@@ -120,8 +120,8 @@ def test_a_bad_endpoint_string_stops_start_up_with_one_line() -> None:
 
 
 def test_every_listener_of_the_gateway_gets_the_backlog(tmp_path: Any) -> None:
-    from labelgw import config
-    from labelgw.app import LabelgwService
+    from labelgw.cli import config
+    from labelgw.cli.app import LabelgwService
 
     settings = config.build(
         {

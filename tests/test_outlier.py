@@ -1,4 +1,4 @@
-"""Passive outlier ejection (labelgw.outlier), driven through the registry with an injected clock."""
+"""Passive outlier ejection (labelgw.control.outlier), driven through the registry with an injected clock."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Any, Callable, Sequence
 import pytest
 from twisted.internet.task import Clock
 
-from labelgw import balancer
-from labelgw.backends import Backend, RoundRobin, ServicePool
-from labelgw.model import ContainerSpec
-from labelgw.outlier import EjectingPolicy, OutlierDetector
-from labelgw.registry import Registry
+from labelgw.core import balancer
+from labelgw.core.backends import Backend, RoundRobin, ServicePool
+from labelgw.core.model import ContainerSpec
+from labelgw.control.outlier import EjectingPolicy, OutlierDetector
+from labelgw.core.registry import Registry
 
 
 def spec(container_id: str, service: str = "api", port: int = 8000, **changes: Any) -> ContainerSpec:

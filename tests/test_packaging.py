@@ -148,9 +148,9 @@ print(sorted(m for m in sys.modules if m == "labelgw" or m.startswith("labelgw."
 
 def test_the_installed_admin_view_serves_its_dashboard(isolated: tuple[Path, dict[str, str], Path]) -> None:
     target, env, cwd = isolated
-    probe = "import labelgw.admin as a; print(a.__file__); print(sorted(a.static_files()))"
+    probe = "import labelgw.control.admin as a; print(a.__file__); print(sorted(a.static_files()))"
     module, files = _run([sys.executable, "-S", "-c", probe], cwd=cwd, env=env).splitlines()
-    assert Path(module).resolve() == (target / "labelgw" / "admin.py").resolve()
+    assert Path(module).resolve() == (target / "labelgw" / "control" / "admin.py").resolve()
     assert files == "['dashboard.css', 'dashboard.html', 'dashboard.js']"
 
 
@@ -158,5 +158,5 @@ def test_plugin_module_does_not_import_labelgw(isolated: tuple[Path, dict[str, s
     target, env, cwd = isolated
     plugin_file, module, imported = _run([sys.executable, "-S", "-c", PROBE], cwd=cwd, env=env).splitlines()
     assert Path(plugin_file).resolve() == (target / PLUGIN).resolve()
-    assert module == "labelgw.tap"
+    assert module == "labelgw.cli.tap"
     assert imported == "[]"

@@ -1,4 +1,4 @@
-"""Request paths against path-prefix routes (labelgw.paths): the matching form labelgw routes on, the
+"""Request paths against path-prefix routes (labelgw.core.paths): the matching form labelgw routes on, the
 forwarded form it sends upstream, the paths it refuses, and (through the deterministic proxy harness) what a backend
 receives. The hypothesis properties pin the rule: nothing a backend could resolve leaves the matched prefix."""
 
@@ -12,10 +12,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from labelgw.backends import RoundRobin, ServicePool
+from labelgw.core.backends import RoundRobin, ServicePool
 from labelgw.http.parser import parse_request_head
-from labelgw.paths import PathRefused, decode_unreserved, match_prefix, route_target, strip_segments
-from labelgw.routes import Route, RouteTable
+from labelgw.core.paths import PathRefused, decode_unreserved, match_prefix, route_target, strip_segments
+from labelgw.core.routes import Route, RouteTable
 from proxyharness import ProxyHarness, get, ok
 
 # The forms of issue 14 item 4: (request target, matching form, forwarded target).

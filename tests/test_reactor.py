@@ -1,4 +1,4 @@
-"""labelgw.reactor: the epoll reactor without the per-event log context, and when twistd gets it."""
+"""labelgw.cli.reactor: the epoll reactor without the per-event log context, and when twistd gets it."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any, Iterator
 import pytest
 from twisted.python import context, log
 
-from labelgw.reactor import LeanEPollReactor
-from labelgw.tap import default_reactor
+from labelgw.cli.reactor import LeanEPollReactor
+from labelgw.cli.tap import default_reactor
 from support.gateway import TwistdProcess
 from support.net import free_port
 
@@ -138,7 +138,7 @@ def _start(tmp_path: Path, *twistd_options: str) -> TwistdProcess:
 def test_twistd_labelgw_runs_on_the_lean_reactor_unless_told_otherwise(tmp_path: Path) -> None:
     gateway = _start(tmp_path / "default")
     try:
-        assert "reactor class: labelgw.reactor.LeanEPollReactor" in gateway.log_text()
+        assert "reactor class: labelgw.cli.reactor.LeanEPollReactor" in gateway.log_text()
     finally:
         gateway.stop()
     chosen = _start(tmp_path / "chosen", "--reactor", "epoll")

@@ -1,4 +1,4 @@
-"""The registry (labelgw.registry): container specs in, services, backends and routes out, incrementally."""
+"""The registry (labelgw.core.registry): container specs in, services, backends and routes out, incrementally."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from labelgw.backends import Backend, RoundRobin, ServicePool
-from labelgw.model import ContainerSpec, Rejection
-from labelgw.registry import STATIC_PREFIX, Registry
-from labelgw.routes import Route
+from labelgw.core.backends import Backend, RoundRobin, ServicePool
+from labelgw.core.model import ContainerSpec, Rejection
+from labelgw.core.registry import STATIC_PREFIX, Registry
+from labelgw.core.routes import Route
 from support.specs import typed_options
 
 
@@ -522,7 +522,7 @@ def test_weight_comes_from_the_label_and_follows_updates(rec: Recorder) -> None:
 
 
 def test_a_service_gets_the_policy_its_first_container_names() -> None:
-    from labelgw.balancer import LeastConn, WeightedResponseTime, service_policy_factory
+    from labelgw.core.balancer import LeastConn, WeightedResponseTime, service_policy_factory
     from twisted.internet.task import Clock
 
     clock = Clock()
@@ -653,7 +653,7 @@ def test_a_share_change_that_conflicts_skips_the_container(rec: Recorder) -> Non
 
 
 def test_share_rejections_show_in_the_admin_view(rec: Recorder) -> None:
-    from labelgw.admin import state
+    from labelgw.control.admin import state
 
     rec.apply(spec("a", version="v1", port=8001, traffic=70.0), spec("b", version="v2", port=8002, traffic=70.0))
     view = state(rec.registry, 0.0)

@@ -1,4 +1,4 @@
-"""The route table (labelgw.routes): host normalisation, longest path prefix on segment boundaries, prefix
+"""The route table (labelgw.core.routes): host normalisation, longest path prefix on segment boundaries, prefix
 stripping, and whole-host replacement."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from typing import Iterator, Mapping
 
 import pytest
 
-from labelgw.backends import RoundRobin, ServicePool
-from labelgw.paths import PathRefused, route_target
-from labelgw.routes import HostRoutes, Route, RouteTable, normalize_host
+from labelgw.core.backends import RoundRobin, ServicePool
+from labelgw.core.paths import PathRefused, route_target
+from labelgw.core.routes import HostRoutes, Route, RouteTable, normalize_host
 
 
 def pool(name: str) -> ServicePool:
@@ -141,7 +141,7 @@ def test_upstream_path(prefix: str, strip: bool, target: bytes, upstream: bytes)
 @pytest.mark.parametrize(
     ("prefix", "strip", "target", "upstream"),
     [
-        # Targets as labelgw.paths forwards them: escapes as received, the prefix cut by segments.
+        # Targets as labelgw.core.paths forwards them: escapes as received, the prefix cut by segments.
         ("/api", True, b"/%61pi/users?x=1", b"/users?x=1"),
         ("/api", True, b"/api%2Fusers", b"/users"),
         ("/~user", True, b"/%7Euser/x", b"/x"),
@@ -154,7 +154,7 @@ def test_upstream_path_of_encoded_targets(prefix: str, strip: bool, target: byte
     assert route("a", prefix, strip=strip).upstream_path(target) == upstream
 
 
-# Prefixes and paths compared in matching form (labelgw.paths).
+# Prefixes and paths compared in matching form (labelgw.core.paths).
 
 
 @pytest.mark.parametrize(

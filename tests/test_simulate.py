@@ -8,9 +8,9 @@ from typing import Callable, Sequence
 
 import pytest
 
-from labelgw.backends import Backend
-from labelgw.balancer import WeightedResponseTime
-from labelgw.simulate import (
+from labelgw.core.backends import Backend
+from labelgw.core.balancer import WeightedResponseTime
+from labelgw.tools.simulate import (
     CLIENT_TIMEOUT,
     Scenario,
     SimBackend,

@@ -18,7 +18,7 @@ import pytest
 from support.gateway import twistd_environment
 from test_tls_support import InlineThreads, handshake, real_time_clock
 
-from labelgw.ca_command import System, TrustStore, main
+from labelgw.cli.ca_command import System, TrustStore, main
 from labelgw.tls.ca import LocalCA
 from labelgw.tls.sni import SNIContextSelector
 

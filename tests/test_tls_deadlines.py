@@ -22,7 +22,7 @@ from zope.interface import implementer
 from labelgw.http.h2 import negotiating_factory
 from labelgw.http.server import Gateway
 from labelgw.http.settings import ProxySettings
-from labelgw.routes import RouteTable
+from labelgw.core.routes import RouteTable
 from labelgw.tls.deadlines import DEFAULT_CLOSE_GRACE, FLUSH_TIMEOUT, TLSServerFactory
 from labelgw.tls.policy import INTERMEDIATE, build_server_context
 from test_tls_support import UserIssuer
@@ -369,8 +369,8 @@ def test_an_idle_http2_connection_is_closed_by_the_idle_deadline_then_the_grace(
 
 
 def test_the_https_listeners_get_the_deadlines_from_the_settings(tmp_path: Any) -> None:
-    from labelgw import config
-    from labelgw.app import LabelgwService
+    from labelgw.cli import config
+    from labelgw.cli.app import LabelgwService
 
     settings = config.build(
         {"https": ["tcp:0:interface=127.0.0.1"], "state_dir": str(tmp_path / "state")},
@@ -384,8 +384,7 @@ def test_the_https_listeners_get_the_deadlines_from_the_settings(tmp_path: Any) 
 
 
 def test_tls_close_grace_setting() -> None:
-    from labelgw import config
-
+    from labelgw.cli import config
     assert config.build({}).tls_close_grace == DEFAULT_CLOSE_GRACE == 2.0
     assert config.build({}, {"tls_close_grace": 1}).tls_close_grace == 1.0
     for bad in (0, "soon", True, 100000):

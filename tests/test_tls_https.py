@@ -1,4 +1,4 @@
-"""HTTPS wiring (labelgw/https.py, the options in tap/config, the redirect hook in the HTTP/1.1 server).
+"""HTTPS wiring (labelgw/tls/https.py, the options in tap/config, the redirect hook in the HTTP/1.1 server).
 
 Deterministic: MemoryReactorClock and in-memory transports; real handshakes are in tests/test_e2e_tls.py.
 """
@@ -17,15 +17,15 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from labelgw import config
-from labelgw.app import LabelgwService
-from labelgw.backends import RoundRobin, ServicePool
+from labelgw.cli import config
+from labelgw.cli.app import LabelgwService
+from labelgw.core.backends import RoundRobin, ServicePool
 from labelgw.http.h2 import NegotiatingFactory
 from labelgw.http.server import ProxyFactory
-from labelgw.https import HttpsRedirect, HttpsService
-from labelgw.model import ContainerSpec
-from labelgw.routes import Route
-from labelgw.tap import Options
+from labelgw.tls.https import HttpsRedirect, HttpsService
+from labelgw.core.model import ContainerSpec
+from labelgw.core.routes import Route
+from labelgw.cli.tap import Options
 from labelgw.tls import CertDirectory, SNIContextSelector
 from proxyharness import ProxyHarness, spec
 

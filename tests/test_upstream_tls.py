@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from twisted.internet.testing import MemoryReactorClock
 
-from labelgw.backends import Backend
+from labelgw.core.backends import Backend
 from labelgw.http.settings import ProxySettings
 from labelgw.http.upstream import UpstreamPool
-from labelgw.model import ContainerSpec
+from labelgw.core.model import ContainerSpec
 
 
 class _Sink:

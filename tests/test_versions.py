@@ -1,4 +1,4 @@
-"""Version splits: shares by label (labelgw.versions); pinning by header and stickiness by cookie (labelgw.http.versioning)."""
+"""Version splits: shares by label (labelgw.core.versions); pinning by header and stickiness by cookie (labelgw.http.versioning)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from collections import Counter
 
 import pytest
 
-from labelgw.backends import RoundRobin, ServicePool, Backend
+from labelgw.core.backends import RoundRobin, ServicePool, Backend
 from labelgw.http.parser import parse_request_head
-from labelgw.model import ContainerSpec
+from labelgw.core.model import ContainerSpec
 from support.specs import typed_options
 from labelgw.http.versioning import choose_version, sticky_version
-from labelgw.versions import VersionSplit, decide, versioned
+from labelgw.core.versions import VersionSplit, decide, versioned
 
 
 def backend(name: str, version: str | None, traffic: str | None = None, ready: bool = True) -> Backend:
@@ -141,7 +141,7 @@ def test_sticky_cookie_parsing(header: bytes | None, expected: str | None) -> No
 
 
 def test_the_version_header_is_configurable() -> None:
-    from labelgw.tap import Options
+    from labelgw.cli.tap import Options
 
     options = Options()
     options.parseOptions(["--version-header", "X-Canary", "--https", "none", "--admin", "none"])
@@ -157,7 +157,7 @@ def test_the_version_header_is_configurable() -> None:
 def test_a_bad_version_header_is_a_one_line_error() -> None:
     from twisted.python.usage import UsageError
 
-    from labelgw.tap import Options
+    from labelgw.cli.tap import Options
 
     with pytest.raises(UsageError, match="--version-header"):
         Options().parseOptions(["--version-header", "X Canary"])
@@ -201,8 +201,8 @@ def test_the_core_knows_no_http() -> None:
 
     code = (
         "import sys\n"
-        "import labelgw.model, labelgw.labels, labelgw.paths, labelgw.routes, labelgw.registry, labelgw.backends\n"
-        "import labelgw.balancer, labelgw.versions, labelgw.tracker\n"
+        "import labelgw.core.model, labelgw.core.labels, labelgw.core.paths, labelgw.core.routes, labelgw.core.registry, labelgw.core.backends\n"
+        "import labelgw.core.balancer, labelgw.core.versions, labelgw.docker.tracker\n"
         "print(sorted(name for name in sys.modules if name.startswith('labelgw.http') or name == 'docker'))\n"
     )
     root = Path(__file__).resolve().parent.parent  # the working tree's labelgw, first on the path

@@ -1,4 +1,4 @@
-"""labelgw.watcher, deterministic: the tracker state machine directly, then the DockerWatcher plumbing with a
+"""labelgw.docker.watcher, deterministic: the tracker state machine directly, then the DockerWatcher plumbing with a
 fake engine, a task.Clock reactor whose callFromThread runs at once, and a thread stand-in that runs pool jobs
 synchronously (or queues them when a test needs to interleave)."""
 
@@ -14,8 +14,8 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from labelgw.model import ContainerSpec, Rejection
-from labelgw.watcher import (
+from labelgw.core.model import ContainerSpec, Rejection
+from labelgw.docker.watcher import (
     EVENT_FILTERS,
     GONE,
     Backoff,
@@ -953,7 +953,7 @@ def test_stop_while_retrying_cancels_the_retry() -> None:
 
 
 def test_the_default_parser_is_labels_parse_container() -> None:
-    from labelgw.labels import parse_container
+    from labelgw.core.labels import parse_container
 
     watcher = DockerWatcher(FakeReactor(), RecordingSink(), FakeEngine().factory)
     assert watcher._parse_function() is parse_container
@@ -965,7 +965,7 @@ def test_the_tracker_is_pure() -> None:
     import sys
     from pathlib import Path
 
-    code = "import sys, labelgw.tracker; print(sorted({'docker', 'twisted.internet.reactor'} & set(sys.modules)))"
+    code = "import sys, labelgw.docker.tracker; print(sorted({'docker', 'twisted.internet.reactor'} & set(sys.modules)))"
     root = Path(__file__).resolve().parent.parent  # the working tree's labelgw, first on the path
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
     assert out.strip() == "[]"

@@ -19,9 +19,9 @@ import docker
 import pytest_twisted
 from twisted.internet import defer, task, threads
 
-from labelgw.labels import parse_container
-from labelgw.model import ContainerSpec
-from labelgw.watcher import DockerWatcher
+from labelgw.core.labels import parse_container
+from labelgw.core.model import ContainerSpec
+from labelgw.docker.watcher import DockerWatcher
 from support import docker_host_url
 
 LABELS = {"labelgw.service": "x", "labelgw.port": "8080"}

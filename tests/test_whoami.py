@@ -1,4 +1,4 @@
-"""labelgw.whoami, driven through its real HTTP/1.1 channel over StringTransport with a MemoryReactorClock.
+"""labelgw.tools.whoami, driven through its real HTTP/1.1 channel over StringTransport with a MemoryReactorClock.
 
 No sockets, no sleeps: bytes go in with dataReceived, come out of the transport, and time moves with advance().
 """
@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from labelgw.whoami import (
+from labelgw.tools.whoami import (
     OP_BINARY,
     OP_CLOSE,
     OP_PING,

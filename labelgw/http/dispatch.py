@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 from labelgw.http.exchange import Exchange
 from labelgw.http.parser import RequestHead
 from labelgw.http.sides import RequestSide
-from labelgw.routes import normalize_host
+from labelgw.core.routes import normalize_host
 from labelgw.http.versioning import choose_version
-from labelgw.paths import PathRefused, route_target
+from labelgw.core.paths import PathRefused, route_target
 
 if TYPE_CHECKING:
     from labelgw.http.server import Gateway
@@ -33,7 +33,7 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
         if len(_HOSTS) >= 4096:
             _HOSTS.clear()
         _HOSTS[raw_host] = host  # type: ignore[index]
-    # Routed on the path's normal form, forwarded without dot segments; or refused (labelgw.paths).
+    # Routed on the path's normal form, forwarded without dot segments; or refused (labelgw.core.paths).
     try:
         path, target = route_target(head.target)
     except PathRefused as error:
@@ -41,7 +41,7 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
         return None
     head.target = target
     route = gateway.table.lookup(host, path)
-    # Plain HTTP answered with a 308 to HTTPS (--redirect-https, <prefix>.tls=redirect): labelgw.https.
+    # Plain HTTP answered with a 308 to HTTPS (--redirect-https, <prefix>.tls=redirect): labelgw.tls.https.
     redirect = gateway.https_redirect
     if redirect is not None and side.proto == b"http":
         location = redirect.location(host, target, route)

@@ -12,14 +12,14 @@ from typing import Any
 
 from twisted.python.failure import Failure
 
-from labelgw.backends import Backend
+from labelgw.core.backends import Backend
 from labelgw.http.logsafe import printable
 from labelgw.http.headers import upstream_request_head
 from labelgw.http.parser import LAST_CHUNK, RequestHead, ResponseHead, encode_chunk
 from labelgw.http.sides import ClientSide
 from labelgw.http.states import EXCHANGE_MOVES, ExchangeState, check_move, sources
 from labelgw.http.upstream import UpstreamConnection
-from labelgw.routes import Route
+from labelgw.core.routes import Route
 
 # A request whose bytes reached an upstream may be sent again only when it is idempotent (RFC 9110 9.2.2).
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})

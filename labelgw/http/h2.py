@@ -918,7 +918,7 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
 
     A body without content-length goes upstream chunked. Field lines are kept as a block (Host first), so that
     the rules of labelgw.http.headers (hop-by-hop, managed X-Forwarded-* fields) and the version pinning of
-    labelgw.versions read them as they read an HTTP/1.1 request's."""
+    labelgw.core.versions read them as they read an HTTP/1.1 request's."""
     method = path = authority = b""
     lines: list[bytes] = []
     content_length: int | None = None

@@ -22,7 +22,7 @@ from labelgw.http.settings import ProxySettings
 from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move, sources
 from labelgw.http.upstream import UpstreamPool
 from labelgw.http.versioning import DEFAULT_VERSION_HEADER
-from labelgw.routes import RouteTable
+from labelgw.core.routes import RouteTable
 
 _IDLE = ConnectionState.IDLE
 _HEAD = ConnectionState.HEAD
@@ -55,7 +55,7 @@ class Gateway:
         self._drained: list[Deferred[None]] = []
         # Lower-case name of the request field that pins a request to one version.
         self.version_header = DEFAULT_VERSION_HEADER
-        # Set when plain HTTP is to be answered with a 308 to HTTPS (labelgw.https.HttpsRedirect).
+        # Set when plain HTTP is to be answered with a 308 to HTTPS (labelgw.tls.https.HttpsRedirect).
         self.https_redirect: Any = None
 
     def retry_budget_allows(self) -> bool:

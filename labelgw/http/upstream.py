@@ -10,7 +10,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from labelgw.backends import Backend
+from labelgw.core.backends import Backend
 from labelgw.http.fastwrite import write_now
 from labelgw.http.framing import UNTIL_CLOSE, BodyReader, HttpError, find_head_end, response_reader
 from labelgw.http.parser import ResponseHead, parse_response_head

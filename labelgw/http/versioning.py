@@ -1,4 +1,4 @@
-"""Versions over HTTP: the pinning request header and the sticky cookie, around `labelgw.versions.decide`.
+"""Versions over HTTP: the pinning request header and the sticky cookie, around `labelgw.core.versions.decide`.
 
 The core decides from plain values; this module reads them from a request head and writes the `Set-Cookie`
 line that keeps a new client on its version (`labelgw_version_<service>`: a session cookie, HttpOnly,
@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from labelgw.versions import decide
+from labelgw.core.versions import decide
 
 if TYPE_CHECKING:
-    from labelgw.backends import Backend, ServicePool
+    from labelgw.core.backends import Backend, ServicePool
     from labelgw.http.parser import RequestHead
 
 __all__ = [

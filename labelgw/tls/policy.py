@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from OpenSSL import SSL
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 
-from labelgw.model import normalize_name
+from labelgw.core.model import normalize_name
 
 # Mozilla Server Side TLS "intermediate" (guidelines 5.7), minus the DHE suites: ECDHE key exchange with an
 # AEAD cipher only, so no RSA key exchange and no CBC. Order is irrelevant with the client choosing.

@@ -118,7 +118,7 @@ class ContainerFactory:
     ) -> Container:
         """Run ``<test venv>/bin/python *command_args`` in a container, host network.
 
-        E.g. ``containers.python(["-m", "labelgw.whoami", "--port", "9001"], labels=...)``.
+        E.g. ``containers.python(["-m", "labelgw.tools.whoami", "--port", "9001"], labels=...)``.
         The host's /usr, /lib, the venv and the real interpreter are bind-mounted read-only.
         """
         env = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}

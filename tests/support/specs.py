@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from labelgw.labels import parse_container
-from labelgw.model import ContainerSpec
+from labelgw.core.labels import parse_container
+from labelgw.core.model import ContainerSpec
 
 
 def typed_options(labels: Mapping[str, str]) -> dict[str, Any]:
-    """The typed ContainerSpec fields `labelgw.labels` makes of these labels (prefix removed: "weight", ...),
+    """The typed ContainerSpec fields `labelgw.core.labels` makes of these labels (prefix removed: "weight", ...),
     plus `options`, the labels as written. Fails the test when a label is invalid."""
     inspect = {
         "Id": "spec-helper",

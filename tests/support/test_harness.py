@@ -198,7 +198,7 @@ def test_twistd_process_that_dies_fails_fast_with_its_log(tmp_path: Path) -> Non
 
 STAND_IN_TAP = textwrap.dedent(
     '''
-    """Stand-in for labelgw.tap: the command-line contract, a static page, the start-up log line."""
+    """Stand-in for labelgw.cli.tap: the command-line contract, a static page, the start-up log line."""
     from twisted.application import strports
     from twisted.python import usage
     from twisted.web import resource, server, static
@@ -232,7 +232,7 @@ def test_labelgw_fixture_with_a_stand_in_product(
     labelgw: Callable[..., TwistdProcess], tmp_path: Path
 ) -> None:
     """The fixture's contract, with the product replaced by a stand-in ``labelgw`` package that
-    shadows the real one (the real plugin file still points twistd at ``labelgw.tap``)."""
+    shadows the real one (the real plugin file still points twistd at ``labelgw.cli.tap``)."""
     import os
     from support.containers import REPO_ROOT
 

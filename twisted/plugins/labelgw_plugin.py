@@ -1,3 +1,3 @@
 from twisted.application.service import ServiceMaker
 
-labelgw = ServiceMaker("labelgw", "labelgw.tap", "Reverse proxy routing by Docker container labels.", "labelgw")
+labelgw = ServiceMaker("labelgw", "labelgw.cli.tap", "Reverse proxy routing by Docker container labels.", "labelgw")

@@ -1,7 +1,7 @@
 """Selection policies: which ready backend of a service gets the next request. Pure: no I/O, no reactor.
 
-Every policy implements `labelgw.backends.Policy`. Time comes from an injected `clock` (`reactor.seconds` in the
-proxy, a `task.Clock().seconds` in tests, the simulator's clock in `labelgw.simulate`) and randomness from an
+Every policy implements `labelgw.core.backends.Policy`. Time comes from an injected `clock` (`reactor.seconds` in the
+proxy, a `task.Clock().seconds` in tests, the simulator's clock in `labelgw.tools.simulate`) and randomness from an
 injected `random.Random`, so the same objects run in all three places and are deterministic under test.
 
 The proxy keeps `backend.in_flight` itself; a policy only reads it. A policy keeps its per-backend state in
@@ -14,8 +14,8 @@ import math
 import random
 from typing import Any, Callable, Sequence
 
-from labelgw.backends import Backend, Policy, RoundRobin
-from labelgw.model import ContainerSpec
+from labelgw.core.backends import Backend, Policy, RoundRobin
+from labelgw.core.model import ContainerSpec
 
 __all__ = [
     "POLICY_NAMES",
@@ -33,7 +33,7 @@ Clock = Callable[[], float]
 POLICY_NAMES = ("wrt", "round_robin", "least_conn")
 
 # Service size up to which `wrt` compares every ready backend; above it, power of two choices.
-# Measured with `python -m labelgw.simulate --crossover` (3 to 128 backends, none / one / 1 in 5 of them 10x
+# Measured with `python -m labelgw.tools.simulate --crossover` (3 to 128 backends, none / one / 1 in 5 of them 10x
 # slow, 50 and 80 % load): in tail latency there is no crossover, the scan's p99 is lower from 5 backends
 # on (P2C's is 1.2-1.4x the scan's at 50 % load, 1.5-1.9x at 80 %; plain P2C without the redraws below
 # goes to 1-2 s at 80 % when 1 in 5 backends is slow).

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
-    from labelgw.backends import Backend, ServicePool
+    from labelgw.core.backends import Backend, ServicePool
 
 __all__ = ["VersionDecision", "VersionSplit", "decide", "versioned"]
 

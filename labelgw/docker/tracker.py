@@ -1,6 +1,6 @@
 """The Docker watcher's state machine: events and inspect results in, route sink calls and inspect requests out.
 
-Pure: no threads, no reactor, no Docker client, no I/O. `labelgw.watcher.DockerWatcher` does the plumbing (the
+Pure: no threads, no reactor, no Docker client, no I/O. `labelgw.docker.watcher.DockerWatcher` does the plumbing (the
 SDK calls in threads, the event stream, reconnects) and feeds this module on the reactor thread; everything that
 decides *what* the sink hears lives here and is tested directly.
 
@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 from twisted.logger import Logger
 
-from labelgw.model import ContainerSpec, Outcome, Rejection
+from labelgw.core.model import ContainerSpec, Outcome, Rejection
 
 __all__ = [
     "GONE",

@@ -2,7 +2,7 @@
 
 Two layers:
 
-- `labelgw.tracker.ContainerTracker`: the event-handling state machine. Pure (no threads, no reactor, no I/O):
+- `labelgw.docker.tracker.ContainerTracker`: the event-handling state machine. Pure (no threads, no reactor, no I/O):
   events and inspect results go in, sink calls and inspect requests come out. Everything that decides *what*
   the sink hears lives there and is tested directly. Its names are importable from here too.
 - `DockerWatcher` (this module): a `Service` that does the plumbing. The blocking docker SDK runs in threads only: the event
@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from labelgw.tracker import (
+from labelgw.docker.tracker import (
     GONE,
     Backoff,
     ContainerTracker,
@@ -259,7 +259,7 @@ class DockerWatcher(Service):
         - `reactor`: callLater/seconds and callFromThread (IReactorTime + IReactorThreads).
         - `client_factory`: makes a blocking docker.APIClient; called in threads only. Default: a client for
           `docker_host`, else $DOCKER_HOST, else the local socket.
-        - `parse`: inspect dict -> Outcome; default `labelgw.labels.parse_container`, imported lazily.
+        - `parse`: inspect dict -> Outcome; default `labelgw.core.labels.parse_container`, imported lazily.
         - `own_networks`: the gateway's networks; None discovers them (the container we run in, if any).
         - `inspect_parallelism`: inspects a resync runs at once; the pool has two more threads so that
           event inspects do not queue behind a large listing.
@@ -365,7 +365,7 @@ class DockerWatcher(Service):
 
     def _parse_function(self) -> ParseFunction:
         if self._parse is None:
-            from labelgw.labels import parse_container
+            from labelgw.core.labels import parse_container
 
             self._parse = parse_container
         return self._parse

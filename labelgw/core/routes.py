@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-from labelgw.backends import ServicePool
-from labelgw.paths import match_prefix, strip_segments
-from labelgw.model import normalize_host
+from labelgw.core.backends import ServicePool
+from labelgw.core.paths import match_prefix, strip_segments
+from labelgw.core.model import normalize_host
 
 __all__ = ["HostRoutes", "Route", "RouteTable", "normalize_host"]
 
@@ -22,7 +22,7 @@ class Route:
     ) -> None:
         self.host = host
         self.path_prefix = path_prefix
-        # The prefix as request paths are matched: escapes normalised like theirs (labelgw.paths).
+        # The prefix as request paths are matched: escapes normalised like theirs (labelgw.core.paths).
         self.match_prefix = match_prefix(path_prefix)
         self.service = service
         self.strip_prefix = strip_prefix
@@ -32,7 +32,7 @@ class Route:
 
     def upstream_path(self, target: bytes) -> bytes:
         """The request target to send upstream: the prefix removed when the route strips it. C{target} is the
-        forwarded form of labelgw.paths.route_target, whose matching form routed here."""
+        forwarded form of labelgw.core.paths.route_target, whose matching form routed here."""
         if not self.strip_prefix or self.match_prefix == "/":
             return target
         return strip_segments(target, self.match_prefix)
@@ -56,7 +56,7 @@ class HostRoutes:
         self._lengths = sorted({len(prefix) for prefix in self._by_prefix if prefix != "/"}, reverse=True)
 
     def match(self, path: str) -> Route | None:
-        """The route of a path in matching form (labelgw.paths.route_target)."""
+        """The route of a path in matching form (labelgw.core.paths.route_target)."""
         for length in self._lengths:
             # A prefix matches whole segments only: "/api" matches "/api" and "/api/x", never "/apix".
             if len(path) >= length and (len(path) == length or path[length] == "/"):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
-from labelgw.model import ContainerSpec
-from labelgw.versions import VersionSplit, versioned
+from labelgw.core.model import ContainerSpec
+from labelgw.core.versions import VersionSplit, versioned
 
 if TYPE_CHECKING:
-    from labelgw.balancer import WrtStats
+    from labelgw.core.balancer import WrtStats
 
 
 # Active health-check states of a backend whose container has a `health.path` label (None: no check).
@@ -25,7 +25,7 @@ class Backend:
 
     `ready` is the one flag the proxy reads. It is derived by `recompute()` from three sources, each owned by
     one component: the container's own state (`spec.ready`, from Docker), the active health check
-    (`health_state`, from labelgw.health) and passive outlier ejection (`ejected_until`, from labelgw.outlier).
+    (`health_state`, from labelgw.control.health) and passive outlier ejection (`ejected_until`, from labelgw.control.outlier).
     """
 
     __slots__ = (
@@ -127,7 +127,7 @@ class ServicePool:
         self.policy = policy
         self.backends: dict[str, Backend] = {}
         self.ready: tuple[Backend, ...] = ()
-        # Set when the ready backends hold more than one version (labelgw.versions).
+        # Set when the ready backends hold more than one version (labelgw.core.versions).
         self.split: VersionSplit | None = None
         # Requests in flight to this service (kept by the proxy, bounded by ProxySettings.max_in_flight_per_service).
         self.in_flight = 0

@@ -8,7 +8,7 @@ them rather than answering 503 for minutes. When the time is up the backend is r
 `on_ready` puts it through slow start.
 
 It hooks into the request path by wrapping each service's policy (`EjectingPolicy`), so the exchange needs no
-change, and it learns about services and backends as a `labelgw.registry.BackendListener`. Readiness changes
+change, and it learns about services and backends as a `labelgw.core.registry.BackendListener`. Readiness changes
 go back through the registry (`changed`), which re-derives `backend.ready`.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from labelgw.backends import Backend, Policy, ServicePool
+from labelgw.core.backends import Backend, Policy, ServicePool
 
 __all__ = ["EjectingPolicy", "OutlierDetector"]
 

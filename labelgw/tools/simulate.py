@@ -8,8 +8,8 @@ simulated clock. A timed-out request still occupies its backend (servers rarely 
 Every policy sees the same request sequence for a given seed. The clairvoyant oracle picks the backend
 where the request would finish first (argmin of max(now, free_at) + x * m_i): a lower bound, not a policy.
 
-    python -m labelgw.simulate [--scenario S1] [--load 0.5] [--seconds 60] [--seeds 3] [--policies ...]
-    python -m labelgw.simulate --crossover
+    python -m labelgw.tools.simulate [--scenario S1] [--load 0.5] [--seconds 60] [--seeds 3] [--policies ...]
+    python -m labelgw.tools.simulate --crossover
 
 Scenarios, five single-worker backends: S1 4 x 10 ms + 1 x 100 ms (capacity
 410 req/s); S2 5 x 10 ms, one at 100 ms during the middle third of the run; S3 one backend at 2 ms (90 %) or
@@ -31,9 +31,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from labelgw.backends import Backend, Policy
-from labelgw.balancer import POLICY_NAMES, make_policy
-from labelgw.model import ContainerSpec
+from labelgw.core.backends import Backend, Policy
+from labelgw.core.balancer import POLICY_NAMES, make_policy
+from labelgw.core.model import ContainerSpec
 
 # (now, u) -> seconds per unit of request size; u is a per-request uniform draw shared by all backends.
 Multiplier = Callable[[float, float], float]
@@ -455,7 +455,7 @@ def crossover(seconds: float, seeds: Sequence[int], loads: Sequence[float], size
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m labelgw.simulate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m labelgw.tools.simulate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", action="append", choices=["S1", "S2", "S3", "S4", "s1", "s2", "s3", "s4"],
                         help="scenario (repeatable); default: all four")
     parser.add_argument("--load", action="append", type=float,

@@ -1,6 +1,6 @@
 """A small test/dev HTTP backend: tells who answered and what it received.
 
-Run it as ``python -m labelgw.whoami --port 9000``. It is what the tests and the benchmarks put behind labelgw:
+Run it as ``python -m labelgw.tools.whoami --port 9000``. It is what the tests and the benchmarks put behind labelgw:
 
 - ``/`` and any unknown path: plain text with the server's name, the client address, the request line and every
   request header, one per line (``Header: value``); ``/api`` says the same as JSON.
@@ -744,7 +744,7 @@ def make_site(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m labelgw.whoami", description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(prog="python -m labelgw.tools.whoami", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--port", type=int, default=9000, help="TCP port (0: any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--name", default=None, help="name in answers and X-Whoami (default $HOSTNAME)")
@@ -780,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run the copy importable as labelgw.whoami, so classes and log namespaces have their real names.
-    from labelgw.whoami import main as _main
+    # Run the copy importable as labelgw.tools.whoami, so classes and log namespaces have their real names.
+    from labelgw.tools.whoami import main as _main
 
     _main()

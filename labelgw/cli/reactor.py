@@ -9,7 +9,7 @@ never reads that context; without it, a legacy message emitted inside an event (
 callback, say) shows "-" as its system, and its traceback still names the code.
 
 twistd installs a reactor only when asked (`--reactor`); `twistd -n labelgw` without that option gets this one
-where the platform has epoll (labelgw.tap), and a reactor chosen on the command line is used as it is. Linux only:
+where the platform has epoll (labelgw.cli.tap), and a reactor chosen on the command line is used as it is. Linux only:
 importing this module elsewhere fails.
 """
 

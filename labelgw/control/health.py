@@ -1,7 +1,7 @@
 """Active health checks: `GET http://address:port<health.path>` on every backend whose container has the label.
 
 Per backend, from its spec's `health_check` (the labels `health.path`, `health.interval`, default 5 s, and
-`health.timeout`, default 2 s, as `labelgw.labels` read them).
+`health.timeout`, default 2 s, as `labelgw.core.labels` read them).
 A 2xx or 3xx answer within the timeout is a success (redirects are not followed); anything else is a failure.
 
 States (`Backend.health_state`): "unknown" until the first success (no traffic before it), then "healthy";
@@ -11,7 +11,7 @@ successes make it healthy again. A check starts as soon as the container is read
 container is stopped or paused there are no checks, and its state goes back to "unknown": after a restart the
 first success is enough.
 
-The checker is a `labelgw.registry.BackendListener`; state changes go back through the registry (`changed`),
+The checker is a `labelgw.core.registry.BackendListener`; state changes go back through the registry (`changed`),
 which re-derives `backend.ready`. Checks run on the reactor with treq (control-plane traffic, one new
 connection each); the reactor, and so the clock, is injected, and so is the HTTP call for tests.
 """
@@ -25,8 +25,8 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from labelgw.backends import HEALTH_HEALTHY, HEALTH_UNHEALTHY, HEALTH_UNKNOWN, Backend, ServicePool
-from labelgw.model import DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, HealthCheck
+from labelgw.core.backends import HEALTH_HEALTHY, HEALTH_UNHEALTHY, HEALTH_UNKNOWN, Backend, ServicePool
+from labelgw.core.model import DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, HealthCheck
 
 __all__ = ["DEFAULT_INTERVAL", "DEFAULT_TIMEOUT", "HealthChecker", "HttpGet", "treq_getter"]
 

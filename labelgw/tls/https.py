@@ -22,11 +22,11 @@ from typing import Any, Callable
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
-from labelgw.config import Settings
+from labelgw.cli.config import Settings
 from labelgw.http.h2 import negotiating_factory
 from labelgw.http.server import Gateway
-from labelgw.listeners import ListenerService
-from labelgw.routes import Route
+from labelgw.cli.listeners import ListenerService
+from labelgw.core.routes import Route
 from labelgw.tls import (
     CAError,
     CertDirectory,

@@ -9,18 +9,18 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from labelgw.admin import AdminListener, admin_site
-from labelgw.backends import Backend, ServicePool
-from labelgw.balancer import service_policy_factory
-from labelgw.config import Settings
-from labelgw.explain import Explainer
-from labelgw.fdlimit import raise_open_file_limit
-from labelgw.health import HealthChecker
+from labelgw.control.admin import AdminListener, admin_site
+from labelgw.core.backends import Backend, ServicePool
+from labelgw.core.balancer import service_policy_factory
+from labelgw.cli.config import Settings
+from labelgw.control.explain import Explainer
+from labelgw.cli.fdlimit import raise_open_file_limit
+from labelgw.control.health import HealthChecker
 from labelgw.http.server import Gateway, ProxyFactory
-from labelgw.https import HttpsService
-from labelgw.listeners import ListenerService
-from labelgw.outlier import OutlierDetector
-from labelgw.registry import Registry
+from labelgw.tls.https import HttpsService
+from labelgw.cli.listeners import ListenerService
+from labelgw.control.outlier import OutlierDetector
+from labelgw.core.registry import Registry
 
 
 class LabelgwService(MultiService):
@@ -129,7 +129,7 @@ class LabelgwService(MultiService):
 
 
 def _make_watcher(settings: Settings, reactor: Any, registry: Registry) -> Any:
-    from labelgw.watcher import DockerWatcher
+    from labelgw.docker.watcher import DockerWatcher
 
     return DockerWatcher(
         reactor=reactor,

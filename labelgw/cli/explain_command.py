@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_explain_command -*-
 """``python -m labelgw explain URL``: where a running labelgw would send a request, read from its admin listener.
 
-It asks ``GET /explain`` of the admin listener (labelgw.admin, labelgw.explain) and prints the answer for a terminal;
+It asks ``GET /explain`` of the admin listener (labelgw.control.admin, labelgw.control.explain) and prints the answer for a terminal;
 ``--json`` prints the JSON as it came. A plain blocking HTTP client: this is a command, not the gateway.
 """
 

@@ -11,7 +11,7 @@ import math
 import re
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
-from labelgw.model import (
+from labelgw.core.model import (
     DEFAULT_HEALTH_INTERVAL,
     DEFAULT_HEALTH_TIMEOUT,
     BalancerName,

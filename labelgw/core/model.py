@@ -1,6 +1,6 @@
 """Frozen value objects shared by the pure modules (labels, routes, registry, backends, versions) and the services.
 
-Labels are read once, by `labelgw.labels`, into the typed fields of `ContainerSpec`; everything after that reads
+Labels are read once, by `labelgw.core.labels`, into the typed fields of `ContainerSpec`; everything after that reads
 fields and never label text. Static services of the config file produce the same specs.
 """
 

@@ -2,8 +2,8 @@
 """What labelgw would do with one request, without doing it: the route that matches, the version decision and
 why, every ready backend with its current cost, and the backend the balancer would choose now.
 
-Served by the admin listener as ``GET /explain?url=...`` (labelgw.admin) and printed by
-``python -m labelgw explain URL`` (labelgw.explain_command). It runs on the reactor thread, between requests, and
+Served by the admin listener as ``GET /explain?url=...`` (labelgw.control.admin) and printed by
+``python -m labelgw explain URL`` (labelgw.cli.explain_command). It runs on the reactor thread, between requests, and
 leaves no trace: a policy's pick moves its rotation, draws from its random source and may give a backend its
 first estimate, and a new client's version moves the split's round robin; all of that is put back as it was, so
 the next real request is decided exactly as if nobody had asked. Nothing is counted as a request.
@@ -20,15 +20,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
-from labelgw import balancer
-from labelgw.backends import Backend, ServicePool
+from labelgw.core import balancer
+from labelgw.core.backends import Backend, ServicePool
 from labelgw.http.versioning import cookie_name
-from labelgw.paths import PathRefused, route_target
-from labelgw.routes import Route, RouteTable, normalize_host
+from labelgw.core.paths import PathRefused, route_target
+from labelgw.core.routes import Route, RouteTable, normalize_host
 
 __all__ = ["Explainer", "ExplainError", "parse_url"]
 
-# The HTTPS redirect rule of the gateway (labelgw.https.HttpsRedirect), read when asked: it is set after start.
+# The HTTPS redirect rule of the gateway (labelgw.tls.https.HttpsRedirect), read when asked: it is set after start.
 RedirectRule = Callable[[], Any]
 
 
@@ -136,7 +136,7 @@ class Explainer:
             f"forwarded to {chosen.spec.name} ({chosen.address}:{chosen.port}) as {route.upstream_path(forwarded).decode('latin-1')}",
         )
 
-    # -- the version decision (as labelgw.versions.choose_version makes it) ---------------------------------
+    # -- the version decision (as labelgw.core.versions.choose_version makes it) ---------------------------------
 
     def _version(
         self, service: ServicePool, pinned: str | None, cookie: str | None

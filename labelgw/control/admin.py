@@ -14,7 +14,7 @@ through DNS, so no page can rebind them), a loopback address (127.0.0.0/8, ``[::
 why. A request without Host (HTTP/1.0 tools; browsers always send one) is answered.
 
 Besides the JSON view: ``GET /dashboard``, an HTML page (files shipped in ``labelgw/static``, plain JavaScript
-that polls the JSON view every second); ``GET /explain?url=...`` (labelgw.explain); ``GET /healthz``, ``200``
+that polls the JSON view every second); ``GET /explain?url=...`` (labelgw.control.explain); ``GET /healthz``, ``200``
 while labelgw serves and ``503`` once it is stopping (SIGTERM) and draining its connections.
 """
 
@@ -29,11 +29,11 @@ from typing import Any, Callable, Iterable
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from labelgw import balancer
-from labelgw.backends import Backend, ServicePool
-from labelgw.explain import ExplainError, Explainer
-from labelgw.listeners import ListenerService
-from labelgw.registry import Registry
+from labelgw.core import balancer
+from labelgw.core.backends import Backend, ServicePool
+from labelgw.control.explain import ExplainError, Explainer
+from labelgw.cli.listeners import ListenerService
+from labelgw.core.registry import Registry
 
 __all__ = [
     "AdminListener", "AdminResource", "admin_host_allowed", "admin_site", "normalize_admin_host", "state", "static_files",
@@ -125,9 +125,9 @@ def _service(pool: ServicePool, now: float, health: Describe | None) -> dict[str
         traffic = backend.spec.option("traffic")
         if traffic is not None and entry["traffic"] is None:
             entry["traffic"] = traffic
-    # The share of new clients each version gets now (labelgw.versions); one ready version gets them all.
+    # The share of new clients each version gets now (labelgw.core.versions); one ready version gets them all.
     split = getattr(pool, "split", None)
-    # Clients given each version so far (a cookie keeps them there): counted by labelgw.versions.
+    # Clients given each version so far (a cookie keeps them there): counted by labelgw.core.versions.
     sticky = getattr(pool, "sticky_clients", {})
     for key, entry in versions.items():
         if split is not None:

@@ -7,8 +7,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from labelgw import config
-
+from labelgw.cli import config
 _DEFAULTS = config.DEFAULTS
 
 
@@ -114,12 +113,12 @@ def _check_endpoints(descriptions: tuple[str, ...], option: str = "--http") -> N
 
 def default_reactor() -> Any:
     """The reactor to run on: the one already installed (`twistd --reactor`, tests), else labelgw's lean epoll
-    reactor where epoll exists (labelgw.reactor: ~15 % less CPU per proxied request), else Twisted's default."""
+    reactor where epoll exists (labelgw.cli.reactor: ~15 % less CPU per proxied request), else Twisted's default."""
     if "twisted.internet.reactor" not in sys.modules:
         import select
 
         if hasattr(select, "epoll"):
-            from labelgw.reactor import install
+            from labelgw.cli.reactor import install
 
             return install()
     from twisted.internet import reactor
@@ -128,7 +127,7 @@ def default_reactor() -> Any:
 
 
 def makeService(options: Options) -> Any:
-    from labelgw.app import LabelgwService
+    from labelgw.cli.app import LabelgwService
 
     reactor = default_reactor()
 

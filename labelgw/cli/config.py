@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from labelgw.http.settings import ProxySettings
-from labelgw.labels import BALANCERS, parse_hosts, parse_path
-from labelgw.model import BalancerName, ContainerSpec
-from labelgw.registry import STATIC_PREFIX
+from labelgw.core.labels import BALANCERS, parse_hosts, parse_path
+from labelgw.core.model import BalancerName, ContainerSpec
+from labelgw.core.registry import STATIC_PREFIX
 
 DEFAULT_HTTP = ("tcp:8080",)
 DEFAULT_HTTPS = ("tcp:8443",)
@@ -64,7 +64,7 @@ class Settings:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     resync_interval: float = 60.0
     drain_grace: float = 10.0
-    # HTTPS (labelgw.https): no listener at all when `https` is empty (--https none).
+    # HTTPS (labelgw.tls.https): no listener at all when `https` is empty (--https none).
     https: tuple[str, ...] = DEFAULT_HTTPS
     state_dir: str | None = None  # None: labelgw.tls.default_state_dir()
     cert_dir: str | None = None
@@ -72,12 +72,12 @@ class Settings:
     redirect_https: bool = False
     # Seconds from labelgw's TLS close_notify to its closing of the TCP connection (labelgw.tls.deadlines).
     tls_close_grace: float = 2.0
-    # Load balancing (labelgw.balancer, labelgw.outlier) and the admin view (labelgw.admin; None: --admin none).
+    # Load balancing (labelgw.core.balancer, labelgw.control.outlier) and the admin view (labelgw.control.admin; None: --admin none).
     balancer: BalancerName = "wrt"
     balancer_decay: float = 10.0
     ejection_base: float = 30.0
     admin: str | None = DEFAULT_ADMIN
-    # Host names the admin view answers besides localhost, *.localhost and loopback addresses (labelgw.admin).
+    # Host names the admin view answers besides localhost, *.localhost and loopback addresses (labelgw.control.admin).
     admin_hosts: tuple[str, ...] = ()
         # The request field that pins a request to one version (labelgw.http.versioning).
     version_header: str = "X-Labelgw-Version"
@@ -309,7 +309,7 @@ def _flag(option: str, value: Any) -> bool:
 def _balancing_settings(pick: Any) -> dict[str, Any]:
     """--balancer and --admin, and two file-only knobs: `balancer_decay` (the wrt latency estimate's time
     constant, seconds) and `ejection_base` (outlier ejection lasts this x the ejection count, at most 300 s)."""
-    from labelgw.balancer import POLICY_NAMES
+    from labelgw.core.balancer import POLICY_NAMES
 
     chosen = pick("balancer") or DEFAULTS.balancer
     balancer = BALANCERS.get(chosen) if isinstance(chosen, str) else None
@@ -344,7 +344,7 @@ def _balancing_settings(pick: Any) -> dict[str, Any]:
 
 
 def _admin_hosts(value: Any) -> tuple[str, ...]:
-    from labelgw.admin import normalize_admin_host
+    from labelgw.control.admin import normalize_admin_host
 
     if value is None:
         return ()

@@ -23,9 +23,9 @@ from typing import Callable, Iterable, Mapping, Protocol
 
 from twisted.logger import Logger
 
-from labelgw.backends import Backend, Policy, RoundRobin, ServicePool
-from labelgw.model import ContainerSpec, Outcome, Rejection
-from labelgw.routes import Route, RouteTable
+from labelgw.core.backends import Backend, Policy, RoundRobin, ServicePool
+from labelgw.core.model import ContainerSpec, Outcome, Rejection
+from labelgw.core.routes import Route, RouteTable
 
 PolicyFactory = Callable[[ContainerSpec], Policy]
 

@@ -1,0 +1,1 @@
+"""The command line: twistd options, settings, the services assembled, the listeners, the reactor choice."""

@@ -1,0 +1,1 @@
+"""Control of the running gateway: active health checks, passive ejection, the admin view and explain."""

@@ -365,6 +365,54 @@ def test_an_idle_http2_connection_is_closed_by_the_idle_deadline_then_the_grace(
     assert gateway.connections == set() and not clock.getDelayedCalls()
 
 
+@pytest.mark.parametrize("alpn", [["http/1.1"], None])
+def test_a_kept_alive_connection_is_closed_by_an_idle_timeout_shorter_than_the_head_timeout(
+    clock: MemoryReactorClock, alpn: list[str] | None
+) -> None:
+    # bench/attack.py case 5: idle_timeout 3 s, head_timeout 10 s. The connection's one timer, armed for the head
+    # deadline, was not pulled in after the answer: close_notify came 10 s after the connection's start, not 3 s
+    # after the answer.
+    gateway = Gateway(clock, RouteTable(), ProxySettings(head_timeout=HEAD_TIMEOUT, idle_timeout=3.0))
+    client = gateway_client(clock, gateway, alpn)
+    client.handshake()
+    clock.advance(1.0)
+    client.send(b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
+    assert client.received.startswith(b"HTTP/1.1 404 ") and not client.close_notify
+    clock.advance(3.0 - 0.01)
+    client.pump()
+    assert not client.close_notify
+    clock.advance(0.01)
+    client.pump()
+    assert client.close_notify
+    closes_at(clock, client.wire, DEFAULT_CLOSE_GRACE, "closed")
+    client.wire.gone()
+    assert gateway.connections == set() and not clock.getDelayedCalls()
+
+
+def test_an_http2_connection_is_closed_by_an_idle_timeout_shorter_than_the_head_timeout(
+    clock: MemoryReactorClock,
+) -> None:
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    gateway = Gateway(clock, RouteTable(), ProxySettings(head_timeout=HEAD_TIMEOUT, idle_timeout=3.0))
+    client = gateway_client(clock, gateway, ["h2"])
+    client.handshake()
+    h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    h2.initiate_connection()
+    client.send(h2.data_to_send())
+    stream = h2.get_next_available_stream_id()
+    headers = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"nowhere.test"), (b":path", b"/")]
+    h2.send_headers(stream, headers, end_stream=True)
+    client.send(h2.data_to_send())
+    clock.advance(3.0)
+    client.pump()
+    assert client.close_notify  # the GOAWAY, then close_notify
+    closes_at(clock, client.wire, DEFAULT_CLOSE_GRACE, "closed")
+    client.wire.gone()
+    assert gateway.connections == set() and not clock.getDelayedCalls()
+
+
 # --- settings and wiring -----------------------------------------------------------------------------------
 
 

@@ -52,6 +52,7 @@ class Wire(StringTransport):
         super().__init__(IPv4Address("TCP", "127.0.0.1", 8443), IPv4Address("TCP", "10.0.0.9", 5555))
         self.closed = False
         self.aborted = False
+        self.closed_with_producer = False
         self.protocol: Any = None
 
     def setTcpNoDelay(self, enabled: bool) -> None:
@@ -59,6 +60,8 @@ class Wire(StringTransport):
 
     def loseConnection(self) -> None:
         self.closed = True
+        # Twisted's TCP close waits while a producer is registered and paused (FileDescriptor.doWrite).
+        self.closed_with_producer = self.producer is not None
         super().loseConnection()
 
     def abortConnection(self) -> None:
@@ -278,7 +281,10 @@ def test_a_registered_producer_does_not_keep_the_connection_open(clock: MemoryRe
     client.handshake()
     client.send(b"hello")
     assert client.received == b"bye"
+    assert client.wire.producer is not None
+    client.wire.producer.pauseProducing()  # TCP's buffer was full once
     closes_at(clock, client.wire, DEFAULT_CLOSE_GRACE, "closed")
+    assert not client.wire.closed_with_producer
 
 
 def test_a_protocol_that_closes_during_the_handshake_aborts_it(clock: MemoryReactorClock) -> None:
@@ -363,6 +369,74 @@ def test_an_idle_http2_connection_is_closed_by_the_idle_deadline_then_the_grace(
     closes_at(clock, client.wire, DEFAULT_CLOSE_GRACE, "closed")
     client.wire.gone()
     assert gateway.connections == set() and not clock.getDelayedCalls()
+
+
+@pytest.mark.parametrize("alpn", [["http/1.1"], None])
+def test_a_kept_alive_connection_is_closed_by_an_idle_timeout_shorter_than_the_head_timeout(
+    clock: MemoryReactorClock, alpn: list[str] | None
+) -> None:
+    # bench/attack.py case 5: idle_timeout 3 s, head_timeout 10 s. The connection's one timer, armed for the head
+    # deadline, was not pulled in after the answer: close_notify came 10 s after the connection's start, not 3 s
+    # after the answer.
+    gateway = Gateway(clock, RouteTable(), ProxySettings(head_timeout=HEAD_TIMEOUT, idle_timeout=3.0))
+    client = gateway_client(clock, gateway, alpn)
+    client.handshake()
+    clock.advance(1.0)
+    client.send(b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
+    assert client.received.startswith(b"HTTP/1.1 404 ") and not client.close_notify
+    clock.advance(3.0 - 0.01)
+    client.pump()
+    assert not client.close_notify
+    clock.advance(0.01)
+    client.pump()
+    assert client.close_notify
+    closes_at(clock, client.wire, DEFAULT_CLOSE_GRACE, "closed")
+    client.wire.gone()
+    assert gateway.connections == set() and not clock.getDelayedCalls()
+
+
+def test_an_http2_connection_is_closed_by_an_idle_timeout_shorter_than_the_head_timeout(
+    clock: MemoryReactorClock,
+) -> None:
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    gateway = Gateway(clock, RouteTable(), ProxySettings(head_timeout=HEAD_TIMEOUT, idle_timeout=3.0))
+    client = gateway_client(clock, gateway, ["h2"])
+    client.handshake()
+    h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    h2.initiate_connection()
+    client.send(h2.data_to_send())
+    stream = h2.get_next_available_stream_id()
+    headers = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"nowhere.test"), (b":path", b"/")]
+    h2.send_headers(stream, headers, end_stream=True)
+    client.send(h2.data_to_send())
+    clock.advance(3.0)
+    client.pump()
+    assert client.close_notify  # the GOAWAY, then close_notify
+    closes_at(clock, client.wire, DEFAULT_CLOSE_GRACE, "closed")
+    client.wire.gone()
+    assert gateway.connections == set() and not clock.getDelayedCalls()
+
+
+def test_a_drained_http2_connection_sends_close_notify_then_closes_within_the_grace(
+    clock: MemoryReactorClock, gateway: Gateway
+) -> None:
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    client = gateway_client(clock, gateway, ["h2"])
+    client.handshake()
+    h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    h2.initiate_connection()
+    client.send(h2.data_to_send())
+    drained = gateway.drain(30.0)
+    client.pump()
+    # GOAWAY and close_notify: HTTP/2's producer no longer holds the TLS close back.
+    assert client.close_notify
+    closes_at(clock, client.wire, DEFAULT_CLOSE_GRACE, "closed")
+    client.wire.gone()
+    assert drained.called and gateway.connections == set() and not clock.getDelayedCalls()
 
 
 # --- settings and wiring -----------------------------------------------------------------------------------

@@ -814,13 +814,18 @@ class H2Protocol(Protocol):
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
         if not self.streams:
-            self._idle_since = self.clock.seconds()
+            now = self._idle_since = self.clock.seconds()
+            # The timer may wait for a later deadline (the head timeout, armed at the connection's start).
+            if self.state is _OPEN:
+                self.watch(now + self.gateway.settings.idle_timeout)
             self._close_if_drained()
 
     def _close_if_drained(self) -> None:
         if self.state is _DRAINING and not self.streams:
             self._move(_CLOSED)
             self.flush()
+            # A registered producer holds TLS's close_notify back and, paused, TCP's close too.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def _enhance_your_calm(self, reason: str) -> None:
@@ -840,6 +845,7 @@ class H2Protocol(Protocol):
         self._move(_CLOSED)
         for stream in list(self.streams.values()):
             stream.abandon()
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     # Timers: one per connection; streams ask for it to look at them in time (watch).

@@ -335,6 +335,7 @@ class ClientConnection(Protocol):
             if self.state is _HEAD:
                 self._move(_IDLE)
             self._idle_since = self.gateway.clock.seconds()
+            self._rearm_within(self.gateway.settings.idle_timeout)
 
     def refuse(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
         request = self._request
@@ -426,6 +427,9 @@ class ClientConnection(Protocol):
             self._move(_IDLE)
         self.state = _IDLE
         self._idle_since = self.gateway.clock.seconds()
+        # The lazy timer may wait for a later deadline (the head timeout, armed at the connection's start): an
+        # idle timeout shorter than that would not be kept (250 idle TLS clients held 10 s instead of 3 s).
+        self._rearm_within(self.gateway.settings.idle_timeout)
         reasons = self._pause_reasons
         if reasons:
             reasons.discard("pipeline")

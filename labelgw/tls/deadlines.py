@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IProtocolFactory, IReactorTime, ITCPTransport
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
@@ -59,7 +59,12 @@ class TLSServerProtocol(BufferingTLSTransport):
     def _grace_over(self) -> None:
         # The client has not answered close_notify: close TCP after what is left to send (an orderly close).
         self._timer = self.factory.clock.callLater(self.factory.flush_timeout, self._flush_overdue)
-        self._tcp().loseConnection()
+        tcp = self._tcp()
+        # A producer still registered (the protocol behind never unregistered it) would hold TCP's close for good
+        # if it was paused when the buffer drained (FileDescriptor.doWrite resumes it instead of closing).
+        if getattr(tcp, "producer", None) is not None:
+            cast(IConsumer, tcp).unregisterProducer()
+        tcp.loseConnection()
 
     def _flush_overdue(self) -> None:
         self._timer = None

@@ -57,6 +57,23 @@ reactor.listenTCP(listen_port, site, backlog=1024, interface="127.0.0.1")
 reactor.run()
 """
 
+# twistd, after one line saying where labelgw is imported from (read back by `imported_from`).
+TWISTD_LOGGING_ORIGIN = """
+import sys
+import labelgw
+print("bench: labelgw imported from " + labelgw.__file__, flush=True)
+from twisted.scripts.twistd import run
+sys.argv[0] = "twistd"
+sys.exit(run())
+"""
+_ORIGIN_LINE = re.compile(r"^bench: labelgw imported from (.+)$", re.MULTILINE)
+
+
+def imported_from(log_text: str) -> Path | None:
+    """The file a labelgw started by `labelgw_server` imported its package from, from its log; None if not said."""
+    match = _ORIGIN_LINE.search(log_text)
+    return Path(match.group(1).strip()) if match else None
+
 
 # -- wrk output -----------------------------------------------------------------------------------------------------
 
@@ -120,11 +137,14 @@ def parse_wrk(output: str) -> WrkResult:
 class Managed:
     """A server started in its own session, so a Ctrl-C reaches this script only and its stop is ours to do."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path = REPO
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
         self.env = env
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -134,7 +154,7 @@ class Managed:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=REPO,
+                cwd=self.cwd,
                 env=self.env,
                 start_new_session=True,
             )
@@ -316,9 +336,15 @@ def twisted_rpr(prefix: Path, port: int, backend_port: int) -> Managed:
     )
 
 
-def labelgw_server(prefix: Path, backend_port: int, listeners: Sequence[str]) -> Managed:
+def labelgw_server(
+    prefix: Path, backend_port: int, listeners: Sequence[str], tree: Path = REPO, python: str = sys.executable
+) -> Managed:
     """`twistd -n labelgw` with `listeners` (its listener and state options) and a config file holding one static
-    service `bench` (hosts [bench.localhost], the backend) and no Docker watcher: only the data path is measured."""
+    service `bench` (hosts [bench.localhost], the backend) and no Docker watcher: only the data path is measured.
+
+    labelgw and its plugin come from the source tree `tree` (default: this repository), run by `python`; the
+    process logs the file it imported labelgw from (see `imported_from`), so a copy installed in the environment
+    cannot stand in for the tree unnoticed."""
     config = prefix / "labelgw.yaml"
     config.write_text(
         f"""docker: false
@@ -329,19 +355,17 @@ services:
     backends: ["127.0.0.1:{backend_port}"]
 """
     )
-    twistd = Path(sys.executable).parent / "twistd"
     env = dict(os.environ)
-    # The plugin (twisted/plugins/labelgw_plugin.py) and the package are found from the repository even when the
-    # environment has not installed them.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    # The plugin (twisted/plugins/labelgw_plugin.py) and the package are found from the tree, ahead of any copy the
+    # environment has installed (PYTHONPATH comes before site-packages).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH", "")) if p)
     return Managed(
         "labelgw",
-        [
-            str(twistd) if twistd.exists() else (shutil.which("twistd") or "twistd"),
-            "-n", "--pidfile=", "labelgw", *listeners, "--config", str(config),
-        ],
+        # -P: the working directory is not put on sys.path (it is the tree anyway, but say so).
+        [python, "-P", "-c", TWISTD_LOGGING_ORIGIN, "-n", "--pidfile=", "labelgw", *listeners, "--config", str(config)],
         prefix / "labelgw.log",
         env=env,
+        cwd=tree,
     )
 
 

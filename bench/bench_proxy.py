@@ -199,9 +199,31 @@ def free_port() -> int:
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def session_cpu_s(session_id: int) -> float:
-    """User + system CPU seconds of every live process in a session (a server and its workers), from /proc."""
+# The threads' run time in ns; /proc/PID/stat rounds the same sum to clock ticks (10 ms: about 1 % of a 5 s
+# measurement of a server using 30 % of a core).
+_SCHEDSTAT = os.path.exists("/proc/self/schedstat")
+
+
+def _threads_cpu_s(pid: str) -> float:
+    """CPU seconds of a process's live threads, from their /proc/PID/task/TID/schedstat."""
     total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0  # it exited meanwhile
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as schedstat:
+                total += int(schedstat.read().split()[0])
+        except OSError:
+            continue  # the thread exited meanwhile
+    return total / 1e9
+
+
+def session_cpu_s(session_id: int) -> float:
+    """CPU seconds (user + system) of every live process in a session (a server and its workers), from /proc: the
+    threads' schedstat where the kernel has it, else utime + stime of /proc/PID/stat."""
+    total = 0.0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -212,8 +234,8 @@ def session_cpu_s(session_id: int) -> float:
         except OSError:
             continue  # it exited meanwhile
         if int(fields[3]) == session_id:
-            total += int(fields[11]) + int(fields[12])
-    return total / _CLOCK_TICKS
+            total += _threads_cpu_s(entry) if _SCHEDSTAT else (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return total
 
 
 def wait_until(server: Managed, check: Callable[[], str | None], timeout_s: float = READY_TIMEOUT_S) -> str | None:

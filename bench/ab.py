@@ -9,7 +9,8 @@ directory. Both labelgws run at once, from their own tree (PYTHONPATH=<tree>, wo
 same Python (`--python-a/--python-b` to change it), each with a plain HTTP and an HTTPS listener in front of one
 shared nginx backend; each logs the file it imported labelgw from, and the run stops if that is not its tree.
 
-Per round, A then B (B then A in every other round, so a drift of the machine's load hits both alike), per load:
+Per round and load, A then B back to back (B then A at every other step: A B, B A for the next load, B A, A B in
+the next round, so a drift of the machine's load falls on both alike). The loads:
   http1   bench_proxy.py's load: `wrk -t1 -c50 -dDs -H 'Host: bench.localhost'` to the plain HTTP port after a
           W-second wrk warm-up; the CPU is read around the measured wrk
   h2      `h2load -t1 -c10 -m10 --warm-up-time W -D D` over TLS (ALPN must choose h2); the CPU is read when
@@ -33,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -139,9 +141,10 @@ def compare(samples: Sequence[Sample], load: str) -> Comparison:
     )
 
 
-def round_order(round_index: int) -> tuple[str, str]:
-    """A, B in even rounds and B, A in odd ones: a steady drift of the machine's load falls on both alike."""
-    return LABELS if round_index % 2 == 0 else (LABELS[1], LABELS[0])
+def round_order(step: int) -> tuple[str, str]:
+    """A, B at even steps and B, A at odd ones (step: the round plus the load's index), so a drift of the machine's
+    load, or the warmer caches of whoever goes second, falls on both alike."""
+    return LABELS if step % 2 == 0 else (LABELS[1], LABELS[0])
 
 
 def h2_to_h1(samples: Sequence[Sample], tree: str) -> float:
@@ -287,8 +290,9 @@ def measure(load: str, running: Running, round_index: int, args: argparse.Namesp
 
 
 def estimate_s(args: argparse.Namespace) -> float:
-    # Per load: warm-up + duration, plus about a second for a process to start and stop.
-    return args.rounds * len(LABELS) * len(args.loads) * (args.warmup + args.duration + 0.6) + 10
+    # Per load: warm-up + duration, plus about half a second for a process to start and stop.
+    trees = 1 if args.concurrent else len(LABELS)
+    return args.rounds * trees * len(args.loads) * (args.warmup + args.duration + 0.6) + 10
 
 
 def bench(args: argparse.Namespace) -> dict[str, object]:
@@ -321,12 +325,20 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
             f"about {estimate_s(args):.0f} s; load average {load_before:.2f}"
         )
         for round_index in range(args.rounds):
-            for label in round_order(round_index):
-                for load in args.loads:
-                    sample = measure(load, running[label], round_index, args)
+            for load_index, load in enumerate(args.loads):
+                if args.concurrent:
+                    # Both at once: the same background load falls on A and B at the same moments.
+                    with ThreadPoolExecutor(len(LABELS)) as pool:
+                        futures = [pool.submit(measure, load, running[label], round_index, args) for label in LABELS]
+                        pair = [future.result() for future in futures]
+                else:
+                    # A and B back to back on each load: a pair is measured seconds apart, under the same background.
+                    pair = [measure(load, running[label], round_index, args)
+                            for label in round_order(round_index + load_index)]
+                for sample in pair:
                     samples.append(sample)
                     print(
-                        f"  round {round_index + 1} {label} {load:<6} {sample.requests_per_s:>9.0f} req/s  "
+                        f"  round {round_index + 1} {sample.tree} {load:<6} {sample.requests_per_s:>9.0f} req/s  "
                         f"cpu {sample.cpu_us_per_request:6.1f} us/req  errors {sample.errors}"
                     )
     finally:
@@ -368,6 +380,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--h2-streams", type=int, default=10, help="HTTP/2 streams per connection (h2load -m)")
     parser.add_argument("--python-a", default=sys.executable, help="the Python that runs A's labelgw (default: this one)")
     parser.add_argument("--python-b", default=sys.executable, help="the Python that runs B's labelgw (default: this one)")
+    parser.add_argument(
+        "--concurrent", action="store_true", help="load A and B at the same time instead of one after the other"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write every sample and the ratios here")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory (logs, trees)")
     args = parser.parse_args(argv)

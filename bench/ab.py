@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A/B of labelgw's data path: the same loads through labelgw run from two source trees, in interleaved rounds.
 
-    .venv/bin/python bench/ab.py A B [--rounds 5] [--duration 5] [--warmup 1] [--loads http1,h2] [--json out.json]
+    .venv/bin/python bench/ab.py A B [--rounds 8] [--duration 3] [--warmup 1] [--loads http1,h2] [--json out.json]
 
 A and B are each a directory holding a checkout (`labelgw/` and `twisted/plugins/labelgw_plugin.py`), or a git
 revision of this repository (`main`, `HEAD~3`, a commit), exported with `git archive` into the run's temporary
@@ -28,6 +28,7 @@ also on Ctrl-C or SIGTERM. With the defaults a run takes about 2.5 minutes.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -62,6 +63,8 @@ DEFAULT_LOADS = ("http1", "h2")
 LABELS = ("A", "B")
 # Issue 8's bound: labelgw's CPU per request within 5 % of before.
 CPU_BOUND = 1.05
+# The per-round ratios' interval for their median.
+CONFIDENCE = 0.90
 
 
 # -- statistics (pure) ------------------------------------------------------------------------------------------------
@@ -100,9 +103,55 @@ class Comparison:
         return statistics.median(self.paired_cpu_ratios) if self.paired_cpu_ratios else float("nan")
 
     @property
+    def paired_cpu_interval(self) -> tuple[float, float]:
+        return median_interval(self.paired_cpu_ratios)
+
+    @property
     def b_lower_in(self) -> int:
         """Rounds in which B spent less CPU per request than A."""
         return sum(1 for ratio in self.paired_cpu_ratios if ratio < 1.0)
+
+
+def _coverage(n: int, k: int) -> float:
+    """How often the k-th smallest and k-th largest of n draws enclose the median: 1 - 2 P(Binomial(n, 1/2) < k)."""
+    return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+
+def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """A distribution-free interval for the median of what `values` were drawn from: the k-th smallest and k-th
+    largest value, k as large as keeps the coverage at `confidence` or more (k = 1, the range, below that: with
+    5 rounds the range covers 94 %). NaN, NaN without values."""
+    if not values:
+        return float("nan"), float("nan")
+    ordered = sorted(values)
+    n, k = len(ordered), 1
+    while k + 1 <= (n + 1) // 2 and _coverage(n, k + 1) >= confidence:
+        k += 1
+    return ordered[k - 1], ordered[n - k]
+
+
+def verdict(comparison: Comparison, bound: float = CPU_BOUND) -> str:
+    """Where B's CPU per request stands against A's and against the bound, as far as the rounds' noise allows."""
+    low, high = comparison.paired_cpu_interval
+    if math.isnan(low) or math.isnan(high):
+        return f"{comparison.load}: no pair of A and B measured"
+    if high <= bound:
+        against_bound = f"within x{bound:.2f}"
+    elif low > bound:
+        against_bound = f"OVER x{bound:.2f}"
+    else:
+        against_bound = f"not resolved against x{bound:.2f} (more rounds, or a quieter machine)"
+    if high < 1.0:
+        change = "B measurably lower"
+    elif low > 1.0:
+        change = "B measurably higher"
+    else:
+        change = "no difference beyond the noise"
+    return (
+        f"{comparison.load}: CPU/request B/A x{comparison.paired_cpu_median:.3f} "
+        f"[{low:.3f}-{high:.3f}]: {against_bound}; {change}; B lower in {comparison.b_lower_in} of "
+        f"{comparison.rounds} rounds"
+    )
 
 
 def _ratio(b: float, a: float) -> float:
@@ -157,29 +206,25 @@ def h2_to_h1(samples: Sequence[Sample], tree: str) -> float:
 def report_lines(comparisons: Sequence[Comparison], samples: Sequence[Sample]) -> list[str]:
     lines = [
         f"{'load':<6} {'A req/s':>9} {'B req/s':>9} {'B/A':>6}   {'A cpu us/req':>12} {'B cpu us/req':>12} {'B/A':>6}"
-        f"   {'per-round B/A cpu: median [range]':<34} {'B lower':>8} {'errors':>6}"
+        f"   {'B/A cpu per round: median [interval]':<37} {'B lower':>8} {'errors':>6}"
     ]
     for c in comparisons:
-        spread = (
-            f"x{c.paired_cpu_median:.3f} [{min(c.paired_cpu_ratios):.3f}-{max(c.paired_cpu_ratios):.3f}]"
-            if c.paired_cpu_ratios
-            else "n/a"
-        )
+        low, high = c.paired_cpu_interval
+        spread = f"x{c.paired_cpu_median:.3f} [{low:.3f}-{high:.3f}]" if c.paired_cpu_ratios else "n/a"
         lines.append(
             f"{c.load:<6} {c.a_requests_per_s:>9.0f} {c.b_requests_per_s:>9.0f} x{c.rate_ratio:<5.3f}   "
-            f"{c.a_cpu_us:>12.1f} {c.b_cpu_us:>12.1f} x{c.cpu_ratio:<5.3f}   {spread:<34} "
+            f"{c.a_cpu_us:>12.1f} {c.b_cpu_us:>12.1f} x{c.cpu_ratio:<5.3f}   {spread:<37} "
             f"{f'{c.b_lower_in}/{c.rounds}':>8} {c.errors:>6}"
         )
+    lines.append(
+        f"(req/s and cpu: medians over the rounds and their B/A; per round: B/A of the pair measured together, "
+        f"the median of the rounds and an interval holding the true median with >= {CONFIDENCE:.0%} confidence)"
+    )
     for tree in LABELS:
         ratio = h2_to_h1(samples, tree)
-        if ratio == ratio:  # not NaN: both TLS loads were run
+        if not math.isnan(ratio):  # both TLS loads were run
             lines.append(f"{tree}: HTTP/2 CPU / HTTP/1.1 CPU over TLS x{ratio:.2f}")
-    for c in comparisons:
-        verdict = "within" if c.cpu_ratio <= CPU_BOUND else "OVER"
-        lines.append(
-            f"{c.load}: CPU/request B/A x{c.cpu_ratio:.3f} ({verdict} x{CPU_BOUND:.2f}); "
-            f"B lower in {c.b_lower_in} of {c.rounds} rounds"
-        )
+    lines.extend(verdict(c) for c in comparisons)
     return lines
 
 
@@ -371,8 +416,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("tree_a", metavar="A", help="the tree before: a directory with a checkout, or a git revision")
     parser.add_argument("tree_b", metavar="B", help="the tree after, likewise")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    parser.add_argument("--duration", type=int, default=5, help="measured seconds per load, tree and round")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
+    parser.add_argument("--duration", type=int, default=3, help="measured seconds per load, tree and round (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load before each (0: none)")
     parser.add_argument("--loads", default=",".join(DEFAULT_LOADS), help="comma list among " + ", ".join(LOADS))
     parser.add_argument("--connections", type=int, default=50, help="HTTP/1.1 connections (wrk, h2load --h1)")

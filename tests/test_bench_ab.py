@@ -136,7 +136,7 @@ def test_h2_to_h1_ratio_per_tree() -> None:
     assert math.isnan(ab.h2_to_h1(samples, "B"))  # no HTTP/1.1-over-TLS sample
 
 
-def test_report_says_whether_the_cpu_stays_within_the_bound() -> None:
+def test_report_gives_the_ratios_and_the_h2_to_h1_ratio_per_tree() -> None:
     samples = [
         sample("http1", "A", 0, 30.0),
         sample("http1", "B", 0, 30.9),
@@ -147,11 +147,39 @@ def test_report_says_whether_the_cpu_stays_within_the_bound() -> None:
     ]
     lines = ab.report_lines([ab.compare(samples, load) for load in ("http1", "h2", "h1tls")], samples)
     text = "\n".join(lines)
-    assert "http1: CPU/request B/A x1.030 (within x1.05); B lower in 0 of 1 rounds" in text
-    assert "h2: CPU/request B/A x0.600 (within x1.05); B lower in 1 of 1 rounds" in text
-    assert "h1tls: CPU/request B/A x1.167 (OVER x1.05)" in text
+    assert "x1.030 [1.030-1.030]" in text
     assert "A: HTTP/2 CPU / HTTP/1.1 CPU over TLS x3.33" in text
     assert "B: HTTP/2 CPU / HTTP/1.1 CPU over TLS x1.71" in text
+    assert "h2: CPU/request B/A x0.600 [0.600-0.600]: within x1.05; B measurably lower; B lower in 1 of 1" in text
+    assert "h1tls: CPU/request B/A x1.167 [1.167-1.167]: OVER x1.05; B measurably higher" in text
+
+
+def paired(load: str, ratios: list[float]) -> object:
+    samples = []
+    for index, ratio in enumerate(ratios):
+        samples += [sample(load, "A", index, 100.0), sample(load, "B", index, 100.0 * ratio)]
+    return ab.compare(samples, load)
+
+
+def test_verdict_is_only_as_sure_as_the_interval() -> None:
+    # The median is under the bound, but the rounds scatter across it: not resolved, and no difference from A.
+    noisy = ab.verdict(paired("http1", [0.90, 0.97, 1.00, 1.02, 1.12]))
+    assert "x1.000 [0.900-1.120]: not resolved against x1.05" in noisy
+    assert "no difference beyond the noise" in noisy
+    steady = ab.verdict(paired("http1", [0.99, 1.00, 1.01, 1.02, 1.03]))
+    assert "within x1.05; no difference beyond the noise; B lower in 1 of 5 rounds" in steady
+    faster = ab.verdict(paired("h2", [0.70, 0.72, 0.75, 0.71, 0.80]))
+    assert "within x1.05; B measurably lower; B lower in 5 of 5 rounds" in faster
+    assert ab.verdict(ab.compare([], "h2")) == "h2: no pair of A and B measured"
+
+
+def test_median_interval_widens_to_keep_its_coverage() -> None:
+    assert ab.median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0)  # n = 5: the range covers 94 %
+    assert ab.median_interval([float(v) for v in range(1, 9)]) == (2.0, 7.0)  # n = 8: 2nd to 7th, 93 %
+    assert ab.median_interval([float(v) for v in range(1, 21)]) == (6.0, 15.0)  # n = 20: 6th to 15th, 96 %
+    assert ab.median_interval([1.5]) == (1.5, 1.5)
+    assert all(math.isnan(v) for v in ab.median_interval([]))
+    assert ab._coverage(8, 2) == pytest.approx(1 - 2 * 9 / 256)
 
 
 def test_the_log_line_names_the_labelgw_the_process_imported() -> None:

@@ -416,7 +416,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("tree_a", metavar="A", help="the tree before: a directory with a checkout, or a git revision")
     parser.add_argument("tree_b", metavar="B", help="the tree after, likewise")
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds (default 8; 16 with --concurrent, which takes half the time)"
+    )
     parser.add_argument("--duration", type=int, default=3, help="measured seconds per load, tree and round (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load before each (0: none)")
     parser.add_argument("--loads", default=",".join(DEFAULT_LOADS), help="comma list among " + ", ".join(LOADS))
@@ -435,6 +437,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not chosen or set(chosen) - set(LOADS):
         parser.error("--loads: choose among " + ", ".join(LOADS))
     args.loads = [load for load in LOADS if load in chosen]
+    if args.rounds is None:
+        args.rounds = 16 if args.concurrent else 8
     if not 1 <= args.rounds <= 50 or not 0 < args.duration <= 120 or not 0 <= args.warmup <= 30:
         parser.error("--rounds must be in [1, 50], --duration in (0, 120], --warmup in [0, 30]")
     for name in ("connections", "h2_clients", "h2_streams"):

@@ -203,3 +203,10 @@ def test_arguments_default_to_a_short_run_of_both_loads() -> None:
     assert ab.parse_args(["a", "b", "--loads", "h1tls,h2"]).loads == ["h2", "h1tls"]
     with pytest.raises(SystemExit):
         ab.parse_args(["a", "b", "--loads", "http3"])
+
+
+def test_concurrent_runs_twice_the_rounds_in_the_same_time() -> None:
+    interleaved, concurrent = ab.parse_args(["a", "b"]), ab.parse_args(["a", "b", "--concurrent"])
+    assert (interleaved.rounds, concurrent.rounds) == (8, 16)
+    assert ab.estimate_s(concurrent) == pytest.approx(ab.estimate_s(interleaved))
+    assert ab.parse_args(["a", "b", "--concurrent", "--rounds", "3"]).rounds == 3

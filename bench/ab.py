@@ -63,8 +63,9 @@ DEFAULT_LOADS = ("http1", "h2")
 LABELS = ("A", "B")
 # Issue 8's bound: labelgw's CPU per request within 5 % of before.
 CPU_BOUND = 1.05
-# The per-round ratios' interval for their median.
+# The per-round ratios' interval for their median, and the rounds it takes: with 4 the range covers 87.5 %.
 CONFIDENCE = 0.90
+MIN_ROUNDS = 5
 
 
 # -- statistics (pure) ------------------------------------------------------------------------------------------------
@@ -135,6 +136,11 @@ def verdict(comparison: Comparison, bound: float = CPU_BOUND) -> str:
     low, high = comparison.paired_cpu_interval
     if math.isnan(low) or math.isnan(high):
         return f"{comparison.load}: no pair of A and B measured"
+    if _coverage(comparison.rounds, 1) < CONFIDENCE:
+        return (
+            f"{comparison.load}: CPU/request B/A x{comparison.paired_cpu_median:.3f} [{low:.3f}-{high:.3f}]: "
+            f"too few rounds to tell ({comparison.rounds}; {MIN_ROUNDS} or more for a {CONFIDENCE:.0%} interval)"
+        )
     if high <= bound:
         against_bound = f"within x{bound:.2f}"
     elif low > bound:
@@ -295,15 +301,17 @@ def start_labelgw(tree: Tree, workdir: Path, backend_port: int, python: str) -> 
     server = labelgw_tls(prefix, http_port, https_port, backend_port, state, certs, tree=tree.path, python=python)
     server.name = f"labelgw-{tree.label}"
     server.start()
-    problem = wait_ready(server, http_port, timeout_s=30) or https_ready(server, https_port, state / "ca.pem", der)
-    if problem:
+    try:
+        problem = wait_ready(server, http_port, timeout_s=30) or https_ready(server, https_port, state / "ca.pem", der)
+        if problem:
+            raise SystemExit(f"labelgw {tree.label} ({tree.spec}): {problem}\n{server.log_tail()}")
+        origin = imported_from(server.log_path.read_text(errors="replace"))
+        expected = (tree.path / "labelgw" / "__init__.py").resolve()
+        if origin is None or origin.resolve() != expected:
+            raise SystemExit(f"labelgw {tree.label} imported labelgw from {origin}, not from its tree {expected}")
+    except BaseException:  # also Ctrl-C while it starts: it is not in the caller's list yet
         server.stop()
-        raise SystemExit(f"labelgw {tree.label} ({tree.spec}): {problem}\n{server.log_tail()}")
-    origin = imported_from(server.log_path.read_text(errors="replace"))
-    expected = (tree.path / "labelgw" / "__init__.py").resolve()
-    if origin is None or origin.resolve() != expected:
-        server.stop()
-        raise SystemExit(f"labelgw {tree.label} imported labelgw from {origin}, not from its tree {expected}")
+        raise
     print(f"{tree.label}: {tree.spec} = {tree.description}; labelgw from {origin} (pid {server.process.pid})")  # type: ignore[union-attr]
     return Running(tree, server, http_port, https_port)
 
@@ -405,8 +413,16 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
         "trees": [asdict(tree) | {"path": str(tree.path)} for tree in trees],
         "settings": {key: value for key, value in vars(args).items() if key != "json"},
         "load_average_start": load_before,
-        "comparisons": [asdict(c) | {"paired_cpu_median": c.paired_cpu_median, "b_lower_in": c.b_lower_in}
-                        for c in comparisons],
+        "comparisons": [
+            asdict(c)
+            | {
+                "paired_cpu_median": c.paired_cpu_median,
+                "paired_cpu_interval": c.paired_cpu_interval,
+                "b_lower_in": c.b_lower_in,
+                "verdict": verdict(c),
+            }
+            for c in comparisons
+        ],
         "h2_to_h1_cpu": {tree: h2_to_h1(samples, tree) for tree in LABELS},
         "samples": [asdict(s) for s in samples],
     }

@@ -137,20 +137,22 @@ def test_h2_to_h1_ratio_per_tree() -> None:
 
 
 def test_report_gives_the_ratios_and_the_h2_to_h1_ratio_per_tree() -> None:
-    samples = [
-        sample("http1", "A", 0, 30.0),
-        sample("http1", "B", 0, 30.9),
-        sample("h2", "A", 0, 200.0),
-        sample("h2", "B", 0, 120.0),
-        sample("h1tls", "A", 0, 60.0),
-        sample("h1tls", "B", 0, 70.0),
-    ]
+    samples = []
+    for index in range(5):
+        samples += [
+            sample("http1", "A", index, 30.0),
+            sample("http1", "B", index, 30.9),
+            sample("h2", "A", index, 200.0),
+            sample("h2", "B", index, 120.0),
+            sample("h1tls", "A", index, 60.0),
+            sample("h1tls", "B", index, 70.0),
+        ]
     lines = ab.report_lines([ab.compare(samples, load) for load in ("http1", "h2", "h1tls")], samples)
     text = "\n".join(lines)
     assert "x1.030 [1.030-1.030]" in text
     assert "A: HTTP/2 CPU / HTTP/1.1 CPU over TLS x3.33" in text
     assert "B: HTTP/2 CPU / HTTP/1.1 CPU over TLS x1.71" in text
-    assert "h2: CPU/request B/A x0.600 [0.600-0.600]: within x1.05; B measurably lower; B lower in 1 of 1" in text
+    assert "h2: CPU/request B/A x0.600 [0.600-0.600]: within x1.05; B measurably lower; B lower in 5 of 5" in text
     assert "h1tls: CPU/request B/A x1.167 [1.167-1.167]: OVER x1.05; B measurably higher" in text
 
 
@@ -171,6 +173,9 @@ def test_verdict_is_only_as_sure_as_the_interval() -> None:
     faster = ab.verdict(paired("h2", [0.70, 0.72, 0.75, 0.71, 0.80]))
     assert "within x1.05; B measurably lower; B lower in 5 of 5 rounds" in faster
     assert ab.verdict(ab.compare([], "h2")) == "h2: no pair of A and B measured"
+    # Under 5 rounds not even the range holds the median with 90 % confidence.
+    assert "too few rounds to tell (4; 5 or more" in ab.verdict(paired("h2", [0.70, 0.72, 0.75, 0.71]))
+    assert ab._coverage(ab.MIN_ROUNDS - 1, 1) < ab.CONFIDENCE <= ab._coverage(ab.MIN_ROUNDS, 1)
 
 
 def test_median_interval_widens_to_keep_its_coverage() -> None:

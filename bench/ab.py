@@ -312,7 +312,8 @@ def start_labelgw(tree: Tree, workdir: Path, backend_port: int, python: str) -> 
     except BaseException:  # also Ctrl-C while it starts: it is not in the caller's list yet
         server.stop()
         raise
-    print(f"{tree.label}: {tree.spec} = {tree.description}; labelgw from {origin} (pid {server.process.pid})")  # type: ignore[union-attr]
+    pid = server.process.pid  # type: ignore[union-attr]
+    print(f"{tree.label}: {tree.spec} = {tree.description}; labelgw from {origin} (pid {pid})")
     return Running(tree, server, http_port, https_port)
 
 
@@ -441,8 +442,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=50, help="HTTP/1.1 connections (wrk, h2load --h1)")
     parser.add_argument("--h2-clients", type=int, default=10, help="HTTP/2 connections (h2load -c)")
     parser.add_argument("--h2-streams", type=int, default=10, help="HTTP/2 streams per connection (h2load -m)")
-    parser.add_argument("--python-a", default=sys.executable, help="the Python that runs A's labelgw (default: this one)")
-    parser.add_argument("--python-b", default=sys.executable, help="the Python that runs B's labelgw (default: this one)")
+    for label in LABELS:
+        parser.add_argument(
+            f"--python-{label.lower()}",
+            default=sys.executable,
+            help=f"the Python that runs {label}'s labelgw (default: this one)",
+        )
     parser.add_argument(
         "--concurrent", action="store_true", help="load A and B at the same time instead of one after the other"
     )

@@ -4,7 +4,8 @@
 One run, loopback only, bounded in time. It starts:
   backend      nginx (1 worker, `return 200 "hello\\n"`), shared by both proxies
   nginx-tls    nginx terminating TLS (1 worker, HTTP/2 by ALPN, ssl_protocols TLSv1.2 TLSv1.3, the same ECDHE/AEAD
-               cipher list, groups X25519:P-256:P-384, no session cache or tickets) and proxying with upstream keepalive 64
+               cipher list, groups X25519:P-256:P-384, no session cache or tickets) and proxying with upstream
+               keepalive 64
   labelgw      twistd -n --pidfile= labelgw --https tcp:P:interface=127.0.0.1 --state-dir S --cert-dir C
                --config cfg.yaml (a static service `bench`, hosts [bench.localhost], docker: false)
 Both serve one certificate: a leaf (EC P-256) that labelgw's local CA mints for bench.localhost and 127.0.0.1,
@@ -375,7 +376,8 @@ def summarize(rounds: dict[str, list[dict[str, object]]]) -> dict[str, dict[str,
         for part in ("wrk", "h1", "h2"):
             if any(part in r for r in results):
                 prefix = "" if part == "wrk" else f"{part}_"
-                figures[f"{prefix}errors"] = float(sum(r[part].errors for r in results if part in r))  # type: ignore[attr-defined]
+                errors = sum(r[part].errors for r in results if part in r)  # type: ignore[attr-defined]
+                figures[f"{prefix}errors"] = float(errors)
         if "h1_cpu_us_per_request" in figures and "h2_cpu_us_per_request" in figures:
             figures["h2_to_h1_cpu"] = (
                 figures["h2_cpu_us_per_request"] / figures["h1_cpu_us_per_request"]
@@ -443,7 +445,8 @@ def print_report(summary: dict[str, dict[str, float]], args: argparse.Namespace)
 def run_protocols(port: int, session: int, args: argparse.Namespace) -> dict[str, H2loadResult]:
     """HTTP/1.1 then HTTP/2 over TLS with h2load, the CPU of `session` per request; checks ALPN chose each."""
     found: dict[str, H2loadResult] = {}
-    for part, h1, clients, streams in (("h1", True, args.connections, 1), ("h2", False, args.h2_clients, args.h2_streams)):
+    loads = (("h1", True, args.connections, 1), ("h2", False, args.h2_clients, args.h2_streams))
+    for part, h1, clients, streams in loads:
         argv = h2load_argv(port, args.duration, args.warmup, clients, streams, h1)
         result = run_h2load(argv, args.duration, args.warmup, cpu_session=session)
         wanted = "http/1.1" if h1 else "h2"

@@ -305,15 +305,17 @@ def start_labelgw(tree: Tree, workdir: Path, backend_port: int, python: str) -> 
         problem = wait_ready(server, http_port, timeout_s=30) or https_ready(server, https_port, state / "ca.pem", der)
         if problem:
             raise SystemExit(f"labelgw {tree.label} ({tree.spec}): {problem}\n{server.log_tail()}")
-        origin = imported_from(server.log_path.read_text(errors="replace"))
+        origin, plugin = imported_from(server.log_path.read_text(errors="replace"))
         expected = (tree.path / "labelgw" / "__init__.py").resolve()
         if origin is None or origin.resolve() != expected:
             raise SystemExit(f"labelgw {tree.label} imported labelgw from {origin}, not from its tree {expected}")
+        if plugin is None or not plugin.resolve().is_relative_to(tree.path.resolve()):
+            raise SystemExit(f"labelgw {tree.label}'s twistd plugin names a module in {plugin}, not in {tree.path}")
     except BaseException:  # also Ctrl-C while it starts: it is not in the caller's list yet
         server.stop()
         raise
     pid = server.process.pid  # type: ignore[union-attr]
-    print(f"{tree.label}: {tree.spec} = {tree.description}; labelgw from {origin} (pid {pid})")
+    print(f"{tree.label}: {tree.spec} = {tree.description}; labelgw from {origin}, its tap from {plugin} (pid {pid})")
     return Running(tree, server, http_port, https_port)
 
 

@@ -57,22 +57,39 @@ reactor.listenTCP(listen_port, site, backlog=1024, interface="127.0.0.1")
 reactor.run()
 """
 
-# twistd, after one line saying where labelgw is imported from (read back by `imported_from`).
+# twistd, after two lines saying where labelgw and the module its plugin names are imported from (read back by
+# `imported_from`). The plugin file of labelgw's own tree goes first on twisted.plugins' path: Twisted's discovery
+# takes the first labelgw_plugin.py along it, which would otherwise be one an installed copy left in site-packages,
+# naming that copy's module.
 TWISTD_LOGGING_ORIGIN = """
-import sys
+import importlib.util, os, sys
 import labelgw
+import twisted.plugins
+tree = os.path.dirname(os.path.dirname(os.path.abspath(labelgw.__file__)))
+plugins = os.path.join(tree, "twisted", "plugins")
+if os.path.isfile(os.path.join(plugins, "labelgw_plugin.py")):
+    rest = [path for path in twisted.plugins.__path__ if os.path.abspath(path) != plugins]
+    twisted.plugins.__path__[:] = [plugins] + rest
 print("bench: labelgw imported from " + labelgw.__file__, flush=True)
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+makers = [maker for maker in getPlugins(IServiceMaker) if maker.tapname == "labelgw"]
+spec = importlib.util.find_spec(makers[0].module) if makers else None
+print("bench: labelgw plugin module imported from " + (spec.origin if spec else "nowhere"), flush=True)
 from twisted.scripts.twistd import run
 sys.argv[0] = "twistd"
 sys.exit(run())
 """
 _ORIGIN_LINE = re.compile(r"^bench: labelgw imported from (.+)$", re.MULTILINE)
+_PLUGIN_LINE = re.compile(r"^bench: labelgw plugin module imported from (.+)$", re.MULTILINE)
 
 
-def imported_from(log_text: str) -> Path | None:
-    """The file a labelgw started by `labelgw_server` imported its package from, from its log; None if not said."""
-    match = _ORIGIN_LINE.search(log_text)
-    return Path(match.group(1).strip()) if match else None
+def imported_from(log_text: str) -> tuple[Path | None, Path | None]:
+    """From the log of a labelgw started by `labelgw_server`: the file it imported the labelgw package from, and the
+    file of the module its twistd plugin names (labelgw's tap); None for what the log does not say."""
+    found = [pattern.search(log_text) for pattern in (_ORIGIN_LINE, _PLUGIN_LINE)]
+    package, plugin = (Path(match.group(1).strip()) if match else None for match in found)
+    return package, plugin
 
 
 # -- wrk output -----------------------------------------------------------------------------------------------------

@@ -187,10 +187,17 @@ def test_median_interval_widens_to_keep_its_coverage() -> None:
     assert ab._coverage(8, 2) == pytest.approx(1 - 2 * 9 / 256)
 
 
-def test_the_log_line_names_the_labelgw_the_process_imported() -> None:
-    log = "noise\nbench: labelgw imported from /tmp/tree-A/labelgw/__init__.py\n2026-11-30T07:09:51 [twistd] starting\n"
-    assert bench_proxy.imported_from(log) == Path("/tmp/tree-A/labelgw/__init__.py")
-    assert bench_proxy.imported_from("twistd starting\n") is None
+def test_the_log_lines_name_the_labelgw_and_the_tap_module_the_process_imported() -> None:
+    log = (
+        "noise\nbench: labelgw imported from /tmp/tree-A/labelgw/__init__.py\n"
+        "bench: labelgw plugin module imported from /tmp/tree-A/labelgw/cli/tap.py\n"
+        "2026-11-30T07:09:51 [twistd] starting\n"
+    )
+    assert bench_proxy.imported_from(log) == (
+        Path("/tmp/tree-A/labelgw/__init__.py"),
+        Path("/tmp/tree-A/labelgw/cli/tap.py"),
+    )
+    assert bench_proxy.imported_from("twistd starting\n") == (None, None)
 
 
 def test_a_directory_without_labelgw_is_not_a_tree(tmp_path: Path) -> None:

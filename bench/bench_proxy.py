@@ -57,6 +57,40 @@ reactor.listenTCP(listen_port, site, backlog=1024, interface="127.0.0.1")
 reactor.run()
 """
 
+# twistd, after two lines saying where labelgw and the module its plugin names are imported from (read back by
+# `imported_from`). The plugin file of labelgw's own tree goes first on twisted.plugins' path: Twisted's discovery
+# takes the first labelgw_plugin.py along it, which would otherwise be one an installed copy left in site-packages,
+# naming that copy's module.
+TWISTD_LOGGING_ORIGIN = """
+import importlib.util, os, sys
+import labelgw
+import twisted.plugins
+tree = os.path.dirname(os.path.dirname(os.path.abspath(labelgw.__file__)))
+plugins = os.path.join(tree, "twisted", "plugins")
+if os.path.isfile(os.path.join(plugins, "labelgw_plugin.py")):
+    rest = [path for path in twisted.plugins.__path__ if os.path.abspath(path) != plugins]
+    twisted.plugins.__path__[:] = [plugins] + rest
+print("bench: labelgw imported from " + labelgw.__file__, flush=True)
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+makers = [maker for maker in getPlugins(IServiceMaker) if maker.tapname == "labelgw"]
+spec = importlib.util.find_spec(makers[0].module) if makers else None
+print("bench: labelgw plugin module imported from " + (spec.origin if spec else "nowhere"), flush=True)
+from twisted.scripts.twistd import run
+sys.argv[0] = "twistd"
+sys.exit(run())
+"""
+_ORIGIN_LINE = re.compile(r"^bench: labelgw imported from (.+)$", re.MULTILINE)
+_PLUGIN_LINE = re.compile(r"^bench: labelgw plugin module imported from (.+)$", re.MULTILINE)
+
+
+def imported_from(log_text: str) -> tuple[Path | None, Path | None]:
+    """From the log of a labelgw started by `labelgw_server`: the file it imported the labelgw package from, and the
+    file of the module its twistd plugin names (labelgw's tap); None for what the log does not say."""
+    found = [pattern.search(log_text) for pattern in (_ORIGIN_LINE, _PLUGIN_LINE)]
+    package, plugin = (Path(match.group(1).strip()) if match else None for match in found)
+    return package, plugin
+
 
 # -- wrk output -----------------------------------------------------------------------------------------------------
 
@@ -120,11 +154,14 @@ def parse_wrk(output: str) -> WrkResult:
 class Managed:
     """A server started in its own session, so a Ctrl-C reaches this script only and its stop is ours to do."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path = REPO
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
         self.env = env
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -134,7 +171,7 @@ class Managed:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=REPO,
+                cwd=self.cwd,
                 env=self.env,
                 start_new_session=True,
             )
@@ -179,9 +216,31 @@ def free_port() -> int:
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def session_cpu_s(session_id: int) -> float:
-    """User + system CPU seconds of every live process in a session (a server and its workers), from /proc."""
+# The threads' run time in ns; /proc/PID/stat rounds the same sum to clock ticks (10 ms: about 1 % of a 5 s
+# measurement of a server using 30 % of a core).
+_SCHEDSTAT = os.path.exists("/proc/self/schedstat")
+
+
+def _threads_cpu_s(pid: str) -> float:
+    """CPU seconds of a process's live threads, from their /proc/PID/task/TID/schedstat."""
     total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0  # it exited meanwhile
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as schedstat:
+                total += int(schedstat.read().split()[0])
+        except OSError:
+            continue  # the thread exited meanwhile
+    return total / 1e9
+
+
+def session_cpu_s(session_id: int) -> float:
+    """CPU seconds (user + system) of every live process in a session (a server and its workers), from /proc: the
+    threads' schedstat where the kernel has it, else utime + stime of /proc/PID/stat."""
+    total = 0.0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -192,8 +251,8 @@ def session_cpu_s(session_id: int) -> float:
         except OSError:
             continue  # it exited meanwhile
         if int(fields[3]) == session_id:
-            total += int(fields[11]) + int(fields[12])
-    return total / _CLOCK_TICKS
+            total += _threads_cpu_s(entry) if _SCHEDSTAT else (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return total
 
 
 def wait_until(server: Managed, check: Callable[[], str | None], timeout_s: float = READY_TIMEOUT_S) -> str | None:
@@ -316,9 +375,15 @@ def twisted_rpr(prefix: Path, port: int, backend_port: int) -> Managed:
     )
 
 
-def labelgw_server(prefix: Path, backend_port: int, listeners: Sequence[str]) -> Managed:
+def labelgw_server(
+    prefix: Path, backend_port: int, listeners: Sequence[str], tree: Path = REPO, python: str = sys.executable
+) -> Managed:
     """`twistd -n labelgw` with `listeners` (its listener and state options) and a config file holding one static
-    service `bench` (hosts [bench.localhost], the backend) and no Docker watcher: only the data path is measured."""
+    service `bench` (hosts [bench.localhost], the backend) and no Docker watcher: only the data path is measured.
+
+    labelgw and its plugin come from the source tree `tree` (default: this repository), run by `python`; the
+    process logs the file it imported labelgw from (see `imported_from`), so a copy installed in the environment
+    cannot stand in for the tree unnoticed."""
     config = prefix / "labelgw.yaml"
     config.write_text(
         f"""docker: false
@@ -329,19 +394,17 @@ services:
     backends: ["127.0.0.1:{backend_port}"]
 """
     )
-    twistd = Path(sys.executable).parent / "twistd"
     env = dict(os.environ)
-    # The plugin (twisted/plugins/labelgw_plugin.py) and the package are found from the repository even when the
-    # environment has not installed them.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    # The plugin (twisted/plugins/labelgw_plugin.py) and the package are found from the tree, ahead of any copy the
+    # environment has installed (PYTHONPATH comes before site-packages).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH", "")) if p)
     return Managed(
         "labelgw",
-        [
-            str(twistd) if twistd.exists() else (shutil.which("twistd") or "twistd"),
-            "-n", "--pidfile=", "labelgw", *listeners, "--config", str(config),
-        ],
+        # -P: the working directory is not put on sys.path (it is the tree anyway, but say so).
+        [python, "-P", "-c", TWISTD_LOGGING_ORIGIN, "-n", "--pidfile=", "labelgw", *listeners, "--config", str(config)],
         prefix / "labelgw.log",
         env=env,
+        cwd=tree,
     )
 
 

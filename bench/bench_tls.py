@@ -3,8 +3,9 @@
 
 One run, loopback only, bounded in time. It starts:
   backend      nginx (1 worker, `return 200 "hello\\n"`), shared by both proxies
-  nginx-tls    nginx terminating TLS (1 worker, ssl_protocols TLSv1.2 TLSv1.3, the same ECDHE/AEAD cipher list,
-               groups X25519:P-256:P-384, no session cache or tickets) and proxying with upstream keepalive 64
+  nginx-tls    nginx terminating TLS (1 worker, HTTP/2 by ALPN, ssl_protocols TLSv1.2 TLSv1.3, the same ECDHE/AEAD
+               cipher list, groups X25519:P-256:P-384, no session cache or tickets) and proxying with upstream
+               keepalive 64
   labelgw      twistd -n --pidfile= labelgw --https tcp:P:interface=127.0.0.1 --state-dir S --cert-dir C
                --config cfg.yaml (a static service `bench`, hosts [bench.localhost], docker: false)
 Both serve one certificate: a leaf (EC P-256) that labelgw's local CA mints for bench.localhost and 127.0.0.1,
@@ -15,12 +16,19 @@ Then, per target and round (targets interleaved):
   handshakes   `openssl s_time -connect 127.0.0.1:P -new -time T` (full handshakes, no resumption, no request),
                --handshake-clients processes at once, for TLS 1.3 and TLS 1.2 (ECDHE-ECDSA-AES128-GCM-SHA256)
   keep-alive   `wrk -t1 -cC -dDs --latency -H 'Host: bench.localhost' https://127.0.0.1:P/` after a warm-up
-and prints handshakes/s, req/s, p50/p99 and errors per target, with labelgw's ratios to nginx. For reference,
-the same wrk load is also sent to labelgw's plain --http port (what TLS costs labelgw itself).
+  protocols    `h2load --h1 -cC -m1` (HTTP/1.1) then `h2load -c10 -m10` (HTTP/2), both over TLS (ALPN checked),
+               `--warm-up-time W -D D`, to https://bench.localhost/ with --connect-to 127.0.0.1:P; the server's CPU
+               (user + system of its session, /proc) is read when h2load's main duration starts and ends
+and prints handshakes/s, req/s, p50/p99 and errors per target, with labelgw's ratios to nginx, then req/s and CPU
+µs per request over HTTP/1.1 and HTTP/2 and the ratio HTTP/2 CPU / HTTP/1.1 CPU. For reference, the same wrk load
+is also sent to labelgw's plain --http port (what TLS costs labelgw itself). `--parts` picks among handshakes,
+keepalive, protocols; `--targets` among nginx-tls, labelgw.
 
     .venv/bin/python bench/bench_tls.py [--duration 10] [--handshake-time 5] [--connections 50] [--rounds 1]
+    .venv/bin/python bench/bench_tls.py --parts protocols --targets labelgw --rounds 3 --duration 5
 
-Needs Debian's nginx (nginx-light), wrk and openssl. Everything it starts, it stops (also on Ctrl-C or SIGTERM).
+Needs Debian's nginx (nginx-light), wrk, openssl and h2load (nghttp2-client). Everything it starts, it stops (also
+on Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -34,8 +42,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Sequence
@@ -48,6 +57,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench_proxy import (  # noqa: E402
     HOST_HEADER,
     NGINX,
+    REPO,
     Managed,
     WrkResult,
     _nginx_conf,
@@ -58,6 +68,7 @@ from bench_proxy import (  # noqa: E402
     parse_wrk,
     run_bench,
     run_wrk,
+    session_cpu_s,
     wait_ready,
     wait_until,
 )
@@ -89,7 +100,7 @@ def nginx_tls(prefix: Path, port: int, backend_port: int, cert: Path, key: Path)
         # handshake on both.
         ssl_session_cache off;
         ssl_session_tickets off;"""
-    conf = _nginx_conf(prefix, "nginx-tls", nginx_proxy_server(f"127.0.0.1:{port} ssl", backend_port, tls))
+    conf = _nginx_conf(prefix, "nginx-tls", nginx_proxy_server(f"127.0.0.1:{port} ssl http2", backend_port, tls))
     return Managed(
         "nginx-tls",
         [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "nginx-tls-error.log")],
@@ -97,7 +108,17 @@ def nginx_tls(prefix: Path, port: int, backend_port: int, cert: Path, key: Path)
     )
 
 
-def labelgw_tls(prefix: Path, http_port: int, https_port: int, backend_port: int, state: Path, certs: Path) -> Managed:
+def labelgw_tls(
+    prefix: Path,
+    http_port: int,
+    https_port: int,
+    backend_port: int,
+    state: Path,
+    certs: Path,
+    tree: Path = REPO,
+    python: str = sys.executable,
+) -> Managed:
+    """labelgw (from the source tree `tree`) with a plain HTTP and an HTTPS listener, serving certs/default.pem."""
     return labelgw_server(
         prefix,
         backend_port,
@@ -108,6 +129,8 @@ def labelgw_tls(prefix: Path, http_port: int, https_port: int, backend_port: int
             "--cert-dir", str(certs),
             "--admin", "none",
         ],
+        tree=tree,
+        python=python,
     )
 
 
@@ -197,7 +220,142 @@ def run_wrk_https(port: int, duration_s: int, connections: int) -> WrkResult:
     return parse_wrk(done.stdout)
 
 
+@dataclass(frozen=True)
+class H2loadResult:
+    """Figures of one `h2load` run (its main duration; the warm-up is not counted)."""
+
+    protocol: str  # what ALPN chose: "h2" or "http/1.1" ("" if h2load did not say)
+    requests_per_s: float  # h2load's: 2xx answers in the main duration / its length
+    finished_s: float  # the whole run, warm-up included
+    done: int  # requests with a complete answer, whatever the status
+    succeeded: int  # ... with a 2xx status
+    failed: int  # not succeeded: other statuses, stream errors, timeouts (h2load counts all of them here)
+    timeouts: int
+    status_2xx: int
+    status_3xx: int
+    status_4xx: int
+    status_5xx: int
+    # CPU time (user + system) of the server's session per completed request; NaN when not measured.
+    cpu_us_per_request: float = float("nan")
+
+    @property
+    def requests(self) -> int:
+        return self.done
+
+    @property
+    def errors(self) -> int:
+        return self.failed
+
+
+_H2LOAD_UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_h2load(output: str) -> H2loadResult:
+    """Figures from h2load's summary (nghttp2 1.4x-1.5x output)."""
+    finished = re.search(r"^finished in ([0-9.]+)(us|ms|s|m|h), ([0-9.]+) req/s", output, re.MULTILINE)
+    requests = re.search(
+        r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
+        r"(\d+) timeout",
+        output,
+        re.MULTILINE,
+    )
+    statuses = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", output, re.MULTILINE)
+    if not (finished and requests and statuses):
+        raise ValueError("h2load output without its summary (finished in, requests, status codes):\n" + output)
+    protocol = re.search(r"^Application protocol: (\S+)", output, re.MULTILINE)
+    _total, _started, done, succeeded, failed, _errored, timeouts = (int(n) for n in requests.groups())
+    s2, s3, s4, s5 = (int(n) for n in statuses.groups())
+    return H2loadResult(
+        protocol=protocol.group(1) if protocol else "",
+        requests_per_s=float(finished.group(3)),
+        finished_s=float(finished.group(1)) * _H2LOAD_UNITS_S[finished.group(2)],
+        done=done,
+        succeeded=succeeded,
+        failed=failed,
+        timeouts=timeouts,
+        status_2xx=s2,
+        status_3xx=s3,
+        status_4xx=s4,
+        status_5xx=s5,
+    )
+
+
+def h2load_phase(line: str) -> str | None:
+    """"main" when h2load's line says its measured phase started, "over" when it ended, else None. h2load flushes
+    these lines as they happen, so the server's CPU can be read at both instants: warm-up and connection set-up
+    stay out of the figure."""
+    if line.startswith("Main benchmark duration is started"):
+        return "main"
+    if line.startswith("Main benchmark duration is over"):
+        return "over"
+    return None
+
+
+def h2load_argv(port: int, duration_s: int, warmup_s: int, clients: int, streams: int, h1: bool) -> list[str]:
+    """h2load over TLS to 127.0.0.1:port, with SNI and :authority (Host) bench.localhost; one thread."""
+    argv = ["h2load", "-t1", f"-c{clients}", f"-m{streams}", "-D", str(duration_s)]
+    if warmup_s:
+        argv.append(f"--warm-up-time={warmup_s}")
+    if h1:
+        argv.append("--h1")
+    # The URI's host gives the TLS server name and :authority; --connect-to keeps the traffic on loopback.
+    return argv + ["--connect-to", f"127.0.0.1:{port}", f"https://{HOST_HEADER}/"]
+
+
+def run_h2load(argv: Sequence[str], duration_s: int, warmup_s: int, cpu_session: int | None = None) -> H2loadResult:
+    """Run h2load; with `cpu_session`, the CPU that session spent in h2load's main duration, per completed
+    request (the whole run's, if h2load did not mark its phases)."""
+    process = subprocess.Popen(
+        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    watchdog = threading.Timer(duration_s + warmup_s + 30, process.kill)
+    watchdog.start()
+    lines: list[str] = []
+    cpu_start = cpu_end = None
+    try:
+        if cpu_session is not None:
+            cpu_start = session_cpu_s(cpu_session)
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            phase = h2load_phase(line)
+            if cpu_session is not None and phase == "main":
+                cpu_start = session_cpu_s(cpu_session)
+            elif cpu_session is not None and phase == "over":
+                cpu_end = session_cpu_s(cpu_session)
+        code = process.wait()
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if cpu_session is not None and cpu_end is None:
+        cpu_end = session_cpu_s(cpu_session)
+    output = "".join(lines)
+    if code != 0:
+        raise RuntimeError(f"h2load failed ({code}): {output.strip()[-2000:]}")
+    result = parse_h2load(output)
+    if cpu_start is not None and cpu_end is not None and result.done:
+        result = replace(result, cpu_us_per_request=(cpu_end - cpu_start) / result.done * 1e6)
+    return result
+
+
 # -- report ------------------------------------------------------------------------------------------------------
+
+PARTS = ("handshakes", "keepalive", "protocols")
+
+# Summary figure: (the round's measurement, its attribute). A round holds only the parts that were run.
+METRICS = {
+    "handshakes_tls13_per_s": ("tls13", "per_s"),
+    "handshakes_tls12_per_s": ("tls12", "per_s"),
+    "keepalive_req_per_s": ("wrk", "requests_per_s"),
+    "p50_ms": ("wrk", "p50_ms"),
+    "p99_ms": ("wrk", "p99_ms"),
+    "h1_req_per_s": ("h1", "requests_per_s"),
+    "h1_cpu_us_per_request": ("h1", "cpu_us_per_request"),
+    "h2_req_per_s": ("h2", "requests_per_s"),
+    "h2_cpu_us_per_request": ("h2", "cpu_us_per_request"),
+}
 
 
 def _median(values: Sequence[float]) -> float:
@@ -205,50 +363,104 @@ def _median(values: Sequence[float]) -> float:
 
 
 def summarize(rounds: dict[str, list[dict[str, object]]]) -> dict[str, dict[str, float]]:
+    """Per target, the median over rounds of every figure measured, and the errors summed."""
     summary: dict[str, dict[str, float]] = {}
     for target, results in rounds.items():
-        summary[target] = {
-            "handshakes_tls13_per_s": _median([r["tls13"].per_s for r in results]),  # type: ignore[attr-defined]
-            "handshakes_tls12_per_s": _median([r["tls12"].per_s for r in results]),  # type: ignore[attr-defined]
-            "keepalive_req_per_s": _median([r["wrk"].requests_per_s for r in results]),  # type: ignore[attr-defined]
-            "p50_ms": _median([r["wrk"].p50_ms for r in results]),  # type: ignore[attr-defined]
-            "p99_ms": _median([r["wrk"].p99_ms for r in results]),  # type: ignore[attr-defined]
-            "errors": float(sum(r["wrk"].errors for r in results)),  # type: ignore[attr-defined]
-        }
+        if not results:
+            continue
+        figures: dict[str, float] = {}
+        for key, (part, attribute) in METRICS.items():
+            values = [getattr(r[part], attribute) for r in results if part in r]
+            if values:
+                figures[key] = _median(values)
+        for part in ("wrk", "h1", "h2"):
+            if any(part in r for r in results):
+                prefix = "" if part == "wrk" else f"{part}_"
+                errors = sum(r[part].errors for r in results if part in r)  # type: ignore[attr-defined]
+                figures[f"{prefix}errors"] = float(errors)
+        if "h1_cpu_us_per_request" in figures and "h2_cpu_us_per_request" in figures:
+            figures["h2_to_h1_cpu"] = (
+                figures["h2_cpu_us_per_request"] / figures["h1_cpu_us_per_request"]
+                if figures["h1_cpu_us_per_request"]
+                else float("nan")
+            )
+        summary[target] = figures
     return summary
+
+
+def _get(figures: dict[str, float], key: str) -> float:
+    return figures.get(key, float("nan"))
 
 
 def print_report(summary: dict[str, dict[str, float]], args: argparse.Namespace) -> dict[str, float]:
     rounds = f" (medians of {args.rounds} rounds)" if args.rounds > 1 else ""
-    print(f"\nTLS termination, loopback, {args.handshake_clients} s_time clients x {args.handshake_time} s, "
-          f"wrk -t1 -c{args.connections} -d{args.duration}s{rounds}")
-    header = f"{'target':<10} {'TLS1.3 hs/s':>12} {'TLS1.2 hs/s':>12} {'keep-alive req/s':>17} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
-    print(header)
-    print("-" * len(header))
-    for target in TARGETS:
-        if target not in summary:
-            continue
-        s = summary[target]
-        print(f"{target:<10} {s['handshakes_tls13_per_s']:>12.0f} {s['handshakes_tls12_per_s']:>12.0f} "
-              f"{s['keepalive_req_per_s']:>17.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} {s['errors']:>7.0f}")
     ratios: dict[str, float] = {}
+    if "handshakes" in args.parts or "keepalive" in args.parts:
+        print(f"\nTLS termination, loopback, {args.handshake_clients} s_time clients x {args.handshake_time} s, "
+              f"wrk -t1 -c{args.connections} -d{args.duration}s{rounds}")
+        header = (f"{'target':<10} {'TLS1.3 hs/s':>12} {'TLS1.2 hs/s':>12} {'keep-alive req/s':>17} {'p50 ms':>8} "
+                  f"{'p99 ms':>8} {'errors':>7}")
+        print(header)
+        print("-" * len(header))
+        for target in TARGETS:
+            if target not in summary:
+                continue
+            s = summary[target]
+            print(f"{target:<10} {_get(s, 'handshakes_tls13_per_s'):>12.0f} {_get(s, 'handshakes_tls12_per_s'):>12.0f} "
+                  f"{_get(s, 'keepalive_req_per_s'):>17.0f} {_get(s, 'p50_ms'):>8.2f} {_get(s, 'p99_ms'):>8.2f} "
+                  f"{_get(s, 'errors'):>7.0f}")
     if "labelgw" in summary and "nginx-tls" in summary:
         ours, theirs = summary["labelgw"], summary["nginx-tls"]
-        for key in ("handshakes_tls13_per_s", "handshakes_tls12_per_s", "keepalive_req_per_s", "p50_ms", "p99_ms"):
-            ratios[key] = ours[key] / theirs[key] if theirs[key] else float("nan")
-        print("\nlabelgw / nginx-tls: "
-              f"TLS 1.3 handshakes {ratios['handshakes_tls13_per_s']:.2f}x, "
-              f"TLS 1.2 handshakes {ratios['handshakes_tls12_per_s']:.2f}x, "
-              f"keep-alive req/s {ratios['keepalive_req_per_s']:.2f}x, "
-              f"p50 {ratios['p50_ms']:.2f}x, p99 {ratios['p99_ms']:.2f}x  (req/s, hs/s: higher is better)")
+        for key in ("handshakes_tls13_per_s", "handshakes_tls12_per_s", "keepalive_req_per_s", "p50_ms", "p99_ms",
+                    "h1_req_per_s", "h2_req_per_s", "h1_cpu_us_per_request", "h2_cpu_us_per_request"):
+            if key in ours and key in theirs:
+                ratios[key] = ours[key] / theirs[key] if theirs[key] else float("nan")
+        if "keepalive_req_per_s" in ratios:
+            print("\nlabelgw / nginx-tls: "
+                  f"TLS 1.3 handshakes {_get(ratios, 'handshakes_tls13_per_s'):.2f}x, "
+                  f"TLS 1.2 handshakes {_get(ratios, 'handshakes_tls12_per_s'):.2f}x, "
+                  f"keep-alive req/s {ratios['keepalive_req_per_s']:.2f}x, "
+                  f"p50 {ratios['p50_ms']:.2f}x, p99 {ratios['p99_ms']:.2f}x  (req/s, hs/s: higher is better)")
+    if "protocols" in args.parts:
+        print(f"\nHTTP/1.1 and HTTP/2 over TLS, h2load -t1: HTTP/1.1 --h1 -c{args.connections} -m1, "
+              f"HTTP/2 -c{args.h2_clients} -m{args.h2_streams}; {args.warmup} s warm-up + {args.duration} s{rounds}; "
+              "cpu = the server's user + system time per request")
+        header = (f"{'target':<10} {'h1 req/s':>10} {'h1 cpu us/req':>14} {'h2 req/s':>10} {'h2 cpu us/req':>14} "
+                  f"{'errors':>7} {'h2/h1 cpu':>10}")
+        print(header)
+        print("-" * len(header))
+        for target in TARGETS:
+            if target not in summary:
+                continue
+            s = summary[target]
+            print(f"{target:<10} {_get(s, 'h1_req_per_s'):>10.0f} {_get(s, 'h1_cpu_us_per_request'):>14.1f} "
+                  f"{_get(s, 'h2_req_per_s'):>10.0f} {_get(s, 'h2_cpu_us_per_request'):>14.1f} "
+                  f"{_get(s, 'h1_errors') + _get(s, 'h2_errors'):>7.0f} {_get(s, 'h2_to_h1_cpu'):>9.2f}x")
     return ratios
 
 
 # -- main -------------------------------------------------------------------------------------------------------
 
 
+def run_protocols(port: int, session: int, args: argparse.Namespace) -> dict[str, H2loadResult]:
+    """HTTP/1.1 then HTTP/2 over TLS with h2load, the CPU of `session` per request; checks ALPN chose each."""
+    found: dict[str, H2loadResult] = {}
+    loads = (("h1", True, args.connections, 1), ("h2", False, args.h2_clients, args.h2_streams))
+    for part, h1, clients, streams in loads:
+        argv = h2load_argv(port, args.duration, args.warmup, clients, streams, h1)
+        result = run_h2load(argv, args.duration, args.warmup, cpu_session=session)
+        wanted = "http/1.1" if h1 else "h2"
+        if result.protocol != wanted:
+            raise RuntimeError(f"{' '.join(argv)}: ALPN chose {result.protocol or 'nothing'}, not {wanted}")
+        found[part] = result
+    return found
+
+
 def bench(args: argparse.Namespace) -> dict[str, object]:
+    if "protocols" in args.parts and not shutil.which("h2load"):
+        raise SystemExit("missing h2load: apt-get install nghttp2-client")
     prefix = Path(tempfile.mkdtemp(prefix="labelgw-bench-tls-"))
+    prefix.chmod(0o755)  # nginx workers run as nobody
     state, certs = prefix / "state", prefix / "certs"
     cert, key, der = mint_bench_certificate(state, certs, prefix)
     cafile = state / "ca.pem"
@@ -258,8 +470,9 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
         "nginx-tls": (nginx_tls(prefix, nginx_port, backend_port, cert, key), nginx_port),
         "labelgw": (labelgw_tls(prefix, lg_http, lg_https, backend_port, state, certs), lg_https),
     }
+    servers = {name: servers[name] for name in args.targets}
     started: list[Managed] = []
-    results: dict[str, list[dict[str, object]]] = {target: [] for target in TARGETS}
+    results: dict[str, list[dict[str, object]]] = {target: [] for target in servers}
     plain: list[WrkResult] = []
     try:
         backend.start()
@@ -273,22 +486,37 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
             problem = https_ready(server, port, cafile, der)
             if problem:
                 raise SystemExit(f"{name}: {problem}\n{server.log_tail()}")
-        print(f"both targets serve the same certificate (bench.localhost, 127.0.0.1) from {cafile}")
+        print(f"the targets serve the same certificate (bench.localhost, 127.0.0.1) from {cafile}")
         for round_index in range(args.rounds):
-            order = TARGETS if round_index % 2 == 0 else tuple(reversed(TARGETS))
+            order = tuple(servers) if round_index % 2 == 0 else tuple(reversed(tuple(servers)))
             for name in order:
-                port = servers[name][1]
-                if args.warmup:
-                    run_wrk_https(port, args.warmup, args.connections)
-                tls13 = run_s_time(port, args.handshake_time, args.handshake_clients, tls12=False)
-                tls12 = run_s_time(port, args.handshake_time, args.handshake_clients, tls12=True)
-                wrk = run_wrk_https(port, args.duration, args.connections)
-                results[name].append({"tls13": tls13, "tls12": tls12, "wrk": wrk})
-                if name == "labelgw":
-                    plain.append(run_wrk(lg_http, args.duration, args.connections, 1))
-                print(f"round {round_index + 1} {name:<10} TLS1.3 {tls13.per_s:7.0f} hs/s  TLS1.2 {tls12.per_s:7.0f} hs/s  "
-                      f"keep-alive {wrk.requests_per_s:8.0f} req/s  p50 {wrk.p50_ms:.2f} ms  p99 {wrk.p99_ms:.2f} ms  "
-                      f"errors {wrk.errors}", flush=True)
+                server, port = servers[name]
+                measured: dict[str, object] = {}
+                line = f"round {round_index + 1} {name:<10}"
+                if "handshakes" in args.parts:
+                    tls13 = run_s_time(port, args.handshake_time, args.handshake_clients, tls12=False)
+                    tls12 = run_s_time(port, args.handshake_time, args.handshake_clients, tls12=True)
+                    measured |= {"tls13": tls13, "tls12": tls12}
+                    line += f" TLS1.3 {tls13.per_s:7.0f} hs/s  TLS1.2 {tls12.per_s:7.0f} hs/s "
+                if "keepalive" in args.parts:
+                    if args.warmup:
+                        run_wrk_https(port, args.warmup, args.connections)
+                    wrk = run_wrk_https(port, args.duration, args.connections)
+                    measured["wrk"] = wrk
+                    if name == "labelgw":
+                        plain.append(run_wrk(lg_http, args.duration, args.connections, 1))
+                    line += (f" keep-alive {wrk.requests_per_s:8.0f} req/s  p50 {wrk.p50_ms:.2f} ms  "
+                             f"p99 {wrk.p99_ms:.2f} ms  errors {wrk.errors} ")
+                if "protocols" in args.parts:
+                    assert server.process is not None
+                    protocols = run_protocols(port, server.process.pid, args)
+                    measured |= protocols
+                    h1, h2 = protocols["h1"], protocols["h2"]
+                    line += (f" h1 {h1.requests_per_s:7.0f} req/s {h1.cpu_us_per_request:5.1f} us/req  "
+                             f"h2 {h2.requests_per_s:7.0f} req/s {h2.cpu_us_per_request:5.1f} us/req  "
+                             f"errors {h1.errors + h2.errors}")
+                results[name].append(measured)
+                print(line.rstrip(), flush=True)
     finally:
         for server in reversed(started):
             server.stop()
@@ -298,7 +526,7 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
             print(f"logs and configurations kept in {prefix}")
     summary = summarize(results)
     ratios = print_report(summary, args)
-    if plain:
+    if plain and "keepalive_req_per_s" in summary.get("labelgw", {}):
         plain_rate = _median([r.requests_per_s for r in plain])
         tls_rate = summary["labelgw"]["keepalive_req_per_s"]
         print(f"labelgw plain HTTP (same load, reference): {plain_rate:.0f} req/s; "
@@ -318,16 +546,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="seconds of keep-alive warm-up (0: none)")
     parser.add_argument("--handshake-time", type=int, default=5, help="seconds of s_time per TLS version")
     parser.add_argument("--handshake-clients", type=int, default=2, help="s_time processes at once")
-    parser.add_argument("--connections", type=int, default=50, help="wrk connections")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections; h2load --h1 connections")
+    parser.add_argument("--h2-clients", type=int, default=10, help="h2load HTTP/2 connections (-c)")
+    parser.add_argument("--h2-streams", type=int, default=10, help="h2load concurrent streams per connection (-m)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians are reported")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma list among " + ", ".join(PARTS))
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma list among " + ", ".join(TARGETS))
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
-    for name in ("duration", "handshake_time", "handshake_clients", "connections", "rounds"):
+    for name in ("duration", "handshake_time", "handshake_clients", "connections", "h2_clients", "h2_streams",
+                 "rounds"):
         if not 0 < getattr(args, name) <= 600:
             parser.error(f"--{name.replace('_', '-')} must be between 1 and 600")
     if not 0 <= args.warmup <= 60:
         parser.error("--warmup must be between 0 and 60")
+    for option, known in (("parts", PARTS), ("targets", TARGETS)):
+        chosen = [item.strip() for item in getattr(args, option).split(",") if item.strip()]
+        unknown = set(chosen) - set(known)
+        if unknown or not chosen:
+            parser.error(f"--{option}: choose among {', '.join(known)}")
+        setattr(args, option, [item for item in known if item in chosen])
     return args
 
 

@@ -96,13 +96,16 @@ def test_stopping_the_only_v2_moves_its_sticky_clients_to_v1_without_a_failure(l
     for thread in threads:
         thread.start()
     time.sleep(0.8)
+    # v2 leaves rotation at the engine's kill event, which comes after `stop` is called but maybe long before it
+    # returns on a loaded machine: "before" is before the stop began.
+    stopping_at = time.monotonic()
     v2.stop(timeout=10)
     stopped_at = time.monotonic()
     time.sleep(1.0)
     stop.set()
     for thread in threads:
         thread.join(10)
-    before = {name for at, name, _ in answers if at < stopped_at - 0.3}
+    before = {name for at, name, _ in answers if at < stopping_at}
     after = [(name, cookie) for at, name, cookie in answers if at > stopped_at + 0.2]
     record("sticky v2 clients during docker stop of v2 (requests, failures)", f"{len(answers)}, {len(failures)}")
     assert not failures, failures[:5]

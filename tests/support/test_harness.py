@@ -239,7 +239,9 @@ def test_labelgw_fixture_with_a_stand_in_product(
     stub = tmp_path / "stub" / "labelgw"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("")
-    (stub / "tap.py").write_text(STAND_IN_TAP)
+    (stub / "cli").mkdir()
+    (stub / "cli" / "__init__.py").write_text("")
+    (stub / "cli" / "tap.py").write_text(STAND_IN_TAP)
     # REPO_ROOT comes after the stub: it provides twisted/plugins/labelgw_plugin.py when the
     # test venv does not have labelgw installed.
     pythonpath = os.pathsep.join([str(stub.parent), REPO_ROOT])

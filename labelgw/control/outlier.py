@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from labelgw.core.backends import Backend, Policy, ServicePool
+from labelgw.core.backends import Backend, KeyedPolicy, Policy, ServicePool
 
 __all__ = ["EjectingPolicy", "OutlierDetector"]
 
@@ -37,6 +37,10 @@ class EjectingPolicy:
         self.name = inner.name
         self.pick: Callable[[Sequence[Backend]], Backend | None] = inner.pick
         self.on_start: Callable[[Backend], None] = inner.on_start
+        # A keyed policy (`hash`) keeps its key source and its pick by key, unwrapped too.
+        if isinstance(inner, KeyedPolicy):
+            self.key_source = inner.key_source
+            self.pick_by_key: Callable[[Sequence[Backend], bytes], Backend | None] = inner.pick_by_key
         self._inner_finish = inner.on_finish
         self._pool = pool
         self._detector = detector

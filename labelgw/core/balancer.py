@@ -365,10 +365,11 @@ class ConsistentHash:
     loads (Mirrokni, Thorup, Zadimoghaddam 2018) over a ring with points in proportion to the weights
     (labelgw.core.hashing).
 
-    A key goes to the first backend clockwise from its hash that holds fewer requests in flight than
-    ceil(load_factor x (m + 1) x weight / total weight), m being the requests in flight to the candidates:
-    no backend takes more than 1.25 x its share, a hot key spills to the next backends on the ring (and comes
-    back when the load falls). An ejected or unready backend is not in the ready set: its keys go to the
+    A key goes to the first backend clockwise from its hash that has room: after taking the request it may hold
+    at most load_factor x its weighted share of the m + 1 requests in flight to the candidates (rounded down;
+    never less than the share rounded up; labelgw.core.hashing.capacity). So no backend is given a request that
+    takes it over 1.25 x its share, and a hot key spills to the next backends on the ring (and comes back when
+    the load falls). An ejected or unready backend is not in the ready set: its keys go to the
     next backend on the ring and come back when it does; nobody else's keys move.
 
     A new or re-admitted backend joining a service that already had traffic is in slow start for `slow_start`
@@ -456,7 +457,8 @@ class ConsistentHash:
         total = 0
         for backend in ready:
             total += backend.in_flight
-        scale = self.load_factor * (total + 1) / ring.total_weight
+        load_factor = self.load_factor
+        share = (total + 1) / ring.total_weight
         # Passed over only for slow start: taken if nobody else has room.
         spare: Backend | None = None
         for index in ring.successors(position):
@@ -464,7 +466,9 @@ class ConsistentHash:
             stats = backend.stats
             if not isinstance(stats, HashStats) or stats.owner is not self:
                 stats = self._adopt(backend, ready, now)
-            room = backend.in_flight < math.ceil(scale * backend.weight - 1e-9)
+            # labelgw.core.hashing.capacity, inlined: this runs once or twice per request.
+            fair = share * backend.weight
+            room = backend.in_flight < max(math.ceil(fair - 1e-9), math.floor(load_factor * fair + 1e-9))
             if stats.ramp_end > now and draw >= self._ramp(stats, now):
                 if room and spare is None:
                     spare = backend

@@ -54,11 +54,15 @@ def points_for(weight: float) -> int:
 
 
 def capacity(load_factor: float, in_flight_total: int, weight: float, total_weight: float) -> int:
-    """The most requests in flight a member may hold after taking one more: ceil(c x (m + 1) x w / W).
+    """The most requests in flight a member may hold after taking one more: c x its share of the m + 1
+    requests, rounded down, but never less than that share rounded up.
 
-    The capacities of all members add up to at least c x (m + 1) > m, so some member always has room."""
-    # The small margin keeps float noise from rounding an exact product up (1.25 x 4 x 1/5 = 1.0000000002).
-    return math.ceil(load_factor * (in_flight_total + 1) * weight / total_weight - 1e-9)
+    Mirrokni et al. round c x share up; rounding down keeps the bound exact (no member ever over 1.25 x its
+    share once the share is 4 requests or more), and the floor of one fair share keeps the guarantee that some
+    member has room: the capacities add up to at least m + 1."""
+    share = (in_flight_total + 1) * weight / total_weight
+    # The small margins keep float noise from moving an exact product across an integer (1.25 x 4 / 5).
+    return max(math.ceil(share - 1e-9), math.floor(load_factor * share + 1e-9))
 
 
 # Identity -> its point hashes, computed once per identity and extended when its weight grows.

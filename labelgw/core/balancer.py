@@ -452,13 +452,21 @@ class ConsistentHash:
     def _place(self, ready: Sequence[Backend], position: int, draw: float) -> Backend:
         if len(ready) == 1:
             return ready[0]
-        ring = self.ring(ready)
+        entry = self._by_identity.get(id(ready))
+        ring = entry[1] if entry is not None and entry[0] is ready else self.ring(ready)
         now = self._clock()
         total = 0
         for backend in ready:
             total += backend.in_flight
         load_factor = self.load_factor
         share = (total + 1) / ring.total_weight
+        # The common case first: the key's own backend, warm, with room.
+        backend = ready[ring.owners[ring.first(position)]]
+        stats = backend.stats
+        if isinstance(stats, HashStats) and stats.owner is self and stats.ramp_end <= now:
+            fair = share * backend.weight
+            if backend.in_flight < max(math.ceil(fair - 1e-9), math.floor(load_factor * fair + 1e-9)):
+                return backend
         # Passed over only for slow start: taken if nobody else has room.
         spare: Backend | None = None
         for index in ring.successors(position):

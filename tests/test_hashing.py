@@ -362,6 +362,7 @@ def head(extra: bytes = b"", target: bytes = b"/cart?x=1") -> Any:
         (HashKey("cookie", "sid"), b'Cookie: sid="q"\r\n', b"q"),
         (HashKey("cookie", "sid"), b"Cookie: xsid=1; SID=2\r\n", None),
         (HashKey("cookie", "sid"), b"", None),
+        (HashKey("cookie", "sid"), b"Cookie: a=1\r\nX-Other: sid=no\r\ncookie: sid=two\r\n", b"two"),
         (HashKey("path"), b"", b"/cart"),
     ],
 )
@@ -483,3 +484,22 @@ def test_the_factory_builds_hash_with_the_containers_key() -> None:
                                   hosts=("s.localhost",), balancer="hash", hash_key=HashKey("path")))
     assert isinstance(keyed, ConsistentHash) and keyed.key_source == HashKey("path")
     assert math.isclose(built.load_factor, 1.25)
+
+
+def test_a_replica_asking_for_another_key_is_logged_and_the_first_key_kept() -> None:
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        registry = Registry(policy_factory=service_policy_factory("wrt", Clock().seconds))
+        for index, key in enumerate((HashKey("header", "x-user"), HashKey("path"))):
+            registry.apply(f"c{index}", ContainerSpec(
+                container_id=f"c{index}", name=f"c{index}", service="api", address="127.0.0.1", port=8000 + index,
+                hosts=("api.localhost",), balancer="hash", hash_key=key,
+            ))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert registry.services["api"].key_source == HashKey("header", "x-user")
+    warnings = [e for e in events if e.get("log_level") == LogLevel.warn and "hash key" in e.get("log_format", "")]
+    assert len(warnings) == 1 and (warnings[0]["wanted"], warnings[0]["chosen"]) == ("path", "header:x-user")

@@ -18,6 +18,7 @@ __all__ = ["cookie_value", "request_key"]
 # Cookie name -> the pattern of its cookie-pair in a Cookie header (RFC 6265 4.2.1: pairs separated by ";" and
 # optional spaces; the name matched exactly, case included).
 _COOKIE_PATTERNS: dict[str, re.Pattern[bytes]] = {}
+_COOKIE_FIELDS = re.compile(rb"^cookie:[ \t]*([^\r\n]*?)[ \t]*\r\n", re.IGNORECASE | re.MULTILINE)
 # Header name -> its lower-case bytes, as RequestHead.field wants them.
 _FIELD_NAMES: dict[str, bytes] = {}
 
@@ -49,5 +50,6 @@ def request_key(source: HashKey, head: RequestHead, peer_ip: bytes, path: str) -
             name = _FIELD_NAMES[source.name] = source.name.lower().encode("latin-1")
         return head.field(name) or None
     if kind == "cookie":
-        return cookie_value(head.field(b"cookie"), source.name) or None
+        # HTTP/2 clients may send each cookie in a field of its own (RFC 9113 8.2.3): read every Cookie field.
+        return cookie_value(b"; ".join(_COOKIE_FIELDS.findall(head.block)), source.name) or None
     return path.encode("latin-1")

@@ -13,6 +13,7 @@ from labelgw.core import backends as backends_module
 from labelgw.core.backends import Backend
 from labelgw.core.balancer import (
     DEFAULT_SCAN_LIMIT,
+    ConsistentHash,
     POLICY_NAMES,
     LeastConn,
     RoundRobin,
@@ -50,7 +51,9 @@ def ms(value: float) -> object:
 def test_make_policy_builds_each_named_policy() -> None:
     clock = Clock()
     kinds = {name: type(make_policy(name, clock.seconds, random.Random(1))) for name in POLICY_NAMES}
-    assert kinds == {"wrt": WeightedResponseTime, "round_robin": RoundRobin, "least_conn": LeastConn}
+    assert kinds == {
+        "wrt": WeightedResponseTime, "round_robin": RoundRobin, "least_conn": LeastConn, "hash": ConsistentHash,
+    }
     assert POLICY_NAMES[0] == "wrt"
 
 

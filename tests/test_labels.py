@@ -696,8 +696,8 @@ def test_typed_options_defaults() -> None:
 @pytest.mark.parametrize(
     "suffix, value, reason_part",
     [
-        ("balancer", "", "unknown balancer; use one of: least_conn, round_robin, wrt"),
-        ("balancer", "wrr", "unknown balancer; use one of: least_conn, round_robin, wrt"),
+        ("balancer", "", "unknown balancer; use one of: hash, least_conn, round_robin, wrt"),
+        ("balancer", "wrr", "unknown balancer; use one of: hash, least_conn, round_robin, wrt"),
         ("balancer", "RoundRobin", "unknown balancer"),
         ("weight", "", "not a number"),
         ("weight", "0", "weight must be positive and at most 1000"),
@@ -746,7 +746,7 @@ def test_later_labels_invalid(suffix: str, value: str, reason_part: str) -> None
 def test_known_labels() -> None:
     assert KNOWN_LABELS == {
         "service", "version", "env", "port", "host", "path", "strip_prefix", "network", "scheme",
-        "balancer", "weight", "traffic", "health.path", "health.interval", "health.timeout", "tls",
+        "balancer", "hash.key", "weight", "traffic", "health.path", "health.interval", "health.timeout", "tls",
     }  # fmt: skip
 
 

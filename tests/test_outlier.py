@@ -118,6 +118,47 @@ def test_readmitted_when_the_time_is_up_through_on_ready() -> None:
     assert h.ready_keys() == ["c0", "c1"]
     assert (b.ejected_until, b.consecutive_failures, b.ejections) == (None, 0, 1)
     assert h.inner.readied == ["c0"]
+    # What is left is the ejection count's decay (one base later), and then nothing.
+    assert [call.func for call in h.clock.getDelayedCalls()] == [h.detector._decay]
+    h.clock.advance(30.0)
+    assert h.backend("c0").ejections == 0
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_the_ejection_count_decays_by_one_per_base_without_an_ejection() -> None:
+    h = Harness()
+    for _ in range(3):  # ejected for 30, 60, 90 s, back at once each time: the count climbs
+        h.finish("c0", times=5)
+        h.clock.advance(h.backend("c0").ejected_until - h.clock.seconds())  # type: ignore[operator]
+    b = h.backend("c0")
+    assert b.ejections == 3
+    h.clock.advance(29.5)
+    assert b.ejections == 3
+    h.clock.advance(0.5)
+    assert b.ejections == 2
+    h.clock.advance(30.0)
+    assert b.ejections == 1
+    # Ejected again now: 60 s (count 2), not 120 s; while it is out the count does not decay.
+    h.finish("c0", times=5)
+    assert (b.ejections, b.ejected_until) == (2, h.clock.seconds() + 60.0)
+    h.clock.advance(59.0)
+    assert b.ejections == 2
+    h.clock.advance(1.0)
+    assert b.ready
+    # Back: two bases in rotation take it to zero, and no timer is left behind.
+    h.clock.advance(60.0)
+    assert b.ejections == 0
+    assert h.clock.getDelayedCalls() == []
+    h.finish("c0", times=5)
+    assert b.ejected_until == h.clock.seconds() + 30.0
+
+
+def test_a_removed_backend_leaves_no_decay_timer() -> None:
+    h = Harness()
+    h.finish("c0", times=5)
+    h.clock.advance(30.0)
+    assert len(h.clock.getDelayedCalls()) == 1
+    h.registry.remove("c0")
     assert h.clock.getDelayedCalls() == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import statistics
+from collections import Counter
 from typing import Callable, Sequence
 
 import pytest
@@ -193,3 +194,39 @@ def test_the_simulator_drives_the_proxy_policy_class() -> None:
     scene = scenario("S1", 5.0)
     load = workload(205.0, 5.0, 1)
     assert run(scene, maker, load, 5.0, 1).latencies == run(scene, "wrt", load, 5.0, 1).latencies
+
+
+# -- hash (issue 10) --------------------------------------------------------------------------------
+
+
+def test_hash_gets_zipf_keys_and_keeps_the_load_bound_where_plain_consistent_hashing_does_not() -> None:
+    results = by_policy("H1", 0.8, 20.0, ["hash", "hash:load_factor=1000000"])
+    bounded, plain = results["hash"], results["hash:load_factor=1000000"]
+    assert bounded.max_share is not None and bounded.max_share <= 1.25  # type: ignore[attr-defined]
+    assert 0 < bounded.spill_pct  # type: ignore[attr-defined]
+    assert bounded.failure_pct == 0  # type: ignore[attr-defined]
+    # Without the bound the hot keys' backend is overloaded: timeouts.
+    assert plain.max_share > 2 and plain.spill_pct == 0  # type: ignore[attr-defined]
+    assert plain.failure_pct > 1  # type: ignore[attr-defined]
+
+
+def test_zipf_keys_are_seeded_and_skewed() -> None:
+    from labelgw.tools.simulate import zipf_keys
+
+    keys = zipf_keys(20_000, 1)
+    assert keys == zipf_keys(20_000, 1) != zipf_keys(20_000, 2)
+    counts = sorted(Counter(keys).values(), reverse=True)
+    assert counts[0] > 0.08 * len(keys)  # the hottest key: about 1 / H(10 000) = 10 %
+    assert len(counts) > 3000
+
+
+def test_the_hashing_report(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--hashing", "--seconds", "4", "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[2:9]]
+    for row in rows:
+        n, moved_add, bound = int(row[0]), float(row[1]), float(row[2])
+        assert moved_add <= bound, row
+        if n > 1:
+            assert float(row[3]) == float(row[4]) and row[5] == "0", row  # only its own keys
+    assert "H1 (" in out and "spill %" in out

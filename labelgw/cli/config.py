@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from labelgw.http.settings import ProxySettings
-from labelgw.core.labels import BALANCERS, parse_hosts, parse_path
-from labelgw.core.model import BalancerName, ContainerSpec
+from labelgw.core.labels import BALANCERS, parse_hash_key, parse_hosts, parse_path
+from labelgw.core.model import BalancerName, ContainerSpec, HashKey
 from labelgw.core.registry import STATIC_PREFIX
 
 DEFAULT_HTTP = ("tcp:8080",)
@@ -36,6 +36,9 @@ class StaticService:
     path: str
     strip_prefix: bool
     backends: tuple[tuple[str, int], ...]
+    # The `balancer` and `hash.key` labels' settings (`balancer`, `hash_key`); None: the defaults.
+    balancer: BalancerName | None = None
+    hash_key: HashKey | None = None
 
     def specs(self) -> list[ContainerSpec]:
         return [
@@ -48,6 +51,8 @@ class StaticService:
                 hosts=self.hosts,
                 path_prefix=self.path,
                 strip_prefix=self.strip_prefix,
+                balancer=self.balancer,
+                hash_key=self.hash_key,
             )
             for index, (address, port) in enumerate(self.backends)
         ]
@@ -216,9 +221,11 @@ def _static_service(name: Any, spec: Any) -> StaticService:
         raise ConfigError(f"{where}: {name!r} is not a valid service name")
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a mapping with hosts and backends")
-    unknown = sorted(set(spec) - {"hosts", "path", "strip_prefix", "backends"})
+    unknown = sorted(set(spec) - {"hosts", "path", "strip_prefix", "backends", "balancer", "hash_key"})
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown setting (known: hosts, path, strip_prefix, backends)")
+        raise ConfigError(
+            f"{where}.{unknown[0]}: unknown setting (known: hosts, path, strip_prefix, backends, balancer, hash_key)"
+        )
     hosts = spec.get("hosts") or [f"{name.lower()}.localhost"]
     if isinstance(hosts, str):
         hosts = [hosts]
@@ -248,7 +255,28 @@ def _static_service(name: Any, spec: Any) -> StaticService:
         if not address or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ConfigError(f"{where}.backends: {item!r} is not 'address:port'")
         backends.append((address.strip("[]"), int(port)))
-    return StaticService(name.lower(), normal_hosts, path, strip, tuple(backends))
+    balancer, hash_key = _static_balancer(where, spec)
+    return StaticService(name.lower(), normal_hosts, path, strip, tuple(backends), balancer, hash_key)
+
+
+def _static_balancer(where: str, spec: Mapping[str, Any]) -> tuple[BalancerName | None, HashKey | None]:
+    """A static service's `balancer` and `hash_key`, by the rules of the `balancer` and `hash.key` labels."""
+    raw = spec.get("balancer")
+    balancer = BALANCERS.get(raw) if isinstance(raw, str) else None
+    if raw is not None and balancer is None:
+        raise ConfigError(f"{where}.balancer: {raw!r} is not a balancer; use one of: {', '.join(BALANCERS)}")
+    raw_key = spec.get("hash_key")
+    if raw_key is None:
+        return balancer, None
+    if not isinstance(raw_key, str):
+        raise ConfigError(f"{where}.hash_key: must be ip, path, header:NAME or cookie:NAME")
+    try:
+        hash_key = parse_hash_key(raw_key.strip())
+    except ValueError as error:
+        raise ConfigError(f"{where}.hash_key: {raw_key!r}: {error}") from None
+    if balancer not in (None, "hash"):
+        raise ConfigError(f"{where}.hash_key: has effect only with balancer: hash")
+    return balancer, hash_key
 
 
 def _https_settings(pick: Any) -> dict[str, Any]:

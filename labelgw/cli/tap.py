@@ -30,8 +30,8 @@ class Options(usage.Options):
          "else ~/.local/share/labelgw]"],
         ["cert-dir", None, None, "Directory of your own PEM certificates, picked up while running (default.pem: the "
          "default certificate)"],
-        ["balancer", None, None, "Default balancer of services without a <prefix>.balancer label: wrt, least_conn or "
-         f"round_robin [default: {_DEFAULTS.balancer}]"],
+        ["balancer", None, None, "Default balancer of services without a <prefix>.balancer label: wrt, least_conn, "
+         f"round_robin or hash [default: {_DEFAULTS.balancer}]"],
         ["admin", None, None, f"Endpoint of the admin JSON view, or none [default: {_DEFAULTS.admin}]"],
         ["version-header", None, None,
          f"Request header that pins a request to one version [default: {_DEFAULTS.version_header}]"],

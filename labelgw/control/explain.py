@@ -304,6 +304,11 @@ def _cost_rule(service: ServicePool, candidates: int) -> str:
         return "cost = in flight / weight; the lowest wins, ties taken in turn"
     if name == "round_robin":
         return "no cost: each ready backend in turn"
+    if name == "hash":
+        source = getattr(service, "key_source", None)
+        return (f"consistent hashing on {source}: the first backend on the ring from the key's hash that stays within "
+                "1.25 x its share of the requests in flight; the pick shown is for a request without a key "
+                "(a random position)")
     return f"policy {name}"
 
 

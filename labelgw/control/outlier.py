@@ -2,7 +2,9 @@
 
 The rule, after Envoy's outlier detection: `consecutive` (5) failed requests in a row -- connect failures,
 resets, timeouts and 5xx answers, as the exchange reports them through `Policy.on_finish(failed=True)`
--- eject the backend for `base` (30 s) x its ejection count, at most `cap` (300 s). At most half of a service's
+-- eject the backend for `base` (30 s) x its ejection count, at most `cap` (300 s). The count decays as Envoy's
+ejection multiplier does: minus one for every `base` seconds the backend spends back in rotation without
+being ejected again, so a backend that failed once long ago starts from 30 s again. At most half of a service's
 backends are ejected at once, and never its last ready one: a service whose backends all fail keeps trying
 them rather than answering 503 for minutes. When the time is up the backend is re-admitted; the policy's
 `on_ready` puts it through slow start.
@@ -19,7 +21,7 @@ from typing import Any, Callable, Sequence
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from labelgw.core.backends import Backend, Policy, ServicePool
+from labelgw.core.backends import Backend, KeyedPolicy, Policy, ServicePool
 
 __all__ = ["EjectingPolicy", "OutlierDetector"]
 
@@ -37,6 +39,10 @@ class EjectingPolicy:
         self.name = inner.name
         self.pick: Callable[[Sequence[Backend]], Backend | None] = inner.pick
         self.on_start: Callable[[Backend], None] = inner.on_start
+        # A keyed policy (`hash`) keeps its key source and its pick by key, unwrapped too.
+        if isinstance(inner, KeyedPolicy):
+            self.key_source = inner.key_source
+            self.pick_by_key: Callable[[Sequence[Backend], bytes], Backend | None] = inner.pick_by_key
         self._inner_finish = inner.on_finish
         self._pool = pool
         self._detector = detector
@@ -74,6 +80,8 @@ class OutlierDetector(Service):
         self.max_fraction = max_fraction
         # Backend -> the IDelayedCall that re-admits it (from clock.callLater).
         self._timers: dict[Backend, Any] = {}
+        # Backend -> the IDelayedCall that takes one off its ejection count (while re-admitted with a count).
+        self._decays: dict[Backend, Any] = {}
 
     # -- BackendListener ------------------------------------------------------------------------------
 
@@ -87,9 +95,10 @@ class OutlierDetector(Service):
         pass
 
     def backend_removed(self, pool: ServicePool, backend: Backend) -> None:
-        timer = self._timers.pop(backend, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        for timers in (self._timers, self._decays):
+            timer = timers.pop(backend, None)
+            if timer is not None and timer.active():
+                timer.cancel()
 
     # -- the rule -------------------------------------------------------------------------------------
 
@@ -119,6 +128,9 @@ class OutlierDetector(Service):
                     ejected=ejected, total=len(pool.backends), ready=len(pool.ready),
                 )
             return
+        decay = self._decays.pop(backend, None)
+        if decay is not None and decay.active():
+            decay.cancel()
         backend.ejections += 1
         duration = min(self.base * backend.ejections, self.cap)
         backend.ejected_until = self._clock.seconds() + duration
@@ -140,10 +152,22 @@ class OutlierDetector(Service):
         )
         # The registry re-derives readiness; if the backend is back in rotation the policy's on_ready slow-starts it.
         self._changed(pool, backend)
+        self._decays[backend] = self._clock.callLater(self.base, self._decay, backend, self._clock.seconds() + self.base)
+
+    def _decay(self, backend: Backend, due: float) -> None:
+        """`base` seconds back in rotation without another ejection: one ejection forgotten."""
+        self._decays.pop(backend, None)
+        backend.ejections = max(0, backend.ejections - 1)
+        if backend.ejections:
+            # Counted from when this one was due, not from when the clock got round to it.
+            due += self.base
+            delay = max(0.0, due - self._clock.seconds())
+            self._decays[backend] = self._clock.callLater(delay, self._decay, backend, due)
 
     def stopService(self) -> Any:
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        for timers in (self._timers, self._decays):
+            for timer in timers.values():
+                if timer.active():
+                    timer.cancel()
+            timers.clear()
         return Service.stopService(self)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, cast, runtime_checkable
 
-from labelgw.core.model import ContainerSpec
+from labelgw.core.model import ContainerSpec, HashKey
 from labelgw.core.versions import VersionSplit, versioned
 
 if TYPE_CHECKING:
-    from labelgw.core.balancer import WrtStats
+    from labelgw.core.balancer import HashStats, WrtStats
 
 
 # Active health-check states of a backend whose container has a `health.path` label (None: no check).
@@ -54,7 +54,7 @@ class Backend:
         self.errors = 0
         # Owned by the selection policy that keeps per-backend state (wrt: latency estimate, slow start); None
         # means "never seen". The policy checks that the stats are its own before it trusts them.
-        self.stats: WrtStats | None = None
+        self.stats: WrtStats | HashStats | None = None
         # Owned by the upstream connection pool: idle keep-alive connections to this backend.
         self.idle: list[Any] = []
 
@@ -92,6 +92,17 @@ class Policy(Protocol):
         """The backend (re)entered the ready set after having been out (Docker healthy again, health check
         passing again, ejection over): forget what the policy knew about it (slow start)."""
         ...
+
+
+@runtime_checkable
+class KeyedPolicy(Policy, Protocol):
+    """A policy that places requests by a key the HTTP layer reads from each request (`hash`). The other
+    policies know nothing of keys: a service whose policy is not keyed never has one read."""
+
+    # Where the key comes from (the client address, a header, a cookie, the path).
+    key_source: HashKey
+
+    def pick_by_key(self, ready: Sequence[Backend], key: bytes) -> Backend | None: ...
 
 
 class RoundRobin:
@@ -133,6 +144,8 @@ class ServicePool:
         self.in_flight = 0
         # New clients given each version (and its cookie) so far: the admin view's sticky clients.
         self.sticky_clients: dict[str, int] = {}
+        # What the HTTP layer reads from each request for a keyed policy (`hash`); None for every other policy.
+        self.key_source: HashKey | None = policy.key_source if isinstance(policy, KeyedPolicy) else None
 
     def refresh(self) -> None:
         self.ready = tuple(b for b in self.backends.values() if b.ready)
@@ -153,7 +166,9 @@ class ServicePool:
     def ejected_count(self) -> int:
         return sum(1 for backend in self.backends.values() if backend.ejected_until is not None)
 
-    def pick(self, exclude: Backend | None = None, version: str | None = None, pinned: bool = False) -> Backend | None:
+    def pick(
+        self, exclude: Backend | None = None, version: str | None = None, pinned: bool = False, key: bytes | None = None
+    ) -> Backend | None:
         ready = self.ready
         split = self.split
         if version is not None and split is not None:
@@ -166,4 +181,10 @@ class ServicePool:
                     return None
         if exclude is not None and len(ready) > 1:
             ready = tuple(b for b in ready if b is not exclude)
+        return self.pick_among(ready, key)
+
+    def pick_among(self, ready: Sequence[Backend], key: bytes | None = None) -> Backend | None:
+        """The policy's pick among `ready`; by `key` when there is one (only a keyed policy's service gets one)."""
+        if key is not None:
+            return cast(KeyedPolicy, self.policy).pick_by_key(ready, key)
         return self.policy.pick(ready)

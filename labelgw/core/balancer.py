@@ -15,10 +15,13 @@ import random
 from typing import Any, Callable, Sequence
 
 from labelgw.core.backends import Backend, Policy, RoundRobin
-from labelgw.core.model import ContainerSpec
+from labelgw.core.hashing import LOAD_FACTOR, Ring, key_hash
+from labelgw.core.model import ContainerSpec, HashKey
 
 __all__ = [
     "POLICY_NAMES",
+    "ConsistentHash",
+    "HashStats",
     "LeastConn",
     "RoundRobin",
     "WeightedResponseTime",
@@ -30,7 +33,7 @@ __all__ = [
 
 Clock = Callable[[], float]
 
-POLICY_NAMES = ("wrt", "round_robin", "least_conn")
+POLICY_NAMES = ("wrt", "round_robin", "least_conn", "hash")
 
 # Service size up to which `wrt` compares every ready backend; above it, power of two choices.
 # Measured with `python -m labelgw.tools.simulate --crossover` (3 to 128 backends, none / one / 1 in 5 of them 10x
@@ -340,10 +343,186 @@ class LeastConn:
         pass
 
 
+class HashStats:
+    """Per-backend state of `ConsistentHash`: its slow-start ramp."""
+
+    __slots__ = ("owner", "ramp_start", "ramp_end")
+
+    def __init__(self, owner: ConsistentHash, now: float, ramp_end: float) -> None:
+        self.owner = owner
+        self.ramp_start = now
+        self.ramp_end = ramp_end
+
+
+# Rings kept per policy, by ready-set identity and by member list; a service has a handful of live sets (its
+# ready set, one per version, a retry's set without the failed backend).
+_RING_CACHE = 32
+
+
+class ConsistentHash:
+    """`hash`: one request key (the client address, a header, a cookie, the path: `key_source`, read by the HTTP
+    layer) always reaches the same backend while the ready set is unchanged; consistent hashing with bounded
+    loads (Mirrokni, Thorup, Zadimoghaddam 2018) over a ring with points in proportion to the weights
+    (labelgw.core.hashing).
+
+    A key goes to the first backend clockwise from its hash that has room: after taking the request it may hold
+    at most load_factor x its weighted share of the m + 1 requests in flight to the candidates (rounded down;
+    never less than the share rounded up; labelgw.core.hashing.capacity). So no backend is given a request that
+    takes it over 1.25 x its share, and a hot key spills to the next backends on the ring (and comes back when
+    the load falls). An ejected or unready backend is not in the ready set: its keys go to the
+    next backend on the ring and come back when it does; nobody else's keys move.
+
+    A new or re-admitted backend joining a service that already had traffic is in slow start for `slow_start`
+    seconds: it takes only the keys whose own uniform draw is under max(`slow_start_min`, elapsed / slow_start),
+    a fraction that only grows, so a key moves to it once and stays. A request without a key (the header or
+    cookie missing) gets a random position on the ring, under the same bound.
+    """
+
+    name = "hash"
+
+    def __init__(
+        self,
+        clock: Clock,
+        rng: random.Random,
+        *,
+        key_source: HashKey | None = None,
+        load_factor: float = LOAD_FACTOR,
+        slow_start: float = 10.0,
+        slow_start_min: float = 0.1,
+    ) -> None:
+        if load_factor <= 1:
+            raise ValueError("load_factor must be above 1")
+        if slow_start < 0:
+            raise ValueError("slow_start must not be negative")
+        if not 0 < slow_start_min <= 1:
+            raise ValueError("slow_start_min must be in (0, 1]")
+        self._clock = clock
+        self._rng = rng
+        self.key_source = key_source if key_source is not None else HashKey()
+        self.load_factor = load_factor
+        self.slow_start = slow_start
+        self.slow_start_min = slow_start_min
+        self._by_identity: dict[int, tuple[Sequence[Backend], Ring]] = {}
+        self._by_members: dict[tuple[tuple[str, float], ...], Ring] = {}
+
+    # -- Policy protocol ------------------------------------------------------------------------------
+
+    def pick(self, ready: Sequence[Backend]) -> Backend | None:
+        """A request without a key: a random position on the ring."""
+        if not ready:
+            return None
+        return self._place(ready, self._rng.getrandbits(64), self._rng.random())
+
+    def pick_by_key(self, ready: Sequence[Backend], key: bytes) -> Backend | None:
+        """The backend for `key` (the bytes the HTTP layer read from the request)."""
+        if not ready:
+            return None
+        position, draw = key_hash(key)
+        return self._place(ready, position, draw)
+
+    def on_start(self, backend: Backend) -> None:
+        pass
+
+    def on_finish(self, backend: Backend, elapsed: float, failed: bool) -> None:
+        pass
+
+    def on_ready(self, backend: Backend) -> None:
+        backend.stats = None  # slow start again on next sight
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def ring(self, ready: Sequence[Backend]) -> Ring:
+        """The ring of this ready set (cached: built again only when the set is rebuilt with other members or
+        weights)."""
+        entry = self._by_identity.get(id(ready))
+        if entry is not None and entry[0] is ready:
+            return entry[1]
+        members = tuple((backend.key, backend.weight) for backend in ready)
+        ring = self._by_members.get(members)
+        if ring is None:
+            if len(self._by_members) >= _RING_CACHE:
+                self._by_members.clear()
+            ring = self._by_members[members] = Ring(members)
+        if len(self._by_identity) >= _RING_CACHE:
+            self._by_identity.clear()
+        # The tuple is kept with its id, so that the id cannot be reused by another set while cached.
+        self._by_identity[id(ready)] = (ready, ring)
+        return ring
+
+    def _place(self, ready: Sequence[Backend], position: int, draw: float) -> Backend:
+        if len(ready) == 1:
+            return ready[0]
+        entry = self._by_identity.get(id(ready))
+        ring = entry[1] if entry is not None and entry[0] is ready else self.ring(ready)
+        now = self._clock()
+        total = 0
+        for backend in ready:
+            total += backend.in_flight
+        load_factor = self.load_factor
+        share = (total + 1) / ring.total_weight
+        # The common case first: the key's own backend, warm, with room.
+        backend = ready[ring.owners[ring.first(position)]]
+        stats = backend.stats
+        if isinstance(stats, HashStats) and stats.owner is self and stats.ramp_end <= now:
+            fair = share * backend.weight
+            if backend.in_flight < max(math.ceil(fair - 1e-9), math.floor(load_factor * fair + 1e-9)):
+                return backend
+        # Passed over only for slow start: taken if nobody else has room.
+        spare: Backend | None = None
+        for index in ring.successors(position):
+            backend = ready[index]
+            stats = backend.stats
+            if not isinstance(stats, HashStats) or stats.owner is not self:
+                stats = self._adopt(backend, ready, now)
+            # labelgw.core.hashing.capacity, inlined: this runs once or twice per request.
+            fair = share * backend.weight
+            room = backend.in_flight < max(math.ceil(fair - 1e-9), math.floor(load_factor * fair + 1e-9))
+            if stats.ramp_end > now and draw >= self._ramp(stats, now):
+                if room and spare is None:
+                    spare = backend
+                continue
+            if room:
+                return backend
+        if spare is not None:
+            return spare
+        # Unreachable while weights are positive (the capacities add up to more than m); kept for safety.
+        return min(ready, key=lambda backend: backend.in_flight / (backend.weight or 1e-9))
+
+    def _ramp(self, stats: HashStats, now: float) -> float:
+        if now >= stats.ramp_end:
+            return 1.0
+        return max(self.slow_start_min, (now - stats.ramp_start) / self.slow_start)
+
+    def _adopt(self, backend: Backend, ready: Sequence[Backend], now: float) -> HashStats:
+        """First sight of a backend: slow start, unless the service is itself new (then everyone starts warm)."""
+        known = any(
+            isinstance(peer.stats, HashStats) and peer.stats.owner is self for peer in ready if peer is not backend
+        )
+        if not known:
+            for peer in ready:
+                if peer is not backend:
+                    peer.stats = HashStats(self, now, now)
+        stats = HashStats(self, now, now + self.slow_start if known else now)
+        backend.stats = stats
+        return stats
+
+    def describe(self, backend: Backend) -> dict[str, Any]:
+        stats = backend.stats
+        ramp = None
+        if isinstance(stats, HashStats) and stats.owner is self:
+            ramp = round(self._ramp(stats, self._clock()), 3)
+        return {
+            "policy": self.name, "in_flight": backend.in_flight, "weight": backend.weight, "latency_ms": None,
+            "slow_start": ramp, "samples": 0, "failures": 0, "hash_key": str(self.key_source),
+        }
+
+
 def make_policy(name: str, clock: Clock, rng: random.Random, **params: Any) -> Policy:
-    """Build the policy called `name` (one of POLICY_NAMES). `params` go to its constructor (wrt only)."""
+    """Build the policy called `name` (one of POLICY_NAMES). `params` go to its constructor (wrt and hash)."""
     if name == "wrt":
         return WeightedResponseTime(clock, rng, **params)
+    if name == "hash":
+        return ConsistentHash(clock, rng, **params)
     if params:
         raise TypeError(f"policy {name!r} takes no parameters, got {sorted(params)}")
     if name == "round_robin":
@@ -368,6 +547,8 @@ def service_policy_factory(
     def build(spec: ContainerSpec) -> Policy:
         name = spec.balancer or default
         params: dict[str, Any] = {"tau": tau} if name == "wrt" else {}
+        if name == "hash":
+            params = {"key_source": spec.hash_key}
         return make_policy(name, clock, rng_factory(), **params)
 
     return build
@@ -376,7 +557,7 @@ def service_policy_factory(
 def describe(backend: Backend) -> dict[str, Any]:
     """Read-only snapshot of a backend's selection state for the admin view (JSON-ready)."""
     stats = backend.stats
-    if isinstance(stats, WrtStats):
+    if isinstance(stats, (WrtStats, HashStats)):
         return stats.owner.describe(backend)
     return {
         "policy": None,

@@ -16,6 +16,7 @@ from labelgw.core.model import (
     DEFAULT_HEALTH_TIMEOUT,
     BalancerName,
     ContainerSpec,
+    HashKey,
     HealthCheck,
     Rejection,
     Scheme,
@@ -23,7 +24,9 @@ from labelgw.core.model import (
     normalize_name,
 )
 
-__all__ = ["KNOWN_LABELS", "parse_bool", "parse_container", "parse_duration", "parse_hosts", "parse_path"]
+__all__ = [
+    "KNOWN_LABELS", "parse_bool", "parse_container", "parse_duration", "parse_hash_key", "parse_hosts", "parse_path",
+]
 
 # Suffixes after "<prefix>.". Anything else under the prefix is refused: a typo must not be silently ignored.
 KNOWN_LABELS: frozenset[str] = frozenset(
@@ -38,6 +41,7 @@ KNOWN_LABELS: frozenset[str] = frozenset(
         "network",
         "scheme",
         "balancer",
+        "hash.key",
         "weight",
         "traffic",
         "health.path",
@@ -48,7 +52,9 @@ KNOWN_LABELS: frozenset[str] = frozenset(
 )
 
 # Label text -> the typed value (a mapping rather than a set, so that the result is the Literal type).
-BALANCERS: Mapping[str, BalancerName] = {"wrt": "wrt", "round_robin": "round_robin", "least_conn": "least_conn"}
+BALANCERS: Mapping[str, BalancerName] = {
+    "wrt": "wrt", "round_robin": "round_robin", "least_conn": "least_conn", "hash": "hash",
+}
 TLS_MODES: Mapping[str, TlsMode] = {"redirect": "redirect", "off": "off"}
 SCHEMES: Mapping[str, Scheme] = {"http": "http", "https": "https"}
 MAX_WEIGHT = 1000.0
@@ -65,6 +71,8 @@ _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _HOST_WITH_PORT = re.compile(r"(?P<host>[^:]*):[0-9]*")
 _PERCENT_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# A header field name (RFC 9110 5.1) or a cookie name (RFC 6265 4.1.1): both are tokens.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
@@ -195,6 +203,10 @@ def _build_spec(
     # Read here, once, into typed fields: a bad one disables only this container instead of failing later in
     # the data path, and nothing after this module reads label text again.
     balancer: BalancerName | None = check("balancer", _parse_balancer)
+    hash_key: HashKey | None = check("hash.key", parse_hash_key)
+    if hash_key is not None and balancer not in (None, "hash"):
+        # Absent balancer label: --balancer may be hash. A different one: the key would be silently unused.
+        raise _Invalid(full("hash.key"), labels["hash.key"], f"has effect only with {full('balancer')}=hash")
     weight: float | None = check("weight", _parse_weight)
     traffic: float | None = check("traffic", _parse_traffic)
     health_path: str | None = check("health.path", _parse_health_path)
@@ -245,6 +257,7 @@ def _build_spec(
         weight=1.0 if weight is None else weight,
         traffic=traffic,
         balancer=balancer,
+        hash_key=hash_key,
         health_check=health_check,
         tls=tls,
         options=tuple(sorted(labels.items())),
@@ -373,6 +386,26 @@ def _parse_balancer(text: str) -> BalancerName:
     if balancer is None:
         raise _unknown_choice("balancer", BALANCERS)
     return balancer
+
+
+def parse_hash_key(text: str) -> HashKey:
+    """`ip`, `path`, `header:NAME` or `cookie:NAME` (NAME a token); ValueError saying what is expected."""
+    kind, colon, name = text.partition(":")
+    kind = kind.strip().lower()
+    name = name.strip()
+    if not colon and kind in ("ip", "path"):
+        return HashKey("ip") if kind == "ip" else HashKey("path")
+    if colon and kind in ("header", "cookie"):
+        if not name:
+            raise ValueError(f"{kind}: needs a name ({kind}:NAME)")
+        if _TOKEN.fullmatch(name) is None:
+            raise ValueError(f"{name!r} is not a {kind} name (letters, digits and !#$%&'*+.^_`|~-)")
+        if kind == "header":
+            if name.lower() == "cookie":
+                raise ValueError("hash on one cookie with cookie:NAME, not on the whole Cookie header")
+            return HashKey("header", name.lower())
+        return HashKey("cookie", name)
+    raise ValueError("not a hash key; use ip, path, header:NAME or cookie:NAME")
 
 
 def _parse_tls(text: str) -> TlsMode:

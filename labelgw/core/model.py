@@ -14,6 +14,8 @@ __all__ = [
     "DEFAULT_HEALTH_TIMEOUT",
     "BalancerName",
     "ContainerSpec",
+    "HashKey",
+    "HashKeyKind",
     "HealthCheck",
     "Outcome",
     "Rejection",
@@ -23,7 +25,9 @@ __all__ = [
     "normalize_name",
 ]
 
-BalancerName = Literal["wrt", "round_robin", "least_conn"]
+BalancerName = Literal["wrt", "round_robin", "least_conn", "hash"]
+# Where `hash` reads a request's key (labelgw.http.hashkey): the client address, a header, a cookie or the path.
+HashKeyKind = Literal["ip", "header", "cookie", "path"]
 Scheme = Literal["http", "https"]
 # "redirect": plain HTTP for the route is answered with a 308 to HTTPS; "off": exempt from --redirect-https.
 TlsMode = Literal["redirect", "off"]
@@ -39,6 +43,18 @@ class HealthCheck:
     path: str
     interval: float = DEFAULT_HEALTH_INTERVAL
     timeout: float = DEFAULT_HEALTH_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class HashKey:
+    """What `balancer=hash` hashes: `ip`, `header:NAME`, `cookie:NAME` or `path` (the `hash.key` label)."""
+
+    kind: HashKeyKind = "ip"
+    # The header's name (lower case: fields are case-insensitive) or the cookie's (case matters); "" otherwise.
+    name: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}" if self.name else self.kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +84,8 @@ class ContainerSpec:
     traffic: float | None = None
     # The balancer this container asks for; None: the gateway's default (--balancer).
     balancer: BalancerName | None = None
+    # The key `balancer=hash` reads from each request (`hash.key`); None: the client's address.
+    hash_key: HashKey | None = None
     # The active health check; None: only Docker's own healthcheck counts.
     health_check: HealthCheck | None = None
     tls: TlsMode | None = None

@@ -289,6 +289,12 @@ class Registry:
                     "(its first container's choice)",
                     name=spec.name, wanted=wanted, service=spec.service, chosen=chosen,
                 )
+            if spec.hash_key is not None and pool.key_source is not None and spec.hash_key != pool.key_source:
+                self._log.warn(
+                    "container {name} asks for hash key {wanted} but service {service} uses {chosen} "
+                    "(its first container's choice)",
+                    name=spec.name, wanted=str(spec.hash_key), service=spec.service, chosen=str(pool.key_source),
+                )
         backend = pool.backends[spec.container_id] = Backend(spec)
         pool.refresh()
         for listener in self._listeners:

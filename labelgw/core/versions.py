@@ -89,22 +89,25 @@ class VersionDecision:
     assigned: bool
 
 
-def decide(service: ServicePool, *, pinned: str | None = None, sticky: str | None = None) -> VersionDecision:
+def decide(
+    service: ServicePool, *, pinned: str | None = None, sticky: str | None = None, key: bytes | None = None
+) -> VersionDecision:
     """The version for one request to a split service (`service.split` set).
 
     `pinned`: the version the request asks for, if any. `sticky`: the version the client kept from earlier
     requests, if any; it holds while that version has a ready backend, else the client gets a new one.
+    `key`: the request's hash key (`balancer=hash`), placed among the chosen version's backends.
     """
     split = service.split
     if split is None:
         raise ValueError(f"service {service.name!r} is not split by version")
     if pinned is not None:
         subset = split.subsets.get(pinned)
-        return VersionDecision(service.policy.pick(subset) if subset else None, pinned, True, False)
+        return VersionDecision(service.pick_among(subset, key) if subset else None, pinned, True, False)
     if sticky is not None:
         subset = split.subsets.get(sticky)
         if subset:
-            return VersionDecision(service.policy.pick(subset), sticky, False, False)
+            return VersionDecision(service.pick_among(subset, key), sticky, False, False)
     version = split.choose()
     service.sticky_clients[version] = service.sticky_clients.get(version, 0) + 1
-    return VersionDecision(service.policy.pick(split.subsets[version]), version, False, True)
+    return VersionDecision(service.pick_among(split.subsets[version], key), version, False, True)

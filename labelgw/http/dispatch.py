@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from labelgw.http.exchange import Exchange
+from labelgw.http.hashkey import request_key
 from labelgw.http.parser import RequestHead
 from labelgw.http.sides import RequestSide
 from labelgw.core.routes import normalize_host
@@ -65,15 +66,19 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
     version = None
     cookie = b""
     pinned = False
+    # balancer=hash: the request's key, read here (the core knows no HTTP); None for every other policy.
+    key = None if service.key_source is None else request_key(service.key_source, head, side.peer_ip, path)
     if service.split is None:
-        backend = service.pick()
+        backend = service.pick(key=key)
     else:
-        backend, version, cookie, pinned = choose_version(service, head, gateway.version_header)
+        backend, version, cookie, pinned = choose_version(service, head, gateway.version_header, key)
     if backend is None:
         what = f" of version {version!r}" if version is not None else ""
         side.refuse(503, f"service {service.name!r} has no ready backend{what}", _close(head), b"Retry-After: 1\r\n")
         return None
     exchange = Exchange(side, gateway, head, route, backend)
+    if key is not None:
+        exchange.hash_key = key  # a retry is placed by the same key
     if version is not None:
         exchange.version = version
         exchange.pinned = pinned

@@ -71,6 +71,8 @@ class Exchange:
     version: str | None = None
     pinned = False
     response_extra = b""
+    # The request's key for balancer=hash (labelgw.http.hashkey), kept for a retry; None for other policies.
+    hash_key: bytes | None = None
 
     # `gateway`: the labelgw.http.server.Gateway (clock, pool, settings, counters), not imported: the exchange
     # depends on its two interfaces only.
@@ -149,7 +151,7 @@ class Exchange:
         if self.attempts >= 2 or self.response_started or not self.gateway.retry_budget_allows():
             return False
         failed = self.backend
-        backend = self.route.service.pick(exclude=failed, version=self.version, pinned=self.pinned)
+        backend = self.route.service.pick(exclude=failed, version=self.version, pinned=self.pinned, key=self.hash_key)
         if backend is None or backend is failed:
             if not same_backend_ok:
                 return False

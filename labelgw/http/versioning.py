@@ -68,14 +68,16 @@ def set_cookie_line(service: str, version: str) -> bytes:
 
 
 def choose_version(
-    service: ServicePool, head: RequestHead, version_header: bytes
+    service: ServicePool, head: RequestHead, version_header: bytes, key: bytes | None = None
 ) -> tuple[Backend | None, str | None, bytes, bool]:
-    """Backend, version, Set-Cookie line (or b"") and whether the request pinned its version."""
+    """Backend, version, Set-Cookie line (or b"") and whether the request pinned its version (`key`: the
+    request's hash key, for `balancer=hash`)."""
     pinned = head.field(version_header)
     decision = decide(
         service,
         pinned=None if pinned is None else pinned.decode("latin-1"),
         sticky=sticky_version(head.field(b"cookie"), service.name),
+        key=key,
     )
     cookie = set_cookie_line(service.name, decision.version) if decision.assigned else b""
     return decision.backend, decision.version, cookie, decision.pinned

@@ -10,6 +10,13 @@ where the request would finish first (argmin of max(now, free_at) + x * m_i): a 
 
     python -m labelgw.tools.simulate [--scenario S1] [--load 0.5] [--seconds 60] [--seeds 3] [--policies ...]
     python -m labelgw.tools.simulate --crossover
+    python -m labelgw.tools.simulate --hashing
+
+`hash` is driven with a key per request: Zipf-distributed (s = 1) over 10 000 keys, so a few keys are hot; its
+extra columns are `spill %` (requests the load bound sent past their key's first backend) and `max/share` (the
+most in flight a backend was given, over its weighted share of the requests in flight, where that share is 4 or
+more). `--hashing` prints how many of 10 000 keys move when a backend is added or removed, and runs H1: five
+10 ms backends at 80 % load, hash with and without the load bound against wrt and least_conn.
 
 Scenarios, five single-worker backends: S1 4 x 10 ms + 1 x 100 ms (capacity
 410 req/s); S2 5 x 10 ms, one at 100 ms during the middle third of the run; S3 one backend at 2 ms (90 %) or
@@ -22,7 +29,9 @@ degraded backend's share of each 0.25 s stays under a quarter of a fair share, `
 from __future__ import annotations
 
 import argparse
+import bisect
 import heapq
+import itertools
 import math
 import random
 import statistics
@@ -31,8 +40,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from labelgw.core.backends import Backend, Policy
-from labelgw.core.balancer import POLICY_NAMES, make_policy
+from labelgw.core.backends import Backend, KeyedPolicy, Policy
+from labelgw.core.balancer import POLICY_NAMES, ConsistentHash, make_policy
+from labelgw.core.hashing import key_hash
 from labelgw.core.model import ContainerSpec
 
 # (now, u) -> seconds per unit of request size; u is a per-request uniform draw shared by all backends.
@@ -106,7 +116,9 @@ def scenario(name: str, seconds: float) -> Scenario:
             "S4", f"4 x 10 ms; b4 joins at {join:g} s, 100 ms until {join + slow_for:g} s", backends, 500.0,
             (join, join + slow_for),
         )
-    raise ValueError(f"unknown scenario {name!r}; expected S1, S2, S3 or S4")
+    if name == "H1":
+        return Scenario("H1", "5 x 10 ms, Zipf keys", tuple(SimBackend(f"b{i}", fast) for i in range(5)), 500.0)
+    raise ValueError(f"unknown scenario {name!r}; expected S1, S2, S3, S4 or H1")
 
 
 def mixed(count: int, slow: int) -> Scenario:
@@ -161,6 +173,22 @@ class RunResult:
     # The proxy's in-flight counts once every response and timeout was delivered: all zero if the
     # bookkeeping is right.
     in_flight_after: list[int] = field(default_factory=list)
+    # Keyed policies (hash): requests placed past their key's first backend by the load bound, and the most in
+    # flight a backend was given over its weighted share of the requests in flight (shares of 4 or more).
+    spilled: int = 0
+    max_share_ratio: float = 0.0
+    keyed: bool = False
+
+
+HASH_KEYS = 10_000
+
+
+def zipf_keys(count: int, seed: int, keys: int = HASH_KEYS, exponent: float = 1.0) -> list[bytes]:
+    """`count` request keys drawn from `keys` keys with Zipf weights 1/rank^exponent: a few hot keys."""
+    rng = random.Random(seed * 104729 + 3)
+    cumulative = list(itertools.accumulate(1.0 / (rank ** exponent) for rank in range(1, keys + 1)))
+    total = cumulative[-1]
+    return [b"key-%d" % bisect.bisect_left(cumulative, rng.random() * total) for _ in range(count)]
 
 
 def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
@@ -207,6 +235,10 @@ def run(scene: Scenario, policy_spec: str | PolicyMaker, load: Workload, seconds
     ready = tuple(b for i, b in enumerate(backends) if scene.backends[i].joins_at <= 0)
     ready_indices = [index_of[id(b)] for b in ready]
 
+    keyed = policy if isinstance(policy, KeyedPolicy) else None
+    keys = zipf_keys(len(load.arrivals), seed) if keyed is not None else []
+    spilled = 0
+    max_share_ratio = 0.0
     events: list[tuple[float, int, int, float, bool]] = []  # (time, seq, backend, elapsed, failed)
     latencies: list[float] = []
     chosen: list[int] = []
@@ -240,6 +272,20 @@ def run(scene: Scenario, policy_spec: str | PolicyMaker, load: Workload, seconds
 
         if policy is None:
             index = _oracle(arrival, size, draw, ready_indices, workers, multipliers)
+        elif keyed is not None:
+            key = keys[seq]
+            started = perf()
+            picked = keyed.pick_by_key(ready, key)
+            pick_seconds += perf() - started
+            assert picked is not None
+            index = index_of[id(picked)]
+            if isinstance(keyed, ConsistentHash) and len(ready) > 1:
+                ring = keyed.ring(ready)
+                if ready[ring.owner(key_hash(key)[0])] is not picked:
+                    spilled += 1
+                fair = (sum(b.in_flight for b in ready) + 1) * picked.weight / ring.total_weight
+                if fair >= 4:
+                    max_share_ratio = max(max_share_ratio, (picked.in_flight + 1) / fair)
         else:
             started = perf()
             picked = policy.pick(ready)
@@ -276,7 +322,8 @@ def run(scene: Scenario, policy_spec: str | PolicyMaker, load: Workload, seconds
         share[index] += 1
     share = [s / total for s in share]
     result = RunResult(label, seconds, latencies, chosen, failures, share, pick_seconds=pick_seconds,
-                       in_flight_after=[b.in_flight for b in backends])
+                       in_flight_after=[b.in_flight for b in backends], spilled=spilled,
+                       max_share_ratio=max_share_ratio, keyed=keyed is not None)
     if scene.window is not None:
         low, high = scene.window
         result.window_latencies = [lat for at, lat in zip(load.arrivals, latencies) if low <= at < high]
@@ -341,6 +388,9 @@ class Summary:
     window_p99_ms: float | None
     off_after: float | None
     pick_us: float
+    # Keyed policies only (hash): per cent of requests past their key's first backend, max in flight / share.
+    spill_pct: float | None = None
+    max_share: float | None = None
 
 
 def summarize(results: Sequence[RunResult]) -> Summary:
@@ -378,6 +428,8 @@ def summarize(results: Sequence[RunResult]) -> Summary:
         # A run that never moved off counts as infinitely late.
         off_after=_median_off(offs),
         pick_us=median(row[7] for row in per_seed),
+        spill_pct=median(100.0 * r.spilled / max(1, len(r.latencies)) for r in results) if results[0].keyed else None,
+        max_share=max(r.max_share_ratio for r in results) if results[0].keyed else None,
     )
 
 
@@ -407,6 +459,7 @@ def format_table(scene: Scenario, load_fraction: float, seconds: float, seeds: S
                  summaries: Sequence[Summary]) -> str:
     names = " ".join(f"{b.name[:7]:>7}" for b in scene.backends)
     has_window = scene.window is not None
+    keyed = any(summary.spill_pct is not None for summary in summaries)
     lines = [
         f"{scene.name} ({scene.description}) at {load_fraction:.0%} of {scene.capacity:g} req/s = "
         f"{load_fraction * scene.capacity:g} req/s, {seconds:g} s, seeds {','.join(map(str, seeds))} (median)",
@@ -414,7 +467,8 @@ def format_table(scene: Scenario, load_fraction: float, seconds: float, seeds: S
         + (f"{'win p99':>8} " if has_window else "")
         + f"{'req/s':>6} {'fail%':>6} "
         + (f"{'off s':>5} " if scene.degraded is not None else "")
-        + f"{'us/pick':>7}  share % {names}",
+        + f"{'us/pick':>7}  share % {names}"
+        + (f"  {'spill %':>7} {'max/share':>9}" if keyed else ""),
     ]
     for s in summaries:
         row = f"{s.policy:<22} {s.p50_ms:7.1f} {s.p99_ms:8.1f} {s.p999_ms:8.1f} "
@@ -424,6 +478,9 @@ def format_table(scene: Scenario, load_fraction: float, seconds: float, seeds: S
         if scene.degraded is not None:
             row += f"{s.off_after:5.2f} " if s.off_after is not None else f"{'never':>5} "
         row += f"{s.pick_us:7.1f}          " + " ".join(f"{v:7.1f}" for v in s.share_pct)
+        if keyed:
+            row += (f"  {s.spill_pct:7.1f} {s.max_share:9.2f}" if s.spill_pct is not None and s.max_share is not None
+                    else f"  {'-':>7} {'-':>9}")
         lines.append(row)
     return "\n".join(lines)
 
@@ -454,10 +511,42 @@ def crossover(seconds: float, seeds: Sequence[int], loads: Sequence[float], size
     return "\n".join(lines)
 
 
+def hash_movement(sizes: Sequence[int] = (1, 2, 3, 4, 5, 8, 16), keys: int = HASH_KEYS) -> str:
+    """How many of `keys` keys move when a backend joins n backends, and when one of n leaves (nothing in flight,
+    so no load bound at work: the ring alone)."""
+    names = [b"key-%d" % number for number in range(keys)]
+    lines = [f"hash: keys moved among {keys} keys (ring only, nothing in flight)",
+             f"{'n':>3} {'add 1: moved %':>15} {'bound 1/(n+1)+5':>16} {'remove 1: moved %':>18} "
+             f"{'its own %':>10} {'others moved':>13}"]
+    for n in sizes:
+        policy = ConsistentHash(SimClock().seconds, random.Random(1), slow_start=0.0)
+        members = [Backend(ContainerSpec(container_id=f"b{i}", name=f"b{i}", service="sim", address="127.0.0.1",
+                                         port=20000 + i, hosts=("sim.localhost",))) for i in range(n + 1)]
+
+        def place(ready: Sequence[Backend]) -> list[str]:
+            return [policy.pick_by_key(ready, key).key for key in names]  # type: ignore[union-attr]
+
+        base = place(tuple(members[:n]))
+        added = place(tuple(members))
+        moved_add = sum(1 for a, b in zip(base, added) if a != b)
+        if n > 1:
+            gone = members[n // 2].key
+            removed = place(tuple(m for m in members[:n] if m.key != gone))
+            moved_remove = sum(1 for a, b in zip(base, removed) if a != b)
+            own = sum(1 for a in base if a == gone)
+            others = sum(1 for a, b in zip(base, removed) if a != b and a != gone)
+            remove = f"{100 * moved_remove / keys:18.1f} {100 * own / keys:10.1f} {others:13d}"
+        else:
+            remove = f"{'-':>18} {'-':>10} {'-':>13}"
+        lines.append(f"{n:3d} {100 * moved_add / keys:15.1f} {100 * (1 / (n + 1) + 0.05):16.1f} {remove}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labelgw.tools.simulate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", action="append", choices=["S1", "S2", "S3", "S4", "s1", "s2", "s3", "s4"],
-                        help="scenario (repeatable); default: all four")
+    parser.add_argument("--scenario", action="append",
+                        choices=["S1", "S2", "S3", "S4", "H1", "s1", "s2", "s3", "s4", "h1"],
+                        help="scenario (repeatable); default: S1 to S4")
     parser.add_argument("--load", action="append", type=float,
                         help="fraction of capacity (repeatable); default 0.1, 0.5, 0.8 for S1 and 0.5 otherwise")
     parser.add_argument("--seconds", type=float, default=60.0, help="simulated seconds per run (default 60)")
@@ -466,6 +555,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="policies to compare, e.g. wrt least_conn oracle 'wrt:scan_limit=0,tau=5'")
     parser.add_argument("--crossover", action="store_true",
                         help="compare wrt's full scan with P2C as the number of backends grows")
+    parser.add_argument("--hashing", action="store_true",
+                        help="hash: keys moved when a backend joins or leaves, and H1 (hash with and without the "
+                             "load bound against wrt and least_conn, at 80 %% load)")
     args = parser.parse_args(argv)
     seeds = list(range(1, args.seeds + 1))
     for spec in args.policies:
@@ -473,6 +565,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_policy(spec)
         except ValueError as error:
             parser.error(str(error))
+    if args.hashing:
+        print(hash_movement())
+        print()
+        scene, summaries = compare("H1", args.load[0] if args.load else 0.8, args.seconds, seeds,
+                                   ["hash", "hash:load_factor=1000000", "wrt", "least_conn", ORACLE])
+        print(format_table(scene, args.load[0] if args.load else 0.8, args.seconds, seeds, summaries))
+        return 0
     if args.crossover:
         # Short runs: the largest services carry thousands of requests per simulated second.
         print(crossover(min(args.seconds, 10.0), seeds, args.load or [0.5, 0.8], [3, 5, 8, 16, 32, 64, 128]))

@@ -520,6 +520,8 @@ BAD_RESPONSES = [
     ("lower-case version", b"http/1.1 200 OK"),
     ("ICY", b"ICY 200 OK"),
     ("two-digit status", b"HTTP/1.1 20 OK"),
+    ("two-digit status, nothing after", b"HTTP/1.1 20"),
+    ("status line cut short", b"HTTP/1.1 2"),
     ("four-digit status", b"HTTP/1.1 2000 OK"),
     ("status with letters", b"HTTP/1.1 2x0 OK"),
     ("status below 100", b"HTTP/1.1 099 Odd"),
@@ -547,7 +549,7 @@ BAD_RESPONSES = [
 
 
 @pytest.mark.parametrize("data", [case[1] for case in BAD_RESPONSES], ids=[case[0] for case in BAD_RESPONSES])
-def test_malformed_response_is_502(data: bytes) -> None:
+def test_malformed_response_is_502(data: bytes, both_paths: str) -> None:
     # Whatever is wrong with an upstream's head, the client gets 502 (never 400 or 431: the client did nothing wrong).
     assert refused_response(data).status == 502
 

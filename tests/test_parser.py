@@ -522,6 +522,7 @@ BAD_RESPONSES = [
     ("two-digit status", b"HTTP/1.1 20 OK"),
     ("two-digit status, nothing after", b"HTTP/1.1 20"),
     ("status line cut short", b"HTTP/1.1 2"),
+    ("one byte glued to the status", b"HTTP/1.1 200X"),
     ("four-digit status", b"HTTP/1.1 2000 OK"),
     ("status with letters", b"HTTP/1.1 2x0 OK"),
     ("status below 100", b"HTTP/1.1 099 Odd"),

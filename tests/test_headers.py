@@ -296,10 +296,14 @@ def test_upstream_close_does_not_close_the_client() -> None:
     assert sent.keep_alive
 
 
-def test_switching_protocols_head() -> None:
+@pytest.mark.parametrize(
+    "connection", [b"Connection: Upgrade", b"Connection: Upgrade, X-Private"], ids=["cut-by-pattern", "field-by-field"]
+)
+def test_switching_protocols_head(connection: bytes) -> None:
+    # A token naming a field (X-Private) makes headers.py filter the response field by field.
     response = parse_response(
-        b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket", b"Connection: Upgrade",
-        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", b"Keep-Alive: x",
+        b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket", connection,
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", b"Keep-Alive: x", b"X-Private: p", b"TE: trailers",
     )
     wire = client_response_head(response, b"", close=True, upgrade=True)
     assert wire.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
@@ -310,6 +314,8 @@ def test_switching_protocols_head() -> None:
     assert values(sent, b"Sec-WebSocket-Accept") == [b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="]
     assert values(sent, b"Keep-Alive") == []
     assert values(sent, b"Content-Length") == []
+    assert values(sent, b"TE") == []
+    assert values(sent, b"X-Private") == ([] if b"X-Private" in connection else [b"p"])
 
 
 def test_interim_response_head() -> None:
@@ -329,7 +335,7 @@ def split_response(wire: bytes) -> tuple[ResponseHead, bytes]:
 @pytest.mark.parametrize(
     ("status", "reason"),
     [
-        (400, b"Bad Request"), (404, b"Not Found"), (408, b"Request Timeout"), (413, b"Content Too Large"),
+        (308, b"Permanent Redirect"), (400, b"Bad Request"), (404, b"Not Found"), (408, b"Request Timeout"), (413, b"Content Too Large"),
         (431, b"Request Header Fields Too Large"), (501, b"Not Implemented"), (502, b"Bad Gateway"),
         (503, b"Service Unavailable"), (504, b"Gateway Timeout"), (505, b"HTTP Version Not Supported"),
         (418, b"Error"),

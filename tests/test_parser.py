@@ -185,6 +185,7 @@ def test_host_keeps_port_and_case() -> None:
         (b"http://example.com?q=1", b"example.com", b"/?q=1"),
         (b"http://example.com:81?q=/a", b"example.com:81", b"/?q=/a"),
         (b"http://[::1]:8080/p", b"[::1]:8080", b"/p"),
+        (b"http://example.com/a://b", b"example.com", b"/a://b"),
     ],
 )
 def test_absolute_form(target: bytes, host: bytes, path: bytes) -> None:
@@ -270,6 +271,8 @@ REFUSED_REQUESTS = [
     ("leading space", head(b" GET / HTTP/1.1", HOST), 400),
     ("trailing space", head(b"GET / HTTP/1.1 ", HOST), 400),
     ("tab separator", head(b"GET\t/ HTTP/1.1", HOST), 400),
+    ("empty method", head(b" / HTTP/1.1", HOST), 400),
+    ("empty target", head(b"GET  HTTP/1.1", HOST), 400),
     ("method not a token", head(b"G(T / HTTP/1.1", HOST), 400),
     ("method with slash", head(b"GE/T / HTTP/1.1", HOST), 400),
     ("lower-case version", head(b"GET / http/1.1", HOST), 400),
@@ -517,6 +520,9 @@ BAD_RESPONSES = [
     ("lower-case version", b"http/1.1 200 OK"),
     ("ICY", b"ICY 200 OK"),
     ("two-digit status", b"HTTP/1.1 20 OK"),
+    ("two-digit status, nothing after", b"HTTP/1.1 20"),
+    ("status line cut short", b"HTTP/1.1 2"),
+    ("one byte glued to the status", b"HTTP/1.1 200X"),
     ("four-digit status", b"HTTP/1.1 2000 OK"),
     ("status with letters", b"HTTP/1.1 2x0 OK"),
     ("status below 100", b"HTTP/1.1 099 Odd"),
@@ -544,7 +550,7 @@ BAD_RESPONSES = [
 
 
 @pytest.mark.parametrize("data", [case[1] for case in BAD_RESPONSES], ids=[case[0] for case in BAD_RESPONSES])
-def test_malformed_response_is_502(data: bytes) -> None:
+def test_malformed_response_is_502(data: bytes, both_paths: str) -> None:
     # Whatever is wrong with an upstream's head, the client gets 502 (never 400 or 431: the client did nothing wrong).
     assert refused_response(data).status == 502
 
@@ -827,6 +833,7 @@ def test_field(fields: list[bytes], name: bytes, value: bytes | None) -> None:
         ([HOST, b"X A: b"], "invalid header field name b'X A'"),
         ([HOST, b"Host : a"], "invalid header field name b'Host '"),
         ([HOST, b"X-\xc3\xa9: b"], "invalid header field name"),
+        ([HOST, b"X: 1", b"Y Z: 2"], "invalid header field name b'Y Z'"),
     ],
 )
 def test_field_errors_say_what_is_wrong(fields: list[bytes], reason: str, both_paths: str) -> None:

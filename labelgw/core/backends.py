@@ -8,6 +8,7 @@ from labelgw.core.model import ContainerSpec
 from labelgw.core.versions import VersionSplit, versioned
 
 if TYPE_CHECKING:
+    from labelgw.core.canary import ServiceCanary
     from labelgw.core.balancer import WrtStats
 
 
@@ -133,10 +134,17 @@ class ServicePool:
         self.in_flight = 0
         # New clients given each version (and its cookie) so far: the admin view's sticky clients.
         self.sticky_clients: dict[str, int] = {}
+        # Canary analysis by version (labelgw.core.canary): windows and cuts; None until a split service serves.
+        self.canary: ServiceCanary | None = None
 
     def refresh(self) -> None:
         self.ready = tuple(b for b in self.backends.values() if b.ready)
-        self.split = VersionSplit(self.ready) if versioned(self.ready) else None
+        cut: frozenset[str] = frozenset()
+        if self.canary is not None:
+            # A new container in a version (a new deploy) lifts its cut; cut versions get no new clients.
+            self.canary.sync(self.backends.values())
+            cut = self.canary.cut_versions()
+        self.split = VersionSplit(self.ready, cut) if versioned(self.ready) else None
 
     def recompute(self, backend: Backend) -> bool:
         """Re-derive one backend's `ready` after one of its sources changed; True when it changed.

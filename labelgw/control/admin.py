@@ -26,6 +26,7 @@ import re
 from importlib import resources
 from typing import Any, Callable, Iterable
 
+from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -137,9 +138,10 @@ def _service(pool: ServicePool, now: float, health: Describe | None) -> dict[str
             entry["share"] = 100.0 if entry["ready"] else 0.0
         entry["sticky_clients"] = sticky.get(key, 0)
     # Canary analysis (labelgw.core.canary): each version's window and whether it is cut, and why.
-    for key, figures in describe_service(pool, now).items():
+    canary: dict[str, dict[str, Any]] = {}
+    for key, figures in sorted(describe_service(pool, now).items()):
         if key in versions:
-            versions[key]["canary"] = {
+            canary[key] = {
                 "requests": figures.requests,
                 "errors": figures.errors,
                 "error_rate": round(figures.error_rate, 4),
@@ -156,6 +158,7 @@ def _service(pool: ServicePool, now: float, health: Describe | None) -> dict[str
         "total": len(pool.backends),
         "ejected": pool.ejected_count(),
         "versions": versions,
+        "canary": canary,
         "backends": [_backend(backend, now, health) for backend in backends],
     }
 
@@ -270,8 +273,11 @@ class AdminResource(Resource):
                 "service": service, "version": version, "resumed": True, "cut": figures.cut,
                 "share": round(pool.split.shares.get(version, 0.0), 3) if pool.split is not None else None,
             })
-        request.setResponseCode(404)
-        return self._json(request, {"error": "not found", "try": ["POST /canary/<service>/<version>/resume"]})
+        if parts and parts[0] == "canary":
+            request.setResponseCode(404)
+            return self._json(request, {"error": "not found", "try": "POST /canary/<service>/<version>/resume"})
+        # Every other path is read-only: twisted.web's 405.
+        raise UnsupportedMethod([b"GET", b"HEAD"])
 
     def _healthz(self, request: Request) -> bytes:
         serving = self._serving is None or self._serving()

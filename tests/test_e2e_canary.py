@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
+from support.browser import Browser
 from support.measurements import record
 from support.net import free_port
+from test_e2e_dashboard import browser  # noqa: F401  (the headless Chromium fixture)
 
 pytestmark = pytest.mark.docker
 
@@ -156,3 +158,29 @@ def test_a_healthy_canary_is_not_cut(labelgw: Any, containers: Any, unique_name:
     share = counts[(200, "v2")] / total
     assert abs(share - 0.20) < 0.03, counts
     record("healthy canary v2 (window 3 s): requests, v2 share, cut", f"{total}, {100 * share:.1f} %, no")
+
+
+def test_the_dashboard_shows_the_cut_and_its_reason(
+    labelgw: Any, containers: Any, unique_name: Any, tmp_path: Path, browser: Browser  # noqa: F811
+) -> None:
+    gw = start_gateway(labelgw, tmp_path)
+    service = unique_name("dashcut").replace("-", "")
+    host = f"{service}.localhost"
+    start_version(containers, service, "v1", {})
+    start_version(containers, service, "v2", {"traffic": "20", "canary.max_error_rate": "5%"}, "--fail-every", "2")
+    wait_for_versions(gw, service, {"v1", "v2"})
+    connection = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+    started = time.monotonic()
+    while not admin_state(gw)["services"][service]["canary"]["v2"]["cut"]:
+        assert time.monotonic() - started < 4 * WINDOW, "v2 was not cut"
+        for _ in range(20):
+            get(connection, host)
+    connection.close()
+    browser.navigate(gw.admin_url + "/dashboard")
+    row = json.dumps(f'[data-service="{service}"] tr[data-version="v2"]')
+    cell = browser.wait_for(
+        f"(document.querySelector({row}) || {{dataset: {{}}}}).dataset.cut === 'true' && "
+        f"document.querySelector({row} + ' [data-field=canary]').innerText", 5,
+    )
+    assert cell.startswith("cut") and "error rate" in cell and "v1" in cell
+    browser.screenshot(tmp_path / "dashboard-cut.png")

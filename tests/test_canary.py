@@ -442,3 +442,76 @@ def test_resume_checks_the_host_first() -> None:
     status, _ = world.request(b"POST", b"canary", b"api", b"v2", b"resume", host=b"evil.example")
     assert status == 421
     assert world.service.split is not None and world.service.split.shares["v2"] == 0.0
+
+
+# --- the exchange feeds the windows ------------------------------------------------------------------------------
+
+
+class SplitWorld:
+    """The exchange playbook's world (recording client side, pool and upstreams) with a split service."""
+
+    def __init__(self) -> None:
+        from test_exchange_playbook import World
+
+        self.world = World()
+        self.world.registry.apply("v1-a", spec("v1-a", "v1"))
+        self.world.registry.apply("v2-a", spec("v2-a", "v2", 20.0, 0.05))
+        self.world.registry.apply("v2-b", spec("v2-b", "v2", 20.0, 0.05))
+        self.service = self.world.registry.services["api"]
+
+    def run(self, version: str, status: bytes = b"200 OK", latency: float = 0.01) -> None:
+        from labelgw.http.exchange import Exchange
+        from labelgw.http.parser import parse_request_head
+        from test_exchange_playbook import response
+
+        head = parse_request_head(b"GET / HTTP/1.1\r\nHost: api.localhost")
+        route = self.world.table.lookup("api.localhost", "/")
+        assert route is not None
+        backend = self.service.pick(version=version, pinned=True)
+        assert backend is not None
+        exchange = Exchange(self.world.side, self.world.gateway, head, route, backend)
+        exchange.version, exchange.pinned = version, True
+        upstream = self.world.upstream(exchange)
+        self.world.pool.idle.append(upstream)
+        exchange.start()
+        self.world.clock.advance(latency)
+        exchange.response_head(response(status, b"Content-Length: 0\r\n"), upstream)
+        exchange.response_done()
+
+
+def test_exchanges_feed_their_versions_window_with_5xx_and_time_to_the_head() -> None:
+    split = SplitWorld()
+    for _ in range(30):
+        split.run("v1", latency=0.010)
+    for index in range(10):
+        split.run("v2", b"500 Internal Server Error" if index % 2 else b"200 OK", latency=0.020)
+    figures = describe_service(split.service, split.world.clock.seconds())
+    assert (figures["v1"].requests, figures["v1"].errors) == (30, 0)
+    assert (figures["v2"].requests, figures["v2"].errors) == (10, 5)
+    assert figures["v1"].p99 == pytest.approx(0.010, rel=0.2) and figures["v2"].p99 == pytest.approx(0.020, rel=0.2)
+    for _ in range(10):
+        split.run("v2", b"502 Bad Gateway", latency=0.020)
+    split.world.clock.advance(1.0)
+    split.run("v1")  # the first request of a new slot applies the rule
+    assert describe_service(split.service, split.world.clock.seconds())["v2"].cut
+    assert split.service.split is not None and split.service.split.shares["v2"] == 0.0
+    split.world.assert_released()
+
+
+def test_a_connect_failure_that_is_retried_counts_against_its_version() -> None:
+    split = SplitWorld()
+    from labelgw.http.exchange import Exchange
+    from labelgw.http.parser import parse_request_head
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.python.failure import Failure
+
+    head = parse_request_head(b"GET / HTTP/1.1\r\nHost: api.localhost")
+    route = split.world.table.lookup("api.localhost", "/")
+    assert route is not None
+    exchange = Exchange(split.world.side, split.world.gateway, head, route, split.service.backends["v2-a"])
+    exchange.version = "v2"
+    exchange.start()
+    exchange.upstream_connect_failed(Failure(ConnectionRefusedError()))
+    assert exchange.backend is split.service.backends["v2-b"]  # retried within the version
+    figures = describe_service(split.service, split.world.clock.seconds())["v2"]
+    assert (figures.requests, figures.errors) == (1, 1)

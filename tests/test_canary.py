@@ -391,10 +391,14 @@ class AdminWorld:
                 self.clock.advance(0.05)
                 self.analyzer.observe(self.service, backend, self.clock.seconds(), 0.01, failed)
 
-    def request(self, method: bytes, *path: bytes, host: bytes = b"localhost") -> tuple[int, Any]:
+    def request(
+        self, method: bytes, *path: bytes, host: bytes = b"localhost", origin: bytes | None = None
+    ) -> tuple[int, Any]:
         request = DummyRequest(list(path))
         request.method = method
         request.requestHeaders.setRawHeaders(b"host", [host])
+        if origin is not None:
+            request.requestHeaders.setRawHeaders(b"origin", [origin])
         body = self.resource.render(request)
         return request.responseCode or 200, json.loads(body)
 
@@ -515,3 +519,30 @@ def test_a_connect_failure_that_is_retried_counts_against_its_version() -> None:
     assert exchange.backend is split.service.backends["v2-b"]  # retried within the version
     figures = describe_service(split.service, split.world.clock.seconds())["v2"]
     assert (figures.requests, figures.errors) == (1, 1)
+
+
+def test_explain_moves_a_sticky_client_of_a_cut_version_like_the_data_path() -> None:
+    from labelgw.control.explain import Explainer
+
+    world = AdminWorld()
+    world.fail_v2()
+    view = Explainer(world.registry.table).explain("http://api.localhost/", cookie="labelgw_version_api=v2")
+    version = view["version"]
+    assert version["decision"] == "v1" and "canary analysis cut" in version["why"]
+    assert version["set_cookie"] == "labelgw_version_api=v1"
+
+
+@pytest.mark.parametrize("origin", [b"http://evil.example", b"null", b"https://evil.example:8081", b"file://"])
+def test_resume_from_a_page_of_another_origin_is_refused(origin: bytes) -> None:
+    world = AdminWorld()
+    world.fail_v2()
+    status, body = world.request(b"POST", b"canary", b"api", b"v2", b"resume", origin=origin)
+    assert status == 403 and "origin" in body["error"]
+    assert world.service.split is not None and world.service.split.shares["v2"] == 0.0
+
+
+@pytest.mark.parametrize("origin", [b"http://localhost:8081", b"http://127.0.0.1:8081", b"http://gw.localhost"])
+def test_resume_from_the_dashboards_own_origin_is_taken(origin: bytes) -> None:
+    world = AdminWorld()
+    world.fail_v2()
+    assert world.request(b"POST", b"canary", b"api", b"v2", b"resume", origin=origin)[0] == 200

@@ -138,7 +138,7 @@ def test_a_healthy_canary_is_not_cut(labelgw: Any, containers: Any, unique_name:
     service = unique_name("healthy").replace("-", "")
     host = f"{service}.localhost"
     start_version(containers, service, "v1", {})
-    start_version(containers, service, "v2", {"traffic": "20", "canary.max_error_rate": "5%", "canary.max_latency_ratio": "3"})
+    start_version(containers, service, "v2", {"traffic": "20", "canary.max_error_rate": "5%"})
     wait_for_versions(gw, service, {"v1", "v2"})
 
     connection = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)

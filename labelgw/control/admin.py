@@ -261,6 +261,12 @@ class AdminResource(Resource):
         """POST /canary/<service>/<version>/resume: lift a canary cut (labelgw.core.canary)."""
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")
+        # A page on another site may make a browser POST here (a form needs no preflight); browsers say where
+        # it came from in Origin, which must then be one of the names the admin view answers for.
+        origin = request.getHeader(b"origin")
+        if origin is not None and not self._origin_allowed(origin.decode("latin-1")):
+            request.setResponseCode(403)
+            return self._json(request, {"error": f"the admin listener does not take changes from origin {origin.decode('latin-1')!r}"})
         parts = [part.decode("utf-8", "replace") for part in request.postpath or []]
         if len(parts) == 4 and parts[0] == "canary" and parts[3] == "resume":
             service, version = parts[1].lower(), parts[2]
@@ -278,6 +284,13 @@ class AdminResource(Resource):
             return self._json(request, {"error": "not found", "try": "POST /canary/<service>/<version>/resume"})
         # Every other path is read-only: twisted.web's 405.
         raise UnsupportedMethod([b"GET", b"HEAD"])
+
+    def _origin_allowed(self, origin: str) -> bool:
+        scheme, _, rest = origin.strip().partition("://")
+        if scheme.lower() not in ("http", "https") or not rest or "/" in rest:
+            return False
+        host = normalize_admin_host(rest)
+        return host is not None and admin_host_allowed(host, self._allowed_hosts)
 
     def _healthz(self, request: Request) -> bytes:
         serving = self._serving is None or self._serving()

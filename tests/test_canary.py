@@ -546,3 +546,13 @@ def test_resume_from_the_dashboards_own_origin_is_taken(origin: bytes) -> None:
     world = AdminWorld()
     world.fail_v2()
     assert world.request(b"POST", b"canary", b"api", b"v2", b"resume", origin=origin)[0] == 200
+
+
+def test_the_window_length_is_a_config_file_setting() -> None:
+    from labelgw.cli.config import ConfigError, build
+
+    assert build({}).canary_window == 60.0
+    assert build({}, {"canary_window": 3}).canary_window == 3.0
+    for bad in (0, -1, "soon", True):
+        with pytest.raises(ConfigError, match="canary_window"):
+            build({}, {"canary_window": bad})

@@ -34,6 +34,7 @@ __all__ = [
     "SLOTS",
     "CanaryAnalyzer",
     "CanaryState",
+    "Cut",
     "ServiceCanary",
     "VersionWindow",
     "bucket_of",

@@ -551,3 +551,11 @@ def test_command_line_defaults_and_options() -> None:
     assert (args.port, args.host, args.name, args.delay_ms, args.workers) == (9001, "127.0.0.1", None, 0.0, 0)
     args = parse_args(["--port", "0", "--name", "slow", "--delay-ms", "10", "--workers", "1", "--seed", "3"])
     assert (args.name, args.delay_ms, args.workers, args.seed) == ("slow", 10.0, 1, 3)
+
+
+def test_fail_every_answers_500_to_every_nth_response(clock: MemoryReactorClock) -> None:
+    site = make_site("w1", clock, fail_every=2)
+    statuses = [get(site, "/").status for _ in range(6)]
+    assert statuses == [200, 500, 200, 500, 200, 500]
+    assert get(site, "/control").status == 200  # never failed, never counted
+    assert get(site, "/").status == 200

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from labelgw.control.admin import AdminListener, admin_site
 from labelgw.core.backends import Backend, ServicePool
 from labelgw.core.balancer import service_policy_factory
+from labelgw.core.canary import CanaryAnalyzer
 from labelgw.cli.config import Settings
 from labelgw.control.explain import Explainer
 from labelgw.cli.fdlimit import raise_open_file_limit
@@ -44,6 +45,7 @@ class LabelgwService(MultiService):
         self.outlier.setServiceParent(self)
         self.gateway = Gateway(reactor, self.registry.table, settings.proxy)
         self.gateway.version_header = settings.version_header.lower().encode("ascii")
+        self.gateway.canary = CanaryAnalyzer(settings.canary_window)
         self.listeners: list[ListenerService] = []
         factory = ProxyFactory(self.gateway, b"http")
         for description in settings.http:
@@ -64,7 +66,8 @@ class LabelgwService(MultiService):
             explainer = Explainer(self.registry.table, settings.version_header, lambda: self.gateway.https_redirect)
             # /healthz: 503 from the moment stopService starts (SIGTERM) until the drain is over.
             serving = lambda: bool(self.running)  # noqa: E731
-            site = admin_site(self.registry, reactor.seconds, self.health.describe, settings.admin_hosts, explainer, serving)
+            site = admin_site(self.registry, reactor.seconds, self.health.describe, settings.admin_hosts, explainer, serving,
+                              canary=self.gateway.canary)
             admin = self.admin = AdminListener(reactor, settings.admin, site, "http")
             admin.setServiceParent(self)
             self.listeners.append(admin)

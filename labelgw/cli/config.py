@@ -86,6 +86,8 @@ class Settings:
     admin_hosts: tuple[str, ...] = ()
         # The request field that pins a request to one version (labelgw.http.versioning).
     version_header: str = "X-Labelgw-Version"
+    # Canary analysis (labelgw.core.canary): the sliding window of each version's error rate and p99, seconds.
+    canary_window: float = 60.0
 
 
 # The one place the defaults are written: `build` fills what neither the command line nor the file sets from it.
@@ -117,6 +119,7 @@ _HTTPS_KEYS = {"https", "state_dir", "cert_dir", "tls_strict", "redirect_https",
 _FILE_KEYS |= _HTTPS_KEYS
 _BALANCING_KEYS = {"balancer", "balancer_decay", "ejection_base", "admin", "admin_hosts", "version_header"}
 _FILE_KEYS |= _BALANCING_KEYS
+_FILE_KEYS |= {"canary_window"}
 
 
 def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Settings:
@@ -191,6 +194,7 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
         proxy=proxy,
         resync_interval=_positive_number("resync_interval", file.get("resync_interval", DEFAULTS.resync_interval)),
         drain_grace=_positive_number("drain_grace", file.get("drain_grace", DEFAULTS.drain_grace)),
+        canary_window=_positive_number("canary_window", file.get("canary_window", DEFAULTS.canary_window)),
         **_https_settings(pick),
         **_balancing_settings(pick),
     )

@@ -26,11 +26,13 @@ import re
 from importlib import resources
 from typing import Any, Callable, Iterable
 
+from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from labelgw.core import balancer
 from labelgw.core.backends import Backend, ServicePool
+from labelgw.core.canary import CanaryAnalyzer, describe_service
 from labelgw.control.explain import ExplainError, Explainer
 from labelgw.cli.listeners import ListenerService
 from labelgw.core.registry import Registry
@@ -135,12 +137,28 @@ def _service(pool: ServicePool, now: float, health: Describe | None) -> dict[str
         else:
             entry["share"] = 100.0 if entry["ready"] else 0.0
         entry["sticky_clients"] = sticky.get(key, 0)
+    # Canary analysis (labelgw.core.canary): each version's window and whether it is cut, and why.
+    canary: dict[str, dict[str, Any]] = {}
+    for key, figures in sorted(describe_service(pool, now).items()):
+        if key in versions:
+            canary[key] = {
+                "requests": figures.requests,
+                "errors": figures.errors,
+                "error_rate": round(figures.error_rate, 4),
+                "p99_ms": round(1000 * figures.p99, 3) if figures.p99 is not None else None,
+                "cut": figures.cut,
+                "reason": figures.reason,
+                "stable": figures.stable,
+                "max_error_rate": figures.max_error_rate,
+                "max_latency_ratio": figures.max_latency_ratio,
+            }
     return {
         "balancer": getattr(pool.policy, "name", type(pool.policy).__name__),
         "ready": len(pool.ready),
         "total": len(pool.backends),
         "ejected": pool.ejected_count(),
         "versions": versions,
+        "canary": canary,
         "backends": [_backend(backend, now, health) for backend in backends],
     }
 
@@ -186,8 +204,10 @@ class AdminResource(Resource):
         allowed_hosts: Iterable[str] = (),
         explainer: Explainer | None = None,
         serving: Serving | None = None,
+        canary: CanaryAnalyzer | None = None,
     ) -> None:
         Resource.__init__(self)
+        self._canary = canary if canary is not None else CanaryAnalyzer()
         self._registry = registry
         self._clock = clock
         self._health = health
@@ -237,6 +257,41 @@ class AdminResource(Resource):
     def render_HEAD(self, request: Request) -> bytes:
         return self.render_GET(request)
 
+    def render_POST(self, request: Request) -> bytes:
+        """POST /canary/<service>/<version>/resume: lift a canary cut (labelgw.core.canary)."""
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        # A page on another site may make a browser POST here (a form needs no preflight); browsers say where
+        # it came from in Origin, which must then be one of the names the admin view answers for.
+        origin = request.getHeader(b"origin")
+        if origin is not None and not self._origin_allowed(origin.decode("latin-1")):
+            request.setResponseCode(403)
+            return self._json(request, {"error": f"the admin listener does not take changes from origin {origin.decode('latin-1')!r}"})
+        parts = [part.decode("utf-8", "replace") for part in request.postpath or []]
+        if len(parts) == 4 and parts[0] == "canary" and parts[3] == "resume":
+            service, version = parts[1].lower(), parts[2]
+            pool = self._registry.services.get(service)
+            if pool is None or not self._canary.resume(pool, version):
+                request.setResponseCode(404)
+                return self._json(request, {"error": f"no version {version!r} of service {service!r}"})
+            figures = describe_service(pool, self._clock())[version]
+            return self._json(request, {
+                "service": service, "version": version, "resumed": True, "cut": figures.cut,
+                "share": round(pool.split.shares.get(version, 0.0), 3) if pool.split is not None else None,
+            })
+        if parts and parts[0] == "canary":
+            request.setResponseCode(404)
+            return self._json(request, {"error": "not found", "try": "POST /canary/<service>/<version>/resume"})
+        # Every other path is read-only: twisted.web's 405.
+        raise UnsupportedMethod([b"GET", b"HEAD"])
+
+    def _origin_allowed(self, origin: str) -> bool:
+        scheme, _, rest = origin.strip().partition("://")
+        if scheme.lower() not in ("http", "https") or not rest or "/" in rest:
+            return False
+        host = normalize_admin_host(rest)
+        return host is not None and admin_host_allowed(host, self._allowed_hosts)
+
     def _healthz(self, request: Request) -> bytes:
         serving = self._serving is None or self._serving()
         if not serving:
@@ -284,8 +339,9 @@ def admin_site(
     allowed_hosts: Iterable[str] = (),
     explainer: Explainer | None = None,
     serving: Serving | None = None,
+    canary: CanaryAnalyzer | None = None,
 ) -> Site:
-    return AdminSite(AdminResource(registry, clock, health, allowed_hosts, explainer, serving))
+    return AdminSite(AdminResource(registry, clock, health, allowed_hosts, explainer, serving, canary))
 
 
 class AdminListener(ListenerService):

@@ -163,11 +163,13 @@ class Explainer:
         name = cookie_name(service.name)
         sticky = _cookie_value(cookie, name)
         decision["sticky"] = sticky
-        if sticky is not None and sticky in split.subsets:
+        if sticky is not None and sticky in split.subsets and sticky not in split.cut:
             decision.update(decision=sticky, why=f"sticky: the client's cookie {name}={sticky}")
             return split.subsets[sticky], decision
         version = _dry_version(service)
         lost = f"its cookie names version {sticky!r}, which has no ready backend now; " if sticky is not None else ""
+        if sticky is not None and sticky in split.cut:
+            lost = f"its cookie names version {sticky!r}, which canary analysis cut; "
         decision.update(
             decision=version, set_cookie=f"{name}={version}",
             why=f"a new client: {lost}the split's smooth weighted round robin over the shares gives the next new "

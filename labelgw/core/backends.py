@@ -9,6 +9,7 @@ from labelgw.core.versions import VersionSplit, versioned
 
 if TYPE_CHECKING:
     from labelgw.core.balancer import HashStats, WrtStats
+    from labelgw.core.canary import ServiceCanary
 
 
 # Active health-check states of a backend whose container has a `health.path` label (None: no check).
@@ -146,10 +147,17 @@ class ServicePool:
         self.sticky_clients: dict[str, int] = {}
         # What the HTTP layer reads from each request for a keyed policy (`hash`); None for every other policy.
         self.key_source: HashKey | None = policy.key_source if isinstance(policy, KeyedPolicy) else None
+        # Canary analysis by version (labelgw.core.canary): windows and cuts; None until a split service serves.
+        self.canary: ServiceCanary | None = None
 
     def refresh(self) -> None:
         self.ready = tuple(b for b in self.backends.values() if b.ready)
-        self.split = VersionSplit(self.ready) if versioned(self.ready) else None
+        cut: frozenset[str] = frozenset()
+        if self.canary is not None:
+            # A new container in a version (a new deploy) lifts its cut; cut versions get no new clients.
+            self.canary.sync(self.backends.values())
+            cut = self.canary.cut_versions()
+        self.split = VersionSplit(self.ready, cut) if versioned(self.ready) else None
 
     def recompute(self, backend: Backend) -> bool:
         """Re-derive one backend's `ready` after one of its sources changed; True when it changed.

@@ -48,6 +48,8 @@ KNOWN_LABELS: frozenset[str] = frozenset(
         "health.interval",
         "health.timeout",
         "tls",
+        "canary.max_error_rate",
+        "canary.max_latency_ratio",
     }
 )
 
@@ -59,6 +61,7 @@ TLS_MODES: Mapping[str, TlsMode] = {"redirect": "redirect", "off": "off"}
 SCHEMES: Mapping[str, Scheme] = {"http": "http", "https": "https"}
 MAX_WEIGHT = 1000.0
 MAX_DURATION = 3600.0
+MAX_LATENCY_RATIO = 1000.0
 
 _T = TypeVar("_T")
 
@@ -213,6 +216,12 @@ def _build_spec(
     interval: float | None = check("health.interval", parse_duration)
     timeout: float | None = check("health.timeout", parse_duration)
     tls: TlsMode | None = check("tls", _parse_tls)
+    # Canary analysis limits (labelgw.core.canary): they judge a version against the stable one.
+    max_error_rate: float | None = check("canary.max_error_rate", _parse_error_rate)
+    max_latency_ratio: float | None = check("canary.max_latency_ratio", _parse_latency_ratio)
+    for suffix, limit in (("canary.max_error_rate", max_error_rate), ("canary.max_latency_ratio", max_latency_ratio)):
+        if limit is not None and version is None:
+            raise _Invalid(full(suffix), labels[suffix], f"canary limits judge a version; set {full('version')}")
     # Interval and timeout without a path check nothing; they are accepted (and kept in `options`).
     health_check = (
         HealthCheck(
@@ -260,6 +269,8 @@ def _build_spec(
         hash_key=hash_key,
         health_check=health_check,
         tls=tls,
+        canary_max_error_rate=max_error_rate,
+        canary_max_latency_ratio=max_latency_ratio,
         options=tuple(sorted(labels.items())),
     )
 
@@ -443,6 +454,28 @@ def _parse_traffic(text: str) -> float:
     if percent > 100:
         raise ValueError("traffic share must be between 0 and 100 percent")
     return percent
+
+
+def _parse_error_rate(text: str) -> float:
+    """A percentage ("5%" or "5"), returned as a fraction (0.05)."""
+    number = text.removesuffix("%").rstrip()
+    try:
+        percent = _parse_number(number)
+    except ValueError:
+        raise ValueError("not a percentage (a number from 0 to 100, '%' optional, e.g. 5%)") from None
+    if percent > 100:
+        raise ValueError("error rate limit must be between 0 and 100 percent")
+    return percent / 100.0
+
+
+def _parse_latency_ratio(text: str) -> float:
+    try:
+        ratio = _parse_number(text)
+    except ValueError:
+        raise ValueError(f"not a number (a ratio above 1 and at most {MAX_LATENCY_RATIO:g}, e.g. 2)") from None
+    if not 1 < ratio <= MAX_LATENCY_RATIO:
+        raise ValueError(f"latency ratio must be above 1 and at most {MAX_LATENCY_RATIO:g}")
+    return ratio
 
 
 def _parse_health_path(text: str) -> str:

@@ -89,6 +89,10 @@ class ContainerSpec:
     # The active health check; None: only Docker's own healthcheck counts.
     health_check: HealthCheck | None = None
     tls: TlsMode | None = None
+    # Canary analysis (labelgw.core.canary): cut this version when its error rate exceeds the stable version's by
+    # more than this fraction (0.05 = 5 points), or its p99 exceeds the stable one's times this ratio.
+    canary_max_error_rate: float | None = None
+    canary_max_latency_ratio: float | None = None
     # Every label under the prefix as written, prefix removed ("balancer", "weight", ...): for views and
     # messages only. Decisions read the typed fields above.
     options: tuple[tuple[str, str], ...] = field(default=())

@@ -25,17 +25,19 @@ __all__ = ["VersionDecision", "VersionSplit", "decide", "versioned"]
 class VersionSplit:
     """The ready backends of one service, by version, and the share of new clients each version gets."""
 
-    def __init__(self, ready: Sequence[Backend]) -> None:
+    def __init__(self, ready: Sequence[Backend], cut: frozenset[str] = frozenset()) -> None:
         subsets: dict[str, list[Backend]] = {}
         declared: dict[str, float] = {}
         for backend in ready:
             version = backend.version or ""
             subsets.setdefault(version, []).append(backend)
             share = backend.spec.traffic
-            if share is not None and version not in declared:
+            if share is not None and version not in declared and version not in cut:
                 declared[version] = share
         self.subsets: dict[str, tuple[Backend, ...]] = {version: tuple(group) for version, group in subsets.items()}
-        undeclared = [version for version in self.subsets if version not in declared]
+        # Versions cut by canary analysis (labelgw.core.canary) get no new clients: as if they had no backend.
+        self.cut = cut
+        undeclared = [version for version in self.subsets if version not in declared and version not in cut]
         remainder = max(0.0, 100.0 - sum(declared.values()))
         shares = dict(declared)
         for version in undeclared:
@@ -45,6 +47,8 @@ class VersionSplit:
             # Every version says 0 %: better to split equally than to refuse everyone.
             shares = {version: 1.0 for version in self.subsets}
             total = float(len(shares))
+        for version in cut & self.subsets.keys():
+            shares.setdefault(version, 0.0)
         # Scaled to 100: declared shares under 100 % with no undeclared version to take the rest.
         self.shares: dict[str, float] = {version: 100.0 * share / total for version, share in shares.items()}
         self._order = sorted(self.subsets)
@@ -95,7 +99,8 @@ def decide(
     """The version for one request to a split service (`service.split` set).
 
     `pinned`: the version the request asks for, if any. `sticky`: the version the client kept from earlier
-    requests, if any; it holds while that version has a ready backend, else the client gets a new one.
+    requests, if any; it holds while that version has a ready backend and is not cut by canary analysis, else the
+    client gets a new one.
     `key`: the request's hash key (`balancer=hash`), placed among the chosen version's backends.
     """
     split = service.split
@@ -104,7 +109,7 @@ def decide(
     if pinned is not None:
         subset = split.subsets.get(pinned)
         return VersionDecision(service.pick_among(subset, key) if subset else None, pinned, True, False)
-    if sticky is not None:
+    if sticky is not None and sticky not in split.cut:
         subset = split.subsets.get(sticky)
         if subset:
             return VersionDecision(service.pick_among(subset, key), sticky, False, False)

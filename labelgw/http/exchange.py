@@ -330,6 +330,8 @@ class Exchange:
             started = state is _RESPONDING or state is _TUNNEL
             elapsed = self._ttfb if started else self.gateway.clock.seconds() - self._started_at
             self.route.service.policy.on_finish(backend, elapsed, failed)
+            # Canary analysis: the failed attempt counts against its version.
+            self.gateway.canary.observe(self.route.service, backend, self.gateway.clock.seconds(), elapsed, failed)
 
     def _complete(self, failed: bool, observe: bool = True) -> None:
         state = self.state
@@ -349,6 +351,9 @@ class Exchange:
             started = state is _RESPONDING
             elapsed = self._ttfb if started else gateway.clock.seconds() - self._started_at
             service.policy.on_finish(backend, elapsed, failed)
+            # Canary analysis by version (labelgw.core.canary); one attribute read for services without a split.
+            if service.split is not None:
+                gateway.canary.observe(service, backend, gateway.clock.seconds(), elapsed, failed)
         if state not in _TO_DONE:
             self._move(_DONE)
         self.state = _DONE

@@ -22,6 +22,7 @@ from labelgw.http.settings import ProxySettings
 from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move, sources
 from labelgw.http.upstream import UpstreamPool
 from labelgw.http.versioning import DEFAULT_VERSION_HEADER
+from labelgw.core.canary import CanaryAnalyzer
 from labelgw.core.routes import RouteTable
 
 _IDLE = ConnectionState.IDLE
@@ -57,6 +58,8 @@ class Gateway:
         self.version_header = DEFAULT_VERSION_HEADER
         # Set when plain HTTP is to be answered with a 308 to HTTPS (labelgw.tls.https.HttpsRedirect).
         self.https_redirect: Any = None
+        # Canary analysis by version (labelgw.core.canary): fed by every exchange that ends.
+        self.canary = CanaryAnalyzer()
 
     def retry_budget_allows(self) -> bool:
         # Envoy's retry budget: retries in flight at most max(3, 20 % of the requests in flight).

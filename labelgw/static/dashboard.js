@@ -23,7 +23,7 @@ function el(tag, attrs, ...children) {
 }
 
 // Columns of numbers: right-aligned, headers too.
-const NUMERIC = new Set(["traffic share", "sticky clients", "ready backends", "latency ms", "in flight", "req/s", "errors", "requests", "weight"]);
+const NUMERIC = new Set(["traffic share", "sticky clients", "ready backends", "window requests", "window errors", "window p99 ms", "latency ms", "in flight", "req/s", "errors", "requests", "weight"]);
 
 function table(headers, rows, attrs) {
   const head = el("tr", {}, ...headers.map((h) => el("th", { scope: "col", class: NUMERIC.has(h) ? "num" : null }, h)));
@@ -56,6 +56,17 @@ function rates(b, now) {
   return [requests / seconds, requests > 0 ? (100 * errors) / requests : null];
 }
 
+// A version's canary state: a "cut" badge and the reason, "stable" for the reference, else its limits.
+function canaryCell(canary) {
+  if (!canary) return "–";
+  if (canary.cut) return el("span", {}, el("span", { class: "badge badge-cut", title: canary.reason }, "cut"), " ", canary.reason);
+  if (canary.stable) return "stable (reference)";
+  const limits = [];
+  if (canary.max_error_rate !== null) limits.push("errors +" + fixed(100 * canary.max_error_rate, 1) + " %");
+  if (canary.max_latency_ratio !== null) limits.push("p99 ×" + canary.max_latency_ratio);
+  return limits.length ? "watched: " + limits.join(", ") : "–";
+}
+
 function serviceCard(name, service, routes, now) {
   const where = routes.filter((r) => r.service === name);
   const routeList = el("ul", { class: "routes" }, ...where.map((r) =>
@@ -63,14 +74,20 @@ function serviceCard(name, service, routes, now) {
   const versionNames = Object.keys(service.versions).sort();
   const versioned = versionNames.length > 1 || (versionNames.length === 1 && versionNames[0] !== "");
   const versionTable = versioned ? table(
-    ["version", "traffic share", "sticky clients", "ready backends"],
+    ["version", "traffic share", "sticky clients", "ready backends", "window requests", "window errors", "window p99 ms", "canary"],
     versionNames.map((v) => {
       const entry = service.versions[v];
-      return el("tr", { "data-version": v },
+      // Canary analysis (labelgw.core.canary): the version's sliding window, and a cut with its reason.
+      const canary = (service.canary || {})[v];
+      return el("tr", { "data-version": v, "data-cut": canary && canary.cut ? "true" : "false", class: canary && canary.cut ? "cut" : null },
         el("td", {}, v || "(none)"),
         el("td", { class: "num" }, fixed(entry.share, 1) + " %"),
         el("td", { class: "num" }, entry.sticky_clients === undefined ? "–" : entry.sticky_clients),
-        el("td", { class: "num" }, entry.ready + " / " + entry.backends.length));
+        el("td", { class: "num" }, entry.ready + " / " + entry.backends.length),
+        el("td", { class: "num", "data-field": "window-requests" }, canary ? canary.requests : "–"),
+        el("td", { class: "num", "data-field": "window-errors" }, canary && canary.requests ? fixed(100 * canary.error_rate, 1) + " %" : "–"),
+        el("td", { class: "num", "data-field": "window-p99" }, canary ? fixed(canary.p99_ms, 1) : "–"),
+        el("td", { "data-field": "canary" }, canaryCell(canary)));
     }),
     { class: "versions" }) : null;
   const rows = service.backends.map((b) => {

@@ -10,6 +10,7 @@ Run it as ``python -m labelgw.tools.whoami --port 9000``. It is what the tests a
 - ``/status/NNN``, ``/redirect?to=URL``, ``/delay?ms=N``, ``/health``, ``/ws`` (WebSocket echo).
 - ``/control?status=NNN&delay_ms=N``: from now on every other response answers NNN and/or waits N ms more;
   ``status=0`` and ``delay_ms=0`` reset.
+- ``--fail-every N``: every Nth response (``/control`` aside) answers 500 (``2``: half of them).
 - ``--delay-ms D --workers W``: latency injection. With W > 0 requests wait in a FIFO queue served by W workers,
   each request holding a worker for D ms × Exp(1) (seeded with ``--seed``); with W = 0 every request waits D ms.
 
@@ -394,6 +395,9 @@ class _ControlState:
     def __init__(self) -> None:
         self.status = 0
         self.delay_ms = 0.0
+        # --fail-every N: every Nth response answers 500 (0: never).
+        self.fail_every = 0
+        self.answered = 0
 
 
 class _BadRequest(Exception):
@@ -503,6 +507,11 @@ class WhoamiResource(Resource):
         request.finish()
 
     def _answer(self, request: WhoamiRequest) -> bytes | int:
+        if self.control.fail_every:
+            self.control.answered += 1
+            if self.control.answered % self.control.fail_every == 0:
+                request.setResponseCode(500)
+                return _text_body(request, "500 forced by --fail-every\n")
         if self.control.status:
             request.setResponseCode(self.control.status)
             if self.control.status in http.NO_BODY_CODES:
@@ -733,11 +742,13 @@ def make_site(
     workers: int = 0,
     seed: int = 0,
     access_log: bool = False,
+    fail_every: int = 0,
 ) -> WhoamiSite:
     """A whoami Site; `clock` provides every delay and the connections' idle timeouts."""
     if delay_ms < 0 or workers < 0:
         raise ValueError("delay_ms and workers must not be negative")
     resource = WhoamiResource(name or default_name(), clock, Latency(delay_ms=delay_ms, workers=workers, seed=seed))
+    resource.control.fail_every = fail_every
     site = WhoamiSite(resource, requestFactory=WhoamiRequest, reactor=clock)
     site.access_log = access_log
     return site
@@ -752,9 +763,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0, help="with --delay-ms: FIFO queue with this many workers")
     parser.add_argument("--seed", type=int, default=0, help="seed of the service-time draws")
     parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument("--fail-every", type=int, default=0, help="every Nth response answers 500 (2: half)")
     args = parser.parse_args(argv)
     if args.delay_ms < 0 or args.workers < 0:
         parser.error("--delay-ms and --workers must not be negative")
+    if args.fail_every < 0:
+        parser.error("--fail-every must not be negative")
     return args
 
 
@@ -770,7 +784,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     name = args.name or default_name()
     site = make_site(
-        name, reactor, delay_ms=args.delay_ms, workers=args.workers, seed=args.seed, access_log=args.access_log
+        name, reactor, delay_ms=args.delay_ms, workers=args.workers, seed=args.seed, access_log=args.access_log,
+        fail_every=args.fail_every,
     )
     # A Site is a ServerFactory of HTTP channels; Twisted's ServerFactory type is invariant in its protocol type.
     factory = cast(ServerFactory, site)

@@ -744,7 +744,10 @@ def test_later_labels_invalid(suffix: str, value: str, reason_part: str) -> None
 
 
 def test_known_labels() -> None:
-    assert KNOWN_LABELS == {
+    from labelgw.core.middleware import MIDDLEWARE_LABELS
+
+    assert MIDDLEWARE_LABELS <= KNOWN_LABELS
+    assert KNOWN_LABELS - MIDDLEWARE_LABELS == {
         "service", "version", "env", "port", "host", "path", "strip_prefix", "network", "scheme",
         "balancer", "weight", "traffic", "health.path", "health.interval", "health.timeout", "tls",
     }  # fmt: skip

@@ -22,6 +22,7 @@ from labelgw.core.model import (
     TlsMode,
     normalize_name,
 )
+from labelgw.core.middleware import MIDDLEWARE_LABELS, MiddlewareLabelError, parse_middleware
 
 __all__ = ["KNOWN_LABELS", "parse_bool", "parse_container", "parse_duration", "parse_hosts", "parse_path"]
 
@@ -46,6 +47,9 @@ KNOWN_LABELS: frozenset[str] = frozenset(
         "tls",
     }
 )
+
+# The middleware labels (ratelimit, max_inflight, breaker.*, fallback.*): labelgw.core.middleware.
+KNOWN_LABELS = KNOWN_LABELS | MIDDLEWARE_LABELS
 
 # Label text -> the typed value (a mapping rather than a set, so that the result is the Literal type).
 BALANCERS: Mapping[str, BalancerName] = {"wrt": "wrt", "round_robin": "round_robin", "least_conn": "least_conn"}
@@ -212,6 +216,11 @@ def _build_spec(
         else None
     )
 
+    try:
+        middleware = parse_middleware(labels, service)
+    except MiddlewareLabelError as problem:
+        raise _Invalid(full(problem.label), problem.value, problem.reason) from None
+
     network: str | None = check("network", _parse_network_name)
     state = _mapping(inspect.get("State"))
     running = bool(state.get("Running", False))
@@ -247,6 +256,7 @@ def _build_spec(
         balancer=balancer,
         health_check=health_check,
         tls=tls,
+        middleware=middleware,
         options=tuple(sorted(labels.items())),
     )
 

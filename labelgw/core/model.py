@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from labelgw.core.middleware import MiddlewareSpec
+
 __all__ = [
     "DEFAULT_HEALTH_INTERVAL",
     "DEFAULT_HEALTH_TIMEOUT",
@@ -71,6 +73,8 @@ class ContainerSpec:
     # The active health check; None: only Docker's own healthcheck counts.
     health_check: HealthCheck | None = None
     tls: TlsMode | None = None
+    # Rate limit, concurrency limit, breaker, fallback (labelgw.core.middleware); None: no middleware at all.
+    middleware: MiddlewareSpec | None = None
     # Every label under the prefix as written, prefix removed ("balancer", "weight", ...): for views and
     # messages only. Decisions read the typed fields above.
     options: tuple[tuple[str, str], ...] = field(default=())

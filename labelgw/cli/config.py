@@ -11,6 +11,7 @@ from labelgw.http.settings import ProxySettings
 from labelgw.core.labels import BALANCERS, parse_hosts, parse_path
 from labelgw.core.model import BalancerName, ContainerSpec
 from labelgw.core.registry import STATIC_PREFIX
+from labelgw.core.middleware import MIDDLEWARE_LABELS, MiddlewareLabelError, MiddlewareSpec, parse_middleware
 
 DEFAULT_HTTP = ("tcp:8080",)
 DEFAULT_HTTPS = ("tcp:8443",)
@@ -36,6 +37,8 @@ class StaticService:
     path: str
     strip_prefix: bool
     backends: tuple[tuple[str, int], ...]
+    # The middleware labels, written as keys of the service (`ratelimit: 100/s`, `ratelimit.burst: 20`).
+    middleware: MiddlewareSpec | None = None
 
     def specs(self) -> list[ContainerSpec]:
         return [
@@ -48,6 +51,7 @@ class StaticService:
                 hosts=self.hosts,
                 path_prefix=self.path,
                 strip_prefix=self.strip_prefix,
+                middleware=self.middleware,
             )
             for index, (address, port) in enumerate(self.backends)
         ]
@@ -216,9 +220,13 @@ def _static_service(name: Any, spec: Any) -> StaticService:
         raise ConfigError(f"{where}: {name!r} is not a valid service name")
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a mapping with hosts and backends")
-    unknown = sorted(set(spec) - {"hosts", "path", "strip_prefix", "backends"})
+    unknown = sorted(set(spec) - {"hosts", "path", "strip_prefix", "backends"} - MIDDLEWARE_LABELS)
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown setting (known: hosts, path, strip_prefix, backends)")
+        raise ConfigError(
+            f"{where}.{unknown[0]}: unknown setting (known: hosts, path, strip_prefix, backends, "
+            f"{', '.join(sorted(MIDDLEWARE_LABELS))})"
+        )
+    middleware = _static_middleware(where, name, spec)
     hosts = spec.get("hosts") or [f"{name.lower()}.localhost"]
     if isinstance(hosts, str):
         hosts = [hosts]
@@ -248,7 +256,17 @@ def _static_service(name: Any, spec: Any) -> StaticService:
         if not address or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ConfigError(f"{where}.backends: {item!r} is not 'address:port'")
         backends.append((address.strip("[]"), int(port)))
-    return StaticService(name.lower(), normal_hosts, path, strip, tuple(backends))
+    return StaticService(name.lower(), normal_hosts, path, strip, tuple(backends), middleware)
+
+
+def _static_middleware(where: str, name: str, spec: Mapping[str, Any]) -> MiddlewareSpec | None:
+    """The middleware keys of a static service, read by the label parser (YAML numbers taken as written)."""
+    labels = {key: ("true" if value is True else "false" if value is False else str(value))
+              for key, value in spec.items() if key in MIDDLEWARE_LABELS}
+    try:
+        return parse_middleware(labels, name)
+    except MiddlewareLabelError as error:
+        raise ConfigError(f"{where}.{error.label}: {error.value!r}: {error.reason}") from None
 
 
 def _https_settings(pick: Any) -> dict[str, Any]:

@@ -135,7 +135,7 @@ def _service(pool: ServicePool, now: float, health: Describe | None) -> dict[str
         else:
             entry["share"] = 100.0 if entry["ready"] else 0.0
         entry["sticky_clients"] = sticky.get(key, 0)
-    return {
+    view = {
         "balancer": getattr(pool.policy, "name", type(pool.policy).__name__),
         "ready": len(pool.ready),
         "total": len(pool.backends),
@@ -143,6 +143,11 @@ def _service(pool: ServicePool, now: float, health: Describe | None) -> dict[str
         "versions": versions,
         "backends": [_backend(backend, now, health) for backend in backends],
     }
+    # Rate limit, concurrency, breaker and fallback state (labelgw.middleware.chain), for services that have them.
+    chain = getattr(pool, "middleware", None)
+    if chain is not None:
+        view["middleware"] = chain.describe()
+    return view
 
 
 def _backend(backend: Backend, now: float, health: Describe | None) -> dict[str, Any]:

@@ -19,6 +19,8 @@ from labelgw.http.parser import RequestHead
 __all__ = ["DEFAULT_MAX_KEYS", "KeyedRateLimiter", "TokenBucket", "key_function"]
 
 DEFAULT_MAX_KEYS = 10_000
+# Clock readings are floats near 1e9: a token due "exactly now" can come out a few 1e-11 short.
+_ONE = 1.0 - 1e-6
 
 
 class TokenBucket:
@@ -39,14 +41,14 @@ class TokenBucket:
     def take(self, rate: float, burst: float, now: float) -> bool:
         """One token if there is one."""
         self.refill(rate, burst, now)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= _ONE:
+            self.tokens = max(0.0, self.tokens - 1.0)
             return True
         return False
 
     def wait(self, rate: float) -> float:
         """Seconds until the next token (0 when there is one)."""
-        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / rate
+        return 0.0 if self.tokens >= _ONE else (1.0 - self.tokens) / rate
 
 
 class KeyedRateLimiter:

@@ -338,3 +338,29 @@ def test_admin_view_describes_the_chain() -> None:
     assert view["ratelimit"]["burst"] == 5 and view["concurrency"]["max_inflight"] == 3
     assert view["breaker"]["state"] == "closed" and view["fallback"]["service"] == "spare"
     assert "middleware" not in state(h.registry, h.now())["services"]["spare"]
+
+
+# --- HTTP/2: the same dispatcher, the same chain --------------------------------------------------------------
+
+
+def test_http2_streams_meet_the_same_chain() -> None:
+    from test_h2 import H2Client
+
+    rate = RateLimitSpec(rate=1, burst=3, quota=1, window=1)
+    h = harness(with_mw(API, ratelimit=rate, concurrency=ConcurrencySpec(1, 1, 1.0)))
+    client = H2Client(h)
+    first = client.request(authority=b"api.localhost")
+    second = client.request(authority=b"api.localhost")
+    third = client.request(authority=b"api.localhost")
+    fourth = client.request(authority=b"api.localhost")
+    assert client.streams[third].status == 503  # one running, one waiting
+    assert client.streams[fourth].status == 429 and client.streams[fourth].header(b"retry-after") == b"1"
+    [upstream] = [u.accept() for u in h.new_connects()]
+    upstream.send(ok(b"one"))
+    client.exchange()
+    assert client.streams[first].body == b"one" and client.streams[second].headers is None
+    assert upstream.take().count(b"GET / HTTP/1.1") == 2  # the waiting stream went next
+    upstream.send(ok(b"two"))
+    client.exchange()
+    assert client.streams[second].body == b"two"
+    h.assert_accounting()

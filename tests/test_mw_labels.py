@@ -158,3 +158,17 @@ def test_static_service_bad_middleware_stops_startup(tmp_path: Path, text: str, 
     with pytest.raises(ConfigError) as raised:
         config(tmp_path, "services:\n  legacy:\n    backends: ['127.0.0.1:9000']\n" + text)
     assert str(raised.value).startswith(start), str(raised.value)
+
+
+def test_the_compose_example_labels_are_valid() -> None:
+    import yaml
+
+    example = Path(__file__).resolve().parent.parent / "compose-examples" / "middleware" / "docker-compose.yml"
+    services = yaml.safe_load(example.read_text())["services"]
+    specs = {}
+    for name, service in services.items():
+        labels = {key.removeprefix("labelgw."): str(value) for key, value in service["labels"].items()}
+        specs[name] = parse_middleware(labels, labels["service"])
+    assert specs["api"] is not None and specs["api"].ratelimit is not None and specs["api"].ratelimit.key == "header"
+    assert specs["shop"] == MiddlewareSpec(breaker=BreakerSpec(0.5), fallback=FallbackSpec(service="shop-static"))
+    assert specs["shop-static"] is None

@@ -102,8 +102,12 @@ class Ticket:
     def admitted(self) -> None:
         self.queued = False
         self.slot = True
-        if self.exchange is not None:
-            self.exchange.admitted()
+        exchange = self.exchange
+        if exchange is None or exchange.finished:
+            # Cannot happen (a finished exchange has left the queue); a slot must never leak if it does.
+            self._release(observed=False)
+            return
+        exchange.admitted()
 
     def timed_out(self) -> None:
         self.queued = False

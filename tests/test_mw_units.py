@@ -96,6 +96,7 @@ def test_keys() -> None:
     by_cookie = key_function(rate(1, 1, "cookie", "session"))
     assert by_cookie(head(b"Cookie: a=1; session=s1\r\n"), peer) == by_cookie(head(b"Cookie: session=s1\r\n"), b"x")
     assert by_cookie(head(b"Cookie: sessionx=s1\r\n"), peer) == peer
+    assert by_cookie(head(b"Cookie: a=1\r\nCookie: session=s1\r\n"), peer) == by_cookie(head(b"Cookie: session=s1\r\n"), peer)
     # A field value can never pose as a client address.
     assert by_header(head(b"X-Client: 10.0.0.9\r\n"), b"10.0.0.1") != peer
 

@@ -125,8 +125,12 @@ def key_function(spec: RateLimitSpec) -> Callable[[RequestHead, bytes], bytes]:
     name = spec.key_name.encode("ascii")
 
     def by_cookie(head: RequestHead, peer: bytes) -> bytes:
-        cookies = head.field(b"cookie")
-        if cookies is not None:
+        if head.field(b"cookie") is None:
+            return peer
+        # Every Cookie field: HTTP/2 clients send each cookie as a field of its own (RFC 9113 8.2.3).
+        for field_name, cookies in head.headers:
+            if field_name.lower() != b"cookie":
+                continue
             for pair in cookies.split(b";"):
                 key, equals, value = pair.strip().partition(b"=")
                 if equals and key == name:

@@ -744,8 +744,11 @@ def test_later_labels_invalid(suffix: str, value: str, reason_part: str) -> None
 
 
 def test_known_labels() -> None:
+    from labelgw.core.middleware import MIDDLEWARE_LABELS
+
+    assert MIDDLEWARE_LABELS <= KNOWN_LABELS
     assert "canary.max_error_rate" in KNOWN_LABELS and "canary.max_latency_ratio" in KNOWN_LABELS
-    assert KNOWN_LABELS - {"canary.max_error_rate", "canary.max_latency_ratio"} == {
+    assert KNOWN_LABELS - MIDDLEWARE_LABELS - {"canary.max_error_rate", "canary.max_latency_ratio"} == {
         "service", "version", "env", "port", "host", "path", "strip_prefix", "network", "scheme",
         "balancer", "hash.key", "weight", "traffic", "health.path", "health.interval", "health.timeout", "tls",
     }  # fmt: skip

@@ -21,6 +21,7 @@ from labelgw.http.server import Gateway, ProxyFactory
 from labelgw.tls.https import HttpsService
 from labelgw.cli.listeners import ListenerService
 from labelgw.control.outlier import OutlierDetector
+from labelgw.middleware.chain import MiddlewareManager
 from labelgw.core.registry import Registry
 
 
@@ -41,6 +42,8 @@ class LabelgwService(MultiService):
             on_backend_retired=lambda backend: self.gateway.pool.retire(backend),
             listeners=(self.outlier, self.health),
         )
+        # Each service's middleware chain (rate limit, breaker, concurrency limit, fallback), from its labels.
+        self.registry.add_listener(MiddlewareManager(reactor, self.registry.services))
         self.health.setServiceParent(self)
         self.outlier.setServiceParent(self)
         self.gateway = Gateway(reactor, self.registry.table, settings.proxy)

@@ -11,6 +11,7 @@ from labelgw.http.settings import ProxySettings
 from labelgw.core.labels import BALANCERS, parse_hash_key, parse_hosts, parse_path
 from labelgw.core.model import BalancerName, ContainerSpec, HashKey
 from labelgw.core.registry import STATIC_PREFIX
+from labelgw.core.middleware import MIDDLEWARE_LABELS, MiddlewareLabelError, MiddlewareSpec, parse_middleware
 
 DEFAULT_HTTP = ("tcp:8080",)
 DEFAULT_HTTPS = ("tcp:8443",)
@@ -39,6 +40,8 @@ class StaticService:
     # The `balancer` and `hash.key` labels' settings (`balancer`, `hash_key`); None: the defaults.
     balancer: BalancerName | None = None
     hash_key: HashKey | None = None
+    # The middleware labels, written as keys of the service (`ratelimit: 100/s`, `ratelimit.burst: 20`).
+    middleware: MiddlewareSpec | None = None
 
     def specs(self) -> list[ContainerSpec]:
         return [
@@ -53,6 +56,7 @@ class StaticService:
                 strip_prefix=self.strip_prefix,
                 balancer=self.balancer,
                 hash_key=self.hash_key,
+                middleware=self.middleware,
             )
             for index, (address, port) in enumerate(self.backends)
         ]
@@ -225,11 +229,13 @@ def _static_service(name: Any, spec: Any) -> StaticService:
         raise ConfigError(f"{where}: {name!r} is not a valid service name")
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a mapping with hosts and backends")
-    unknown = sorted(set(spec) - {"hosts", "path", "strip_prefix", "backends", "balancer", "hash_key"})
+    known = {"hosts", "path", "strip_prefix", "backends", "balancer", "hash_key"}
+    unknown = sorted(set(spec) - known - MIDDLEWARE_LABELS)
     if unknown:
         raise ConfigError(
-            f"{where}.{unknown[0]}: unknown setting (known: hosts, path, strip_prefix, backends, balancer, hash_key)"
+            f"{where}.{unknown[0]}: unknown setting (known: {', '.join(sorted(known | MIDDLEWARE_LABELS))})"
         )
+    middleware = _static_middleware(where, name, spec)
     hosts = spec.get("hosts") or [f"{name.lower()}.localhost"]
     if isinstance(hosts, str):
         hosts = [hosts]
@@ -260,7 +266,7 @@ def _static_service(name: Any, spec: Any) -> StaticService:
             raise ConfigError(f"{where}.backends: {item!r} is not 'address:port'")
         backends.append((address.strip("[]"), int(port)))
     balancer, hash_key = _static_balancer(where, spec)
-    return StaticService(name.lower(), normal_hosts, path, strip, tuple(backends), balancer, hash_key)
+    return StaticService(name.lower(), normal_hosts, path, strip, tuple(backends), balancer, hash_key, middleware)
 
 
 def _static_balancer(where: str, spec: Mapping[str, Any]) -> tuple[BalancerName | None, HashKey | None]:
@@ -281,6 +287,16 @@ def _static_balancer(where: str, spec: Mapping[str, Any]) -> tuple[BalancerName 
     if balancer not in (None, "hash"):
         raise ConfigError(f"{where}.hash_key: has effect only with balancer: hash")
     return balancer, hash_key
+
+
+def _static_middleware(where: str, name: str, spec: Mapping[str, Any]) -> MiddlewareSpec | None:
+    """The middleware keys of a static service, read by the label parser (YAML numbers taken as written)."""
+    labels = {key: ("true" if value is True else "false" if value is False else str(value))
+              for key, value in spec.items() if key in MIDDLEWARE_LABELS}
+    try:
+        return parse_middleware(labels, name)
+    except MiddlewareLabelError as error:
+        raise ConfigError(f"{where}.{error.label}: {error.value!r}: {error.reason}") from None
 
 
 def _https_settings(pick: Any) -> dict[str, Any]:

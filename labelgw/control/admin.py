@@ -152,7 +152,7 @@ def _service(pool: ServicePool, now: float, health: Describe | None) -> dict[str
                 "max_error_rate": figures.max_error_rate,
                 "max_latency_ratio": figures.max_latency_ratio,
             }
-    return {
+    view = {
         "balancer": getattr(pool.policy, "name", type(pool.policy).__name__),
         "ready": len(pool.ready),
         "total": len(pool.backends),
@@ -161,6 +161,11 @@ def _service(pool: ServicePool, now: float, health: Describe | None) -> dict[str
         "canary": canary,
         "backends": [_backend(backend, now, health) for backend in backends],
     }
+    # Rate limit, concurrency, breaker and fallback state (labelgw.middleware.chain), for services that have them.
+    chain = getattr(pool, "middleware", None)
+    if chain is not None:
+        view["middleware"] = chain.describe()
+    return view
 
 
 def _backend(backend: Backend, now: float, health: Describe | None) -> dict[str, Any]:

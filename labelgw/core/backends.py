@@ -134,6 +134,9 @@ class RoundRobin:
 class ServicePool:
     """All backends of one service; `ready` is rebuilt only when one of this service's backends changes."""
 
+    # The service's middleware chain (labelgw.middleware.chain.Chain), set once when it appears; None: none.
+    middleware: Any = None
+
     def __init__(self, name: str, policy: Policy) -> None:
         self.name = name
         self.policy = policy

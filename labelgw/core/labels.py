@@ -23,6 +23,7 @@ from labelgw.core.model import (
     TlsMode,
     normalize_name,
 )
+from labelgw.core.middleware import MIDDLEWARE_LABELS, MiddlewareLabelError, parse_middleware
 
 __all__ = [
     "KNOWN_LABELS", "parse_bool", "parse_container", "parse_duration", "parse_hash_key", "parse_hosts", "parse_path",
@@ -52,6 +53,9 @@ KNOWN_LABELS: frozenset[str] = frozenset(
         "canary.max_latency_ratio",
     }
 )
+
+# The middleware labels (ratelimit, max_inflight, breaker.*, fallback.*): labelgw.core.middleware.
+KNOWN_LABELS = KNOWN_LABELS | MIDDLEWARE_LABELS
 
 # Label text -> the typed value (a mapping rather than a set, so that the result is the Literal type).
 BALANCERS: Mapping[str, BalancerName] = {
@@ -233,6 +237,11 @@ def _build_spec(
         else None
     )
 
+    try:
+        middleware = parse_middleware(labels, service)
+    except MiddlewareLabelError as problem:
+        raise _Invalid(full(problem.label), problem.value, problem.reason) from None
+
     network: str | None = check("network", _parse_network_name)
     state = _mapping(inspect.get("State"))
     running = bool(state.get("Running", False))
@@ -271,6 +280,7 @@ def _build_spec(
         tls=tls,
         canary_max_error_rate=max_error_rate,
         canary_max_latency_ratio=max_latency_ratio,
+        middleware=middleware,
         options=tuple(sorted(labels.items())),
     )
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from labelgw.core.middleware import MiddlewareSpec
+
 __all__ = [
     "DEFAULT_HEALTH_INTERVAL",
     "DEFAULT_HEALTH_TIMEOUT",
@@ -93,6 +95,8 @@ class ContainerSpec:
     # more than this fraction (0.05 = 5 points), or its p99 exceeds the stable one's times this ratio.
     canary_max_error_rate: float | None = None
     canary_max_latency_ratio: float | None = None
+    # Rate limit, concurrency limit, breaker, fallback (labelgw.core.middleware); None: no middleware at all.
+    middleware: MiddlewareSpec | None = None
     # Every label under the prefix as written, prefix removed ("balancer", "weight", ...): for views and
     # messages only. Decisions read the typed fields above.
     options: tuple[tuple[str, str], ...] = field(default=())

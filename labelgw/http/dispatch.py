@@ -63,6 +63,15 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
     if service.in_flight >= gateway.service_limit:
         side.refuse(503, f"too many requests in flight to service {service.name!r}", _close(head), b"Retry-After: 1\r\n")
         return None
+    ticket = None
+    chain = service.middleware
+    if chain is not None:
+        # Rate limit, breaker, concurrency limit, fallback (labelgw.middleware.chain): may answer or divert.
+        ticket = chain.enter(gateway, head, side, route, _close(head))
+        if ticket is None:
+            return None
+        route = ticket.route
+        service = route.service
     version = None
     cookie = b""
     pinned = False
@@ -73,6 +82,8 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
     else:
         backend, version, cookie, pinned = choose_version(service, head, gateway.version_header, key)
     if backend is None:
+        if ticket is not None and ticket.divert(gateway, head, side, _close(head)):
+            return ticket.exchange
         what = f" of version {version!r}" if version is not None else ""
         side.refuse(503, f"service {service.name!r} has no ready backend{what}", _close(head), b"Retry-After: 1\r\n")
         return None
@@ -83,4 +94,6 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
         exchange.version = version
         exchange.pinned = pinned
         exchange.response_extra = cookie
+    if ticket is not None:
+        ticket.bind(exchange)
     return exchange

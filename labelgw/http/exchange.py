@@ -73,6 +73,12 @@ class Exchange:
     response_extra = b""
     # The request's key for balancer=hash (labelgw.http.hashkey), kept for a retry; None for other policies.
     hash_key: bytes | None = None
+    # Middlewares (labelgw.middleware): why the request went to a fallback service ("breaker open", "no ready
+    # backend", "concurrency limit") or None; `held` while it waits in a concurrency queue (start does nothing
+    # until `admitted`); `on_done(exchange, failed, observed)` once when the exchange completes.
+    fallback_reason: str | None = None
+    held = False
+    on_done: Any = None
 
     # `gateway`: the labelgw.http.server.Gateway (clock, pool, settings, counters), not imported: the exchange
     # depends on its two interfaces only.
@@ -114,9 +120,28 @@ class Exchange:
     # Starting and connecting.
 
     def start(self) -> None:
+        if self.held:
+            return
         connection = self.gateway.pool.acquire(self.backend, self)
         if connection is not None:
             self.upstream_connected(connection)
+
+    def admitted(self) -> None:
+        """Out of a middleware's queue: the request starts now (the wait is not the backend's latency)."""
+        self.held = False
+        if self.state is _DONE:
+            return
+        self._started_at = self.gateway.clock.seconds()
+        self.start()
+
+    def reject(self, status: int, message: str, extra: bytes = b"") -> None:
+        """labelgw's own answer before anything reached a backend (a middleware said no): no backend failed."""
+        self.held = False
+        if self.state is _DONE:
+            return
+        self._client_close = self._client_close or not self.body_done
+        self.client.error_response(status, message, self._client_close, extra)
+        self._complete(failed=False, observe=False)
 
     def upstream_connected(self, connection: UpstreamConnection) -> None:
         if self.state is _DONE:
@@ -357,6 +382,10 @@ class Exchange:
         if state not in _TO_DONE:
             self._move(_DONE)
         self.state = _DONE
+        done = self.on_done
+        if done is not None:
+            self.on_done = None
+            done(self, failed, observe)
         self.client.exchange_done(self, close=self._client_close)
 
     def _abort_upstream(self) -> None:

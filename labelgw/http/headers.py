@@ -105,7 +105,7 @@ def error_response(status: int, message: str, close: bool, extra: bytes = b"", h
 
 
 _REASONS = {
-    308: b"Permanent Redirect", 400: b"Bad Request", 404: b"Not Found", 408: b"Request Timeout", 413: b"Content Too Large",
+    308: b"Permanent Redirect", 400: b"Bad Request", 404: b"Not Found", 408: b"Request Timeout", 413: b"Content Too Large", 429: b"Too Many Requests",
     431: b"Request Header Fields Too Large", 501: b"Not Implemented", 502: b"Bad Gateway",
     503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }

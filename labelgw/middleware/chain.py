@@ -1,0 +1,294 @@
+"""A service's middleware chain, and the registry listener that builds it.
+
+The chain is resolved once, when a service appears, from its first container's spec (as for `balancer`): the
+service's `ServicePool.middleware` is then a `Chain`, or stays None, and the dispatcher pays one attribute read
+per request for a service without middlewares.
+
+Per request (`labelgw.http.dispatch`), in this order:
+  1. rate limit: a token per key, else `429` with Retry-After and the RateLimit fields (never a fallback:
+     the client is asked to slow down, not served elsewhere);
+  2. circuit breaker: while open, the request fails fast or goes to the fallback;
+  3. concurrency limit: a slot, or a place in the FIFO queue, else the fallback or a fast `503`;
+  4. fallback: used by 2 and 3, and when the service has no ready backend; another service, or a static answer.
+The issue's full order puts allowlist and auth before the rate limit, body limit, headers and compression
+after the fallback: each is one more step in `Chain.enter` or on the exchange (`on_done`).
+
+The outcome comes back through the exchange's `on_done` hook: the concurrency slot is released (the first
+waiter gets it) and the breaker counts the request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+from twisted.logger import Logger
+
+from labelgw.core.backends import Backend, ServicePool
+from labelgw.core.middleware import MiddlewareSpec
+from labelgw.core.routes import Route
+from labelgw.http.exchange import Exchange
+from labelgw.http.parser import RequestHead
+from labelgw.middleware.breaker import DENY, PROBE, CircuitBreaker
+from labelgw.middleware.concurrency import ADMITTED, QUEUED, ConcurrencyLimiter
+from labelgw.middleware.ratelimit import KeyedRateLimiter, key_function
+
+if TYPE_CHECKING:
+    from labelgw.http.sides import RequestSide
+
+__all__ = ["Chain", "MiddlewareManager", "Ticket"]
+
+BREAKER_OPEN = "breaker open"
+CONCURRENCY_LIMIT = "concurrency limit"
+NO_BACKEND = "no ready backend"
+
+
+class Ticket:
+    """One request's passage through a chain: what it holds (a concurrency slot or a place in the queue, a
+    breaker probe) until its exchange completes, and the route it goes to (the fallback's, when diverted)."""
+
+    __slots__ = ("chain", "route", "fallback_reason", "slot", "queued", "probe", "exchange")
+
+    def __init__(self, chain: "Chain", route: Route) -> None:
+        self.chain = chain
+        self.route = route
+        self.fallback_reason: str | None = None
+        self.slot = False
+        self.queued = False
+        self.probe = False
+        self.exchange: Exchange | None = None
+
+    def bind(self, exchange: Exchange) -> None:
+        """The exchange that serves the request (not started yet)."""
+        self.exchange = exchange
+        if self.fallback_reason is not None:
+            exchange.fallback_reason = self.fallback_reason
+            return
+        if self.queued:
+            exchange.held = True
+        if self.slot or self.queued or self.chain.breaker is not None:
+            exchange.on_done = self.done
+
+    def divert(self, gateway: Any, head: RequestHead, side: "RequestSide", close: bool) -> bool:
+        """The service has no ready backend: True when the fallback took the request (then `exchange` is its
+        exchange, or None when a static answer was sent); False: the dispatcher answers 503 itself."""
+        self._release(observed=False)
+        if self.fallback_reason is not None:
+            return False  # already at the fallback service: no fallback of the fallback
+        return self.chain.fall_back(self, gateway, head, side, close, NO_BACKEND, 503, "has no ready backend", 1)
+
+    def done(self, exchange: Exchange, failed: bool, observed: bool) -> None:
+        self._release(observed, failed)
+
+    def _release(self, observed: bool, failed: bool = False) -> None:
+        chain = self.chain
+        limiter = chain.concurrency
+        if limiter is not None:
+            if self.queued:
+                self.queued = False
+                limiter.cancel(self)
+            elif self.slot:
+                self.slot = False
+                limiter.release()
+        breaker = chain.breaker
+        if breaker is not None and self.fallback_reason is None:
+            if observed:
+                breaker.record(chain.clock.seconds(), failed, self.probe)
+            else:
+                breaker.abandon(self.probe)
+            self.probe = False
+
+    # The concurrency limiter's waiter.
+
+    def admitted(self) -> None:
+        self.queued = False
+        self.slot = True
+        exchange = self.exchange
+        if exchange is None or exchange.finished:
+            # Cannot happen (a finished exchange has left the queue); a slot must never leak if it does.
+            self._release(observed=False)
+            return
+        exchange.admitted()
+
+    def timed_out(self) -> None:
+        self.queued = False
+        exchange = self.exchange
+        if exchange is None:
+            return
+        chain = self.chain
+        name = chain.pool.name
+        fallback = chain.spec.fallback
+        if fallback is not None and fallback.status is not None:
+            # Static degradation; a fallback service cannot take over an exchange already bound to this one.
+            exchange.fallback_reason = CONCURRENCY_LIMIT
+            exchange.reject(fallback.status, fallback.body or f"service {name!r} is degraded", _retry_after(fallback.status, 1))
+        else:
+            exchange.reject(503, f"service {name!r}: waited too long for a free slot (max_inflight)", b"Retry-After: 1\r\n")
+
+
+def _diverted(ticket: Ticket, route: Route) -> Ticket | None:
+    """After a fall_back from `enter`: the ticket when it now leads to the fallback service; None when the
+    request was answered (a static fallback, or this service's own 503)."""
+    return ticket if ticket.route is not route else None
+
+
+def _retry_after(status: int, seconds: int) -> bytes:
+    return b"Retry-After: %d\r\n" % seconds if status in (429, 503) else b""
+
+
+class Chain:
+    _log = Logger()
+
+    def __init__(self, spec: MiddlewareSpec, pool: ServicePool, clock: Any, services: Mapping[str, ServicePool]) -> None:
+        self.spec = spec
+        self.pool = pool
+        self.clock = clock
+        self._services = services
+        self.ratelimit = KeyedRateLimiter(spec.ratelimit) if spec.ratelimit is not None else None
+        self._key = key_function(spec.ratelimit) if spec.ratelimit is not None else None
+        self.concurrency = ConcurrencyLimiter(spec.concurrency, clock) if spec.concurrency is not None else None
+        self.breaker = CircuitBreaker(spec.breaker) if spec.breaker is not None else None
+        self.fallbacks = 0
+        # Original route -> the same route to the fallback service, built on first use.
+        self._fallback_routes: dict[Route, Route] = {}
+
+    def enter(self, gateway: Any, head: RequestHead, side: "RequestSide", route: Route, close: bool) -> Ticket | None:
+        """The request's ticket, or None when the chain answered it (429, 503, a static fallback)."""
+        now = self.clock.seconds()
+        limiter = self.ratelimit
+        if limiter is not None:
+            wait = limiter.allow(self._key(head, side.peer_ip), now)  # type: ignore[misc]
+            if wait:
+                side.refuse(429, f"rate limit of service {self.pool.name!r} exceeded", close, limiter.refusal_fields(wait))
+                return None
+        ticket = Ticket(self, route)
+        breaker = self.breaker
+        if breaker is not None:
+            verdict = breaker.admit(now)
+            if verdict == DENY:
+                self.fall_back(
+                    ticket, gateway, head, side, close, BREAKER_OPEN, 503, "circuit breaker open", breaker.retry_after(now)
+                )
+                return _diverted(ticket, route)
+            ticket.probe = verdict == PROBE
+        concurrency = self.concurrency
+        if concurrency is not None:
+            result = concurrency.acquire(ticket)
+            if result == ADMITTED:
+                ticket.slot = True
+            elif result == QUEUED:
+                ticket.queued = True
+            else:
+                if breaker is not None:
+                    breaker.abandon(ticket.probe)
+                    ticket.probe = False
+                self.fall_back(
+                    ticket, gateway, head, side, close, CONCURRENCY_LIMIT, 503,
+                    f"too many requests in flight (max_inflight {concurrency.limit})", 1,
+                )
+                return _diverted(ticket, route)
+        return ticket
+
+    def fall_back(
+        self, ticket: Ticket, gateway: Any, head: RequestHead, side: "RequestSide", close: bool, reason: str,
+        status: int, what: str, retry_after: int,
+    ) -> bool:
+        """Send the request to the fallback: True when it took it (a static answer was sent, or `ticket.route`
+        now leads to the fallback service and, from `divert`, `ticket.exchange` is its exchange). False when
+        there is none or it has no ready backend: this service's own answer was sent (from `enter`) or is up
+        to the caller (from `divert`)."""
+        fallback = self.spec.fallback
+        name = self.pool.name
+        if fallback is not None and fallback.status is not None:
+            self.fallbacks += 1
+            side.refuse(fallback.status, fallback.body or f"service {name!r} is degraded ({reason})", close,
+                        _retry_after(fallback.status, retry_after))
+            return True
+        target = self._services.get(fallback.service) if fallback is not None and fallback.service else None
+        if target is not None and target.ready and target is not self.pool:
+            route = ticket.route
+            alternative = self._fallback_routes.get(route)
+            if alternative is None or alternative.service is not target:
+                alternative = self._fallback_routes[route] = Route(
+                    route.host, route.path_prefix, target, route.strip_prefix, route.scheme, route.tls
+                )
+            self.fallbacks += 1
+            ticket.route = alternative
+            ticket.fallback_reason = reason
+            if reason == NO_BACKEND:
+                backend = target.pick()
+                if backend is None:
+                    return False
+                exchange = ticket.exchange = Exchange(side, gateway, head, alternative, backend)
+                exchange.fallback_reason = reason
+            return True
+        if reason != NO_BACKEND:
+            side.refuse(status, f"service {name!r}: {what}", close, b"Retry-After: %d\r\n" % retry_after)
+        return False
+
+    def describe(self) -> dict[str, Any]:
+        """For the admin view."""
+        now = self.clock.seconds()
+        view: dict[str, Any] = {}
+        if self.ratelimit is not None:
+            spec = self.ratelimit.spec
+            view["ratelimit"] = {
+                "rate_per_second": spec.rate, "burst": spec.burst, "key": spec.key + (f":{spec.key_name}" if spec.key_name else ""),
+                "keys": len(self.ratelimit), "limited": self.ratelimit.limited,
+            }
+        if self.concurrency is not None:
+            c = self.concurrency
+            view["concurrency"] = {
+                "max_inflight": c.limit, "max_pending": c.max_pending, "active": c.active, "pending": c.pending,
+                "rejected": c.rejected, "timeouts": c.timeouts,
+            }
+        if self.breaker is not None:
+            b = self.breaker
+            total, failures = b.counts(now)
+            view["breaker"] = {"state": b.state, "opened": b.opened, "window_requests": total, "window_failures": failures}
+        fallback = self.spec.fallback
+        if fallback is not None:
+            view["fallback"] = {"service": fallback.service, "status": fallback.status, "used": self.fallbacks}
+        return view
+
+
+class MiddlewareManager:
+    """A registry listener: gives each new service the chain its first container asks for."""
+
+    _log = Logger()
+
+    def __init__(self, clock: Any, services: Mapping[str, ServicePool]) -> None:
+        self._clock = clock
+        self._services = services
+        # Services that have not seen their first backend yet.
+        self._fresh: set[int] = set()
+
+    def service_added(self, pool: ServicePool) -> None:
+        self._fresh.add(id(pool))
+
+    def backend_added(self, pool: ServicePool, backend: Backend) -> None:
+        spec = backend.spec.middleware
+        if id(pool) in self._fresh:
+            self._fresh.discard(id(pool))
+            if spec is not None:
+                pool.middleware = Chain(spec, pool, self._clock, self._services)
+                self._log.info("service {service}: middlewares {names}", service=pool.name, names=", ".join(_names(spec)))
+            return
+        current = pool.middleware.spec if pool.middleware is not None else None
+        if spec != current:
+            self._log.warn(
+                "container {name} asks for other middleware options than service {service} uses (its first "
+                "container's); they are ignored", name=backend.spec.name, service=pool.name,
+            )
+
+    def backend_updated(self, pool: ServicePool, backend: Backend) -> None:
+        pass
+
+    def backend_removed(self, pool: ServicePool, backend: Backend) -> None:
+        pass
+
+
+def _names(spec: MiddlewareSpec) -> list[str]:
+    return [name for name, value in (
+        ("ratelimit", spec.ratelimit), ("concurrency", spec.concurrency), ("breaker", spec.breaker),
+        ("fallback", spec.fallback),
+    ) if value is not None]

@@ -58,20 +58,43 @@ class LabelgwService(MultiService):
             self.listeners.append(listener)
         # Read by the HTTP/1.1 server for plain-HTTP requests (--redirect-https, <prefix>.tls=redirect).
         self.gateway.https_redirect = self.https.redirect
+        # Set by _metrics_page when /metrics is served (it times Docker events to their route changes).
+        self.docker_metrics: Any = None
         # The admin JSON view (--admin), on its own listener; stopped with the others.
         self.admin: AdminListener | None = None
         if settings.admin is not None:
             explainer = Explainer(self.registry.table, settings.version_header, lambda: self.gateway.https_redirect)
             # /healthz: 503 from the moment stopService starts (SIGTERM) until the drain is over.
             serving = lambda: bool(self.running)  # noqa: E731
-            site = admin_site(self.registry, reactor.seconds, self.health.describe, settings.admin_hosts, explainer, serving)
+            site = admin_site(
+                self.registry, reactor.seconds, self.health.describe, settings.admin_hosts, explainer, serving,
+                self._metrics_page(),
+            )
             admin = self.admin = AdminListener(reactor, settings.admin, site, "http")
             admin.setServiceParent(self)
             self.listeners.append(admin)
         self.watcher = None
         if settings.docker:
-            self.watcher = _make_watcher(settings, reactor, self.registry)
+            self.watcher = _make_watcher(settings, reactor, self.docker_metrics or self.registry)
             self.watcher.setServiceParent(self)
+            if self.docker_metrics is not None:
+                self.watcher.event_observer = self.docker_metrics.event_received
+
+    def _metrics_page(self) -> Any:
+        """GET /metrics (labelgw.control.metrics): the per-request counters on the gateway, the Docker timing
+        in front of the registry, and a collector reading both at scrape time; None with `metrics: false`."""
+        if not self.settings.metrics:
+            return None
+        from labelgw.control import metrics
+
+        self.gateway.metrics = metrics.RequestMetrics()
+        self.docker_metrics = metrics.DockerMetrics(self.registry, self.reactor.seconds) if self.settings.docker else None
+        collector = metrics.GatewayCollector(
+            self.gateway, self.registry, lambda: self.watcher, self.docker_metrics,
+            self.https.tls_factory, self.https.selector,
+        )
+        registry = metrics.metrics_registry([collector])
+        return lambda: metrics.render(registry)
 
     def _backend_state_changed(self, pool: ServicePool, backend: Backend) -> None:
         self.registry.backend_state_changed(pool, backend)

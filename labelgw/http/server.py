@@ -57,6 +57,8 @@ class Gateway:
         self.version_header = DEFAULT_VERSION_HEADER
         # Set when plain HTTP is to be answered with a 308 to HTTPS (labelgw.tls.https.HttpsRedirect).
         self.https_redirect: Any = None
+        # Per-request counters read by /metrics (labelgw.control.metrics.RequestMetrics); None: metrics off.
+        self.metrics: Any = None
 
     def retry_budget_allows(self) -> bool:
         # Envoy's retry budget: retries in flight at most max(3, 20 % of the requests in flight).

@@ -25,7 +25,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -419,5 +419,6 @@ def metrics_registry(collectors: Iterable[Collector], process: bool = True) -> C
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, bytes]:
-    """The exposition (Prometheus text format 0.0.4) and its content type."""
-    return generate_latest(registry), CONTENT_TYPE_LATEST.encode("ascii")
+    """The exposition and its content type: the text format 0.0.4, which every Prometheus version reads (our
+    metric and label names are all plain ASCII, so nothing in it needs the newer formats' escaping)."""
+    return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4.encode("ascii")

@@ -40,8 +40,10 @@ from typing import Callable, Sequence
 REPO = Path(__file__).resolve().parent.parent
 HOST_HEADER = "bench.localhost"
 NGINX = "/usr/sbin/nginx"
-TARGET_ORDER = ("direct", "nginx-proxy", "twisted-rpr", "labelgw")
-RATIO_BASES = ("nginx-proxy", "twisted-rpr", "direct")
+TARGET_ORDER = ("direct", "nginx-proxy", "twisted-rpr", "labelgw", "labelgw-nometrics")
+# labelgw-nometrics (`metrics: false`: no per-request counters) only when asked for: what metrics cost.
+DEFAULT_TARGETS = TARGET_ORDER[:4]
+RATIO_BASES = ("nginx-proxy", "twisted-rpr", "direct", "labelgw-nometrics")
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 
@@ -316,13 +318,13 @@ def twisted_rpr(prefix: Path, port: int, backend_port: int) -> Managed:
     )
 
 
-def labelgw_server(prefix: Path, backend_port: int, listeners: Sequence[str]) -> Managed:
+def labelgw_server(prefix: Path, backend_port: int, listeners: Sequence[str], extra_config: str = "", name: str = "labelgw") -> Managed:
     """`twistd -n labelgw` with `listeners` (its listener and state options) and a config file holding one static
     service `bench` (hosts [bench.localhost], the backend) and no Docker watcher: only the data path is measured."""
-    config = prefix / "labelgw.yaml"
+    config = prefix / f"{name}.yaml"
     config.write_text(
         f"""docker: false
-services:
+{extra_config}services:
   bench:
     hosts: [{HOST_HEADER}]
     path: /
@@ -335,12 +337,12 @@ services:
     # environment has not installed them.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return Managed(
-        "labelgw",
+        name,
         [
             str(twistd) if twistd.exists() else (shutil.which("twistd") or "twistd"),
             "-n", "--pidfile=", "labelgw", *listeners, "--config", str(config),
         ],
-        prefix / "labelgw.log",
+        prefix / f"{name}.log",
         env=env,
     )
 
@@ -349,6 +351,14 @@ def labelgw(prefix: Path, port: int, backend_port: int) -> Managed:
     # No HTTPS listener (and no CA written to the home directory), no admin listener.
     return labelgw_server(
         prefix, backend_port, ["--http", f"tcp:{port}:interface=127.0.0.1", "--https", "none", "--admin", "none"]
+    )
+
+
+def labelgw_nometrics(prefix: Path, port: int, backend_port: int) -> Managed:
+    # The same, with `metrics: false`: the data path keeps no per-request counters.
+    return labelgw_server(
+        prefix, backend_port, ["--http", f"tcp:{port}:interface=127.0.0.1", "--https", "none", "--admin", "none"],
+        extra_config="metrics: false\n", name="labelgw-nometrics",
     )
 
 
@@ -462,7 +472,9 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     prefix.chmod(0o755)  # nginx workers run as nobody
     backend_port = free_port()
     backend = nginx_backend(prefix, backend_port)
-    builders = {"nginx-proxy": nginx_proxy, "twisted-rpr": twisted_rpr, "labelgw": labelgw}
+    builders = {
+        "nginx-proxy": nginx_proxy, "twisted-rpr": twisted_rpr, "labelgw": labelgw, "labelgw-nometrics": labelgw_nometrics,
+    }
     started: list[Managed] = []
     targets: list[Target] = []
     skipped: dict[str, str] = {}
@@ -550,8 +562,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians are quoted")
     parser.add_argument(
         "--targets",
-        default=",".join(TARGET_ORDER),
-        help="comma list among " + ", ".join(TARGET_ORDER) + " (default: all)",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma list among " + ", ".join(TARGET_ORDER) + " (default: " + ", ".join(DEFAULT_TARGETS) + ")",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with configurations and logs")

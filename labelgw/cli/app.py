@@ -44,6 +44,14 @@ class LabelgwService(MultiService):
         self.outlier.setServiceParent(self)
         self.gateway = Gateway(reactor, self.registry.table, settings.proxy)
         self.gateway.version_header = settings.version_header.lower().encode("ascii")
+        # Per-request counters (read by /metrics) and the Docker events' timing; none of it with `metrics: false`.
+        self.docker_metrics: Any = None
+        if settings.metrics:
+            from labelgw.control.metrics import DockerMetrics, RequestMetrics
+
+            self.gateway.metrics = RequestMetrics()
+            if settings.docker:
+                self.docker_metrics = DockerMetrics(self.registry, reactor.seconds)
         self.listeners: list[ListenerService] = []
         factory = ProxyFactory(self.gateway, b"http")
         for description in settings.http:
@@ -58,8 +66,6 @@ class LabelgwService(MultiService):
             self.listeners.append(listener)
         # Read by the HTTP/1.1 server for plain-HTTP requests (--redirect-https, <prefix>.tls=redirect).
         self.gateway.https_redirect = self.https.redirect
-        # Set by _metrics_page when /metrics is served (it times Docker events to their route changes).
-        self.docker_metrics: Any = None
         # The admin JSON view (--admin), on its own listener; stopped with the others.
         self.admin: AdminListener | None = None
         if settings.admin is not None:
@@ -81,14 +87,12 @@ class LabelgwService(MultiService):
                 self.watcher.event_observer = self.docker_metrics.event_received
 
     def _metrics_page(self) -> Any:
-        """GET /metrics (labelgw.control.metrics): the per-request counters on the gateway, the Docker timing
-        in front of the registry, and a collector reading both at scrape time; None with `metrics: false`."""
+        """GET /metrics (labelgw.control.metrics): a collector reading the gateway's counters, the registry, the
+        Docker watcher and the TLS factory at scrape time; None with `metrics: false`."""
         if not self.settings.metrics:
             return None
         from labelgw.control import metrics
 
-        self.gateway.metrics = metrics.RequestMetrics()
-        self.docker_metrics = metrics.DockerMetrics(self.registry, self.reactor.seconds) if self.settings.docker else None
         collector = metrics.GatewayCollector(
             self.gateway, self.registry, lambda: self.watcher, self.docker_metrics,
             self.https.tls_factory, self.https.selector,

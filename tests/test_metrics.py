@@ -373,3 +373,20 @@ def test_admin_serves_metrics_behind_the_host_check(harness: ProxyHarness) -> No
     request = FakeRequest(b"/metrics")
     plain.render(request)  # type: ignore[arg-type]
     assert request.code == 404
+
+
+def test_tls_handshakes_and_failures_counted_by_the_factory() -> None:
+    from twisted.internet.protocol import Factory
+    from twisted.internet.testing import MemoryReactorClock
+
+    from test_tls_deadlines import Client, Idle, factory_for
+
+    clock = MemoryReactorClock()
+    factory = factory_for(clock, Factory.forProtocol(Idle))
+    done = Client(factory, clock)
+    done.handshake()
+    assert (factory.handshakes, factory.handshake_failures) == (1, 0)
+    cut = Client(factory, clock)  # never sends a ClientHello: cut at the head deadline
+    clock.advance(60)
+    cut.wire.gone()
+    assert (factory.handshakes, factory.handshake_failures) == (1, 1)

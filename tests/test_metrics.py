@@ -390,3 +390,21 @@ def test_tls_handshakes_and_failures_counted_by_the_factory() -> None:
     clock.advance(60)
     cut.wire.gone()
     assert (factory.handshakes, factory.handshake_failures) == (1, 1)
+
+
+def test_watcher_counts_events_resyncs_and_reconnects_and_times_events_to_the_sink() -> None:
+    from test_watcher import A, World as WatcherWorld, event, inspect_of
+
+    world = WatcherWorld()
+    docker = DockerMetrics(world.sink, world.reactor.seconds)
+    world.watcher._tracker._sink = docker  # the watcher's sink, as labelgw.cli.app passes it
+    world.watcher.event_observer = docker.event_received
+    world.engine.containers = {A: inspect_of(A)}
+    world.engine.streams.append([event("kill", A, signal="15"), event("destroy", A)])
+    world.watcher.startService()
+    assert [call[0] for call in world.sink.take()] == ["resync", "mark_down", "remove"]
+    assert (world.watcher.events_received, world.watcher.resyncs, world.watcher.reconnects) == (2, 1, 0)
+    assert docker.apply_latency.counts[0] == 2  # kill -> mark_down, destroy -> remove: same reactor turn, 0 s
+    world.threads.end_reader(ConnectionResetError("engine went away"))
+    world.reactor.advance(0.1)
+    assert (world.watcher.resyncs, world.watcher.reconnects) == (2, 1)

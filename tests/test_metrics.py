@@ -288,9 +288,9 @@ def test_docker_and_tls_series(harness: ProxyHarness) -> None:
     clock = Clock()
     docker = DockerMetrics(harness.registry, clock.seconds)
     docker.event_received({"Type": "container", "Action": "start", "id": "solo-1"})
-    clock.advance(0.007)
-    docker.event_received({"Type": "container", "Action": "die", "id": "solo-1"})  # the first one counts
-    clock.advance(0.001)
+    clock.advance(0.5)
+    docker.event_received({"Type": "container", "Action": "die", "id": "solo-1"})  # measured from the latest
+    clock.advance(0.008)
     docker.mark_down("solo-1")
     assert harness.backend("solo-1").ready is False  # the call reached the registry
     docker.event_received({"Type": "network", "Action": "connect", "Actor": {"Attributes": {"container": "api-1"}}})
@@ -334,6 +334,15 @@ def test_access_log_dropped_read_from_the_gateway(harness: ProxyHarness) -> None
     assert value(scrape(harness.gateway, harness.registry), "labelgw_access_log_dropped_total") == 0
     harness.gateway.access_log_dropped = 12
     assert value(scrape(harness.gateway, harness.registry), "labelgw_access_log_dropped_total") == 12
+
+
+def test_metrics_setting_in_the_config_file() -> None:
+    from labelgw.cli.config import ConfigError, build
+
+    assert build({}).metrics is True
+    assert build({}, {"metrics": False}).metrics is False
+    with pytest.raises(ConfigError, match="metrics: must be true or false"):
+        build({}, {"metrics": "no"})
 
 
 class FakeRequest:
@@ -408,3 +417,22 @@ def test_watcher_counts_events_resyncs_and_reconnects_and_times_events_to_the_si
     world.threads.end_reader(ConnectionResetError("engine went away"))
     world.reactor.advance(0.1)
     assert (world.watcher.resyncs, world.watcher.reconnects) == (2, 1)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_service_wires_metrics_or_leaves_them_off(enabled: bool) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from labelgw.cli import config
+    from labelgw.cli.app import LabelgwService
+    from labelgw.control.admin import AdminListener
+
+    settings = config.build({"https": ["none"]}, {"docker": False, "metrics": enabled})
+    service = LabelgwService(settings, MemoryReactorClock())
+    assert (service.gateway.metrics is not None) is enabled
+    [admin] = [listener for listener in service.listeners if isinstance(listener, AdminListener)]
+    request = FakeRequest(b"/metrics")
+    body = admin.factory.resource.render(request)
+    assert request.code == (200 if enabled else 404)
+    if enabled:
+        assert b"labelgw_requests_in_flight 0.0" in body and b"process_cpu_seconds_total" in body

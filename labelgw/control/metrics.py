@@ -163,8 +163,9 @@ class DockerMetrics:
     """The Docker side's timing: from an event's arrival to the route change it caused being applied.
 
     Used as the watcher's sink (it forwards every call to the registry) and told of each event by the watcher's
-    `event_observer` hook. Events for containers that never reach the sink (unlabelled ones) are forgotten when
-    more than L{PENDING_LIMIT} wait."""
+    `event_observer` hook. The wait is measured from the container's latest event: an event the tracker drops
+    (nothing changed) leaves no stale start behind. Events for containers that never reach the sink (unlabelled
+    ones) are forgotten when more than L{PENDING_LIMIT} wait."""
 
     PENDING_LIMIT = 4096
 
@@ -176,9 +177,9 @@ class DockerMetrics:
 
     def event_received(self, event: Mapping[str, Any]) -> None:
         container_id = _event_container(event)
-        if not container_id or container_id in self._pending:
-            return  # the first unapplied event is the one the wait is measured from
-        if len(self._pending) >= self.PENDING_LIMIT:
+        if not container_id:
+            return
+        if len(self._pending) >= self.PENDING_LIMIT and container_id not in self._pending:
             self._pending.clear()
         self._pending[container_id] = self._clock()
 

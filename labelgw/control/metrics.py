@@ -129,14 +129,16 @@ class RequestMetrics:
         key = (version, METHODS.get(exchange.head.method, "other"), exchange.status // 100)
         requests = stats.requests
         requests[key] = requests.get(key, 0) + 1
+        stats.bytes_in += exchange.bytes_in
+        stats.bytes_out += exchange.bytes_out
+        if exchange.status == 101:
+            return  # a tunnel's lifetime (a WebSocket's hours) is not a request duration
         histogram = stats.durations.get(version)
         if histogram is None:
             histogram = stats.durations[version] = Histogram()
         elapsed = now - exchange.created_at
         histogram.counts[bisect_left(BUCKETS, elapsed)] += 1
         histogram.total += elapsed
-        stats.bytes_in += exchange.bytes_in
-        stats.bytes_out += exchange.bytes_out
 
     def gateway_error(self, status: int, cause: str) -> None:
         key = (status, cause)
@@ -261,7 +263,7 @@ class GatewayCollector(Collector):
         )
         durations = HistogramMetricFamily(
             "labelgw_request_duration_seconds", "Time from the request head to the end of the exchange, of "
-            "requests forwarded to a backend", labels=["service", "version"],
+            "requests forwarded to a backend (tunnels excepted)", labels=["service", "version"],
         )
         bytes_in = CounterMetricFamily(
             "labelgw_request_body_bytes", "Request body bytes forwarded to backends", labels=["service"],

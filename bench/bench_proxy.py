@@ -318,13 +318,13 @@ def twisted_rpr(prefix: Path, port: int, backend_port: int) -> Managed:
     )
 
 
-def labelgw_server(prefix: Path, backend_port: int, listeners: Sequence[str], extra_config: str = "", name: str = "labelgw") -> Managed:
+def labelgw_server(prefix: Path, backend_port: int, listeners: Sequence[str]) -> Managed:
     """`twistd -n labelgw` with `listeners` (its listener and state options) and a config file holding one static
     service `bench` (hosts [bench.localhost], the backend) and no Docker watcher: only the data path is measured."""
-    config = prefix / f"{name}.yaml"
+    config = prefix / "labelgw.yaml"
     config.write_text(
         f"""docker: false
-{extra_config}services:
+services:
   bench:
     hosts: [{HOST_HEADER}]
     path: /
@@ -337,12 +337,12 @@ def labelgw_server(prefix: Path, backend_port: int, listeners: Sequence[str], ex
     # environment has not installed them.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return Managed(
-        name,
+        "labelgw",
         [
             str(twistd) if twistd.exists() else (shutil.which("twistd") or "twistd"),
             "-n", "--pidfile=", "labelgw", *listeners, "--config", str(config),
         ],
-        prefix / f"{name}.log",
+        prefix / "labelgw.log",
         env=env,
     )
 
@@ -355,11 +355,14 @@ def labelgw(prefix: Path, port: int, backend_port: int) -> Managed:
 
 
 def labelgw_nometrics(prefix: Path, port: int, backend_port: int) -> Managed:
-    # The same, with `metrics: false`: the data path keeps no per-request counters.
-    return labelgw_server(
-        prefix, backend_port, ["--http", f"tcp:{port}:interface=127.0.0.1", "--https", "none", "--admin", "none"],
-        extra_config="metrics: false\n", name="labelgw-nometrics",
-    )
+    """The `labelgw` target with `metrics: false` in its config file: the data path keeps no per-request counters."""
+    folder = prefix / "labelgw-nometrics"
+    folder.mkdir(exist_ok=True)
+    server = labelgw(folder, port, backend_port)
+    server.name = "labelgw-nometrics"
+    config = folder / "labelgw.yaml"
+    config.write_text("metrics: false\n" + config.read_text())
+    return server
 
 
 # -- load -----------------------------------------------------------------------------------------------------------
@@ -472,9 +475,8 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     prefix.chmod(0o755)  # nginx workers run as nobody
     backend_port = free_port()
     backend = nginx_backend(prefix, backend_port)
-    builders = {
-        "nginx-proxy": nginx_proxy, "twisted-rpr": twisted_rpr, "labelgw": labelgw, "labelgw-nometrics": labelgw_nometrics,
-    }
+    builders = {"nginx-proxy": nginx_proxy, "twisted-rpr": twisted_rpr, "labelgw": labelgw}
+    builders["labelgw-nometrics"] = labelgw_nometrics
     started: list[Managed] = []
     targets: list[Target] = []
     skipped: dict[str, str] = {}

@@ -40,8 +40,10 @@ from typing import Callable, Sequence
 REPO = Path(__file__).resolve().parent.parent
 HOST_HEADER = "bench.localhost"
 NGINX = "/usr/sbin/nginx"
-TARGET_ORDER = ("direct", "nginx-proxy", "twisted-rpr", "labelgw")
-RATIO_BASES = ("nginx-proxy", "twisted-rpr", "direct")
+TARGET_ORDER = ("direct", "nginx-proxy", "twisted-rpr", "labelgw", "labelgw-nometrics")
+# labelgw-nometrics (`metrics: false`: no per-request counters) only when asked for: what metrics cost.
+DEFAULT_TARGETS = TARGET_ORDER[:4]
+RATIO_BASES = ("nginx-proxy", "twisted-rpr", "direct", "labelgw-nometrics")
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 
@@ -415,6 +417,17 @@ def labelgw(prefix: Path, port: int, backend_port: int) -> Managed:
     )
 
 
+def labelgw_nometrics(prefix: Path, port: int, backend_port: int) -> Managed:
+    """The `labelgw` target with `metrics: false` in its config file: the data path keeps no per-request counters."""
+    folder = prefix / "labelgw-nometrics"
+    folder.mkdir(exist_ok=True)
+    server = labelgw(folder, port, backend_port)
+    server.name = "labelgw-nometrics"
+    config = folder / "labelgw.yaml"
+    config.write_text("metrics: false\n" + config.read_text())
+    return server
+
+
 # -- load -----------------------------------------------------------------------------------------------------------
 
 
@@ -526,6 +539,7 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     backend_port = free_port()
     backend = nginx_backend(prefix, backend_port)
     builders = {"nginx-proxy": nginx_proxy, "twisted-rpr": twisted_rpr, "labelgw": labelgw}
+    builders["labelgw-nometrics"] = labelgw_nometrics
     started: list[Managed] = []
     targets: list[Target] = []
     skipped: dict[str, str] = {}
@@ -613,8 +627,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians are quoted")
     parser.add_argument(
         "--targets",
-        default=",".join(TARGET_ORDER),
-        help="comma list among " + ", ".join(TARGET_ORDER) + " (default: all)",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma list among " + ", ".join(TARGET_ORDER) + " (default: " + ", ".join(DEFAULT_TARGETS) + ")",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with configurations and logs")

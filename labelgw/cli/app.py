@@ -49,6 +49,14 @@ class LabelgwService(MultiService):
         self.gateway = Gateway(reactor, self.registry.table, settings.proxy)
         self.gateway.version_header = settings.version_header.lower().encode("ascii")
         self.gateway.canary = CanaryAnalyzer(settings.canary_window)
+        # Per-request counters (read by /metrics) and the Docker events' timing; none of it with `metrics: false`.
+        self.docker_metrics: Any = None
+        if settings.metrics:
+            from labelgw.control.metrics import DockerMetrics, RequestMetrics
+
+            self.gateway.metrics = RequestMetrics()
+            if settings.docker:
+                self.docker_metrics = DockerMetrics(self.registry, reactor.seconds)
         self.listeners: list[ListenerService] = []
         factory = ProxyFactory(self.gateway, b"http")
         for description in settings.http:
@@ -69,15 +77,33 @@ class LabelgwService(MultiService):
             explainer = Explainer(self.registry.table, settings.version_header, lambda: self.gateway.https_redirect)
             # /healthz: 503 from the moment stopService starts (SIGTERM) until the drain is over.
             serving = lambda: bool(self.running)  # noqa: E731
-            site = admin_site(self.registry, reactor.seconds, self.health.describe, settings.admin_hosts, explainer, serving,
-                              canary=self.gateway.canary)
+            site = admin_site(
+                self.registry, reactor.seconds, self.health.describe, settings.admin_hosts, explainer, serving,
+                canary=self.gateway.canary, metrics=self._metrics_page(),
+            )
             admin = self.admin = AdminListener(reactor, settings.admin, site, "http")
             admin.setServiceParent(self)
             self.listeners.append(admin)
         self.watcher = None
         if settings.docker:
-            self.watcher = _make_watcher(settings, reactor, self.registry)
+            self.watcher = _make_watcher(settings, reactor, self.docker_metrics or self.registry)
             self.watcher.setServiceParent(self)
+            if self.docker_metrics is not None:
+                self.watcher.event_observer = self.docker_metrics.event_received
+
+    def _metrics_page(self) -> Any:
+        """GET /metrics (labelgw.control.metrics): a collector reading the gateway's counters, the registry, the
+        Docker watcher and the TLS factory at scrape time; None with `metrics: false`."""
+        if not self.settings.metrics:
+            return None
+        from labelgw.control import metrics
+
+        collector = metrics.GatewayCollector(
+            self.gateway, self.registry, lambda: self.watcher, self.docker_metrics,
+            self.https.tls_factory, self.https.selector,
+        )
+        registry = metrics.metrics_registry([collector])
+        return lambda: metrics.render(registry)
 
     def _backend_state_changed(self, pool: ServicePool, backend: Backend) -> None:
         self.registry.backend_state_changed(pool, backend)

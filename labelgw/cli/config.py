@@ -92,6 +92,8 @@ class Settings:
     version_header: str = "X-Labelgw-Version"
     # Canary analysis (labelgw.core.canary): the sliding window of each version's error rate and p99, seconds.
     canary_window: float = 60.0
+    # GET /metrics on the admin listener, and the per-request counters behind it (labelgw.control.metrics).
+    metrics: bool = True
 
 
 # The one place the defaults are written: `build` fills what neither the command line nor the file sets from it.
@@ -124,6 +126,7 @@ _FILE_KEYS |= _HTTPS_KEYS
 _BALANCING_KEYS = {"balancer", "balancer_decay", "ejection_base", "admin", "admin_hosts", "version_header"}
 _FILE_KEYS |= _BALANCING_KEYS
 _FILE_KEYS |= {"canary_window"}
+_FILE_KEYS |= {"metrics"}
 
 
 def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Settings:
@@ -188,7 +191,12 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
         if names.count(name) > 1:
             raise ConfigError(f"services.{name}: defined more than once (service names ignore case)")
 
+    metrics = file.get("metrics", DEFAULTS.metrics)
+    if not isinstance(metrics, bool):
+        raise ConfigError("metrics: must be true or false")
+
     return Settings(
+        metrics=metrics,
         http=tuple(http),
         docker_host=docker_host,
         label_prefix=prefix,

@@ -44,6 +44,8 @@ __all__ = [
 Clock = Callable[[], float]
 Describe = Callable[[Backend], "dict[str, Any] | None"]
 Serving = Callable[[], bool]
+# The Prometheus exposition and its content type (labelgw.control.metrics.render).
+Metrics = Callable[[], "tuple[bytes, bytes]"]
 
 STATE_PATHS = (b"/", b"/api/state", b"/api/state/")
 # The dashboard's files (labelgw/static), by path: read once when the view is built, never on a request.
@@ -210,9 +212,11 @@ class AdminResource(Resource):
         explainer: Explainer | None = None,
         serving: Serving | None = None,
         canary: CanaryAnalyzer | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         Resource.__init__(self)
         self._canary = canary if canary is not None else CanaryAnalyzer()
+        self._metrics = metrics
         self._registry = registry
         self._clock = clock
         self._health = health
@@ -251,6 +255,10 @@ class AdminResource(Resource):
             return self._healthz(request)
         if path == b"/explain":
             return self._explain(request)
+        if path == b"/metrics" and self._metrics is not None:
+            body, content_type = self._metrics()
+            request.setHeader(b"content-type", content_type)
+            return body
         static = STATIC.get(path)
         if static is not None:
             name, content_type = static
@@ -345,8 +353,9 @@ def admin_site(
     explainer: Explainer | None = None,
     serving: Serving | None = None,
     canary: CanaryAnalyzer | None = None,
+    metrics: Metrics | None = None,
 ) -> Site:
-    return AdminSite(AdminResource(registry, clock, health, allowed_hosts, explainer, serving, canary))
+    return AdminSite(AdminResource(registry, clock, health, allowed_hosts, explainer, serving, canary, metrics))
 
 
 class AdminListener(ListenerService):

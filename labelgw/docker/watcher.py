@@ -290,6 +290,11 @@ class DockerWatcher(Service):
         )
         self.connected = False
         self.last_resync: float | None = None
+        # Counters for /metrics (labelgw.control.metrics); `event_observer` hears of each event as it arrives.
+        self.events_received = 0
+        self.resyncs = 0
+        self.reconnects = 0
+        self.event_observer: Callable[[Mapping[str, Any]], None] | None = None
         self._threads: Threads | None = None
         self._stopping = False
         self._cycle = 0
@@ -419,6 +424,9 @@ class DockerWatcher(Service):
     def _on_event(self, cycle: int, event: Mapping[str, Any]) -> None:
         if cycle != self._cycle:
             return
+        self.events_received += 1
+        if self.event_observer is not None:
+            self.event_observer(event)
         try:
             self._tracker.handle_event(event)
         except Exception:
@@ -440,6 +448,7 @@ class DockerWatcher(Service):
         if self._stopping or cycle != self._cycle:
             return
         delay = self._backoff.next_delay()
+        self.reconnects += 1
         if isinstance(result, Failure) and not was_subscribed:
             self._log.warn(
                 "docker engine unreachable at {engine}: {reason}; retrying in {delay}s",
@@ -570,6 +579,7 @@ class DockerWatcher(Service):
             return
         now = self._reactor.seconds()
         self.last_resync = now
+        self.resyncs += 1
         self._backoff.reset()
         self._log.info(
             "docker resync ({reason}): {containers} containers, {routed} routed, {rejected} rejected, "

@@ -38,6 +38,8 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
     try:
         path, target = route_target(head.target)
     except PathRefused as error:
+        if gateway.metrics is not None:
+            gateway.metrics.refused(None, None, head.method, 400)
         side.refuse(400, error.reason, _close(head))
         return None
     head.target = target
@@ -47,6 +49,8 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
     if redirect is not None and side.proto == b"http":
         location = redirect.location(host, target, route)
         if location is not None:
+            if gateway.metrics is not None:
+                gateway.metrics.refused(None, None, head.method, 308)
             side.refuse(308, "use HTTPS", _close(head), b"Location: %s\r\n" % location)
             return None
     if route is None:
@@ -54,13 +58,19 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
             message = f"no route for http://{host}{path}"
         else:
             message = f"no route for host {host!r}" if host else "no Host header"
+        if gateway.metrics is not None:
+            gateway.metrics.refused(None, None, head.method, 404)
         side.refuse(404, message, _close(head))
         return None
     service = route.service
     if gateway.in_flight >= gateway.settings.max_in_flight:
+        if gateway.metrics is not None:
+            gateway.metrics.refused(service.name, None, head.method, 503, "in_flight_limit")
         side.refuse(503, "too many requests in flight", _close(head), b"Retry-After: 1\r\n")
         return None
     if service.in_flight >= gateway.service_limit:
+        if gateway.metrics is not None:
+            gateway.metrics.refused(service.name, None, head.method, 503, "service_in_flight_limit")
         side.refuse(503, f"too many requests in flight to service {service.name!r}", _close(head), b"Retry-After: 1\r\n")
         return None
     ticket = None
@@ -85,6 +95,8 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
         if ticket is not None and ticket.divert(gateway, head, side, _close(head)):
             return ticket.exchange
         what = f" of version {version!r}" if version is not None else ""
+        if gateway.metrics is not None:
+            gateway.metrics.refused(service.name, version, head.method, 503, "no_ready_backend")
         side.refuse(503, f"service {service.name!r} has no ready backend{what}", _close(head), b"Retry-After: 1\r\n")
         return None
     exchange = Exchange(side, gateway, head, route, backend)

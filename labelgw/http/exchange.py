@@ -79,6 +79,12 @@ class Exchange:
     fallback_reason: str | None = None
     held = False
     on_done: Any = None
+    # Metrics (labelgw.control.metrics): the final status (0: none yet), body bytes each way, and why labelgw
+    # answered 502 itself (a failed connect or anything else; 504 is always a timeout).
+    status = 0
+    bytes_in = 0
+    bytes_out = 0
+    fail_cause = "upstream_error"
 
     # `gateway`: the labelgw.http.server.Gateway (clock, pool, settings, counters), not imported: the exchange
     # depends on its two interfaces only.
@@ -92,6 +98,7 @@ class Exchange:
         self.body_done = not (head.chunked or head.content_length)
         self._client_close = not head.keep_alive
         self._started_at = gateway.clock.seconds()
+        self.created_at = self._started_at
         self._head_bytes = upstream_request_head(
             head, route.upstream_path(head.target), client.peer_ip, client.proto, client.local_port
         )
@@ -166,6 +173,10 @@ class Exchange:
             return
         # Nothing reached the backend: any method may go to another one.
         self._count_failure()
+        self.fail_cause = "connect_failed"
+        metrics = self.gateway.metrics
+        if metrics is not None:
+            metrics.connect_failed(self.backend.key)
         if not self._retry(f"connect to {self.backend.address}:{self.backend.port} failed: {reason.getErrorMessage()}"):
             self._fail(502, f"could not connect to service {self.route.service.name!r} ({reason.getErrorMessage()})")
 
@@ -203,6 +214,7 @@ class Exchange:
 
     def request_data(self, data: bytes) -> None:
         """One piece of the request body, sent upstream in the request's framing."""
+        self.bytes_in += len(data)
         self._send_upstream(encode_chunk(data) if self.head.chunked else data)
 
     def request_end(self) -> None:
@@ -237,6 +249,7 @@ class Exchange:
             self.client.interim_head(head)
             return
         self._ttfb = self.gateway.clock.seconds() - self._started_at
+        self.status = status
         if status == 101:
             if self.head.upgrade is None:
                 self._abort_upstream()
@@ -262,6 +275,7 @@ class Exchange:
         self.client.response_head(head, body, self._client_close, self.response_extra)
 
     def response_data(self, data: bytes) -> None:
+        self.bytes_out += len(data)
         self.client.response_data(data)
 
     response_chunk = response_data
@@ -291,6 +305,7 @@ class Exchange:
         upstream = self.upstream
         self._unregister_producers()
         self._count_failure()
+        self.fail_cause = "upstream_error"
         if not self.response_started:
             # Replayable: the upstream closed without answering (`retryable`: never a malformed response or a
             # timeout, which say the request may have been acted on), the method is idempotent and nothing but
@@ -311,6 +326,7 @@ class Exchange:
     # Tunnels (WebSocket and other upgrades).
 
     def tunnel_data(self, data: bytes) -> None:
+        self.bytes_out += len(data)
         self.client.tunnel_data(data)
 
     def tunnel_closed(self) -> None:
@@ -320,6 +336,7 @@ class Exchange:
         self._complete(failed=False)
 
     def client_tunnel_data(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         upstream = self.upstream
         if upstream is not None and upstream.connected:
             upstream.transport.write(data)
@@ -340,6 +357,10 @@ class Exchange:
         extra = b"Retry-After: 1\r\n" if status == 503 else b""
         # An unread request body would be taken for the next request: close instead.
         self._client_close = self._client_close or not self.body_done
+        self.status = status
+        metrics = self.gateway.metrics
+        if metrics is not None and status >= 502:
+            metrics.gateway_error(status, "timeout" if status == 504 else self.fail_cause)
         self.client.error_response(status, message, self._client_close, extra)
         self._complete(failed=True)
 
@@ -386,6 +407,9 @@ class Exchange:
         if done is not None:
             self.on_done = None
             done(self, failed, observe)
+        metrics = gateway.metrics
+        if metrics is not None:
+            metrics.exchange_done(self, gateway.clock.seconds())
         self.client.exchange_done(self, close=self._client_close)
 
     def _abort_upstream(self) -> None:

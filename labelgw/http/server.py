@@ -60,6 +60,8 @@ class Gateway:
         self.https_redirect: Any = None
         # Canary analysis by version (labelgw.core.canary): fed by every exchange that ends.
         self.canary = CanaryAnalyzer()
+        # Per-request counters read by /metrics (labelgw.control.metrics.RequestMetrics); None: metrics off.
+        self.metrics: Any = None
 
     def retry_budget_allows(self) -> bool:
         # Envoy's retry budget: retries in flight at most max(3, 20 % of the requests in flight).

@@ -41,6 +41,12 @@ class TLSServerProtocol(BufferingTLSTransport):
         if self.connected and self._timer is None and not self._closing:
             self._timer = self.factory.clock.callLater(self.factory.handshake_timeout, self._handshake_overdue)
 
+    def _checkHandshakeStatus(self) -> None:
+        done = self._handshakeDone
+        BufferingTLSTransport._checkHandshakeStatus(self)  # type: ignore[misc]
+        if self._handshakeDone and not done:
+            self.factory.handshakes += 1
+
     def _handshake_overdue(self) -> None:
         self._timer = None
         # _handshakeDone is TLSMemoryBIOProtocol's own flag (tests/test_internals.py checks it).
@@ -76,6 +82,8 @@ class TLSServerProtocol(BufferingTLSTransport):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_timer()
+        if not self._handshakeDone:
+            self.factory.handshake_failures += 1
         BufferingTLSTransport.connectionLost(self, reason)
 
     def _cancel_timer(self) -> None:
@@ -103,3 +111,6 @@ class TLSServerFactory(TLSMemoryBIOFactory):
         self.handshake_timeout = handshake_timeout
         self.close_grace = close_grace
         self.flush_timeout = flush_timeout
+        # For /metrics: handshakes completed, and connections closed before theirs completed.
+        self.handshakes = 0
+        self.handshake_failures = 0

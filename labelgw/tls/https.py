@@ -96,6 +96,7 @@ class HttpsService(MultiService):
         self.ca: LocalCA | None = None
         self.cert_dir: CertDirectory | None = None
         self.selector: SNIContextSelector | None = None
+        self.tls_factory: TLSServerFactory | None = None
         if not settings.https:
             return
         state_dir = Path(settings.state_dir) if settings.state_dir else default_state_dir()
@@ -124,6 +125,8 @@ class HttpsService(MultiService):
             handshake_timeout=settings.proxy.head_timeout,
             close_grace=settings.tls_close_grace,
         )
+        # Its handshake counters are read by /metrics.
+        self.tls_factory = factory
         self.listeners = [ListenerService(reactor, description, factory, "https") for description in settings.https]
         self.redirect = HttpsRedirect(settings.redirect_https, self._first_listener_port)
 

@@ -96,6 +96,8 @@ class SNIContextSelector:
         self._policy = policy
         self._max_minted = max_minted
         self._minted: OrderedDict[str, _Minted] = OrderedDict()
+        # Leaves minted since start (for /metrics).
+        self.minted = 0
         self._default_minted: _Minted | None = None
         self._writing: set[tuple[str, ...]] = set()
         # No certificate at all: a handshake switched to it fails with a handshake_failure alert.
@@ -203,7 +205,9 @@ class SNIContextSelector:
         assert self._ca is not None
         try:
             leaf = self._ca.issue_leaf(names, now)
-            return _Minted(leaf, build_server_context(self._policy, leaf.certificate, leaf.private_key))
+            minted = _Minted(leaf, build_server_context(self._policy, leaf.certificate, leaf.private_key))
+            self.minted += 1
+            return minted
         except Exception:
             self._log.failure("minting a certificate for {names}", names=", ".join(names))
             return None

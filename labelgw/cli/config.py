@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from labelgw.http.settings import ProxySettings
 from labelgw.core.labels import BALANCERS, parse_hosts, parse_path
-from labelgw.core.model import BalancerName, ContainerSpec
+from labelgw.core.model import DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, BalancerName, ContainerSpec, HealthCheck
 from labelgw.core.registry import STATIC_PREFIX
 
 DEFAULT_HTTP = ("tcp:8080",)
@@ -36,6 +36,8 @@ class StaticService:
     path: str
     strip_prefix: bool
     backends: tuple[tuple[str, int], ...]
+    # `health:` (path, interval, timeout), read by the rules of the health labels; None: no active check.
+    health_check: HealthCheck | None = None
 
     def specs(self) -> list[ContainerSpec]:
         return [
@@ -48,6 +50,7 @@ class StaticService:
                 hosts=self.hosts,
                 path_prefix=self.path,
                 strip_prefix=self.strip_prefix,
+                health_check=self.health_check,
             )
             for index, (address, port) in enumerate(self.backends)
         ]
@@ -216,9 +219,9 @@ def _static_service(name: Any, spec: Any) -> StaticService:
         raise ConfigError(f"{where}: {name!r} is not a valid service name")
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a mapping with hosts and backends")
-    unknown = sorted(set(spec) - {"hosts", "path", "strip_prefix", "backends"})
+    unknown = sorted(set(spec) - {"hosts", "path", "strip_prefix", "backends", "health"})
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown setting (known: hosts, path, strip_prefix, backends)")
+        raise ConfigError(f"{where}.{unknown[0]}: unknown setting (known: hosts, path, strip_prefix, backends, health)")
     hosts = spec.get("hosts") or [f"{name.lower()}.localhost"]
     if isinstance(hosts, str):
         hosts = [hosts]
@@ -248,7 +251,41 @@ def _static_service(name: Any, spec: Any) -> StaticService:
         if not address or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ConfigError(f"{where}.backends: {item!r} is not 'address:port'")
         backends.append((address.strip("[]"), int(port)))
-    return StaticService(name.lower(), normal_hosts, path, strip, tuple(backends))
+    health = _static_health(where, spec.get("health"))
+    return StaticService(name.lower(), normal_hosts, path, strip, tuple(backends), health)
+
+
+def _static_health(where: str, value: Any) -> HealthCheck | None:
+    """A static service's `health:` mapping, checked like the labels `health.path`, `.interval`, `.timeout`."""
+    from labelgw.core.labels import _parse_health_path, parse_duration
+
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}.health: must be a mapping with path, interval and timeout")
+    unknown = sorted(set(value) - {"path", "interval", "timeout"})
+    if unknown:
+        raise ConfigError(f"{where}.health.{unknown[0]}: unknown setting (known: path, interval, timeout)")
+    path = value.get("path")
+    if not isinstance(path, str):
+        raise ConfigError(f"{where}.health.path: {path!r} must be a path starting with '/'")
+    try:
+        path = _parse_health_path(path)
+    except ValueError as error:
+        raise ConfigError(f"{where}.health.path: {path!r} {error}") from None
+
+    def duration(name: str, default: float) -> float:
+        raw = value.get(name)
+        if raw is None:
+            return default
+        if isinstance(raw, bool):
+            raise ConfigError(f"{where}.health.{name}: {raw!r} is not a duration")
+        try:
+            return parse_duration(str(raw))
+        except ValueError as error:
+            raise ConfigError(f"{where}.health.{name}: {raw!r} {error}") from None
+
+    return HealthCheck(path, duration("interval", DEFAULT_HEALTH_INTERVAL), duration("timeout", DEFAULT_HEALTH_TIMEOUT))
 
 
 def _https_settings(pick: Any) -> dict[str, Any]:

@@ -333,7 +333,8 @@ class SignalHooks:
 
     def install(self) -> None:
         try:
-            signal.signal(signal.SIGHUP, self._hangup)
+            if hasattr(signal, "SIGHUP"):  # POSIX only
+                signal.signal(signal.SIGHUP, self._hangup)
             for number in (signal.SIGTERM, signal.SIGINT):
                 previous = signal.getsignal(number)
                 if callable(previous):  # the reactor's own: keep it for the first signal

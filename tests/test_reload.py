@@ -190,8 +190,10 @@ def test_proxy_limits_and_balancer_settings_apply_to_what_comes_next(world: Worl
     assert world.app.gateway.settings.max_in_flight == 10
     assert world.app.gateway.service_limit == 5
     assert world.app.outlier.base == 5
-    # A running service keeps its policy (and what it learnt); a new service gets the new default.
-    assert world.app.registry.services["keep"].policy is before
+    # A running service that follows the default takes the new one (still wrapped for outlier ejection).
+    after = world.app.registry.services["keep"].policy
+    assert after is not before and after.name == "round_robin"
+    assert type(after).__name__ == "EjectingPolicy"
     text = BASE.replace("services:\n", "max_in_flight: 10\nbalancer: round_robin\nejection_base: 5\nservices:\n")
     world.edit(text + "  later:\n    backends: ['127.0.0.1:9010']\n")
     assert world.app.registry.services["later"].policy.name == "round_robin", world.log()
@@ -321,3 +323,22 @@ def test_a_second_stop_signal_is_a_log_line() -> None:
     assert [formatEvent(e) for e in events] == [
         "SIGTERM again: labelgw is already stopping", "SIGINT again: labelgw is already stopping",
     ]
+
+
+def test_a_wrt_service_keeps_what_it_learnt_and_takes_the_new_decay(world: World) -> None:
+    from labelgw.core.model import ContainerSpec
+
+    labelled = ContainerSpec("c1", "c1", "labelled", "127.0.0.1", 9100, ("labelled.localhost",), balancer="least_conn")
+    world.app.registry.apply("c1", labelled)
+    pool = world.app.registry.services["keep"]
+    policy, inner = pool.policy, pool.policy.inner  # type: ignore[attr-defined]
+    backend = world.backend("keep", "127.0.0.1:9001")
+    inner.on_finish(backend, 0.25, False)
+    stats = backend.stats
+    world.edit(BASE + "balancer_decay: 3\n")
+    assert pool.policy is policy and inner.tau == 3 and backend.stats is stats
+    # A service whose container names its balancer keeps it.
+    world.edit(BASE + "balancer_decay: 3\nbalancer: round_robin\n")
+    assert world.app.registry.services["labelled"].policy.name == "least_conn"
+    assert pool.policy.name == "round_robin" and backend.stats is None
+    assert "now used by drop, edit, keep" in world.log(), world.log()

@@ -9,7 +9,9 @@ line naming the setting and the last good configuration keeps serving. A good on
 - static services added, removed or changed go through the registry (a service that did not change is not touched:
   its backend objects, counters and routes stay; a changed one keeps the backends whose address it still lists);
 - proxy timeouts and limits: a new ProxySettings for new requests (one in flight keeps its response timeout);
-- `balancer`, `balancer_decay` for services created from now on, `ejection_base` for the next ejection;
+- `balancer`, `balancer_decay` for the services that follow the default (none of their backends names a balancer:
+  a new policy, or for `wrt` that stays `wrt` the new decay on the same policy), `ejection_base` for the next
+  ejection;
 - `http`/`https` endpoints added are bound, removed ones closed, the others untouched;
 - everything else (`docker_host`, `label_prefix`, `state_dir`, `admin`, ...) is logged as "needs a restart".
 
@@ -228,9 +230,14 @@ class ConfigReloader(Service):
     def _apply_balancing(self, old: Settings, new: Settings, changes: list[str]) -> None:
         app = self.app
         if (new.balancer, new.balancer_decay) != (old.balancer, old.balancer_decay):
-            # Services created from now on; a running service keeps its policy and what it learnt.
-            app.registry._policy_factory = service_policy_factory(new.balancer, app.reactor.seconds, tau=new.balancer_decay)
-            changes.append(f"balancer {new.balancer} (decay {new.balancer_decay:g} s) for new services")
+            factory = service_policy_factory(new.balancer, app.reactor.seconds, tau=new.balancer_decay)
+            # The registry's factory for services created from now on (it has no public setter).
+            app.registry._policy_factory = factory
+            switched = [pool.name for pool in app.registry.services.values() if _rebalance(pool, factory, new, app.outlier)]
+            changes.append(
+                f"balancer {new.balancer} (decay {new.balancer_decay:g} s)"
+                + (f", now used by {', '.join(sorted(switched))}" if switched else "")
+            )
         if new.ejection_base != old.ejection_base:
             app.outlier.base = new.ejection_base
             changes.append(f"ejection_base {new.ejection_base:g} s")
@@ -309,6 +316,30 @@ class ConfigReloader(Service):
             if scheme == "https" and https is not None:
                 https.listeners.append(listener)
             changes.append(f"{scheme} {description} bound")
+
+
+def _rebalance(pool: Any, factory: Callable[[ContainerSpec], Any], new: Settings, detector: Any) -> bool:
+    """Give a running service that follows the default balancer (no backend names one) the new default; True when
+    its policy was replaced. A `wrt` service that stays `wrt` keeps what it learnt and takes the new decay."""
+    from labelgw.control.outlier import EjectingPolicy
+    from labelgw.core.balancer import WeightedResponseTime
+
+    backends = list(pool.backends.values())
+    if not backends or any(backend.spec.balancer is not None for backend in backends):
+        return False
+    wrapped = isinstance(pool.policy, EjectingPolicy)
+    inner = pool.policy.inner if wrapped else pool.policy
+    if inner.name == new.balancer:
+        if isinstance(inner, WeightedResponseTime):
+            inner.tau = new.balancer_decay
+        return False
+    policy = factory(backends[0].spec)
+    # Stats belong to the policy that made them; the new one starts every backend afresh (and warm: wrt with no
+    # known peer does not slow-start). Requests in flight report their end to the new policy, which adopts them.
+    for backend in backends:
+        backend.stats = None
+    pool.policy = EjectingPolicy(policy, pool, detector) if wrapped else policy
+    return True
 
 
 def _call_now(f: Callable[..., Any], *args: Any) -> Deferred[Any]:

@@ -342,3 +342,19 @@ def test_a_wrt_service_keeps_what_it_learnt_and_takes_the_new_decay(world: World
     assert world.app.registry.services["labelled"].policy.name == "least_conn"
     assert pool.policy.name == "round_robin" and backend.stats is None
     assert "now used by drop, edit, keep" in world.log(), world.log()
+
+
+def test_install_watches_only_with_a_config_file_and_hooks_signals_after_startup(tmp_path: Path) -> None:
+    from labelgw.cli.app import LabelgwService
+    from labelgw.cli.reload import install
+
+    path = tmp_path / "labelgw.yaml"
+    write(path, BASE)
+    settings = config.build({}, config.load_file(str(path)))
+    reactor = MemoryReactorClock()
+    app = LabelgwService(settings, reactor)
+    assert install(app, reactor, None, lambda: settings) is None
+    reloader = install(app, reactor, str(path), lambda: settings)
+    assert reloader is not None and reloader.parent is app
+    hooks = reactor.triggers["after"]["startup"]
+    assert len(hooks) == 2 and all(f.__name__ == "install" for f, _, _ in hooks)

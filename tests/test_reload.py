@@ -21,37 +21,65 @@ def write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def test_the_watcher_sees_a_change_within_two_polls_and_only_once(tmp_path: Path) -> None:
+def test_the_watcher_sees_a_change_within_a_poll_and_a_settle_and_only_once(tmp_path: Path) -> None:
     path = tmp_path / "labelgw.yaml"
     write(path, "env: a\n")
     clock = Clock()
     seen: list[int] = []
     watcher = ConfigWatcher(str(path), clock, lambda: seen.append(1))
+
+    def poll() -> None:
+        clock.advance(1)
+        clock.advance(0.25)
+
     watcher.startService()
-    clock.advance(1)
+    poll()
     assert seen == []
     write(path, "env: bb\n")
     clock.advance(1)
+    assert seen == []  # seen, not read yet
+    clock.advance(0.25)
     assert seen == [1]
-    clock.advance(5)
+    for _ in range(5):
+        poll()
     assert seen == [1]
     # Same size, new mtime (an editor rewriting the file).
     info = os.stat(path)
     os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000))
-    clock.advance(1)
+    poll()
     assert seen == [1, 1]
     # Replaced by rename (new inode), same content and times.
     other = tmp_path / "new.yaml"
     write(other, "env: bb\n")
     os.utime(other, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000))
     os.replace(other, path)
-    clock.advance(1)
+    poll()
     assert seen == [1, 1, 1]
     watcher.stopService()
     write(path, "env: ccc\n")
-    clock.advance(5)
+    for _ in range(5):
+        poll()
     assert seen == [1, 1, 1]
     assert not clock.getDelayedCalls()
+
+
+def test_a_file_still_being_written_is_read_once_it_settles(tmp_path: Path) -> None:
+    path = tmp_path / "labelgw.yaml"
+    write(path, "env: a\n")
+    clock = Clock()
+    seen: list[int] = []
+    watcher = ConfigWatcher(str(path), clock, lambda: seen.append(1))
+    watcher.startService()
+    write(path, "")  # truncated...
+    clock.advance(1)
+    write(path, "env: half")  # ...written in pieces
+    clock.advance(0.25)
+    assert seen == []
+    write(path, "env: half-and-more\n")
+    clock.advance(0.25)
+    assert seen == []
+    clock.advance(0.25)
+    assert seen == [1]
 
 
 def test_a_missing_file_is_a_change_and_so_is_its_return(tmp_path: Path) -> None:
@@ -63,8 +91,10 @@ def test_a_missing_file_is_a_change_and_so_is_its_return(tmp_path: Path) -> None
     watcher.startService()
     path.unlink()
     clock.advance(1)
+    clock.advance(0.25)
     write(path, "env: a\n")
     clock.advance(1)
+    clock.advance(0.25)
     assert seen == [1, 1]
 
 
@@ -107,7 +137,8 @@ class World:
     def edit(self, text: str) -> None:
         write(self.path, text)
         self.events.clear()
-        self.reactor.advance(1)
+        self.reactor.advance(1)  # seen...
+        self.reactor.advance(0.25)  # ...and read once it kept its new size and time
 
     def log(self) -> str:
         return "\n".join(formatEvent(event) for event in self.events)
@@ -165,6 +196,8 @@ def test_a_bad_file_keeps_the_last_good_configuration_and_names_the_setting(worl
     assert world.hosts() == {"keep.localhost", "edit.localhost", "drop.localhost"}
     world.edit("services: [\n")
     assert "not valid YAML" in world.log()
+    world.edit("")
+    assert "the file is empty" in world.log() and "drop" in world.app.registry.services
     world.edit(BASE.replace("admin: none", "admin: none\nmax_in_flight: 0"))
     assert "max_in_flight" in world.log()
     assert world.reloader.reloads == 0

@@ -36,6 +36,9 @@ from labelgw.core.model import ContainerSpec
 from labelgw.core.registry import STATIC_PREFIX
 
 POLL_INTERVAL = 1.0
+# A change is read once the file has kept its new signature this long: an editor truncating and rewriting it in
+# place is not caught half way (a change is still applied within POLL_INTERVAL + SETTLE + the read).
+SETTLE = 0.25
 # Settings read once at start; a change to them is reported and waits for a restart.
 RESTART_ONLY = (
     "docker_host", "label_prefix", "env", "docker", "resync_interval", "state_dir", "cert_dir", "tls_strict",
@@ -64,11 +67,13 @@ class ConfigWatcher(Service):
         changed: Callable[[], Any],
         interval: float = POLL_INTERVAL,
         stat: Callable[[str], os.stat_result] = os.stat,
+        settle: float = SETTLE,
     ) -> None:
         self.path = path
         self.clock = clock
         self.changed = changed
         self.interval = interval
+        self.settle = settle
         self._stat = stat
         # Taken now (right after the file was read at start), so that an edit before the first poll is seen.
         self.seen = file_signature(path, stat)
@@ -90,8 +95,20 @@ class ConfigWatcher(Service):
             return
         signature = file_signature(self.path, self._stat)
         if signature != self.seen:
-            self.seen = signature
-            self.changed()
+            self._call = self.clock.callLater(self.settle, self._settled, signature)
+            return
+        self._call = self.clock.callLater(self.interval, self._poll)
+
+    def _settled(self, signature: Signature) -> None:
+        self._call = None
+        if not self.running:
+            return
+        now = file_signature(self.path, self._stat)
+        if now != signature:  # still being written
+            self._call = self.clock.callLater(self.settle, self._settled, now)
+            return
+        self.seen = signature
+        self.changed()
         self._call = self.clock.callLater(self.interval, self._poll)
 
 
@@ -177,10 +194,20 @@ class ConfigReloader(Service):
             return succeed(None)
         self._busy = True
         self._log.info("config file {path}: {why}, re-reading", path=self.path, why=why)
-        reading: Deferred[Settings] = self._run_in_thread(self._read)
+        reading: Deferred[Settings] = self._run_in_thread(self._read_whole)
         reading.addCallbacks(self.apply, self._refused)
         reading.addErrback(lambda failure: self._log.failure("applying config file {path}", failure, path=self.path))
         return reading.addBoth(self._done)
+
+    def _read_whole(self) -> Settings:
+        # An empty file would be read as "every default, no services": far more likely a write caught half way.
+        try:
+            empty = os.path.getsize(self.path) == 0
+        except OSError:
+            empty = False  # the read says why
+        if empty:
+            raise ConfigError(f"--config {self.path}: the file is empty")
+        return self._read()
 
     def _done(self, _: Any) -> None:
         self._busy = False

@@ -117,17 +117,25 @@ services:
 
 
 class World:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, text: str = BASE) -> None:
         from labelgw.cli.app import LabelgwService
 
         self.path = tmp_path / "labelgw.yaml"
-        write(self.path, BASE)
+        write(self.path, text)
         self.reactor = MemoryReactorClock()
         self.app = LabelgwService(self.read(), self.reactor)
         self.events: list[dict[str, Any]] = []
         self.reloader = ConfigReloader(self.app, str(self.path), self.read, self.reactor)
         self.reloader._log = Logger(observer=self.events.append)  # type: ignore[misc]
         self.reloader.setServiceParent(self.app)
+        if self.app.https.listeners:
+            # HTTPS's own start loads cached leaves in a thread pool, which a memory reactor has not: the parts.
+            for listener in self.app.listeners:
+                listener.privilegedStartService()
+                listener.startService()
+            self.app.running = True
+            self.reloader.startService()
+            return
         self.app.privilegedStartService()
         self.app.startService()
 
@@ -391,3 +399,28 @@ def test_install_watches_only_with_a_config_file_and_hooks_signals_after_startup
     assert reloader is not None and reloader.parent is app
     hooks = reactor.triggers["after"]["startup"]
     assert len(hooks) == 2 and all(f.__name__ == "install" for f, _, _ in hooks)
+
+
+def test_https_endpoints_are_added_with_the_tls_factory_and_need_a_restart_without_https(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    try:
+        world.edit(BASE.replace("https: none", f'https: ["tcp:8443"]\nstate_dir: {tmp_path / "state"}'))
+        assert "needs a restart: state_dir, https" in world.log(), world.log()
+        assert [l.scheme for l in world.app.listeners] == ["http"]
+    finally:
+        world.reloader.stopService()
+    other = tmp_path / "with-https"
+    other.mkdir()
+    text = BASE.replace("https: none", f'https: ["tcp:8443"]\nstate_dir: {tmp_path / "state"}')
+    world = World(other, text)
+    try:
+        [first] = world.app.https.listeners
+        world.edit(text.replace('https: ["tcp:8443"]', 'https: ["tcp:8443", "tcp:8444"]'))
+        added = world.app.https.listeners[1]
+        assert added.scheme == "https" and added.factory is first.factory and added in world.app.listeners
+        world.edit(text.replace('https: ["tcp:8443"]', 'https: ["tcp:8444"]'))
+        assert world.app.https.listeners == [added] and not first.running
+        # The redirect port follows the first HTTPS listener left.
+        assert world.app.https.redirect._port() == b":8444"
+    finally:
+        world.reloader.stopService()

@@ -272,6 +272,10 @@ def test_a_listener_that_cannot_bind_is_one_error_and_the_rest_applies(world: Wo
     assert len(world.app.listeners) == 1
     assert "cannot listen on 'nonsense:1'" in world.log()
     assert world.app.gateway.settings.max_in_flight == 9
+    # Not taken for listening: the next reload tries again.
+    world.edit(BASE.replace('http: ["tcp:8080:interface=127.0.0.1"]', 'http: ["tcp:8080:interface=127.0.0.1", "nonsense:1"]') + "max_in_flight: 8\n")
+    assert "cannot listen on 'nonsense:1'" in world.log()
+    assert world.app.gateway.settings.max_in_flight == 8
 
 
 def test_static_health_checks_are_validated_and_follow_edits(world: World) -> None:

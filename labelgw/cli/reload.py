@@ -245,6 +245,8 @@ class ConfigReloader(Service):
             changes.append("proxy timeouts and limits")
         self._apply_listeners("http", old.http, new.http, changes)
         self._apply_listeners("https", old.https, new.https, changes)
+        # What really listens: an endpoint that could not be bound is tried again at the next reload.
+        new = dataclasses.replace(new, http=self._bound("http"), https=self._bound("https"))
         if new.drain_grace != old.drain_grace:
             changes.append("drain_grace")
         self.current = new
@@ -302,6 +304,10 @@ class ConfigReloader(Service):
         gateway.settings = new.proxy
         gateway.pool.settings = new.proxy
         gateway.service_limit = new.proxy.service_in_flight_limit
+
+    def _bound(self, scheme: str) -> tuple[str, ...]:
+        admin = getattr(self.app, "admin", None)
+        return tuple(l.description for l in self.app.listeners if l.scheme == scheme and l is not admin)
 
     def _close_failed(self, failure: Any, endpoint: str) -> None:
         self._log.failure("closing {endpoint}", failure, endpoint=endpoint)

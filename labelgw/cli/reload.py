@@ -235,7 +235,9 @@ class ConfigReloader(Service):
             restart.append("https")
             kept["https"] = old.https
         if restart:
-            self._log.warn("config file {path}: needs a restart: {settings}", path=self.path, settings=", ".join(restart))
+            self._log.warn(
+                "config file {path}: needs a restart: {settings}", path=self.path, settings=", ".join(restart)
+            )
         new = dataclasses.replace(new, **kept)
         changes: list[str] = []
         self._apply_balancing(old, new, changes)
@@ -262,7 +264,8 @@ class ConfigReloader(Service):
             factory = service_policy_factory(new.balancer, app.reactor.seconds, tau=new.balancer_decay)
             # The registry's factory for services created from now on (it has no public setter).
             app.registry._policy_factory = factory
-            switched = [pool.name for pool in app.registry.services.values() if _rebalance(pool, factory, new, app.outlier)]
+            pools = list(app.registry.services.values())
+            switched = [pool.name for pool in pools if _rebalance(pool, factory, new, app.outlier)]
             changes.append(
                 f"balancer {new.balancer} (decay {new.balancer_decay:g} s)"
                 + (f", now used by {', '.join(sorted(switched))}" if switched else "")
@@ -318,7 +321,8 @@ class ConfigReloader(Service):
         app = self.app
         gone = [d for d in old if d not in new]
         added = [d for d in new if d not in old]
-        for listener in [l for l in app.listeners if l.scheme == scheme and l.description in gone and l is not app.admin]:
+        closing = [l for l in app.listeners if l.scheme == scheme and l.description in gone and l is not app.admin]
+        for listener in closing:
             app.listeners.remove(listener)
             https = getattr(app, "https", None)
             if https is not None and listener in https.listeners:
@@ -328,7 +332,9 @@ class ConfigReloader(Service):
             stopping = listener.disownServiceParent() if listener.parent is not None else listener.stopService()
             if isinstance(stopping, Deferred):
                 stopping.addErrback(self._close_failed, listener.description)
-            self._log.info("labelgw no longer listening on {scheme} {endpoint}", scheme=scheme, endpoint=listener.description)
+            self._log.info(
+                "labelgw no longer listening on {scheme} {endpoint}", scheme=scheme, endpoint=listener.description
+            )
             changes.append(f"{scheme} {listener.description} closed")
         factory = self._factories.get(scheme)
         for description in added:

@@ -138,7 +138,9 @@ class HealthChecker(Service):
     def backend_updated(self, pool: ServicePool, backend: Backend) -> None:
         probe = self._probes.get(backend)
         check = backend.spec.health_check
-        if probe is not None and (check is None or (check.path, check.interval, check.timeout) != (probe.path, probe.interval, probe.timeout)):
+        if probe is not None and (
+            check is None or (check.path, check.interval, check.timeout) != (probe.path, probe.interval, probe.timeout)
+        ):
             # The check itself changed (a static service's `health:` edited while running): start it afresh.
             self.backend_removed(pool, backend)
             probe = None

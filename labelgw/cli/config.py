@@ -9,7 +9,9 @@ from typing import Any, Mapping
 
 from labelgw.http.settings import ProxySettings
 from labelgw.core.labels import BALANCERS, parse_hash_key, parse_hosts, parse_path
-from labelgw.core.model import BalancerName, ContainerSpec, HashKey
+from labelgw.core.model import (
+    DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, BalancerName, ContainerSpec, HashKey, HealthCheck,
+)
 from labelgw.core.registry import STATIC_PREFIX
 from labelgw.core.middleware import MIDDLEWARE_LABELS, MiddlewareLabelError, MiddlewareSpec, parse_middleware
 
@@ -42,6 +44,8 @@ class StaticService:
     hash_key: HashKey | None = None
     # The middleware labels, written as keys of the service (`ratelimit: 100/s`, `ratelimit.burst: 20`).
     middleware: MiddlewareSpec | None = None
+    # `health:` (path, interval, timeout), read by the rules of the health labels; None: no active check.
+    health_check: HealthCheck | None = None
 
     def specs(self) -> list[ContainerSpec]:
         return [
@@ -57,6 +61,7 @@ class StaticService:
                 balancer=self.balancer,
                 hash_key=self.hash_key,
                 middleware=self.middleware,
+                health_check=self.health_check,
             )
             for index, (address, port) in enumerate(self.backends)
         ]
@@ -237,7 +242,7 @@ def _static_service(name: Any, spec: Any) -> StaticService:
         raise ConfigError(f"{where}: {name!r} is not a valid service name")
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a mapping with hosts and backends")
-    known = {"hosts", "path", "strip_prefix", "backends", "balancer", "hash_key"}
+    known = {"hosts", "path", "strip_prefix", "backends", "balancer", "hash_key", "health"}
     unknown = sorted(set(spec) - known - MIDDLEWARE_LABELS)
     if unknown:
         raise ConfigError(
@@ -274,7 +279,10 @@ def _static_service(name: Any, spec: Any) -> StaticService:
             raise ConfigError(f"{where}.backends: {item!r} is not 'address:port'")
         backends.append((address.strip("[]"), int(port)))
     balancer, hash_key = _static_balancer(where, spec)
-    return StaticService(name.lower(), normal_hosts, path, strip, tuple(backends), balancer, hash_key, middleware)
+    health = _static_health(where, spec.get("health"))
+    return StaticService(
+        name.lower(), normal_hosts, path, strip, tuple(backends), balancer, hash_key, middleware, health
+    )
 
 
 def _static_balancer(where: str, spec: Mapping[str, Any]) -> tuple[BalancerName | None, HashKey | None]:
@@ -305,6 +313,39 @@ def _static_middleware(where: str, name: str, spec: Mapping[str, Any]) -> Middle
         return parse_middleware(labels, name)
     except MiddlewareLabelError as error:
         raise ConfigError(f"{where}.{error.label}: {error.value!r}: {error.reason}") from None
+
+
+def _static_health(where: str, value: Any) -> HealthCheck | None:
+    """A static service's `health:` mapping, checked like the labels `health.path`, `.interval`, `.timeout`."""
+    from labelgw.core.labels import _parse_health_path, parse_duration
+
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}.health: must be a mapping with path, interval and timeout")
+    unknown = sorted(set(value) - {"path", "interval", "timeout"})
+    if unknown:
+        raise ConfigError(f"{where}.health.{unknown[0]}: unknown setting (known: path, interval, timeout)")
+    path = value.get("path")
+    if not isinstance(path, str):
+        raise ConfigError(f"{where}.health.path: {path!r} must be a path starting with '/'")
+    try:
+        path = _parse_health_path(path)
+    except ValueError as error:
+        raise ConfigError(f"{where}.health.path: {path!r} {error}") from None
+
+    def duration(name: str, default: float) -> float:
+        raw = value.get(name)
+        if raw is None:
+            return default
+        if isinstance(raw, bool):
+            raise ConfigError(f"{where}.health.{name}: {raw!r} is not a duration")
+        try:
+            return parse_duration(str(raw))
+        except ValueError as error:
+            raise ConfigError(f"{where}.health.{name}: {raw!r} {error}") from None
+
+    return HealthCheck(path, duration("interval", DEFAULT_HEALTH_INTERVAL), duration("timeout", DEFAULT_HEALTH_TIMEOUT))
 
 
 def _https_settings(pick: Any) -> dict[str, Any]:

@@ -131,4 +131,9 @@ def makeService(options: Options) -> Any:
 
     reactor = default_reactor()
 
-    return LabelgwService(options.settings, reactor)
+    service = LabelgwService(options.settings, reactor)
+    # The --config file watched and re-applied while running; SIGHUP re-reads it (labelgw.cli.reload).
+    from labelgw.cli.reload import install as install_reload
+
+    install_reload(service, reactor, options["config"], lambda: settings_from_options(options))
+    return service

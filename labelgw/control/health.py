@@ -137,8 +137,24 @@ class HealthChecker(Service):
 
     def backend_updated(self, pool: ServicePool, backend: Backend) -> None:
         probe = self._probes.get(backend)
-        if probe is not None:
-            self._sync(probe)
+        check = backend.spec.health_check
+        if probe is not None and (
+            check is None or (check.path, check.interval, check.timeout) != (probe.path, probe.interval, probe.timeout)
+        ):
+            # The check itself changed (a static service's `health:` edited while running): start it afresh.
+            self.backend_removed(pool, backend)
+            probe = None
+            if check is None and backend.health_state is not None:
+                backend.health_state = None
+                self._changed(pool, backend)
+        if probe is None:
+            if check is not None:
+                if backend.health_state is None:
+                    backend.health_state = HEALTH_UNKNOWN
+                    self._changed(pool, backend)
+                self.backend_added(pool, backend)
+            return
+        self._sync(probe)
 
     def backend_removed(self, pool: ServicePool, backend: Backend) -> None:
         probe = self._probes.pop(backend, None)

@@ -69,6 +69,7 @@ class UpstreamConnection(Protocol):
         self._answered = False
         self._reader: BodyReader | None = None
         self._sent_at = 0.0
+        self._response_timeout = pool.settings.response_timeout
         self._idle_since = 0.0
         # The response timeout runs from the end of the request body, not from its head.
         self.body_pending = False
@@ -125,9 +126,11 @@ class UpstreamConnection(Protocol):
         self._answered = False
         now = self.pool.clock.seconds()
         self._sent_at = now
+        # Kept for this request: a configuration reloaded meanwhile applies to the next one.
+        self._response_timeout = limit = self.pool.settings.response_timeout
         timer = self._timer
-        if timer is not None and timer.getTime() > now + self.pool.settings.response_timeout:
-            timer.reset(self.pool.settings.response_timeout)
+        if timer is not None and timer.getTime() > now + limit:
+            timer.reset(limit)
         write_now(self.transport, head)
 
     def request_complete(self) -> None:
@@ -136,8 +139,8 @@ class UpstreamConnection(Protocol):
         now = self.pool.clock.seconds()
         self._sent_at = now
         timer = self._timer
-        if timer is not None and timer.active() and timer.getTime() > now + self.pool.settings.response_timeout:
-            timer.reset(self.pool.settings.response_timeout)
+        if timer is not None and timer.active() and timer.getTime() > now + self._response_timeout:
+            timer.reset(self._response_timeout)
 
     def abort(self) -> None:
         """The exchange gave up on this connection (client gone, bad response): never reuse it."""
@@ -193,12 +196,12 @@ class UpstreamConnection(Protocol):
         settings = self.pool.settings
         now = self.pool.clock.seconds()
         if self._mode == _HEAD and not self.body_pending:
-            deadline = self._sent_at + settings.response_timeout
+            deadline = self._sent_at + self._response_timeout
             if now >= deadline:
                 sink = self.sink
                 self.abort()
                 if sink is not None:
-                    sink.upstream_failed(504, f"no response from upstream within {settings.response_timeout:g} s")
+                    sink.upstream_failed(504, f"no response from upstream within {self._response_timeout:g} s")
                 return
         elif self._mode == _IDLE and self.sink is None:
             deadline = self._idle_since + settings.upstream_idle_timeout

@@ -231,8 +231,11 @@ def test_a_failing_health_check_takes_a_backend_out(labelgw: Any, containers: An
     container = names(started)
     wait_for("two healthy backends", lambda: admin_state(gw)["services"].get(service, {}).get("ready") == 2, 10, gw)
     assert set(who for _, who in (client.get() for _ in range(40))) == {"steady", "flaky"}
-    never = wait_for("the never-healthy backend marked unhealthy",
-                     lambda: (b := backends(gw, service)[container["never"]])["health"] == "unhealthy" and b, 5, gw)
+    # Checked until its health path answered: a container still starting refuses connections, which marks it
+    # unhealthy too, before its server answers the 404 this test is about.
+    never = wait_for("the never-healthy backend marked unhealthy by its 404",
+                     lambda: (b := backends(gw, service)[container["never"]])["health"] == "unhealthy"
+                     and (b["health_check"] or {}).get("last") == "HTTP 404" and b, 10, gw)
     assert (never["ready"], never["requests"], never["health_check"]["last"]) == (False, 0, "HTTP 404")
 
     # 500 on every path: the health check takes it out (no proxied request reaches it meanwhile, so no ejection).

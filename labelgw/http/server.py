@@ -15,9 +15,8 @@ from labelgw.http.dispatch import dispatch
 from labelgw.http.exchange import Exchange
 from labelgw.http.fastwrite import write_now
 from labelgw.http.headers import client_response_head, error_response
-from labelgw.http.parser import (
-    LAST_CHUNK, MAX_HEAD_BYTES, ChunkedDecoder, HttpError, RequestHead, ResponseHead, encode_chunk, parse_request_head,
-)
+from labelgw.http.framing import LAST_CHUNK, BodyReader, HttpError, encode_chunk, find_head_end, request_reader
+from labelgw.http.parser import RequestHead, ResponseHead, parse_request_head
 from labelgw.http.settings import ProxySettings
 from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move, sources
 from labelgw.http.upstream import UpstreamPool
@@ -114,10 +113,10 @@ class ClientConnection(Protocol):
         # of a streaming response).
         self._send_blocked_since = 0.0
         self._response_producer: Any = None
-        # The request in progress: its head, and what is left of its body (Content-Length, or chunked).
+        # The request in progress: its head, and the reader of its body (labelgw.http.framing; None: no body, or
+        # it is read).
         self._request: RequestHead | None = None
-        self._remaining = 0
-        self._decoder: ChunkedDecoder | None = None
+        self._reader: BodyReader | None = None
         # The response in progress: held until the end of one upstream read, chunk-encoded or not, and whether
         # its framing (delimited by the close) ends the connection.
         self._out: list[bytes] = []
@@ -204,10 +203,13 @@ class ClientConnection(Protocol):
         elif state is _BODY:
             self._body_seen = self.gateway.clock.seconds()
             exchange = self.exchange
+            reader = self._reader
+            if exchange is None or reader is None:
+                return
             try:
-                data = self._read_body(exchange, data)  # type: ignore[arg-type]
+                data = self._read_body(exchange, reader, data)
             except HttpError as error:
-                self._refuse_body(exchange, error)  # type: ignore[arg-type]
+                self._refuse_body(exchange, error)
                 return
             if data:
                 self._buffer += data
@@ -215,31 +217,17 @@ class ClientConnection(Protocol):
         elif state is _TUNNEL:
             self.exchange.client_tunnel_data(data)  # type: ignore[union-attr]
 
-    def _read_body(self, exchange: Exchange, data: bytes) -> bytes:
+    def _read_body(self, exchange: Exchange, reader: BodyReader, data: bytes) -> bytes:
         """Relay request body bytes; returns what follows the body (a pipelined request) once it is complete."""
-        decoder = self._decoder
-        if decoder is None:
-            remaining = self._remaining
-            rest = b""
-            if len(data) > remaining:
-                data, rest = data[:remaining], data[remaining:]
-            self._remaining = remaining - len(data)
-            if data:
-                exchange.request_data(data)
-            if self._remaining == 0:
-                self._body_end(exchange)
-            return rest
-        pieces = decoder.feed(data)  # HttpError goes to the caller: 400 and close
-        for piece in pieces:
-            if piece:
-                exchange.request_data(piece)
-        if decoder.done:
+        for piece in reader.feed(data):  # HttpError goes to the caller: 400 and close
+            exchange.request_data(piece)
+        if reader.done:
             self._body_end(exchange)
-            return decoder.rest
+            return reader.rest
         return b""
 
     def _body_end(self, exchange: Exchange) -> None:
-        self._decoder = None
+        self._reader = None
         if self.state is _BODY:
             self._move(_RESPONSE)
         exchange.request_end()
@@ -258,23 +246,16 @@ class ClientConnection(Protocol):
                     buffer = self._buffer = buffer.lstrip(b"\r\n")
                     if not buffer:
                         return
-                end = buffer.find(b"\r\n\r\n")
-                if end == -1:
-                    if b"\n\n" in buffer or b"\n\r\n" in buffer:
-                        # A head ended with bare LF: refuse now rather than wait for a CRLFCRLF that never comes.
-                        self.send_error(400, "bare LF in request head", close=True)
-                    elif len(buffer) > MAX_HEAD_BYTES:
-                        self.send_error(431, "request head too large", close=True)
-                    elif self.state is _IDLE:
-                        # A head that does not arrive whole gets an absolute deadline (slow clients).
-                        self._move(_HEAD)
-                        self._head_started = self.gateway.clock.seconds()
-                        self._rearm(self.gateway.settings.head_timeout)
-                    return
-                if end + 4 > MAX_HEAD_BYTES:
-                    self.send_error(431, "request head too large", close=True)
-                    return
                 try:
+                    # Refuses at once a head over the size cap, or one ended by a bare LF (labelgw.http.framing).
+                    end = find_head_end(buffer)
+                    if end == -1:
+                        if self.state is _IDLE:
+                            # A head that does not arrive whole gets an absolute deadline (slow clients).
+                            self._move(_HEAD)
+                            self._head_started = self.gateway.clock.seconds()
+                            self._rearm(self.gateway.settings.head_timeout)
+                        return
                     head = parse_request_head(buffer[:end])
                 except HttpError as error:
                     self.send_error(error.status, error.reason, close=True)
@@ -294,25 +275,23 @@ class ClientConnection(Protocol):
         if exchange is None:
             return
         self.exchange = exchange
-        if head.chunked:
-            self._decoder = ChunkedDecoder()
-            self._move(_BODY)
-        elif head.content_length:
-            self._remaining = head.content_length
-            self._decoder = None
+        # The framing decision (labelgw.http.framing): None, with no object made, for the common request without a
+        # body.
+        reader = self._reader = request_reader(head)
+        if reader is not None:
             self._move(_BODY)
         else:
             if self.state not in _TO_RESPONSE:
                 self._move(_RESPONSE)  # refused: raises StateError
             self.state = _RESPONSE
         exchange.start()
-        if self.state is _BODY and self.exchange is exchange:
+        if reader is not None and self.state is _BODY and self.exchange is exchange:
             self._body_seen = self.gateway.clock.seconds()
             self._rearm_within(self.gateway.settings.body_timeout)
             if self._buffer:
                 data, self._buffer = self._buffer, b""
                 try:
-                    self._buffer = self._read_body(exchange, data)
+                    self._buffer = self._read_body(exchange, reader, data)
                 except HttpError as error:
                     self._refuse_body(exchange, error)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -19,6 +19,7 @@ from labelgw.http.framing import LAST_CHUNK, BodyReader, HttpError, encode_chunk
 from labelgw.http.parser import RequestHead, ResponseHead, parse_request_head
 from labelgw.http.settings import ProxySettings
 from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move, sources
+from labelgw.http.transport import DataProtocol, GatewayConnection
 from labelgw.http.upstream import UpstreamPool
 from labelgw.http.versioning import DEFAULT_VERSION_HEADER
 from labelgw.core.routes import RouteTable
@@ -46,7 +47,8 @@ class Gateway:
         self.settings = settings or ProxySettings()
         self.pool = UpstreamPool(reactor, self.settings)
         self.service_limit = self.settings.service_in_flight_limit
-        self.connections: set[ClientConnection] = set()
+        # HTTP/1.1 and HTTP/2 connections (labelgw.http.h2.H2Protocol) alike.
+        self.connections: set[GatewayConnection] = set()
         self.in_flight = 0
         self.retries = 0
         self.active_retries = 0
@@ -80,7 +82,7 @@ class Gateway:
         done.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
         return done
 
-    def connection_closed(self, connection: "ClientConnection") -> None:
+    def connection_closed(self, connection: GatewayConnection) -> None:
         self.connections.discard(connection)
         if not self.connections and self._drained:
             waiting, self._drained = self._drained, []
@@ -88,7 +90,7 @@ class Gateway:
                 done.callback(None)
 
 
-class ClientConnection(Protocol):
+class ClientConnection(DataProtocol):
     """One HTTP/1.1 client connection: requests parsed and dispatched one at a time (pipelined ones wait), each
     served by an exchange to which this connection is the client side (L{labelgw.http.sides.ClientSide})."""
 
@@ -151,7 +153,7 @@ class ClientConnection(Protocol):
         if gateway.draining:
             self.drain()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._move(_CLOSED)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -215,7 +217,9 @@ class ClientConnection(Protocol):
                 self._buffer += data
                 self.set_paused("pipeline", True)
         elif state is _TUNNEL:
-            self.exchange.client_tunnel_data(data)  # type: ignore[union-attr]
+            exchange = self.exchange
+            if exchange is not None:
+                exchange.client_tunnel_data(data)
 
     def _read_body(self, exchange: Exchange, reader: BodyReader, data: bytes) -> bytes:
         """Relay request body bytes; returns what follows the body (a pipelined request) once it is complete."""
@@ -332,7 +336,7 @@ class ClientConnection(Protocol):
             framing = b"Content-Length: %d\r\n" % head.content_length if head.content_length is not None else b""
         elif head.content_length is not None:
             framing = b"Content-Length: %d\r\n" % head.content_length
-        elif self._request.version == b"HTTP/1.1":  # type: ignore[union-attr]
+        elif self._request is not None and self._request.version == b"HTTP/1.1":
             # Chunked, or delimited by close upstream: chunked to the client keeps its connection alive.
             framing = b"Transfer-Encoding: chunked\r\n"
             self._chunked = True
@@ -514,9 +518,10 @@ class ClientConnection(Protocol):
         elif state is _BODY:
             deadline = self._body_seen + settings.body_timeout
             if now >= deadline:
-                started = exchange.response_started  # type: ignore[union-attr]
+                started = exchange is not None and exchange.response_started
                 self.exchange = None
-                exchange.client_lost()  # type: ignore[union-attr]
+                if exchange is not None:
+                    exchange.client_lost()
                 if not started:
                     self.transport.write(error_response(408, "request body timed out", close=True))
                 self._close()

@@ -295,7 +295,8 @@ def test_parser_reexports_framing_names() -> None:
 
 
 def test_limits() -> None:
-    # The documented limits (notes/hardening.md items 6 and 10): tests elsewhere derive their cases from these.
+    # The limits themselves (a head's size and field count, a chunk line's length and digits): tests elsewhere
+    # derive their cases from these.
     from labelgw.http import framing
 
     assert framing.MAX_HEAD_BYTES == 65536

@@ -11,7 +11,7 @@ and its own back-pressure (the upstream is paused while the stream's window is e
 is full, or the connection's streams together hold too many response bytes; the client's request body is not
 acknowledged while the upstream is paused).
 
-Defences (hardening checklist item 23): at most 100 concurrent streams; header blocks (HEADERS + CONTINUATION) over
+Defences against HTTP/2's own attacks: at most 100 concurrent streams; header blocks (HEADERS + CONTINUATION) over
 64 KiB and HPACK bombs end the connection with GOAWAY(ENHANCE_YOUR_CALM); so do stream resets past a budget in a
 sliding window, whether the client sent them (rapid reset, CVE-2023-44487) or h2 sent them for the client's
 protocol errors (MadeYouReset, CVE-2025-8671); a stream opened and reset in the same read never reaches a backend.

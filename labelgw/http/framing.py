@@ -11,7 +11,8 @@ rule such as "a 304 has no body" is decided in one place:
    come.
 2. `request_reader(head)` / `response_reader(head, head_only)`: the one decision of a message's framing, from its
    parsed head, as the reader of its body, or None when it has none (the common GET: no object is made). Every
-   "no body" case (HEAD, 1xx, 204, 304) is in `response_has_body`, and nowhere else. A reader's `kind` says the framing (LENGTH, with `length`; CHUNKED; UNTIL_CLOSE),
+   "no body" case (HEAD, 1xx, 204, 304) is in `response_has_body`, which labelgw's own answers and HTTP/2 ask
+   too, and nowhere else. A reader's `kind` says the framing (LENGTH, with `length`; CHUNKED; UNTIL_CLOSE),
    which is what a writer needs to frame the same body on another connection.
 3. Each reader has `feed(data) -> list[bytes]` (the body's payload in that data, never an empty piece), `done`
    (the body ended), `rest` (bytes after the end, in the data that ended it: a pipelined message, or garbage),

@@ -59,7 +59,7 @@ from labelgw.http.logsafe import printable
 from labelgw.http.parser import MAX_HEADERS, RequestHead, ResponseHead
 from labelgw.http.server import ClientConnection, Gateway
 from labelgw.http.states import H2_MOVES, STREAM_MOVES, H2State, StreamState, check_move
-from labelgw.http.transport import DataProtocol
+from labelgw.http.transport import DataProtocol, Producer
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +112,7 @@ class H2Stream:
     # Out of the connection's table: nothing more happens on this stream.
     gone = False
     _paused = False
-    _producer: Any = None
+    _producer: Producer | None = None
     _producer_paused = False
     # Since when response bytes wait and none could be sent (0.0: none wait); the stream's send timeout.
     stalled_since = 0.0
@@ -292,7 +292,7 @@ class H2Stream:
     def abort(self, reason: str) -> None:
         self._reset(ErrorCodes.INTERNAL_ERROR)
 
-    def set_response_producer(self, producer: Any) -> None:
+    def set_response_producer(self, producer: Producer | None) -> None:
         self._producer = producer
         self._producer_paused = False
         if producer is not None:

@@ -19,7 +19,7 @@ from labelgw.http.framing import LAST_CHUNK, BodyReader, HttpError, encode_chunk
 from labelgw.http.parser import RequestHead, ResponseHead, parse_request_head
 from labelgw.http.settings import ProxySettings
 from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move, sources
-from labelgw.http.transport import DataProtocol, GatewayConnection
+from labelgw.http.transport import DataProtocol, GatewayConnection, Producer
 from labelgw.http.upstream import UpstreamPool
 from labelgw.http.versioning import DEFAULT_VERSION_HEADER
 from labelgw.core.routes import RouteTable
@@ -114,7 +114,7 @@ class ClientConnection(DataProtocol):
         # The client's transport is full: since when (0.0: it is not), and what to pause meanwhile (the upstream
         # of a streaming response).
         self._send_blocked_since = 0.0
-        self._response_producer: Any = None
+        self._response_producer: Producer | None = None
         # The request in progress: its head, and the reader of its body (labelgw.http.framing; None: no body, or
         # it is read).
         self._request: RequestHead | None = None
@@ -373,7 +373,7 @@ class ClientConnection(DataProtocol):
 
     # The client side: back-pressure both ways.
 
-    def set_response_producer(self, producer: Any) -> None:
+    def set_response_producer(self, producer: Producer | None) -> None:
         """What to pause while the client does not read: the upstream of the response in progress (or None)."""
         self._response_producer = producer
         if producer is not None and self._send_blocked_since:

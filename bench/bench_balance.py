@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Issue 3's benchmark: how labelgw balances between backends of unequal speed, next to nginx and HAProxy.
 
-Scenario S1 of shared/notes/load-balancing.md: five latency-injecting backends run as real labelled containers
+The unequal-speed scenario: five latency-injecting backends run as real labelled containers
 (host network, 127.0.0.1), each `python -m labelgw.tools.whoami --delay-ms M --workers 1`: a FIFO queue with one worker,
 a request holding it M ms x Exp(1); four at 10 ms and one ("b4") at 100 ms, 410 req/s of capacity in all.
 The same seeded open-loop Poisson load (bench/loadgen.py, its own process) is sent through each proxy in turn:

@@ -22,6 +22,7 @@ from labelgw.http.framing import (
     encode_chunk,
     find_head_end,
     request_reader,
+    response_has_body,
     response_reader,
 )
 from labelgw.http import parser
@@ -152,6 +153,34 @@ def test_a_request_is_never_close_delimited() -> None:
 )
 def test_response_reader(status: bytes, fields: bytes, head_only: bool, expected: tuple[str, int] | None) -> None:
     assert framing(response_reader(response(fields, status), head_only)) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "head_only", "expected"),
+    [
+        (200, False, True),
+        (205, False, True),
+        (404, False, True),
+        (502, False, True),
+        (200, True, False),
+        (404, True, False),
+        (100, False, False),
+        (101, False, False),
+        (103, False, False),
+        (204, False, False),
+        (304, False, False),
+    ],
+)
+def test_response_has_body(status: int, head_only: bool, expected: bool) -> None:
+    # The one "no body" rule: the response reader, the exchange (HTTP/1.1 and HTTP/2) and labelgw's own answers ask it.
+    assert response_has_body(status, head_only) is expected
+
+
+def test_response_reader_agrees_with_response_has_body() -> None:
+    for status in (100, 101, 103, 200, 204, 205, 304, 404, 500):
+        for head_only in (False, True):
+            reader = response_reader(response(b"\r\nContent-Length: 5", b"%d" % status), head_only)
+            assert (reader is not None) is response_has_body(status, head_only)
 
 
 def test_kinds_are_distinct() -> None:
@@ -295,7 +324,8 @@ def test_parser_reexports_framing_names() -> None:
 
 
 def test_limits() -> None:
-    # The documented limits (notes/hardening.md items 6 and 10): tests elsewhere derive their cases from these.
+    # The limits themselves (a head's size and field count, a chunk line's length and digits): tests elsewhere
+    # derive their cases from these.
     from labelgw.http import framing
 
     assert framing.MAX_HEAD_BYTES == 65536

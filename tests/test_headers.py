@@ -1,8 +1,8 @@
 """Header rewriting between client and upstream (labelgw.http.headers). Pure: heads in, bytes out.
 
-Items 12-14 of notes/hardening.md: hop-by-hop fields and the fields named in Connection never cross the proxy,
-the X-Forwarded-* / X-Real-IP fields are the proxy's own (even when the client names them in Connection,
-Traefik CVE-2024-45410), and look-alikes a backend could read as the same header are dropped.
+Hop-by-hop fields and the fields named in Connection never cross the proxy, the X-Forwarded-* / X-Real-IP fields
+are the proxy's own (even when the client names them in Connection, Traefik CVE-2024-45410), and look-alikes a
+backend could read as the same header are dropped.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Strict HTTP/1.1 head parsing and chunked decoding (labelgw.http.parser). Pure: no reactor, no sockets.
 
-The refusal cases follow items 6-11 of notes/hardening.md. The head *size* limit (431) is the server's job
-(it is enforced before the head is complete); the header *count* limit is the parser's.
+The refusal cases cover the request smuggling and header injection vectors: the header count, Content-Length with
+Transfer-Encoding, odd Content-Length values, transfer codings, bare LF and CR line ends, field syntax. The head
+*size* limit (431) is the server's job (it is enforced before the head is complete); the header *count* limit is the
+parser's.
 """
 
 from __future__ import annotations
@@ -292,13 +294,13 @@ REFUSED_REQUESTS = [
     ("two Host headers, same value", head(b"GET / HTTP/1.1", HOST, HOST), 400),
     ("space in Host", head(b"GET / HTTP/1.1", b"Host: a b"), 400),
     ("slash in Host", head(b"GET / HTTP/1.1", b"Host: a/b"), 400),
-    # Item 6: header count.
+    # Header count.
     ("101 header fields", head(b"GET / HTTP/1.1", HOST, *[b"X-%d: v" % n for n in range(MAX_HEADERS)]), 431),
-    # Item 7: Content-Length with Transfer-Encoding.
+    # Content-Length with Transfer-Encoding.
     ("CL then TE", head(b"POST / HTTP/1.1", HOST, b"Content-Length: 5", b"Transfer-Encoding: chunked"), 400),
     ("TE then CL", head(b"POST / HTTP/1.1", HOST, b"Transfer-Encoding: chunked", b"Content-Length: 5"), 400),
     ("CL 0 with TE", head(b"POST / HTTP/1.1", HOST, b"Content-Length: 0", b"Transfer-Encoding: chunked"), 400),
-    # Item 8: duplicate, signed, hex or otherwise odd Content-Length.
+    # Duplicate, signed, hex or otherwise odd Content-Length.
     ("duplicate CL, same", head(b"POST / HTTP/1.1", HOST, b"Content-Length: 5", b"Content-Length: 5"), 400),
     ("duplicate CL, different", head(b"POST / HTTP/1.1", HOST, b"Content-Length: 5", b"content-length: 6"), 400),
     ("CL list", head(b"POST / HTTP/1.1", HOST, b"Content-Length: 5, 5"), 400),
@@ -312,7 +314,7 @@ REFUSED_REQUESTS = [
     ("CL empty", head(b"POST / HTTP/1.1", HOST, b"Content-Length:"), 400),
     ("CL non-ASCII digit", head(b"POST / HTTP/1.1", HOST, b"Content-Length: \xd9\xa5"), 400),
     ("CL 19 digits", head(b"POST / HTTP/1.1", HOST, b"Content-Length: " + b"1" * 19), 400),
-    # Item 9: transfer codings.
+    # Transfer codings.
     ("TE identity", head(b"POST / HTTP/1.1", HOST, b"Transfer-Encoding: identity"), 400),
     ("TE chunked twice", head(b"POST / HTTP/1.1", HOST, b"Transfer-Encoding: chunked, chunked"), 400),
     ("TE header twice", head(b"POST / HTTP/1.1", HOST, b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"), 400),
@@ -325,13 +327,13 @@ REFUSED_REQUESTS = [
     ("TE chunked on HTTP/1.0", head(b"POST / HTTP/1.0", HOST, b"Transfer-Encoding: chunked"), 400),
     ("TE gzip", head(b"POST / HTTP/1.1", HOST, b"Transfer-Encoding: gzip"), 501),
     ("TE deflate", head(b"POST / HTTP/1.1", HOST, b"Transfer-Encoding: deflate"), 501),
-    # Item 10 (in the head): bare LF and bare CR as line ends.
+    # Bare LF and bare CR as line ends, in the head.
     ("bare LF after request line", b"GET / HTTP/1.1\nHost: a", 400),
     ("bare LF between fields", head(b"GET / HTTP/1.1", HOST) + b"\nX-A: b", 400),
     ("bare CR between fields", head(b"GET / HTTP/1.1", HOST) + b"\rX-A: b", 400),
     ("CR CR LF", b"GET / HTTP/1.1\r\r\nHost: a", 400),
     ("trailing bare CR", head(b"GET / HTTP/1.1", HOST) + b"\r", 400),
-    # Item 11: field syntax.
+    # Field syntax.
     ("whitespace before the first field", head(b"GET / HTTP/1.1", b" Host: a"), 400),
     ("obs-fold with space", head(b"GET / HTTP/1.1", HOST, b"X-A: a", b" b"), 400),
     ("obs-fold with tab", head(b"GET / HTTP/1.1", HOST, b"X-A: a", b"\tb"), 400),

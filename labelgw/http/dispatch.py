@@ -28,12 +28,15 @@ def _close(head: RequestHead) -> bool:
 def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchange | None:
     """The exchange that will serve `head` (not started yet), or None after `side` answered it itself."""
     raw_host = head.host
-    host = _HOSTS.get(raw_host) if raw_host else ""
-    if host is None:
-        host = normalize_host(raw_host.decode("latin-1"))  # type: ignore[union-attr]
-        if len(_HOSTS) >= 4096:
-            _HOSTS.clear()
-        _HOSTS[raw_host] = host  # type: ignore[index]
+    if raw_host:
+        host = _HOSTS.get(raw_host)
+        if host is None:
+            host = normalize_host(raw_host.decode("latin-1"))
+            if len(_HOSTS) >= 4096:
+                _HOSTS.clear()
+            _HOSTS[raw_host] = host
+    else:
+        host = ""
     # Routed on the path's normal form, forwarded without dot segments; or refused (labelgw.core.paths).
     try:
         path, target = route_target(head.target)

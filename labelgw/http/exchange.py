@@ -15,7 +15,8 @@ from twisted.python.failure import Failure
 from labelgw.core.backends import Backend
 from labelgw.http.logsafe import printable
 from labelgw.http.headers import upstream_request_head
-from labelgw.http.parser import LAST_CHUNK, RequestHead, ResponseHead, encode_chunk
+from labelgw.http.framing import LAST_CHUNK, encode_chunk, response_has_body
+from labelgw.http.parser import RequestHead, ResponseHead
 from labelgw.http.sides import ClientSide
 from labelgw.http.states import EXCHANGE_MOVES, ExchangeState, check_move, sources
 from labelgw.http.upstream import UpstreamConnection
@@ -270,7 +271,7 @@ class Exchange:
         if not self.body_done:
             # The upstream answered before the whole body arrived: the rest cannot be skipped safely.
             self._client_close = True
-        body = not (self.head.method == b"HEAD" or status == 204 or status == 304)
+        body = response_has_body(status, self.head.method == b"HEAD")
         # Held by the client side until flush: head and body then leave together (one TCP segment).
         self.client.response_head(head, body, self._client_close, self.response_extra)
 

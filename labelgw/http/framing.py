@@ -2,15 +2,17 @@
 """HTTP/1.1 message framing, written once: where a head ends, how long the body after it is, and how to read and
 write that body. Pure: bytes in, values and errors out; no sockets, no reactor.
 
-Every HTTP/1 reader in labelgw asks this module (the upstream side today; the client side and the HTTP/2 bridge
-are meant to follow), so that a rule such as "a 304 has no body" is decided in one place:
+Every reader of a message in labelgw asks this module (the client side for request heads and bodies, the upstream
+side for response heads and bodies, the exchange and with it HTTP/2 for whether a response has a body), so that a
+rule such as "a 304 has no body" is decided in one place:
 
 1. `find_head_end(buffer, cap)`: where the blank line ending a head is, -1 while it is incomplete; a head over
    `cap` bytes, or one ended by a bare LF, raises `HttpError` at once instead of waiting for bytes that never
    come.
 2. `request_reader(head)` / `response_reader(head, head_only)`: the one decision of a message's framing, from its
-   parsed head, as the reader of its body, or None when it has none. Every "no body" case (HEAD, 1xx, 204, 304)
-   is there and nowhere else. A reader's `kind` says the framing (LENGTH, with `length`; CHUNKED; UNTIL_CLOSE),
+   parsed head, as the reader of its body, or None when it has none (the common GET: no object is made). Every
+   "no body" case (HEAD, 1xx, 204, 304) is in `response_has_body`, which labelgw's own answers and HTTP/2 ask
+   too, and nowhere else. A reader's `kind` says the framing (LENGTH, with `length`; CHUNKED; UNTIL_CLOSE),
    which is what a writer needs to frame the same body on another connection.
 3. Each reader has `feed(data) -> list[bytes]` (the body's payload in that data, never an empty piece), `done`
    (the body ended), `rest` (bytes after the end, in the data that ended it: a pipelined message, or garbage),
@@ -265,12 +267,17 @@ def request_reader(head: "RequestHead", error_status: int = 400) -> BodyReader |
     return None
 
 
+def response_has_body(status: int, head_only: bool) -> bool:
+    """Whether a response with this status may carry a body at all. `head_only`: the request was HEAD. A 1xx (101
+    included: what follows it is another protocol), 204 or 304, and any answer to HEAD, have none whatever their
+    fields say (their Content-Length, if any, describes the body a GET would have had)."""
+    return not (head_only or status < 200 or status == 204 or status == 304)
+
+
 def response_reader(head: "ResponseHead", head_only: bool, error_status: int = 502) -> BodyReader | None:
-    """The reader of a response's body, or None when it has none. `head_only`: the request was HEAD. A 1xx (101
-    included: what follows it is another protocol), 204 or 304, and any answer to HEAD, have no body whatever
-    their fields say; then chunked; then Content-Length; else the body runs until the upstream closes."""
-    status = head.status
-    if head_only or status < 200 or status == 204 or status == 304:
+    """The reader of a response's body, or None when it has none: see `response_has_body`; then chunked; then
+    Content-Length; else the body runs until the upstream closes."""
+    if not response_has_body(head.status, head_only):
         return None
     if head.chunked:
         return ChunkedReader(error_status)

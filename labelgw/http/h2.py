@@ -11,7 +11,7 @@ and its own back-pressure (the upstream is paused while the stream's window is e
 is full, or the connection's streams together hold too many response bytes; the client's request body is not
 acknowledged while the upstream is paused).
 
-Defences (hardening checklist item 23): at most 100 concurrent streams; header blocks (HEADERS + CONTINUATION) over
+Defences against HTTP/2's own attacks: at most 100 concurrent streams; header blocks (HEADERS + CONTINUATION) over
 64 KiB and HPACK bombs end the connection with GOAWAY(ENHANCE_YOUR_CALM); so do stream resets past a budget in a
 sliding window, whether the client sent them (rapid reset, CVE-2023-44487) or h2 sent them for the client's
 protocol errors (MadeYouReset, CVE-2025-8671); a stream opened and reset in the same read never reaches a backend.
@@ -46,18 +46,20 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 from twisted.internet import error
 from twisted.internet.interfaces import IProtocolNegotiationFactory
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from labelgw.http.dispatch import dispatch
 from labelgw.http.exchange import Exchange
+from labelgw.http.framing import response_has_body
 from labelgw.http.headers import HOP_BY_HOP
 from labelgw.http.logsafe import printable
 from labelgw.http.parser import MAX_HEADERS, RequestHead, ResponseHead
 from labelgw.http.server import ClientConnection, Gateway
 from labelgw.http.states import H2_MOVES, STREAM_MOVES, H2State, StreamState, check_move
+from labelgw.http.transport import DataProtocol, Producer
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +112,7 @@ class H2Stream:
     # Out of the connection's table: nothing more happens on this stream.
     gone = False
     _paused = False
-    _producer: Any = None
+    _producer: Producer | None = None
     _producer_paused = False
     # Since when response bytes wait and none could be sent (0.0: none wait); the stream's send timeout.
     stalled_since = 0.0
@@ -272,7 +274,7 @@ class H2Stream:
         fields = [(b":status", b"%d" % status), _TEXT_PLAIN, (b"content-length", b"%d" % len(body))]
         if extra:
             _add_lines(fields, extra)
-        if self.method == b"HEAD":
+        if not response_has_body(status, self.method == b"HEAD"):
             if self._send_headers(fields, True):
                 self._sent_all()
             return
@@ -290,7 +292,7 @@ class H2Stream:
     def abort(self, reason: str) -> None:
         self._reset(ErrorCodes.INTERNAL_ERROR)
 
-    def set_response_producer(self, producer: Any) -> None:
+    def set_response_producer(self, producer: Producer | None) -> None:
         self._producer = producer
         self._producer_paused = False
         if producer is not None:
@@ -528,12 +530,10 @@ def _add_lines(fields: list[tuple[bytes, bytes]], lines: bytes) -> None:
             fields.append((name.strip().lower(), value.strip()))
 
 
-class H2Protocol(Protocol):
+class H2Protocol(DataProtocol):
     """One HTTP/2 client connection (server side): frames in, one H2Stream per request, frames out."""
 
     log = Logger()
-    # A TCP or TLS transport (ITransport, IConsumer, IPushProducer): typed loosely, as in server.py.
-    transport: Any
     state = _OPEN
 
     def __init__(self, gateway: Gateway, proto: bytes = b"https", settings: H2Settings = DEFAULT_H2_SETTINGS) -> None:
@@ -604,21 +604,21 @@ class H2Protocol(Protocol):
             conn.increment_flow_control_window(min(extra, 2**31 - 1 - 65535))
         transport.registerProducer(self, True)
         gateway = self.gateway
-        gateway.connections.add(self)  # type: ignore[arg-type]
+        gateway.connections.add(self)
         self._idle_since = self.clock.seconds()
         self._timer = self.clock.callLater(gateway.settings.head_timeout, self._check_timers)
         self.flush()
         if gateway.draining:
             self.drain()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._move(_CLOSED)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         for stream in list(self.streams.values()):
             stream.abandon()
-        self.gateway.connection_closed(self)  # type: ignore[arg-type]
+        self.gateway.connection_closed(self)
 
     def drain(self) -> None:
         """Graceful close: GOAWAY naming the last stream that will be served; close when those are done."""
@@ -997,12 +997,10 @@ class H2Factory(Factory):
         return H2Protocol(self.gateway, self.proto, self.settings)
 
 
-class _ALPNSwitch(Protocol):
+class _ALPNSwitch(DataProtocol):
     """Starts as HTTP/1.1 (so the head timeout runs from the connection's start); on the first bytes, after the
     handshake, hands over to HTTP/2 when ALPN chose h2. Either way the chosen protocol's methods are then bound
     on this object, so later bytes reach it without an extra call."""
-
-    transport: Any
 
     def __init__(self, factory: "NegotiatingFactory") -> None:
         self._factory = factory
@@ -1018,7 +1016,7 @@ class _ALPNSwitch(Protocol):
         if http1 is None:
             return
         self._http1 = None
-        chosen: Protocol = http1
+        chosen: DataProtocol = http1
         # A connection the HTTP/1.1 side already closes (a timeout, a drain) stays with it.
         if getattr(self.transport, "negotiatedProtocol", None) == b"h2" and not self.transport.disconnecting:
             # Retire the HTTP/1.1 side before it saw a byte: its timer and its place in the gateway go.
@@ -1030,7 +1028,7 @@ class _ALPNSwitch(Protocol):
         self.connectionLost = chosen.connectionLost  # type: ignore[method-assign]
         chosen.dataReceived(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         http1, self._http1 = self._http1, None
         if http1 is not None:
             http1.connectionLost(reason)

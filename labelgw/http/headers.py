@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from labelgw.http.framing import response_has_body
 from labelgw.http.parser import RequestHead, ResponseHead
 
 # Meaningful for one connection only (RFC 9110 section 7.6.1), plus the proxy credentials meant for us.
@@ -100,7 +101,10 @@ def error_response(status: int, message: str, close: bool, extra: bytes = b"", h
     reason = _REASONS.get(status, b"Error")
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n%s%s\r\n%s"
-        % (status, reason, len(body), extra, b"Connection: close\r\n" if close else b"", b"" if head_only else body)
+        % (
+            status, reason, len(body), extra, b"Connection: close\r\n" if close else b"",
+            body if response_has_body(status, head_only) else b"",
+        )
     )
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -15,11 +15,11 @@ from labelgw.http.dispatch import dispatch
 from labelgw.http.exchange import Exchange
 from labelgw.http.fastwrite import write_now
 from labelgw.http.headers import client_response_head, error_response
-from labelgw.http.parser import (
-    LAST_CHUNK, MAX_HEAD_BYTES, ChunkedDecoder, HttpError, RequestHead, ResponseHead, encode_chunk, parse_request_head,
-)
+from labelgw.http.framing import LAST_CHUNK, BodyReader, HttpError, encode_chunk, find_head_end, request_reader
+from labelgw.http.parser import RequestHead, ResponseHead, parse_request_head
 from labelgw.http.settings import ProxySettings
 from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move, sources
+from labelgw.http.transport import DataProtocol, GatewayConnection, Producer
 from labelgw.http.upstream import UpstreamPool
 from labelgw.http.versioning import DEFAULT_VERSION_HEADER
 from labelgw.core.canary import CanaryAnalyzer
@@ -48,7 +48,8 @@ class Gateway:
         self.settings = settings or ProxySettings()
         self.pool = UpstreamPool(reactor, self.settings)
         self.service_limit = self.settings.service_in_flight_limit
-        self.connections: set[ClientConnection] = set()
+        # HTTP/1.1 and HTTP/2 connections (labelgw.http.h2.H2Protocol) alike.
+        self.connections: set[GatewayConnection] = set()
         self.in_flight = 0
         self.retries = 0
         self.active_retries = 0
@@ -86,7 +87,7 @@ class Gateway:
         done.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
         return done
 
-    def connection_closed(self, connection: "ClientConnection") -> None:
+    def connection_closed(self, connection: GatewayConnection) -> None:
         self.connections.discard(connection)
         if not self.connections and self._drained:
             waiting, self._drained = self._drained, []
@@ -94,7 +95,7 @@ class Gateway:
                 done.callback(None)
 
 
-class ClientConnection(Protocol):
+class ClientConnection(DataProtocol):
     """One HTTP/1.1 client connection: requests parsed and dispatched one at a time (pipelined ones wait), each
     served by an exchange to which this connection is the client side (L{labelgw.http.sides.ClientSide})."""
 
@@ -118,11 +119,11 @@ class ClientConnection(Protocol):
         # The client's transport is full: since when (0.0: it is not), and what to pause meanwhile (the upstream
         # of a streaming response).
         self._send_blocked_since = 0.0
-        self._response_producer: Any = None
-        # The request in progress: its head, and what is left of its body (Content-Length, or chunked).
+        self._response_producer: Producer | None = None
+        # The request in progress: its head, and the reader of its body (labelgw.http.framing; None: no body, or
+        # it is read).
         self._request: RequestHead | None = None
-        self._remaining = 0
-        self._decoder: ChunkedDecoder | None = None
+        self._reader: BodyReader | None = None
         # The response in progress: held until the end of one upstream read, chunk-encoded or not, and whether
         # its framing (delimited by the close) ends the connection.
         self._out: list[bytes] = []
@@ -157,7 +158,7 @@ class ClientConnection(Protocol):
         if gateway.draining:
             self.drain()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._move(_CLOSED)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -209,42 +210,33 @@ class ClientConnection(Protocol):
         elif state is _BODY:
             self._body_seen = self.gateway.clock.seconds()
             exchange = self.exchange
+            reader = self._reader
+            if exchange is None or reader is None:
+                return
             try:
-                data = self._read_body(exchange, data)  # type: ignore[arg-type]
+                data = self._read_body(exchange, reader, data)
             except HttpError as error:
-                self._refuse_body(exchange, error)  # type: ignore[arg-type]
+                self._refuse_body(exchange, error)
                 return
             if data:
                 self._buffer += data
                 self.set_paused("pipeline", True)
         elif state is _TUNNEL:
-            self.exchange.client_tunnel_data(data)  # type: ignore[union-attr]
+            exchange = self.exchange
+            if exchange is not None:
+                exchange.client_tunnel_data(data)
 
-    def _read_body(self, exchange: Exchange, data: bytes) -> bytes:
+    def _read_body(self, exchange: Exchange, reader: BodyReader, data: bytes) -> bytes:
         """Relay request body bytes; returns what follows the body (a pipelined request) once it is complete."""
-        decoder = self._decoder
-        if decoder is None:
-            remaining = self._remaining
-            rest = b""
-            if len(data) > remaining:
-                data, rest = data[:remaining], data[remaining:]
-            self._remaining = remaining - len(data)
-            if data:
-                exchange.request_data(data)
-            if self._remaining == 0:
-                self._body_end(exchange)
-            return rest
-        pieces = decoder.feed(data)  # HttpError goes to the caller: 400 and close
-        for piece in pieces:
-            if piece:
-                exchange.request_data(piece)
-        if decoder.done:
+        for piece in reader.feed(data):  # HttpError goes to the caller: 400 and close
+            exchange.request_data(piece)
+        if reader.done:
             self._body_end(exchange)
-            return decoder.rest
+            return reader.rest
         return b""
 
     def _body_end(self, exchange: Exchange) -> None:
-        self._decoder = None
+        self._reader = None
         if self.state is _BODY:
             self._move(_RESPONSE)
         exchange.request_end()
@@ -263,23 +255,16 @@ class ClientConnection(Protocol):
                     buffer = self._buffer = buffer.lstrip(b"\r\n")
                     if not buffer:
                         return
-                end = buffer.find(b"\r\n\r\n")
-                if end == -1:
-                    if b"\n\n" in buffer or b"\n\r\n" in buffer:
-                        # A head ended with bare LF: refuse now rather than wait for a CRLFCRLF that never comes.
-                        self.send_error(400, "bare LF in request head", close=True)
-                    elif len(buffer) > MAX_HEAD_BYTES:
-                        self.send_error(431, "request head too large", close=True)
-                    elif self.state is _IDLE:
-                        # A head that does not arrive whole gets an absolute deadline (slow clients).
-                        self._move(_HEAD)
-                        self._head_started = self.gateway.clock.seconds()
-                        self._rearm(self.gateway.settings.head_timeout)
-                    return
-                if end + 4 > MAX_HEAD_BYTES:
-                    self.send_error(431, "request head too large", close=True)
-                    return
                 try:
+                    # Refuses at once a head over the size cap, or one ended by a bare LF (labelgw.http.framing).
+                    end = find_head_end(buffer)
+                    if end == -1:
+                        if self.state is _IDLE:
+                            # A head that does not arrive whole gets an absolute deadline (slow clients).
+                            self._move(_HEAD)
+                            self._head_started = self.gateway.clock.seconds()
+                            self._rearm(self.gateway.settings.head_timeout)
+                        return
                     head = parse_request_head(buffer[:end])
                 except HttpError as error:
                     self.send_error(error.status, error.reason, close=True)
@@ -299,25 +284,23 @@ class ClientConnection(Protocol):
         if exchange is None:
             return
         self.exchange = exchange
-        if head.chunked:
-            self._decoder = ChunkedDecoder()
-            self._move(_BODY)
-        elif head.content_length:
-            self._remaining = head.content_length
-            self._decoder = None
+        # The framing decision (labelgw.http.framing): None, with no object made, for the common request without a
+        # body.
+        reader = self._reader = request_reader(head)
+        if reader is not None:
             self._move(_BODY)
         else:
             if self.state not in _TO_RESPONSE:
                 self._move(_RESPONSE)  # refused: raises StateError
             self.state = _RESPONSE
         exchange.start()
-        if self.state is _BODY and self.exchange is exchange:
+        if reader is not None and self.state is _BODY and self.exchange is exchange:
             self._body_seen = self.gateway.clock.seconds()
             self._rearm_within(self.gateway.settings.body_timeout)
             if self._buffer:
                 data, self._buffer = self._buffer, b""
                 try:
-                    self._buffer = self._read_body(exchange, data)
+                    self._buffer = self._read_body(exchange, reader, data)
                 except HttpError as error:
                     self._refuse_body(exchange, error)
 
@@ -358,7 +341,7 @@ class ClientConnection(Protocol):
             framing = b"Content-Length: %d\r\n" % head.content_length if head.content_length is not None else b""
         elif head.content_length is not None:
             framing = b"Content-Length: %d\r\n" % head.content_length
-        elif self._request.version == b"HTTP/1.1":  # type: ignore[union-attr]
+        elif self._request is not None and self._request.version == b"HTTP/1.1":
             # Chunked, or delimited by close upstream: chunked to the client keeps its connection alive.
             framing = b"Transfer-Encoding: chunked\r\n"
             self._chunked = True
@@ -395,7 +378,7 @@ class ClientConnection(Protocol):
 
     # The client side: back-pressure both ways.
 
-    def set_response_producer(self, producer: Any) -> None:
+    def set_response_producer(self, producer: Producer | None) -> None:
         """What to pause while the client does not read: the upstream of the response in progress (or None)."""
         self._response_producer = producer
         if producer is not None and self._send_blocked_since:
@@ -540,9 +523,10 @@ class ClientConnection(Protocol):
         elif state is _BODY:
             deadline = self._body_seen + settings.body_timeout
             if now >= deadline:
-                started = exchange.response_started  # type: ignore[union-attr]
+                started = exchange is not None and exchange.response_started
                 self.exchange = None
-                exchange.client_lost()  # type: ignore[union-attr]
+                if exchange is not None:
+                    exchange.client_lost()
                 if not started:
                     self.transport.write(error_response(408, "request body timed out", close=True))
                 self._close()

@@ -1,4 +1,4 @@
-"""Limits and timeouts of the proxy; defaults follow what trusted proxies ship (see shared notes/hardening.md)."""
+"""Limits and timeouts of the proxy; defaults follow what trusted proxies ship (nginx, Envoy, HAProxy)."""
 
 from __future__ import annotations
 

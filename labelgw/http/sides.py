@@ -8,9 +8,10 @@ close) and the body in it; HTTP/2 sends HEADERS and DATA frames within the flow-
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from labelgw.http.parser import ResponseHead
+from labelgw.http.transport import Producer
 
 if TYPE_CHECKING:
     from labelgw.http.exchange import Exchange
@@ -49,7 +50,7 @@ class ClientSide(Protocol):
 
     # Back-pressure.
 
-    def set_response_producer(self, producer: Any) -> None:
+    def set_response_producer(self, producer: Producer | None) -> None:
         """What to pause (pauseProducing / resumeProducing) while the client does not take the response: the
         upstream's transport, or None when the response no longer streams."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
 
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -14,6 +14,7 @@ from labelgw.core.backends import Backend
 from labelgw.http.fastwrite import write_now
 from labelgw.http.framing import UNTIL_CLOSE, BodyReader, HttpError, find_head_end, response_reader
 from labelgw.http.parser import ResponseHead, parse_response_head
+from labelgw.http.transport import DataProtocol
 
 if TYPE_CHECKING:
     from labelgw.http.settings import ProxySettings
@@ -51,7 +52,7 @@ _IDLE, _HEAD, _BODY, _TUNNEL, _ABORTED = range(5)
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
-class UpstreamConnection(Protocol):
+class UpstreamConnection(DataProtocol):
     _log = Logger()
 
     def __init__(self, pool: "UpstreamPool", backend: Backend) -> None:
@@ -88,7 +89,7 @@ class UpstreamConnection(Protocol):
         else:
             sink.upstream_connected(self)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
         self.reusable = False
         if self._timer is not None and self._timer.active():
@@ -102,7 +103,8 @@ class UpstreamConnection(Protocol):
         if mode == _BODY:
             reader, self._reader = self._reader, None
             try:
-                reader.read_eof()  # type: ignore[union-attr]
+                if reader is not None:
+                    reader.read_eof()
             except HttpError:
                 sink.upstream_failed(502, "upstream closed the connection mid-response")
             else:
@@ -162,8 +164,10 @@ class UpstreamConnection(Protocol):
         them yet: a connection must not be handed to a new request then (those bytes would be read as its
         response). One non-blocking peek on the socket. A TLS connection is not peeked: its socket may hold TLS
         records that are no response bytes (session tickets); bytes it reads while idle still close it."""
+        # Not every transport has a handle (a memory transport has none).
+        get_handle = getattr(self.transport, "getHandle", None)
         try:
-            handle = self.transport.getHandle()
+            handle = get_handle() if get_handle is not None else None
         except AttributeError:
             return False
         if not isinstance(handle, socket.socket):
@@ -227,13 +231,18 @@ class UpstreamConnection(Protocol):
         elif mode == _HEAD:
             self._read_head(data)
         elif mode == _TUNNEL:
-            self.sink.tunnel_data(data)  # type: ignore[union-attr]
+            sink = self.sink
+            if sink is not None:
+                sink.tunnel_data(data)
         elif mode == _IDLE:
             # Bytes from an idle upstream connection: nothing asked for them.
             self.discard()
         # _ABORTED: what a connection we gave up on still delivers is dropped.
 
     def _read_head(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            return
         self._answered = True
         buffer = self._buffer + data if self._buffer else data
         while True:
@@ -250,7 +259,7 @@ class UpstreamConnection(Protocol):
             status = head.status
             if 100 <= status < 200 and status != 101:
                 # Interim responses (100 Continue, 103 Early Hints) go to the client; the final one follows.
-                self.sink.response_head(head, self)  # type: ignore[union-attr]
+                sink.response_head(head, self)
                 if self.sink is None:
                     return
                 continue
@@ -259,18 +268,17 @@ class UpstreamConnection(Protocol):
         self.response_started = True
         if not head.keep_alive:
             self.reusable = False
-        sink = self.sink
         if status == 101:
             self._mode = _TUNNEL
             self.reusable = False
-            sink.response_head(head, self)  # type: ignore[union-attr]
+            sink.response_head(head, self)
             if buffer and self.sink is not None:
                 self.sink.tunnel_data(buffer)
             return
         reader = response_reader(head, self.head_only)
         if reader is None:
             self._mode = _IDLE
-            sink.response_head(head, self)  # type: ignore[union-attr]
+            sink.response_head(head, self)
             if buffer:
                 # A body (or anything) where none may be: the connection's framing cannot be trusted.
                 self.reusable = False
@@ -287,23 +295,26 @@ class UpstreamConnection(Protocol):
             return
         self._mode = _BODY
         self._reader = reader
-        sink.response_head(head, self)  # type: ignore[union-attr]
+        sink.response_head(head, self)
         if self.sink is not None:
             self._deliver(pieces, reader)
 
     def _read_body(self, data: bytes) -> None:
         reader = self._reader
+        if reader is None:
+            return
         try:
-            pieces = reader.feed(data)  # type: ignore[union-attr]
+            pieces = reader.feed(data)
         except HttpError as error:
             self._fail(502, error.reason)
             return
-        self._deliver(pieces, reader)  # type: ignore[arg-type]
+        self._deliver(pieces, reader)
 
     def _deliver(self, pieces: list[bytes], reader: BodyReader) -> None:
         sink = self.sink
-        for piece in pieces:
-            sink.response_data(piece)  # type: ignore[union-attr]
+        if sink is not None:
+            for piece in pieces:
+                sink.response_data(piece)
         if reader.done:
             if reader.rest:
                 # Bytes after the announced end: the upstream is broken; never reuse this connection.

@@ -86,7 +86,10 @@ class Registry:
         policy_factory: PolicyFactory = _default_policy,
         on_backend_retired: Callable[[Backend], None] | None = None,
         listeners: Iterable[BackendListener] = (),
+        label_prefix: str | None = None,
     ) -> None:
+        # Conflicts name the label as the user wrote it (`labelgw.host`); None: the bare suffix (`host`).
+        self._label = (lambda suffix: suffix) if label_prefix is None else (lambda suffix: f"{label_prefix}.{suffix}")
         self.table = RouteTable()
         self.containers: dict[str, ContainerSpec] = {}
         self.rejections: dict[str, Rejection] = {}
@@ -150,6 +153,13 @@ class Registry:
         pool = self.services.get(service)
         return len(pool.ready) if pool else 0
 
+    def rejected_for(self, host: str) -> Rejection | None:
+        """A skipped container that asked for `host`, if any: what its 404 should mention."""
+        for rejection in self.rejections.values():
+            if host in rejection.hosts:
+                return rejection
+        return None
+
     # Internals.
 
     def _reject(self, rejection: Rejection) -> None:
@@ -168,9 +178,10 @@ class Registry:
                 return Rejection(
                     spec.container_id,
                     spec.name,
-                    "host" if spec.path_prefix == "/" else "path",
+                    self._label("host" if spec.path_prefix == "/" else "path"),
                     host if spec.path_prefix == "/" else spec.path_prefix,
                     f"http://{host}{spec.path_prefix} is already routed to service {claim.route.service.name!r}",
+                    spec.hosts,
                 )
         pool = self.services.get(spec.service)
         return self._share_conflict(spec, pool) if pool is not None else None
@@ -186,10 +197,11 @@ class Registry:
             other_version = other.version or ""
             if other_version == version and other.traffic != spec.traffic:
                 return Rejection(
-                    spec.container_id, spec.name, "traffic", _percent(spec.traffic),
+                    spec.container_id, spec.name, self._label("traffic"), _percent(spec.traffic),
                     f"container {other.name} of the same version {version or '(none)'!r} of service "
                     f"{spec.service!r} has traffic {_percent(other.traffic)}; the containers of one version must "
                     "declare the same share",
+                    spec.hosts,
                 )
             if other.traffic is not None:
                 declared.setdefault(other_version, other.traffic)
@@ -200,9 +212,10 @@ class Registry:
         if total > 100.0:
             listed = ", ".join(f"{name or '(none)'} {share:g} %" for name, share in sorted(declared.items()))
             return Rejection(
-                spec.container_id, spec.name, "traffic", _percent(spec.traffic),
+                spec.container_id, spec.name, self._label("traffic"), _percent(spec.traffic),
                 f"the traffic shares of service {spec.service!r} would add up to {total:g} % ({listed}); "
                 "at most 100 %",
+                spec.hosts,
             )
         return None
 

@@ -82,6 +82,7 @@ class LabelgwService(MultiService):
             site = admin_site(
                 self.registry, reactor.seconds, self.health.describe, settings.admin_hosts, explainer, serving,
                 canary=self.gateway.canary, metrics=self._metrics_page(),
+                ca_certificate=lambda: self.https.ca.cert_pem if self.https.ca is not None else None,
             )
             admin = self.admin = AdminListener(reactor, settings.admin, site, "http")
             admin.setServiceParent(self)

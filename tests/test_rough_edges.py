@@ -1,0 +1,251 @@
+"""Issue 13, rough edges found by a new user: each fix with its test (the twistd ones as subprocesses)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.python import usage
+
+from labelgw.cli.tap import Options, brief_usage_error
+from labelgw.core.labels import parse_container
+from labelgw.core.model import ContainerSpec, Rejection
+from labelgw.core.registry import Registry
+from proxyharness import ProxyHarness, spec
+
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK_PEER = IPv4Address("TCP", "127.0.0.1", 5555)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A bad option: one line naming the option and the reason, no help text.
+
+
+def test_a_bad_port_names_the_option_and_the_reason() -> None:
+    with pytest.raises(usage.UsageError) as error:
+        Options().parseOptions(["--http", "tcp:abc"])
+    message = str(error.value)
+    assert message.startswith("--http 'tcp:abc'")
+    assert "port 'abc' is not a number" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "reason"), [("tcp:", "no port given"), ("tcp:99999", "port 99999 is out of range")]
+)
+def test_other_port_problems_are_said_in_words(endpoint: str, reason: str) -> None:
+    with pytest.raises(usage.UsageError, match=reason):
+        Options().parseOptions(["--https", "none", "--http", endpoint])
+
+
+def test_brief_usage_error_is_the_error_and_a_hint() -> None:
+    lines = brief_usage_error(usage.UsageError("--http 'tcp:abc': port 'abc' is not a number")).splitlines()
+    assert lines == [
+        "twistd labelgw: --http 'tcp:abc': port 'abc' is not a number",
+        "Run 'twistd labelgw --help' for the list of options.",
+    ]
+
+
+def _twistd(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    twistd = Path(sys.executable).with_name("twistd")
+    env = dict(os.environ, PYTHONPATH=str(REPO))  # the working tree's labelgw and plugin
+    return subprocess.run(
+        [str(twistd), "-n", "--pidfile=", "labelgw", *args],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--http", "tcp:abc"], "--http 'tcp:abc': not a valid endpoint: port 'abc' is not a number"),
+        (["--no-such-option"], "no-such-option"),
+    ],
+)
+def test_twistd_prints_a_bad_option_in_one_line(args: list[str], expected: str, tmp_path: Path) -> None:
+    result = _twistd(*args, tmp_path=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert 1 <= len(lines) <= 2, result.stderr
+    assert expected in lines[0]
+    assert "--help" in lines[-1]
+    # None of the help text, on either stream.
+    for output in (result.stdout, result.stderr):
+        assert "Options:" not in output and "--docker-host" not in output and "Usage:" not in output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pinning a version: 404 when the version does not exist, 503 when it exists but has no ready backend.
+
+
+def _versioned(container_id: str, version: str, port: int, running: bool = True) -> ContainerSpec:
+    return dataclasses.replace(spec(container_id, "api", port, ("api.localhost",), running=running), version=version)
+
+
+def _pinned(h: ProxyHarness, version: bytes) -> Any:
+    client = h.connect()
+    client.send(b"GET / HTTP/1.1\r\nHost: api.localhost\r\nX-Labelgw-Version: " + version + b"\r\n\r\n")
+    return client.response()
+
+
+def test_a_pinned_version_that_does_not_exist_is_a_404_naming_it() -> None:
+    h = ProxyHarness(specs=(_versioned("a1", "v1", 9001), _versioned("a2", "v2", 9002)))
+    response = _pinned(h, b"v9")
+    assert response.status == 404
+    assert response.header(b"retry-after") is None
+    assert b"'v9'" in response.body and b"'api'" in response.body
+
+
+def test_a_pinned_version_without_a_ready_backend_stays_503() -> None:
+    h = ProxyHarness(
+        specs=(_versioned("a1", "v1", 9001), _versioned("a2", "v2", 9002), _versioned("a3", "v3", 9003, running=False))
+    )
+    response = _pinned(h, b"v3")
+    assert response.status == 503
+    assert response.header(b"retry-after") == b"1"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A host whose container was skipped for a bad label: the 404 says so, to loopback clients only.
+
+
+def _inspect(labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "Id": "c0ffee" * 10,
+        "Name": "/shop-1",
+        "Config": {"Labels": labels},
+        "State": {"Running": True},
+        "NetworkSettings": {"Networks": {"bridge": {"IPAddress": "172.17.0.5"}}},
+    }
+
+
+def test_a_rejection_carries_the_hosts_the_container_asked_for() -> None:
+    rejection = parse_container(_inspect({"labelgw.service": "shop", "labelgw.port": "eighty"}))
+    assert isinstance(rejection, Rejection)
+    assert rejection.hosts == ("shop.localhost",)
+    rejection = parse_container(
+        _inspect({"labelgw.service": "shop", "labelgw.host": "Shop.Example.com", "labelgw.prot": "80"})
+    )
+    assert isinstance(rejection, Rejection)
+    assert rejection.hosts == ("shop.example.com",)
+
+
+def _skipped_harness() -> ProxyHarness:
+    h = ProxyHarness()
+    rejection = parse_container(_inspect({"labelgw.service": "shop", "labelgw.port": "eighty"}))
+    assert isinstance(rejection, Rejection)
+    h.registry.apply(rejection.container_id, rejection)
+    h.gateway.rejected_for = h.registry.rejected_for
+    return h
+
+
+def _get(h: ProxyHarness, host: bytes, peer: IPv4Address | None = None) -> Any:
+    client = h.connect(peer) if peer is not None else h.connect()
+    client.send(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    return client.response()
+
+
+def test_the_404_of_a_skipped_containers_host_names_it_to_loopback_clients() -> None:
+    h = _skipped_harness()
+    response = _get(h, b"shop.localhost", LOOPBACK_PEER)
+    assert response.status == 404
+    assert b"shop-1" in response.body and b"labelgw.port" in response.body and b"skipped" in response.body
+
+
+def test_other_clients_get_the_plain_404() -> None:
+    h = _skipped_harness()
+    response = _get(h, b"shop.localhost")  # 10.0.0.9
+    assert response.status == 404
+    assert b"shop-1" not in response.body and b"labelgw.port" not in response.body
+
+
+def test_a_host_nobody_asked_for_gets_the_plain_404_on_loopback_too() -> None:
+    h = _skipped_harness()
+    response = _get(h, b"other.localhost", LOOPBACK_PEER)
+    assert response.status == 404 and b"skipped" not in response.body
+
+
+def test_a_host_clash_names_the_full_label() -> None:
+    registry = Registry(label_prefix="labelgw")
+    registry.apply("a1", spec("a1", "api", 9001, ("shared.localhost",)))
+    registry.apply("w1", spec("w1", "web", 9002, ("shared.localhost",)))
+    rejection = registry.rejections["w1"]
+    assert rejection.label == "labelgw.host"
+    assert "labelgw.host='shared.localhost'" in rejection.describe()
+    assert registry.rejected_for("shared.localhost") is rejection
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The admin view.
+
+
+def _admin_get(resource: Any, path: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    request = DummyRequest(path.lstrip(b"/").split(b"/") if path != b"/" else [])
+    request.requestHeaders.setRawHeaders(b"host", [b"localhost:8081"])
+    body = resource.render(request)
+    headers = {name.lower(): values[0] for name, values in request.responseHeaders.getAllRawHeaders()}
+    return request.responseCode or 200, headers, body
+
+
+def test_admin_serves_the_public_ca_certificate_only(tmp_path: Path) -> None:
+    from labelgw.control.admin import AdminResource
+    from labelgw.tls.ca import LocalCA
+
+    ca = LocalCA.load_or_create(tmp_path)
+    resource = AdminResource(Registry(), lambda: 0.0, ca_certificate=lambda: ca.cert_pem)
+    status, headers, body = _admin_get(resource, b"/ca.pem")
+    assert status == 200
+    assert body == ca.cert_pem and body.startswith(b"-----BEGIN CERTIFICATE-----")
+    assert b"PRIVATE KEY" not in body
+    assert headers[b"content-type"] == b"application/x-pem-file"
+
+
+def test_admin_ca_pem_without_https_is_a_404() -> None:
+    from labelgw.control.admin import AdminResource
+
+    status, _, body = _admin_get(AdminResource(Registry(), lambda: 0.0, ca_certificate=lambda: None), b"/ca.pem")
+    assert status == 404 and b"HTTPS" in body
+
+
+def test_admin_404_names_the_root() -> None:
+    from labelgw.control.admin import AdminResource
+
+    status, _, body = _admin_get(AdminResource(Registry(), lambda: 0.0), b"/nope")
+    assert status == 404
+    assert "/" in json.loads(body)["try"]
+
+
+def test_admin_traffic_is_a_number_and_rejections_list_their_hosts() -> None:
+    from labelgw.control.admin import state
+
+    registry = Registry()
+    v1 = _versioned("a1", "v1", 9001)
+    v2 = dataclasses.replace(_versioned("a2", "v2", 9002), traffic=10.0, options=(("traffic", "10"),))
+    registry.apply("a1", v1)
+    registry.apply("a2", v2)
+    rejection = parse_container(_inspect({"labelgw.service": "shop", "labelgw.port": "eighty"}))
+    assert isinstance(rejection, Rejection)
+    registry.apply(rejection.container_id, rejection)
+    view = json.loads(json.dumps(state(registry, 0.0)))
+    assert view["services"]["api"]["versions"]["v2"]["traffic"] == 10.0
+    assert view["rejections"][0]["hosts"] == ["shop.localhost"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The LICENSE that setup.cfg declares.
+
+
+def test_license_file_matches_setup_cfg() -> None:
+    assert "license = MIT" in (REPO / "setup.cfg").read_text()
+    text = (REPO / "LICENSE").read_text()
+    assert text.startswith("MIT License")
+    assert "Copyright (c) 2026 the labelgw authors" in text

@@ -64,6 +64,11 @@ def _routing_key(spec: ContainerSpec) -> tuple[object, ...]:
     return (spec.service, spec.hosts, spec.path_prefix, spec.strip_prefix, spec.scheme)
 
 
+def _kind(spec: ContainerSpec) -> str:
+    """How the log names a backend: static ones from the config file are not containers."""
+    return "static backend" if spec.container_id.startswith(STATIC_PREFIX) else "container"
+
+
 def _percent(share: float | None) -> str:
     return "none" if share is None else f"{share:g} %"
 
@@ -125,7 +130,9 @@ class Registry:
         spec = self.containers.pop(container_id, None)
         if spec is not None:
             self._detach(spec)
-            self._log.info("container {name} removed from service {service}", name=spec.name, service=spec.service)
+            self._log.info(
+                "{kind} {name} removed from service {service}", kind=_kind(spec), name=spec.name, service=spec.service
+            )
 
     def resync(self, outcomes: Mapping[str, Outcome]) -> None:
         known = set(self.containers) | set(self.rejections)
@@ -276,12 +283,17 @@ class Registry:
     def _log_readiness(self, pool: ServicePool, backend: Backend) -> None:
         reasons = []
         if not backend.spec.ready:
-            reasons.append("container not ready")
+            reasons.append(f"{_kind(backend.spec)} not ready")
         if backend.health_state not in (None, "healthy"):
             reasons.append(f"health check {backend.health_state}")
         if backend.ejected_until is not None:
             reasons.append("ejected")
-        self._log.info(
+        # Unhealthy (Docker's health check or ours) is worth a warning; a container stopping or starting is not.
+        unhealthy = not backend.ready and (
+            backend.spec.health == "unhealthy" or backend.health_state not in (None, "healthy", "unknown")
+        )
+        emit = self._log.warn if unhealthy else self._log.info
+        emit(
             "backend {name} of service {service} {state}{why} ({ready} ready)",
             name=backend.spec.name, service=pool.name, state="in rotation" if backend.ready else "out of rotation",
             why=f": {', '.join(reasons)}" if reasons else "", ready=len(pool.ready),
@@ -323,8 +335,8 @@ class Registry:
                 self._log.info("route http://{host}{path} -> service {service}", host=host, path=spec.path_prefix, service=spec.service)
             claim.members.add(spec.container_id)
         self._log.info(
-            "container {name} joined service {service} at {address}:{port} ({state}; {ready} ready)",
-            name=spec.name, service=spec.service, address=spec.address, port=spec.port,
+            "{kind} {name} joined service {service} at {address}:{port} ({state}; {ready} ready)",
+            kind=_kind(spec), name=spec.name, service=spec.service, address=spec.address, port=spec.port,
             state=_readiness(backend), ready=len(pool.ready),
         )
 

@@ -249,3 +249,148 @@ def test_license_file_matches_setup_cfg() -> None:
     text = (REPO / "LICENSE").read_text()
     assert text.startswith("MIT License")
     assert "Copyright (c) 2026 the labelgw authors" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logging.
+
+
+def _levels(logged: list[dict[str, Any]], text: str) -> list[str]:
+    from twisted.logger import formatEvent
+
+    return [entry["log_level"].name for entry in logged if text in formatEvent(entry)]
+
+
+def test_a_periodic_resync_that_changed_nothing_is_logged_at_debug_level() -> None:
+    from test_watcher import A, B, World, inspect_of
+
+    world = World(resync_interval=60.0)
+    world.engine.containers = {A: inspect_of(A)}
+    world.watcher.startService()
+    assert _levels(world.logged, "docker resync (") == ["info"]  # the first one says what it found
+    world.reactor.advance(60)
+    assert _levels(world.logged, "docker resync (periodic)") == ["debug"]
+    world.engine.containers[B] = inspect_of(B)  # an event we never got: the resync changes something
+    world.reactor.advance(60)
+    assert _levels(world.logged, "docker resync (periodic)") == ["debug", "info"]
+    del world.engine.containers[B]  # gone without an event: a change too
+    world.reactor.advance(60)
+    assert _levels(world.logged, "docker resync (periodic)") == ["debug", "info", "info"]
+
+
+def _connection_error(inner: OSError) -> Exception:
+    """What docker-py raises for an engine it cannot reach: requests' error wrapping urllib3's, chained."""
+    import docker.errors
+    import requests
+    from urllib3.exceptions import ProtocolError
+
+    try:
+        try:
+            raise requests.exceptions.ConnectionError(ProtocolError("Connection aborted.", inner))
+        except Exception as error:
+            raise docker.errors.DockerException(f"Error while fetching server API version: {error}") from error
+    except Exception as outer:
+        return outer
+
+
+def test_an_unreachable_engine_is_one_short_line_once(tmp_path: Path) -> None:
+    from test_watcher import FakeReactor, FakeThreads, RecordingSink, fake_parse
+    from twisted.logger import Logger, formatEvent
+
+    from labelgw.docker.watcher import DockerWatcher
+
+    def refuse() -> Any:
+        raise _connection_error(ConnectionRefusedError(111, "Connection refused"))
+
+    logged: list[dict[str, Any]] = []
+    threads = FakeThreads()
+    watcher = DockerWatcher(
+        FakeReactor(), RecordingSink(), refuse, docker_host="tcp://127.0.0.1:1", parse=fake_parse,
+        own_networks=frozenset(), threads_factory=lambda: threads,
+    )
+    watcher.__dict__["_log"] = Logger(observer=logged.append)  # type: ignore[arg-type]
+    watcher.startService()
+    for _ in range(3):
+        watcher._reactor.advance(10)
+    lines = [(entry["log_level"].name, formatEvent(entry)) for entry in logged if "unreachable" in formatEvent(entry)]
+    assert lines[0] == ("warn", "docker engine unreachable at tcp://127.0.0.1:1: Connection refused; retrying in 0.1s")
+    assert len(lines) >= 3 and all(level == "debug" for level, _ in lines[1:])
+    watcher.stopService()
+
+
+def test_permission_denied_on_the_socket_names_its_group(tmp_path: Path) -> None:
+    from test_watcher import FakeReactor, FakeThreads, RecordingSink, fake_parse
+    from twisted.logger import Logger, formatEvent
+
+    from labelgw.docker.watcher import DockerWatcher, permission_hint
+
+    sock = tmp_path / "docker.sock"
+    sock.touch()
+    gid = sock.stat().st_gid
+    hint = permission_hint(f"unix://{sock}")
+    assert f"--group-add {gid}" in hint and str(sock) in hint
+
+    def deny() -> Any:
+        raise _connection_error(PermissionError(13, "Permission denied"))
+
+    logged: list[dict[str, Any]] = []
+    threads = FakeThreads()
+    watcher = DockerWatcher(
+        FakeReactor(), RecordingSink(), deny, docker_host=f"unix://{sock}", parse=fake_parse,
+        own_networks=frozenset(), threads_factory=lambda: threads,
+    )
+    watcher.__dict__["_log"] = Logger(observer=logged.append)  # type: ignore[arg-type]
+    watcher.startService()
+    [line] = [formatEvent(entry) for entry in logged if "unreachable" in formatEvent(entry)]
+    assert line.startswith(f"docker engine unreachable at unix://{sock}: Permission denied; add group {gid}")
+    assert "\n" not in line and "urllib3" not in line and "retrying in" in line
+    assert watcher._reconnect_call is not None and watcher._reconnect_call.active()  # retried
+    watcher.stopService()
+
+
+def test_permission_hint_reads_the_socket_gid() -> None:
+    from types import SimpleNamespace
+
+    from labelgw.docker.watcher import permission_hint
+
+    hint = permission_hint("unix:///var/run/docker.sock", stat=lambda path: SimpleNamespace(st_gid=998))
+    assert "group 998" in hint and "--group-add 998" in hint and "999" not in hint
+
+
+def test_a_backend_turning_unhealthy_is_a_warning() -> None:
+    from test_health import Harness, checked
+    from twisted.logger import Logger, formatEvent
+
+    from labelgw.control.health import HealthChecker
+
+    logged: list[dict[str, Any]] = []
+    h = Harness()
+    observer = Logger(observer=logged.append)  # type: ignore[arg-type]
+    h.checker.__dict__["_log"] = observer
+    h.registry.__dict__["_log"] = observer
+    b = h.add(checked("a"))
+    h.tick()
+    h.http.answer(200)
+    for _ in range(3):
+        h.tick(5)
+        h.http.answer(500)
+    assert b.health_state == "unhealthy"
+    warnings = [formatEvent(e) for e in logged if e["log_level"].name == "warn"]
+    assert any("-> unhealthy" in line for line in warnings)
+    assert any("out of rotation" in line for line in warnings)
+    assert isinstance(h.checker, HealthChecker)
+
+
+def test_static_backends_are_not_called_containers() -> None:
+    from twisted.logger import Logger, formatEvent
+
+    from labelgw.core.registry import STATIC_PREFIX
+
+    logged: list[dict[str, Any]] = []
+    registry = Registry()
+    registry.__dict__["_log"] = Logger(observer=logged.append)  # type: ignore[arg-type]
+    registry.apply(STATIC_PREFIX + "legacy/0", spec(STATIC_PREFIX + "legacy/0", "legacy", 9001, ("legacy.localhost",)))
+    registry.apply("c1", spec("c1", "web", 9002, ("web.localhost",)))
+    lines = [formatEvent(e) for e in logged]
+    assert any(line.startswith("static backend static:legacy/0 joined service legacy") for line in lines)
+    assert any(line.startswith("container c1 joined service web") for line in lines)

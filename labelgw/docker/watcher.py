@@ -19,6 +19,7 @@ exponential backoff; meanwhile the sink keeps serving the last good routes.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading

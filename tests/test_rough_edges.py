@@ -394,3 +394,81 @@ def test_static_backends_are_not_called_containers() -> None:
     lines = [formatEvent(e) for e in logged]
     assert any(line.startswith("static backend static:legacy/0 joined service legacy") for line in lines)
     assert any(line.startswith("container c1 joined service web") for line in lines)
+
+
+def test_quiet_observer_drops_twisteds_port_lines_for_labelgws_ports_and_labelgw_debug() -> None:
+    from twisted.logger import LogLevel, LogPublisher
+
+    from labelgw.cli.quietlog import PortLines, QuietObserver, install_quiet_log
+
+    seen: list[dict[str, Any]] = []
+    ports = PortLines()
+    quiet = QuietObserver(seen.append, ports, debug=False)
+
+    def legacy(text: str) -> dict[str, Any]:
+        return {"log_namespace": "log_legacy", "log_text": text, "log_level": LogLevel.info}
+
+    ports.opening += 1
+    quiet(legacy("ProxyFactory starting on 8080"))
+    quiet(legacy("NegotiatingFactory (TLS) starting on 8443"))
+    ports.opening -= 1
+    quiet(legacy("Site starting on 9999"))  # not opened by a labelgw listener: kept
+    quiet(legacy("(TCP Port 8080 Closed)"))
+    quiet(legacy("(TCP Port 9999 Closed)"))
+    quiet({"log_namespace": "labelgw.docker.watcher.DockerWatcher", "log_level": LogLevel.debug, "log_text": "resync"})
+    quiet({"log_namespace": "labelgw.docker.watcher.DockerWatcher", "log_level": LogLevel.info, "log_text": "kept"})
+    assert [event["log_text"] for event in seen] == ["Site starting on 9999", "(TCP Port 9999 Closed)", "kept"]
+    loud = QuietObserver(seen.append, PortLines(), debug=True)
+    loud({"log_namespace": "labelgw.x", "log_level": LogLevel.debug, "log_text": "wanted"})
+    assert seen[-1]["log_text"] == "wanted"
+
+    # Installed around a publisher's observers, which can still be removed by the original.
+    publisher = LogPublisher()
+    publisher.addObserver(seen.append)
+    install_quiet_log(publisher, force=True)
+    install_quiet_log(publisher, force=True)  # once only
+    assert len(publisher._observers) == 1 and isinstance(publisher._observers[0], QuietObserver)
+    publisher.removeObserver(seen.append)
+    assert publisher._observers == []
+
+
+def test_twistd_announces_each_listener_once(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    twistd = Path(sys.executable).with_name("twistd")
+    env = {key: value for key, value in os.environ.items() if key != "LABELGW_DEBUG"}
+    env["PYTHONPATH"] = str(REPO)
+    process = subprocess.Popen(
+        [str(twistd), "-n", "--pidfile=", "labelgw", "--http", "tcp:0:interface=127.0.0.1",
+         "--https", "tcp:0:interface=127.0.0.1", "--admin", "tcp:0:interface=127.0.0.1",
+         "--state-dir", str(tmp_path / "state"), "--docker-host", "tcp://127.0.0.1:1"],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "docker engine unreachable" in line:
+                break
+        time.sleep(1.0)  # a few retries of the unreachable engine
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=60)
+        lines.extend(rest.splitlines())
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+    assert text.count("labelgw listening on http://127.0.0.1:") == 1, text
+    assert text.count("labelgw listening on https://127.0.0.1:") == 1, text
+    assert text.count("labelgw admin on http://127.0.0.1:") == 1, text
+    assert " starting on " not in text and "Port " not in text, text
+    unreachable = [line for line in text.splitlines() if "docker engine unreachable" in line]
+    assert len(unreachable) == 1, text
+    assert unreachable[0].endswith("docker engine unreachable at tcp://127.0.0.1:1: Connection refused; retrying in 0.1s")

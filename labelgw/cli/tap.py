@@ -162,8 +162,10 @@ def default_reactor() -> Any:
 
 
 def makeService(options: Options) -> Any:
+    from labelgw.cli import quietlog
     from labelgw.cli.app import LabelgwService
 
     reactor = default_reactor()
+    quietlog.enable()  # Twisted's port lines and labelgw's debug lines out of twistd's log (labelgw.cli.quietlog)
 
     return LabelgwService(options.settings, reactor)

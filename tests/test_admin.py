@@ -110,7 +110,7 @@ def test_state_lists_services_versions_backends_routes_and_rejections(world: Wor
     assert (api["balancer"], api["ready"], api["total"], api["ejected"]) == ("wrt", 2, 3, 1)
     assert api["versions"] == {
         "v1": {"backends": ["api-v1a", "api-v1b"], "ready": 1, "traffic": None, "share": 90.0, "sticky_clients": 0},
-        "v2": {"backends": ["api-v2a"], "ready": 1, "traffic": "10", "share": 10.0, "sticky_clients": 0},
+        "v2": {"backends": ["api-v2a"], "ready": 1, "traffic": 10.0, "share": 10.0, "sticky_clients": 0},
     }
     assert view["services"]["web"]["balancer"] == "least_conn"
     backends = {b["container"]: b for b in api["backends"]}

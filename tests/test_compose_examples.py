@@ -8,10 +8,11 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import docker
 import pytest
+import yaml
 
 from support import TwistdProcess, free_port, http_get, is_ci, wait_for_port
 
@@ -57,13 +58,81 @@ def test_there_are_examples() -> None:
     assert BASIC in COMPOSE_FILES
 
 
+# The gateway's files need the Docker socket's group, which they do not guess (see gateway.yml).
+GID_ENV = {**os.environ, "DOCKER_GID": "4242"}
+GATEWAY = BASIC.parent / "gateway.yml"
+BRIDGE = EXAMPLES / "bridge" / "docker-compose.yml"
+
+
 @pytest.mark.parametrize("compose_file", COMPOSE_FILES, ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_compose_file_is_valid(compose_file: Path) -> None:
-    run_compose(["-f", str(compose_file), "config", "-q"])
+    run_compose(["-f", str(compose_file), "config", "-q"], env=GID_ENV)
 
 
 def test_basic_with_the_gateway_is_valid() -> None:
-    run_compose(["-f", str(BASIC), "-f", str(BASIC.parent / "gateway.yml"), "config", "-q"])
+    run_compose(["-f", str(BASIC), "-f", str(GATEWAY), "config", "-q"], env=GID_ENV)
+
+
+def _gateway_service(*files: Path) -> dict[str, Any]:
+    args = [arg for path in files for arg in ("-f", str(path))]
+    config = yaml.safe_load(run_compose([*args, "config"], env=GID_ENV))
+    return dict(config["services"]["labelgw"], _volumes=config.get("volumes") or {})
+
+
+@pytest.mark.parametrize("files", [(BASIC, GATEWAY), (BRIDGE,)], ids=["host-network", "bridge"])
+def test_gateway_group_is_the_sockets_not_a_guess(files: tuple[Path, ...]) -> None:
+    service = _gateway_service(*files)
+    assert [str(gid) for gid in service["group_add"]] == ["4242"]
+    # Without DOCKER_GID, Compose refuses and says what to set, instead of using a group that may be wrong.
+    command = [*compose_command(), *[a for p in files for a in ("-f", str(p))], "config", "-q"]
+    env = {key: value for key, value in os.environ.items() if key != "DOCKER_GID"}
+    result = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "DOCKER_GID" in result.stderr and "stat -c %g" in result.stderr
+
+
+@pytest.mark.parametrize("files", [(BASIC, GATEWAY), (BRIDGE,)], ids=["host-network", "bridge"])
+def test_gateway_state_dir_is_a_named_volume(files: tuple[Path, ...]) -> None:
+    service = _gateway_service(*files)
+    volumes = [str(v) if isinstance(v, str) else f"{v.get('source')}:{v.get('target')}" for v in service["volumes"]]
+    state = [v for v in volumes if "/home/labelgw/.local/share/labelgw" in v]
+    assert len(state) == 1 and state[0].split(":")[0] == "labelgw-state", volumes
+    assert "labelgw-state" in service["_volumes"]
+
+
+def _option_values(command: list[str], option: str) -> list[str]:
+    return [command[i + 1] for i, arg in enumerate(command) if arg == option]
+
+
+def _interface(endpoint: str) -> str | None:
+    for part in endpoint.split(":")[2:]:
+        if part.startswith("interface="):
+            return part[len("interface="):]
+    return None
+
+
+@pytest.mark.parametrize("files", [(BASIC, GATEWAY), (BRIDGE,)], ids=["host-network", "bridge"])
+def test_gateway_https_binds_the_interface_of_http(files: tuple[Path, ...]) -> None:
+    command = [str(arg) for arg in _gateway_service(*files)["command"]]
+    [http] = _option_values(command, "--http")
+    [https] = _option_values(command, "--https")
+    assert _interface(https) == _interface(http)
+
+
+def test_bridge_example_shares_one_network_and_publishes_only_labelgw() -> None:
+    config = yaml.safe_load(run_compose(["-f", str(BRIDGE), "config"], env=GID_ENV))
+    services = config["services"]
+    assert "network_mode" not in services["labelgw"]
+    network = config["networks"]["web"]["name"]
+    for name, service in services.items():
+        assert "web" in service["networks"], name
+        if name != "labelgw":
+            assert "ports" not in service, name
+            assert service["labels"]["labelgw.network"] == network
+    # Published on the host's loopback only.
+    ports = services["labelgw"]["ports"]
+    assert ports and all(str(p).startswith("127.0.0.1:") or (isinstance(p, dict) and p.get("host_ip") == "127.0.0.1")
+                         for p in ports), ports
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,9 @@ def test_ninety_ten_split_pinning_and_cookies(labelgw: Any, containers: Any, uni
         assert (response.status, response.getheader("X-Whoami")) == (200, "v2")
     connection.request("GET", "/", headers={"Host": host, "X-Labelgw-Version": "v9"})
     response = connection.getresponse()
-    assert response.status == 503 and "v9" in response.read().decode()
+    # No container of v9 at all: 404 naming it, no Retry-After (a retry cannot help).
+    assert response.status == 404 and "v9" in response.read().decode()
+    assert response.getheader("Retry-After") is None
     connection.close()
 
 

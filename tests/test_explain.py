@@ -257,8 +257,9 @@ def test_pinned_and_sticky_decisions_say_why() -> None:
     assert (view["version"]["decision"], view["version"]["pinned"]) == ("v2", True)
     assert view["version"]["why"] == "pinned by the X-Canary header" and view["choice"]["id"] == "b1"
     view = explainer.explain("http://api.localhost/", version="v9")
-    assert view["status"] == 503 and "never leaves it" in view["version"]["why"]
-    assert view["answer"] == "503: service 'api' has no ready backend of version 'v9' (Retry-After: 1)"
+    # No container of v9 at all: 404, as the proxy answers (a retry cannot help).
+    assert view["status"] == 404 and "never leaves it" in view["version"]["why"]
+    assert view["answer"] == "404: service 'api' has no version 'v9'"
     view = explainer.explain("http://api.localhost/", cookie="x=1; labelgw_version_api=v2")
     assert view["version"]["decision"] == "v2" and view["version"]["set_cookie"] is None
     assert view["version"]["why"] == "sticky: the client's cookie labelgw_version_api=v2"

@@ -41,12 +41,14 @@ class LabelgwService(MultiService):
             policy_factory=service_policy_factory(settings.balancer, reactor.seconds, tau=settings.balancer_decay),
             on_backend_retired=lambda backend: self.gateway.pool.retire(backend),
             listeners=(self.outlier, self.health),
+            label_prefix=settings.label_prefix,
         )
         # Each service's middleware chain (rate limit, breaker, concurrency limit, fallback), from its labels.
         self.registry.add_listener(MiddlewareManager(reactor, self.registry.services))
         self.health.setServiceParent(self)
         self.outlier.setServiceParent(self)
         self.gateway = Gateway(reactor, self.registry.table, settings.proxy)
+        self.gateway.rejected_for = self.registry.rejected_for
         self.gateway.version_header = settings.version_header.lower().encode("ascii")
         self.gateway.canary = CanaryAnalyzer(settings.canary_window)
         # Per-request counters (read by /metrics) and the Docker events' timing; none of it with `metrics: false`.
@@ -80,6 +82,7 @@ class LabelgwService(MultiService):
             site = admin_site(
                 self.registry, reactor.seconds, self.health.describe, settings.admin_hosts, explainer, serving,
                 canary=self.gateway.canary, metrics=self._metrics_page(),
+                ca_certificate=lambda: self.https.ca.cert_pem if self.https.ca is not None else None,
             )
             admin = self.admin = AdminListener(reactor, settings.admin, site, "http")
             admin.setServiceParent(self)

@@ -15,6 +15,8 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from labelgw.cli.quietlog import PORT_LINES, install_quiet_log
+
 # nginx listens with 511; twice that takes a burst of a thousand connects (the kernel caps it at
 # net.core.somaxconn, 4096 since Linux 5.4).
 DEFAULT_BACKLOG = 1024
@@ -95,10 +97,14 @@ class ListenerService(StreamServerEndpointService):
 
     def privilegedStartService(self) -> None:
         self._listening = True
+        install_quiet_log()
+        PORT_LINES.opening += 1
         try:
             StreamServerEndpointService.privilegedStartService(self)
         except Exception as error:
             raise SystemExit(f"labelgw: cannot listen on {self.description!r}: {error}") from None
+        finally:
+            PORT_LINES.opening -= 1
         if self.port is None:
             raise SystemExit(f"labelgw: listening on {self.description!r} did not complete at start")
 

@@ -66,11 +66,26 @@ class Options(usage.Options):
         print(f"labelgw {__version__}")
         raise SystemExit(0)
 
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as error:
+            if getattr(self, "parent", None) is None:
+                raise  # called directly (tests, tools): the caller reports it
+            # Under twistd, whose handler prints the whole --help before the error: one line and a hint instead.
+            raise SystemExit(brief_usage_error(error)) from None
+
     def postOptions(self) -> None:
         try:
             self.settings = settings_from_options(self)
         except config.ConfigError as error:
             raise usage.UsageError(str(error)) from None
+
+
+def brief_usage_error(error: Exception, program: str = "twistd labelgw") -> str:
+    """The message for a bad option: the error on one line, then where the full list of options is."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else "bad option"
+    return f"{program}: {first}\nRun '{program} --help' for the list of options."
 
 
 def settings_from_options(options: Any) -> config.Settings:
@@ -105,10 +120,30 @@ def _check_endpoints(descriptions: tuple[str, ...], option: str = "--http") -> N
     from twisted.internet.endpoints import _parseServer  # parsing only: nothing listens yet
 
     for description in descriptions:
+        problem = _port_problem(description)
+        if problem is not None:
+            raise config.ConfigError(f"{option} {description!r}: not a valid endpoint: {problem}")
         try:
             _parseServer(description, None)
         except Exception as error:  # the parser raises several kinds of errors; all mean the same to a user
             raise config.ConfigError(f"{option} {description!r}: not a valid endpoint ({error})") from None
+
+
+def _port_problem(description: str) -> str | None:
+    """What is wrong with the port of a tcp/tcp6/ssl endpoint, in words (the parser only says int() failed)."""
+    kind, _, rest = description.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    port = rest.split(":", 1)[0]
+    if "=" in port:
+        return None  # port=N given as a keyword: the parser's message will do
+    if not port:
+        return "no port given"
+    if not port.isdigit():
+        return f"port {port!r} is not a number"
+    if int(port) > 65535:
+        return f"port {port} is out of range (0-65535)"
+    return None
 
 
 def default_reactor() -> Any:
@@ -127,9 +162,11 @@ def default_reactor() -> Any:
 
 
 def makeService(options: Options) -> Any:
+    from labelgw.cli import quietlog
     from labelgw.cli.app import LabelgwService
 
     reactor = default_reactor()
+    quietlog.enable()  # Twisted's port lines and labelgw's debug lines out of twistd's log (labelgw.cli.quietlog)
 
     service = LabelgwService(options.settings, reactor)
     # The --config file watched and re-applied while running; SIGHUP re-reads it (labelgw.cli.reload).

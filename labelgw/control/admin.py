@@ -111,6 +111,7 @@ def state(registry: Registry, now: float, health: Describe | None = None) -> dic
                 "label": rejection.label,
                 "value": rejection.value,
                 "reason": rejection.reason,
+                "hosts": list(rejection.hosts),
                 "message": rejection.describe(),
             }
             for rejection in sorted(registry.rejections.values(), key=lambda r: (r.name, r.container_id))
@@ -126,7 +127,8 @@ def _service(pool: ServicePool, now: float, health: Describe | None) -> dict[str
         entry = versions.setdefault(key, {"backends": [], "ready": 0, "traffic": None})
         entry["backends"].append(backend.spec.name)
         entry["ready"] += 1 if backend.ready else 0
-        traffic = backend.spec.option("traffic")
+        # A number (percent), as every other figure in this view; the label's text is in the container's labels.
+        traffic = backend.spec.traffic
         if traffic is not None and entry["traffic"] is None:
             entry["traffic"] = traffic
     # The share of new clients each version gets now (labelgw.core.versions); one ready version gets them all.
@@ -213,8 +215,11 @@ class AdminResource(Resource):
         serving: Serving | None = None,
         canary: CanaryAnalyzer | None = None,
         metrics: Metrics | None = None,
+        ca_certificate: Callable[[], bytes | None] | None = None,
     ) -> None:
         Resource.__init__(self)
+        # GET /ca.pem: the local CA's public certificate (never its key); None or None returned: no HTTPS CA.
+        self._ca_certificate = ca_certificate
         self._canary = canary if canary is not None else CanaryAnalyzer()
         self._metrics = metrics
         self._registry = registry
@@ -264,8 +269,20 @@ class AdminResource(Resource):
             name, content_type = static
             request.setHeader(b"content-type", content_type)
             return self._static[name]
+        if path == b"/ca.pem":
+            pem = self._ca_certificate() if self._ca_certificate is not None else None
+            if pem is not None:
+                request.setHeader(b"content-type", b"application/x-pem-file")
+                request.setHeader(b"content-disposition", b'attachment; filename="labelgw-ca.pem"')
+                return pem
+            request.setResponseCode(404)
+            return self._json(request, {"error": "no local CA: HTTPS is off"})
         request.setResponseCode(404)
-        return self._json(request, {"error": "not found", "try": ["/api/state", "/dashboard", "/explain?url=", "/healthz"]})
+        return self._json(request, {
+            "error": "not found",
+            "try": ["/", "/api/state", "/dashboard", "/explain?url=", "/healthz", "/ca.pem"]
+            + (["/metrics"] if self._metrics is not None else []),
+        })
 
     def render_HEAD(self, request: Request) -> bytes:
         return self.render_GET(request)
@@ -354,8 +371,11 @@ def admin_site(
     serving: Serving | None = None,
     canary: CanaryAnalyzer | None = None,
     metrics: Metrics | None = None,
+    ca_certificate: Callable[[], bytes | None] | None = None,
 ) -> Site:
-    return AdminSite(AdminResource(registry, clock, health, allowed_hosts, explainer, serving, canary, metrics))
+    return AdminSite(
+        AdminResource(registry, clock, health, allowed_hosts, explainer, serving, canary, metrics, ca_certificate)
+    )
 
 
 class AdminListener(ListenerService):

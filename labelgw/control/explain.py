@@ -127,6 +127,10 @@ class Explainer:
             for b in _sorted(service.ready)
         ]
         if chosen is None:
+            pinned = decision["decision"] if decision["pinned"] else None
+            if pinned is not None and not any((b.version or "") == pinned for b in service.backends.values()):
+                # As labelgw.http.dispatch: no container of that version at all, so no retry can help.
+                return _answer(view, 404, f"service {service.name!r} has no version {pinned!r}")
             what = f" of version {decision['decision']!r}" if decision["decision"] is not None else ""
             return _answer(view, 503, f"service {service.name!r} has no ready backend{what} (Retry-After: 1)")
         view["choice"] = {"container": chosen.spec.name, "id": chosen.key, "address": f"{chosen.address}:{chosen.port}",

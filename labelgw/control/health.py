@@ -264,7 +264,9 @@ class HealthChecker(Service):
     def _set_state(self, probe: _Probe, state: str, why: str) -> None:
         backend = probe.backend
         old, backend.health_state = backend.health_state, state
-        self._log.info(
+        # Turning unhealthy takes a backend out of rotation: a warning; recovering is news, not trouble.
+        emit = self._log.warn if state == HEALTH_UNHEALTHY else self._log.info
+        emit(
             "health check of backend {name} of service {service} ({url}): {old} -> {state} ({why})",
             name=backend.spec.name, service=probe.pool.name, url=probe.url, old=old, state=state, why=why,
         )

@@ -156,7 +156,22 @@ def parse_container(
             label=problem.label,
             value=problem.value,
             reason=problem.reason,
+            hosts=_wanted_hosts(labels, pinned_env),
         )
+
+
+def _wanted_hosts(labels: Mapping[str, str], pinned_env: str | None) -> tuple[str, ...]:
+    """The hosts a rejected container asked for, best effort: its host label, else its default host."""
+    try:
+        if "host" in labels:
+            return parse_hosts(labels["host"].strip())
+        parts = [labels.get("service", "").strip().lower()]
+        env = labels.get("env", "").strip()
+        if env and pinned_env is None:
+            parts.append(env.lower())
+        return (normalize_name(".".join(parts) + ".localhost"),) if parts[0] else ()
+    except ValueError:
+        return ()
 
 
 def _build_spec(

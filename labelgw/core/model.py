@@ -123,6 +123,8 @@ class Rejection:
     label: str
     value: str
     reason: str
+    # The hosts the container asked for, as far as its labels could be read (for the 404 of such a host).
+    hosts: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return f"container {self.name} ({self.container_id[:12]}): label {self.label}={self.value!r}: {self.reason}"

@@ -64,6 +64,11 @@ def _routing_key(spec: ContainerSpec) -> tuple[object, ...]:
     return (spec.service, spec.hosts, spec.path_prefix, spec.strip_prefix, spec.scheme)
 
 
+def _kind(spec: ContainerSpec) -> str:
+    """How the log names a backend: static ones from the config file are not containers."""
+    return "static backend" if spec.container_id.startswith(STATIC_PREFIX) else "container"
+
+
 def _percent(share: float | None) -> str:
     return "none" if share is None else f"{share:g} %"
 
@@ -86,7 +91,10 @@ class Registry:
         policy_factory: PolicyFactory = _default_policy,
         on_backend_retired: Callable[[Backend], None] | None = None,
         listeners: Iterable[BackendListener] = (),
+        label_prefix: str | None = None,
     ) -> None:
+        # Conflicts name the label as the user wrote it (`labelgw.host`); None: the bare suffix (`host`).
+        self._label = (lambda suffix: suffix) if label_prefix is None else (lambda suffix: f"{label_prefix}.{suffix}")
         self.table = RouteTable()
         self.containers: dict[str, ContainerSpec] = {}
         self.rejections: dict[str, Rejection] = {}
@@ -122,7 +130,9 @@ class Registry:
         spec = self.containers.pop(container_id, None)
         if spec is not None:
             self._detach(spec)
-            self._log.info("container {name} removed from service {service}", name=spec.name, service=spec.service)
+            self._log.info(
+                "{kind} {name} removed from service {service}", kind=_kind(spec), name=spec.name, service=spec.service
+            )
 
     def resync(self, outcomes: Mapping[str, Outcome]) -> None:
         known = set(self.containers) | set(self.rejections)
@@ -150,6 +160,13 @@ class Registry:
         pool = self.services.get(service)
         return len(pool.ready) if pool else 0
 
+    def rejected_for(self, host: str) -> Rejection | None:
+        """A skipped container that asked for `host`, if any: what its 404 should mention."""
+        for rejection in self.rejections.values():
+            if host in rejection.hosts:
+                return rejection
+        return None
+
     # Internals.
 
     def _reject(self, rejection: Rejection) -> None:
@@ -168,9 +185,10 @@ class Registry:
                 return Rejection(
                     spec.container_id,
                     spec.name,
-                    "host" if spec.path_prefix == "/" else "path",
+                    self._label("host" if spec.path_prefix == "/" else "path"),
                     host if spec.path_prefix == "/" else spec.path_prefix,
                     f"http://{host}{spec.path_prefix} is already routed to service {claim.route.service.name!r}",
+                    spec.hosts,
                 )
         pool = self.services.get(spec.service)
         return self._share_conflict(spec, pool) if pool is not None else None
@@ -186,10 +204,11 @@ class Registry:
             other_version = other.version or ""
             if other_version == version and other.traffic != spec.traffic:
                 return Rejection(
-                    spec.container_id, spec.name, "traffic", _percent(spec.traffic),
+                    spec.container_id, spec.name, self._label("traffic"), _percent(spec.traffic),
                     f"container {other.name} of the same version {version or '(none)'!r} of service "
                     f"{spec.service!r} has traffic {_percent(other.traffic)}; the containers of one version must "
                     "declare the same share",
+                    spec.hosts,
                 )
             if other.traffic is not None:
                 declared.setdefault(other_version, other.traffic)
@@ -200,9 +219,10 @@ class Registry:
         if total > 100.0:
             listed = ", ".join(f"{name or '(none)'} {share:g} %" for name, share in sorted(declared.items()))
             return Rejection(
-                spec.container_id, spec.name, "traffic", _percent(spec.traffic),
+                spec.container_id, spec.name, self._label("traffic"), _percent(spec.traffic),
                 f"the traffic shares of service {spec.service!r} would add up to {total:g} % ({listed}); "
                 "at most 100 %",
+                spec.hosts,
             )
         return None
 
@@ -263,12 +283,17 @@ class Registry:
     def _log_readiness(self, pool: ServicePool, backend: Backend) -> None:
         reasons = []
         if not backend.spec.ready:
-            reasons.append("container not ready")
+            reasons.append(f"{_kind(backend.spec)} not ready")
         if backend.health_state not in (None, "healthy"):
             reasons.append(f"health check {backend.health_state}")
         if backend.ejected_until is not None:
             reasons.append("ejected")
-        self._log.info(
+        # Unhealthy (Docker's health check or ours) is worth a warning; a container stopping or starting is not.
+        unhealthy = not backend.ready and (
+            backend.spec.health == "unhealthy" or backend.health_state not in (None, "healthy", "unknown")
+        )
+        emit = self._log.warn if unhealthy else self._log.info
+        emit(
             "backend {name} of service {service} {state}{why} ({ready} ready)",
             name=backend.spec.name, service=pool.name, state="in rotation" if backend.ready else "out of rotation",
             why=f": {', '.join(reasons)}" if reasons else "", ready=len(pool.ready),
@@ -310,8 +335,8 @@ class Registry:
                 self._log.info("route http://{host}{path} -> service {service}", host=host, path=spec.path_prefix, service=spec.service)
             claim.members.add(spec.container_id)
         self._log.info(
-            "container {name} joined service {service} at {address}:{port} ({state}; {ready} ready)",
-            name=spec.name, service=spec.service, address=spec.address, port=spec.port,
+            "{kind} {name} joined service {service} at {address}:{port} ({state}; {ready} ready)",
+            kind=_kind(spec), name=spec.name, service=spec.service, address=spec.address, port=spec.port,
             state=_readiness(backend), ready=len(pool.ready),
         )
 

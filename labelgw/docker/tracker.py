@@ -133,6 +133,9 @@ class ResyncSummary:
     routed: int
     rejected: int
     reinspected: int
+    # Did it give the sink anything it did not have (a container new, changed or gone)? Periodic resyncs that
+    # changed nothing are logged at debug level.
+    changed: bool = True
 
 
 
@@ -485,6 +488,7 @@ class ContainerTracker:
         self._listing = None
         outcomes: dict[str, Outcome] = {}
         reinspect: list[str] = []
+        changed = False
         for container_id in set(results) | listing.touched:
             track = self._tracks.get(container_id)
             if track is None or track.destroyed:
@@ -515,11 +519,15 @@ class ContainerTracker:
                     outcome = self._settle(track, entry[1], fresh=False)
                 else:
                     continue  # nothing known yet: the inspect on its way will apply it
+            if track.delivered != outcome:
+                changed = True
             track.delivered = outcome
             if outcome is not None:
                 outcomes[container_id] = outcome
         for container_id, track in list(self._tracks.items()):
             if container_id not in outcomes and not track.inflight and container_id not in listing.touched:
+                if track.delivered is not None and not isinstance(track.delivered, _Missing):
+                    changed = True
                 del self._tracks[container_id]  # gone, or listed but not routed
         self._unlabelled = (self._unlabelled & listing.touched) | listing.unlabelled
         self._to_sink("resync", lambda: self._sink.resync(outcomes))
@@ -533,6 +541,7 @@ class ContainerTracker:
             routed=len(outcomes) - rejected,
             rejected=rejected,
             reinspected=len(reinspect),
+            changed=changed or bool(reinspect),
         )
 
     def _to_sink(self, method: str, call: Callable[[], None]) -> None:

@@ -19,6 +19,7 @@ exponential backoff; meanwhile the sink keeps serving the last good routes.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading
@@ -209,6 +210,55 @@ def _failure_reason(failure: Failure) -> str:
     return f"{type(value).__name__}: {text}" if text else type(value).__name__
 
 
+def _root_os_error(error: BaseException) -> OSError | None:
+    """The OSError with an errno under the wrappers (requests, urllib3, docker-py), if any."""
+    seen: set[int] = set()
+    queue: list[BaseException] = [error]
+    while queue:
+        current = queue.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        # urllib3's MaxRetryError keeps the cause in .reason; ProtocolError and requests' errors in args.
+        for inner in (current.__cause__, current.__context__, getattr(current, "reason", None), *current.args):
+            if isinstance(inner, BaseException):
+                queue.append(inner)
+    return None
+
+
+def _unreachable_reason(failure: Failure) -> str:
+    """Why the engine could not be reached, short: "Connection refused", not urllib3's whole message."""
+    root = _root_os_error(failure.value)
+    if root is None:
+        return _failure_reason(failure)
+    return root.strerror or os.strerror(root.errno or 0)
+
+
+def socket_path(engine_url: str) -> str | None:
+    """The file of a unix:// engine URL; None for any other kind."""
+    if not engine_url.startswith("unix://"):
+        return None
+    path = engine_url[len("unix://"):]
+    return path if path.startswith("/") else "/" + path
+
+
+def permission_hint(engine_url: str, stat: Callable[[str], Any] = os.stat) -> str:
+    """What to do about EACCES on the engine's socket: add the socket's group (its gid, read from the file)."""
+    path = socket_path(engine_url)
+    if path is None:
+        return "check the permissions of the engine's endpoint"
+    try:
+        gid = stat(path).st_gid
+    except OSError:
+        return f"give labelgw's user access to {path}"
+    return (
+        f"add group {gid} (the group of {path}) to labelgw's user: docker run --group-add {gid}, "
+        f"or group_add: [\"{gid}\"] in Compose"
+    )
+
+
 def _tagged(result: InspectResult, container_id: str, generation: int) -> tuple[str, tuple[int, InspectResult]]:
     return container_id, (generation, result)
 
@@ -297,6 +347,8 @@ class DockerWatcher(Service):
         self.event_observer: Callable[[Mapping[str, Any]], None] | None = None
         self._threads: Threads | None = None
         self._stopping = False
+        # The reason last logged for an unreachable engine (None: reached since).
+        self._unreachable: str | None = None
         self._cycle = 0
         self._subscribed_cycle = 0
         self._api: Any = None
@@ -418,6 +470,7 @@ class DockerWatcher(Service):
         self._stream = stream
         self._subscribed_cycle = cycle
         self.connected = True
+        self._unreachable = None
         self._log.info("watching docker events at {engine}", engine=self.engine_url)
         self._start_resync("connected")
 
@@ -450,10 +503,17 @@ class DockerWatcher(Service):
         delay = self._backoff.next_delay()
         self.reconnects += 1
         if isinstance(result, Failure) and not was_subscribed:
-            self._log.warn(
+            reason = _unreachable_reason(result)
+            root = _root_os_error(result.value)
+            if root is not None and root.errno == errno.EACCES:
+                reason = f"{reason}; {permission_hint(self.engine_url)}"
+            # Once per cause: the same line every few seconds while the engine stays away says nothing new.
+            emit = self._log.debug if reason == self._unreachable else self._log.warn
+            self._unreachable = reason
+            emit(
                 "docker engine unreachable at {engine}: {reason}; retrying in {delay}s",
                 engine=self.engine_url,
-                reason=_failure_reason(result),
+                reason=reason,
                 delay=round(delay, 3),
             )
         elif isinstance(result, Failure):
@@ -581,7 +641,9 @@ class DockerWatcher(Service):
         self.last_resync = now
         self.resyncs += 1
         self._backoff.reset()
-        self._log.info(
+        # Every few seconds when nothing changed: only worth a line at debug level.
+        emit = self._log.debug if reason == "periodic" and not summary.changed else self._log.info
+        emit(
             "docker resync ({reason}): {containers} containers, {routed} routed, {rejected} rejected, "
             "{reinspected} changed meanwhile, in {elapsed_ms} ms",
             reason=reason,

@@ -14,6 +14,7 @@ from labelgw.http.versioning import choose_version
 from labelgw.core.paths import PathRefused, route_target
 
 if TYPE_CHECKING:
+    from labelgw.core.backends import ServicePool
     from labelgw.http.server import Gateway
 
 # Raw Host header -> normalised host name: the same few values arrive on every request.
@@ -23,6 +24,15 @@ _HOSTS: dict[bytes, str] = {}
 def _close(head: RequestHead) -> bool:
     # An unread request body would be taken for the next request: answers without an exchange close instead.
     return head.has_body or not head.keep_alive
+
+
+def _has_version(service: "ServicePool", version: str) -> bool:
+    """Has the service any backend of this version, ready or not?"""
+    return any((backend.version or "") == version for backend in service.backends.values())
+
+
+def _loopback(peer_ip: bytes) -> bool:
+    return peer_ip.startswith(b"127.") or peer_ip in (b"::1", b"::ffff:127.0.0.1") or peer_ip.startswith(b"::ffff:127.")
 
 
 def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchange | None:
@@ -61,6 +71,12 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
             message = f"no route for http://{host}{path}"
         else:
             message = f"no route for host {host!r}" if host else "no Host header"
+            # A container that asked for this host but was skipped for a bad label: said only to loopback clients
+            # (the label text may be internal); anyone else gets the plain 404.
+            if host and gateway.rejected_for is not None and _loopback(side.peer_ip):
+                rejection = gateway.rejected_for(host)
+                if rejection is not None:
+                    message += f"; {rejection.describe()} (skipped)"
         if gateway.metrics is not None:
             gateway.metrics.refused(None, None, head.method, 404)
         side.refuse(404, message, _close(head))
@@ -97,6 +113,12 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
     if backend is None:
         if ticket is not None and ticket.divert(gateway, head, side, _close(head)):
             return ticket.exchange
+        if pinned and version is not None and not _has_version(service, version):
+            # No container of that version at all: a retry cannot help, so no 503 and no Retry-After.
+            if gateway.metrics is not None:
+                gateway.metrics.refused(service.name, version, head.method, 404)
+            side.refuse(404, f"service {service.name!r} has no version {version!r}", _close(head))
+            return None
         what = f" of version {version!r}" if version is not None else ""
         if gateway.metrics is not None:
             gateway.metrics.refused(service.name, version, head.method, 503, "no_ready_backend")

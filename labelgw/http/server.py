@@ -4,7 +4,7 @@ upstream pool, counters)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, connectionDone
@@ -63,6 +63,8 @@ class Gateway:
         self.canary = CanaryAnalyzer()
         # Per-request counters read by /metrics (labelgw.control.metrics.RequestMetrics); None: metrics off.
         self.metrics: Any = None
+        # Host -> the skipped container that asked for it, if any (Registry.rejected_for): named in the 404.
+        self.rejected_for: Callable[[str], Any] | None = None
 
     def retry_budget_allows(self) -> bool:
         # Envoy's retry budget: retries in flight at most max(3, 20 % of the requests in flight).

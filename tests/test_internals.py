@@ -459,3 +459,18 @@ def test_every_private_name_the_reactor_and_fastwrite_use_is_checked_here() -> N
         source = (REPO / path).read_text()
         used = set(re.findall(r"\b_[A-Za-z]\w*", source))
         assert used <= names, f"{path} uses {sorted(used - names)}: add checks to tests/test_internals.py"
+
+
+def test_the_log_publisher_keeps_its_observers_in_a_list_quietlog_can_wrap() -> None:
+    """labelgw.cli.quietlog wraps twistd's log observers through LogPublisher._observers (no public accessor)."""
+    from twisted.logger import LogPublisher
+
+    from labelgw.cli.quietlog import QuietObserver, install_quiet_log
+
+    seen: list[dict[str, Any]] = []
+    publisher = LogPublisher(seen.append)
+    assert isinstance(publisher._observers, list) and publisher._observers == [seen.append]
+    install_quiet_log(publisher, force=True)
+    assert [type(observer) for observer in publisher._observers] == [QuietObserver]
+    publisher({"log_format": "kept", "log_level": None})
+    assert [event["log_format"] for event in seen] == ["kept"]

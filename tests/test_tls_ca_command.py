@@ -59,7 +59,10 @@ def linux(store: TrustStore, *, root: bool, run: FakeRun | None = None, **kwargs
     )
 
 
-def test_show_creates_the_ca_and_prints_its_path_first(tmp_path: Path, store: TrustStore) -> None:
+def test_show_prints_the_ca_path_first(tmp_path: Path, store: TrustStore) -> None:
+    # Issue 13: showing no longer creates the CA; --create does (see test_show_creates_nothing...).
+    status, output = run_command("--create", "--state-dir", str(tmp_path / "state"), system=linux(store, root=False))
+    assert status == 0 and "creating it" in output
     status, output = run_command("--state-dir", str(tmp_path / "state"), system=linux(store, root=False))
     assert status == 0
     lines = output.splitlines()
@@ -79,6 +82,7 @@ def test_show_creates_the_ca_and_prints_its_path_first(tmp_path: Path, store: Tr
 
 def test_default_state_dir_is_xdg(tmp_path: Path, store: TrustStore) -> None:
     system = linux(store, root=False, environ={"XDG_DATA_HOME": str(tmp_path / "xdg")})
+    LocalCA.load_or_create(tmp_path / "xdg" / "labelgw")
     status, output = run_command(system=system)
     assert status == 0
     assert output.splitlines()[0] == str(tmp_path / "xdg" / "labelgw" / "ca.pem")
@@ -179,6 +183,7 @@ def test_unusable_ca_files_are_reported(tmp_path: Path, store: TrustStore) -> No
 def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     # The labelgw this interpreter imports: installed by scripts/test, else the working tree on PYTHONPATH.
     env = twistd_environment({"HOME": str(tmp_path)})
+    LocalCA.load_or_create(tmp_path / "s")  # showing creates nothing (issue 13)
     shown = subprocess.run(
         [sys.executable, "-m", "labelgw", "ca", "--state-dir", str(tmp_path / "s")],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False,

@@ -167,8 +167,10 @@ def main(argv: Sequence[str], out: TextIO = sys.stdout, system: System | None = 
                 file=out,
             )
             return 1
-        if not exists and not (args.create or args.install):
+        if not exists and (args.dry_run or not (args.create or args.install)):
             _describe_missing(state_dir, out)
+            if args.dry_run:
+                print("--install would create it first, then copy it into the system store. Dry run: nothing changed.", file=out)
             return 0
         if not exists:
             print(f"No labelgw CA in {state_dir} yet: creating it.", file=out)

@@ -170,7 +170,10 @@ def main(argv: Sequence[str], out: TextIO = sys.stdout, system: System | None = 
         if not exists and (args.dry_run or not (args.create or args.install)):
             _describe_missing(state_dir, out)
             if args.dry_run:
-                print("--install would create it first, then copy it into the system store. Dry run: nothing changed.", file=out)
+                print(
+                    "--install would create it first, then copy it into the system store. Dry run: nothing changed.",
+                    file=out,
+                )
             return 0
         if not exists:
             print(f"No labelgw CA in {state_dir} yet: creating it.", file=out)
@@ -260,16 +263,16 @@ def _renew(state_dir: Path, out: TextIO, system: System) -> int:
     else:
         print("  System store (Debian/Ubuntu, Fedora/RHEL), replacing the old labelgw CA:", file=out)
     print(f"    sudo {_command('--install', '--state-dir', str(state_dir))}", file=out)
-    path = shlex.quote(str(ca.cert_path))
+    quoted = shlex.quote(str(ca.cert_path))
     print(
         f"""\
   Firefox / Chrome on Linux (NSS): delete the old one, then import the new one:
     certutil -D -d sql:$HOME/.pki/nssdb -n '{CA_NICKNAME}'
-    certutil -A -d sql:$HOME/.pki/nssdb -t C,, -n '{CA_NICKNAME}' -i {path}
+    certutil -A -d sql:$HOME/.pki/nssdb -t C,, -n '{CA_NICKNAME}' -i {quoted}
     (Firefox: the same per profile, or Settings > Certificates > Authorities: delete {old_cn!r}, import)
   macOS:
     sudo security delete-certificate -c {shlex.quote(old_cn)} /Library/Keychains/System.keychain
-    sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain {path}
+    sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain {quoted}
   Windows (administrator prompt):
     certutil -delstore Root "{old_cn}"
     certutil -addstore -f Root "{ca.cert_path}\"""",

@@ -388,7 +388,8 @@ class LocalCA:
             raise ValueError("a leaf needs at least one name")
         forbidden = [name for name in canonical if not self.permits(name)]
         if forbidden:
-            raise NameNotPermitted(f"the local CA may not sign {', '.join(forbidden)}: {forbidden_reason(forbidden[0])}")
+            reason = forbidden_reason(forbidden[0])
+            raise NameNotPermitted(f"the local CA may not sign {', '.join(forbidden)}: {reason}")
         key = ec.generate_private_key(ec.SECP256R1())
         alt_names: list[x509.GeneralName] = []
         for name in canonical:

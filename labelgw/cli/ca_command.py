@@ -201,8 +201,8 @@ def _command(*args: str) -> str:
 def _describe_missing(state_dir: Path, out: TextIO) -> None:
     print(f"No labelgw CA in {state_dir} yet (nothing was created).", file=out)
     print(
-        "The gateway creates it the first time it starts with HTTPS (twistd -n labelgw, --https is on by "
-        f"default) and --state-dir {state_dir} (or the default state directory); or create it now:\n"
+        "The gateway creates it the first time it starts with HTTPS (on by default: twistd -n labelgw) and this "
+        "state directory; or create it now:\n"
         f"  {_command('--create', '--state-dir', str(state_dir))}\n"
         "Then run this command again for the steps to trust it.",
         file=out,

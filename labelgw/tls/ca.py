@@ -39,11 +39,11 @@ import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -115,35 +115,62 @@ def name_constraints_of(certificate: x509.Certificate) -> x509.NameConstraints |
         return None
 
 
-def constraints_permit(constraints: x509.NameConstraints | None, name: str) -> bool:
-    """Whether a leaf naming C{name} (canonical: see L{normalize_server_name}) satisfies C{constraints}.
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class NameRules:
+    """A NameConstraints extension compiled once: L{LocalCA.permits} runs in the SNI callback of handshakes.
 
     RFC 5280 4.2.1.10: a DNS subtree ``zone`` holds the zone and every name under it; ``.zone`` (a common
-    extension, OpenSSL's reading) only the names under it. With no subtree of a name's type, that type is
-    unconstrained.
+    extension, OpenSSL's reading) only the names under it. With no permitted subtree of a name's type (None
+    here), that type is unconstrained.
     """
-    if constraints is None:
-        return True
-    ip = ip_literal(name)
-    if ip is not None:
-        address = ipaddress.ip_address(ip)
 
-        def matches(general: x509.GeneralName) -> bool:
-            network = general.value if isinstance(general, x509.IPAddress) else None
-            return isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network) and address in network
+    permitted_dns: tuple[str, ...] | None
+    excluded_dns: tuple[str, ...]
+    permitted_networks: tuple[Network, ...] | None
+    excluded_networks: tuple[Network, ...]
 
-        kind: type[x509.GeneralName] = x509.IPAddress
-    else:
+    @classmethod
+    def of(cls, constraints: x509.NameConstraints) -> NameRules:
+        def dns(subtrees: Iterable[x509.GeneralName] | None) -> tuple[str, ...]:
+            return tuple(g.value.lower() for g in subtrees or () if isinstance(g, x509.DNSName))
 
-        def matches(general: x509.GeneralName) -> bool:
-            return isinstance(general, x509.DNSName) and _dns_in_subtree(name, general.value.lower())
+        def networks(subtrees: Iterable[x509.GeneralName] | None) -> tuple[Network, ...]:
+            found: list[Network] = []
+            for general in subtrees or ():
+                if isinstance(general, x509.IPAddress) and isinstance(
+                    general.value, ipaddress.IPv4Network | ipaddress.IPv6Network
+                ):
+                    found.append(general.value)
+            return tuple(found)
 
-        kind = x509.DNSName
-    excluded = constraints.excluded_subtrees or []
-    if any(matches(general) for general in excluded):
-        return False
-    permitted = [general for general in constraints.permitted_subtrees or [] if isinstance(general, kind)]
-    return not permitted or any(matches(general) for general in permitted)
+        permitted = constraints.permitted_subtrees
+        return cls(
+            dns(permitted) or None,
+            dns(constraints.excluded_subtrees),
+            networks(permitted) or None,
+            networks(constraints.excluded_subtrees),
+        )
+
+    def permit(self, name: str) -> bool:
+        """Whether a leaf naming C{name} (canonical: see L{normalize_server_name}) satisfies the constraints."""
+        # Parsing an IP raises for every DNS name; canonical IP literals contain ':' or end with a digit.
+        ip = ip_literal(name) if ":" in name or name[-1:].isdigit() else None
+        if ip is not None:
+            address = ipaddress.ip_address(ip)
+            if any(address in network for network in self.excluded_networks):
+                return False
+            return self.permitted_networks is None or any(address in n for n in self.permitted_networks)
+        if any(_dns_in_subtree(name, base) for base in self.excluded_dns):
+            return False
+        return self.permitted_dns is None or any(_dns_in_subtree(name, base) for base in self.permitted_dns)
+
+
+def constraints_permit(constraints: x509.NameConstraints | None, name: str) -> bool:
+    """Whether a leaf naming C{name} (canonical) satisfies C{constraints} (None: no constraints)."""
+    return constraints is None or NameRules.of(constraints).permit(name)
 
 
 def _dns_in_subtree(name: str, base: str) -> bool:
@@ -198,6 +225,7 @@ class LocalCA:
         self._private_key = private_key
         self._ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         self.name_constraints = name_constraints_of(certificate)
+        self._name_rules = NameRules.of(self.name_constraints) if self.name_constraints is not None else None
 
     def __repr__(self) -> str:
         # Never the key.
@@ -230,7 +258,7 @@ class LocalCA:
 
     def permits(self, name: str) -> bool:
         """Whether a leaf for C{name} (canonical) would verify: the CA's name constraints allow it."""
-        return constraints_permit(self.name_constraints, name)
+        return self._name_rules is None or self._name_rules.permit(name)
 
     # --- creation and loading (blocking) -----------------------------------------------------------------
 

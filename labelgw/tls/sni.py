@@ -161,12 +161,9 @@ class SNIContextSelector:
             if user is not None:
                 return user.context
             if self._ca is not None and (is_local_name(name) or self._is_routed(name)):
-                if self._ca.permits(name):
-                    minted = self._minted_context(name)
-                    if minted is not None:
-                        return minted
-                else:
-                    self._log_forbidden(name)
+                minted = self._minted_context(name)
+                if minted is not None:
+                    return minted
         if self._strict:
             return self._reject_context
         return self._default_context()
@@ -213,6 +210,10 @@ class SNIContextSelector:
         if cached is not None and cached.leaf.fresh_at(now):
             self._minted.move_to_end(name)
             return cached.context
+        # Checked when minting only: a cached leaf was permitted when it was minted.
+        if self._ca is not None and not self._ca.permits(name):
+            self._log_forbidden(name)
+            return None
         minted = self._mint((name,), now)
         if minted is None:
             return None

@@ -67,8 +67,8 @@ def test_ca_certificate_profile(ca: LocalCA) -> None:
     assert usage.critical and usage.value.key_cert_sign and usage.value.crl_sign
     assert not usage.value.digital_signature
     assert cert.not_valid_after_utc - cert.not_valid_before_utc >= CA_LIFETIME
-    with pytest.raises(x509.ExtensionNotFound):
-        cert.extensions.get_extension_for_class(x509.NameConstraints)
+    # Issue 13 reversed the old "no name constraints" rule: see tests/test_tls_ca_constraints.py.
+    assert cert.extensions.get_extension_for_class(x509.NameConstraints).critical
 
 
 def test_second_load_reuses_the_ca(ca: LocalCA, state_dir: Path) -> None:

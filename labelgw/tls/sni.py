@@ -3,7 +3,8 @@
 For the SNI name a client sends, L{SNIContextSelector} picks, in order:
     1. a user certificate from ``--cert-dir`` (exact name, then a one-label wildcard);
     2. a leaf minted by the local CA, when the name is routed or local (localhost, ``*.localhost``, loopback
-       IPs);
+       IPs) and the CA's name constraints allow it (local zones only: a routed public or single-label name
+       is not minted, one log line per name says why, and the handshake goes on to 3);
     3. the default certificate: ``default.pem`` from the cert dir, else a minted leaf for localhost,
        127.0.0.1 and ::1; with ``strict=True`` the handshake is refused instead (a handshake_failure alert).
 A client that sends no SNI (``curl https://127.0.0.1:8443/``) gets the default certificate, or, when
@@ -40,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from labelgw.tls.ca import DEFAULT_LEAF_NAMES, LeafMaterial, LocalCA
+from labelgw.tls.ca import DEFAULT_LEAF_NAMES, LeafMaterial, LocalCA, forbidden_reason
 from labelgw.tls.certdir import CertIndex, RunInThread
 from labelgw.tls.policy import INTERMEDIATE, TLSPolicy, build_server_context, is_local_name, normalize_server_name
 
@@ -100,6 +101,8 @@ class SNIContextSelector:
         self.minted = 0
         self._default_minted: _Minted | None = None
         self._writing: set[tuple[str, ...]] = set()
+        # Names already logged as forbidden by the CA's constraints (bounded like the leaves): one line each.
+        self._refused: OrderedDict[str, None] = OrderedDict()
         # No certificate at all: a handshake switched to it fails with a handshake_failure alert.
         self._reject_context = build_server_context(policy, None, None)
         # Every connection starts here; the servername callback (which OpenSSL runs with or without SNI)
@@ -165,6 +168,20 @@ class SNIContextSelector:
             return self._reject_context
         return self._default_context()
 
+    def _log_forbidden(self, name: str) -> None:
+        if name in self._refused:
+            return
+        self._refused[name] = None
+        while len(self._refused) > self._max_minted:
+            self._refused.popitem(last=False)
+        self._log.warn(
+            "no minted certificate for {name}: the local CA's name constraints forbid it ({reason}); "
+            "{fallback}",
+            name=name,
+            reason=forbidden_reason(name),
+            fallback="refusing the handshake (--tls-strict)" if self._strict else "serving the default certificate",
+        )
+
     def _default_context(self) -> SSL.Context:
         default = self._cert_dir.index.default if self._cert_dir is not None else None
         if default is not None:
@@ -193,6 +210,10 @@ class SNIContextSelector:
         if cached is not None and cached.leaf.fresh_at(now):
             self._minted.move_to_end(name)
             return cached.context
+        # Checked when minting only: a cached leaf was permitted when it was minted.
+        if self._ca is not None and not self._ca.permits(name):
+            self._log_forbidden(name)
+            return None
         minted = self._mint((name,), now)
         if minted is None:
             return None

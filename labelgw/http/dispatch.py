@@ -26,6 +26,8 @@ def _close(head: RequestHead) -> bool:
 
 def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchange | None:
     """The exchange that will serve `head` (not started yet), or None after `side` answered it itself."""
+    # X-Request-Id and traceparent kept or made (labelgw.http.requestid); added upstream by labelgw.http.headers.
+    gateway.request_ids.assign(head)
     raw_host = head.host
     host = _HOSTS.get(raw_host) if raw_host else ""
     if host is None:

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from labelgw.core.backends import Backend
 from labelgw.http.logsafe import printable
 from labelgw.http.headers import upstream_request_head
+from labelgw.http.accesslog import debug_fields
 from labelgw.http.parser import LAST_CHUNK, RequestHead, ResponseHead, encode_chunk
 from labelgw.http.sides import ClientSide
 from labelgw.http.states import EXCHANGE_MOVES, ExchangeState, check_move, sources
@@ -71,6 +72,13 @@ class Exchange:
     version: str | None = None
     pinned = False
     response_extra = b""
+    # For the access log (labelgw.http.accesslog): the final status, body bytes each way, whether the client went
+    # away first, and the message of labelgw's own answer.
+    status = 0
+    bytes_in = 0
+    bytes_out = 0
+    client_gone = False
+    error_message: str | None = None
 
     # `gateway`: the labelgw.http.server.Gateway (clock, pool, settings, counters), not imported: the exchange
     # depends on its two interfaces only.
@@ -84,6 +92,7 @@ class Exchange:
         self.body_done = not (head.chunked or head.content_length)
         self._client_close = not head.keep_alive
         self._started_at = gateway.clock.seconds()
+        self.created_at = self._started_at
         self._head_bytes = upstream_request_head(
             head, route.upstream_path(head.target), client.peer_ip, client.proto, client.local_port
         )
@@ -176,6 +185,7 @@ class Exchange:
 
     def request_data(self, data: bytes) -> None:
         """One piece of the request body, sent upstream in the request's framing."""
+        self.bytes_in += len(data)
         self._send_upstream(encode_chunk(data) if self.head.chunked else data)
 
     def request_end(self) -> None:
@@ -210,6 +220,7 @@ class Exchange:
             self.client.interim_head(head)
             return
         self._ttfb = self.gateway.clock.seconds() - self._started_at
+        self.status = status
         if status == 101:
             if self.head.upgrade is None:
                 self._abort_upstream()
@@ -231,10 +242,13 @@ class Exchange:
             # The upstream answered before the whole body arrived: the rest cannot be skipped safely.
             self._client_close = True
         body = not (self.head.method == b"HEAD" or status == 204 or status == 304)
+        if self.gateway.debug_headers:
+            self.response_extra += debug_fields(self)
         # Held by the client side until flush: head and body then leave together (one TCP segment).
         self.client.response_head(head, body, self._client_close, self.response_extra)
 
     def response_data(self, data: bytes) -> None:
+        self.bytes_out += len(data)
         self.client.response_data(data)
 
     response_chunk = response_data
@@ -284,6 +298,7 @@ class Exchange:
     # Tunnels (WebSocket and other upgrades).
 
     def tunnel_data(self, data: bytes) -> None:
+        self.bytes_out += len(data)
         self.client.tunnel_data(data)
 
     def tunnel_closed(self) -> None:
@@ -293,6 +308,7 @@ class Exchange:
         self._complete(failed=False)
 
     def client_tunnel_data(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         upstream = self.upstream
         if upstream is not None and upstream.connected:
             upstream.transport.write(data)
@@ -304,6 +320,7 @@ class Exchange:
             return
         self._unregister_producers()
         self._abort_upstream()
+        self.client_gone = True
         # The client gave up: how long that took says nothing about the backend.
         self._complete(failed=False, observe=False)
 
@@ -311,6 +328,8 @@ class Exchange:
 
     def _fail(self, status: int, message: str) -> None:
         extra = b"Retry-After: 1\r\n" if status == 503 else b""
+        self.status = status
+        self.error_message = message
         # An unread request body would be taken for the next request: close instead.
         self._client_close = self._client_close or not self.body_done
         self.client.error_response(status, message, self._client_close, extra)
@@ -350,6 +369,9 @@ class Exchange:
         if state not in _TO_DONE:
             self._move(_DONE)
         self.state = _DONE
+        access_log = gateway.access_log
+        if access_log is not None:
+            access_log.exchange(self, state)
         self.client.exchange_done(self, close=self._client_close)
 
     def _abort_upstream(self) -> None:

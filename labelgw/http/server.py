@@ -22,6 +22,7 @@ from labelgw.http.settings import ProxySettings
 from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move, sources
 from labelgw.http.upstream import UpstreamPool
 from labelgw.http.versioning import DEFAULT_VERSION_HEADER
+from labelgw.http.requestid import RequestIds
 from labelgw.core.routes import RouteTable
 
 _IDLE = ConnectionState.IDLE
@@ -57,6 +58,11 @@ class Gateway:
         self.version_header = DEFAULT_VERSION_HEADER
         # Set when plain HTTP is to be answered with a 308 to HTTPS (labelgw.tls.https.HttpsRedirect).
         self.https_redirect: Any = None
+        # The access log (labelgw.http.accesslog.AccessLog; None: --access-log off), request ids and trace context
+        # (labelgw.http.requestid), and --debug-headers (which service, version and backend answered).
+        self.access_log: Any = None
+        self.request_ids = RequestIds()
+        self.debug_headers = False
 
     def retry_budget_allows(self) -> bool:
         # Envoy's retry budget: retries in flight at most max(3, 20 % of the requests in flight).
@@ -338,6 +344,9 @@ class ClientConnection(Protocol):
 
     def refuse(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
         request = self._request
+        access_log = self.gateway.access_log
+        if access_log is not None:
+            access_log.refused(self, request, status, message)
         self.send_error(status, message, close, extra, head_only=request is not None and request.method == b"HEAD")
 
     # The client side of the exchange (labelgw.http.sides.ClientSide): the response.

@@ -1,0 +1,308 @@
+"""The access log: one line per request, formatted on the reactor, written by a thread.
+
+Formats (--access-log): `common` is the Common Log Format plus the service the request was routed to and the time
+to the upstream's response head in milliseconds; `json` is one JSON object per line; `off` logs nothing.
+
+Lines are collected during a reactor turn and handed over once at its end (a callLater(0); or at once when many
+have gathered) to L{ThreadWriter}, whose thread does the blocking writes: a regular file, a pipe or a terminal
+behind standard output all look the same to it, and a destination that stalls (a pipe nobody reads) stalls only
+that thread. What waits for it is bounded: past the bound a batch is dropped, counted in
+L{AccessLog.access_log_dropped} (lines) and said once in the log. `reopen` (SIGUSR1, logrotate's convention) is
+queued in line with the batches, so every line before it goes to the old file and every line after to the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+from twisted.logger import Logger
+
+from labelgw.http.states import ExchangeState
+
+_RESPONDING = ExchangeState.RESPONDING
+_TUNNEL = ExchangeState.TUNNEL
+
+FORMATS = ("common", "json", "off")
+# The status of a request whose client went away before its response was complete (nginx's 499).
+CLIENT_CLOSED = 499
+# Bytes waiting for the writer thread before batches are dropped.
+MAX_PENDING = 8 * 1024 * 1024
+# Lines gathered in one reactor turn before they are handed over without waiting for its end.
+BATCH_LINES = 512
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+# What a quoted CLF field may hold as it is; anything else (quote, backslash, controls, non-ASCII) is escaped.
+_PLAIN = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\x7e]*")
+
+
+def _quoted(value: bytes) -> str:
+    """Client text for inside a CLF quoted field: printable ASCII as it is, the rest as \\xNN (nginx's escaping)."""
+    if _PLAIN.fullmatch(value) is not None:
+        return value.decode("ascii")
+    return "".join(chr(byte) if 0x20 <= byte < 0x7F and byte not in (0x22, 0x5C) else f"\\x{byte:02X}" for byte in value)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+class AccessLog:
+    """Formats and batches access-log lines. `sink.put(data: bytes) -> bool` takes a batch (False: dropped)."""
+
+    log = Logger()
+
+    def __init__(self, clock: Any, format: str, sink: Any) -> None:
+        if format not in ("common", "json"):
+            raise ValueError(f"access log format {format!r}: use common or json")
+        self.clock = clock
+        self.format = format
+        self.sink = sink
+        # Lines the destination could not take in time (its bounded buffer was full); read by the metrics.
+        self.access_log_dropped = 0
+        self._lines: list[str] = []
+        self._flush_call: Any = None
+        self._dropping = False
+        self._second = -1
+        self._clf_time = ""
+        self._iso_time = ""
+        self._format_line = self._common if format == "common" else self._json
+
+    # What the data path calls.
+
+    def exchange(self, exchange: Any, state: Any) -> None:
+        """An exchange ended (labelgw.http.exchange.Exchange._complete); `state`: its state before DONE."""
+        head = exchange.head
+        now = self.clock.seconds()
+        created = exchange.created_at
+        upstream = None
+        if state is _RESPONDING or state is _TUNNEL:
+            upstream = exchange._started_at + exchange._ttfb - created
+        status = CLIENT_CLOSED if exchange.client_gone else exchange.status
+        bytes_out = exchange.bytes_out
+        if exchange.error_message is not None and not exchange.client_gone and head.method != b"HEAD":
+            bytes_out = len(f"labelgw: {exchange.error_message}\n".encode("utf-8", "replace"))
+        backend = exchange.backend
+        self._add(
+            now, exchange.client, head, status, exchange.bytes_in, bytes_out, now - created, upstream,
+            exchange.route, exchange.version, f"{backend.address}:{backend.port}", exchange.attempts - 1,
+        )
+
+    def refused(self, side: Any, head: Any, status: int, message: str) -> None:
+        """labelgw answered the request itself, without an exchange (308, 400, 404, 503; HTTP/2 refusals)."""
+        method = head.method if head is not None else getattr(side, "method", b"")
+        size = 0 if method == b"HEAD" else len(f"labelgw: {message}\n".encode("utf-8", "replace"))
+        self._add(self.clock.seconds(), side, head, status, 0, size, 0.0, None, None, None, None, 0)
+
+    # Formatting.
+
+    def _add(
+        self, now: float, side: Any, head: Any, status: int, bytes_in: int, bytes_out: int, duration: float,
+        upstream: float | None, route: Any, version: str | None, backend: str | None, retries: int,
+    ) -> None:
+        second = int(now)
+        if second != self._second:
+            self._set_second(second)
+        self._lines.append(
+            self._format_line(now, side, head, status, bytes_in, bytes_out, duration, upstream, route, version,
+                              backend, retries)
+        )
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self.flush)
+        elif len(self._lines) >= BATCH_LINES:
+            self.flush()
+
+    def _set_second(self, second: int) -> None:
+        self._second = second
+        t = time.gmtime(second)
+        self._clf_time = f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+        self._iso_time = f"{t.tm_year}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+
+    def _common(
+        self, now: float, side: Any, head: Any, status: int, bytes_in: int, bytes_out: int, duration: float,
+        upstream: float | None, route: Any, version: str | None, backend: str | None, retries: int,
+    ) -> str:
+        if head is not None:
+            request = f"{_quoted(head.method)} {_quoted(head.target)} {_protocol(side, head)}"
+        else:
+            request = f"{_quoted(getattr(side, 'method', b'-'))} - {_protocol(side, head)}"
+        service = route.service.name if route is not None else "-"
+        ms = "-" if upstream is None else f"{upstream * 1000.0:.3f}"
+        peer = side.peer_ip.decode("ascii", "replace") or "-"
+        return f'{peer} - - [{self._clf_time}] "{request}" {status} {bytes_out} "{service}" {ms}\n'
+
+    def _json(
+        self, now: float, side: Any, head: Any, status: int, bytes_in: int, bytes_out: int, duration: float,
+        upstream: float | None, route: Any, version: str | None, backend: str | None, retries: int,
+    ) -> str:
+        millis = int((now - int(now)) * 1000.0)
+        record = {
+            "time": f"{self._iso_time}.{millis:03d}Z",
+            "client": side.peer_ip.decode("ascii", "replace"),
+            "method": (head.method if head is not None else getattr(side, "method", b"")).decode("latin-1"),
+            "path": head.target.decode("latin-1") if head is not None else None,
+            "protocol": _protocol(side, head),
+            "tls": side.proto == b"https",
+            "host": head.host.decode("latin-1") if head is not None and head.host is not None else None,
+            "status": status,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "duration_ms": _ms(duration),
+            "upstream_ms": None if upstream is None else _ms(upstream),
+            "route": f"{route.host}{route.path_prefix}" if route is not None else None,
+            "service": route.service.name if route is not None else None,
+            "version": version,
+            "backend": backend,
+            "retries": retries,
+            "request_id": head.request_id.decode("ascii") if head is not None and head.request_id else None,
+            "trace_id": head.trace_id.decode("ascii") if head is not None and head.trace_id else None,
+        }
+        return json.dumps(record, separators=(",", ":")) + "\n"
+
+    # Writing.
+
+    def flush(self) -> None:
+        """Hand what this reactor turn gathered to the writer."""
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        lines = self._lines
+        if not lines:
+            return
+        self._lines = []
+        if self.sink.put("".join(lines).encode("utf-8", "replace")):
+            if self._dropping and self.sink.pending == 0:
+                self._dropping = False
+        else:
+            self.access_log_dropped += len(lines)
+            if not self._dropping:
+                self._dropping = True
+                self.log.warn(
+                    "access log: the destination does not keep up; dropping lines (counted in access_log_dropped,"
+                    " {dropped} so far)", dropped=self.access_log_dropped,
+                )
+
+    def reopen(self) -> None:
+        """Reopen the log file (SIGUSR1): lines logged before go to the old file, later ones to the new one."""
+        self.flush()
+        self.sink.reopen()
+
+    def close(self, timeout: float = 2.0) -> None:
+        self.flush()
+        self.sink.close(timeout)
+
+
+def _protocol(side: Any, head: Any) -> str:
+    if hasattr(side, "stream_id"):
+        return "HTTP/2"
+    return head.version.decode("ascii") if head is not None else "HTTP/1.1"
+
+
+class ThreadWriter:
+    """Blocking writes to a file (appending; reopened on request) or to standard output, in a thread of its own.
+
+    `put` never blocks: it queues a batch unless more than `limit` bytes already wait (then False)."""
+
+    def __init__(
+        self, path: str | None, limit: int = MAX_PENDING, report: Callable[[str], None] | None = None,
+        fd: int | None = None,
+    ) -> None:
+        self.path = path
+        self.limit = limit
+        self.pending = 0
+        self._report = report or (lambda message: None)
+        # Opened here, before the reactor runs: a path that cannot be written stops labelgw at start.
+        self._fd = self._open() if path is not None else os.dup(1 if fd is None else fd)
+        self._queue: deque[bytes | None] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="labelgw-access-log", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> int:
+        assert self.path is not None
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def put(self, data: bytes) -> bool:
+        if self.pending + len(data) > self.limit:
+            return False
+        with self._wake:
+            self.pending += len(data)
+            self._queue.append(data)
+            self._wake.notify()
+        return True
+
+    def reopen(self) -> None:
+        if self.path is None:
+            return
+        with self._wake:
+            self._queue.append(None)
+            self._wake.notify()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued (waiting at most `timeout` seconds for a stuck destination), then close."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        queue = self._queue
+        while True:
+            with self._wake:
+                while not queue and not self._closing:
+                    self._wake.wait()
+                if not queue and self._closing:
+                    break
+                items = list(queue)
+                queue.clear()
+            for item in items:
+                if item is None:
+                    self._reopen()
+                    continue
+                self._write(item)
+                with self._wake:
+                    self.pending -= len(item)
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self._fd, view)
+            except InterruptedError:
+                continue
+            except OSError as error:
+                self._report(f"access log: write failed: {error.strerror}; {len(view)} bytes lost")
+                return
+            view = view[written:]
+
+    def _reopen(self) -> None:
+        try:
+            fd = self._open()
+        except OSError as error:
+            self._report(f"access log: cannot reopen {self.path}: {error.strerror}; still writing to the old file")
+            return
+        old, self._fd = self._fd, fd
+        os.close(old)
+
+
+def debug_fields(exchange: Any) -> bytes:
+    """--debug-headers: response fields naming the service, version and backend that answered, and the request id."""
+    backend = exchange.backend
+    version = exchange.version
+    return (
+        b"X-Labelgw-Service: %s\r\nX-Labelgw-Backend: %s:%d\r\n%sX-Request-Id: %s\r\n" % (
+            exchange.route.service.name.encode("ascii", "replace"), backend.address.encode("ascii", "replace"),
+            backend.port, b"X-Labelgw-Version: %s\r\n" % version.encode("ascii", "replace") if version else b"",
+            exchange.head.request_id,
+        )
+    )

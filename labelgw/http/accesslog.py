@@ -221,8 +221,13 @@ class ThreadWriter:
         self._queue: deque[bytes | None] = deque()
         self._wake = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="labelgw-access-log", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread (at service start: twistd forks after making the service, and threads do not fork)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="labelgw-access-log", daemon=True)
+            self._thread.start()
 
     def _open(self) -> int:
         assert self.path is not None
@@ -249,6 +254,9 @@ class ThreadWriter:
         with self._wake:
             self._closing = True
             self._wake.notify()
+        if self._thread is None:
+            self.start()
+        assert self._thread is not None
         self._thread.join(timeout)
 
     def _run(self) -> None:

@@ -41,6 +41,9 @@ REPO = Path(__file__).resolve().parent.parent
 HOST_HEADER = "bench.localhost"
 NGINX = "/usr/sbin/nginx"
 TARGET_ORDER = ("direct", "nginx-proxy", "twisted-rpr", "labelgw")
+# Only when named in --targets: labelgw with its access log off, or in JSON (the default target logs in the common
+# format to its standard output, a file), to measure what the access log costs.
+OPT_IN_TARGETS = ("labelgw-log-off", "labelgw-log-json")
 RATIO_BASES = ("nginx-proxy", "twisted-rpr", "direct")
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
@@ -316,7 +319,7 @@ def twisted_rpr(prefix: Path, port: int, backend_port: int) -> Managed:
     )
 
 
-def labelgw_server(prefix: Path, backend_port: int, listeners: Sequence[str]) -> Managed:
+def labelgw_server(prefix: Path, backend_port: int, listeners: Sequence[str], name: str = "labelgw") -> Managed:
     """`twistd -n labelgw` with `listeners` (its listener and state options) and a config file holding one static
     service `bench` (hosts [bench.localhost], the backend) and no Docker watcher: only the data path is measured."""
     config = prefix / "labelgw.yaml"
@@ -340,15 +343,17 @@ services:
             str(twistd) if twistd.exists() else (shutil.which("twistd") or "twistd"),
             "-n", "--pidfile=", "labelgw", *listeners, "--config", str(config),
         ],
-        prefix / "labelgw.log",
+        prefix / f"{name}.log",
         env=env,
     )
 
 
-def labelgw(prefix: Path, port: int, backend_port: int) -> Managed:
+def labelgw(prefix: Path, port: int, backend_port: int, access_log: str | None = None) -> Managed:
     # No HTTPS listener (and no CA written to the home directory), no admin listener.
+    log = ["--access-log", access_log] if access_log else []
     return labelgw_server(
-        prefix, backend_port, ["--http", f"tcp:{port}:interface=127.0.0.1", "--https", "none", "--admin", "none"]
+        prefix, backend_port, ["--http", f"tcp:{port}:interface=127.0.0.1", "--https", "none", "--admin", "none", *log],
+        f"labelgw-log-{access_log}" if access_log else "labelgw",
     )
 
 
@@ -454,7 +459,7 @@ def _raise_exit(signum: int, frame: object) -> None:
 
 
 def bench(args: argparse.Namespace) -> dict[str, object]:
-    wanted = [name for name in TARGET_ORDER if name in args.targets]
+    wanted = [name for name in (*TARGET_ORDER, *OPT_IN_TARGETS) if name in args.targets]
     missing = [tool for tool in (NGINX, "wrk") if not shutil.which(tool)]
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: apt-get install nginx-light wrk")
@@ -463,6 +468,8 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     backend_port = free_port()
     backend = nginx_backend(prefix, backend_port)
     builders = {"nginx-proxy": nginx_proxy, "twisted-rpr": twisted_rpr, "labelgw": labelgw}
+    builders["labelgw-log-off"] = lambda prefix, port, backend_port: labelgw(prefix, port, backend_port, "off")
+    builders["labelgw-log-json"] = lambda prefix, port, backend_port: labelgw(prefix, port, backend_port, "json")
     started: list[Managed] = []
     targets: list[Target] = []
     skipped: dict[str, str] = {}
@@ -557,7 +564,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with configurations and logs")
     args = parser.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(args.targets) - set(TARGET_ORDER)
+    unknown = set(args.targets) - set(TARGET_ORDER) - set(OPT_IN_TARGETS)
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if args.duration <= 0 or args.duration > 300 or args.rounds < 1 or args.rounds > 20 or args.warmup < 0:

@@ -25,6 +25,7 @@ _SANE_ID = re.compile(rb"[A-Za-z0-9._~:+=/@-]{1,128}")
 _FIELDS = re.compile(rb"^(x-request-id|traceparent):[ \t]*([^\r\n]*?)[ \t]*\r\n", re.IGNORECASE | re.MULTILINE)
 # version "-" trace-id "-" parent-id "-" flags; a later version may append "-..." fields (W3C Trace Context 3.2).
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.DOTALL)
+_BOTH = b"X-Request-Id: %s%016x\r\ntraceparent: 00-%s%016x-%016x-01\r\n"
 _ZERO_TRACE = b"0" * 32
 _ZERO_PARENT = b"0" * 16
 
@@ -68,8 +69,18 @@ class RequestIds:
         """Set head.request_id, head.trace_id and head.trace_fields (the field lines labelgw adds upstream)."""
         request_id = trace_id = None
         ids = traces = 0
-        if head.block:
-            for name, value in _FIELDS.findall(head.block):
+        block = head.block
+        # Nearly every request has neither field: two substring searches of the lower-cased block decide that.
+        lower = block.lower()
+        if b"x-request-id" not in lower and b"traceparent" not in lower:
+            # One id for both, formatted in one operation.
+            self._counter = count = self._counter + 1
+            fields = _BOTH % (self._prefix, count, self._prefix, count, (self._parent_mask ^ count) or 1)
+            head.request_id = head.trace_id = fields[14:46]
+            head.trace_fields = fields
+            return
+        if block:
+            for name, value in _FIELDS.findall(block):
                 if len(name) == 12:  # x-request-id
                     ids += 1
                     request_id = value

@@ -18,7 +18,7 @@ import os
 import re
 import threading
 import time
-from collections import deque
+from queue import SimpleQueue
 from typing import Any, Callable
 
 from twisted.logger import Logger
@@ -89,6 +89,11 @@ class AccessLog:
         self._clf_time = ""
         self._iso_time = ""
         self._format_line = self._common if format == "common" else self._json
+        if format == "common":
+            # The path every proxied request takes, in one function.
+            self.exchange = self._exchange_common  # type: ignore[method-assign]
+        # Client side class -> whether it is an HTTP/2 stream.
+        self._http2: dict[type, bool] = {}
 
     # What the data path calls.
 
@@ -108,6 +113,43 @@ class AccessLog:
             now, exchange.client, head, status, exchange.bytes_in, bytes_out, now - created, upstream,
             exchange.route, exchange.version, exchange.backend, exchange.attempts - 1,
         )
+
+    def _exchange_common(self, exchange: Any, state: Any) -> None:
+        """exchange() in the common format."""
+        head = exchange.head
+        client = exchange.client
+        now = self.clock.seconds()
+        if int(now) != self._second:
+            self._set_second(int(now))
+        status = exchange.status
+        if exchange.error_message is None and (state is _RESPONDING or state is _TUNNEL):
+            bytes_out = exchange.bytes_out
+            ms = f"{(exchange._started_at + exchange._ttfb - exchange.created_at) * 1000.0:.3f}"
+        else:
+            # labelgw's own answer (502, 504), or no response head yet.
+            ms = "-"
+            bytes_out = exchange.bytes_out
+            if exchange.error_message is not None and not exchange.client_gone and head.method != b"HEAD":
+                bytes_out = len(f"labelgw: {exchange.error_message}\n".encode("utf-8", "replace"))
+        if exchange.client_gone:
+            status = CLIENT_CLOSED
+        target = head.target
+        if target.isascii() and b'"' not in target and b"\\" not in target:
+            path = target.decode("ascii")
+        else:
+            path = _quoted(target)
+        http2 = self._http2.get(type(client))
+        if http2 is None:
+            http2 = self._http2[type(client)] = hasattr(client, "stream_id")
+        self._lines.append(
+            f'{client.peer_ip.decode("ascii", "replace")} - - [{self._clf_time}] "{head.method.decode("ascii")} {path} '
+            f'{"HTTP/2" if http2 else head.version.decode("ascii")}" {status} {bytes_out} '
+            f'"{exchange.route.service.name}" {ms}\n'
+        )
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
+        elif len(self._lines) >= BATCH_LINES:
+            self.flush()
 
     def refused(self, side: Any, head: Any, status: int, message: str) -> None:
         """labelgw answered the request itself, without an exchange (308, 400, 404, 503; HTTP/2 refusals)."""
@@ -231,7 +273,9 @@ def _protocol(side: Any, head: Any) -> str:
 class ThreadWriter:
     """Blocking writes to a file (appending; reopened on request) or to standard output, in a thread of its own.
 
-    `put` never blocks: it queues a batch unless more than `limit` bytes already wait (then False)."""
+    `put` never blocks and takes no lock the thread could hold (a queue.SimpleQueue, whose put is lock-free for the
+    producer): a Condition shared with the thread made the reactor wait for the GIL hand-off, milliseconds on a
+    busy machine. It refuses a batch (False) when more than `limit` bytes already wait."""
 
     def __init__(
         self, path: str | None, limit: int = MAX_PENDING, report: Callable[[str], None] | None = None,
@@ -239,14 +283,19 @@ class ThreadWriter:
     ) -> None:
         self.path = path
         self.limit = limit
-        self.pending = 0
+        # Bytes queued (written by the reactor thread only) and bytes written (by the writer thread only): each
+        # counter has one writer, so no lock is needed to read what waits.
+        self.queued = 0
+        self.written = 0
         self._report = report or (lambda message: None)
         # Opened here, before the reactor runs: a path that cannot be written stops labelgw at start.
         self._fd = self._open() if path is not None else os.dup(1 if fd is None else fd)
-        self._queue: deque[bytes | None] = deque()
-        self._wake = threading.Condition()
-        self._closing = False
+        self._queue: SimpleQueue[Any] = SimpleQueue()
         self._thread: threading.Thread | None = None
+
+    @property
+    def pending(self) -> int:
+        return self.queued - self.written
 
     def start(self) -> None:
         """Start the thread (at service start: twistd forks after making the service, and threads do not fork)."""
@@ -259,48 +308,35 @@ class ThreadWriter:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def put(self, data: bytes) -> bool:
-        if self.pending + len(data) > self.limit:
+        size = len(data)
+        if self.queued - self.written + size > self.limit:
             return False
-        with self._wake:
-            self.pending += len(data)
-            self._queue.append(data)
-            self._wake.notify()
+        self.queued += size
+        self._queue.put(data)
         return True
 
     def reopen(self) -> None:
-        if self.path is None:
-            return
-        with self._wake:
-            self._queue.append(None)
-            self._wake.notify()
+        if self.path is not None:
+            self._queue.put(_REOPEN)
 
     def close(self, timeout: float = 2.0) -> None:
         """Write what is queued (waiting at most `timeout` seconds for a stuck destination), then close."""
-        with self._wake:
-            self._closing = True
-            self._wake.notify()
-        if self._thread is None:
-            self.start()
+        self._queue.put(_STOP)
+        self.start()
         assert self._thread is not None
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        queue = self._queue
+        get = self._queue.get
         while True:
-            with self._wake:
-                while not queue and not self._closing:
-                    self._wake.wait()
-                if not queue and self._closing:
-                    break
-                items = list(queue)
-                queue.clear()
-            for item in items:
-                if item is None:
-                    self._reopen()
-                    continue
-                self._write(item)
-                with self._wake:
-                    self.pending -= len(item)
+            item = get()
+            if item is _STOP:
+                break
+            if item is _REOPEN:
+                self._reopen()
+                continue
+            self._write(item)
+            self.written += len(item)
         try:
             os.close(self._fd)
         except OSError:
@@ -326,6 +362,11 @@ class ThreadWriter:
             return
         old, self._fd = self._fd, fd
         os.close(old)
+
+
+# Markers in the writer's queue, in line with the batches.
+_REOPEN = object()
+_STOP = object()
 
 
 def debug_fields(exchange: Any) -> bytes:

@@ -407,7 +407,7 @@ def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
 def print_table(medians: dict[str, dict[str, float]], skipped: dict[str, str], rounds: int) -> None:
     label = "median of %d rounds" % rounds if rounds > 1 else "1 round"
     print(f"\n{'target':<13} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>8} {'cpu us/req':>11}   ({label})")
-    for name in TARGET_ORDER:
+    for name in (*TARGET_ORDER, *OPT_IN_TARGETS):
         if name in medians:
             m = medians[name]
             print(
@@ -418,6 +418,10 @@ def print_table(medians: dict[str, dict[str, float]], skipped: dict[str, str], r
             print(f"{name:<13} skipped: {skipped[name]}")
     found = ratios(medians)
     print()
+    for name in OPT_IN_TARGETS:
+        if name in medians and "labelgw" in medians:
+            # What the access log costs: the default (common, to a file) against this variant.
+            print(f"labelgw/{name:<16} req/s x{medians['labelgw']['requests_per_s'] / medians[name]['requests_per_s']:.3f}")
     if not found:
         print("ratios labelgw/other: n/a (labelgw " + ("skipped)" if "labelgw" in skipped else "not run)"))
         return

@@ -472,3 +472,24 @@ def test_the_log_is_closed_with_a_flush() -> None:
     h.gateway.access_log.close()
     assert len(sink.lines()) == 1 and sink.closed
     assert START_TIME  # the harness's clock starts there (the times above)
+
+
+def test_a_stalled_request_body_is_a_408_line_not_a_499() -> None:
+    h, sink = harness(body_timeout=5.0)
+    client = h.connect()
+    client.send(b"POST / HTTP/1.1\r\nHost: solo.localhost\r\nContent-Length: 10\r\n\r\nabc")
+    h.upstream().accept()
+    h.advance(6.0)
+    assert client.response().status == 408
+    record = one(h, sink)
+    assert (record["status"], record["bytes_in"], record["upstream_ms"]) == (408, 3, None)
+
+
+def test_a_malformed_chunked_body_is_a_400_line() -> None:
+    h, sink = harness("common")
+    client = h.connect()
+    client.send(b"POST / HTTP/1.1\r\nHost: solo.localhost\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n")
+    assert client.response().status == 400
+    settle(h)
+    [line] = sink.lines()
+    assert '"POST / HTTP/1.1" 400 ' in line and line.endswith('"solo" -')

@@ -105,9 +105,10 @@ class AccessLog:
         upstream = None
         if state is _RESPONDING or state is _TUNNEL:
             upstream = exchange._started_at + exchange._ttfb - created
-        status = CLIENT_CLOSED if exchange.client_gone else exchange.status
+        # Gone with no answer of labelgw's own (the client sides set one for a refused or stalled body: 400, 408).
+        status = CLIENT_CLOSED if exchange.client_gone and exchange.error_message is None else exchange.status
         bytes_out = exchange.bytes_out
-        if exchange.error_message is not None and not exchange.client_gone and head.method != b"HEAD":
+        if exchange.error_message is not None and head.method != b"HEAD":
             bytes_out = len(f"labelgw: {exchange.error_message}\n".encode("utf-8", "replace"))
         self._add(
             now, exchange.client, head, status, exchange.bytes_in, bytes_out, now - created, upstream,
@@ -129,9 +130,9 @@ class AccessLog:
             # labelgw's own answer (502, 504), or no response head yet.
             ms = "-"
             bytes_out = exchange.bytes_out
-            if exchange.error_message is not None and not exchange.client_gone and head.method != b"HEAD":
+            if exchange.error_message is not None and head.method != b"HEAD":
                 bytes_out = len(f"labelgw: {exchange.error_message}\n".encode("utf-8", "replace"))
-        if exchange.client_gone:
+        if exchange.client_gone and exchange.error_message is None:
             status = CLIENT_CLOSED
         target = head.target
         if target.isascii() and b'"' not in target and b"\\" not in target:

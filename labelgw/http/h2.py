@@ -492,6 +492,9 @@ class H2Stream:
         if exchange is None:
             return
         started = exchange.response_started
+        if not started and self.state is _WAITING:
+            # For the access log: labelgw's answer, not a client that went away.
+            exchange.status, exchange.error_message = 408, "request body timed out"
         exchange.client_lost()
         if started or self.state is not _WAITING:
             self._reset(ErrorCodes.CANCEL)

@@ -325,6 +325,9 @@ class ClientConnection(Protocol):
     def _refuse_body(self, exchange: Exchange, error: HttpError) -> None:
         started = exchange.response_started
         self.exchange = None
+        if not started:
+            # For the access log: labelgw's answer, not a client that went away.
+            exchange.status, exchange.error_message = error.status, error.reason
         exchange.client_lost()
         if not started:
             self.transport.write(error_response(error.status, error.reason, close=True))
@@ -542,6 +545,8 @@ class ClientConnection(Protocol):
             if now >= deadline:
                 started = exchange.response_started  # type: ignore[union-attr]
                 self.exchange = None
+                if not started:
+                    exchange.status, exchange.error_message = 408, "request body timed out"  # type: ignore[union-attr]
                 exchange.client_lost()  # type: ignore[union-attr]
                 if not started:
                     self.transport.write(error_response(408, "request body timed out", close=True))

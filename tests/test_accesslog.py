@@ -493,3 +493,26 @@ def test_a_malformed_chunked_body_is_a_400_line() -> None:
     settle(h)
     [line] = sink.lines()
     assert '"POST / HTTP/1.1" 400 ' in line and line.endswith('"solo" -')
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [(b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n", 400), (b"GET / HTTP/1.1\nHost: a\n\n", 400)],
+)
+def test_a_request_refused_before_it_was_parsed_is_logged_without_a_head(raw: bytes, status: int) -> None:
+    h, sink = harness()
+    client = h.connect()
+    client.send(raw)
+    assert client.response().status == status
+    record = one(h, sink)
+    assert (record["status"], record["method"], record["path"], record["service"]) == (status, "", None, None)
+
+
+def test_a_request_head_that_never_ends_is_a_408_line() -> None:
+    h, sink = harness("common")
+    client = h.connect()
+    client.send(b"GET / HTTP/1.1\r\nHost: solo")
+    h.advance(h.settings.head_timeout + 1)
+    settle(h)
+    [line] = sink.lines()
+    assert '"- - HTTP/1.1" 408 ' in line

@@ -100,6 +100,8 @@ class ClientConnection(Protocol):
     served by an exchange to which this connection is the client side (L{labelgw.http.sides.ClientSide})."""
 
     state = _IDLE
+    # Inside refuse(), which logs the request itself (the access log).
+    _refusing = False
 
     def __init__(self, gateway: Gateway, proto: bytes = b"http") -> None:
         self.gateway = gateway
@@ -336,6 +338,10 @@ class ClientConnection(Protocol):
     # Answers of labelgw's own.
 
     def send_error(self, status: int, message: str, close: bool, extra: bytes = b"", head_only: bool = False) -> None:
+        access_log = self.gateway.access_log
+        if access_log is not None and not self._refusing:
+            # A request refused before it was parsed (400, 431, 408 for the head): logged without its head.
+            access_log.refused(self, None, status, message)
         close = close or self.draining
         self.transport.write(error_response(status, message, close, extra, head_only))
         if close:
@@ -350,7 +356,9 @@ class ClientConnection(Protocol):
         access_log = self.gateway.access_log
         if access_log is not None:
             access_log.refused(self, request, status, message)
+        self._refusing = True
         self.send_error(status, message, close, extra, head_only=request is not None and request.method == b"HEAD")
+        self._refusing = False
 
     # The client side of the exchange (labelgw.http.sides.ClientSide): the response.
 

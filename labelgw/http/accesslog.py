@@ -39,6 +39,8 @@ MAX_PENDING = 8 * 1024 * 1024
 FLUSH_DELAY = 0.05
 BATCH_LINES = 512
 
+# A relayed response in the common format: client, time, request line, status, body bytes, service, upstream ms.
+_CLF_RELAYED = b'%s - - [%s] "%s %s %s" %d %d "%s" %.3f\n'
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 # What a quoted CLF field may hold as it is; anything else (quote, backslash, controls, non-ASCII) is escaped.
 _PLAIN = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\x7e]*")
@@ -82,11 +84,14 @@ class AccessLog:
         self.sink = sink
         # Lines the destination could not take in time (its bounded buffer was full); read by the metrics.
         self.access_log_dropped = 0
-        self._lines: list[str] = []
+        self._lines: list[bytes] = []
+        # Service name -> its bytes, for the common format's fast path.
+        self._names: dict[str, bytes] = {}
         self._flush_call: Any = None
         self._dropping = False
         self._second = -1
         self._clf_time = ""
+        self._clf_bytes = b""
         self._iso_time = ""
         self._format_line = self._common if format == "common" else self._json
         if format == "common":
@@ -98,6 +103,9 @@ class AccessLog:
     # What the data path calls.
 
     def exchange(self, exchange: Any, state: Any) -> None:
+        self._exchange_any(exchange, state)
+
+    def _exchange_any(self, exchange: Any, state: Any) -> None:
         """An exchange ended (labelgw.http.exchange.Exchange._complete); `state`: its state before DONE."""
         head = exchange.head
         now = self.clock.seconds()
@@ -116,36 +124,33 @@ class AccessLog:
         )
 
     def _exchange_common(self, exchange: Any, state: Any) -> None:
-        """exchange() in the common format."""
+        """exchange() in the common format: a relayed response is one bytes %-format (no str round trip)."""
         head = exchange.head
-        client = exchange.client
         now = self.clock.seconds()
         if int(now) != self._second:
             self._set_second(int(now))
-        status = exchange.status
-        if exchange.error_message is None and (state is _RESPONDING or state is _TUNNEL):
-            bytes_out = exchange.bytes_out
-            ms = f"{(exchange._started_at + exchange._ttfb - exchange.created_at) * 1000.0:.3f}"
-        else:
-            # labelgw's own answer (502, 504), or no response head yet.
-            ms = "-"
-            bytes_out = exchange.bytes_out
-            if exchange.error_message is not None and head.method != b"HEAD":
-                bytes_out = len(f"labelgw: {exchange.error_message}\n".encode("utf-8", "replace"))
-        if exchange.client_gone and exchange.error_message is None:
-            status = CLIENT_CLOSED
         target = head.target
-        if target.isascii() and b'"' not in target and b"\\" not in target:
-            path = target.decode("ascii")
-        else:
-            path = _quoted(target)
+        if (
+            exchange.error_message is not None or not (state is _RESPONDING or state is _TUNNEL)
+            or not target.isascii() or b'"' in target or b"\\" in target
+        ):
+            # labelgw's own answer (502, 504), no response head yet, or a target to escape: the general path.
+            self._exchange_any(exchange, state)
+            return
+        client = exchange.client
         http2 = self._http2.get(type(client))
         if http2 is None:
             http2 = self._http2[type(client)] = hasattr(client, "stream_id")
+        name = exchange.route.service.name
+        service = self._names.get(name)
+        if service is None:
+            service = self._names[name] = name.encode("utf-8", "replace")
         self._lines.append(
-            f'{client.peer_ip.decode("ascii", "replace")} - - [{self._clf_time}] "{head.method.decode("ascii")} {path} '
-            f'{"HTTP/2" if http2 else head.version.decode("ascii")}" {status} {bytes_out} '
-            f'"{exchange.route.service.name}" {ms}\n'
+            _CLF_RELAYED % (
+                client.peer_ip or b"-", self._clf_bytes, head.method, target, b"HTTP/2" if http2 else head.version,
+                CLIENT_CLOSED if exchange.client_gone else exchange.status, exchange.bytes_out, service,
+                (exchange._started_at + exchange._ttfb - exchange.created_at) * 1000.0,
+            )
         )
         if self._flush_call is None:
             self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
@@ -169,7 +174,7 @@ class AccessLog:
             self._set_second(second)
         self._lines.append(
             self._format_line(now, side, head, status, bytes_in, bytes_out, duration, upstream, route, version,
-                              backend, retries)
+                              backend, retries).encode("utf-8", "replace")
         )
         if self._flush_call is None:
             self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
@@ -180,6 +185,7 @@ class AccessLog:
         self._second = second
         t = time.gmtime(second)
         self._clf_time = f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+        self._clf_bytes = self._clf_time.encode("ascii")
         self._iso_time = f"{t.tm_year}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
 
     def _common(
@@ -243,7 +249,7 @@ class AccessLog:
         if not lines:
             return
         self._lines = []
-        if self.sink.put("".join(lines).encode("utf-8", "replace")):
+        if self.sink.put(b"".join(lines)):
             if self._dropping and self.sink.pending == 0:
                 self._dropping = False
         else:

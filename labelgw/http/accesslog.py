@@ -4,9 +4,9 @@ Formats (--access-log): `common` is the Common Log Format plus the service the r
 to the upstream's response head in milliseconds; `json` is one JSON object per line; `off` logs nothing.
 
 Lines are collected on the reactor and handed over in batches, FLUSH_DELAY after the first line of a batch (or at
-once when BATCH_LINES have gathered), to L{ThreadWriter}, whose thread does the blocking writes: a regular file, a pipe or a terminal
-behind standard output all look the same to it, and a destination that stalls (a pipe nobody reads) stalls only
-that thread. What waits for it is bounded: past the bound a batch is dropped, counted in
+once when BATCH_LINES have gathered), to L{ThreadWriter}, whose thread does the blocking writes: a regular file, a
+pipe or a terminal behind standard output all look the same to it, and a destination that stalls (a pipe nobody
+reads) stalls only that thread. What waits for it is bounded: past the bound a batch is dropped, counted in
 L{AccessLog.access_log_dropped} (lines) and said once in the log. `reopen` (SIGUSR1, logrotate's convention) is
 queued in line with the batches, so every line before it goes to the old file and every line after to the new one.
 """

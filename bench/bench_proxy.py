@@ -42,8 +42,9 @@ HOST_HEADER = "bench.localhost"
 NGINX = "/usr/sbin/nginx"
 TARGET_ORDER = ("direct", "nginx-proxy", "twisted-rpr", "labelgw")
 # Only when named in --targets: labelgw with its access log off, or in JSON (the default target logs in the common
-# format to its standard output, a file), to measure what the access log costs.
-OPT_IN_TARGETS = ("labelgw-log-off", "labelgw-log-json")
+# format to its standard output, a file), to measure what the access log costs; labelgw-log-common is the default
+# again, loaded after labelgw-log-off, so that the comparison does not depend on the order within a round.
+OPT_IN_TARGETS = ("labelgw-log-off", "labelgw-log-json", "labelgw-log-common")
 RATIO_BASES = ("nginx-proxy", "twisted-rpr", "direct")
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
@@ -421,7 +422,10 @@ def print_table(medians: dict[str, dict[str, float]], skipped: dict[str, str], r
     for name in OPT_IN_TARGETS:
         if name in medians and "labelgw" in medians:
             # What the access log costs: the default (common, to a file) against this variant.
-            print(f"labelgw/{name:<16} req/s x{medians['labelgw']['requests_per_s'] / medians[name]['requests_per_s']:.3f}")
+            print(f"labelgw/{name:<18} req/s x{medians['labelgw']['requests_per_s'] / medians[name]['requests_per_s']:.3f}")
+    if "labelgw-log-common" in medians and "labelgw-log-off" in medians:
+        ratio = medians["labelgw-log-common"]["requests_per_s"] / medians["labelgw-log-off"]["requests_per_s"]
+        print(f"labelgw-log-common/labelgw-log-off req/s x{ratio:.3f}")
     if not found:
         print("ratios labelgw/other: n/a (labelgw " + ("skipped)" if "labelgw" in skipped else "not run)"))
         return
@@ -472,8 +476,10 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     backend_port = free_port()
     backend = nginx_backend(prefix, backend_port)
     builders = {"nginx-proxy": nginx_proxy, "twisted-rpr": twisted_rpr, "labelgw": labelgw}
-    builders["labelgw-log-off"] = lambda prefix, port, backend_port: labelgw(prefix, port, backend_port, "off")
-    builders["labelgw-log-json"] = lambda prefix, port, backend_port: labelgw(prefix, port, backend_port, "json")
+    for log_format in ("off", "json", "common"):
+        builders[f"labelgw-log-{log_format}"] = (
+            lambda prefix, port, backend_port, log_format=log_format: labelgw(prefix, port, backend_port, log_format)
+        )
     started: list[Managed] = []
     targets: list[Target] = []
     skipped: dict[str, str] = {}

@@ -516,3 +516,23 @@ def test_a_request_head_that_never_ends_is_a_408_line() -> None:
     settle(h)
     [line] = sink.lines()
     assert '"- - HTTP/1.1" 408 ' in line
+
+
+@pytest.mark.parametrize("closed_by", ["client", "upstream"])
+def test_a_websocket_is_a_101_line_with_the_bytes_both_ways(closed_by: str) -> None:
+    from test_proxy import SWITCHING, UPGRADE
+
+    h, sink = harness()
+    client = h.connect()
+    client.send(UPGRADE)
+    upstream = h.upstream().accept()
+    upstream.send(SWITCHING + b"\x81\x05hello")
+    client.send(b"\x81\x02hi")
+    h.advance(2.0)
+    if closed_by == "client":
+        client.close()
+    else:
+        upstream.close()
+    record = one(h, sink)
+    assert (record["status"], record["bytes_in"], record["bytes_out"]) == (101, 4, 7)
+    assert record["duration_ms"] == 2000.0

@@ -114,7 +114,9 @@ class AccessLog:
         if state is _RESPONDING or state is _TUNNEL:
             upstream = exchange._started_at + exchange._ttfb - created
         # Gone with no answer of labelgw's own (the client sides set one for a refused or stalled body: 400, 408).
-        status = CLIENT_CLOSED if exchange.client_gone and exchange.error_message is None else exchange.status
+        # A tunnel (WebSocket) the client closes ended normally: logged as its 101, as nginx does.
+        gone = exchange.client_gone and exchange.error_message is None and state is not _TUNNEL
+        status = CLIENT_CLOSED if gone else exchange.status
         bytes_out = exchange.bytes_out
         if exchange.error_message is not None and head.method != b"HEAD":
             bytes_out = len(f"labelgw: {exchange.error_message}\n".encode("utf-8", "replace"))
@@ -148,7 +150,8 @@ class AccessLog:
         self._lines.append(
             _CLF_RELAYED % (
                 client.peer_ip or b"-", self._clf_bytes, head.method, target, b"HTTP/2" if http2 else head.version,
-                CLIENT_CLOSED if exchange.client_gone else exchange.status, exchange.bytes_out, service,
+                CLIENT_CLOSED if exchange.client_gone and state is _RESPONDING else exchange.status,
+                exchange.bytes_out, service,
                 (exchange._started_at + exchange._ttfb - exchange.created_at) * 1000.0,
             )
         )

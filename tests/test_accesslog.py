@@ -127,7 +127,22 @@ def test_the_common_format_line() -> None:
     settle(h)
     # CLF, then the service and the time to the upstream's response head in ms; client text escaped as nginx does.
     assert sink.lines() == [
-        '10.0.0.9 - - [12/Jan/1970:13:46:40 +0000] "GET /a\\x22b\\x5Cc HTTP/1.1" 200 5 "solo" 2.000'
+        '10.0.0.9 - - [12/Jan/1970:13:46:40 +0000] "GET /a\\x22b\\x5Cc HTTP/1.1" 200 5 "solo" 2.000 '
+        "00010203040506070000000000000001"
+    ]
+
+
+def test_the_common_format_line_of_a_plain_request_and_a_client_request_id() -> None:
+    h, sink = harness("common")
+    client = h.connect()
+    client.send(get(b"solo.localhost", b"/plain?q=1", extra=b"X-Request-Id: abc-1\r\n"))
+    upstream = h.upstream().accept()
+    h.advance(0.0015)
+    upstream.send(ok(b"hello"))
+    client.response()
+    settle(h)
+    assert sink.lines() == [
+        '10.0.0.9 - - [12/Jan/1970:13:46:40 +0000] "GET /plain?q=1 HTTP/1.1" 200 5 "solo" 1.500 abc-1'
     ]
 
 
@@ -211,7 +226,9 @@ def test_a_redirect_to_https_is_logged() -> None:
     client.send(get(b"solo.localhost", b"/x"))
     assert client.response().status == 308
     settle(h)
-    assert sink.lines() == ['10.0.0.9 - - [12/Jan/1970:13:46:40 +0000] "GET /x HTTP/1.1" 308 19 "-" -']
+    assert sink.lines() == [
+        '10.0.0.9 - - [12/Jan/1970:13:46:40 +0000] "GET /x HTTP/1.1" 308 19 "-" - 00010203040506070000000000000001'
+    ]
 
 
 def test_a_failed_connection_is_a_502_line_with_the_backend_tried() -> None:
@@ -492,7 +509,7 @@ def test_a_malformed_chunked_body_is_a_400_line() -> None:
     assert client.response().status == 400
     settle(h)
     [line] = sink.lines()
-    assert '"POST / HTTP/1.1" 400 ' in line and line.endswith('"solo" -')
+    assert '"POST / HTTP/1.1" 400 ' in line and line.endswith('"solo" - 00010203040506070000000000000001')
 
 
 @pytest.mark.parametrize(

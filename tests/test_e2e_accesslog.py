@@ -114,8 +114,8 @@ def test_common_lines_go_to_standard_output_by_default(tmp_path: Path, backend_p
     finally:
         gateway.stop()
     date = r"\[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\]"
-    assert re.search(date.join([r"127\.0\.0\.1 - - ", r' "GET /a HTTP/1\.1" 200 \d+ "who" \d+\.\d{3}\n']), text), text
-    assert re.search(date.join([r"127\.0\.0\.1 - - ", r' "GET /b HTTP/1\.1" 404 \d+ "-" -\n']), text), text
+    assert re.search(date.join([r"127\.0\.0\.1 - - ", r' "GET /a HTTP/1\.1" 200 \d+ "who" \d+\.\d{3} [0-9a-f]{32}\n']), text), text
+    assert re.search(date.join([r"127\.0\.0\.1 - - ", r' "GET /b HTTP/1\.1" 404 \d+ "-" - [0-9a-f]{32}\n']), text), text
 
 
 def test_access_log_off_writes_no_line(tmp_path: Path, backend_port: int) -> None:

@@ -1,7 +1,8 @@
 """The access log: one line per request, formatted on the reactor, written by a thread.
 
-Formats (--access-log): `common` is the Common Log Format plus the service the request was routed to and the time
-to the upstream's response head in milliseconds; `json` is one JSON object per line; `off` logs nothing.
+Formats (--access-log): `common` is the Common Log Format plus the service the request was routed to, the time
+to the upstream's response head in milliseconds and the request id; `json` is one JSON object per line; `off` logs
+nothing.
 
 Lines are collected on the reactor and handed over in batches, FLUSH_DELAY after the first line of a batch (or at
 once when BATCH_LINES have gathered), to L{ThreadWriter}, whose thread does the blocking writes: a regular file, a
@@ -39,8 +40,9 @@ MAX_PENDING = 8 * 1024 * 1024
 FLUSH_DELAY = 0.05
 BATCH_LINES = 512
 
-# A relayed response in the common format: client, time, request line, status, body bytes, service, upstream ms.
-_CLF_RELAYED = b'%s - - [%s] "%s %s %s" %d %d "%s" %.3f\n'
+# A relayed response in the common format: client, time, request line, status, body bytes, service, upstream ms,
+# request id.
+_CLF_RELAYED = b'%s - - [%s] "%s %s %s" %d %d "%s" %.3f %s\n'
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 # What a quoted CLF field may hold as it is; anything else (quote, backslash, controls, non-ASCII) is escaped.
 _PLAIN = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\x7e]*")
@@ -152,7 +154,7 @@ class AccessLog:
                 client.peer_ip or b"-", self._clf_bytes, head.method, target, b"HTTP/2" if http2 else head.version,
                 CLIENT_CLOSED if exchange.client_gone and state is _RESPONDING else exchange.status,
                 exchange.bytes_out, service,
-                (exchange._started_at + exchange._ttfb - exchange.created_at) * 1000.0,
+                (exchange._started_at + exchange._ttfb - exchange.created_at) * 1000.0, head.request_id or b"-",
             )
         )
         if self._flush_call is None:
@@ -208,7 +210,9 @@ class AccessLog:
         service = route.service.name if route is not None else "-"
         ms = "-" if upstream is None else f"{upstream * 1000.0:.3f}"
         peer = side.peer_ip.decode("ascii", "replace") or "-"
-        return f'{peer} - - [{self._clf_time}] "{request}" {status} {bytes_out} "{service}" {ms}\n'
+        # The request id: labelgw.http.requestid's safe characters only.
+        request_id = head.request_id.decode("ascii") if head is not None and head.request_id else "-"
+        return f'{peer} - - [{self._clf_time}] "{request}" {status} {bytes_out} "{service}" {ms} {request_id}\n'
 
     def _json(
         self, now: float, side: Any, head: Any, status: int, bytes_in: int, bytes_out: int, duration: float,

@@ -40,9 +40,13 @@ from typing import Callable, Sequence
 REPO = Path(__file__).resolve().parent.parent
 HOST_HEADER = "bench.localhost"
 NGINX = "/usr/sbin/nginx"
-TARGET_ORDER = ("direct", "nginx-proxy", "twisted-rpr", "labelgw", "labelgw-nometrics")
-# labelgw-nometrics (`metrics: false`: no per-request counters) only when asked for: what metrics cost.
-DEFAULT_TARGETS = TARGET_ORDER[:4]
+TARGET_ORDER = ("direct", "nginx-proxy", "twisted-rpr", "labelgw")
+DEFAULT_TARGETS = TARGET_ORDER
+# Only when named in --targets: labelgw-nometrics (`metrics: false`: no per-request counters), to measure what
+# metrics cost; labelgw with its access log off, or in JSON (the default target logs in the common format to its
+# standard output, a file), to measure what the access log costs; labelgw-log-common is the default again, loaded
+# after labelgw-log-off, so that the comparison does not depend on the order within a round.
+OPT_IN_TARGETS = ("labelgw-nometrics", "labelgw-log-off", "labelgw-log-json", "labelgw-log-common")
 RATIO_BASES = ("nginx-proxy", "twisted-rpr", "direct", "labelgw-nometrics")
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
@@ -378,7 +382,8 @@ def twisted_rpr(prefix: Path, port: int, backend_port: int) -> Managed:
 
 
 def labelgw_server(
-    prefix: Path, backend_port: int, listeners: Sequence[str], tree: Path = REPO, python: str = sys.executable
+    prefix: Path, backend_port: int, listeners: Sequence[str], tree: Path = REPO, python: str = sys.executable,
+    name: str = "labelgw",
 ) -> Managed:
     """`twistd -n labelgw` with `listeners` (its listener and state options) and a config file holding one static
     service `bench` (hosts [bench.localhost], the backend) and no Docker watcher: only the data path is measured.
@@ -404,16 +409,18 @@ services:
         "labelgw",
         # -P: the working directory is not put on sys.path (it is the tree anyway, but say so).
         [python, "-P", "-c", TWISTD_LOGGING_ORIGIN, "-n", "--pidfile=", "labelgw", *listeners, "--config", str(config)],
-        prefix / "labelgw.log",
+        prefix / f"{name}.log",
         env=env,
         cwd=tree,
     )
 
 
-def labelgw(prefix: Path, port: int, backend_port: int) -> Managed:
+def labelgw(prefix: Path, port: int, backend_port: int, access_log: str | None = None) -> Managed:
     # No HTTPS listener (and no CA written to the home directory), no admin listener.
+    log = ["--access-log", access_log] if access_log else []
     return labelgw_server(
-        prefix, backend_port, ["--http", f"tcp:{port}:interface=127.0.0.1", "--https", "none", "--admin", "none"]
+        prefix, backend_port, ["--http", f"tcp:{port}:interface=127.0.0.1", "--https", "none", "--admin", "none", *log],
+        name=f"labelgw-log-{access_log}" if access_log else "labelgw",
     )
 
 
@@ -478,7 +485,7 @@ def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
 def print_table(medians: dict[str, dict[str, float]], skipped: dict[str, str], rounds: int) -> None:
     label = "median of %d rounds" % rounds if rounds > 1 else "1 round"
     print(f"\n{'target':<13} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>8} {'cpu us/req':>11}   ({label})")
-    for name in TARGET_ORDER:
+    for name in (*TARGET_ORDER, *OPT_IN_TARGETS):
         if name in medians:
             m = medians[name]
             print(
@@ -489,6 +496,13 @@ def print_table(medians: dict[str, dict[str, float]], skipped: dict[str, str], r
             print(f"{name:<13} skipped: {skipped[name]}")
     found = ratios(medians)
     print()
+    for name in OPT_IN_TARGETS:
+        if name in medians and "labelgw" in medians:
+            # What the access log costs: the default (common, to a file) against this variant.
+            print(f"labelgw/{name:<18} req/s x{medians['labelgw']['requests_per_s'] / medians[name]['requests_per_s']:.3f}")
+    if "labelgw-log-common" in medians and "labelgw-log-off" in medians:
+        ratio = medians["labelgw-log-common"]["requests_per_s"] / medians["labelgw-log-off"]["requests_per_s"]
+        print(f"labelgw-log-common/labelgw-log-off req/s x{ratio:.3f}")
     if not found:
         print("ratios labelgw/other: n/a (labelgw " + ("skipped)" if "labelgw" in skipped else "not run)"))
         return
@@ -530,7 +544,7 @@ def _raise_exit(signum: int, frame: object) -> None:
 
 
 def bench(args: argparse.Namespace) -> dict[str, object]:
-    wanted = [name for name in TARGET_ORDER if name in args.targets]
+    wanted = [name for name in (*TARGET_ORDER, *OPT_IN_TARGETS) if name in args.targets]
     missing = [tool for tool in (NGINX, "wrk") if not shutil.which(tool)]
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: apt-get install nginx-light wrk")
@@ -540,6 +554,10 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     backend = nginx_backend(prefix, backend_port)
     builders = {"nginx-proxy": nginx_proxy, "twisted-rpr": twisted_rpr, "labelgw": labelgw}
     builders["labelgw-nometrics"] = labelgw_nometrics
+    for log_format in ("off", "json", "common"):
+        builders[f"labelgw-log-{log_format}"] = (
+            lambda prefix, port, backend_port, log_format=log_format: labelgw(prefix, port, backend_port, log_format)
+        )
     started: list[Managed] = []
     targets: list[Target] = []
     skipped: dict[str, str] = {}
@@ -634,7 +652,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with configurations and logs")
     args = parser.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(args.targets) - set(TARGET_ORDER)
+    unknown = set(args.targets) - set(TARGET_ORDER) - set(OPT_IN_TARGETS)
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if args.duration <= 0 or args.duration > 300 or args.rounds < 1 or args.rounds > 20 or args.warmup < 0:

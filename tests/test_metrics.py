@@ -332,7 +332,11 @@ def test_process_collectors_included(harness: ProxyHarness) -> None:
 
 def test_access_log_dropped_read_from_the_gateway(harness: ProxyHarness) -> None:
     assert value(scrape(harness.gateway, harness.registry), "labelgw_access_log_dropped_total") == 0
-    harness.gateway.access_log_dropped = 12
+
+    class AccessLog:  # the counter labelgw.http.accesslog.AccessLog keeps
+        access_log_dropped = 12
+
+    harness.gateway.access_log = AccessLog()
     assert value(scrape(harness.gateway, harness.registry), "labelgw_access_log_dropped_total") == 12
 
 

@@ -14,6 +14,7 @@ from labelgw.core.backends import Backend, ServicePool
 from labelgw.core.balancer import service_policy_factory
 from labelgw.core.canary import CanaryAnalyzer
 from labelgw.cli.config import Settings
+from labelgw.cli.accesslog import AccessLogService
 from labelgw.control.explain import Explainer
 from labelgw.cli.fdlimit import raise_open_file_limit
 from labelgw.control.health import HealthChecker
@@ -87,6 +88,9 @@ class LabelgwService(MultiService):
             admin = self.admin = AdminListener(reactor, settings.admin, site, "http")
             admin.setServiceParent(self)
             self.listeners.append(admin)
+        # The access log (--access-log, --access-log-file; SIGUSR1 reopens the file) and --debug-headers.
+        self.access_log = AccessLogService(settings, reactor, self.gateway)
+        self.access_log.setServiceParent(self)
         self.watcher = None
         if settings.docker:
             self.watcher = _make_watcher(settings, reactor, self.docker_metrics or self.registry)
@@ -159,6 +163,7 @@ class LabelgwService(MultiService):
         stopped.addCallback(stop_watcher)
         stopped.addCallback(lambda _: self.https.stopService() if self.https.running else None)
         stopped.addCallback(self._stop_balancing)
+        stopped.addCallback(lambda _: self.access_log.stopService() if self.access_log.running else None)
         stopped.addErrback(lambda failure: self._log.failure("while stopping", failure))
         return stopped
 

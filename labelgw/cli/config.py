@@ -99,6 +99,11 @@ class Settings:
     canary_window: float = 60.0
     # GET /metrics on the admin listener, and the per-request counters behind it (labelgw.control.metrics).
     metrics: bool = True
+    # The access log (labelgw.http.accesslog): common, json or off; a file (None: standard output), reopened on
+    # SIGUSR1; and --debug-headers (response fields naming the service, version and backend that answered).
+    access_log: str = "common"
+    access_log_file: str | None = None
+    debug_headers: bool = False
 
 
 # The one place the defaults are written: `build` fills what neither the command line nor the file sets from it.
@@ -132,6 +137,7 @@ _BALANCING_KEYS = {"balancer", "balancer_decay", "ejection_base", "admin", "admi
 _FILE_KEYS |= _BALANCING_KEYS
 _FILE_KEYS |= {"canary_window"}
 _FILE_KEYS |= {"metrics"}
+_FILE_KEYS |= {"access_log", "access_log_file", "debug_headers"}
 
 
 def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Settings:
@@ -214,6 +220,7 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
         canary_window=_positive_number("canary_window", file.get("canary_window", DEFAULTS.canary_window)),
         **_https_settings(pick),
         **_balancing_settings(pick),
+        **_access_log_settings(pick),
     )
 
 
@@ -456,3 +463,29 @@ def _admin_hosts(value: Any) -> tuple[str, ...]:
             raise ConfigError(f"--admin-host {item!r}: not a host name or IP address")
         hosts.append(host)
     return tuple(dict.fromkeys(hosts))
+
+
+def _access_log_settings(pick: Any) -> dict[str, Any]:
+    """--access-log FORMAT, --access-log-file PATH (its directory must exist; the file is created), --debug-headers."""
+    from labelgw.http.accesslog import FORMATS
+
+    chosen = pick("access_log")
+    if chosen is False:
+        chosen = "off"  # YAML reads a bare `off` as false
+    chosen = DEFAULTS.access_log if chosen is None else chosen
+    if not isinstance(chosen, str) or chosen.strip().lower() not in FORMATS:
+        raise ConfigError(f"--access-log: {chosen!r} is not a format; use one of: {', '.join(FORMATS)}")
+    path = pick("access_log_file")
+    if path is not None:
+        if not isinstance(path, str) or not path.strip():
+            raise ConfigError("--access-log-file: must be a file path")
+        path = os.path.abspath(os.path.expanduser(path))
+        if os.path.isdir(path):
+            raise ConfigError(f"--access-log-file {path!r}: is a directory")
+        if not os.path.isdir(os.path.dirname(path)):
+            raise ConfigError(f"--access-log-file {path!r}: its directory does not exist")
+    return {
+        "access_log": chosen.strip().lower(),
+        "access_log_file": path,
+        "debug_headers": _flag("--debug-headers", pick("debug_headers")),
+    }

@@ -35,10 +35,13 @@ class Options(usage.Options):
         ["admin", None, None, f"Endpoint of the admin JSON view, or none [default: {_DEFAULTS.admin}]"],
         ["version-header", None, None,
          f"Request header that pins a request to one version [default: {_DEFAULTS.version_header}]"],
+        ["access-log", None, None, f"Access log format: common, json or off [default: {_DEFAULTS.access_log}]"],
+        ["access-log-file", None, None, "Write the access log to this file (reopened on SIGUSR1) [default: standard output]"],
     ]
     optFlags = [
         ["tls-strict", None, "Refuse TLS handshakes for unknown names instead of serving the default certificate"],
         ["redirect-https", None, "Answer every plain-HTTP request with a 308 redirect to HTTPS"],
+        ["debug-headers", None, "Add response headers naming the service, version and backend that answered"],
     ]
 
     def __init__(self) -> None:
@@ -107,6 +110,9 @@ def settings_from_options(options: Any) -> config.Settings:
         "admin": options["admin"],
         "admin_hosts": list(options["admin-host"]),
         "version_header": options["version-header"],
+        "access_log": options["access-log"],
+        "access_log_file": options["access-log-file"],
+        "debug_headers": True if options["debug-headers"] else None,
     }
     settings = config.build(cli, file)
     _check_endpoints(settings.http)

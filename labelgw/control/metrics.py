@@ -304,10 +304,11 @@ class GatewayCollector(Collector):
             per_service.add_metric([name], pool.in_flight)
         yield per_service
         yield CounterMetricFamily("labelgw_retries", "Requests sent a second time", value=gateway.retries)
-        # TODO(acclog): the access log helper's dropped-line count; a plain int on the gateway, 0 until it exists.
+        # The access log's dropped lines (labelgw.http.accesslog.AccessLog); 0 with --access-log off.
+        access_log = gateway.access_log
         yield CounterMetricFamily(
             "labelgw_access_log_dropped", "Access log lines dropped because the writer fell behind",
-            value=getattr(gateway, "access_log_dropped", 0),
+            value=access_log.access_log_dropped if access_log is not None else 0,
         )
 
     def _backends(self) -> Iterator[Metric]:

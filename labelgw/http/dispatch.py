@@ -37,6 +37,8 @@ def _loopback(peer_ip: bytes) -> bool:
 
 def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchange | None:
     """The exchange that will serve `head` (not started yet), or None after `side` answered it itself."""
+    # X-Request-Id and traceparent kept or made (labelgw.http.requestid); added upstream by labelgw.http.headers.
+    gateway.request_ids.assign(head)
     raw_host = head.host
     if raw_host:
         host = _HOSTS.get(raw_host)

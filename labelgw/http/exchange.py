@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from labelgw.core.backends import Backend
 from labelgw.http.logsafe import printable
 from labelgw.http.headers import upstream_request_head
+from labelgw.http.accesslog import debug_fields
 from labelgw.http.framing import LAST_CHUNK, encode_chunk, response_has_body
 from labelgw.http.parser import RequestHead, ResponseHead
 from labelgw.http.sides import ClientSide
@@ -80,12 +81,15 @@ class Exchange:
     fallback_reason: str | None = None
     held = False
     on_done: Any = None
-    # Metrics (labelgw.control.metrics): the final status (0: none yet), body bytes each way, and why labelgw
-    # answered 502 itself (a failed connect or anything else; 504 is always a timeout).
+    # Metrics (labelgw.control.metrics) and the access log (labelgw.http.accesslog): the final status (0: none
+    # yet), body bytes each way, why labelgw answered 502 itself (a failed connect or anything else; 504 is always
+    # a timeout), whether the client went away first, and the message of labelgw's own answer.
     status = 0
     bytes_in = 0
     bytes_out = 0
     fail_cause = "upstream_error"
+    client_gone = False
+    error_message: str | None = None
 
     # `gateway`: the labelgw.http.server.Gateway (clock, pool, settings, counters), not imported: the exchange
     # depends on its two interfaces only.
@@ -272,6 +276,8 @@ class Exchange:
             # The upstream answered before the whole body arrived: the rest cannot be skipped safely.
             self._client_close = True
         body = response_has_body(status, self.head.method == b"HEAD")
+        if self.gateway.debug_headers:
+            self.response_extra += debug_fields(self)
         # Held by the client side until flush: head and body then leave together (one TCP segment).
         self.client.response_head(head, body, self._client_close, self.response_extra)
 
@@ -349,6 +355,7 @@ class Exchange:
             return
         self._unregister_producers()
         self._abort_upstream()
+        self.client_gone = True
         # The client gave up: how long that took says nothing about the backend.
         self._complete(failed=False, observe=False)
 
@@ -356,6 +363,8 @@ class Exchange:
 
     def _fail(self, status: int, message: str) -> None:
         extra = b"Retry-After: 1\r\n" if status == 503 else b""
+        self.status = status
+        self.error_message = message
         # An unread request body would be taken for the next request: close instead.
         self._client_close = self._client_close or not self.body_done
         self.status = status
@@ -411,6 +420,9 @@ class Exchange:
         metrics = gateway.metrics
         if metrics is not None:
             metrics.exchange_done(self, gateway.clock.seconds())
+        access_log = gateway.access_log
+        if access_log is not None:
+            access_log.exchange(self, state)
         self.client.exchange_done(self, close=self._client_close)
 
     def _abort_upstream(self) -> None:

@@ -118,6 +118,8 @@ class H2Stream:
     stalled_since = 0.0
     _progressed = False
     body_seen = 0.0
+    # The request, once dispatched (the access log reads it).
+    head: RequestHead | None = None
 
     def __init__(self, owner: "H2Protocol", stream_id: int, method: bytes) -> None:
         self.owner = owner
@@ -142,6 +144,7 @@ class H2Stream:
     def start(self, head: RequestHead) -> None:
         """Dispatch the request; the body received so far follows."""
         self.started = True
+        self.head = head
         exchange = dispatch(self.owner.gateway, head, self)
         if exchange is None:
             self._drop_inbound()
@@ -286,6 +289,9 @@ class H2Stream:
     def refuse(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
         """Answered without an exchange (404, 503, a request HTTP/2 cannot relay)."""
         self.started = True
+        access_log = self.owner.gateway.access_log
+        if access_log is not None:
+            access_log.refused(self, self.head, status, message)
         self.error_response(status, message, close, extra)
         self._drop_inbound()
 
@@ -488,6 +494,9 @@ class H2Stream:
         if exchange is None:
             return
         started = exchange.response_started
+        if not started and self.state is _WAITING:
+            # For the access log: labelgw's answer, not a client that went away.
+            exchange.status, exchange.error_message = 408, "request body timed out"
         exchange.client_lost()
         if started or self.state is not _WAITING:
             self._reset(ErrorCodes.CANCEL)

@@ -58,6 +58,9 @@ def upstream_request_head(
         parts.append(b"Content-Length: %d\r\n" % head.content_length)
     elif head.method in (b"POST", b"PUT", b"PATCH"):
         parts.append(b"Content-Length: 0\r\n")
+    if head.trace_fields:
+        # X-Request-Id and traceparent, when the client's were missing or refused (labelgw.http.requestid).
+        parts.append(head.trace_fields)
     forwarded_host = head.host or b""
     parts.append(
         b"X-Forwarded-For: " + client_ip + b"\r\nX-Forwarded-Proto: " + proto + b"\r\nX-Forwarded-Host: "

@@ -85,6 +85,10 @@ class RequestHead(_Head):
     target = b""
     host: bytes | None = None
     absolute_form = False
+    # Set by labelgw.http.requestid at dispatch: the request's id and trace id, and the field lines labelgw adds.
+    request_id = b""
+    trace_id = b""
+    trace_fields = b""
 
     @property
     def has_body(self) -> bool:

@@ -23,6 +23,7 @@ from labelgw.http.transport import DataProtocol, GatewayConnection, Producer
 from labelgw.http.upstream import UpstreamPool
 from labelgw.http.versioning import DEFAULT_VERSION_HEADER
 from labelgw.core.canary import CanaryAnalyzer
+from labelgw.http.requestid import RequestIds
 from labelgw.core.routes import RouteTable
 
 _IDLE = ConnectionState.IDLE
@@ -65,6 +66,11 @@ class Gateway:
         self.metrics: Any = None
         # Host -> the skipped container that asked for it, if any (Registry.rejected_for): named in the 404.
         self.rejected_for: Callable[[str], Any] | None = None
+        # The access log (labelgw.http.accesslog.AccessLog; None: --access-log off), request ids and trace context
+        # (labelgw.http.requestid), and --debug-headers (which service, version and backend answered).
+        self.access_log: Any = None
+        self.request_ids = RequestIds()
+        self.debug_headers = False
 
     def retry_budget_allows(self) -> bool:
         # Envoy's retry budget: retries in flight at most max(3, 20 % of the requests in flight).
@@ -102,6 +108,8 @@ class ClientConnection(DataProtocol):
     served by an exchange to which this connection is the client side (L{labelgw.http.sides.ClientSide})."""
 
     state = _IDLE
+    # Inside refuse(), which logs the request itself (the access log).
+    _refusing = False
 
     def __init__(self, gateway: Gateway, proto: bytes = b"http") -> None:
         self.gateway = gateway
@@ -309,6 +317,9 @@ class ClientConnection(DataProtocol):
     def _refuse_body(self, exchange: Exchange, error: HttpError) -> None:
         started = exchange.response_started
         self.exchange = None
+        if not started:
+            # For the access log: labelgw's answer, not a client that went away.
+            exchange.status, exchange.error_message = error.status, error.reason
         exchange.client_lost()
         if not started:
             self.transport.write(error_response(error.status, error.reason, close=True))
@@ -317,6 +328,10 @@ class ClientConnection(DataProtocol):
     # Answers of labelgw's own.
 
     def send_error(self, status: int, message: str, close: bool, extra: bytes = b"", head_only: bool = False) -> None:
+        access_log = self.gateway.access_log
+        if access_log is not None and not self._refusing:
+            # A request refused before it was parsed (400, 431, 408 for the head): logged without its head.
+            access_log.refused(self, None, status, message)
         close = close or self.draining
         self.transport.write(error_response(status, message, close, extra, head_only))
         if close:
@@ -329,7 +344,12 @@ class ClientConnection(DataProtocol):
 
     def refuse(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
         request = self._request
+        access_log = self.gateway.access_log
+        if access_log is not None:
+            access_log.refused(self, request, status, message)
+        self._refusing = True
         self.send_error(status, message, close, extra, head_only=request is not None and request.method == b"HEAD")
+        self._refusing = False
 
     # The client side of the exchange (labelgw.http.sides.ClientSide): the response.
 
@@ -528,6 +548,8 @@ class ClientConnection(DataProtocol):
                 started = exchange is not None and exchange.response_started
                 self.exchange = None
                 if exchange is not None:
+                    if not started:
+                        exchange.status, exchange.error_message = 408, "request body timed out"
                     exchange.client_lost()
                 if not started:
                     self.transport.write(error_response(408, "request body timed out", close=True))

@@ -11,7 +11,9 @@ from labelgw.http.settings import ProxySettings
 from labelgw.core.labels import BALANCERS, parse_hash_key, parse_hosts, parse_path
 from labelgw.core.model import BalancerName, ContainerSpec, HashKey
 from labelgw.core.registry import STATIC_PREFIX
-from labelgw.core.middleware import MIDDLEWARE_LABELS, MiddlewareLabelError, MiddlewareSpec, parse_middleware
+from labelgw.core.middleware import (
+    MIDDLEWARE_LABELS, MiddlewareLabelError, MiddlewareSpec, is_middleware_label, parse_middleware,
+)
 
 DEFAULT_HTTP = ("tcp:8080",)
 DEFAULT_HTTPS = ("tcp:8443",)
@@ -238,7 +240,7 @@ def _static_service(name: Any, spec: Any) -> StaticService:
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a mapping with hosts and backends")
     known = {"hosts", "path", "strip_prefix", "backends", "balancer", "hash_key"}
-    unknown = sorted(set(spec) - known - MIDDLEWARE_LABELS)
+    unknown = sorted(key for key in set(spec) - known if not (isinstance(key, str) and is_middleware_label(key)))
     if unknown:
         raise ConfigError(
             f"{where}.{unknown[0]}: unknown setting (known: {', '.join(sorted(known | MIDDLEWARE_LABELS))})"
@@ -300,7 +302,7 @@ def _static_balancer(where: str, spec: Mapping[str, Any]) -> tuple[BalancerName 
 def _static_middleware(where: str, name: str, spec: Mapping[str, Any]) -> MiddlewareSpec | None:
     """The middleware keys of a static service, read by the label parser (YAML numbers taken as written)."""
     labels = {key: ("true" if value is True else "false" if value is False else str(value))
-              for key, value in spec.items() if key in MIDDLEWARE_LABELS}
+              for key, value in spec.items() if isinstance(key, str) and is_middleware_label(key)}
     try:
         return parse_middleware(labels, name)
     except MiddlewareLabelError as error:

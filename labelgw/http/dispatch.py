@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from labelgw.http.exchange import Exchange
+from labelgw.middleware.access import client_address
 from labelgw.http.hashkey import request_key
 from labelgw.http.parser import RequestHead
 from labelgw.http.sides import RequestSide
@@ -27,6 +28,10 @@ def _close(head: RequestHead) -> bool:
 
 def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchange | None:
     """The exchange that will serve `head` (not started yet), or None after `side` answered it itself."""
+    trusted = gateway.trusted_proxies
+    if trusted is not None:
+        # --trusted-proxies: the client is the last untrusted X-Forwarded-For hop (labelgw.middleware.access).
+        head.client_ip = client_address(side.peer_ip, [v for n, v in head.headers if n.lower() == b"x-forwarded-for"], trusted)
     raw_host = head.host
     host = _HOSTS.get(raw_host) if raw_host else ""
     if host is None:

@@ -85,6 +85,8 @@ class RequestHead(_Head):
     target = b""
     host: bytes | None = None
     absolute_form = False
+    # The client's address behind trusted proxies (--trusted-proxies, labelgw.middleware.access); None: the peer's.
+    client_ip: bytes | None = None
 
     @property
     def has_body(self) -> bool:

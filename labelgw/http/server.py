@@ -62,6 +62,8 @@ class Gateway:
         self.canary = CanaryAnalyzer()
         # Per-request counters read by /metrics (labelgw.control.metrics.RequestMetrics); None: metrics off.
         self.metrics: Any = None
+        # --trusted-proxies (labelgw.middleware.access.parse_networks); None: the peer is the client.
+        self.trusted_proxies: Any = None
 
     def retry_budget_allows(self) -> bool:
         # Envoy's retry budget: retries in flight at most max(3, 20 % of the requests in flight).

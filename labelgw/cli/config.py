@@ -96,6 +96,8 @@ class Settings:
     canary_window: float = 60.0
     # GET /metrics on the admin listener, and the per-request counters behind it (labelgw.control.metrics).
     metrics: bool = True
+    # --trusted-proxies: CIDR networks whose X-Forwarded-For labelgw believes (labelgw.middleware.access).
+    trusted_proxies: tuple[str, ...] = ()
 
 
 # The one place the defaults are written: `build` fills what neither the command line nor the file sets from it.
@@ -129,6 +131,7 @@ _BALANCING_KEYS = {"balancer", "balancer_decay", "ejection_base", "admin", "admi
 _FILE_KEYS |= _BALANCING_KEYS
 _FILE_KEYS |= {"canary_window"}
 _FILE_KEYS |= {"metrics"}
+_FILE_KEYS |= {"trusted_proxies"}
 
 
 def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Settings:
@@ -198,6 +201,7 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
         raise ConfigError("metrics: must be true or false")
 
     return Settings(
+        trusted_proxies=_trusted_proxies(pick("trusted_proxies")),
         metrics=metrics,
         http=tuple(http),
         docker_host=docker_host,
@@ -417,3 +421,19 @@ def _admin_hosts(value: Any) -> tuple[str, ...]:
             raise ConfigError(f"--admin-host {item!r}: not a host name or IP address")
         hosts.append(host)
     return tuple(dict.fromkeys(hosts))
+
+
+def _trusted_proxies(value: Any) -> tuple[str, ...]:
+    """--trusted-proxies: CIDR networks (a list, or one comma-separated string), kept in their normal form."""
+    from labelgw.middleware.access import parse_networks
+
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError("--trusted-proxies: must be CIDR networks such as 10.0.0.0/8")
+    try:
+        return tuple(str(network) for network in parse_networks(value))
+    except ValueError as error:
+        raise ConfigError(f"--trusted-proxies: {error}") from None

@@ -204,15 +204,15 @@ class Chain:
         auth_wait = None
         auth = self.auth
         if auth is not None:
-            verdict = auth.check(head.field(b"authorization"))
-            if verdict is False:
+            checked = auth.check(head.field(b"authorization"))
+            if checked is False:
                 side.refuse(401, "authentication required", close, auth.challenge)
                 return None
-            if verdict is None:
+            if checked is None:
                 side.refuse(503, "too many authentication checks in progress", close, b"Retry-After: 1\r\n")
                 return None
-            if verdict is not True:
-                auth_wait = verdict
+            if checked is not True:
+                auth_wait = checked
         limiter = self.ratelimit
         if limiter is not None:
             wait = limiter.allow(self._key(head, client_ip), now)  # type: ignore[misc]

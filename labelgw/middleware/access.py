@@ -163,11 +163,19 @@ class BasicAuth:
                 self.busy += 1
                 return None
             waiting = self._pending[key] = []
+            answer: Deferred[bool] = Deferred()
+            waiting.append(answer)
             self.checks += 1
             checked = self._threads(_check_bcrypt, password, hashed)
             checked.addCallback(self._checked, key)
             checked.addErrback(self._failed, key)
-        answer: Deferred[bool] = Deferred()
+            if key not in self._pending:
+                # Answered in place (a runner without threads): the verdict now, never a Deferred already fired.
+                verdict: list[bool] = []
+                answer.addCallback(verdict.append)
+                return verdict[0]
+            return answer
+        answer = Deferred()
         waiting.append(answer)
         return answer
 

@@ -482,3 +482,23 @@ def test_http2_allowlist() -> None:
     stream = client.request(authority=b"api.localhost")
     assert client.streams[stream].status == 403
     h.assert_accounting()
+
+
+# --- the Compose example ----------------------------------------------------------------------------------------
+
+
+def test_the_compose_example_labels_parse_as_compose_passes_them() -> None:
+    import pathlib
+
+    import yaml
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "compose-examples" / "request-middleware" / "docker-compose.yml"
+    services = yaml.safe_load(path.read_text())["services"]
+    private = {k: v.replace("$$", "$") for k, v in services["private"]["labels"].items()}  # Compose's unescaping
+    parsed = parse_middleware({k.removeprefix("labelgw."): v for k, v in private.items()}, "private")
+    assert parsed is not None and parsed.auth is not None and parsed.max_body == 64 * 1024
+    user, hashed = parsed.auth.users[0]
+    assert user == "alice" and bcrypt.checkpw(b"s3cret", hashed.encode())
+    web = {k.removeprefix("labelgw."): v for k, v in services["web"]["labels"].items()}
+    headers = parse_middleware(web, "web")
+    assert headers is not None and headers.headers is not None and headers.headers.response_remove == ("Server",)

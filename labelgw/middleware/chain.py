@@ -4,14 +4,17 @@ The chain is resolved once, when a service appears, from its first container's s
 service's `ServicePool.middleware` is then a `Chain`, or stays None, and the dispatcher pays one attribute read
 per request for a service without middlewares.
 
-Per request (`labelgw.http.dispatch`), in this order:
+Per request (`labelgw.http.dispatch`), in this order (the request side, issue 10, in
+`labelgw.middleware.access`):
+  0. allowlist (403), basic auth (401; a bcrypt check in a thread holds the exchange until it answers), then the
+     rate limit, the body limit on Content-Length (413; a chunked body is counted by the exchange), the request
+     header rules (the head is rewritten before the exchange builds its upstream head);
   1. rate limit: a token per key, else `429` with Retry-After and the RateLimit fields (never a fallback:
      the client is asked to slow down, not served elsewhere);
   2. circuit breaker: while open, the request fails fast or goes to the fallback;
   3. concurrency limit: a slot, or a place in the FIFO queue, else the fallback or a fast `503`;
   4. fallback: used by 2 and 3, and when the service has no ready backend; another service, or a static answer.
-The issue's full order puts allowlist and auth before the rate limit, body limit, headers and compression
-after the fallback: each is one more step in `Chain.enter` or on the exchange (`on_done`).
+Response header rules go on the exchange (`response_rules`, applied to the response head); compression after.
 
 The outcome comes back through the exchange's `on_done` hook: the concurrency slot is released (the first
 waiter gets it) and the breaker counts the request.

@@ -502,3 +502,35 @@ def test_the_compose_example_labels_parse_as_compose_passes_them() -> None:
     web = {k.removeprefix("labelgw."): v for k, v in services["web"]["labels"].items()}
     headers = parse_middleware(web, "web")
     assert headers is not None and headers.headers is not None and headers.headers.response_remove == ("Server",)
+
+
+def test_no_way_round_auth_through_the_fallback_service() -> None:
+    from labelgw.core.middleware import FallbackSpec
+
+    threads = Threads()
+    h = ProxyHarness(specs=())
+    h.registry.add_listener(MiddlewareManager(h.reactor, h.registry.services, threads))
+    stopped = dataclasses.replace(API, running=False, middleware=MiddlewareSpec(
+        auth=AuthSpec((("alice", HASH),), "r"), fallback=FallbackSpec(service="spare")))
+    h.registry.apply(stopped.container_id, stopped)
+    spare = spec("spare-1", "spare", 9601, ("spare.localhost",))
+    h.registry.apply(spare.container_id, spare)
+    client = h.connect()
+    client.send(get(extra=b"Authorization: " + basic("alice", "wrong") + b"\r\n"))
+    assert h.new_connects() == []  # the fallback's exchange waits for the check too
+    threads.run()
+    assert client.response().status == 401 and h.new_connects() == []
+    h.assert_accounting()
+
+
+def test_admin_view_describes_the_request_side() -> None:
+    from labelgw.control.admin import state
+
+    h = harness(allow=parse_allow("127.0.0.1"), auth=AuthSpec((("alice", HASH),), "r"), max_body=5,
+                headers=HeadersSpec((("X-Env", "s"),)))
+    client = h.connect()
+    client.send(get())
+    view = state(h.registry, h.now())["services"]["api"]["middleware"]
+    assert view["allow"] == {"networks": ["127.0.0.1/32"], "refused": 1}
+    assert view["auth"]["users"] == 1 and view["max_body"]["bytes"] == 5
+    assert view["headers"]["request_set"] == ["X-Env"]

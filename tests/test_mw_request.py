@@ -89,6 +89,7 @@ def test_sizes(text: str, size: int) -> None:
     ({"headers.response.remove": "Keep-Alive"}, "headers.response.remove", "hop-by-hop"),
     ({"headers.request.set.X-Forwarded-For": "1.2.3.4"}, "headers.request.set.X-Forwarded-For", "set by labelgw"),
     ({"headers.request.set.X_Real_IP": "1.2.3.4"}, "headers.request.set.X_Real_IP", "set by labelgw"),
+    ({"headers.request.set.X.Forwarded.Host": "h"}, "headers.request.set.X.Forwarded.Host", "set by labelgw"),
     ({"headers.request.set.Bad Name": "x"}, "headers.request.set.Bad Name", "not a header field name"),
     ({"headers.request.set.X-A": "a\r\nX-Injected: 1"}, "headers.request.set.X-A", "CR, LF, NUL"),
     ({"headers.response.set.X-A": "a\x00b"}, "headers.response.set.X-A", "CR, LF, NUL"),

@@ -168,7 +168,8 @@ def parse_size(text: str) -> int:
 def parse_field_name(name: str) -> str:
     if _TOKEN.fullmatch(name) is None:
         raise ValueError(f"{name[:40]!r} is not a header field name (a token: letters, digits, !#$%&'*+.^_`|~-)")
-    if name.lower().replace("_", "-") in FORBIDDEN_FIELDS:
+    # Look-alikes too (X_Forwarded_For, X.Real.IP): a backend may read them as the real field.
+    if name.lower().replace("_", "-").replace(".", "-") in FORBIDDEN_FIELDS:
         raise ValueError(f"{name} is framing, hop-by-hop or set by labelgw itself: it cannot be set or removed")
     return name
 

@@ -535,3 +535,21 @@ def test_admin_view_describes_the_request_side() -> None:
     assert view["allow"] == {"networks": ["127.0.0.1/32"], "refused": 1}
     assert view["auth"]["users"] == 1 and view["max_body"]["bytes"] == 5
     assert view["headers"]["request_set"] == ["X-Env"]
+
+
+def test_trusted_proxies_option_reaches_the_gateway() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from labelgw.cli.app import LabelgwService
+    from labelgw.cli.tap import Options
+
+    options = Options()
+    options.parseOptions(["--https", "none", "--admin", "none", "--trusted-proxies", "10.0.0.0/8,fd00::/8",
+                          "--trusted-proxies", "192.168.0.1"])
+    assert options.settings.trusted_proxies == ("10.0.0.0/8", "fd00::/8", "192.168.0.1/32")
+    service = LabelgwService(dataclasses.replace(options.settings, docker=False), MemoryReactorClock())
+    assert [str(n) for n in service.gateway.trusted_proxies] == ["10.0.0.0/8", "fd00::/8", "192.168.0.1/32"]
+    from twisted.python.usage import UsageError
+
+    with pytest.raises(UsageError, match="--trusted-proxies"):
+        Options().parseOptions(["--https", "none", "--trusted-proxies", "10.0.0.0/99"])

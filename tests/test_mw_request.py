@@ -553,3 +553,19 @@ def test_trusted_proxies_option_reaches_the_gateway() -> None:
 
     with pytest.raises(UsageError, match="--trusted-proxies"):
         Options().parseOptions(["--https", "none", "--trusted-proxies", "10.0.0.0/99"])
+
+
+def test_http2_body_over_the_limit_after_the_response_started_resets_the_stream() -> None:
+    from test_h2 import H2Client
+
+    h = harness(max_body=10)
+    client = H2Client(h)
+    stream = client.request(authority=b"api.localhost", method=b"POST", body=b"x" * 8, end=False)
+    upstream = h.upstream().accept()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
+    client.exchange()
+    assert client.streams[stream].status == 200
+    client.send(stream, b"y" * 8)
+    h.settle()
+    assert client.streams[stream].reset is not None and upstream.aborted
+    h.assert_accounting()

@@ -52,6 +52,11 @@ class LabelgwService(MultiService):
         self.gateway.rejected_for = self.registry.rejected_for
         self.gateway.version_header = settings.version_header.lower().encode("ascii")
         self.gateway.canary = CanaryAnalyzer(settings.canary_window)
+        if settings.trusted_proxies:
+            from labelgw.middleware.access import parse_networks
+
+            # X-Forwarded-For from these peers names the client (allowlist, X-Forwarded-For, X-Real-IP, rate limit).
+            self.gateway.trusted_proxies = parse_networks(settings.trusted_proxies)
         # Per-request counters (read by /metrics) and the Docker events' timing; none of it with `metrics: false`.
         self.docker_metrics: Any = None
         if settings.metrics:

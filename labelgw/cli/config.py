@@ -13,7 +13,9 @@ from labelgw.core.model import (
     DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, BalancerName, ContainerSpec, HashKey, HealthCheck,
 )
 from labelgw.core.registry import STATIC_PREFIX
-from labelgw.core.middleware import MIDDLEWARE_LABELS, MiddlewareLabelError, MiddlewareSpec, parse_middleware
+from labelgw.core.middleware import (
+    MIDDLEWARE_LABELS, MiddlewareLabelError, MiddlewareSpec, is_middleware_label, parse_middleware,
+)
 
 DEFAULT_HTTP = ("tcp:8080",)
 DEFAULT_HTTPS = ("tcp:8443",)
@@ -104,6 +106,8 @@ class Settings:
     access_log: str = "common"
     access_log_file: str | None = None
     debug_headers: bool = False
+    # --trusted-proxies: CIDR networks whose X-Forwarded-For labelgw believes (labelgw.middleware.access).
+    trusted_proxies: tuple[str, ...] = ()
 
 
 # The one place the defaults are written: `build` fills what neither the command line nor the file sets from it.
@@ -138,6 +142,7 @@ _FILE_KEYS |= _BALANCING_KEYS
 _FILE_KEYS |= {"canary_window"}
 _FILE_KEYS |= {"metrics"}
 _FILE_KEYS |= {"access_log", "access_log_file", "debug_headers"}
+_FILE_KEYS |= {"trusted_proxies"}
 
 
 def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Settings:
@@ -207,6 +212,7 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
         raise ConfigError("metrics: must be true or false")
 
     return Settings(
+        trusted_proxies=_trusted_proxies(pick("trusted_proxies")),
         metrics=metrics,
         http=tuple(http),
         docker_host=docker_host,
@@ -250,7 +256,7 @@ def _static_service(name: Any, spec: Any) -> StaticService:
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a mapping with hosts and backends")
     known = {"hosts", "path", "strip_prefix", "backends", "balancer", "hash_key", "health"}
-    unknown = sorted(set(spec) - known - MIDDLEWARE_LABELS)
+    unknown = sorted(key for key in set(spec) - known if not (isinstance(key, str) and is_middleware_label(key)))
     if unknown:
         raise ConfigError(
             f"{where}.{unknown[0]}: unknown setting (known: {', '.join(sorted(known | MIDDLEWARE_LABELS))})"
@@ -315,7 +321,7 @@ def _static_balancer(where: str, spec: Mapping[str, Any]) -> tuple[BalancerName 
 def _static_middleware(where: str, name: str, spec: Mapping[str, Any]) -> MiddlewareSpec | None:
     """The middleware keys of a static service, read by the label parser (YAML numbers taken as written)."""
     labels = {key: ("true" if value is True else "false" if value is False else str(value))
-              for key, value in spec.items() if key in MIDDLEWARE_LABELS}
+              for key, value in spec.items() if isinstance(key, str) and is_middleware_label(key)}
     try:
         return parse_middleware(labels, name)
     except MiddlewareLabelError as error:
@@ -489,3 +495,19 @@ def _access_log_settings(pick: Any) -> dict[str, Any]:
         "access_log_file": path,
         "debug_headers": _flag("--debug-headers", pick("debug_headers")),
     }
+
+
+def _trusted_proxies(value: Any) -> tuple[str, ...]:
+    """--trusted-proxies: CIDR networks (a list, or one comma-separated string), kept in their normal form."""
+    from labelgw.middleware.access import parse_networks
+
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError("--trusted-proxies: must be CIDR networks such as 10.0.0.0/8")
+    try:
+        return tuple(str(network) for network in parse_networks(value))
+    except ValueError as error:
+        raise ConfigError(f"--trusted-proxies: {error}") from None

@@ -49,6 +49,7 @@ class Options(usage.Options):
         self["http"] = []
         self["https"] = []
         self["admin-host"] = []
+        self["trusted-proxies"] = []
 
     def opt_http(self, endpoint: str) -> None:
         """Listen for HTTP on a Twisted endpoint, e.g. tcp:8080 or tcp:8080:interface=127.0.0.1 (repeatable)
@@ -62,6 +63,11 @@ class Options(usage.Options):
     def opt_admin_host(self, name: str) -> None:
         """A host name the admin view answers besides localhost, *.localhost and loopback addresses (repeatable)"""
         self["admin-host"].append(name)
+
+    def opt_trusted_proxies(self, networks: str) -> None:
+        """CIDR networks (comma-separated, repeatable) of proxies in front of labelgw: from them, the client is the
+        last untrusted X-Forwarded-For address"""
+        self["trusted-proxies"].append(networks)
 
     def opt_version(self) -> None:
         from labelgw import __version__
@@ -113,6 +119,7 @@ def settings_from_options(options: Any) -> config.Settings:
         "access_log": options["access-log"],
         "access_log_file": options["access-log-file"],
         "debug_headers": True if options["debug-headers"] else None,
+        "trusted_proxies": list(options["trusted-proxies"]),
     }
     settings = config.build(cli, file)
     _check_endpoints(settings.http)

@@ -17,6 +17,11 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Literal, Mapping, TypeVar
 
+# The request side (issue 10): allowlist, basic auth, body limit, header rules.
+from labelgw.core.requestmw import (
+    AllowSpec, AuthSpec, HeadersSpec, LabelProblem, REQUEST_LABELS, is_request_label, parse_request_side,
+)
+
 __all__ = [
     "MIDDLEWARE_LABELS",
     "BreakerSpec",
@@ -25,6 +30,7 @@ __all__ = [
     "MiddlewareLabelError",
     "MiddlewareSpec",
     "RateLimitSpec",
+    "is_middleware_label",
     "parse_middleware",
 ]
 
@@ -44,7 +50,12 @@ MIDDLEWARE_LABELS: frozenset[str] = frozenset(
         "fallback.status",
         "fallback.body",
     }
-)
+) | REQUEST_LABELS
+
+
+def is_middleware_label(suffix: str) -> bool:
+    """A middleware label, including the families whose suffix carries a name (`headers.request.set.X-Env`)."""
+    return suffix in MIDDLEWARE_LABELS or is_request_label(suffix)
 
 KeyKind = Literal["ip", "host", "header", "cookie"]
 
@@ -135,6 +146,12 @@ class MiddlewareSpec:
     concurrency: ConcurrencySpec | None = None
     breaker: BreakerSpec | None = None
     fallback: FallbackSpec | None = None
+    # The request side (labelgw.core.requestmw, labelgw.middleware.access): allowlist, auth, body limit in bytes,
+    # header rules.
+    allow: AllowSpec | None = None
+    auth: AuthSpec | None = None
+    max_body: int | None = None
+    headers: HeadersSpec | None = None
 
 
 def parse_middleware(labels: Mapping[str, str], service: str = "") -> MiddlewareSpec | None:
@@ -142,7 +159,7 @@ def parse_middleware(labels: Mapping[str, str], service: str = "") -> Middleware
 
     Labels are checked in the chain's order so the message for a container never changes; `service` is the
     container's own service (a fallback to itself is refused)."""
-    if not any(name in MIDDLEWARE_LABELS for name in labels):
+    if not any(is_middleware_label(name) for name in labels):
         return None
 
     def check(suffix: str, parse: Callable[[str], _T]) -> _T | None:
@@ -220,9 +237,16 @@ def parse_middleware(labels: Mapping[str, str], service: str = "") -> Middleware
         body = check("fallback.body", _parse_body) or ""
         fallback = FallbackSpec(target, status, body)
 
-    if ratelimit is None and concurrency is None and breaker is None and fallback is None:
+    try:
+        allow, auth, max_body, headers = parse_request_side(labels, service)
+    except LabelProblem as problem:
+        raise MiddlewareLabelError(problem.label, problem.value, problem.reason) from None
+
+    if ratelimit is None and concurrency is None and breaker is None and fallback is None and (
+        allow is None and auth is None and max_body is None and headers is None
+    ):
         return None
-    return MiddlewareSpec(ratelimit, concurrency, breaker, fallback)
+    return MiddlewareSpec(ratelimit, concurrency, breaker, fallback, allow, auth, max_body, headers)
 
 
 def _parse_rate(text: str) -> tuple[float, float]:

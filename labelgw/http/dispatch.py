@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from labelgw.http.exchange import Exchange
+from labelgw.middleware.access import client_address
 from labelgw.http.hashkey import request_key
 from labelgw.http.parser import RequestHead
 from labelgw.http.sides import RequestSide
@@ -37,6 +38,10 @@ def _loopback(peer_ip: bytes) -> bool:
 
 def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchange | None:
     """The exchange that will serve `head` (not started yet), or None after `side` answered it itself."""
+    trusted = gateway.trusted_proxies
+    if trusted is not None:
+        # --trusted-proxies: the client is the last untrusted X-Forwarded-For hop (labelgw.middleware.access).
+        head.client_ip = client_address(side.peer_ip, [v for n, v in head.headers if n.lower() == b"x-forwarded-for"], trusted)
     # X-Request-Id and traceparent kept or made (labelgw.http.requestid); added upstream by labelgw.http.headers.
     gateway.request_ids.assign(head)
     raw_host = head.host

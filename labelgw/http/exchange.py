@@ -81,6 +81,10 @@ class Exchange:
     fallback_reason: str | None = None
     held = False
     on_done: Any = None
+    # Request-side middlewares (labelgw.middleware.access): the request body's limit in bytes (a chunked body that
+    # grows over it is cut), and the response header rules (HeaderRules); None: none.
+    body_limit: int | None = None
+    response_rules: Any = None
     # Metrics (labelgw.control.metrics) and the access log (labelgw.http.accesslog): the final status (0: none
     # yet), body bytes each way, why labelgw answered 502 itself (a failed connect or anything else; 504 is always
     # a timeout), whether the client went away first, and the message of labelgw's own answer.
@@ -105,7 +109,7 @@ class Exchange:
         self._started_at = gateway.clock.seconds()
         self.created_at = self._started_at
         self._head_bytes = upstream_request_head(
-            head, route.upstream_path(head.target), client.peer_ip, client.proto, client.local_port
+            head, route.upstream_path(head.target), head.client_ip or client.peer_ip, client.proto, client.local_port
         )
         gateway.in_flight += 1
         route.service.in_flight += 1
@@ -220,7 +224,27 @@ class Exchange:
     def request_data(self, data: bytes) -> None:
         """One piece of the request body, sent upstream in the request's framing."""
         self.bytes_in += len(data)
+        limit = self.body_limit
+        if limit is not None and self.bytes_in > limit:
+            self._body_over_limit(limit)
+            return
         self._send_upstream(encode_chunk(data) if self.head.chunked else data)
+
+    def _body_over_limit(self, limit: int) -> None:
+        """A body without a Content-Length grew over the service's max_body: 413 if no response started, else
+        the response is cut; the upstream (which got part of the body) is aborted either way."""
+        if self.state is _DONE:
+            return
+        self._unregister_producers()
+        self._abort_upstream()
+        self._client_close = True
+        if not self.response_started:
+            self.status = 413
+            self.client.error_response(413, f"request body over the limit of service {self.route.service.name!r} ({limit} bytes)", True)
+            self._complete(failed=False, observe=False)
+        else:
+            self._complete(failed=False, observe=False)
+            self.client.abort("request body over the limit")
 
     def request_end(self) -> None:
         """The request body is complete."""
@@ -278,8 +302,12 @@ class Exchange:
         body = response_has_body(status, self.head.method == b"HEAD")
         if self.gateway.debug_headers:
             self.response_extra += debug_fields(self)
+        extra = self.response_extra
+        rules = self.response_rules
+        if rules is not None:
+            extra += rules.apply_response(head)
         # Held by the client side until flush: head and body then leave together (one TCP segment).
-        self.client.response_head(head, body, self._client_close, self.response_extra)
+        self.client.response_head(head, body, self._client_close, extra)
 
     def response_data(self, data: bytes) -> None:
         self.bytes_out += len(data)

@@ -89,6 +89,8 @@ class RequestHead(_Head):
     request_id = b""
     trace_id = b""
     trace_fields = b""
+    # The client's address behind trusted proxies (--trusted-proxies, labelgw.middleware.access); None: the peer's.
+    client_ip: bytes | None = None
 
     @property
     def has_body(self) -> bool:

@@ -71,6 +71,8 @@ class Gateway:
         self.access_log: Any = None
         self.request_ids = RequestIds()
         self.debug_headers = False
+        # --trusted-proxies (labelgw.middleware.access.parse_networks); None: the peer is the client.
+        self.trusted_proxies: Any = None
 
     def retry_budget_allows(self) -> bool:
         # Envoy's retry budget: retries in flight at most max(3, 20 % of the requests in flight).

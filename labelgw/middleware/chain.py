@@ -4,14 +4,17 @@ The chain is resolved once, when a service appears, from its first container's s
 service's `ServicePool.middleware` is then a `Chain`, or stays None, and the dispatcher pays one attribute read
 per request for a service without middlewares.
 
-Per request (`labelgw.http.dispatch`), in this order:
+Per request (`labelgw.http.dispatch`), in this order (the request side, issue 10, in
+`labelgw.middleware.access`):
+  0. allowlist (403), basic auth (401; a bcrypt check in a thread holds the exchange until it answers), then the
+     rate limit, the body limit on Content-Length (413; a chunked body is counted by the exchange), the request
+     header rules (the head is rewritten before the exchange builds its upstream head);
   1. rate limit: a token per key, else `429` with Retry-After and the RateLimit fields (never a fallback:
      the client is asked to slow down, not served elsewhere);
   2. circuit breaker: while open, the request fails fast or goes to the fallback;
   3. concurrency limit: a slot, or a place in the FIFO queue, else the fallback or a fast `503`;
   4. fallback: used by 2 and 3, and when the service has no ready backend; another service, or a static answer.
-The issue's full order puts allowlist and auth before the rate limit, body limit, headers and compression
-after the fallback: each is one more step in `Chain.enter` or on the exchange (`on_done`).
+Response header rules go on the exchange (`response_rules`, applied to the response head); compression after.
 
 The outcome comes back through the exchange's `on_done` hook: the concurrency slot is released (the first
 waiter gets it) and the breaker counts the request.
@@ -28,6 +31,7 @@ from labelgw.core.middleware import MiddlewareSpec
 from labelgw.core.routes import Route
 from labelgw.http.exchange import Exchange
 from labelgw.http.parser import RequestHead
+from labelgw.middleware.access import Allowlist, BasicAuth, HeaderRules
 from labelgw.middleware.breaker import DENY, PROBE, CircuitBreaker
 from labelgw.middleware.concurrency import ADMITTED, QUEUED, ConcurrencyLimiter
 from labelgw.middleware.ratelimit import KeyedRateLimiter, key_function
@@ -46,7 +50,7 @@ class Ticket:
     """One request's passage through a chain: what it holds (a concurrency slot or a place in the queue, a
     breaker probe) until its exchange completes, and the route it goes to (the fallback's, when diverted)."""
 
-    __slots__ = ("chain", "route", "fallback_reason", "slot", "queued", "probe", "exchange")
+    __slots__ = ("chain", "route", "fallback_reason", "slot", "queued", "probe", "exchange", "auth_wait")
 
     def __init__(self, chain: "Chain", route: Route) -> None:
         self.chain = chain
@@ -56,10 +60,21 @@ class Ticket:
         self.queued = False
         self.probe = False
         self.exchange: Exchange | None = None
+        # A bcrypt check runs in a thread: the exchange is held until it answers (`auth_answered`).
+        self.auth_wait = False
 
     def bind(self, exchange: Exchange) -> None:
         """The exchange that serves the request (not started yet)."""
         self.exchange = exchange
+        chain = self.chain
+        if self.auth_wait:
+            exchange.held = True
+            if exchange.on_done is None:
+                exchange.on_done = self.done
+        if chain.max_body is not None:
+            exchange.body_limit = chain.max_body
+        if chain.headers is not None and chain.headers.response:
+            exchange.response_rules = chain.headers
         if self.fallback_reason is not None:
             exchange.fallback_reason = self.fallback_reason
             return
@@ -74,7 +89,25 @@ class Ticket:
         self._release(observed=False)
         if self.fallback_reason is not None:
             return False  # already at the fallback service: no fallback of the fallback
-        return self.chain.fall_back(self, gateway, head, side, close, NO_BACKEND, 503, "has no ready backend", 1)
+        taken = self.chain.fall_back(self, gateway, head, side, close, NO_BACKEND, 503, "has no ready backend", 1)
+        if taken and self.auth_wait and self.exchange is not None:
+            # The fallback's exchange waits for the same check: no way round the authentication.
+            self.exchange.held = True
+            self.exchange.on_done = self.done
+        return taken
+
+    def auth_answered(self, ok: bool) -> None:
+        """The bcrypt check answered: the held exchange starts (unless it still waits for a slot), or gets 401."""
+        self.auth_wait = False
+        exchange = self.exchange
+        if exchange is None or exchange.finished:
+            return
+        if not ok:
+            auth = self.chain.auth
+            exchange.reject(401, "authentication required", auth.challenge if auth is not None else b"")
+            return
+        if not self.queued:
+            exchange.admitted()
 
     def done(self, exchange: Exchange, failed: bool, observed: bool) -> None:
         self._release(observed, failed)
@@ -107,6 +140,8 @@ class Ticket:
             # Cannot happen (a finished exchange has left the queue); a slot must never leak if it does.
             self._release(observed=False)
             return
+        if self.auth_wait:
+            return  # auth_answered starts it
         exchange.admitted()
 
     def timed_out(self) -> None:
@@ -138,11 +173,21 @@ def _retry_after(status: int, seconds: int) -> bytes:
 class Chain:
     _log = Logger()
 
-    def __init__(self, spec: MiddlewareSpec, pool: ServicePool, clock: Any, services: Mapping[str, ServicePool]) -> None:
+    def __init__(
+        self, spec: MiddlewareSpec, pool: ServicePool, clock: Any, services: Mapping[str, ServicePool],
+        threads: Any = None,
+    ) -> None:
         self.spec = spec
         self.pool = pool
         self.clock = clock
         self._services = services
+        # The request side (labelgw.middleware.access): allowlist, auth, body limit, header rules.
+        self.allow = Allowlist(spec.allow) if spec.allow is not None else None
+        self.auth = BasicAuth(spec.auth, clock, threads or _thread_runner(clock)) if spec.auth is not None else None
+        self.max_body = spec.max_body
+        drop_authorization = spec.auth is not None and not spec.auth.forward
+        self.headers = HeaderRules(spec.headers, drop_authorization) if spec.headers is not None or drop_authorization else None
+        self.body_refused = 0
         self.ratelimit = KeyedRateLimiter(spec.ratelimit) if spec.ratelimit is not None else None
         self._key = key_function(spec.ratelimit) if spec.ratelimit is not None else None
         self.concurrency = ConcurrencyLimiter(spec.concurrency, clock) if spec.concurrency is not None else None
@@ -154,13 +199,42 @@ class Chain:
     def enter(self, gateway: Any, head: RequestHead, side: "RequestSide", route: Route, close: bool) -> Ticket | None:
         """The request's ticket, or None when the chain answered it (429, 503, a static fallback)."""
         now = self.clock.seconds()
+        client_ip = head.client_ip or side.peer_ip
+        allow = self.allow
+        if allow is not None and not allow.allows(client_ip):
+            side.refuse(403, f"service {self.pool.name!r}: client address not allowed", close)
+            return None
+        auth_wait = None
+        auth = self.auth
+        if auth is not None:
+            checked = auth.check(head.field(b"authorization"))
+            if checked is False:
+                side.refuse(401, "authentication required", close, auth.challenge)
+                return None
+            if checked is None:
+                side.refuse(503, "too many authentication checks in progress", close, b"Retry-After: 1\r\n")
+                return None
+            if checked is not True:
+                auth_wait = checked
         limiter = self.ratelimit
         if limiter is not None:
-            wait = limiter.allow(self._key(head, side.peer_ip), now)  # type: ignore[misc]
+            wait = limiter.allow(self._key(head, client_ip), now)  # type: ignore[misc]
             if wait:
                 side.refuse(429, f"rate limit of service {self.pool.name!r} exceeded", close, limiter.refusal_fields(wait))
                 return None
+        max_body = self.max_body
+        if max_body is not None and head.content_length is not None and head.content_length > max_body:
+            self.body_refused += 1
+            side.refuse(413, f"request body over the limit of service {self.pool.name!r} ({max_body} bytes)", True)
+            return None
+        headers = self.headers
+        if headers is not None and headers.request:
+            headers.apply_request(head)
         ticket = Ticket(self, route)
+        if auth_wait is not None:
+            ticket.auth_wait = True
+            auth_wait.addCallback(ticket.auth_answered)
+            auth_wait.addErrback(lambda failure: self._log.failure("auth answer", failure))
         breaker = self.breaker
         if breaker is not None:
             verdict = breaker.admit(now)
@@ -229,6 +303,18 @@ class Chain:
         """For the admin view."""
         now = self.clock.seconds()
         view: dict[str, Any] = {}
+        if self.allow is not None:
+            view["allow"] = {"networks": [str(n) for n in self.allow.spec.networks], "refused": self.allow.refused}
+        if self.auth is not None:
+            a = self.auth
+            view["auth"] = {"users": len(a.spec.users), "realm": a.spec.realm, "refused": a.refused, "checks": a.checks,
+                            "pending": a.pending}
+        if self.max_body is not None:
+            view["max_body"] = {"bytes": self.max_body, "refused": self.body_refused}
+        if self.spec.headers is not None:
+            h = self.spec.headers
+            view["headers"] = {"request_set": [n for n, _ in h.request_set], "request_remove": list(h.request_remove),
+                               "response_set": [n for n, _ in h.response_set], "response_remove": list(h.response_remove)}
         if self.ratelimit is not None:
             spec = self.ratelimit.spec
             view["ratelimit"] = {
@@ -256,9 +342,11 @@ class MiddlewareManager:
 
     _log = Logger()
 
-    def __init__(self, clock: Any, services: Mapping[str, ServicePool]) -> None:
+    def __init__(self, clock: Any, services: Mapping[str, ServicePool], threads: Any = None) -> None:
         self._clock = clock
         self._services = services
+        # Runs a bcrypt check off the reactor thread: threads(function, *args) -> Deferred (None: the clock's pool).
+        self._threads = threads
         # Services that have not seen their first backend yet.
         self._fresh: set[int] = set()
 
@@ -270,7 +358,7 @@ class MiddlewareManager:
         if id(pool) in self._fresh:
             self._fresh.discard(id(pool))
             if spec is not None:
-                pool.middleware = Chain(spec, pool, self._clock, self._services)
+                pool.middleware = Chain(spec, pool, self._clock, self._services, self._threads)
                 self._log.info("service {service}: middlewares {names}", service=pool.name, names=", ".join(_names(spec)))
             return
         current = pool.middleware.spec if pool.middleware is not None else None
@@ -289,6 +377,20 @@ class MiddlewareManager:
 
 def _names(spec: MiddlewareSpec) -> list[str]:
     return [name for name, value in (
+        ("allow", spec.allow), ("auth", spec.auth), ("max_body", spec.max_body), ("headers", spec.headers),
         ("ratelimit", spec.ratelimit), ("concurrency", spec.concurrency), ("breaker", spec.breaker),
         ("fallback", spec.fallback),
     ) if value is not None]
+
+
+def _thread_runner(clock: Any) -> Any:
+    """deferToThreadPool on the reactor's pool (the reactor is the clock in labelgw), else run in place (a test
+    clock has no threads)."""
+    get_pool = getattr(clock, "getThreadPool", None)
+    if get_pool is None:
+        from labelgw.middleware.access import synchronous
+
+        return synchronous
+    from twisted.internet.threads import deferToThreadPool
+
+    return lambda function, *args: deferToThreadPool(clock, get_pool(), function, *args)

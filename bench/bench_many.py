@@ -456,7 +456,6 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
 
         created_s = started_s = 0.0
         rss_before = rss_mib(pid)
-        cpu_before = session_cpu_s(pid)
         visible: list[dict[str, float]] = []
         for batch in batches(args.containers):
             batch_cpu, batch_rss = session_cpu_s(pid), rss_mib(pid)
@@ -497,13 +496,10 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
             report.add("  labelgw CPU / RSS per container",
                        f"{entry['cpu_ms_per_container']:.2f} ms / {entry['rss_kib_per_container']:.0f} KiB")
             measure_cost()
-        cpu_total = session_cpu_s(pid) - cpu_before
         rss_after = rss_mib(pid)
         n = max(len(containers), 1)
         report.add(f"labelgw RSS before / after {len(containers)} containers",
                    f"{rss_before:.1f} / {rss_after:.1f} MiB ({(rss_after - rss_before) * 1024 / n:.0f} KiB per container)")
-        report.add("labelgw CPU per container, all batches (incl. the wrk runs between)",
-                   f"{cpu_total / n * 1000:.2f} ms  (the per-batch rows above exclude wrk)")
         figures.update(per_request=per_request, batches=visible, rss_before_mib=rss_before, rss_after_mib=rss_after,
                        create_s=created_s, start_s=started_s)
 

@@ -401,7 +401,7 @@ def pool_map(workers: int, function: Callable[[Any], Any], items: Iterable[Any])
 
 
 def bench(args: argparse.Namespace) -> dict[str, object]:
-    from support.images import ensure_busybox_image  # tests/support: the test image, built locally
+    from support.images import ensure_busybox_image  # type: ignore[import-not-found]  # tests/support, on sys.path
 
     if not shutil.which("wrk"):
         raise SystemExit("missing wrk: apt-get install wrk")
@@ -438,15 +438,17 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
         events = StartEvents(client, run_id)
 
         print("routes: labelgw CPU per request")
-        per_request: list[dict[str, float]] = []
+        per_request: list[dict[str, Any]] = []
 
-        def measure_cost() -> None:
+        def measure_cost(sweep: str) -> None:
             routes = admin_routes(admin_port)
             cost, rate, errors = cpu_per_request(gateway, port, args)
-            per_request.append({"routes": routes, "cpu_us_per_request": cost, "requests_per_s": rate, "errors": errors})
-            report.add(f"CPU per request, {routes} routes", f"{cost:.1f} us ({rate:.0f} req/s, {errors} errors)")
+            per_request.append(
+                {"sweep": sweep, "routes": routes, "cpu_us_per_request": cost, "requests_per_s": rate, "errors": errors}
+            )
+            report.add(f"CPU per request, {routes} routes ({sweep})", f"{cost:.1f} us ({rate:.0f} req/s, {errors} errors)")
 
-        measure_cost()
+        measure_cost("up")
 
         def create(index: int) -> Any:
             return client.containers.create(
@@ -495,7 +497,7 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
                        f"{entry['last_start_to_all_routes_ms']:.0f} ms")
             report.add("  labelgw CPU / RSS per container",
                        f"{entry['cpu_ms_per_container']:.2f} ms / {entry['rss_kib_per_container']:.0f} KiB")
-            measure_cost()
+            measure_cost("up")
         rss_after = rss_mib(pid)
         n = max(len(containers), 1)
         report.add(f"labelgw RSS before / after {len(containers)} containers",
@@ -504,7 +506,17 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
                        create_s=created_s, start_s=started_s)
 
         print("churn: latency through web.localhost")
-        quiet, quiet_bad = latency_loop(port, args.requests, args.loop_seconds)
+        assert engine.process is not None
+        engine_pid = engine.process.pid
+        spent: dict[str, tuple[float, float]] = {}  # loop -> (labelgw, engine) CPU seconds during it
+
+        def timed_loop(name: str) -> tuple[list[float], int]:
+            cpu = session_cpu_s(pid), session_cpu_s(engine_pid)
+            result = latency_loop(port, args.requests, args.loop_seconds)
+            spent[name] = (session_cpu_s(pid) - cpu[0], session_cpu_s(engine_pid) - cpu[1])
+            return result
+
+        quiet, quiet_bad = timed_loop("quiet")
         churners = [containers[i] for i in sorted(containers)[:CHURN_CONTAINERS]]
         stop_churn = threading.Event()
         cycles = [0]
@@ -530,27 +542,31 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
         shares = [churners[w:: args.workers] for w in range(args.workers)]
         futures = [churn_pool.submit(churn, share) for share in shares if share]
         time.sleep(1.0)  # churn under way before the loop begins
-        churned, churned_bad = latency_loop(port, args.requests, args.loop_seconds)
+        churned, churned_bad = timed_loop("churn")
         stop_churn.set()
         churn_pool.shutdown(wait=True)
         for future in futures:
             future.result()
         churn_s = time.monotonic() - churn_started
-        for label, values, bad in (("without churn", quiet, quiet_bad), ("with churn", churned, churned_bad)):
+        for label, values, bad, name in (
+            ("without churn", quiet, quiet_bad, "quiet"), ("with churn", churned, churned_bad, "churn")
+        ):
             report.add(
                 f"latency to web.localhost {label}",
                 f"p50 {percentile(values, 0.5) * 1000:.2f} ms  p99 {percentile(values, 0.99) * 1000:.2f} ms  "
-                f"({len(values)} requests, {bad} not 200)",
+                f"({len(values)} requests, {bad} not 200; CPU during the loop: labelgw {spent[name][0]:.2f} s, "
+                f"dockerd+containerd {spent[name][1]:.2f} s)",
             )
         report.add("churn", f"{cycles[0]} kill+start cycles of {len(churners)} containers in {churn_s:.1f} s"
                             f" ({len(churn_errors)} engine errors)")
         figures["latency"] = {
             "quiet": {"p50_ms": percentile(quiet, 0.5) * 1000, "p99_ms": percentile(quiet, 0.99) * 1000,
-                      "requests": len(quiet), "not_200": quiet_bad},
+                      "requests": len(quiet), "not_200": quiet_bad, "labelgw_cpu_s": spent["quiet"][0],
+                      "engine_cpu_s": spent["quiet"][1]},
             "churn": {"p50_ms": percentile(churned, 0.5) * 1000, "p99_ms": percentile(churned, 0.99) * 1000,
-                      "requests": len(churned), "not_200": churned_bad, "cycles": cycles[0], "errors": churn_errors[:5]},
+                      "requests": len(churned), "not_200": churned_bad, "cycles": cycles[0], "errors": churn_errors[:5],
+                      "labelgw_cpu_s": spent["churn"][0], "engine_cpu_s": spent["churn"][1]},
         }
-        gateway.stop()
 
         print(f"resync: a second labelgw with resync_interval {args.resync_interval:g} s")
         port2, admin2 = free_port(), free_port()
@@ -600,6 +616,18 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
         figures["resyncs"] = resyncs
         figures["idle_cpu_ms_per_sample_median"] = statistics.median(idle) * 1000 if idle else None
         second.stop()
+
+        # The same CPU/request figures on the way down (containers removed batch by batch, last batch first): drift
+        # of the machine's load over the run shows as a difference between the two sweeps at one route count.
+        print("routes, on the way down: labelgw CPU per request")
+        for batch in reversed(batches(args.containers)):
+            pool_map(args.workers, lambda index: containers[index].remove(force=True, v=True), batch)
+            for index in batch:
+                del containers[index]
+            if wait_for(lambda: admin_routes(admin_port) == 1 + batch.start, 120, 0.1) is None:
+                raise RuntimeError("labelgw did not drop the routes of the removed containers")
+            measure_cost("down")
+        gateway.stop()
     finally:
         if events is not None:
             events.close()

@@ -60,7 +60,8 @@ OWNER_LABEL = "labelgw-bench.owner"
 BASE_PORT = 20000  # labelgw.port of container I is BASE_PORT + I: nothing listens there (the containers sleep)
 CHURN_CONTAINERS = 100
 FIRST_BATCH = 100
-MAIN_RESYNC_INTERVAL_S = 3600  # no periodic resync in the main labelgw: it would land in the other measurements
+MAIN_RESYNC_INTERVAL_S = 3600
+IDLE_S = 2.0  # seconds of no traffic before each CPU/request run  # no periodic resync in the main labelgw: it would land in the other measurements
 
 
 # -- pure parts ------------------------------------------------------------------------------------------------------
@@ -442,11 +443,17 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
 
         def measure_cost(sweep: str) -> None:
             routes = admin_routes(admin_port)
+            # labelgw's CPU without traffic first: background work that grew with the routes would show here.
+            idle_before = session_cpu_s(pid)
+            time.sleep(IDLE_S)
+            idle_ms_per_s = (session_cpu_s(pid) - idle_before) / IDLE_S * 1000
             cost, rate, errors = cpu_per_request(gateway, port, args)
             per_request.append(
-                {"sweep": sweep, "routes": routes, "cpu_us_per_request": cost, "requests_per_s": rate, "errors": errors}
+                {"sweep": sweep, "routes": routes, "cpu_us_per_request": cost, "requests_per_s": rate, "errors": errors,
+                 "idle_cpu_ms_per_s": idle_ms_per_s}
             )
-            report.add(f"CPU per request, {routes} routes ({sweep})", f"{cost:.1f} us ({rate:.0f} req/s, {errors} errors)")
+            report.add(f"CPU per request, {routes} routes ({sweep})",
+                       f"{cost:.1f} us ({rate:.0f} req/s, {errors} errors; idle {idle_ms_per_s:.1f} ms CPU/s)")
 
         measure_cost("up")
 

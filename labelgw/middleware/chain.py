@@ -281,7 +281,16 @@ class MiddlewareManager:
             )
 
     def backend_updated(self, pool: ServicePool, backend: Backend) -> None:
-        pass
+        # A container's labels never change in place; a static service's keys do, on a config reload. Once every
+        # backend of the service asks for the same new options, the chain is rebuilt (or dropped) to match them:
+        # requests already holding a ticket finish on the old chain.
+        spec = backend.spec.middleware
+        current = pool.middleware.spec if pool.middleware is not None else None
+        if spec == current or any(b.spec.middleware != spec for b in pool.backends.values()):
+            return
+        pool.middleware = Chain(spec, pool, self._clock, self._services) if spec is not None else None
+        self._log.info("service {service}: middlewares now {names}", service=pool.name,
+                       names=", ".join(_names(spec)) if spec is not None else "none")
 
     def backend_removed(self, pool: ServicePool, backend: Backend) -> None:
         pass

@@ -384,3 +384,40 @@ def test_the_gateway_keeps_its_admin_listener_through_the_drain_and_answers_503(
     assert not service.admin.running
     assert len(done) == 1
     assert isinstance(service.admin, AdminListener)
+
+
+def test_explain_follows_the_fallback_and_the_open_breaker() -> None:
+    # qa: a service with no ready backend and a fallback was explained as 503 while the proxy served the fallback.
+    import dataclasses
+
+    from labelgw.core.middleware import parse_middleware
+    from labelgw.middleware.chain import MiddlewareManager
+
+    clock = Clock()
+    registry = Registry(policy_factory=service_policy_factory("round_robin", clock.seconds))
+    registry.add_listener(MiddlewareManager(clock, registry.services))
+    shop = dataclasses.replace(
+        spec("s", service="shop", running="false"),
+        middleware=parse_middleware({"fallback": "api", "breaker.error_rate": "50%"}, "shop"),
+    )
+    for item in (spec("a", port=8001), shop):
+        registry.apply(item.container_id, item)
+    explainer = Explainer(registry.table)
+    view = explainer.explain("http://shop.localhost/x")
+    assert view["status"] is None, view["answer"]
+    assert view["fallback"] == {"service": "api", "why": "the service has no ready backend"}
+    assert view["choice"]["container"] == "api-a" and "fallback service 'api'" in view["answer"]
+    assert view["middleware"]["fallback"]["service"] == "api"
+    # A static fallback answers with its status; an open breaker with a ready backend diverts too.
+    static = dataclasses.replace(
+        spec("t", service="shop2", port=8003),
+        middleware=parse_middleware({"fallback.status": "503", "fallback.body": "later", "breaker.error_rate": "50%"}, "shop2"),
+    )
+    registry.apply("t", static)
+    assert explainer.explain("http://shop2.localhost/")["status"] is None
+    chain = registry.services["shop2"].middleware
+    for _ in range(40):
+        chain.breaker.record(clock.seconds(), True)
+    assert chain.breaker.state == "open"
+    view = explainer.explain("http://shop2.localhost/")
+    assert view["status"] == 503 and "later" in view["answer"], view["answer"]

@@ -113,6 +113,17 @@ class Explainer:
         service = route.service
         view["route"] = _route(route, forwarded)
         view["service"] = {"name": service.name, "balancer": _policy_name(service)}
+        chain = service.middleware
+        if chain is not None:
+            # The chain may answer or divert before any backend (labelgw.middleware.chain); its state, read only.
+            view["middleware"] = chain.describe()
+            breaker = chain.breaker
+            if breaker is not None and breaker.state == "open" and chain.clock.seconds() < breaker.open_until:
+                diverted = self._fallback(view, chain, route, forwarded, "the circuit breaker is open")
+                if diverted is not None:
+                    return diverted
+                wait = breaker.retry_after(chain.clock.seconds())
+                return _answer(view, 503, f"service {service.name!r}: circuit breaker open (Retry-After: {wait})")
         candidates, decision = self._version(service, version, cookie)
         view["version"] = decision
         view["not_ready"] = [
@@ -127,6 +138,10 @@ class Explainer:
             for b in _sorted(service.ready)
         ]
         if chosen is None:
+            if chain is not None and not service.ready:
+                diverted = self._fallback(view, chain, route, forwarded, "the service has no ready backend")
+                if diverted is not None:
+                    return diverted
             what = f" of version {decision['decision']!r}" if decision["decision"] is not None else ""
             return _answer(view, 503, f"service {service.name!r} has no ready backend{what} (Retry-After: 1)")
         view["choice"] = {"container": chosen.spec.name, "id": chosen.key, "address": f"{chosen.address}:{chosen.port}",
@@ -134,6 +149,31 @@ class Explainer:
         return _answer(
             view, None,
             f"forwarded to {chosen.spec.name} ({chosen.address}:{chosen.port}) as {route.upstream_path(forwarded).decode('latin-1')}",
+        )
+
+    def _fallback(
+        self, view: dict[str, Any], chain: Any, route: Route, forwarded: bytes, why: str
+    ) -> dict[str, Any] | None:
+        """The answer when the chain's fallback takes the request (as `Chain.fall_back` decides); None without one."""
+        fallback = chain.spec.fallback
+        if fallback is None:
+            return None
+        if fallback.status is not None:
+            return _answer(view, fallback.status, f"{why}: the static fallback answers {fallback.body or 'degraded'!r}")
+        target = chain._services.get(fallback.service) if fallback.service else None
+        if target is None or not target.ready or target is route.service:
+            return None
+        view["fallback"] = {"service": target.name, "why": why}
+        candidates, _ = self._version(target, None, None)
+        chosen, _ = _dry_pick(target, candidates)
+        if chosen is None:
+            return None
+        view["choice"] = {"container": chosen.spec.name, "id": chosen.key, "address": f"{chosen.address}:{chosen.port}",
+                          "version": chosen.version}
+        return _answer(
+            view, None,
+            f"{why}: diverted to the fallback service {target.name!r}, forwarded to {chosen.spec.name} "
+            f"({chosen.address}:{chosen.port}) as {route.upstream_path(forwarded).decode('latin-1')}",
         )
 
     # -- the version decision (as labelgw.core.versions.choose_version makes it) ---------------------------------

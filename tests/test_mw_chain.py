@@ -45,6 +45,7 @@ class Served:
         client.send(get(host, path, extra))
         upstream = self.pending()
         if upstream is not None:
+            self.pending_port = upstream.port
             upstream.take()
             upstream.send(answer if answer is not None else ok())
         self.h.settle()
@@ -363,4 +364,20 @@ def test_http2_streams_meet_the_same_chain() -> None:
     upstream.send(ok(b"two"))
     client.exchange()
     assert client.streams[second].body == b"two"
+    h.assert_accounting()
+
+
+def test_a_versioned_fallback_service_keeps_its_split_when_the_service_has_no_ready_backend() -> None:
+    # qa: the no-ready-backend fallback picked among all of the fallback's backends, ignoring its version split
+    # (shares, canary cuts, the sticky cookie) and its hash key.
+    down = dataclasses.replace(API, running=False)
+    v1 = dataclasses.replace(SPARE, version="v1")
+    v2 = dataclasses.replace(spec("spare-2", "spare", 9602, ("spare.localhost",)), version="v2", traffic=0.0)
+    h = harness(with_mw(down, fallback=FallbackSpec(service="spare")), v1, v2)
+    served = Served(h)
+    ports = []
+    for _ in range(4):
+        served.request()
+        ports.append(served.pending_port)
+    assert set(ports) == {9601}, ports
     h.assert_accounting()

@@ -69,8 +69,9 @@ class Ticket:
             exchange.on_done = self.done
 
     def divert(self, gateway: Any, head: RequestHead, side: "RequestSide", close: bool) -> bool:
-        """The service has no ready backend: True when the fallback took the request (then `exchange` is its
-        exchange, or None when a static answer was sent); False: the dispatcher answers 503 itself."""
+        """The service has no ready backend: True when the fallback took the request (then `route` leads to the
+        fallback service, whose backend the dispatcher picks, or a static answer was sent and `route` is
+        unchanged); False: the dispatcher answers 503 itself."""
         self._release(observed=False)
         if self.fallback_reason is not None:
             return False  # already at the fallback service: no fallback of the fallback
@@ -214,12 +215,7 @@ class Chain:
             self.fallbacks += 1
             ticket.route = alternative
             ticket.fallback_reason = reason
-            if reason == NO_BACKEND:
-                backend = target.pick()
-                if backend is None:
-                    return False
-                exchange = ticket.exchange = Exchange(side, gateway, head, alternative, backend)
-                exchange.fallback_reason = reason
+            # NO_BACKEND: the dispatcher picks among the fallback's backends (its versions and hash key count).
             return True
         if reason != NO_BACKEND:
             side.refuse(status, f"service {name!r}: {what}", close, b"Retry-After: %d\r\n" % retry_after)

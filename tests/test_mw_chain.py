@@ -381,3 +381,21 @@ def test_a_versioned_fallback_service_keeps_its_split_when_the_service_has_no_re
         ports.append(served.pending_port)
     assert set(ports) == {9601}, ports
     h.assert_accounting()
+
+
+def test_middleware_answers_are_counted_in_the_request_metrics() -> None:
+    # qa: 429s of the rate limit, the breaker's and concurrency limit's 503s and static fallbacks were missing
+    # from labelgw_requests_total (the dispatcher counts its own answers; the chain answered without a word).
+    from labelgw.control.metrics import RequestMetrics
+
+    h = harness(with_mw(API, ratelimit=RateLimitSpec(rate=1, burst=1, quota=1, window=1)),
+                with_mw(SPARE, concurrency=ConcurrencySpec(1), fallback=FallbackSpec(status=503, body="busy")))
+    h.gateway.metrics = metrics = RequestMetrics()
+    served = Served(h)
+    assert served.request().status == 200
+    assert served.request().status == 429
+    first = h.connect()
+    first.send(get(b"spare.localhost"))
+    assert served.request(host=b"spare.localhost").status == 503  # static fallback: the one slot is taken
+    assert metrics.services["api"].requests.get(("", "GET", 4)) == 1, metrics.services["api"].requests
+    assert metrics.services["spare"].requests.get(("", "GET", 5)) == 1, metrics.services["spare"].requests

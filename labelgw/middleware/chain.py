@@ -132,6 +132,12 @@ def _diverted(ticket: Ticket, route: Route) -> Ticket | None:
     return ticket if ticket.route is not route else None
 
 
+def _count(gateway: Any, service: str, head: RequestHead, status: int) -> None:
+    """The chain's own answers count in labelgw_requests_total, as the dispatcher's do."""
+    if gateway.metrics is not None:
+        gateway.metrics.refused(service, None, head.method, status)
+
+
 def _retry_after(status: int, seconds: int) -> bytes:
     return b"Retry-After: %d\r\n" % seconds if status in (429, 503) else b""
 
@@ -159,6 +165,7 @@ class Chain:
         if limiter is not None:
             wait = limiter.allow(self._key(head, side.peer_ip), now)  # type: ignore[misc]
             if wait:
+                _count(gateway, self.pool.name, head, 429)
                 side.refuse(429, f"rate limit of service {self.pool.name!r} exceeded", close, limiter.refusal_fields(wait))
                 return None
         ticket = Ticket(self, route)
@@ -201,6 +208,7 @@ class Chain:
         name = self.pool.name
         if fallback is not None and fallback.status is not None:
             self.fallbacks += 1
+            _count(gateway, name, head, fallback.status)
             side.refuse(fallback.status, fallback.body or f"service {name!r} is degraded ({reason})", close,
                         _retry_after(fallback.status, retry_after))
             return True
@@ -218,6 +226,7 @@ class Chain:
             # NO_BACKEND: the dispatcher picks among the fallback's backends (its versions and hash key count).
             return True
         if reason != NO_BACKEND:
+            _count(gateway, name, head, status)
             side.refuse(status, f"service {name!r}: {what}", close, b"Retry-After: %d\r\n" % retry_after)
         return False
 

@@ -421,3 +421,19 @@ def test_explain_follows_the_fallback_and_the_open_breaker() -> None:
     assert chain.breaker.state == "open"
     view = explainer.explain("http://shop2.localhost/")
     assert view["status"] == 503 and "later" in view["answer"], view["answer"]
+
+
+def test_the_dashboard_shows_every_field_the_admin_view_gives_a_services_middlewares() -> None:
+    # qa: the dashboard showed no middleware at all, though the admin view describes each one's state.
+    from labelgw.core.middleware import parse_middleware
+    from labelgw.middleware.chain import Chain
+
+    labels = {"ratelimit": "10/s", "max_inflight": "2", "breaker.error_rate": "50%", "fallback": "spare"}
+    registry, clock = world(spec("a"))
+    chain = Chain(parse_middleware(labels, "api"), registry.services["api"], clock, registry.services)  # type: ignore[arg-type]
+    script = static_files()["dashboard.js"].decode()
+    assert "service.middleware" in script
+    for part, fields in chain.describe().items():
+        assert f"mw.{part}" in script, part
+        for field in fields:
+            assert f"mw.{part}.{field}" in script, (part, field)

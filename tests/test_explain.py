@@ -3,6 +3,7 @@ and /dashboard paths. Deterministic: fake clocks, seeded random sources, twisted
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -18,6 +19,7 @@ from labelgw.control.admin import CONTENT_SECURITY_POLICY, AdminListener, AdminR
 from labelgw.core.backends import Backend
 from labelgw.core.balancer import service_policy_factory
 from labelgw.control.explain import ExplainError, Explainer, parse_url
+from labelgw.core.labels import parse_hash_key
 from labelgw.core.model import ContainerSpec
 from labelgw.core.registry import Registry
 from labelgw.http.versioning import choose_version
@@ -437,3 +439,21 @@ def test_the_dashboard_shows_every_field_the_admin_view_gives_a_services_middlew
         assert f"mw.{part}" in script, part
         for field in fields:
             assert f"mw.{part}.{field}" in script, (part, field)
+
+
+def test_a_hash_service_keyed_by_path_or_cookie_is_explained_with_the_requests_key() -> None:
+    # qa: explain always showed a random position for `hash`, though the URL holds a `path` key (and
+    # &cookie= a `cookie:NAME` one): the pick shown was not where the request would go.
+    for hash_key, url, cookie, key in (
+        ("path", "http://api.localhost/users/{n}", None, "/users/{n}"),
+        ("cookie:sid", "http://api.localhost/", "sid={n}", "{n}"),
+    ):
+        specs = [dataclasses.replace(item, balancer="hash", hash_key=parse_hash_key(hash_key)) for item in THREE]
+        registry, _ = world(*specs)
+        pool = registry.services["api"]
+        explainer = Explainer(registry.table)
+        for n in range(12):
+            view = explainer.explain(url.format(n=n), cookie=cookie.format(n=n) if cookie else None)
+            assert "this request's key" in view["cost"]
+            expected = pool.pick(key=key.format(n=n).encode())
+            assert expected is not None and view["choice"]["id"] == expected.key, (hash_key, n)

@@ -131,8 +131,9 @@ class Explainer:
              "why": _not_ready_reason(b)}
             for b in _sorted(service.backends.values()) if not b.ready
         ]
-        chosen, costs = _dry_pick(service, candidates)
-        view["cost"] = _cost_rule(service, len(candidates))
+        key = _known_key(service, path, cookie)
+        chosen, costs = _dry_pick(service, candidates, key)
+        view["cost"] = _cost_rule(service, len(candidates), key is not None)
         view["backends"] = [
             dict(costs[b.key], candidate=any(b is c for c in candidates), chosen=b is chosen)
             for b in _sorted(service.ready)
@@ -299,10 +300,32 @@ def _attributes(policy: object) -> dict[str, Any]:
     return {name: getattr(policy, name) for name in names if hasattr(policy, name)}
 
 
-def _dry_pick(service: ServicePool, candidates: Sequence[Backend]) -> tuple[Backend | None, dict[str, dict[str, Any]]]:
-    """The backend the policy would pick now among `candidates`, and each ready backend's cost; nothing kept."""
+def _known_key(service: ServicePool, path: str, cookie: str | None) -> bytes | None:
+    """The hash key of the request when the URL (`path`) or the given cookies (`cookie:NAME`) hold it."""
+    source = service.key_source
+    if source is None:
+        return None
+    if source.kind == "path":
+        return path.encode("latin-1")
+    if source.kind == "cookie" and cookie:
+        value = _cookie_value(cookie, source.name)
+        return value.encode("latin-1") if value else None
+    return None
+
+
+def _dry_pick(
+    service: ServicePool, candidates: Sequence[Backend], key: bytes | None = None
+) -> tuple[Backend | None, dict[str, dict[str, Any]]]:
+    """The backend the policy would pick now among `candidates` (by `key` for a keyed policy), and each ready
+    backend's cost; nothing kept."""
     with _undone(service):
-        chosen = service.policy.pick(tuple(candidates)) if candidates else None
+        policy: Any = service.policy
+        if not candidates:
+            chosen = None
+        elif key is not None and hasattr(policy, "pick_by_key"):
+            chosen = policy.pick_by_key(tuple(candidates), key)
+        else:
+            chosen = policy.pick(tuple(candidates))
         # Read while the pick's starting estimates are in place: what the pick itself compared.
         costs = {backend.key: _costs(service, backend) for backend in service.ready}
     return chosen, costs
@@ -332,7 +355,7 @@ def _costs(service: ServicePool, backend: Backend) -> dict[str, Any]:
     }
 
 
-def _cost_rule(service: ServicePool, candidates: int) -> str:
+def _cost_rule(service: ServicePool, candidates: int, keyed: bool = False) -> str:
     policy = service.policy
     name = _policy_name(service)
     if name == "wrt":
@@ -348,9 +371,10 @@ def _cost_rule(service: ServicePool, candidates: int) -> str:
         return "no cost: each ready backend in turn"
     if name == "hash":
         source = getattr(service, "key_source", None)
+        shown = ("the pick shown is for this request's key" if keyed
+                 else "the pick shown is for a request without a key (a random position)")
         return (f"consistent hashing on {source}: the first backend on the ring from the key's hash that stays within "
-                "1.25 x its share of the requests in flight; the pick shown is for a request without a key "
-                "(a random position)")
+                f"1.25 x its share of the requests in flight; {shown}")
     return f"policy {name}"
 
 

@@ -454,3 +454,10 @@ def test_the_balancer_of_a_static_service_follows_edits(world: World) -> None:
                             '    backends: ["127.0.0.1:9002", "127.0.0.1:9003"]\n    balancer: hash\n    hash_key: path\n'))
     assert world.app.registry.services["edit"].policy.name == "hash", (before, world.log())
     assert world.app.registry.services["edit"].key_source is not None
+
+
+def test_canary_window_and_metrics_changes_are_reported_as_needing_a_restart(world: World) -> None:
+    # qa: both are read once at start, but a change was neither applied nor reported ("no live change").
+    world.edit(BASE + "canary_window: 30\nmetrics: false\n")
+    needs = [formatEvent(e) for e in world.events if "needs a restart" in formatEvent(e)]
+    assert len(needs) == 1 and needs[0].endswith("needs a restart: canary_window, metrics"), world.log()

@@ -3,6 +3,7 @@ and /dashboard paths. Deterministic: fake clocks, seeded random sources, twisted
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -18,6 +19,7 @@ from labelgw.control.admin import CONTENT_SECURITY_POLICY, AdminListener, AdminR
 from labelgw.core.backends import Backend
 from labelgw.core.balancer import service_policy_factory
 from labelgw.control.explain import ExplainError, Explainer, parse_url
+from labelgw.core.labels import parse_hash_key
 from labelgw.core.model import ContainerSpec
 from labelgw.core.registry import Registry
 from labelgw.http.versioning import choose_version
@@ -385,3 +387,74 @@ def test_the_gateway_keeps_its_admin_listener_through_the_drain_and_answers_503(
     assert not service.admin.running
     assert len(done) == 1
     assert isinstance(service.admin, AdminListener)
+
+
+def test_explain_follows_the_fallback_and_the_open_breaker() -> None:
+    # qa: a service with no ready backend and a fallback was explained as 503 while the proxy served the fallback.
+    import dataclasses
+
+    from labelgw.core.middleware import parse_middleware
+    from labelgw.middleware.chain import MiddlewareManager
+
+    clock = Clock()
+    registry = Registry(policy_factory=service_policy_factory("round_robin", clock.seconds))
+    registry.add_listener(MiddlewareManager(clock, registry.services))
+    shop = dataclasses.replace(
+        spec("s", service="shop", running="false"),
+        middleware=parse_middleware({"fallback": "api", "breaker.error_rate": "50%"}, "shop"),
+    )
+    for item in (spec("a", port=8001), shop):
+        registry.apply(item.container_id, item)
+    explainer = Explainer(registry.table)
+    view = explainer.explain("http://shop.localhost/x")
+    assert view["status"] is None, view["answer"]
+    assert view["fallback"] == {"service": "api", "why": "the service has no ready backend"}
+    assert view["choice"]["container"] == "api-a" and "fallback service 'api'" in view["answer"]
+    assert view["middleware"]["fallback"]["service"] == "api"
+    # A static fallback answers with its status; an open breaker with a ready backend diverts too.
+    static = dataclasses.replace(
+        spec("t", service="shop2", port=8003),
+        middleware=parse_middleware({"fallback.status": "503", "fallback.body": "later", "breaker.error_rate": "50%"}, "shop2"),
+    )
+    registry.apply("t", static)
+    assert explainer.explain("http://shop2.localhost/")["status"] is None
+    chain = registry.services["shop2"].middleware
+    for _ in range(40):
+        chain.breaker.record(clock.seconds(), True)
+    assert chain.breaker.state == "open"
+    view = explainer.explain("http://shop2.localhost/")
+    assert view["status"] == 503 and "later" in view["answer"], view["answer"]
+
+
+def test_the_dashboard_shows_every_field_the_admin_view_gives_a_services_middlewares() -> None:
+    # qa: the dashboard showed no middleware at all, though the admin view describes each one's state.
+    from labelgw.core.middleware import parse_middleware
+    from labelgw.middleware.chain import Chain
+
+    labels = {"ratelimit": "10/s", "max_inflight": "2", "breaker.error_rate": "50%", "fallback": "spare"}
+    registry, clock = world(spec("a"))
+    chain = Chain(parse_middleware(labels, "api"), registry.services["api"], clock, registry.services)  # type: ignore[arg-type]
+    script = static_files()["dashboard.js"].decode()
+    assert "service.middleware" in script
+    for part, fields in chain.describe().items():
+        assert f"mw.{part}" in script, part
+        for field in fields:
+            assert f"mw.{part}.{field}" in script, (part, field)
+
+
+def test_a_hash_service_keyed_by_path_or_cookie_is_explained_with_the_requests_key() -> None:
+    # qa: explain always showed a random position for `hash`, though the URL holds a `path` key (and
+    # &cookie= a `cookie:NAME` one): the pick shown was not where the request would go.
+    for hash_key, url, cookie, key in (
+        ("path", "http://api.localhost/users/{n}", None, "/users/{n}"),
+        ("cookie:sid", "http://api.localhost/", "sid={n}", "{n}"),
+    ):
+        specs = [dataclasses.replace(item, balancer="hash", hash_key=parse_hash_key(hash_key)) for item in THREE]
+        registry, _ = world(*specs)
+        pool = registry.services["api"]
+        explainer = Explainer(registry.table)
+        for n in range(12):
+            view = explainer.explain(url.format(n=n), cookie=cookie.format(n=n) if cookie else None)
+            assert "this request's key" in view["cost"]
+            expected = pool.pick(key=key.format(n=n).encode())
+            assert expected is not None and view["choice"]["id"] == expected.key, (hash_key, n)

@@ -138,3 +138,20 @@ def test_healthz_is_200_while_serving_and_503_while_draining(labelgw: Any, tmp_p
     assert gw.returncode in (0, -signal.SIGTERM)  # twistd ends by the signal it got (Twisted >= 22.8)
     accepted.close()
     silent.close()
+
+
+def test_the_services_middlewares_are_printed() -> None:
+    # qa: the terminal explanation left out the middlewares that /explain reports (and that decide the answer).
+    import io
+
+    from labelgw.cli.explain_command import render
+
+    view = {
+        "url": "http://shop.localhost/", "host": "shop.localhost", "target": "/", "route": None, "version": None,
+        "service": {"name": "shop", "balancer": "wrt"}, "cost": "", "backends": [], "not_ready": [],
+        "middleware": {"ratelimit": {"keys": 0}, "breaker": {"state": "open"}, "fallback": {"service": "spare", "status": None}},
+        "answer": "the circuit breaker is open: diverted to the fallback service 'spare'",
+    }
+    out = io.StringIO()
+    render(view, out)
+    assert "chain     ratelimit, breaker open, fallback service spare\n" in out.getvalue()

@@ -45,6 +45,7 @@ class Served:
         client.send(get(host, path, extra))
         upstream = self.pending()
         if upstream is not None:
+            self.pending_port = upstream.port
             upstream.take()
             upstream.send(answer if answer is not None else ok())
         self.h.settle()
@@ -363,4 +364,81 @@ def test_http2_streams_meet_the_same_chain() -> None:
     upstream.send(ok(b"two"))
     client.exchange()
     assert client.streams[second].body == b"two"
+    h.assert_accounting()
+
+
+def test_a_versioned_fallback_service_keeps_its_split_when_the_service_has_no_ready_backend() -> None:
+    # qa: the no-ready-backend fallback picked among all of the fallback's backends, ignoring its version split
+    # (shares, canary cuts, the sticky cookie) and its hash key.
+    down = dataclasses.replace(API, running=False)
+    v1 = dataclasses.replace(SPARE, version="v1")
+    v2 = dataclasses.replace(spec("spare-2", "spare", 9602, ("spare.localhost",)), version="v2", traffic=0.0)
+    h = harness(with_mw(down, fallback=FallbackSpec(service="spare")), v1, v2)
+    served = Served(h)
+    ports = []
+    for _ in range(4):
+        served.request()
+        ports.append(served.pending_port)
+    assert set(ports) == {9601}, ports
+    h.assert_accounting()
+
+
+def test_middleware_answers_are_counted_in_the_request_metrics() -> None:
+    # qa: 429s of the rate limit, the breaker's and concurrency limit's 503s and static fallbacks were missing
+    # from labelgw_requests_total (the dispatcher counts its own answers; the chain answered without a word).
+    from labelgw.control.metrics import RequestMetrics
+
+    h = harness(with_mw(API, ratelimit=RateLimitSpec(rate=1, burst=1, quota=1, window=1)),
+                with_mw(SPARE, concurrency=ConcurrencySpec(1), fallback=FallbackSpec(status=503, body="busy")))
+    h.gateway.metrics = metrics = RequestMetrics()
+    served = Served(h)
+    assert served.request().status == 200
+    assert served.request().status == 429
+    first = h.connect()
+    first.send(get(b"spare.localhost"))
+    assert served.request(host=b"spare.localhost").status == 503  # static fallback: the one slot is taken
+    assert metrics.services["api"].requests.get(("", "GET", 4)) == 1, metrics.services["api"].requests
+    assert metrics.services["spare"].requests.get(("", "GET", 5)) == 1, metrics.services["spare"].requests
+
+
+def test_a_versioned_hash_service_with_a_canary_limit_and_a_rate_limit_works_as_one() -> None:
+    # qa: the features merged together: the rate limit answers first, the version split then the key place a
+    # request (a key keeps its backend within its version), and canary analysis cuts the failing version.
+    from labelgw.core.balancer import service_policy_factory
+    from labelgw.core.canary import describe_service
+    from labelgw.core.labels import parse_hash_key
+
+    h = harness()
+    h.registry._policy_factory = service_policy_factory("wrt", h.reactor.seconds)
+    common: dict[str, Any] = dict(
+        middleware=MiddlewareSpec(ratelimit=RateLimitSpec(rate=1000, burst=1000, quota=1000, window=1)),
+        balancer="hash", hash_key=parse_hash_key("header:X-User"),
+    )
+    for container_id, port, version, extra in (
+        ("v1-a", 9001, "v1", {}), ("v1-b", 9002, "v1", {}),
+        ("v2-a", 9003, "v2", {"traffic": 50.0, "canary_max_error_rate": 0.05}),
+    ):
+        container = dataclasses.replace(spec(container_id, "api", port, ("api.localhost",)), version=version, **common, **extra)
+        h.registry.apply(container_id, container)
+    pool = h.registry.services["api"]
+    assert pool.middleware is not None and pool.key_source is not None and pool.split is not None
+    served = Served(h)
+    v1_port: dict[int, set[int]] = {}
+    for i in range(60):
+        h.advance(0.01)
+        user = i % 7
+        answer = ok(b"", status=b"500 Internal Server Error") if i % 2 else ok()
+        response = served.request(extra=b"X-User: u%d\r\n" % user, answer=answer)
+        if served.pending_port != 9003:
+            v1_port.setdefault(user, set()).add(served.pending_port)
+            assert response.status == 200
+    assert all(len(ports) == 1 for ports in v1_port.values()), v1_port  # a key keeps its v1 backend
+    h.advance(1.0)
+    served.request(extra=b"X-User: z\r\n")  # the first request of a new slot applies the rule
+    figures = describe_service(pool, h.now())
+    assert figures["v2"].cut and not figures["v1"].cut
+    assert pool.split is not None and pool.split.shares["v2"] == 0.0
+    for i in range(10):
+        served.request(extra=b"X-User: n%d\r\n" % i)
+        assert served.pending_port in (9001, 9002)
     h.assert_accounting()

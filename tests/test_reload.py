@@ -428,3 +428,36 @@ def test_https_endpoints_are_added_with_the_tls_factory_and_need_a_restart_witho
         assert world.app.https.redirect._port() == b":8444"
     finally:
         world.reloader.stopService()
+
+
+def test_middleware_keys_of_a_static_service_follow_edits(world: World) -> None:
+    # qa: a reload that changed `ratelimit` logged "service keep changed" and kept the old chain (or none).
+    keep = world.backend("keep", "127.0.0.1:9001")
+    pool = world.app.registry.services["keep"]
+    assert pool.middleware is None
+    limited = BASE.replace('    backends: ["127.0.0.1:9001"]\n', '    backends: ["127.0.0.1:9001"]\n    ratelimit: 5/s\n')
+    world.edit(limited)
+    assert world.backend("keep", "127.0.0.1:9001") is keep  # the backend stays
+    assert pool.middleware is not None and pool.middleware.ratelimit is not None
+    assert pool.middleware.ratelimit.spec.rate == 5
+    world.edit(limited.replace("5/s", "1/m"))
+    assert pool.middleware is not None and pool.middleware.ratelimit is not None
+    assert pool.middleware.ratelimit.spec.rate == pytest.approx(1 / 60)
+    world.edit(BASE)
+    assert pool.middleware is None
+
+
+def test_the_balancer_of_a_static_service_follows_edits(world: World) -> None:
+    pool = world.app.registry.services["edit"]
+    before = pool.policy.name
+    world.edit(BASE.replace('    backends: ["127.0.0.1:9002", "127.0.0.1:9003"]\n',
+                            '    backends: ["127.0.0.1:9002", "127.0.0.1:9003"]\n    balancer: hash\n    hash_key: path\n'))
+    assert world.app.registry.services["edit"].policy.name == "hash", (before, world.log())
+    assert world.app.registry.services["edit"].key_source is not None
+
+
+def test_canary_window_and_metrics_changes_are_reported_as_needing_a_restart(world: World) -> None:
+    # qa: both are read once at start, but a change was neither applied nor reported ("no live change").
+    world.edit(BASE + "canary_window: 30\nmetrics: false\n")
+    needs = [formatEvent(e) for e in world.events if "needs a restart" in formatEvent(e)]
+    assert len(needs) == 1 and needs[0].endswith("needs a restart: canary_window, metrics"), world.log()

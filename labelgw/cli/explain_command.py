@@ -72,6 +72,11 @@ def render(view: dict[str, Any], out: TextIO) -> None:
              + (f"  [shares: {share_text}]" if share_text else ""))
         if decision.get("set_cookie"):
             line("", f"Set-Cookie: {decision['set_cookie']}")
+    middleware = view.get("middleware")
+    if middleware:
+        states = {"breaker": lambda m: f"breaker {m['state']}",
+                  "fallback": lambda m: f"fallback {'service ' + m['service'] if m['service'] else m['status']}"}
+        line("chain", ", ".join(states.get(name, lambda m, n=name: n)(part) for name, part in middleware.items()))
     service = view.get("service")
     if service is not None:
         line("balancer", f"{service['balancer']}: {view.get('cost', '')}")

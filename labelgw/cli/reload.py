@@ -42,7 +42,7 @@ SETTLE = 0.25
 # Settings read once at start; a change to them is reported and waits for a restart.
 RESTART_ONLY = (
     "docker_host", "label_prefix", "env", "docker", "resync_interval", "state_dir", "cert_dir", "tls_strict",
-    "redirect_https", "tls_close_grace", "admin", "admin_hosts", "version_header",
+    "redirect_https", "tls_close_grace", "admin", "admin_hosts", "version_header", "canary_window", "metrics",
 )
 Signature = tuple[int, int, int] | None
 RunInThread = Callable[..., "Deferred[Any]"]
@@ -293,6 +293,12 @@ class ConfigReloader(Service):
                 registry.remove(container_id)
             for container_id, spec in placed.items():
                 registry.apply(container_id, spec)
+            if old is not None and specs and _policy_key(next(iter(old.values()))) != _policy_key(specs[0]):
+                # The registry keeps a service's policy (its first container's choice): a changed `balancer` or
+                # `hash_key` of a static service is put in place here.
+                pool = registry.services.get(name)
+                if pool is not None:
+                    _replace_policy(pool, registry._policy_factory(specs[0]), self.app.outlier)
             self._static[name] = placed
             changes.append(f"service {name} {'changed' if old is not None else 'added'}")
 
@@ -379,6 +385,22 @@ def _rebalance(pool: Any, factory: Callable[[ContainerSpec], Any], new: Settings
         backend.stats = None
     pool.policy = EjectingPolicy(policy, pool, detector) if wrapped else policy
     return True
+
+
+def _policy_key(spec: ContainerSpec) -> tuple[Any, Any]:
+    return spec.balancer, spec.hash_key
+
+
+def _replace_policy(pool: Any, policy: Any, detector: Any) -> None:
+    """Give `pool` a new policy: every backend starts afresh under it (as in `_rebalance`)."""
+    from labelgw.control.outlier import EjectingPolicy
+    from labelgw.core.backends import KeyedPolicy
+
+    for backend in pool.backends.values():
+        backend.stats = None
+    wrapped = isinstance(pool.policy, EjectingPolicy)
+    pool.policy = EjectingPolicy(policy, pool, detector) if wrapped else policy
+    pool.key_source = policy.key_source if isinstance(policy, KeyedPolicy) else None
 
 
 def _call_now(f: Callable[..., Any], *args: Any) -> Deferred[Any]:

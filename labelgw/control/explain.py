@@ -113,6 +113,17 @@ class Explainer:
         service = route.service
         view["route"] = _route(route, forwarded)
         view["service"] = {"name": service.name, "balancer": _policy_name(service)}
+        chain = service.middleware
+        if chain is not None:
+            # The chain may answer or divert before any backend (labelgw.middleware.chain); its state, read only.
+            view["middleware"] = chain.describe()
+            breaker = chain.breaker
+            if breaker is not None and breaker.state == "open" and chain.clock.seconds() < breaker.open_until:
+                diverted = self._fallback(view, chain, route, forwarded, "the circuit breaker is open")
+                if diverted is not None:
+                    return diverted
+                wait = breaker.retry_after(chain.clock.seconds())
+                return _answer(view, 503, f"service {service.name!r}: circuit breaker open (Retry-After: {wait})")
         candidates, decision = self._version(service, version, cookie)
         view["version"] = decision
         view["not_ready"] = [
@@ -120,13 +131,18 @@ class Explainer:
              "why": _not_ready_reason(b)}
             for b in _sorted(service.backends.values()) if not b.ready
         ]
-        chosen, costs = _dry_pick(service, candidates)
-        view["cost"] = _cost_rule(service, len(candidates))
+        key = _known_key(service, path, cookie)
+        chosen, costs = _dry_pick(service, candidates, key)
+        view["cost"] = _cost_rule(service, len(candidates), key is not None)
         view["backends"] = [
             dict(costs[b.key], candidate=any(b is c for c in candidates), chosen=b is chosen)
             for b in _sorted(service.ready)
         ]
         if chosen is None:
+            if chain is not None and not service.ready:
+                diverted = self._fallback(view, chain, route, forwarded, "the service has no ready backend")
+                if diverted is not None:
+                    return diverted
             pinned = decision["decision"] if decision["pinned"] else None
             if pinned is not None and not any((b.version or "") == pinned for b in service.backends.values()):
                 # As labelgw.http.dispatch: no container of that version at all, so no retry can help.
@@ -138,6 +154,31 @@ class Explainer:
         return _answer(
             view, None,
             f"forwarded to {chosen.spec.name} ({chosen.address}:{chosen.port}) as {route.upstream_path(forwarded).decode('latin-1')}",
+        )
+
+    def _fallback(
+        self, view: dict[str, Any], chain: Any, route: Route, forwarded: bytes, why: str
+    ) -> dict[str, Any] | None:
+        """The answer when the chain's fallback takes the request (as `Chain.fall_back` decides); None without one."""
+        fallback = chain.spec.fallback
+        if fallback is None:
+            return None
+        if fallback.status is not None:
+            return _answer(view, fallback.status, f"{why}: the static fallback answers {fallback.body or 'degraded'!r}")
+        target = chain._services.get(fallback.service) if fallback.service else None
+        if target is None or not target.ready or target is route.service:
+            return None
+        view["fallback"] = {"service": target.name, "why": why}
+        candidates, _ = self._version(target, None, None)
+        chosen, _ = _dry_pick(target, candidates)
+        if chosen is None:
+            return None
+        view["choice"] = {"container": chosen.spec.name, "id": chosen.key, "address": f"{chosen.address}:{chosen.port}",
+                          "version": chosen.version}
+        return _answer(
+            view, None,
+            f"{why}: diverted to the fallback service {target.name!r}, forwarded to {chosen.spec.name} "
+            f"({chosen.address}:{chosen.port}) as {route.upstream_path(forwarded).decode('latin-1')}",
         )
 
     # -- the version decision (as labelgw.core.versions.choose_version makes it) ---------------------------------
@@ -263,10 +304,32 @@ def _attributes(policy: object) -> dict[str, Any]:
     return {name: getattr(policy, name) for name in names if hasattr(policy, name)}
 
 
-def _dry_pick(service: ServicePool, candidates: Sequence[Backend]) -> tuple[Backend | None, dict[str, dict[str, Any]]]:
-    """The backend the policy would pick now among `candidates`, and each ready backend's cost; nothing kept."""
+def _known_key(service: ServicePool, path: str, cookie: str | None) -> bytes | None:
+    """The hash key of the request when the URL (`path`) or the given cookies (`cookie:NAME`) hold it."""
+    source = service.key_source
+    if source is None:
+        return None
+    if source.kind == "path":
+        return path.encode("latin-1")
+    if source.kind == "cookie" and cookie:
+        value = _cookie_value(cookie, source.name)
+        return value.encode("latin-1") if value else None
+    return None
+
+
+def _dry_pick(
+    service: ServicePool, candidates: Sequence[Backend], key: bytes | None = None
+) -> tuple[Backend | None, dict[str, dict[str, Any]]]:
+    """The backend the policy would pick now among `candidates` (by `key` for a keyed policy), and each ready
+    backend's cost; nothing kept."""
     with _undone(service):
-        chosen = service.policy.pick(tuple(candidates)) if candidates else None
+        policy: Any = service.policy
+        if not candidates:
+            chosen = None
+        elif key is not None and hasattr(policy, "pick_by_key"):
+            chosen = policy.pick_by_key(tuple(candidates), key)
+        else:
+            chosen = policy.pick(tuple(candidates))
         # Read while the pick's starting estimates are in place: what the pick itself compared.
         costs = {backend.key: _costs(service, backend) for backend in service.ready}
     return chosen, costs
@@ -296,7 +359,7 @@ def _costs(service: ServicePool, backend: Backend) -> dict[str, Any]:
     }
 
 
-def _cost_rule(service: ServicePool, candidates: int) -> str:
+def _cost_rule(service: ServicePool, candidates: int, keyed: bool = False) -> str:
     policy = service.policy
     name = _policy_name(service)
     if name == "wrt":
@@ -312,9 +375,10 @@ def _cost_rule(service: ServicePool, candidates: int) -> str:
         return "no cost: each ready backend in turn"
     if name == "hash":
         source = getattr(service, "key_source", None)
+        shown = ("the pick shown is for this request's key" if keyed
+                 else "the pick shown is for a request without a key (a random position)")
         return (f"consistent hashing on {source}: the first backend on the ring from the key's hash that stays within "
-                "1.25 x its share of the requests in flight; the pick shown is for a request without a key "
-                "(a random position)")
+                f"1.25 x its share of the requests in flight; {shown}")
     return f"policy {name}"
 
 

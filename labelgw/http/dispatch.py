@@ -15,7 +15,7 @@ from labelgw.http.versioning import choose_version
 from labelgw.core.paths import PathRefused, route_target
 
 if TYPE_CHECKING:
-    from labelgw.core.backends import ServicePool
+    from labelgw.core.backends import Backend, ServicePool
     from labelgw.http.server import Gateway
 
 # Raw Host header -> normalised host name: the same few values arrive on every request.
@@ -108,18 +108,16 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
             return None
         route = ticket.route
         service = route.service
-    version = None
-    cookie = b""
-    pinned = False
-    # balancer=hash: the request's key, read here (the core knows no HTTP); None for every other policy.
-    key = None if service.key_source is None else request_key(service.key_source, head, side.peer_ip, path)
-    if service.split is None:
-        backend = service.pick(key=key)
-    else:
-        backend, version, cookie, pinned = choose_version(service, head, gateway.version_header, key)
+    backend, version, cookie, pinned, key = _pick(gateway, service, head, side, path)
     if backend is None:
         if ticket is not None and ticket.divert(gateway, head, side, _close(head)):
-            return ticket.exchange
+            if ticket.route is route:
+                return None  # a static fallback answered
+            # The fallback service is picked from as any request to it: its versions, cookie and hash key count.
+            route = ticket.route
+            backend, version, cookie, pinned, key = _pick(gateway, route.service, head, side, path)
+    if backend is None:
+        service = route.service
         if pinned and version is not None and not _has_version(service, version):
             # No container of that version at all: a retry cannot help, so no 503 and no Retry-After.
             if gateway.metrics is not None:
@@ -141,3 +139,15 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
     if ticket is not None:
         ticket.bind(exchange)
     return exchange
+
+
+def _pick(
+    gateway: "Gateway", service: ServicePool, head: RequestHead, side: RequestSide, path: str
+) -> tuple[Backend | None, str | None, bytes, bool, bytes | None]:
+    """Backend, version, Set-Cookie line, pinned, and the hash key the request was placed by."""
+    # balancer=hash: the request's key, read here (the core knows no HTTP); None for every other policy.
+    key = None if service.key_source is None else request_key(service.key_source, head, side.peer_ip, path)
+    if service.split is None:
+        return service.pick(key=key), None, b"", False, key
+    backend, version, cookie, pinned = choose_version(service, head, gateway.version_header, key)
+    return backend, version, cookie, pinned, key

@@ -84,8 +84,9 @@ class Ticket:
             exchange.on_done = self.done
 
     def divert(self, gateway: Any, head: RequestHead, side: "RequestSide", close: bool) -> bool:
-        """The service has no ready backend: True when the fallback took the request (then `exchange` is its
-        exchange, or None when a static answer was sent); False: the dispatcher answers 503 itself."""
+        """The service has no ready backend: True when the fallback took the request (then `route` leads to the
+        fallback service, whose backend the dispatcher picks, or a static answer was sent and `route` is
+        unchanged); False: the dispatcher answers 503 itself."""
         self._release(observed=False)
         if self.fallback_reason is not None:
             return False  # already at the fallback service: no fallback of the fallback
@@ -166,6 +167,12 @@ def _diverted(ticket: Ticket, route: Route) -> Ticket | None:
     return ticket if ticket.route is not route else None
 
 
+def _count(gateway: Any, service: str, head: RequestHead, status: int) -> None:
+    """The chain's own answers count in labelgw_requests_total, as the dispatcher's do."""
+    if gateway.metrics is not None:
+        gateway.metrics.refused(service, None, head.method, status)
+
+
 def _retry_after(status: int, seconds: int) -> bytes:
     return b"Retry-After: %d\r\n" % seconds if status in (429, 503) else b""
 
@@ -220,6 +227,7 @@ class Chain:
         if limiter is not None:
             wait = limiter.allow(self._key(head, client_ip), now)  # type: ignore[misc]
             if wait:
+                _count(gateway, self.pool.name, head, 429)
                 side.refuse(429, f"rate limit of service {self.pool.name!r} exceeded", close, limiter.refusal_fields(wait))
                 return None
         max_body = self.max_body
@@ -274,6 +282,7 @@ class Chain:
         name = self.pool.name
         if fallback is not None and fallback.status is not None:
             self.fallbacks += 1
+            _count(gateway, name, head, fallback.status)
             side.refuse(fallback.status, fallback.body or f"service {name!r} is degraded ({reason})", close,
                         _retry_after(fallback.status, retry_after))
             return True
@@ -288,14 +297,10 @@ class Chain:
             self.fallbacks += 1
             ticket.route = alternative
             ticket.fallback_reason = reason
-            if reason == NO_BACKEND:
-                backend = target.pick()
-                if backend is None:
-                    return False
-                exchange = ticket.exchange = Exchange(side, gateway, head, alternative, backend)
-                exchange.fallback_reason = reason
+            # NO_BACKEND: the dispatcher picks among the fallback's backends (its versions and hash key count).
             return True
         if reason != NO_BACKEND:
+            _count(gateway, name, head, status)
             side.refuse(status, f"service {name!r}: {what}", close, b"Retry-After: %d\r\n" % retry_after)
         return False
 
@@ -369,7 +374,16 @@ class MiddlewareManager:
             )
 
     def backend_updated(self, pool: ServicePool, backend: Backend) -> None:
-        pass
+        # A container's labels never change in place; a static service's keys do, on a config reload. Once every
+        # backend of the service asks for the same new options, the chain is rebuilt (or dropped) to match them:
+        # requests already holding a ticket finish on the old chain.
+        spec = backend.spec.middleware
+        current = pool.middleware.spec if pool.middleware is not None else None
+        if spec == current or any(b.spec.middleware != spec for b in pool.backends.values()):
+            return
+        pool.middleware = Chain(spec, pool, self._clock, self._services) if spec is not None else None
+        self._log.info("service {service}: middlewares now {names}", service=pool.name,
+                       names=", ".join(_names(spec)) if spec is not None else "none")
 
     def backend_removed(self, pool: ServicePool, backend: Backend) -> None:
         pass

@@ -67,6 +67,22 @@ function canaryCell(canary) {
   return limits.length ? "watched: " + limits.join(", ") : "–";
 }
 
+// The service's middlewares (labelgw.middleware.chain), as the admin view describes them; null without any.
+function middlewareLine(mw) {
+  if (!mw) return null;
+  const parts = [];
+  if (mw.ratelimit) parts.push("rate limit " + fixed(mw.ratelimit.rate_per_second, 2) + "/s, burst " + mw.ratelimit.burst +
+    " by " + mw.ratelimit.key + ": " + mw.ratelimit.keys + " keys, " + mw.ratelimit.limited + " limited");
+  if (mw.breaker) parts.push("breaker " + mw.breaker.state + " (" + mw.breaker.window_failures + " of " +
+    mw.breaker.window_requests + " failed in its window, opened " + mw.breaker.opened + "×)");
+  if (mw.concurrency) parts.push("max in flight " + mw.concurrency.max_inflight + ": " + mw.concurrency.active + " active, " +
+    mw.concurrency.pending + " / " + mw.concurrency.max_pending + " waiting, " + mw.concurrency.rejected + " turned away, " +
+    mw.concurrency.timeouts + " timed out");
+  if (mw.fallback) parts.push("fallback " + (mw.fallback.service ? "to service " + mw.fallback.service : "status " + mw.fallback.status) +
+    ": used " + mw.fallback.used + "×");
+  return parts.length ? el("p", { class: "middleware", "data-field": "middleware" }, "middlewares: " + parts.join(" · ")) : null;
+}
+
 function serviceCard(name, service, routes, now) {
   const where = routes.filter((r) => r.service === name);
   const routeList = el("ul", { class: "routes" }, ...where.map((r) =>
@@ -110,7 +126,7 @@ function serviceCard(name, service, routes, now) {
   const summary = service.ready + " of " + service.total + " ready" + (service.ejected ? ", " + service.ejected + " ejected" : "") + " · balancer " + service.balancer;
   return el("article", { class: "service", "data-service": name },
     el("h2", {}, name, el("span", { class: "summary" }, summary)),
-    routeList, versionTable, table(headers, rows, { class: "backends" }));
+    routeList, middlewareLine(service.middleware), versionTable, table(headers, rows, { class: "backends" }));
 }
 
 function render(view) {

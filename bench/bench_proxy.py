@@ -46,7 +46,7 @@ DEFAULT_TARGETS = TARGET_ORDER
 # metrics cost; labelgw with its access log off, or in JSON (the default target logs in the common format to its
 # standard output, a file), to measure what the access log costs; labelgw-log-common is the default again, loaded
 # after labelgw-log-off, so that the comparison does not depend on the order within a round.
-OPT_IN_TARGETS = ("labelgw-nometrics", "labelgw-log-off", "labelgw-log-json", "labelgw-log-common")
+OPT_IN_TARGETS = ("labelgw-nometrics", "labelgw-bare", "labelgw-log-off", "labelgw-log-json", "labelgw-log-common")
 RATIO_BASES = ("nginx-proxy", "twisted-rpr", "direct", "labelgw-nometrics")
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
@@ -435,6 +435,18 @@ def labelgw_nometrics(prefix: Path, port: int, backend_port: int) -> Managed:
     return server
 
 
+def labelgw_bare(prefix: Path, port: int, backend_port: int) -> Managed:
+    """labelgw with `metrics: false` and `--access-log off`: what the default observability (the access log in the
+    common format and the metrics counters) costs, against the default `labelgw` target."""
+    folder = prefix / "labelgw-bare"
+    folder.mkdir(exist_ok=True)
+    server = labelgw(folder, port, backend_port, "off")
+    server.name = "labelgw-bare"
+    config = folder / "labelgw.yaml"
+    config.write_text("metrics: false\n" + config.read_text())
+    return server
+
+
 # -- load -----------------------------------------------------------------------------------------------------------
 
 
@@ -554,6 +566,7 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     backend = nginx_backend(prefix, backend_port)
     builders = {"nginx-proxy": nginx_proxy, "twisted-rpr": twisted_rpr, "labelgw": labelgw}
     builders["labelgw-nometrics"] = labelgw_nometrics
+    builders["labelgw-bare"] = labelgw_bare
     for log_format in ("off", "json", "common"):
         builders[f"labelgw-log-{log_format}"] = (
             lambda prefix, port, backend_port, log_format=log_format: labelgw(prefix, port, backend_port, log_format)

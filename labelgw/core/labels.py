@@ -23,7 +23,7 @@ from labelgw.core.model import (
     TlsMode,
     normalize_name,
 )
-from labelgw.core.middleware import MIDDLEWARE_LABELS, MiddlewareLabelError, parse_middleware
+from labelgw.core.middleware import MIDDLEWARE_LABELS, PLUGIN_LABEL_PREFIX, MiddlewareLabelError, parse_middleware
 
 __all__ = [
     "KNOWN_LABELS", "parse_bool", "parse_container", "parse_duration", "parse_hash_key", "parse_hosts", "parse_path",
@@ -182,7 +182,8 @@ def _build_spec(
             raise _Invalid(full(suffix), raw, str(error)) from None
 
     # Unknown labels first: a misspelt label is usually the real cause of whatever else looks wrong.
-    unknown = sorted(set(labels) - KNOWN_LABELS)
+    # plugin.<name>.<key>: a plugin middleware's options, checked by labelgw.core.middleware.
+    unknown = sorted(name for name in set(labels) - KNOWN_LABELS if not name.startswith(PLUGIN_LABEL_PREFIX))
     if unknown:
         raise _Invalid(
             full(unknown[0]),

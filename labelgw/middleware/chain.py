@@ -31,6 +31,8 @@ from labelgw.http.parser import RequestHead
 from labelgw.middleware.breaker import DENY, PROBE, CircuitBreaker
 from labelgw.middleware.concurrency import ADMITTED, QUEUED, ConcurrencyLimiter
 from labelgw.middleware.ratelimit import KeyedRateLimiter, key_function
+from labelgw.middleware import compress as _compress, plugin as _plugin, rewrite as _rewrite
+from labelgw.core.paths import PathRefused
 
 if TYPE_CHECKING:
     from labelgw.http.sides import RequestSide
@@ -60,6 +62,9 @@ class Ticket:
     def bind(self, exchange: Exchange) -> None:
         """The exchange that serves the request (not started yet)."""
         self.exchange = exchange
+        chain = self.chain
+        if chain.response_transforms:
+            chain.transform(exchange)
         if self.fallback_reason is not None:
             exchange.fallback_reason = self.fallback_reason
             return
@@ -150,9 +155,16 @@ class Chain:
         self.fallbacks = 0
         # Original route -> the same route to the fallback service, built on first use.
         self._fallback_routes: dict[Route, Route] = {}
+        # Redirect, rewrite, plugins, compression (labelgw.middleware.rewrite, .plugin, .compress).
+        self.paths = spec.redirect is not None or spec.rewrite is not None
+        self.plugin_steps = [(use.name, _plugin.make_step(use.name, use.parsed)) for use in spec.plugins]
+        self.plugin_hooks = [step.response_head for _, step in self.plugin_steps if hasattr(step, "response_head")]
+        self.response_transforms = spec.compress is not None or bool(self.plugin_hooks)
 
     def enter(self, gateway: Any, head: RequestHead, side: "RequestSide", route: Route, close: bool) -> Ticket | None:
         """The request's ticket, or None when the chain answered it (429, 503, a static fallback)."""
+        if self.paths and not self._paths(head, side, close):
+            return None
         now = self.clock.seconds()
         limiter = self.ratelimit
         if limiter is not None:
@@ -186,7 +198,34 @@ class Chain:
                     f"too many requests in flight (max_inflight {concurrency.limit})", 1,
                 )
                 return _diverted(ticket, route)
+        if self.plugin_steps:
+            answer = _plugin.run_request_steps(self.plugin_steps, head, side.peer_ip)
+            if answer is not None:
+                ticket._release(observed=False)
+                side.refuse(answer.status, answer.message, close, answer.extra)
+                return None
         return ticket
+
+    def _paths(self, head: RequestHead, side: "RequestSide", close: bool) -> bool:
+        """Redirect or rewrite by regex: False when the request was answered (the redirect, or 400)."""
+        spec = self.spec
+        try:
+            redirect = _rewrite.apply(spec.redirect, spec.rewrite, head)
+        except PathRefused as error:
+            side.refuse(400, f"rewrite of service {self.pool.name!r}: {error.reason}", close)
+            return False
+        if redirect is None:
+            return True
+        status, location = redirect
+        side.refuse(status, "redirected", close, b"Location: %s\r\n" % location)
+        return False
+
+    def transform(self, exchange: Exchange) -> None:
+        """The response transforms of this service on an exchange: plugin response steps, then compression."""
+        if self.spec.compress is not None:
+            _compress.wrap(exchange, self.spec.compress)
+        if self.plugin_hooks:
+            _plugin.wrap(exchange, self.plugin_hooks)
 
     def fall_back(
         self, ticket: Ticket, gateway: Any, head: RequestHead, side: "RequestSide", close: bool, reason: str,
@@ -290,5 +329,6 @@ class MiddlewareManager:
 def _names(spec: MiddlewareSpec) -> list[str]:
     return [name for name, value in (
         ("ratelimit", spec.ratelimit), ("concurrency", spec.concurrency), ("breaker", spec.breaker),
-        ("fallback", spec.fallback),
-    ) if value is not None]
+        ("fallback", spec.fallback), ("compress", spec.compress), ("redirect", spec.redirect),
+        ("rewrite", spec.rewrite),
+    ) if value is not None] + [f"plugin {use.name}" for use in spec.plugins]

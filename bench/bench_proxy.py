@@ -40,10 +40,18 @@ from typing import Callable, Sequence
 REPO = Path(__file__).resolve().parent.parent
 HOST_HEADER = "bench.localhost"
 NGINX = "/usr/sbin/nginx"
-TARGET_ORDER = ("direct", "nginx-proxy", "twisted-rpr", "labelgw", "labelgw-nometrics")
+TARGET_ORDER = ("direct", "nginx-proxy", "twisted-rpr", "labelgw", "labelgw-nometrics", "labelgw-mw")
 # labelgw-nometrics (`metrics: false`: no per-request counters) only when asked for: what metrics cost.
 DEFAULT_TARGETS = TARGET_ORDER[:4]
-RATIO_BASES = ("nginx-proxy", "twisted-rpr", "direct", "labelgw-nometrics")
+RATIO_BASES = ("nginx-proxy", "twisted-rpr", "direct", "labelgw-nometrics", "labelgw-mw")
+# labelgw-mw: the same service with middlewares that pass every request (a rate limit far above the load, a
+# redirect regex that never matches, compression switched off): what the chain costs a request it lets through.
+MIDDLEWARE_KEYS = """    ratelimit: 1000000/s
+    ratelimit.burst: 1000000
+    redirect.regex: ^/never/(.*)
+    redirect.replacement: /elsewhere/$1
+    compress: false
+"""
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 
@@ -428,6 +436,17 @@ def labelgw_nometrics(prefix: Path, port: int, backend_port: int) -> Managed:
     return server
 
 
+def labelgw_mw(prefix: Path, port: int, backend_port: int) -> Managed:
+    """The `labelgw` target with MIDDLEWARE_KEYS on its service."""
+    folder = prefix / "labelgw-mw"
+    folder.mkdir(exist_ok=True)
+    server = labelgw(folder, port, backend_port)
+    server.name = "labelgw-mw"
+    config = folder / "labelgw.yaml"
+    config.write_text(config.read_text() + MIDDLEWARE_KEYS)
+    return server
+
+
 # -- load -----------------------------------------------------------------------------------------------------------
 
 
@@ -540,6 +559,7 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     backend = nginx_backend(prefix, backend_port)
     builders = {"nginx-proxy": nginx_proxy, "twisted-rpr": twisted_rpr, "labelgw": labelgw}
     builders["labelgw-nometrics"] = labelgw_nometrics
+    builders["labelgw-mw"] = labelgw_mw
     started: list[Managed] = []
     targets: list[Target] = []
     skipped: dict[str, str] = {}

@@ -360,3 +360,32 @@ def test_compression_and_redirect_over_http2() -> None:
     moved = client.request(b"/old")
     client.exchange()
     assert client.streams[moved].status == 307 and client.streams[moved].header(b"location") == b"/new"
+
+
+def test_rewrite_and_plugin_over_http2(example_plugin: Any) -> None:
+    from test_h2 import H2Client
+
+    h = harness(with_spec(rewrite__regex="^/api/(.*)", rewrite__replacement="/v2/$1", middlewares="stamp",
+                          plugin__stamp__header="X-Stamp", plugin__stamp__deny="/v2/secret"))
+    h.registry.apply("solo-1", spec("solo-1", "api", 9001, ("solo.localhost",)))
+    client = H2Client(h)
+    stream = client.request(b"/api/users?x=1")
+    upstream = h.new_connects()[0].accept()
+    request = upstream.request()
+    assert request.target == b"/v2/users?x=1" and request.header(b"X-Stamp") == b"stamped"
+    upstream.send(ok(b"hi"))
+    client.exchange()
+    result = client.streams[stream]
+    assert result.status == 200 and result.header(b"x-stamp") == b"stamped" and result.body == b"hi"
+    denied = client.request(b"/api/secret")
+    client.exchange()
+    assert client.streams[denied].status == 403
+
+
+def test_compression_applies_to_the_fallback_service_when_no_backend_is_ready() -> None:
+    down = dataclasses.replace(API, running=False)
+    got = parse(compress="true", compress__min_size="0", fallback="spare")
+    assert got is not None
+    h = harness(spec("spare-1", "spare", 9601, ("spare.localhost",)), dataclasses.replace(down, middleware=got))
+    r = Served(h).request(extra=b"Accept-Encoding: gzip\r\n", answer=ok(b"spare body", extra=b"Content-Type: text/plain\r\n"))
+    assert r.status == 200 and gzip.decompress(r.body) == b"spare body"

@@ -157,6 +157,7 @@ class Chain:
         self._fallback_routes: dict[Route, Route] = {}
         # Redirect, rewrite, plugins, compression (labelgw.middleware.rewrite, .plugin, .compress).
         self.paths = spec.redirect is not None or spec.rewrite is not None
+        self._redirect_search = spec.redirect.pattern.search if spec.redirect is not None else None
         self.plugin_steps = [(use.name, _plugin.make_step(use.name, use.parsed)) for use in spec.plugins]
         self.plugin_hooks = [step.response_head for _, step in self.plugin_steps if hasattr(step, "response_head")]
         self.response_transforms = spec.compress is not None or bool(self.plugin_hooks)
@@ -209,6 +210,9 @@ class Chain:
     def _paths(self, head: RequestHead, side: "RequestSide", close: bool) -> bool:
         """Redirect or rewrite by regex: False when the request was answered (the redirect, or 400)."""
         spec = self.spec
+        search = self._redirect_search
+        if search is not None and spec.rewrite is None and search(head.target.decode("latin-1")) is None:
+            return True  # the common case, inline: a redirect regex that does not match
         try:
             redirect = _rewrite.apply(spec.redirect, spec.rewrite, head)
         except PathRefused as error:
@@ -259,6 +263,8 @@ class Chain:
                     return False
                 exchange = ticket.exchange = Exchange(side, gateway, head, alternative, backend)
                 exchange.fallback_reason = reason
+                if self.response_transforms:
+                    self.transform(exchange)
             return True
         if reason != NO_BACKEND:
             side.refuse(status, f"service {name!r}: {what}", close, b"Retry-After: %d\r\n" % retry_after)

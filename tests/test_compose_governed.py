@@ -7,8 +7,7 @@ import gzip
 import http.client
 import os
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import docker
 import pytest

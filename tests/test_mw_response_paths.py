@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import os
-import sys
 import zlib
 from pathlib import Path
 from typing import Any

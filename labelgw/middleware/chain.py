@@ -15,6 +15,10 @@ after the fallback: each is one more step in `Chain.enter` or on the exchange (`
 
 The outcome comes back through the exchange's `on_done` hook: the concurrency slot is released (the first
 waiter gets it) and the breaker counts the request.
+
+Issue 10's steps: a regex redirect or rewrite runs first of all (`_paths`; a redirect takes no token), plugin
+middlewares after the built-in request steps (`plugin_steps`), and the response transforms (plugin response
+steps, compression) wrap the client side of the exchange in `Ticket.bind` (`transform`), for this service only.
 """
 
 from __future__ import annotations

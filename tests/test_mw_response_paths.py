@@ -330,6 +330,9 @@ def test_plugin_over_http1(example_plugin: Any) -> None:
     assert served.requests[0].header(b"X-Stamp") == b"yes"
     denied = served.request(path=b"/secret/x")
     assert denied.status == 403 and b"stamp" in denied.body
+    crashed = served.request(path=b"/crash")
+    assert crashed.status == 500 and b"plugin middleware" in crashed.body
+    assert served.request(path=b"/open").status == 200
     h.assert_accounting()
 
 

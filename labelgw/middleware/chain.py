@@ -204,7 +204,12 @@ class Chain:
                 )
                 return _diverted(ticket, route)
         if self.plugin_steps:
-            answer = _plugin.run_request_steps(self.plugin_steps, head, side.peer_ip)
+            try:
+                answer = _plugin.run_request_steps(self.plugin_steps, head, side.peer_ip)
+            except Exception:
+                # A plugin's bug answers its own request with a 500; labelgw and other requests go on.
+                self._log.failure("service {service}: a plugin middleware failed", service=self.pool.name)
+                answer = _plugin.Answer(500, f"a plugin middleware of service {self.pool.name!r} failed")
             if answer is not None:
                 ticket._release(observed=False)
                 side.refuse(answer.status, answer.message, close, answer.extra)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
+from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
 from labelgw.http.parser import RequestHead, ResponseHead
@@ -63,6 +64,7 @@ class PluginOptionError(ValueError):
 
 
 _plugins: dict[str, Any] | None = None
+_log = Logger()
 
 
 def find_plugins(refresh: bool = False) -> dict[str, Any]:
@@ -112,7 +114,11 @@ class PluginSide:
 
     def response_head(self, head: ResponseHead, body: bool, close: bool, extra: bytes) -> None:
         for hook in self._hooks:
-            hook(head)
+            try:
+                hook(head)
+            except Exception:
+                # The response goes on as the backend sent it (and the hooks before this one changed it).
+                _log.failure("a plugin middleware's response_head failed")
         self._inner.response_head(head, body, close, extra)
 
 

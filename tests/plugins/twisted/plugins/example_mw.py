@@ -22,6 +22,8 @@ class _Step:
         self.deny = options.get("deny", "").encode("ascii")
 
     def request(self, head: Any, peer_ip: bytes) -> Answer | None:
+        if head.target.startswith(b"/crash"):
+            raise RuntimeError("the example plugin crashes on /crash")
         if self.deny and head.target.startswith(self.deny):
             return Answer(403, "denied by the stamp plugin")
         head.headers = head.headers + [(self.header, self.value)]

@@ -46,8 +46,16 @@ DEFAULT_TARGETS = TARGET_ORDER
 # metrics cost; labelgw with its access log off, or in JSON (the default target logs in the common format to its
 # standard output, a file), to measure what the access log costs; labelgw-log-common is the default again, loaded
 # after labelgw-log-off, so that the comparison does not depend on the order within a round.
-OPT_IN_TARGETS = ("labelgw-nometrics", "labelgw-bare", "labelgw-log-off", "labelgw-log-json", "labelgw-log-common")
-RATIO_BASES = ("nginx-proxy", "twisted-rpr", "direct", "labelgw-nometrics")
+OPT_IN_TARGETS = ("labelgw-nometrics", "labelgw-bare", "labelgw-mw", "labelgw-log-off", "labelgw-log-json", "labelgw-log-common")
+RATIO_BASES = ("nginx-proxy", "twisted-rpr", "direct", "labelgw-nometrics", "labelgw-mw")
+# labelgw-mw: the same service with middlewares that pass every request (a rate limit far above the load, a
+# redirect regex that never matches, compression switched off): what the chain costs a request it lets through.
+MIDDLEWARE_KEYS = """    ratelimit: 1000000/s
+    ratelimit.burst: 1000000
+    redirect.regex: ^/never/(.*)
+    redirect.replacement: /elsewhere/$1
+    compress: false
+"""
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 
@@ -447,6 +455,17 @@ def labelgw_bare(prefix: Path, port: int, backend_port: int) -> Managed:
     return server
 
 
+def labelgw_mw(prefix: Path, port: int, backend_port: int) -> Managed:
+    """The `labelgw` target with MIDDLEWARE_KEYS on its service."""
+    folder = prefix / "labelgw-mw"
+    folder.mkdir(exist_ok=True)
+    server = labelgw(folder, port, backend_port)
+    server.name = "labelgw-mw"
+    config = folder / "labelgw.yaml"
+    config.write_text(config.read_text() + MIDDLEWARE_KEYS)
+    return server
+
+
 # -- load -----------------------------------------------------------------------------------------------------------
 
 
@@ -571,6 +590,7 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
         builders[f"labelgw-log-{log_format}"] = (
             lambda prefix, port, backend_port, log_format=log_format: labelgw(prefix, port, backend_port, log_format)
         )
+    builders["labelgw-mw"] = labelgw_mw
     started: list[Managed] = []
     targets: list[Target] = []
     skipped: dict[str, str] = {}

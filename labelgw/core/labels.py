@@ -23,7 +23,9 @@ from labelgw.core.model import (
     TlsMode,
     normalize_name,
 )
-from labelgw.core.middleware import MIDDLEWARE_LABELS, MiddlewareLabelError, is_middleware_label, parse_middleware
+from labelgw.core.middleware import (
+    MIDDLEWARE_LABELS, PLUGIN_LABEL_PREFIX, MiddlewareLabelError, is_middleware_label, parse_middleware,
+)
 
 __all__ = [
     "KNOWN_LABELS", "parse_bool", "parse_container", "parse_duration", "parse_hash_key", "parse_hosts", "parse_path",
@@ -197,7 +199,11 @@ def _build_spec(
             raise _Invalid(full(suffix), raw, str(error)) from None
 
     # Unknown labels first: a misspelt label is usually the real cause of whatever else looks wrong.
-    unknown = sorted(name for name in set(labels) - KNOWN_LABELS if not is_middleware_label(name))
+    # plugin.<name>.<key>: a plugin middleware's options, checked by labelgw.core.middleware.
+    unknown = sorted(
+        name for name in set(labels) - KNOWN_LABELS
+        if not is_middleware_label(name) and not name.startswith(PLUGIN_LABEL_PREFIX)
+    )
     if unknown:
         raise _Invalid(
             full(unknown[0]),

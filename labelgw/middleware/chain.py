@@ -18,6 +18,10 @@ Response header rules go on the exchange (`response_rules`, applied to the respo
 
 The outcome comes back through the exchange's `on_done` hook: the concurrency slot is released (the first
 waiter gets it) and the breaker counts the request.
+
+Issue 10's steps: a regex redirect or rewrite runs first of all (`_paths`; a redirect takes no token), plugin
+middlewares after the built-in request steps (`plugin_steps`), and the response transforms (plugin response
+steps, compression) wrap the client side of the exchange in `Ticket.bind` (`transform`), for this service only.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from labelgw.middleware.access import Allowlist, BasicAuth, HeaderRules
 from labelgw.middleware.breaker import DENY, PROBE, CircuitBreaker
 from labelgw.middleware.concurrency import ADMITTED, QUEUED, ConcurrencyLimiter
 from labelgw.middleware.ratelimit import KeyedRateLimiter, key_function
+from labelgw.middleware import compress as _compress, plugin as _plugin, rewrite as _rewrite
+from labelgw.core.paths import PathRefused
 
 if TYPE_CHECKING:
     from labelgw.http.sides import RequestSide
@@ -75,6 +81,8 @@ class Ticket:
             exchange.body_limit = chain.max_body
         if chain.headers is not None and chain.headers.response:
             exchange.response_rules = chain.headers
+        if chain.response_transforms:
+            chain.transform(exchange)
         if self.fallback_reason is not None:
             exchange.fallback_reason = self.fallback_reason
             return
@@ -202,9 +210,17 @@ class Chain:
         self.fallbacks = 0
         # Original route -> the same route to the fallback service, built on first use.
         self._fallback_routes: dict[Route, Route] = {}
+        # Redirect, rewrite, plugins, compression (labelgw.middleware.rewrite, .plugin, .compress).
+        self.paths = spec.redirect is not None or spec.rewrite is not None
+        self._redirect_search = spec.redirect.pattern.search if spec.redirect is not None else None
+        self.plugin_steps = [(use.name, _plugin.make_step(use.name, use.parsed)) for use in spec.plugins]
+        self.plugin_hooks = [step.response_head for _, step in self.plugin_steps if hasattr(step, "response_head")]
+        self.response_transforms = spec.compress is not None or bool(self.plugin_hooks)
 
     def enter(self, gateway: Any, head: RequestHead, side: "RequestSide", route: Route, close: bool) -> Ticket | None:
         """The request's ticket, or None when the chain answered it (429, 503, a static fallback)."""
+        if self.paths and not self._paths(head, side, close):
+            return None
         now = self.clock.seconds()
         client_ip = head.client_ip or side.peer_ip
         allow = self.allow
@@ -268,7 +284,42 @@ class Chain:
                     f"too many requests in flight (max_inflight {concurrency.limit})", 1,
                 )
                 return _diverted(ticket, route)
+        if self.plugin_steps:
+            try:
+                answer = _plugin.run_request_steps(self.plugin_steps, head, side.peer_ip)
+            except Exception:
+                # A plugin's bug answers its own request with a 500; labelgw and other requests go on.
+                self._log.failure("service {service}: a plugin middleware failed", service=self.pool.name)
+                answer = _plugin.Answer(500, f"a plugin middleware of service {self.pool.name!r} failed")
+            if answer is not None:
+                ticket._release(observed=False)
+                side.refuse(answer.status, answer.message, close, answer.extra)
+                return None
         return ticket
+
+    def _paths(self, head: RequestHead, side: "RequestSide", close: bool) -> bool:
+        """Redirect or rewrite by regex: False when the request was answered (the redirect, or 400)."""
+        spec = self.spec
+        search = self._redirect_search
+        if search is not None and spec.rewrite is None and search(head.target.decode("latin-1")) is None:
+            return True  # the common case, inline: a redirect regex that does not match
+        try:
+            redirect = _rewrite.apply(spec.redirect, spec.rewrite, head)
+        except PathRefused as error:
+            side.refuse(400, f"rewrite of service {self.pool.name!r}: {error.reason}", close)
+            return False
+        if redirect is None:
+            return True
+        status, location = redirect
+        side.refuse(status, "redirected", close, b"Location: %s\r\n" % location)
+        return False
+
+    def transform(self, exchange: Exchange) -> None:
+        """The response transforms of this service on an exchange: plugin response steps, then compression."""
+        if self.spec.compress is not None:
+            _compress.wrap(exchange, self.spec.compress)
+        if self.plugin_hooks:
+            _plugin.wrap(exchange, self.plugin_hooks)
 
     def fall_back(
         self, ticket: Ticket, gateway: Any, head: RequestHead, side: "RequestSide", close: bool, reason: str,
@@ -393,8 +444,9 @@ def _names(spec: MiddlewareSpec) -> list[str]:
     return [name for name, value in (
         ("allow", spec.allow), ("auth", spec.auth), ("max_body", spec.max_body), ("headers", spec.headers),
         ("ratelimit", spec.ratelimit), ("concurrency", spec.concurrency), ("breaker", spec.breaker),
-        ("fallback", spec.fallback),
-    ) if value is not None]
+        ("fallback", spec.fallback), ("compress", spec.compress), ("redirect", spec.redirect),
+        ("rewrite", spec.rewrite),
+    ) if value is not None] + [f"plugin {use.name}" for use in spec.plugins]
 
 
 def _thread_runner(clock: Any) -> Any:

@@ -77,7 +77,9 @@ class KeyedRateLimiter:
     def allow(self, key: bytes, now: float) -> float:
         """0.0 when the request may go (one token taken); else the seconds until the key's next token."""
         buckets = self._buckets
-        self._expire(now)
+        # Runs per request: the expiry scan only when the oldest bucket is due, TokenBucket.take inlined.
+        if buckets and next(iter(buckets.values())).stamp <= now - self.idle_expiry:
+            self._expire(now)
         bucket = buckets.get(key)
         if bucket is None:
             if len(buckets) >= self.max_keys:
@@ -86,8 +88,15 @@ class KeyedRateLimiter:
             bucket = buckets[key] = TokenBucket(self.burst, now)
         else:
             buckets.move_to_end(key)
-        if bucket.take(self.rate, self.burst, now):
+        tokens = bucket.tokens
+        elapsed = now - bucket.stamp
+        if elapsed > 0:
+            tokens = min(self.burst, tokens + elapsed * self.rate)
+            bucket.stamp = now
+        if tokens >= _ONE:
+            bucket.tokens = max(0.0, tokens - 1.0)
             return 0.0
+        bucket.tokens = tokens
         self.limited += 1
         return bucket.wait(self.rate)
 

@@ -208,3 +208,16 @@ def test_the_core_knows_no_http() -> None:
     root = Path(__file__).resolve().parent.parent  # the working tree's labelgw, first on the path
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
     assert out.strip() == "[]"
+
+
+def test_a_small_declared_total_is_scaled_not_split_equally() -> None:
+    # Only "every version says 0 %" falls back to an equal split; 1 % against 0 % still means all to the first.
+    split = VersionSplit([backend("a", "v1", "1"), backend("b", "v2", "0")])
+    assert split.shares == pytest.approx({"v1": 100.0, "v2": 0.0})
+    assert {split.choose() for _ in range(10)} == {"v1"}
+
+
+def test_a_version_decision_has_no_instance_dict() -> None:
+    # One is made per request: slots keep it small (and frozen keeps it a value).
+    decision = decide(pool(backend("a", "v1"), backend("b", "v2")))
+    assert not hasattr(decision, "__dict__")

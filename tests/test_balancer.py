@@ -424,3 +424,65 @@ def test_a_wall_clock_stepping_back_does_not_break_picks() -> None:
     assert policy.pick(pool) is not None
     assert policy.pick(pool * 20) is not None  # P2C as well
     assert estimate_ms(pool[0]) == ms(10.0)
+
+
+# -- found by mutation testing (tests/mutation.md) --------------------------------------------------------------
+
+
+def test_wrt_rejects_a_negative_slow_start_and_a_minimum_share_over_one() -> None:
+    clock = Clock()
+    with pytest.raises(ValueError, match="slow_start must not be negative"):
+        wrt(clock, slow_start=-1.0)
+    with pytest.raises(ValueError, match="slow_start_min"):
+        wrt(clock, slow_start_min=1.5)
+    assert wrt(clock, slow_start=0.0, slow_start_min=1.0).p2c_draws == 3  # the documented default
+
+
+def test_a_clock_stepped_back_does_not_inflate_the_estimate() -> None:
+    # A wall clock that steps back gives a negative gap: no decay then, not a growth by exp(+gap / tau).
+    clock = Clock()
+    policy = wrt(clock, tau=10.0)
+    b = backend("a")
+    clock.advance(10.0)
+    policy.on_finish(b, 0.200, False)
+    clock.rightNow = 5.0
+    policy.on_finish(b, 0.100, False)
+    assert estimate_ms(b) == ms(200.0)
+
+
+def p2c_pair(clock: Clock, **params: object) -> tuple[WeightedResponseTime, Backend, Backend]:
+    # Two backends above a scan limit of 1: every pick draws both (power of two choices).
+    policy = wrt(clock, tau=1.0, scan_limit=1, p2c_draws=1, **params)
+    old, new = backend("old"), backend("new")
+    policy.pick([old, new])
+    return policy, old, new
+
+
+def test_power_of_two_choices_decays_the_estimates_it_compares() -> None:
+    clock = Clock()
+    policy, old, new = p2c_pair(clock)
+    policy.on_finish(old, 1.0, False)
+    clock.advance(50.0)
+    policy.on_finish(new, 0.100, False)
+    # old: 1 s fifty tau ago, now far below new's 100 ms.
+    assert all(policy.pick([old, new]) is old for _ in range(20))
+
+
+def test_power_of_two_choices_decays_within_the_first_second_too() -> None:
+    clock = Clock()
+    policy, old, new = p2c_pair(clock)
+    policy.on_finish(old, 1.0, False)
+    clock.advance(1.0)
+    policy.on_finish(new, 0.950, False)
+    # old decayed for one tau: 368 ms against new's 950 ms.
+    assert all(policy.pick([old, new]) is old for _ in range(20))
+
+
+def test_power_of_two_choices_stops_drawing_once_the_best_is_not_much_slower_than_typical() -> None:
+    # All estimates equal the typical one: the first pair is good enough, so the cheapest wins only when it is
+    # in that pair (2 in 6), even though up to 3 pairs may be drawn.
+    policy = wrt(Clock(), scan_limit=5)
+    assert policy.p2c_draws == 3
+    pool = one_cheap_backend(policy, 6)
+    share = sum(policy.pick(pool) is pool[0] for _ in range(3000)) / 3000
+    assert share == pytest.approx(1 / 3, abs=0.03)

@@ -887,3 +887,24 @@ def test_fixtures_are_not_mutated_between_tests() -> None:
     first = load("twonet")
     first["Config"]["Labels"].clear()
     assert load("twonet")["Config"]["Labels"]["labelgw.service"] == "api"
+
+
+# --- found by mutation testing (tests/mutation.md) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("exposed, port", [({"1/tcp": {}}, 1), ({"65535/tcp": {}}, 65535), ({"0/tcp": {}, "80/tcp": {}}, 80), ({"65536/tcp": {}, "80": {}}, 80)])
+def test_exposed_ports_count_only_in_1_to_65535(exposed: dict[str, Any], port: int) -> None:
+    inspect = load("twonet")
+    inspect["Config"]["ExposedPorts"] = exposed
+    assert spec_of(inspect).port == port
+
+
+@pytest.mark.parametrize("pinned, env_part", [(None, ".staging"), ("staging", "")])
+def test_a_rejection_names_the_default_host_it_asked_for_env_included_unless_pinned(
+    pinned: str | None, env_part: str
+) -> None:
+    labels = set_labels(load("twonet"), drop=("host",))
+    hosts = spec_of(labels, pinned_env=pinned).hosts
+    assert hosts[0].endswith(env_part + ".localhost") and hosts[0].count(".") == 1 + env_part.count(".")
+    rejected = rejection_of(set_labels(load("twonet"), drop=("host",), port="nope"), pinned_env=pinned)
+    assert rejected.hosts == hosts

@@ -486,3 +486,15 @@ def test_power_of_two_choices_stops_drawing_once_the_best_is_not_much_slower_tha
     pool = one_cheap_backend(policy, 6)
     share = sum(policy.pick(pool) is pool[0] for _ in range(3000)) / 3000
     assert share == pytest.approx(1 / 3, abs=0.03)
+
+
+def test_ring_of_the_same_ready_set_is_built_once() -> None:
+    # The simulator asks ring() directly for the same set again and again: the cached ring comes back.
+    from labelgw.core.hashing import Ring
+
+    chooser = ConsistentHash(Clock().seconds, random.Random(1))
+    ready = (backend("a"), backend("b"), backend("c"))
+    first = chooser.ring(ready)
+    assert isinstance(first, Ring)
+    assert chooser.ring(ready) is first
+    assert chooser.ring(list(ready)) is first  # another sequence of the same members: the same ring

@@ -498,3 +498,23 @@ def test_ring_of_the_same_ready_set_is_built_once() -> None:
     assert isinstance(first, Ring)
     assert chooser.ring(ready) is first
     assert chooser.ring(list(ready)) is first  # another sequence of the same members: the same ring
+
+
+def test_adopting_a_backend_into_a_new_service_leaves_warm_peers_as_they_were() -> None:
+    # A peer adopted warm (no samples yet) keeps its stamp when another backend joins: its starting guess decays.
+    clock = Clock()
+    policy = wrt(clock, tau=10.0)
+    a, b, c = backend("a"), backend("b"), backend("c")
+    policy.pick([a, c])
+    clock.advance(10.0)
+    policy.pick([a, b])
+    assert estimate_ms(a) == ms(1.0 / math.e)
+    assert estimate_ms(b) == ms(1.0)
+
+
+def test_describe_rounds_the_estimate_to_the_microsecond() -> None:
+    policy = wrt(Clock())
+    b = backend("a")
+    policy.on_finish(b, 0.2003456, False)
+    assert estimate_ms(b) == 200.346
+

@@ -518,3 +518,18 @@ def test_describe_rounds_the_estimate_to_the_microsecond() -> None:
     policy.on_finish(b, 0.2003456, False)
     assert estimate_ms(b) == 200.346
 
+
+
+def test_hash_takes_a_slow_start_spare_in_ring_order_not_the_least_loaded() -> None:
+    # The warm backend is full; both newcomers are in slow start and lose their draw for most keys, so the key
+    # goes to the first newcomer after its position on the ring, even the busier one (its keys stay put).
+    clock = Clock()
+    chooser = ConsistentHash(clock.seconds, random.Random(1))
+    warm, busy, idle = backend("warm"), backend("busy"), backend("idle")
+    keys = [f"key-{i}".encode() for i in range(200)]
+    chooser.pick_by_key((warm, backend("gone")), keys[0])  # the service starts (two: one backend is a shortcut)
+    ready = (warm, busy, idle)
+    warm.in_flight, busy.in_flight = 4, 1
+    picks = Counter(chooser.pick_by_key(ready, key).key for key in keys)  # type: ignore[union-attr]
+    assert describe(busy)["slow_start"] == pytest.approx(0.1) and describe(idle)["slow_start"] == pytest.approx(0.1)
+    assert picks["busy"] > 40 and picks["idle"] > 40 and picks["warm"] == 0

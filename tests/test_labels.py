@@ -908,3 +908,15 @@ def test_a_rejection_names_the_default_host_it_asked_for_env_included_unless_pin
     assert hosts[0].endswith(env_part + ".localhost") and hosts[0].count(".") == 1 + env_part.count(".")
     rejected = rejection_of(set_labels(load("twonet"), drop=("host",), port="nope"), pinned_env=pinned)
     assert rejected.hosts == hosts
+
+
+@pytest.mark.parametrize("value", ["/a\x7fb", "/a\x1fb", "/a b", "/a\x00b"])
+def test_health_path_refuses_control_characters_and_space(value: str) -> None:
+    rejection = rejection_of(set_labels(load("twonet"), health__path=value))
+    assert (rejection.label, rejection.value) == ("labelgw.health.path", value)
+    assert "whitespace or control characters" in rejection.reason
+
+
+def test_health_path_takes_every_visible_ascii_character() -> None:
+    value = "/~a!$&'()*+,;=:@-._"
+    assert isinstance(parse_container(set_labels(load("twonet"), health__path=value)), ContainerSpec)

@@ -533,3 +533,36 @@ def test_hash_takes_a_slow_start_spare_in_ring_order_not_the_least_loaded() -> N
     picks = Counter(chooser.pick_by_key(ready, key).key for key in keys)  # type: ignore[union-attr]
     assert describe(busy)["slow_start"] == pytest.approx(0.1) and describe(idle)["slow_start"] == pytest.approx(0.1)
     assert picks["busy"] > 40 and picks["idle"] > 40 and picks["warm"] == 0
+
+
+def test_describe_of_a_backend_no_policy_has_seen() -> None:
+    b = backend("a")
+    expected = {"policy": None, "in_flight": 0, "weight": 1.0, "latency_ms": None, "slow_start": None,
+                "samples": 0, "failures": 0}
+    assert describe(b) == expected
+    # A policy asked directly about a backend it has not adopted reports no estimate rather than failing.
+    view = wrt(Clock()).describe(b)
+    assert (view["policy"], view["latency_ms"], view["slow_start"], view["samples"]) == ("wrt", None, None, 0)
+
+
+def test_hash_describe_rounds_the_slow_start_factor_to_three_digits() -> None:
+    clock = Clock()
+    chooser = ConsistentHash(clock.seconds, random.Random(1))
+    warm, newcomer = backend("warm"), backend("new")
+    chooser.pick_by_key((warm, backend("other")), b"k")
+    for _ in range(50):  # until the newcomer is seen (adopted in slow start)
+        chooser.pick((warm, newcomer))
+    clock.advance(1.234)
+    assert describe(newcomer)["slow_start"] == 0.123
+
+
+def test_service_policy_factory_gives_tau_to_wrt_only() -> None:
+    from labelgw.core.balancer import service_policy_factory
+
+    clock = Clock()
+    spec = ContainerSpec(container_id="a", name="a", service="api", address="127.0.0.1", port=8000,
+                         hosts=("api.localhost",))
+    assert isinstance(service_policy_factory("least_conn", clock.seconds)(spec), LeastConn)
+    assert isinstance(service_policy_factory("round_robin", clock.seconds)(spec), RoundRobin)
+    policy = service_policy_factory("wrt", clock.seconds, tau=4.0)(spec)
+    assert isinstance(policy, WeightedResponseTime) and policy.tau == 4.0

@@ -566,3 +566,18 @@ def test_service_policy_factory_gives_tau_to_wrt_only() -> None:
     assert isinstance(service_policy_factory("round_robin", clock.seconds)(spec), RoundRobin)
     policy = service_policy_factory("wrt", clock.seconds, tau=4.0)(spec)
     assert isinstance(policy, WeightedResponseTime) and policy.tau == 4.0
+
+
+def test_power_of_two_choices_with_two_slow_starting_draws_takes_the_cheaper_spare() -> None:
+    # Both drawn backends are in slow start and lose their draw (minimum share 1 %): one of them is still taken,
+    # the cheaper one, rather than nothing.
+    clock = Clock()
+    policy = wrt(clock, scan_limit=2, p2c_draws=1, slow_start_min=0.01)
+    warm = backend("warm")
+    policy.pick([warm, backend("gone")])
+    policy.on_finish(warm, 0.010, False)
+    cheap, dear = backend("cheap"), backend("dear")
+    ready = [warm, cheap, dear]
+    dear.in_flight = 3
+    picks = Counter(policy.pick(ready).key for _ in range(600))  # type: ignore[union-attr]
+    assert picks["cheap"] > 100 and picks["dear"] < 30

@@ -424,3 +424,160 @@ def test_a_wall_clock_stepping_back_does_not_break_picks() -> None:
     assert policy.pick(pool) is not None
     assert policy.pick(pool * 20) is not None  # P2C as well
     assert estimate_ms(pool[0]) == ms(10.0)
+
+
+# -- found by mutation testing (tests/mutation.md) --------------------------------------------------------------
+
+
+def test_wrt_rejects_a_negative_slow_start_and_a_minimum_share_over_one() -> None:
+    clock = Clock()
+    with pytest.raises(ValueError, match="slow_start must not be negative"):
+        wrt(clock, slow_start=-1.0)
+    with pytest.raises(ValueError, match="slow_start_min"):
+        wrt(clock, slow_start_min=1.5)
+    assert wrt(clock, slow_start=0.0, slow_start_min=1.0).p2c_draws == 3  # the documented default
+
+
+def test_a_clock_stepped_back_does_not_inflate_the_estimate() -> None:
+    # A wall clock that steps back gives a negative gap: no decay then, not a growth by exp(+gap / tau).
+    clock = Clock()
+    policy = wrt(clock, tau=10.0)
+    b = backend("a")
+    clock.advance(10.0)
+    policy.on_finish(b, 0.200, False)
+    clock.rightNow = 5.0
+    policy.on_finish(b, 0.100, False)
+    assert estimate_ms(b) == ms(200.0)
+
+
+def p2c_pair(clock: Clock, **params: object) -> tuple[WeightedResponseTime, Backend, Backend]:
+    # Two backends above a scan limit of 1: every pick draws both (power of two choices).
+    policy = wrt(clock, tau=1.0, scan_limit=1, p2c_draws=1, **params)
+    old, new = backend("old"), backend("new")
+    policy.pick([old, new])
+    return policy, old, new
+
+
+def test_power_of_two_choices_decays_the_estimates_it_compares() -> None:
+    clock = Clock()
+    policy, old, new = p2c_pair(clock)
+    policy.on_finish(old, 1.0, False)
+    clock.advance(50.0)
+    policy.on_finish(new, 0.100, False)
+    # old: 1 s fifty tau ago, now far below new's 100 ms.
+    assert all(policy.pick([old, new]) is old for _ in range(20))
+
+
+def test_power_of_two_choices_decays_within_the_first_second_too() -> None:
+    clock = Clock()
+    policy, old, new = p2c_pair(clock)
+    policy.on_finish(old, 1.0, False)
+    clock.advance(1.0)
+    policy.on_finish(new, 0.950, False)
+    # old decayed for one tau: 368 ms against new's 950 ms.
+    assert all(policy.pick([old, new]) is old for _ in range(20))
+
+
+def test_power_of_two_choices_stops_drawing_once_the_best_is_not_much_slower_than_typical() -> None:
+    # All estimates equal the typical one: the first pair is good enough, so the cheapest wins only when it is
+    # in that pair (2 in 6), even though up to 3 pairs may be drawn.
+    policy = wrt(Clock(), scan_limit=5)
+    assert policy.p2c_draws == 3
+    pool = one_cheap_backend(policy, 6)
+    share = sum(policy.pick(pool) is pool[0] for _ in range(3000)) / 3000
+    assert share == pytest.approx(1 / 3, abs=0.03)
+
+
+def test_ring_of_the_same_ready_set_is_built_once() -> None:
+    # The simulator asks ring() directly for the same set again and again: the cached ring comes back.
+    from labelgw.core.hashing import Ring
+
+    chooser = ConsistentHash(Clock().seconds, random.Random(1))
+    ready = (backend("a"), backend("b"), backend("c"))
+    first = chooser.ring(ready)
+    assert isinstance(first, Ring)
+    assert chooser.ring(ready) is first
+    assert chooser.ring(list(ready)) is first  # another sequence of the same members: the same ring
+
+
+def test_adopting_a_backend_into_a_new_service_leaves_warm_peers_as_they_were() -> None:
+    # A peer adopted warm (no samples yet) keeps its stamp when another backend joins: its starting guess decays.
+    clock = Clock()
+    policy = wrt(clock, tau=10.0)
+    a, b, c = backend("a"), backend("b"), backend("c")
+    policy.pick([a, c])
+    clock.advance(10.0)
+    policy.pick([a, b])
+    assert estimate_ms(a) == ms(1.0 / math.e)
+    assert estimate_ms(b) == ms(1.0)
+
+
+def test_describe_rounds_the_estimate_to_the_microsecond() -> None:
+    policy = wrt(Clock())
+    b = backend("a")
+    policy.on_finish(b, 0.2003456, False)
+    assert estimate_ms(b) == 200.346
+
+
+
+def test_hash_takes_a_slow_start_spare_in_ring_order_not_the_least_loaded() -> None:
+    # The warm backend is full; both newcomers are in slow start and lose their draw for most keys, so the key
+    # goes to the first newcomer after its position on the ring, even the busier one (its keys stay put).
+    clock = Clock()
+    chooser = ConsistentHash(clock.seconds, random.Random(1))
+    warm, busy, idle = backend("warm"), backend("busy"), backend("idle")
+    keys = [f"key-{i}".encode() for i in range(200)]
+    chooser.pick_by_key((warm, backend("gone")), keys[0])  # the service starts (two: one backend is a shortcut)
+    ready = (warm, busy, idle)
+    warm.in_flight, busy.in_flight = 4, 1
+    picks = Counter(chooser.pick_by_key(ready, key).key for key in keys)  # type: ignore[union-attr]
+    assert describe(busy)["slow_start"] == pytest.approx(0.1) and describe(idle)["slow_start"] == pytest.approx(0.1)
+    assert picks["busy"] > 40 and picks["idle"] > 40 and picks["warm"] == 0
+
+
+def test_describe_of_a_backend_no_policy_has_seen() -> None:
+    b = backend("a")
+    expected = {"policy": None, "in_flight": 0, "weight": 1.0, "latency_ms": None, "slow_start": None,
+                "samples": 0, "failures": 0}
+    assert describe(b) == expected
+    # A policy asked directly about a backend it has not adopted reports no estimate rather than failing.
+    view = wrt(Clock()).describe(b)
+    assert (view["policy"], view["latency_ms"], view["slow_start"], view["samples"]) == ("wrt", None, None, 0)
+
+
+def test_hash_describe_rounds_the_slow_start_factor_to_three_digits() -> None:
+    clock = Clock()
+    chooser = ConsistentHash(clock.seconds, random.Random(1))
+    warm, newcomer = backend("warm"), backend("new")
+    chooser.pick_by_key((warm, backend("other")), b"k")
+    for _ in range(50):  # until the newcomer is seen (adopted in slow start)
+        chooser.pick((warm, newcomer))
+    clock.advance(1.234)
+    assert describe(newcomer)["slow_start"] == 0.123
+
+
+def test_service_policy_factory_gives_tau_to_wrt_only() -> None:
+    from labelgw.core.balancer import service_policy_factory
+
+    clock = Clock()
+    spec = ContainerSpec(container_id="a", name="a", service="api", address="127.0.0.1", port=8000,
+                         hosts=("api.localhost",))
+    assert isinstance(service_policy_factory("least_conn", clock.seconds)(spec), LeastConn)
+    assert isinstance(service_policy_factory("round_robin", clock.seconds)(spec), RoundRobin)
+    policy = service_policy_factory("wrt", clock.seconds, tau=4.0)(spec)
+    assert isinstance(policy, WeightedResponseTime) and policy.tau == 4.0
+
+
+def test_power_of_two_choices_with_two_slow_starting_draws_takes_the_cheaper_spare() -> None:
+    # Both drawn backends are in slow start and lose their draw (minimum share 1 %): one of them is still taken,
+    # the cheaper one, rather than nothing.
+    clock = Clock()
+    policy = wrt(clock, scan_limit=2, p2c_draws=1, slow_start_min=0.01)
+    warm = backend("warm")
+    policy.pick([warm, backend("gone")])
+    policy.on_finish(warm, 0.010, False)
+    cheap, dear = backend("cheap"), backend("dear")
+    ready = [warm, cheap, dear]
+    dear.in_flight = 3
+    picks = Counter(policy.pick(ready).key for _ in range(600))  # type: ignore[union-attr]
+    assert picks["cheap"] > 100 and picks["dear"] < 30

@@ -887,3 +887,36 @@ def test_fixtures_are_not_mutated_between_tests() -> None:
     first = load("twonet")
     first["Config"]["Labels"].clear()
     assert load("twonet")["Config"]["Labels"]["labelgw.service"] == "api"
+
+
+# --- found by mutation testing (tests/mutation.md) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("exposed, port", [({"1/tcp": {}}, 1), ({"65535/tcp": {}}, 65535), ({"0/tcp": {}, "80/tcp": {}}, 80), ({"65536/tcp": {}, "80": {}}, 80)])
+def test_exposed_ports_count_only_in_1_to_65535(exposed: dict[str, Any], port: int) -> None:
+    inspect = load("twonet")
+    inspect["Config"]["ExposedPorts"] = exposed
+    assert spec_of(inspect).port == port
+
+
+@pytest.mark.parametrize("pinned, env_part", [(None, ".staging"), ("staging", "")])
+def test_a_rejection_names_the_default_host_it_asked_for_env_included_unless_pinned(
+    pinned: str | None, env_part: str
+) -> None:
+    labels = set_labels(load("twonet"), drop=("host",))
+    hosts = spec_of(labels, pinned_env=pinned).hosts
+    assert hosts[0].endswith(env_part + ".localhost") and hosts[0].count(".") == 1 + env_part.count(".")
+    rejected = rejection_of(set_labels(load("twonet"), drop=("host",), port="nope"), pinned_env=pinned)
+    assert rejected.hosts == hosts
+
+
+@pytest.mark.parametrize("value", ["/a\x7fb", "/a\x1fb", "/a b", "/a\x00b"])
+def test_health_path_refuses_control_characters_and_space(value: str) -> None:
+    rejection = rejection_of(set_labels(load("twonet"), health__path=value))
+    assert (rejection.label, rejection.value) == ("labelgw.health.path", value)
+    assert "whitespace or control characters" in rejection.reason
+
+
+def test_health_path_takes_every_visible_ascii_character() -> None:
+    value = "/~a!$&'()*+,;=:@-._"
+    assert isinstance(parse_container(set_labels(load("twonet"), health__path=value)), ContainerSpec)

@@ -208,3 +208,40 @@ def test_the_core_knows_no_http() -> None:
     root = Path(__file__).resolve().parent.parent  # the working tree's labelgw, first on the path
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
     assert out.strip() == "[]"
+
+
+def test_a_small_declared_total_is_scaled_not_split_equally() -> None:
+    # Only "every version says 0 %" falls back to an equal split; 1 % against 0 % still means all to the first.
+    split = VersionSplit([backend("a", "v1", "1"), backend("b", "v2", "0")])
+    assert split.shares == pytest.approx({"v1": 100.0, "v2": 0.0})
+    assert {split.choose() for _ in range(10)} == {"v1"}
+
+
+def test_a_version_decision_has_no_instance_dict() -> None:
+    # One is made per request: slots keep it small (and frozen keeps it a value).
+    decision = decide(pool(backend("a", "v1"), backend("b", "v2")))
+    assert not hasattr(decision, "__dict__")
+
+
+def test_a_pinned_version_without_backends_is_not_asked_of_the_policy() -> None:
+    # The default policy (wrt) cannot pick among nothing: the decision says "no backend" without asking it.
+    import random
+
+    from twisted.internet.task import Clock
+
+    from labelgw.core.balancer import make_policy
+
+    service = ServicePool("api", make_policy("wrt", Clock().seconds, random.Random(1)))
+    for item in (backend("a", "v1"), backend("b", "v2")):
+        service.backends[item.key] = item
+    service.refresh()
+    missing = decide(service, pinned="v9")
+    assert (missing.backend, missing.version, missing.pinned) == (None, "v9", True)
+
+
+def test_new_clients_are_counted_per_version() -> None:
+    service = pool(backend("a", "v1"), backend("b", "v2"))
+    versions = [decide(service).version for _ in range(5)]
+    assert service.sticky_clients == dict(Counter(versions))
+    decide(service, sticky="v1")  # a client that keeps its version is not counted again
+    assert sum(service.sticky_clients.values()) == 5

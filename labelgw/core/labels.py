@@ -23,6 +23,7 @@ from labelgw.core.model import (
     TlsMode,
     normalize_name,
 )
+from labelgw.core.units import parse_duration
 from labelgw.core.middleware import (
     MIDDLEWARE_LABELS, PLUGIN_LABEL_PREFIX, MiddlewareLabelError, is_middleware_label, parse_middleware,
 )
@@ -66,7 +67,6 @@ BALANCERS: Mapping[str, BalancerName] = {
 TLS_MODES: Mapping[str, TlsMode] = {"redirect": "redirect", "off": "off"}
 SCHEMES: Mapping[str, Scheme] = {"http": "http", "https": "https"}
 MAX_WEIGHT = 1000.0
-MAX_DURATION = 3600.0
 MAX_LATENCY_RATIO = 1000.0
 
 _T = TypeVar("_T")
@@ -75,8 +75,6 @@ _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _PORT = re.compile(r"[0-9]{1,5}")
 # Plain decimals only: float() would also take "nan", "inf", "1e3", "1_000" and non-ASCII digits.
 _DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
-_DURATION = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<unit>ms|s|m|h)?")
-_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _HOST_WITH_PORT = re.compile(r"(?P<host>[^:]*):[0-9]*")
 _PERCENT_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -104,19 +102,6 @@ def parse_bool(text: str) -> bool:
     if word in _FALSE:
         return False
     raise ValueError("not a boolean (use true/false, 1/0, yes/no or on/off)")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in "5", "5s", "1.5s", "500ms", "1m" or "1h"; positive and at most one hour, else ValueError."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise ValueError('not a duration (examples: "5", "5s", "500ms", "1m")')
-    seconds = float(match["number"]) * _DURATION_UNITS[match["unit"]]
-    if seconds <= 0:
-        raise ValueError("duration must be positive")
-    if seconds > MAX_DURATION:
-        raise ValueError("duration must be at most 1 hour")
-    return seconds
 
 
 def parse_container(

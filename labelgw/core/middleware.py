@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping, TypeVar
 
 # The request side (issue 10): allowlist, basic auth, body limit, header rules.
+from labelgw.core.units import parse_duration
 from labelgw.core.requestmw import (
     AllowSpec, AuthSpec, HeadersSpec, LabelProblem, REQUEST_LABELS, is_request_label, parse_request_side,
 )
@@ -83,7 +84,6 @@ KeyKind = Literal["ip", "host", "header", "cookie"]
 
 MAX_RATE = 1_000_000.0
 MAX_COUNT = 1_000_000
-MAX_SECONDS = 3600.0
 MAX_BODY = 4096
 DEFAULT_PENDING_TIMEOUT = 1.0
 DEFAULT_BREAKER_WINDOW = 10.0
@@ -96,8 +96,6 @@ BREAKER_PROBES = 3
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RATE = re.compile(r"(?P<count>[0-9]+(?:\.[0-9]+)?)\s*/\s*(?P<unit>s|m|h)")
 _COUNT = re.compile(r"[0-9]{1,7}")
-_DURATION = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<unit>ms|s|m|h)?")
-_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PERCENT = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?)\s*%?")
 # A field name (RFC 9110 token) and a cookie name (RFC 6265 token).
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -230,7 +228,7 @@ def parse_middleware(labels: Mapping[str, str], service: str = "") -> Middleware
     max_inflight = check("max_inflight", _parse_count)
     if max_inflight is not None:
         max_pending = check("max_pending", _parse_count_or_zero)
-        timeout = check("pending_timeout", _parse_duration)
+        timeout = check("pending_timeout", parse_duration)
         concurrency = ConcurrencySpec(
             max_inflight,
             0 if max_pending is None else max_pending,
@@ -242,8 +240,8 @@ def parse_middleware(labels: Mapping[str, str], service: str = "") -> Middleware
     needs("breaker.open", "breaker.error_rate")
     error_rate = check("breaker.error_rate", _parse_error_rate)
     if error_rate is not None:
-        window_s = check("breaker.window", _parse_duration)
-        open_s = check("breaker.open", _parse_duration)
+        window_s = check("breaker.window", parse_duration)
+        open_s = check("breaker.open", parse_duration)
         breaker = BreakerSpec(
             error_rate,
             DEFAULT_BREAKER_WINDOW if window_s is None else window_s,
@@ -314,16 +312,6 @@ def _parse_key(text: str) -> tuple[KeyKind, str]:
             raise ValueError(f"{kind}: needs a {'field' if kind == 'header' else 'cookie'} name (e.g. {kind}:X-Client)")
         return ("header", name.lower()) if kind == "header" else ("cookie", name)
     raise ValueError("unknown key; use ip, host, header:NAME or cookie:NAME")
-
-
-def _parse_duration(text: str) -> float:
-    match = _DURATION.fullmatch(text)
-    if match is None:
-        raise ValueError('not a duration (examples: "5", "5s", "500ms", "1m")')
-    seconds = float(match["number"]) * _DURATION_UNITS[match["unit"]]
-    if not 0 < seconds <= MAX_SECONDS:
-        raise ValueError("duration must be positive and at most 1 hour")
-    return seconds
 
 
 def _parse_error_rate(text: str) -> float:

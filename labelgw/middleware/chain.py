@@ -74,7 +74,7 @@ class Ticket:
         self.exchange = exchange
         chain = self.chain
         if self.auth_wait:
-            exchange.held = True
+            exchange.hold()
             if exchange.on_done is None:
                 exchange.on_done = self.done
         if chain.max_body is not None:
@@ -87,7 +87,7 @@ class Ticket:
             exchange.fallback_reason = self.fallback_reason
             return
         if self.queued:
-            exchange.held = True
+            exchange.hold()
         if self.slot or self.queued or self.chain.breaker is not None:
             exchange.on_done = self.done
 
@@ -101,7 +101,7 @@ class Ticket:
         taken = self.chain.fall_back(self, gateway, head, side, close, NO_BACKEND, 503, "has no ready backend", 1)
         if taken and self.auth_wait and self.exchange is not None:
             # The fallback's exchange waits for the same check: no way round the authentication.
-            self.exchange.held = True
+            self.exchange.hold()
             self.exchange.on_done = self.done
         return taken
 

@@ -48,13 +48,13 @@ DEFAULT_TARGETS = TARGET_ORDER
 # after labelgw-log-off, so that the comparison does not depend on the order within a round.
 OPT_IN_TARGETS = ("labelgw-nometrics", "labelgw-bare", "labelgw-mw", "labelgw-log-off", "labelgw-log-json", "labelgw-log-common")
 RATIO_BASES = ("nginx-proxy", "twisted-rpr", "direct", "labelgw-nometrics", "labelgw-mw")
-# labelgw-mw: the same service with middlewares that pass every request (a rate limit far above the load, a
-# redirect regex that never matches, compression switched off): what the chain costs a request it lets through.
+# labelgw-mw: the same service with the middlewares issue 10's cost figure names, passing every request: a rate
+# limit far above the load, a request and a response header rule, an allowlist that admits loopback.
 MIDDLEWARE_KEYS = """    ratelimit: 1000000/s
     ratelimit.burst: 1000000
-    redirect.regex: ^/never/(.*)
-    redirect.replacement: /elsewhere/$1
-    compress: false
+    headers.request.set.X-Env: bench
+    headers.response.remove: X-Powered-By
+    allow: 127.0.0.0/8
 """
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0

@@ -140,6 +140,57 @@ def test_pending_requests_wait_in_order_and_start_when_a_slot_frees() -> None:
     h.assert_accounting()
 
 
+def test_waiting_requests_count_on_no_backend_until_admitted() -> None:
+    # The pick happens at admission: a queued request must not steer the balancer away from a backend.
+    second_api = dataclasses.replace(API, container_id="api-2", name="api-2", port=9002)
+    h = harness(with_mw(API, concurrency=ConcurrencySpec(1, 2, 5.0)), second_api)
+    first, second, third = open_requests(h, 3)
+    [upstream] = [u.accept() for u in h.new_connects()]
+    loads = [(b.in_flight, b.requests) for b in h.backends()]
+    assert sorted(loads) == [(0, 0), (1, 1)]
+    assert h.registry.services["api"].in_flight == 3  # the service does count them (its in-flight bound)
+    upstream.take()
+    upstream.send(ok(b"one"))
+    assert first.response().body == b"one"
+    assert sum(b.in_flight for b in h.backends()) == 1 and sum(b.requests for b in h.backends()) == 2
+    upstreams = [upstream] + [fresh.accept() for fresh in h.new_connects()]
+    for body in (b"two", b"three"):
+        [busy] = [u for u in upstreams if u.take()]
+        busy.send(ok(body))
+    assert (second.response().body, third.response().body) == (b"two", b"three")
+    h.assert_accounting()
+
+
+def test_a_request_admitted_after_its_first_pick_left_goes_to_a_backend_ready_now() -> None:
+    second_api = dataclasses.replace(API, container_id="api-2", name="api-2", port=9002)
+    h = harness(with_mw(API, concurrency=ConcurrencySpec(1, 1, 5.0)), second_api)
+    first, second = open_requests(h, 2)
+    [upstream] = [u.accept() for u in h.new_connects()]
+    # Whichever backend the first request did not take goes away while the second waits.
+    idle = [b for b in h.backends() if b.in_flight == 0]
+    assert len(idle) == 1
+    h.registry.remove(idle[0].key)
+    upstream.send(ok(b"one"))
+    assert first.response().body == b"one"
+    assert upstream.take().count(b"GET / HTTP/1.1") == 2  # the second went to the one left, pooled connection
+    upstream.send(ok(b"two"))
+    assert second.response().body == b"two"
+    h.assert_accounting()
+
+
+def test_a_request_admitted_when_no_backend_is_left_gets_503() -> None:
+    h = harness(with_mw(API, concurrency=ConcurrencySpec(1, 1, 5.0)))
+    first, second = open_requests(h, 2)
+    [upstream] = [u.accept() for u in h.new_connects()]
+    h.registry.apply("api-1", dataclasses.replace(API, running=False))
+    upstream.send(ok(b"one"))
+    first.response()
+    answer = second.response()
+    assert (answer.status, answer.header(b"Retry-After")) == (503, b"1")
+    assert b"no ready backend" in answer.body
+    assert h.backend("api-1").errors == 0
+
+
 def test_a_waiting_request_times_out_with_503() -> None:
     h = harness(with_mw(API, concurrency=ConcurrencySpec(1, 1, 0.5)))
     first, second = open_requests(h, 2)

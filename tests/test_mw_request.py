@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import bcrypt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 
@@ -441,6 +443,43 @@ def test_a_route_without_header_rules_keeps_the_pre_cut_head() -> None:
     h.upstream().accept().send(ok())
     assert client.response().status == 200
     h.assert_accounting()
+
+
+def _fields(head_bytes: bytes) -> list[tuple[bytes, bytes]]:
+    lines = head_bytes.split(b"\r\n")[1:]
+    return [(name.lower(), value.strip()) for name, _, value in (line.partition(b":") for line in lines if line)]
+
+
+_NAMES = st.sampled_from([b"X-Env", b"x-env", b"X-ENV", b"X-Debug", b"x-debug", b"X-Keep", b"X-Envoy", b"Server",
+                          b"Accept", b"X-Debug-Not"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.lists(st.tuples(_NAMES, st.sampled_from([b"1", b" two ", b"x:y", b""])), max_size=8))
+def test_header_rules_on_raw_lines_equal_the_field_by_field_rules(fields: list[tuple[bytes, bytes]]) -> None:
+    """The rules applied to the pre-cut block give the fields the field-by-field path gives, in the same order."""
+    from labelgw.http.headers import upstream_request_head
+    from labelgw.http.parser import parse_request_head, parse_response_head
+    from labelgw.middleware.access import HeaderRules
+
+    rules = HeaderRules(HeadersSpec((("X-Env", "staging"),), ("X-Debug",), (("Via", "labelgw"),), ("Server", "x-env")),
+                        drop_authorization=False)
+    text = b"GET / HTTP/1.1\r\nHost: api.localhost\r\n" + b"".join(b"%s:%s\r\n" % pair for pair in fields)
+    text = text[:-2]  # the parsers take the head without its last CRLF
+    fast, slow = parse_request_head(text), parse_request_head(text)
+    assert fast.forward is not None
+    slow.headers = slow.headers  # the field-by-field path
+    rules.apply_request(fast)
+    rules.apply_request(slow)
+    assert fast.forward is not None and slow.forward is None
+    assert _fields(upstream_request_head(fast, b"/", b"10.0.0.9", b"http", b"80")) == \
+        _fields(upstream_request_head(slow, b"/", b"10.0.0.9", b"http", b"80"))
+    assert fast.headers == slow.headers
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + b"".join(b"%s:%s\r\n" % pair for pair in fields)
+    fast_r, slow_r = parse_response_head(response[:-2]), parse_response_head(response[:-2])
+    slow_r.headers = slow_r.headers
+    assert rules.apply_response(fast_r) == rules.apply_response(slow_r) == b"Via: labelgw\r\n"
+    assert fast_r.headers == slow_r.headers
 
 
 # --- HTTP/2 -----------------------------------------------------------------------------------------------------

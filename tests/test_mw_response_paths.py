@@ -256,6 +256,27 @@ def test_plugin_labels_pass_the_unknown_label_check(example_plugin: Any) -> None
     assert result is not None and result.middleware is not None and result.middleware.plugins[0].name == "stamp"
 
 
+def test_static_services_take_plugin_options_flat_or_nested(example_plugin: Any) -> None:
+    from labelgw.cli.config import ConfigError, build
+
+    backends = ["127.0.0.1:9001"]
+    flat = {"services": {"api": {"backends": backends, "middlewares": "stamp", "plugin.stamp.header": "X-Stamp"}}}
+    nested = {"services": {"api": {"backends": backends, "middlewares": "stamp",
+                                   "plugin": {"stamp": {"header": "X-Stamp", "value": "yes"}}}}}
+    for file in (flat, nested):
+        [static] = build({}, file).static_services
+        assert static.middleware is not None and [use.name for use in static.middleware.plugins] == ["stamp"]
+    bad = [
+        ({"middlewares": "stamp", "plugin": {"stamp": {"header": "X-S", "colour": "red"}}}, "plugin.stamp.colour"),
+        ({"middlewares": "stamp", "plugin": "stamp"}, "services.api.plugin: must be a mapping"),
+        ({"plugin.stamp.header": "X-S"}, "not named in the middlewares"),
+    ]
+    for keys, said in bad:
+        with pytest.raises(ConfigError) as caught:
+            build({}, {"services": {"api": {"backends": backends, **keys}}})
+        assert said in str(caught.value), str(caught.value)
+
+
 # The harness: HTTP/1.1.
 
 

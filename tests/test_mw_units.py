@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from labelgw.core.middleware import BreakerSpec, ConcurrencySpec, RateLimitSpec
@@ -67,6 +69,29 @@ def test_idle_keys_expire_once_their_bucket_is_full_again() -> None:
     assert len(limiter) == 2
     limiter.allow(b"c", T0 + 10)
     assert len(limiter) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(st.sampled_from([b"a", b"b", b"c", b"d"]), st.floats(0, 0.4)), max_size=40),
+       max_keys=st.integers(1, 3))
+def test_expiry_skipped_between_sweeps_keeps_exactly_the_buckets_a_scan_per_request_keeps(
+    steps: list[tuple[bytes, float]], max_keys: int
+) -> None:
+    """The sweep time only saves looks at the oldest bucket: same buckets, same answers as scanning every time."""
+    limiter = KeyedRateLimiter(rate(10, 3), max_keys=max_keys)  # idle expiry 0.3 s
+    model: dict[bytes, TokenBucket] = {}
+    now = T0
+    for key, step in steps:
+        now += step
+        for old in [k for k, bucket in model.items() if bucket.stamp <= now - 0.3]:
+            del model[old]
+        if key not in model and len(model) >= max_keys:
+            del model[next(iter(model))]
+        bucket = model.pop(key, None) or TokenBucket(3, now)
+        model[key] = bucket
+        allowed = bucket.take(10, 3, now)
+        assert (limiter.allow(key, now) == 0.0) == allowed
+        assert list(limiter._buckets) == list(model)
 
 
 def test_key_count_is_capped_least_recently_used_first() -> None:

@@ -14,7 +14,8 @@ from labelgw.core.model import (
 )
 from labelgw.core.registry import STATIC_PREFIX
 from labelgw.core.middleware import (
-    MIDDLEWARE_LABELS, MiddlewareLabelError, MiddlewareSpec, is_middleware_label, parse_middleware,
+    MIDDLEWARE_LABELS, PLUGIN_LABEL_PREFIX, MiddlewareLabelError, MiddlewareSpec, is_middleware_label,
+    parse_middleware,
 )
 
 DEFAULT_HTTP = ("tcp:8080",)
@@ -256,7 +257,8 @@ def _static_service(name: Any, spec: Any) -> StaticService:
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a mapping with hosts and backends")
     known = {"hosts", "path", "strip_prefix", "backends", "balancer", "hash_key", "health"}
-    unknown = sorted(key for key in set(spec) - known if not (isinstance(key, str) and is_middleware_label(key)))
+    unknown = sorted(key for key in set(spec) - known - {"plugin"}
+                     if not (isinstance(key, str) and (is_middleware_label(key) or key.startswith(PLUGIN_LABEL_PREFIX))))
     if unknown:
         raise ConfigError(
             f"{where}.{unknown[0]}: unknown setting (known: {', '.join(sorted(known | MIDDLEWARE_LABELS))})"
@@ -320,8 +322,21 @@ def _static_balancer(where: str, spec: Mapping[str, Any]) -> tuple[BalancerName 
 
 def _static_middleware(where: str, name: str, spec: Mapping[str, Any]) -> MiddlewareSpec | None:
     """The middleware keys of a static service, read by the label parser (YAML numbers taken as written)."""
-    labels = {key: ("true" if value is True else "false" if value is False else str(value))
-              for key, value in spec.items() if isinstance(key, str) and is_middleware_label(key)}
+    def text(value: Any) -> str:
+        return "true" if value is True else "false" if value is False else str(value)
+
+    labels = {key: text(value) for key, value in spec.items()
+              if isinstance(key, str) and (is_middleware_label(key) or key.startswith(PLUGIN_LABEL_PREFIX))}
+    # Plugin options as YAML nests them (`plugin: {stamp: {value: x}}`), the same as `plugin.stamp.value: x`.
+    nested = spec.get("plugin")
+    if nested is not None:
+        if not isinstance(nested, dict):
+            raise ConfigError(f"{where}.plugin: must be a mapping of plugin name to its options")
+        for plugin, options in nested.items():
+            if not isinstance(options, dict):
+                raise ConfigError(f"{where}.plugin.{plugin}: must be a mapping of option to value")
+            for key, value in options.items():
+                labels[f"{PLUGIN_LABEL_PREFIX}{plugin}.{key}"] = text(value)
     try:
         return parse_middleware(labels, name)
     except MiddlewareLabelError as error:

@@ -80,6 +80,9 @@ class Exchange:
     # until `admitted`); `on_done(exchange, failed, observed)` once when the exchange completes.
     fallback_reason: str | None = None
     held = False
+    # False while held: a request waiting in a queue does not count on a backend (its load would steer the
+    # balancer away from a backend it may never use); the backend is picked again when it is admitted.
+    on_backend = True
     on_done: Any = None
     # Request-side middlewares (labelgw.middleware.access): the request body's limit in bytes (a chunked body that
     # grows over it is cut), and the response header rules (HeaderRules); None: none.
@@ -142,11 +145,33 @@ class Exchange:
         if connection is not None:
             self.upstream_connected(connection)
 
+    def hold(self) -> None:
+        """A middleware keeps the request waiting (a concurrency queue, a password check): it leaves its
+        backend's count until `admitted`, which picks the backend then."""
+        self.held = True
+        if self.on_backend and self.state is _CONNECTING:
+            self.on_backend = False
+            backend = self.backend
+            backend.in_flight -= 1
+            backend.requests -= 1
+
     def admitted(self) -> None:
         """Out of a middleware's queue: the request starts now (the wait is not the backend's latency)."""
         self.held = False
         if self.state is _DONE:
             return
+        if not self.on_backend:
+            # The backends' loads and health have moved while it waited: pick among them as of now.
+            service = self.route.service
+            backend = service.pick(version=self.version, pinned=self.pinned, key=self.hash_key)
+            if backend is None:
+                self.reject(503, f"service {service.name!r} has no ready backend", b"Retry-After: 1\r\n")
+                return
+            self.backend = backend
+            self.on_backend = True
+            backend.in_flight += 1
+            backend.requests += 1
+            service.policy.on_start(backend)
         self._started_at = self.gateway.clock.seconds()
         self.start()
 
@@ -429,7 +454,10 @@ class Exchange:
             gateway.active_retries -= 1
         # _release_backend, inlined: this runs once per request.
         backend = self.backend
-        backend.in_flight -= 1
+        if self.on_backend:
+            backend.in_flight -= 1
+        else:
+            observe = False  # it never reached a backend
         if observe and state is not _TUNNEL:
             # Time to the response head: a long download or a WebSocket must not look like a slow backend.
             started = state is _RESPONDING

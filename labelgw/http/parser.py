@@ -68,6 +68,19 @@ class _Head:
         self._headers = value
         self.forward = None
 
+    def rewrite_fields(self, drop: "re.Pattern[bytes] | None", add: bytes) -> None:
+        """Header rules on the raw lines, keeping the pre-cut forward block (no field-by-field pass later): remove
+        the lines `drop` matches (a whole line each, name first), then append `add` (lines ending in CRLF).
+        Only for a head whose forward block is set; else assign `headers`."""
+        assert self.forward is not None
+        if drop is not None and drop.search(self.block) is not None:
+            self.block = drop.sub(b"", self.block)
+            self.forward = drop.sub(b"", self.forward)
+        if add:
+            self.block += add
+            self.forward += add
+        self._headers = None
+
     def field(self, lower_name: bytes) -> bytes | None:
         """The value of the first field with this (lower-case) name: a search of the raw block, for the few
         fields only some requests need (version pinning, cookies)."""

@@ -74,7 +74,7 @@ class Ticket:
         self.exchange = exchange
         chain = self.chain
         if self.auth_wait:
-            exchange.held = True
+            exchange.hold()
             if exchange.on_done is None:
                 exchange.on_done = self.done
         if chain.max_body is not None:
@@ -87,7 +87,7 @@ class Ticket:
             exchange.fallback_reason = self.fallback_reason
             return
         if self.queued:
-            exchange.held = True
+            exchange.hold()
         if self.slot or self.queued or self.chain.breaker is not None:
             exchange.on_done = self.done
 
@@ -101,7 +101,7 @@ class Ticket:
         taken = self.chain.fall_back(self, gateway, head, side, close, NO_BACKEND, 503, "has no ready backend", 1)
         if taken and self.auth_wait and self.exchange is not None:
             # The fallback's exchange waits for the same check: no way round the authentication.
-            self.exchange.held = True
+            self.exchange.hold()
             self.exchange.on_done = self.done
         return taken
 
@@ -205,6 +205,8 @@ class Chain:
         self.body_refused = 0
         self.ratelimit = KeyedRateLimiter(spec.ratelimit) if spec.ratelimit is not None else None
         self._key = key_function(spec.ratelimit) if spec.ratelimit is not None else None
+        # The default key, the client address, without a call per request.
+        self._key_is_ip = spec.ratelimit is not None and spec.ratelimit.key == "ip"
         self.concurrency = ConcurrencyLimiter(spec.concurrency, clock) if spec.concurrency is not None else None
         self.breaker = CircuitBreaker(spec.breaker) if spec.breaker is not None else None
         self.fallbacks = 0
@@ -241,7 +243,7 @@ class Chain:
                 auth_wait = checked
         limiter = self.ratelimit
         if limiter is not None:
-            wait = limiter.allow(self._key(head, client_ip), now)  # type: ignore[misc]
+            wait = limiter.allow(client_ip if self._key_is_ip else self._key(head, client_ip), now)  # type: ignore[misc]
             if wait:
                 _count(gateway, self.pool.name, head, 429)
                 side.refuse(429, f"rate limit of service {self.pool.name!r} exceeded", close, limiter.refusal_fields(wait))

@@ -64,6 +64,9 @@ class KeyedRateLimiter:
         # A bucket idle this long is full again: forgetting it changes nothing.
         self.idle_expiry = spec.burst / spec.rate
         self._buckets: OrderedDict[bytes, TokenBucket] = OrderedDict()
+        # No bucket can have expired before this time (never later than the oldest bucket's expiry: a used bucket
+        # only moves that expiry later), so most requests skip the look at the oldest bucket.
+        self._sweep_at = math.inf
         self.limited = 0
         self.evicted = 0
         # RateLimit-Policy (draft-ietf-httpapi-ratelimit-headers): the quota as the label states it.
@@ -77,8 +80,8 @@ class KeyedRateLimiter:
     def allow(self, key: bytes, now: float) -> float:
         """0.0 when the request may go (one token taken); else the seconds until the key's next token."""
         buckets = self._buckets
-        # Runs per request: the expiry scan only when the oldest bucket is due, TokenBucket.take inlined.
-        if buckets and next(iter(buckets.values())).stamp <= now - self.idle_expiry:
+        # Runs per request: the expiry scan only when the oldest bucket may be due, TokenBucket.take inlined.
+        if now >= self._sweep_at:
             self._expire(now)
         bucket = buckets.get(key)
         if bucket is None:
@@ -86,6 +89,8 @@ class KeyedRateLimiter:
                 buckets.popitem(last=False)
                 self.evicted += 1
             bucket = buckets[key] = TokenBucket(self.burst, now)
+            if len(buckets) == 1:
+                self._sweep_at = now + self.idle_expiry
         else:
             buckets.move_to_end(key)
         tokens = bucket.tokens
@@ -106,8 +111,10 @@ class KeyedRateLimiter:
         while buckets:
             key, oldest = next(iter(buckets.items()))
             if oldest.stamp > horizon:
+                self._sweep_at = oldest.stamp + self.idle_expiry
                 return
             del buckets[key]
+        self._sweep_at = math.inf
 
     def refusal_fields(self, wait: float) -> bytes:
         """Retry-After and the draft's RateLimit fields of a 429 (whole seconds, rounded up, at least 1)."""

@@ -433,3 +433,18 @@ def test_task_inspect_is_plain_json(name: str) -> None:
     for task in tasks:
         json.dumps(task_inspect(service, task, NODE_ADDRESSES))
     assert dataclasses.is_dataclass(task_view(service, tasks[0]))
+
+
+def test_a_paused_task_container_is_out_of_rotation_until_unpaused() -> None:
+    track, sink = tracker()
+    service, tasks = load("host_update_04")
+    track.apply_full(track.next_seq(), [service], tasks, NODES)
+    sink.take()
+    old = by_task(service, tasks, "running", "running")
+    assert track.container_event(kill_event(old, action="pause", signal=None)) == service["ID"]
+    assert sink.take() == [("mark_down", old["ID"], None)]
+    track.apply_service(track.next_seq(), service["ID"], service, tasks)
+    assert sink.take() == []  # the listing still says running: it stays down
+    assert track.container_event(kill_event(old, action="unpause", signal=None)) == service["ID"]
+    track.apply_service(track.next_seq(), service["ID"], service, tasks)
+    assert summary(sink.take()) == [("apply", old["ID"][:5], True)]

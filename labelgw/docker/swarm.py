@@ -333,6 +333,8 @@ class SwarmTracker:
     _services: dict[str, _ServiceState] = field(default_factory=dict)
     # Task id -> its service id: tasks whose container was killed, stopped or died (a task never runs twice).
     _down: dict[str, str] = field(default_factory=dict)
+    # Task id -> its service id: tasks whose container is paused.
+    _paused: dict[str, str] = field(default_factory=dict)
     _nodes: dict[str, str] = field(default_factory=dict)
 
     _log = Logger()
@@ -375,9 +377,10 @@ class SwarmTracker:
             if state.gone and state.applied_seq <= seq:
                 del self._services[service_id]  # this listing is newer than the removal: no tombstone needed
         live_tasks = {str(task.get("ID") or "") for task in tasks}
-        for task_id in list(self._down):
-            if task_id not in live_tasks:
-                del self._down[task_id]
+        for owners in (self._down, self._paused):
+            for task_id in list(owners):
+                if task_id not in live_tasks:
+                    del owners[task_id]
         rejected = sum(1 for outcome in self._delivered.values() if isinstance(outcome, Rejection))
         return PollSummary(
             services=len(listed), routed=len(self._delivered) - rejected, rejected=rejected, changed=changed
@@ -410,7 +413,9 @@ class SwarmTracker:
         if service is None:
             outcomes: dict[str, Outcome] = {}
         else:
-            down = frozenset(task for task, owner in self._down.items() if owner == service_id)
+            down = frozenset(
+                task for owners in (self._down, self._paused) for task, owner in owners.items() if owner == service_id
+            )
             outcomes = service_outcomes(
                 service, tasks, self._nodes, self.parse,
                 prefix=self.prefix, pinned_env=self.pinned_env, own_networks=self.own_networks, down=down,
@@ -423,8 +428,9 @@ class SwarmTracker:
         state.settling = service is not None and _settling(service, tasks)
         changed = self._deliver(state, outcomes)
         if service is None:
-            for task_id in [task for task, owner in self._down.items() if owner == service_id]:
-                del self._down[task_id]
+            for owners in (self._down, self._paused):
+                for task_id in [task for task, owner in owners.items() if owner == service_id]:
+                    del owners[task_id]
         return changed
 
     def _deliver(self, state: _ServiceState, outcomes: Mapping[str, Outcome]) -> bool:
@@ -464,11 +470,15 @@ class SwarmTracker:
                 sent = signal_number(attributes.get("signal"))
                 if sent is not None and sent not in TERMINATING_SIGNALS:
                     return None  # HUP, USR1 ...: a reload, not a stop
-            if verb != "pause":
+            if verb == "pause":
+                self._paused[task_id] = service_id  # Swarm still calls the task running
+            else:
                 self._down[task_id] = service_id
             self._leave_rotation(task_id)
             return service_id
         if verb in _TASK_START_ACTIONS:
+            if verb == "unpause":
+                self._paused.pop(task_id, None)
             return service_id
         return None
 

@@ -341,3 +341,32 @@ def test_the_app_makes_a_swarm_watcher_in_swarm_mode() -> None:
     swarm = _make_watcher(config.build({"swarm": True, "swarm_poll": "0.25"}), reactor, Sink())  # type: ignore[arg-type]
     assert isinstance(swarm, SwarmWatcher) and swarm.poll_interval == 0.25
     assert isinstance(_make_watcher(config.build({}), reactor, Sink()), DockerWatcher)  # type: ignore[arg-type]
+
+
+def test_a_bug_while_applying_a_listing_is_logged_and_the_next_poll_runs() -> None:
+    engine = Engine()
+    engine.show("host_steady")
+    watcher, sink, reactor, _ = make(engine)
+    broken = {"on": True}
+    real = watcher.tracker
+
+    class Buggy:
+        def apply_full(self, *args: Any, **kwargs: Any) -> Any:
+            if broken["on"]:
+                raise RuntimeError("tracker bug")
+            return real.apply_full(*args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    watcher.tracker = Buggy()  # type: ignore[assignment]
+    events, stop = captured_logs()
+    try:
+        watcher.startService()
+        assert any("applying a swarm listing failed" in text for text in texts(events, LogLevel.critical))
+        broken["on"] = False
+        reactor.advance(1.0)
+        assert sink.routes
+    finally:
+        stop()
+        watcher.stopService()

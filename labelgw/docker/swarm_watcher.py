@@ -273,8 +273,10 @@ class SwarmWatcher(Service):
             self._log.info("swarm services listed again at {engine}", engine=self.engine_url)
             self.swarm_problem = None
 
-    def _poll_done(self, _: object) -> None:
+    def _poll_done(self, result: object) -> None:
         self._poll_running = False
+        if isinstance(result, Failure):
+            self._log.failure("applying a swarm listing failed", result)
         if self._poll_again and not self._stopping:
             self.poll()
 
@@ -319,8 +321,10 @@ class SwarmWatcher(Service):
         if self.tracker.apply_service(seq, service_id, service, tasks, nodes):
             self._log.debug("swarm service {service} listed again", service=service_id[:12])
 
-    def _service_done(self, _: object, service_id: str) -> None:
+    def _service_done(self, result: object, service_id: str) -> None:
         self._service_inflight.discard(service_id)
+        if isinstance(result, Failure):
+            self._log.failure("applying the listing of swarm service {service} failed", result, service=service_id[:12])
         if self._stopping:
             return
         if service_id in self._service_again:

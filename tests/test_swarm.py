@@ -1,5 +1,5 @@
 """labelgw.docker.swarm, pure: service + tasks -> specs, on `docker service inspect` / task / node JSON captured from
-the private test engine (tests/data/swarm/, written by tests/support/swarm.py's capture; a single-node swarm on
+the private test engine (tests/data/swarm/, see its README.md; a single-node swarm on
 loopback). Overlay addresses in that data are only parsed, never connected to."""
 
 from __future__ import annotations

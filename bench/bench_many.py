@@ -362,11 +362,17 @@ class StartEvents:
             pass
 
 
-def labelgw_process(prefix: Path, name: str, port: int, admin_port: int, engine_url: str, config: str) -> Managed:
+def labelgw_process(
+    prefix: Path, name: str, port: int, admin_port: int, engine_url: str, config: str, *, debug: bool = False
+) -> Managed:
+    """`debug`: LABELGW_DEBUG=1, so that the log keeps the debug lines (a periodic resync that changed nothing
+    is one)."""
     folder = prefix / name
     folder.mkdir(exist_ok=True)
     (folder / "labelgw.yaml").write_text(config)
     env = dict(os.environ)
+    if debug:
+        env["LABELGW_DEBUG"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.pop("DOCKER_HOST", None)
     argv = [
@@ -577,8 +583,9 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
 
         print(f"resync: a second labelgw with resync_interval {args.resync_interval:g} s")
         port2, admin2 = free_port(), free_port()
+        # Debug lines kept: a periodic resync that changed nothing (all of them here) logs at debug level.
         second = labelgw_process(prefix, "labelgw-resync", port2, admin2, engine.url,
-                                 labelgw_config(backend_ports, args.resync_interval))
+                                 labelgw_config(backend_ports, args.resync_interval), debug=True)
         second.start()
         started.append(second)
         if wait_for(lambda: get_status(port2, WEB_HOST) == 200, 30, 0.2) is None:

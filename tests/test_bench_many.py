@@ -83,3 +83,10 @@ def test_arguments_are_bounded() -> None:
         bench_many.parse_args(["--containers", "0"])
     with pytest.raises(SystemExit):
         bench_many.parse_args(["--resync-interval", "0.5"])
+
+
+def test_the_resync_labelgw_keeps_debug_lines_so_periodic_resyncs_are_logged(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    quiet = bench_many.labelgw_process(tmp_path, "a", 1, 2, "unix:///x.sock", "docker: true\n")
+    loud = bench_many.labelgw_process(tmp_path, "b", 1, 2, "unix:///x.sock", "docker: true\n", debug=True)
+    assert "LABELGW_DEBUG" not in quiet.env or quiet.env["LABELGW_DEBUG"] in ("", "0")
+    assert loud.env["LABELGW_DEBUG"] == "1"

@@ -174,6 +174,17 @@ class LabelgwService(MultiService):
 
 
 def _make_watcher(settings: Settings, reactor: Any, registry: Registry) -> Any:
+    if settings.swarm:
+        from labelgw.docker.swarm_watcher import SwarmWatcher
+
+        return SwarmWatcher(
+            reactor=reactor,
+            sink=registry,
+            docker_host=settings.docker_host,
+            prefix=settings.label_prefix,
+            pinned_env=settings.env,
+            poll_interval=settings.swarm_poll,
+        )
     from labelgw.docker.watcher import DockerWatcher
 
     return DockerWatcher(

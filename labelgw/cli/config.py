@@ -109,6 +109,10 @@ class Settings:
     debug_headers: bool = False
     # --trusted-proxies: CIDR networks whose X-Forwarded-For labelgw believes (labelgw.middleware.access).
     trusted_proxies: tuple[str, ...] = ()
+    # --swarm: the labelled Swarm services of the manager, instead of containers (labelgw.docker.swarm_watcher);
+    # --swarm-poll: seconds between two listings of their tasks.
+    swarm: bool = False
+    swarm_poll: float = 1.0
 
 
 # The one place the defaults are written: `build` fills what neither the command line nor the file sets from it.
@@ -144,6 +148,7 @@ _FILE_KEYS |= {"canary_window"}
 _FILE_KEYS |= {"metrics"}
 _FILE_KEYS |= {"access_log", "access_log_file", "debug_headers"}
 _FILE_KEYS |= {"trusted_proxies"}
+_FILE_KEYS |= {"swarm", "swarm_poll"}
 
 
 def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Settings:
@@ -212,7 +217,15 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
     if not isinstance(metrics, bool):
         raise ConfigError("metrics: must be true or false")
 
+    swarm = pick("swarm")
+    if swarm is None:
+        swarm = DEFAULTS.swarm
+    if not isinstance(swarm, bool):
+        raise ConfigError("swarm: must be true or false")
+
     return Settings(
+        swarm=swarm,
+        swarm_poll=_positive_number("swarm_poll", DEFAULTS.swarm_poll if pick("swarm_poll") is None else pick("swarm_poll")),
         trusted_proxies=_trusted_proxies(pick("trusted_proxies")),
         metrics=metrics,
         http=tuple(http),

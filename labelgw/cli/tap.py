@@ -37,11 +37,15 @@ class Options(usage.Options):
          f"Request header that pins a request to one version [default: {_DEFAULTS.version_header}]"],
         ["access-log", None, None, f"Access log format: common, json or off [default: {_DEFAULTS.access_log}]"],
         ["access-log-file", None, None, "Write the access log to this file (reopened on SIGUSR1) [default: standard output]"],
+        ["swarm-poll", None, None, "With --swarm: seconds between two listings of the services' tasks (the engine "
+         f"sends no task events) [default: {_DEFAULTS.swarm_poll:g}]"],
     ]
     optFlags = [
         ["tls-strict", None, "Refuse TLS handshakes for unknown names instead of serving the default certificate"],
         ["redirect-https", None, "Answer every plain-HTTP request with a 308 redirect to HTTPS"],
         ["debug-headers", None, "Add response headers naming the service, version and backend that answered"],
+        ["swarm", None, "Route the labelled Docker Swarm services of this manager (their deploy.labels) instead of "
+         "containers"],
     ]
 
     def __init__(self) -> None:
@@ -120,6 +124,8 @@ def settings_from_options(options: Any) -> config.Settings:
         "access_log_file": options["access-log-file"],
         "debug_headers": True if options["debug-headers"] else None,
         "trusted_proxies": list(options["trusted-proxies"]),
+        "swarm": True if options["swarm"] else None,
+        "swarm_poll": options["swarm-poll"],
     }
     settings = config.build(cli, file)
     _check_endpoints(settings.http)

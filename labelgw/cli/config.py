@@ -13,6 +13,7 @@ from labelgw.core.model import (
     DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, BalancerName, ContainerSpec, HashKey, HealthCheck,
 )
 from labelgw.core.registry import STATIC_PREFIX
+from labelgw.registration.settings import FILE_KEYS as _REGISTRY_KEYS, RegistrySettings, SettingsError, registry_settings
 from labelgw.core.middleware import (
     MIDDLEWARE_LABELS, MiddlewareLabelError, MiddlewareSpec, is_middleware_label, parse_middleware,
 )
@@ -108,6 +109,8 @@ class Settings:
     debug_headers: bool = False
     # --trusted-proxies: CIDR networks whose X-Forwarded-For labelgw believes (labelgw.middleware.access).
     trusted_proxies: tuple[str, ...] = ()
+    # The registration API and its registry (labelgw.registration): off unless --registry-api or --registry.
+    registration: RegistrySettings = field(default_factory=RegistrySettings)
 
 
 # The one place the defaults are written: `build` fills what neither the command line nor the file sets from it.
@@ -143,6 +146,7 @@ _FILE_KEYS |= {"canary_window"}
 _FILE_KEYS |= {"metrics"}
 _FILE_KEYS |= {"access_log", "access_log_file", "debug_headers"}
 _FILE_KEYS |= {"trusted_proxies"}
+_FILE_KEYS |= _REGISTRY_KEYS
 
 
 def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Settings:
@@ -211,7 +215,13 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
     if not isinstance(metrics, bool):
         raise ConfigError("metrics: must be true or false")
 
+    try:
+        registration = registry_settings(pick)
+    except SettingsError as error:
+        raise ConfigError(str(error)) from None
+
     return Settings(
+        registration=registration,
         trusted_proxies=_trusted_proxies(pick("trusted_proxies")),
         metrics=metrics,
         http=tuple(http),

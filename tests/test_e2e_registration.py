@@ -161,3 +161,59 @@ def test_a_restart_keeps_a_live_registration(world: World) -> None:
     assert [entry["instance"] for entry in services["live"]] == ["l-1"] and "dead" not in services
     assert world.client.heartbeat("live", "l-1").status == 200
     assert world.client.deregister("live", "l-1").status == 200
+
+
+def _register_command(world: World, *args: str) -> "subprocess.Popen[bytes]":
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "labelgw", "register", "--api", f"http://{LOOPBACK}:{world.api_port}",
+         "--token-file", str(world.base / "token"), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
+def test_register_command_as_a_sidecar(world: World) -> None:
+    import signal
+
+    alpha = world.backends["alpha"]  # type: ignore[attr-defined]
+    client = _register_command(
+        world, "--service", "side", "--id", "s-1", "--port", str(alpha), "--host", "side.test", "--ttl", "1.5",
+    )
+    try:
+        wait_until(lambda: world.routed("side.test") == "alpha", 10, what="side.test routed")
+        time.sleep(3.5)  # more than two TTLs: heartbeats keep it
+        assert world.routed("side.test") == "alpha"
+        client.send_signal(signal.SIGTERM)
+        assert client.wait(10) == 0
+        assert world.routed("side.test") is None  # deregistered at once, not after the TTL
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    output = client.stdout.read().decode() if client.stdout else ""
+    assert "registered side/s-1" in output and "deregistered side/s-1" in output
+
+
+def test_register_command_as_a_wrapper(world: World) -> None:
+    import signal
+    import sys
+
+    port = free_port()
+    client = _register_command(
+        world, "--service", "wrap", "--id", "w-1", "--port", str(port), "--host", "wrap.test", "--",
+        sys.executable, "-m", "labelgw.tools.whoami", "--host", LOOPBACK, "--port", str(port), "--name", "wrapped",
+    )
+    try:
+        wait_until(lambda: world.routed("wrap.test") == "wrapped", 20, what="wrap.test routed to the wrapped command")
+        client.send_signal(signal.SIGINT)
+        client.wait(20)
+        assert world.routed("wrap.test") is None
+        from support import port_accepts
+
+        assert not port_accepts(port)  # the wrapped command was stopped too
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()

@@ -432,3 +432,27 @@ def test_etcd_settings() -> None:
     for bad in ("etcd://", "etcd://host", "consul://x:1", "etcd://h:99999"):
         with pytest.raises(config.ConfigError, match="--registry"):
             config.build({"registry": bad})
+
+
+# --- python -m labelgw register ------------------------------------------------------------------------------
+
+
+def test_register_command_builds_the_body_the_api_checks() -> None:
+    from labelgw.registration.client import build_body, parse_args
+
+    options, command = parse_args([
+        "--service", "shop", "--id", "shop-1", "--port", "9000", "--host", "shop.test", "--host", "www.shop.test",
+        "--version", "v2", "--weight", "2", "--health-path", "/health", "--health-interval", "500ms", "--tag", "eu",
+        "--label", "ratelimit=10/s", "--ttl", "12", "--", "sleep", "1",
+    ])
+    assert command == ["sleep", "1"]
+    document = build_body(options)
+    assert document == {
+        "address": "127.0.0.1", "port": 9000, "ttl": 12.0, "version": "v2", "weight": 2.0,
+        "hosts": ["shop.test", "www.shop.test"], "health": {"path": "/health", "interval": "500ms"},
+        "tags": ["eu"], "labels": {"ratelimit": "10/s"},
+    }
+    registration = parse_registration("shop", "shop-1", document)
+    assert registration.spec.hosts == ("shop.test", "www.shop.test") and registration.spec.middleware is not None
+    with pytest.raises(SystemExit):
+        parse_args(["--service", "s", "--id", "i", "--port", "1", "--ttl", "3", "--interval", "5"])

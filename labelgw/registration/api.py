@@ -93,7 +93,7 @@ class RegistrationApi:
         if len(parts) == 3 or (len(parts) == 4 and parts[3] == ""):
             if method not in (b"GET", b"HEAD"):
                 return _error(405, "use GET /v1/services")
-            return 200, self.backend.listing()
+            return self._call(self.backend.listing, lambda listing: (200, listing), "", "")
         if len(parts) not in (6, 7) or parts[4] != "instances" or (len(parts) == 7 and parts[6] != "heartbeat"):
             return _error(404, "no such resource; use /v1/services/<service>/instances/<instance-id>[/heartbeat]")
         try:

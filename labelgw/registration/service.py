@@ -40,7 +40,7 @@ class RegistrationService(Service):
         if settings.etcd is not None:
             from labelgw.registration.etcd import EtcdRegistry
 
-            self.backend = EtcdRegistry(  # type: ignore[assignment]
+            self.backend = EtcdRegistry(
                 self.source, reactor, settings.etcd, prefix=prefix, pinned_env=pinned_env
             )
         else:

@@ -545,6 +545,8 @@ class EtcdRegistry:
         for event in result.get("events") or []:
             kv = event.get("kv") or {}
             revision = int(kv.get("mod_revision", 0) or 0)
+            if revision <= self._revision:
+                continue  # already seen (a list or an earlier stream covered it): the watch never goes back
             if event.get("type") == "DELETE":
                 self._apply_delete(kv, revision)
             else:

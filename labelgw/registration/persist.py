@@ -97,11 +97,14 @@ class StateFile:
         self._writing: Deferred[None] | None = None
         self._dirty = False
         self.writes = 0
+        # The last write's duration: writes are spaced by at least twice that, so that a big registry under a
+        # stream of registrations spends at most a third of its time saving.
+        self._last_duration = 0.0
 
     def changed(self, urgent: bool) -> None:
         """Something to save: within `soon` seconds if `urgent`, else within `later`."""
         self._dirty = True
-        delay = self._soon if urgent else self._later
+        delay = max(self._soon if urgent else self._later, 2 * self._last_duration)
         at = self._reactor.seconds() + delay
         if self._timer is not None and self._timer.active():
             if self._timer_at <= at:
@@ -124,6 +127,7 @@ class StateFile:
         def done(_: object) -> None:
             self._writing = None
             self.writes += 1
+            self._last_duration = self._reactor.seconds() - saved_at
 
         def failed(failure: Any) -> None:
             self._writing = None

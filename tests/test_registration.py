@@ -456,3 +456,26 @@ def test_register_command_builds_the_body_the_api_checks() -> None:
     assert registration.spec.hosts == ("shop.test", "www.shop.test") and registration.spec.middleware is not None
     with pytest.raises(SystemExit):
         parse_args(["--service", "s", "--id", "i", "--port", "1", "--ttl", "3", "--interval", "5"])
+
+
+# --- the admin view ------------------------------------------------------------------------------------------
+
+
+def test_admin_view_lists_registered_instances_and_the_registry() -> None:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from labelgw.control.admin import AdminResource
+
+    setup = Setup()
+    setup.put("web", "i1", body(tags=["blue"], version="v1"))
+    resource = AdminResource(
+        setup.registry, setup.clock.seconds, registrations=lambda: {"registry": "embedded", "instances": 1}
+    )
+    request = DummyRequest([b""])
+    view = json.loads(resource.render(request))
+    assert view["registrations"] == {"registry": "embedded", "instances": 1}
+    [backend] = view["services"]["web"]["backends"]
+    assert backend["id"] == "registered:web/i1" and backend["container"] == "web/i1"
+    # Without a registry, the view has no such key.
+    plain = json.loads(AdminResource(setup.registry, setup.clock.seconds).render(DummyRequest([b""])))
+    assert "registrations" not in plain

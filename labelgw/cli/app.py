@@ -89,6 +89,7 @@ class LabelgwService(MultiService):
                 self.registry, reactor.seconds, self.health.describe, settings.admin_hosts, explainer, serving,
                 canary=self.gateway.canary, metrics=self._metrics_page(),
                 ca_certificate=lambda: self.https.ca.cert_pem if self.https.ca is not None else None,
+                registrations=self._registrations_view if settings.registration.enabled else None,
             )
             admin = self.admin = AdminListener(reactor, settings.admin, site, "http")
             admin.setServiceParent(self)
@@ -124,6 +125,9 @@ class LabelgwService(MultiService):
         )
         registry = metrics.metrics_registry([collector])
         return lambda: metrics.render(registry)
+
+    def _registrations_view(self) -> Any:
+        return self.registration.summary() if self.registration is not None else None
 
     def _backend_state_changed(self, pool: ServicePool, backend: Backend) -> None:
         self.registry.backend_state_changed(pool, backend)

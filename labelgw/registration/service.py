@@ -52,6 +52,19 @@ class RegistrationService(Service):
         if settings.api is not None:
             self.listener = ApiListener(reactor, settings.api, ApiFactory(self.api, reactor), "http")
 
+    def summary(self) -> dict[str, Any]:
+        """For the admin view: which registry, how many instances, where the API listens, etcd's state."""
+        view: dict[str, Any] = {
+            "registry": self.backend.name,
+            "instances": len(self.source.applied),
+            "api": self.listener.url if self.listener is not None and self.listener.port is not None else None,
+        }
+        etcd = getattr(self.backend, "available", None)
+        if etcd is not None:
+            backend: Any = self.backend
+            view["etcd"] = {"available": backend.available, "watching": backend.watching, "resyncs": backend.resyncs}
+        return view
+
     def startService(self) -> None:
         Service.startService(self)
         self.backend.start()

@@ -3,7 +3,7 @@ directory keeping them across a restart (`labelgw.registration.persist`)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -151,13 +151,16 @@ class EmbeddedRegistry:
         if self.state is not None:
             self.state.changed(urgent)
 
-    def _snapshot(self) -> list[Record]:
-        records: list[Record] = []
-        for key, registration in self.registrations.items():
-            expires = self.leases.expires(key)
-            if expires is not None:
-                records.append((registration.service, registration.instance, registration.body, expires, registration.ttl))
-        return records
+    def _snapshot(self) -> Iterable[Record]:
+        """Two shallow copies on the reactor; the records are read from them in the writer's thread (a lease's expiry
+        read there may be a heartbeat older or newer: either is a valid expiry)."""
+        registrations = list(self.registrations.items())
+        leases = self.leases.snapshot()
+        return (
+            (registration.record, lease.expires)
+            for key, registration in registrations
+            if (lease := leases.get(key)) is not None
+        )
 
     def _restore(self, path: str) -> None:
         """Registrations of the last run whose leases have time left (blocking read, once, at start)."""

@@ -73,6 +73,10 @@ class LeaseBook:
         lease = self._leases.get(key)
         return None if lease is None else lease.ttl
 
+    def snapshot(self) -> "dict[str, _Lease]":
+        """The leases as they are now (a shallow copy, cheap: a save reads their expiries from another thread)."""
+        return dict(self._leases)
+
     def stop(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()

@@ -89,6 +89,9 @@ class Registration:
     body: Mapping[str, Any] = field(compare=False)
     spec: ContainerSpec
     tags: tuple[str, ...] = ()
+    # The persisted form, a JSON object without its closing brace (the state file adds the lease's expiry):
+    # encoded once here, not at every save.
+    record: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -190,7 +193,10 @@ def parse_registration(
     spec = _replace_options(outcome, tuple(sorted(options)))
     canonical = dict(body)
     canonical["ttl"] = ttl
-    return Registration(service, instance, ttl, canonical, spec, tags)
+    record = json.dumps(
+        {"service": service, "instance": instance, "ttl": ttl, "body": canonical}, separators=(",", ":")
+    ).encode("utf-8")[:-1]
+    return Registration(service, instance, ttl, canonical, spec, tags, record)
 
 
 def _replace_options(spec: ContainerSpec, options: tuple[tuple[str, str], ...]) -> ContainerSpec:

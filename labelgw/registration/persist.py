@@ -21,8 +21,8 @@ from twisted.logger import Logger
 __all__ = ["FORMAT_VERSION", "StateFile", "Record"]
 
 FORMAT_VERSION = 1
-# (service, instance, body, lease expiry in clock seconds, ttl)
-Record = tuple[str, str, Any, float, float]
+# (the registration as a JSON object without its closing brace: `Registration.record`, lease expiry in clock seconds)
+Record = tuple[bytes, float]
 RunInThread = Callable[[Callable[[], None]], "Deferred[None]"]
 
 
@@ -33,21 +33,16 @@ def _thread_runner(reactor: Any) -> RunInThread:
 
 
 def write_records(path: str, records: Iterable[Record], saved_at: float) -> None:
-    """Encode and replace `path` atomically (blocking)."""
-    document = {
-        "version": FORMAT_VERSION,
-        "saved_at": saved_at,
-        "registrations": [
-            {"service": service, "instance": instance, "expires": expires, "ttl": ttl, "body": body}
-            for service, instance, body, expires, ttl in records
-        ],
-    }
+    """Encode and replace `path` atomically (blocking). Each record was encoded once, when it was registered: only
+    its expiry is formatted here (a JSON encoder over a hundred thousand bodies would hold the GIL for seconds)."""
+    head = b'{"version":%d,"saved_at":%r,"registrations":[' % (FORMAT_VERSION, saved_at)
+    data = head + b",".join(b'%s,"expires":%r}' % (record, expires) for record, expires in records) + b"]}"
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, mode=0o700, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".registrations.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(document, out, separators=(",", ":"))
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
@@ -81,7 +76,7 @@ class StateFile:
         self,
         path: str,
         reactor: Any,
-        snapshot: Callable[[], Sequence[Record]],
+        snapshot: Callable[[], Iterable[Record]],
         run_in_thread: RunInThread | None = None,
         soon: float = 0.2,
         later: float = 5.0,
@@ -120,7 +115,7 @@ class StateFile:
             self.changed(urgent=True)  # one write at a time: again once this one is done
             return
         self._dirty = False
-        records = list(self._snapshot())
+        records = self._snapshot()  # consumed in the thread
         saved_at = self._reactor.seconds()
         writing = self._writing = self._run(lambda: write_records(self.path, records, saved_at))
 
@@ -149,7 +144,7 @@ class StateFile:
                 return
             self._dirty = False
             try:
-                write_records(self.path, list(self._snapshot()), self._reactor.seconds())
+                write_records(self.path, self._snapshot(), self._reactor.seconds())
             except OSError as error:
                 self._log.error("could not save the registrations to {path}: {error}", path=self.path, error=error)
 

@@ -270,6 +270,8 @@ class ApiProtocol(Protocol):
 
 
 class ApiFactory(Factory):
+    noisy = False  # no "Starting factory" line in the log
+
     def __init__(self, api: RegistrationApi, clock: Any) -> None:
         self.api = api
         self.clock = clock

@@ -479,3 +479,17 @@ def test_admin_view_lists_registered_instances_and_the_registry() -> None:
     # Without a registry, the view has no such key.
     plain = json.loads(AdminResource(setup.registry, setup.clock.seconds).render(DummyRequest([b""])))
     assert "registrations" not in plain
+
+
+def test_a_big_registry_is_saved_in_slices(tmp_path: Any) -> None:
+    from labelgw.registration import persist
+
+    path = str(tmp_path / "registrations.json")
+    setup = Setup(path)
+    count = persist.CHUNK * 2 + 7
+    for index in range(count):
+        setup.embedded.register(parse_registration(f"s{index // 100}", f"i{index}", json.loads(body(port=20000 + index % 1000))))
+    setup.clock.advance(0.2)
+    records = read_records(path)
+    assert len(records) == count and records[-1]["expires"] == 1030.0
+    assert {record["instance"] for record in records} == {f"i{index}" for index in range(count)}

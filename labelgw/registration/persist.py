@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from itertools import islice
 from typing import Any, Callable, Iterable, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -21,6 +22,8 @@ from twisted.logger import Logger
 __all__ = ["FORMAT_VERSION", "StateFile", "Record"]
 
 FORMAT_VERSION = 1
+# Records encoded per reactor turn while saving (about a millisecond).
+CHUNK = 2000
 # (the registration as a JSON object without its closing brace: `Registration.record`, lease expiry in clock seconds)
 Record = tuple[bytes, float]
 RunInThread = Callable[[Callable[[], None]], "Deferred[None]"]
@@ -32,11 +35,23 @@ def _thread_runner(reactor: Any) -> RunInThread:
     return lambda work: deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
 
-def write_records(path: str, records: Iterable[Record], saved_at: float) -> None:
-    """Encode and replace `path` atomically (blocking). Each record was encoded once, when it was registered: only
-    its expiry is formatted here (a JSON encoder over a hundred thousand bodies would hold the GIL for seconds)."""
+def encode_record(record: bytes, expires: float) -> bytes:
+    return b'%s,"expires":%r}' % (record, expires)
+
+
+def encode_document(parts: list[bytes], saved_at: float) -> bytes:
     head = b'{"version":%d,"saved_at":%r,"registrations":[' % (FORMAT_VERSION, saved_at)
-    data = head + b",".join(b'%s,"expires":%r}' % (record, expires) for record, expires in records) + b"]}"
+    return head + b",".join(parts) + b"]}"
+
+
+def write_records(path: str, records: Iterable[Record], saved_at: float) -> None:
+    """Encode and replace `path` atomically (blocking: at stop)."""
+    write_bytes(path, encode_document([encode_record(record, expires) for record, expires in records], saved_at))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Replace `path` with `data` atomically (blocking; the writer thread's part: no Python-level loop that would
+    hold the GIL against the reactor)."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, mode=0o700, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".registrations.", suffix=".tmp", dir=folder)
@@ -115,9 +130,28 @@ class StateFile:
             self.changed(urgent=True)  # one write at a time: again once this one is done
             return
         self._dirty = False
-        records = self._snapshot()  # consumed in the thread
+        # Each record was encoded when it was registered; only its expiry is formatted here, on the reactor in
+        # slices of CHUNK records (a thread looping in Python would hold the GIL against the reactor for its whole
+        # run); the file is written in a thread.
+        records = iter(self._snapshot())
         saved_at = self._reactor.seconds()
-        writing = self._writing = self._run(lambda: write_records(self.path, records, saved_at))
+        parts: list[bytes] = []
+        writing = self._writing = Deferred()
+
+        def step() -> None:
+            try:
+                before = len(parts)
+                parts.extend(encode_record(record, expires) for record, expires in islice(records, CHUNK))
+                if len(parts) - before == CHUNK:
+                    self._reactor.callLater(0, step)
+                    return
+                data = encode_document(parts, saved_at)
+            except Exception:
+                writing.errback()
+                return
+            self._run(lambda: write_bytes(self.path, data)).chainDeferred(writing)
+
+        step()
 
         def done(_: object) -> None:
             self._writing = None

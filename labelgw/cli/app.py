@@ -89,10 +89,19 @@ class LabelgwService(MultiService):
                 self.registry, reactor.seconds, self.health.describe, settings.admin_hosts, explainer, serving,
                 canary=self.gateway.canary, metrics=self._metrics_page(),
                 ca_certificate=lambda: self.https.ca.cert_pem if self.https.ca is not None else None,
+                registrations=self._registrations_view if settings.registration.enabled else None,
             )
             admin = self.admin = AdminListener(reactor, settings.admin, site, "http")
             admin.setServiceParent(self)
             self.listeners.append(admin)
+        # Registered instances (labelgw.registration): the API listener and the embedded or etcd registry.
+        self.registration: Any = None
+        if settings.registration.enabled:
+            self.registration = _make_registration(settings, reactor, self.registry)
+            self.registration.setServiceParent(self)
+            if self.registration.listener is not None:
+                self.registration.listener.setServiceParent(self)
+                self.listeners.append(self.registration.listener)
         # The access log (--access-log, --access-log-file; SIGUSR1 reopens the file) and --debug-headers.
         self.access_log = AccessLogService(settings, reactor, self.gateway)
         self.access_log.setServiceParent(self)
@@ -116,6 +125,9 @@ class LabelgwService(MultiService):
         )
         registry = metrics.metrics_registry([collector])
         return lambda: metrics.render(registry)
+
+    def _registrations_view(self) -> Any:
+        return self.registration.summary() if self.registration is not None else None
 
     def _backend_state_changed(self, pool: ServicePool, backend: Backend) -> None:
         self.registry.backend_state_changed(pool, backend)
@@ -166,11 +178,24 @@ class LabelgwService(MultiService):
         stopped.addCallback(drain)
         stopped.addCallback(lambda _: self.admin.stopService() if self.admin is not None else None)
         stopped.addCallback(stop_watcher)
+        stopped.addCallback(
+            lambda _: self.registration.stopService() if self.registration is not None and self.registration.running else None
+        )
         stopped.addCallback(lambda _: self.https.stopService() if self.https.running else None)
         stopped.addCallback(self._stop_balancing)
         stopped.addCallback(lambda _: self.access_log.stopService() if self.access_log.running else None)
         stopped.addErrback(lambda failure: self._log.failure("while stopping", failure))
         return stopped
+
+
+def _make_registration(settings: Settings, reactor: Any, registry: Registry) -> Any:
+    from labelgw.registration.service import RegistrationService
+    from labelgw.tls.ca import default_state_dir
+
+    state_dir = settings.state_dir or str(default_state_dir())
+    return RegistrationService(
+        settings.registration, reactor, registry, state_dir, prefix=settings.label_prefix, pinned_env=settings.env
+    )
 
 
 def _make_watcher(settings: Settings, reactor: Any, registry: Registry) -> Any:

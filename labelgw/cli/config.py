@@ -13,6 +13,7 @@ from labelgw.core.model import (
     DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, BalancerName, ContainerSpec, HashKey, HealthCheck,
 )
 from labelgw.core.registry import STATIC_PREFIX
+from labelgw.registration.settings import FILE_KEYS as _REGISTRY_KEYS, RegistrySettings, SettingsError, registry_settings
 from labelgw.core.middleware import (
     MIDDLEWARE_LABELS, PLUGIN_LABEL_PREFIX, MiddlewareLabelError, MiddlewareSpec, is_middleware_label,
     parse_middleware,
@@ -113,6 +114,8 @@ class Settings:
     # --swarm-poll: seconds between two listings of their tasks.
     swarm: bool = False
     swarm_poll: float = 1.0
+    # The registration API and its registry (labelgw.registration): off unless --registry-api or --registry.
+    registration: RegistrySettings = field(default_factory=RegistrySettings)
 
 
 # The one place the defaults are written: `build` fills what neither the command line nor the file sets from it.
@@ -149,6 +152,7 @@ _FILE_KEYS |= {"metrics"}
 _FILE_KEYS |= {"access_log", "access_log_file", "debug_headers"}
 _FILE_KEYS |= {"trusted_proxies"}
 _FILE_KEYS |= {"swarm", "swarm_poll"}
+_FILE_KEYS |= _REGISTRY_KEYS
 
 
 def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Settings:
@@ -223,9 +227,15 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
     if not isinstance(swarm, bool):
         raise ConfigError("swarm: must be true or false")
 
+    try:
+        registration = registry_settings(pick)
+    except SettingsError as error:
+        raise ConfigError(str(error)) from None
+
     return Settings(
         swarm=swarm,
         swarm_poll=_positive_number("swarm_poll", DEFAULTS.swarm_poll if pick("swarm_poll") is None else pick("swarm_poll")),
+        registration=registration,
         trusted_proxies=_trusted_proxies(pick("trusted_proxies")),
         metrics=metrics,
         http=tuple(http),

@@ -44,6 +44,7 @@ RESTART_ONLY = (
     "docker_host", "label_prefix", "env", "docker", "resync_interval", "state_dir", "cert_dir", "tls_strict",
     "redirect_https", "tls_close_grace", "admin", "admin_hosts", "version_header", "canary_window", "metrics",
     "swarm", "swarm_poll",  # the route source (services instead of containers) is chosen at start
+    "registration",
 )
 Signature = tuple[int, int, int] | None
 RunInThread = Callable[..., "Deferred[Any]"]

@@ -39,6 +39,18 @@ class Options(usage.Options):
         ["access-log-file", None, None, "Write the access log to this file (reopened on SIGUSR1) [default: standard output]"],
         ["swarm-poll", None, None, "With --swarm: seconds between two listings of the services' tasks (the engine "
          f"sends no task events) [default: {_DEFAULTS.swarm_poll:g}]"],
+        ["registry-api", None, None, "Endpoint of the registration API (PUT /v1/services/...), or none; loopback unless "
+         "an interface= is named [default: none]"],
+        ["registry-token-file", None, None, "File with the bearer token the registration API requires (required when "
+         "--registry-api is not on loopback)"],
+        ["registry", None, None, "Where registrations live: embedded (memory + state directory) or "
+         "etcd://HOST:PORT[,HOST:PORT...] [default: embedded]"],
+        ["registry-prefix", None, None, "etcd key prefix of the registrations [default: /labelgw/registrations/]"],
+        ["registry-ca", None, None, "CA certificate (PEM) of the etcd members: speak TLS to them"],
+        ["registry-cert", None, None, "Client certificate (PEM) for etcd"],
+        ["registry-key", None, None, "Client key (PEM) for etcd"],
+        ["registry-user", None, None, "etcd user name (with --registry-password-file)"],
+        ["registry-password-file", None, None, "File with the etcd user's password"],
     ]
     optFlags = [
         ["tls-strict", None, "Refuse TLS handshakes for unknown names instead of serving the default certificate"],
@@ -126,12 +138,23 @@ def settings_from_options(options: Any) -> config.Settings:
         "trusted_proxies": list(options["trusted-proxies"]),
         "swarm": True if options["swarm"] else None,
         "swarm_poll": options["swarm-poll"],
+        "registry_api": options["registry-api"],
+        "registry_token_file": options["registry-token-file"],
+        "registry": options["registry"],
+        "registry_prefix": options["registry-prefix"],
+        "registry_ca": options["registry-ca"],
+        "registry_cert": options["registry-cert"],
+        "registry_key": options["registry-key"],
+        "registry_user": options["registry-user"],
+        "registry_password_file": options["registry-password-file"],
     }
     settings = config.build(cli, file)
     _check_endpoints(settings.http)
     _check_endpoints(settings.https, "--https")
     if settings.admin is not None:
         _check_endpoints((settings.admin,), "--admin")
+    if settings.registration.api is not None:
+        _check_endpoints((settings.registration.api,), "--registry-api")
     return settings
 
 

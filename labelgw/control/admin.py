@@ -216,8 +216,11 @@ class AdminResource(Resource):
         canary: CanaryAnalyzer | None = None,
         metrics: Metrics | None = None,
         ca_certificate: Callable[[], bytes | None] | None = None,
+        registrations: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         Resource.__init__(self)
+        # The registration API's registry (labelgw.registration): its kind, instance count and etcd state.
+        self._registrations = registrations
         # GET /ca.pem: the local CA's public certificate (never its key); None or None returned: no HTTPS CA.
         self._ca_certificate = ca_certificate
         self._canary = canary if canary is not None else CanaryAnalyzer()
@@ -255,7 +258,10 @@ class AdminResource(Resource):
         # A leaf at the site's root: the path is all in postpath.
         path = b"/" + b"/".join(request.postpath or [])
         if path in STATE_PATHS:
-            return self._json(request, state(self._registry, self._clock(), self._health))
+            view = state(self._registry, self._clock(), self._health)
+            if self._registrations is not None:
+                view["registrations"] = self._registrations()
+            return self._json(request, view)
         if path == b"/healthz":
             return self._healthz(request)
         if path == b"/explain":
@@ -372,9 +378,12 @@ def admin_site(
     canary: CanaryAnalyzer | None = None,
     metrics: Metrics | None = None,
     ca_certificate: Callable[[], bytes | None] | None = None,
+    registrations: Callable[[], dict[str, Any]] | None = None,
 ) -> Site:
     return AdminSite(
-        AdminResource(registry, clock, health, allowed_hosts, explainer, serving, canary, metrics, ca_certificate)
+        AdminResource(
+            registry, clock, health, allowed_hosts, explainer, serving, canary, metrics, ca_certificate, registrations
+        )
     )
 
 

@@ -31,6 +31,9 @@ PolicyFactory = Callable[[ContainerSpec], Policy]
 
 # Static backends from the config file carry ids with this prefix; a Docker resync never removes them.
 STATIC_PREFIX = "static:"
+# Instances registered through the registration API (labelgw.registration): not Docker's either.
+REGISTERED_PREFIX = "registered:"
+_NOT_DOCKER = (STATIC_PREFIX, REGISTERED_PREFIX)
 
 
 class BackendListener(Protocol):
@@ -65,7 +68,9 @@ def _routing_key(spec: ContainerSpec) -> tuple[object, ...]:
 
 
 def _kind(spec: ContainerSpec) -> str:
-    """How the log names a backend: static ones from the config file are not containers."""
+    """How the log names a backend: static ones from the config file and registered instances are not containers."""
+    if spec.container_id.startswith(REGISTERED_PREFIX):
+        return "registered instance"
     return "static backend" if spec.container_id.startswith(STATIC_PREFIX) else "container"
 
 
@@ -137,7 +142,7 @@ class Registry:
     def resync(self, outcomes: Mapping[str, Outcome]) -> None:
         known = set(self.containers) | set(self.rejections)
         for container_id in known - set(outcomes):
-            if not container_id.startswith(STATIC_PREFIX):
+            if not container_id.startswith(_NOT_DOCKER):
                 self.remove(container_id)
         for container_id, outcome in outcomes.items():
             self.apply(container_id, outcome)

@@ -267,3 +267,22 @@ def test_listing_shows_leases_and_etcd_state() -> None:
     assert status == 200 and listing["registry"] == "etcd" and listing["etcd"]["watching"] is True
     [entry] = listing["services"]["web"]
     assert entry["instance"] == "i1" and entry["expires_in"] == 10.0 and entry["lease"]
+
+
+def test_tls_settings_make_a_policy_that_trusts_the_given_ca(tmp_path: Any) -> None:
+    from labelgw.registration.etcd import EtcdClient, _tls_policy
+    from labelgw.tls.ca import LocalCA
+
+    ca = LocalCA.load_or_create(tmp_path / "ca")
+    cert_pem, key_pem = ca.mint_leaf("client.localhost")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    (tmp_path / "client.pem").write_bytes(cert_pem)
+    (tmp_path / "client.key").write_bytes(key_pem)
+    settings = EtcdSettings(
+        ("https://127.0.0.1:2379",), PREFIX, str(tmp_path / "ca.pem"), str(tmp_path / "client.pem"),
+        str(tmp_path / "client.key"),
+    )
+    policy = _tls_policy(settings)
+    assert policy.creatorForNetloc(b"127.0.0.1", 2379) is not None
+    client = EtcdClient(Clock(), settings)
+    assert client.endpoint == "https://127.0.0.1:2379"

@@ -152,14 +152,14 @@ class EmbeddedRegistry:
             self.state.changed(urgent)
 
     def _snapshot(self) -> Iterable[Record]:
-        """Two shallow copies on the reactor; the records are read from them in the writer's thread (a lease's expiry
-        read there may be a heartbeat older or newer: either is a valid expiry)."""
-        registrations = list(self.registrations.items())
+        """Two shallow copies; the records are read from them slice by slice (a lease's expiry read later may be a
+        heartbeat newer: either is a valid expiry)."""
+        registrations = list(self.registrations.values())  # references only: no tuple per entry to promote
         leases = self.leases.snapshot()
         return (
             (registration.record, lease.expires)
-            for key, registration in registrations
-            if (lease := leases.get(key)) is not None
+            for registration in registrations
+            if (lease := leases.get(registration.key)) is not None
         )
 
     def _restore(self, path: str) -> None:

@@ -39,6 +39,7 @@ from h2.events import (
     RequestReceived,
     StreamEnded,
     StreamReset,
+    TrailersReceived,
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError, StreamClosedError
@@ -54,6 +55,7 @@ from zope.interface import implementer
 from labelgw.http.dispatch import dispatch
 from labelgw.http.exchange import Exchange
 from labelgw.http.framing import response_has_body
+from labelgw.http.h2fields import malformed_request, malformed_trailers
 from labelgw.http.headers import HOP_BY_HOP
 from labelgw.http.logsafe import printable
 from labelgw.http.parser import MAX_HEADERS, RequestHead, ResponseHead
@@ -552,7 +554,10 @@ class H2Protocol(DataProtocol):
         self.clock = gateway.clock
         self.conn: H2Connection = H2Connection(
             H2Configuration(
-                client_side=False, header_encoding=None, validate_inbound_headers=True,
+                client_side=False, header_encoding=None,
+                # Request fields are checked by labelgw itself (labelgw.http.h2fields: the same rules, one pass,
+                # GOAWAY(PROTOCOL_ERROR) as h2 would send), cookie crumbs joined in request_head.
+                validate_inbound_headers=False, normalize_inbound_headers=False,
                 # Response fields come out of the strict HTTP/1.1 parser and are lower-cased, without
                 # connection-specific fields (H2Stream._add_fields): h2 checking them again costs more than the rest.
                 validate_outbound_headers=False, normalize_outbound_headers=False,
@@ -678,6 +683,10 @@ class H2Protocol(DataProtocol):
                 elif event.flow_controlled_length:
                     self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, RequestReceived):
+                problem = malformed_request(event.headers)
+                if problem is not None:
+                    self._malformed(problem)
+                    return
                 self._request(event, starting)
             elif isinstance(event, StreamEnded):
                 stream = streams.get(event.stream_id)
@@ -701,10 +710,21 @@ class H2Protocol(DataProtocol):
                 # The client's GOAWAY: h2 will not send anything more on this connection.
                 self._shut(None)
                 return
+            elif isinstance(event, TrailersReceived):
+                # Dropped (an HTTP/1.1 upstream gets none), but checked as h2 would have.
+                problem = malformed_trailers(event.headers)
+                if problem is not None:
+                    self._malformed(problem)
+                    return
         # Streams start after the whole read: one opened and reset in the same read never reaches a backend.
         for stream, head in starting:
             if not stream.gone and stream.state is _WAITING and self.state is not _CLOSED:
                 stream.start(head)
+
+    def _malformed(self, problem: str) -> None:
+        """A malformed header block (RFC 9113 section 8.1.1): the connection ends, as h2's own check ended it."""
+        self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=printable(problem))
+        self._shut(ErrorCodes.PROTOCOL_ERROR)
 
     def _request(self, event: RequestReceived, starting: list[tuple[H2Stream, RequestHead]]) -> None:
         stream_id = event.stream_id
@@ -937,6 +957,9 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
     method = path = authority = b""
     lines: list[bytes] = []
     content_length: int | None = None
+    # RFC 9113 section 8.2.3: cookie crumbs are joined with "; " into one field for HTTP/1.1 (where the first was).
+    cookies: list[bytes] | None = None
+    cookie_at = 0
     for name, value in headers:
         if name[:1] == b":":
             if name == b":method":
@@ -965,7 +988,15 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
                 return 400, "invalid Content-Length"
             content_length = int(value)
             continue
+        if name == b"cookie":
+            if cookies is not None:
+                cookies.append(value)
+                continue
+            cookies = [value]
+            cookie_at = len(lines)
         lines.append(name + b": " + value + b"\r\n")
+    if cookies is not None and len(cookies) > 1:
+        lines[cookie_at] = b"cookie: " + b"; ".join(cookies) + b"\r\n"
     if len(lines) >= MAX_HEADERS:
         return 431, "too many header fields"
     if method == b"CONNECT":

@@ -683,9 +683,9 @@ class H2Protocol(DataProtocol):
                 elif event.flow_controlled_length:
                     self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, RequestReceived):
-                problem = malformed_request(event.headers)
-                if problem is not None:
-                    self._malformed(problem)
+                why = malformed_request(event.headers)
+                if why is not None:
+                    self._malformed(why)
                     return
                 self._request(event, starting)
             elif isinstance(event, StreamEnded):
@@ -712,9 +712,9 @@ class H2Protocol(DataProtocol):
                 return
             elif isinstance(event, TrailersReceived):
                 # Dropped (an HTTP/1.1 upstream gets none), but checked as h2 would have.
-                problem = malformed_trailers(event.headers)
-                if problem is not None:
-                    self._malformed(problem)
+                why = malformed_trailers(event.headers)
+                if why is not None:
+                    self._malformed(why)
                     return
         # Streams start after the whole read: one opened and reset in the same read never reaches a backend.
         for stream, head in starting:

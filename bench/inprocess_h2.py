@@ -91,6 +91,7 @@ class H2Run:
     def run(self) -> float:
         to_proxy = self.server.dataReceived
         client_transport = self.transport
+        advance = self.harness.reactor.advance
         pairs = [(upstream.transport, upstream.protocol.dataReceived) for upstream in self.upstreams]  # type: ignore[union-attr]
         started = time.process_time()
         for batch in self.batches:
@@ -98,6 +99,8 @@ class H2Run:
             for transport, from_backend in pairs:
                 transport.clear()
                 from_backend(RESPONSE)
+            # The reactor turn ends (the upstreams' reads came in one turn).
+            advance(0)
             client_transport.clear()
         elapsed = time.process_time() - started
         harness = self.harness

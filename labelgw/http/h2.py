@@ -581,6 +581,8 @@ class H2Protocol(DataProtocol):
         self._resets: deque[float] = deque()
         self._idle_since = 0.0
         self._timer: Any = None
+        # The write of this reactor turn, once streams answer together (flush_soon).
+        self._flush_call: Any = None
 
     def _move(self, new: H2State) -> None:
         self.state = check_move(H2_MOVES, self.state, new)
@@ -630,6 +632,9 @@ class H2Protocol(DataProtocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        flush, self._flush_call = self._flush_call, None
+        if flush is not None and flush.active():
+            flush.cancel()
         for stream in list(self.streams.values()):
             stream.abandon()
         self.gateway.connection_closed(self)
@@ -778,13 +783,27 @@ class H2Protocol(DataProtocol):
     # Writing.
 
     def flush(self) -> None:
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
         data = self.conn.data_to_send()
         if data:
             self.transport.write(data)
 
     def flush_soon(self) -> None:
-        """Flush now, unless inside dataReceived (which flushes once at its end)."""
-        if not self._receiving and self.state is not _CLOSED:
+        """Send what h2 holds. Inside dataReceived: at its end. While other streams are in flight, their upstreams'
+        reads may come in this same reactor turn: one write (one TLS record, one send) at the turn's end carries
+        them all. Else now."""
+        if self._receiving or self.state is _CLOSED or self._flush_call is not None:
+            return
+        if len(self.streams) > 1:
+            self._flush_call = self.clock.callLater(0, self._flush_turn)
+        else:
+            self.flush()
+
+    def _flush_turn(self) -> None:
+        self._flush_call = None
+        if self.state is not _CLOSED:
             self.flush()
 
     def _pump_all(self) -> None:

@@ -205,3 +205,32 @@ def h() -> Any:
     harness = ProxyHarness()
     yield harness
     harness.assert_accounting()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        [(b"accept", b"*/*"), (b"user-agent", b"h2load")],
+        [(b"x-forwarded-for", b"1.2.3.4")],
+        [(b"x_real.ip", b"1.2.3.4"), (b"accept", b"*/*")],
+        [(b"proxy-authorization", b"Basic eA==")],
+        [(b"trailer", b"x-checksum")],
+        [(b"http2-settings", b"AAMAAABkAAQAAP__")],
+        [(b"cookie", b"a=1"), (b"cookie", b"b=2"), (b"x-forwarded-proto", b"http")],
+        [(b"x-forwarded-foo", b"kept")],
+    ],
+)
+def test_request_block_forwarded_whole_is_what_field_by_field_filtering_gives(extra: list[tuple[bytes, bytes]]) -> None:
+    from labelgw.http.headers import upstream_request_head
+
+    head = request_head(GET + extra, False)
+    assert isinstance(head, RequestHead)
+    fast = upstream_request_head(head, b"/", b"10.0.0.9", b"https", b"443")
+    head.forward = None
+    assert fast == upstream_request_head(head, b"/", b"10.0.0.9", b"https", b"443")
+
+
+def test_request_without_authority_is_filtered_field_by_field() -> None:
+    head = request_head([GET[0], GET[1], GET[3], (b"host", b"")], False)
+    assert isinstance(head, RequestHead) and head.forward is None

@@ -56,7 +56,7 @@ from labelgw.http.dispatch import dispatch
 from labelgw.http.exchange import Exchange
 from labelgw.http.framing import response_has_body
 from labelgw.http.h2fields import malformed_request, malformed_trailers
-from labelgw.http.headers import HOP_BY_HOP
+from labelgw.http.headers import HOP_BY_HOP, MANAGED
 from labelgw.http.logsafe import printable
 from labelgw.http.parser import MAX_HEADERS, RequestHead, ResponseHead
 from labelgw.http.server import ClientConnection, Gateway
@@ -965,6 +965,7 @@ _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Origin form without spaces or control characters: it becomes the upstream request line.
 _PATH = re.compile(rb"/[\x21-\x7e\x80-\xff]*")
+_X_PREFIXES = (b"x-", b"x_", b"x.")
 
 
 def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestHead | tuple[int, str]:
@@ -979,6 +980,8 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
     # RFC 9113 section 8.2.3: cookie crumbs are joined with "; " into one field for HTTP/1.1 (where the first was).
     cookies: list[bytes] | None = None
     cookie_at = 0
+    # A field labelgw does not forward (hop-by-hop, managed X-Forwarded-*): the block is then filtered field by field.
+    cut = False
     for name, value in headers:
         if name[:1] == b":":
             if name == b":method":
@@ -1013,6 +1016,8 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
                 continue
             cookies = [value]
             cookie_at = len(lines)
+        elif name in HOP_BY_HOP or (name[:2] in _X_PREFIXES and name.replace(b"_", b"-").replace(b".", b"-") in MANAGED):
+            cut = True
         lines.append(name + b": " + value + b"\r\n")
     if cookies is not None and len(cookies) > 1:
         lines[cookie_at] = b"cookie: " + b"; ".join(cookies) + b"\r\n"
@@ -1035,6 +1040,10 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
     head.target = path
     head.host = authority
     head.block = (b"host: " + authority + b"\r\n" if authority else b"") + b"".join(lines)
+    if authority and not cut:
+        # Nothing to take out: the block goes upstream as it is (labelgw.http.headers.upstream_request_head's fast
+        # path, as for an HTTP/1.1 head the parser cut).
+        head.forward = head.block
     if has_body and content_length is None:
         head.chunked = True
     elif content_length is not None:

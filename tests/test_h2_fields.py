@@ -234,3 +234,26 @@ def test_request_block_forwarded_whole_is_what_field_by_field_filtering_gives(ex
 def test_request_without_authority_is_filtered_field_by_field() -> None:
     head = request_head([GET[0], GET[1], GET[3], (b"host", b"")], False)
     assert isinstance(head, RequestHead) and head.forward is None
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A:  spaced \t\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nEmpty:\r\nConnection: keep-alive\r\n"
+        b"Keep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: x-private, close\r\nX-Private: 1\r\nX-Public: 2\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\nX-Value: a:b:c\r\nServer: backend\r\n\r\n",
+    ],
+)
+def test_response_fields_from_the_cut_block_are_those_of_field_by_field_filtering(response: bytes) -> None:
+    from labelgw.http.h2 import H2Stream
+    from labelgw.http.parser import parse_response_head
+
+    head = parse_response_head(response[:-4])
+    fast: list[tuple[bytes, bytes]] = []
+    H2Stream._add_fields(None, fast, head)  # type: ignore[arg-type]
+    head.forward = None
+    slow: list[tuple[bytes, bytes]] = []
+    H2Stream._add_fields(None, slow, head)  # type: ignore[arg-type]
+    assert fast == slow

@@ -94,6 +94,8 @@ _DRAINING = H2State.DRAINING
 _CLOSED = H2State.CLOSED
 
 _TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
+# A field line of a parsed head's block: name, value without the whitespace around it (ResponseHead.headers' split).
+_FORWARD_FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 
 
 class H2Stream:
@@ -348,6 +350,11 @@ class H2Stream:
     # Sending.
 
     def _add_fields(self, fields: list[tuple[bytes, bytes]], head: ResponseHead) -> None:
+        forward = head.forward
+        if forward is not None:
+            # The parser already cut framing, hop-by-hop and Connection-named fields: one C-speed pass.
+            fields += [(name.lower(), value) for name, value in _FORWARD_FIELD.findall(forward)]
+            return
         named = head.connection_tokens
         for name, value in head.headers:
             lower = name.lower()

@@ -16,6 +16,8 @@ the next round, so a drift of the machine's load falls on both alike). The loads
   h2      `h2load -t1 -c10 -m10 --warm-up-time W -D D` over TLS (ALPN must choose h2); the CPU is read when
           h2load's main duration starts and ends
   h1tls   `h2load --h1 -t1 -c50 -m1` over TLS, the same way (not in the default loads: add it for HTTP/2 / HTTP/1.1)
+  h2m1    `h2load -t1 -c50 -m1` over TLS: HTTP/2 one stream at a time, on as many connections as h1tls (not in the
+          default loads)
 CPU is user + system time of labelgw's process (its session, from /proc) per completed request. The report gives,
 per load and tree, the median req/s and CPU µs/request, then B/A of the medians, and the B/A ratio within each
 round (A and B measured a few seconds apart): their median and range, and in how many rounds B used less CPU.
@@ -58,7 +60,7 @@ from bench_proxy import (  # noqa: E402
 )
 from bench_tls import h2load_argv, https_ready, labelgw_tls, mint_bench_certificate, run_h2load  # noqa: E402
 
-LOADS = ("http1", "h2", "h1tls")
+LOADS = ("http1", "h2", "h1tls", "h2m1")
 DEFAULT_LOADS = ("http1", "h2")
 LABELS = ("A", "B")
 # Issue 8's bound: labelgw's CPU per request within 5 % of before.
@@ -202,9 +204,9 @@ def round_order(step: int) -> tuple[str, str]:
     return LABELS if step % 2 == 0 else (LABELS[1], LABELS[0])
 
 
-def h2_to_h1(samples: Sequence[Sample], tree: str) -> float:
+def h2_to_h1(samples: Sequence[Sample], tree: str, load: str = "h2") -> float:
     """HTTP/2 CPU per request over HTTP/1.1's, both over TLS, for one tree (medians); NaN without both loads."""
-    h2 = [s.cpu_us_per_request for s in samples if s.tree == tree and s.load == "h2"]
+    h2 = [s.cpu_us_per_request for s in samples if s.tree == tree and s.load == load]
     h1 = [s.cpu_us_per_request for s in samples if s.tree == tree and s.load == "h1tls"]
     return _ratio(_median(h2), _median(h1)) if h2 and h1 else float("nan")
 
@@ -230,6 +232,9 @@ def report_lines(comparisons: Sequence[Comparison], samples: Sequence[Sample]) -
         ratio = h2_to_h1(samples, tree)
         if not math.isnan(ratio):  # both TLS loads were run
             lines.append(f"{tree}: HTTP/2 CPU / HTTP/1.1 CPU over TLS x{ratio:.2f}")
+        ratio = h2_to_h1(samples, tree, "h2m1")
+        if not math.isnan(ratio):
+            lines.append(f"{tree}: HTTP/2 -m1 CPU / HTTP/1.1 CPU over TLS x{ratio:.2f}")
     lines.extend(verdict(c) for c in comparisons)
     return lines
 
@@ -333,7 +338,7 @@ def measure(load: str, running: Running, round_index: int, args: argparse.Namesp
         cpu = used / wrk.requests * 1e6 if wrk.requests else float("nan")
         return Sample(load, running.tree.label, round_index, wrk.requests_per_s, cpu, wrk.requests, wrk.errors)
     h1 = load == "h1tls"
-    clients, streams = (args.connections, 1) if h1 else (args.h2_clients, args.h2_streams)
+    clients, streams = (args.connections, 1) if h1 or load == "h2m1" else (args.h2_clients, args.h2_streams)
     argv = h2load_argv(running.https_port, args.duration, args.warmup, clients, streams, h1)
     result = run_h2load(argv, args.duration, args.warmup, cpu_session=session)
     wanted = "http/1.1" if h1 else "h2"

@@ -16,11 +16,12 @@ Then, per target and round (targets interleaved):
   handshakes   `openssl s_time -connect 127.0.0.1:P -new -time T` (full handshakes, no resumption, no request),
                --handshake-clients processes at once, for TLS 1.3 and TLS 1.2 (ECDHE-ECDSA-AES128-GCM-SHA256)
   keep-alive   `wrk -t1 -cC -dDs --latency -H 'Host: bench.localhost' https://127.0.0.1:P/` after a warm-up
-  protocols    `h2load --h1 -cC -m1` (HTTP/1.1) then `h2load -c10 -m10` (HTTP/2), both over TLS (ALPN checked),
+  protocols    `h2load --h1 -cC -m1` (HTTP/1.1), `h2load -c10 -m10` (HTTP/2, several streams per connection) and
+               `h2load -cC -m1` (HTTP/2, one stream at a time, as many connections as HTTP/1.1), all over TLS (ALPN checked),
                `--warm-up-time W -D D`, to https://bench.localhost/ with --connect-to 127.0.0.1:P; the server's CPU
                (user + system of its session, /proc) is read when h2load's main duration starts and ends
 and prints handshakes/s, req/s, p50/p99 and errors per target, with labelgw's ratios to nginx, then req/s and CPU
-µs per request over HTTP/1.1 and HTTP/2 and the ratio HTTP/2 CPU / HTTP/1.1 CPU. For reference, the same wrk load
+µs per request over HTTP/1.1 and HTTP/2 and the ratios HTTP/2 CPU / HTTP/1.1 CPU. For reference, the same wrk load
 is also sent to labelgw's plain --http port (what TLS costs labelgw itself). `--parts` picks among handshakes,
 keepalive, protocols; `--targets` among nginx-tls, labelgw.
 
@@ -355,6 +356,8 @@ METRICS = {
     "h1_cpu_us_per_request": ("h1", "cpu_us_per_request"),
     "h2_req_per_s": ("h2", "requests_per_s"),
     "h2_cpu_us_per_request": ("h2", "cpu_us_per_request"),
+    "h2m1_req_per_s": ("h2m1", "requests_per_s"),
+    "h2m1_cpu_us_per_request": ("h2m1", "cpu_us_per_request"),
 }
 
 
@@ -373,17 +376,18 @@ def summarize(rounds: dict[str, list[dict[str, object]]]) -> dict[str, dict[str,
             values = [getattr(r[part], attribute) for r in results if part in r]
             if values:
                 figures[key] = _median(values)
-        for part in ("wrk", "h1", "h2"):
+        for part in ("wrk", "h1", "h2", "h2m1"):
             if any(part in r for r in results):
                 prefix = "" if part == "wrk" else f"{part}_"
                 errors = sum(r[part].errors for r in results if part in r)  # type: ignore[attr-defined]
                 figures[f"{prefix}errors"] = float(errors)
-        if "h1_cpu_us_per_request" in figures and "h2_cpu_us_per_request" in figures:
-            figures["h2_to_h1_cpu"] = (
-                figures["h2_cpu_us_per_request"] / figures["h1_cpu_us_per_request"]
-                if figures["h1_cpu_us_per_request"]
-                else float("nan")
-            )
+        for h2 in ("h2", "h2m1"):
+            if "h1_cpu_us_per_request" in figures and f"{h2}_cpu_us_per_request" in figures:
+                figures[f"{h2}_to_h1_cpu"] = (
+                    figures[f"{h2}_cpu_us_per_request"] / figures["h1_cpu_us_per_request"]
+                    if figures["h1_cpu_us_per_request"]
+                    else float("nan")
+                )
         summary[target] = figures
     return summary
 
@@ -423,19 +427,21 @@ def print_report(summary: dict[str, dict[str, float]], args: argparse.Namespace)
                   f"p50 {ratios['p50_ms']:.2f}x, p99 {ratios['p99_ms']:.2f}x  (req/s, hs/s: higher is better)")
     if "protocols" in args.parts:
         print(f"\nHTTP/1.1 and HTTP/2 over TLS, h2load -t1: HTTP/1.1 --h1 -c{args.connections} -m1, "
-              f"HTTP/2 -c{args.h2_clients} -m{args.h2_streams}; {args.warmup} s warm-up + {args.duration} s{rounds}; "
-              "cpu = the server's user + system time per request")
-        header = (f"{'target':<10} {'h1 req/s':>10} {'h1 cpu us/req':>14} {'h2 req/s':>10} {'h2 cpu us/req':>14} "
-                  f"{'errors':>7} {'h2/h1 cpu':>10}")
-        print(header)
+              f"HTTP/2 -c{args.h2_clients} -m{args.h2_streams} and -c{args.connections} -m1; {args.warmup} s warm-up + "
+              f"{args.duration} s{rounds}; cpu = the server's user + system time per request")
+        header = (f"{'target':<10} {'h1 req/s':>9} {'h1 cpu':>7} {'h2 req/s':>9} {'h2 cpu':>7} {'h2m1 req/s':>11} "
+                  f"{'h2m1 cpu':>9} {'errors':>7} {'h2/h1 cpu':>10} {'h2m1/h1 cpu':>12}")
+        print(header + "   (cpu: us/request)")
         print("-" * len(header))
         for target in TARGETS:
             if target not in summary:
                 continue
             s = summary[target]
-            print(f"{target:<10} {_get(s, 'h1_req_per_s'):>10.0f} {_get(s, 'h1_cpu_us_per_request'):>14.1f} "
-                  f"{_get(s, 'h2_req_per_s'):>10.0f} {_get(s, 'h2_cpu_us_per_request'):>14.1f} "
-                  f"{_get(s, 'h1_errors') + _get(s, 'h2_errors'):>7.0f} {_get(s, 'h2_to_h1_cpu'):>9.2f}x")
+            errors = _get(s, 'h1_errors') + _get(s, 'h2_errors') + s.get('h2m1_errors', 0.0)
+            print(f"{target:<10} {_get(s, 'h1_req_per_s'):>9.0f} {_get(s, 'h1_cpu_us_per_request'):>7.1f} "
+                  f"{_get(s, 'h2_req_per_s'):>9.0f} {_get(s, 'h2_cpu_us_per_request'):>7.1f} "
+                  f"{_get(s, 'h2m1_req_per_s'):>11.0f} {_get(s, 'h2m1_cpu_us_per_request'):>9.1f} "
+                  f"{errors:>7.0f} {_get(s, 'h2_to_h1_cpu'):>9.2f}x {_get(s, 'h2m1_to_h1_cpu'):>11.2f}x")
     return ratios
 
 
@@ -445,7 +451,12 @@ def print_report(summary: dict[str, dict[str, float]], args: argparse.Namespace)
 def run_protocols(port: int, session: int, args: argparse.Namespace) -> dict[str, H2loadResult]:
     """HTTP/1.1 then HTTP/2 over TLS with h2load, the CPU of `session` per request; checks ALPN chose each."""
     found: dict[str, H2loadResult] = {}
-    loads = (("h1", True, args.connections, 1), ("h2", False, args.h2_clients, args.h2_streams))
+    loads = (
+        ("h1", True, args.connections, 1),
+        ("h2", False, args.h2_clients, args.h2_streams),
+        # One stream at a time on as many connections as HTTP/1.1: what HTTP/2 costs without multiplexing.
+        ("h2m1", False, args.connections, 1),
+    )
     for part, h1, clients, streams in loads:
         argv = h2load_argv(port, args.duration, args.warmup, clients, streams, h1)
         result = run_h2load(argv, args.duration, args.warmup, cpu_session=session)
@@ -511,10 +522,11 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
                     assert server.process is not None
                     protocols = run_protocols(port, server.process.pid, args)
                     measured |= protocols
-                    h1, h2 = protocols["h1"], protocols["h2"]
+                    h1, h2, h2m1 = protocols["h1"], protocols["h2"], protocols["h2m1"]
                     line += (f" h1 {h1.requests_per_s:7.0f} req/s {h1.cpu_us_per_request:5.1f} us/req  "
                              f"h2 {h2.requests_per_s:7.0f} req/s {h2.cpu_us_per_request:5.1f} us/req  "
-                             f"errors {h1.errors + h2.errors}")
+                             f"h2 -m1 {h2m1.requests_per_s:7.0f} req/s {h2m1.cpu_us_per_request:5.1f} us/req  "
+                             f"errors {h1.errors + h2.errors + h2m1.errors}")
                 results[name].append(measured)
                 print(line.rstrip(), flush=True)
     finally:

@@ -105,6 +105,9 @@ class H2Client:
         """Move bytes both ways until neither side has anything to say."""
         for _ in range(1000):
             moved = False
+            # The reactor turn ends: a write the server keeps for the turn's end (several streams answering) goes.
+            if self.server._flush_call is not None:
+                self.server.flush()
             out = self.conn.data_to_send()
             if out:
                 self.server.dataReceived(out)
@@ -1049,3 +1052,30 @@ def test_response_headers_and_body_leave_in_one_write(h: ProxyHarness, client: H
     frames = [Frame.parse_frame_header(memoryview(data[:9]))[0] for data in writes]
     assert len(writes) == 1 and isinstance(frames[0], HeadersFrame)
     client.exchange()
+
+
+def test_streams_answered_in_one_reactor_turn_leave_in_one_write(h: ProxyHarness, client: H2Client) -> None:
+    streams = [client.request(exchange=False), client.request(exchange=False), client.request()]
+    upstreams = [upstream.accept() for upstream in h.new_connects()]
+    assert len(upstreams) == 3
+    writes: list[bytes] = []
+    write = client.transport.write
+    client.transport.write = lambda data: (writes.append(data), write(data))[1]  # type: ignore[method-assign]
+    for upstream, body in zip(upstreams, (b"a", b"b", b"c")):
+        upstream.send(ok(body))
+    # Others were in flight when the first answered: the write waits for the end of the reactor turn.
+    assert writes == []
+    h.reactor.advance(0)
+    assert len(writes) == 1
+    client.exchange()
+    assert [client.streams[s].body for s in streams] == [b"a", b"b", b"c"]
+    # A stream alone on its connection is written at once.
+    writes.clear()
+    for upstream in upstreams:
+        upstream.transport.clear()
+    alone = client.request()
+    pooled = next(upstream for upstream in upstreams if upstream.transport.value())
+    pooled.send(ok(b"d"))
+    assert len(writes) == 1
+    client.exchange()
+    assert client.streams[alone].body == b"d"

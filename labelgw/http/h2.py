@@ -39,6 +39,7 @@ from h2.events import (
     RequestReceived,
     StreamEnded,
     StreamReset,
+    TrailersReceived,
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError, StreamClosedError
@@ -54,7 +55,8 @@ from zope.interface import implementer
 from labelgw.http.dispatch import dispatch
 from labelgw.http.exchange import Exchange
 from labelgw.http.framing import response_has_body
-from labelgw.http.headers import HOP_BY_HOP
+from labelgw.http.h2fields import malformed_request, malformed_trailers
+from labelgw.http.headers import HOP_BY_HOP, MANAGED
 from labelgw.http.logsafe import printable
 from labelgw.http.parser import MAX_HEADERS, RequestHead, ResponseHead
 from labelgw.http.server import ClientConnection, Gateway
@@ -92,6 +94,8 @@ _DRAINING = H2State.DRAINING
 _CLOSED = H2State.CLOSED
 
 _TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
+# A field line of a parsed head's block: name, value without the whitespace around it (ResponseHead.headers' split).
+_FORWARD_FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 
 
 class H2Stream:
@@ -346,6 +350,11 @@ class H2Stream:
     # Sending.
 
     def _add_fields(self, fields: list[tuple[bytes, bytes]], head: ResponseHead) -> None:
+        forward = head.forward
+        if forward is not None:
+            # The parser already cut framing, hop-by-hop and Connection-named fields: one C-speed pass.
+            fields += [(name.lower(), value) for name, value in _FORWARD_FIELD.findall(forward)]
+            return
         named = head.connection_tokens
         for name, value in head.headers:
             lower = name.lower()
@@ -552,7 +561,10 @@ class H2Protocol(DataProtocol):
         self.clock = gateway.clock
         self.conn: H2Connection = H2Connection(
             H2Configuration(
-                client_side=False, header_encoding=None, validate_inbound_headers=True,
+                client_side=False, header_encoding=None,
+                # Request fields are checked by labelgw itself (labelgw.http.h2fields: the same rules, one pass,
+                # GOAWAY(PROTOCOL_ERROR) as h2 would send), cookie crumbs joined in request_head.
+                validate_inbound_headers=False, normalize_inbound_headers=False,
                 # Response fields come out of the strict HTTP/1.1 parser and are lower-cased, without
                 # connection-specific fields (H2Stream._add_fields): h2 checking them again costs more than the rest.
                 validate_outbound_headers=False, normalize_outbound_headers=False,
@@ -576,6 +588,8 @@ class H2Protocol(DataProtocol):
         self._resets: deque[float] = deque()
         self._idle_since = 0.0
         self._timer: Any = None
+        # The write of this reactor turn, once streams answer together (flush_soon).
+        self._flush_call: Any = None
 
     def _move(self, new: H2State) -> None:
         self.state = check_move(H2_MOVES, self.state, new)
@@ -625,6 +639,9 @@ class H2Protocol(DataProtocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        flush, self._flush_call = self._flush_call, None
+        if flush is not None and flush.active():
+            flush.cancel()
         for stream in list(self.streams.values()):
             stream.abandon()
         self.gateway.connection_closed(self)
@@ -678,6 +695,10 @@ class H2Protocol(DataProtocol):
                 elif event.flow_controlled_length:
                     self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, RequestReceived):
+                why = malformed_request(event.headers)
+                if why is not None:
+                    self._malformed(why)
+                    return
                 self._request(event, starting)
             elif isinstance(event, StreamEnded):
                 stream = streams.get(event.stream_id)
@@ -701,10 +722,21 @@ class H2Protocol(DataProtocol):
                 # The client's GOAWAY: h2 will not send anything more on this connection.
                 self._shut(None)
                 return
+            elif isinstance(event, TrailersReceived):
+                # Dropped (an HTTP/1.1 upstream gets none), but checked as h2 would have.
+                why = malformed_trailers(event.headers)
+                if why is not None:
+                    self._malformed(why)
+                    return
         # Streams start after the whole read: one opened and reset in the same read never reaches a backend.
         for stream, head in starting:
             if not stream.gone and stream.state is _WAITING and self.state is not _CLOSED:
                 stream.start(head)
+
+    def _malformed(self, problem: str) -> None:
+        """A malformed header block (RFC 9113 section 8.1.1): the connection ends, as h2's own check ended it."""
+        self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=printable(problem))
+        self._shut(ErrorCodes.PROTOCOL_ERROR)
 
     def _request(self, event: RequestReceived, starting: list[tuple[H2Stream, RequestHead]]) -> None:
         stream_id = event.stream_id
@@ -758,13 +790,27 @@ class H2Protocol(DataProtocol):
     # Writing.
 
     def flush(self) -> None:
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
         data = self.conn.data_to_send()
         if data:
             self.transport.write(data)
 
     def flush_soon(self) -> None:
-        """Flush now, unless inside dataReceived (which flushes once at its end)."""
-        if not self._receiving and self.state is not _CLOSED:
+        """Send what h2 holds. Inside dataReceived: at its end. While other streams are in flight, their upstreams'
+        reads may come in this same reactor turn: one write (one TLS record, one send) at the turn's end carries
+        them all. Else now."""
+        if self._receiving or self.state is _CLOSED or self._flush_call is not None:
+            return
+        if len(self.streams) > 1:
+            self._flush_call = self.clock.callLater(0, self._flush_turn)
+        else:
+            self.flush()
+
+    def _flush_turn(self) -> None:
+        self._flush_call = None
+        if self.state is not _CLOSED:
             self.flush()
 
     def _pump_all(self) -> None:
@@ -926,6 +972,7 @@ _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Origin form without spaces or control characters: it becomes the upstream request line.
 _PATH = re.compile(rb"/[\x21-\x7e\x80-\xff]*")
+_X_PREFIXES = (b"x-", b"x_", b"x.")
 
 
 def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestHead | tuple[int, str]:
@@ -937,6 +984,11 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
     method = path = authority = b""
     lines: list[bytes] = []
     content_length: int | None = None
+    # RFC 9113 section 8.2.3: cookie crumbs are joined with "; " into one field for HTTP/1.1 (where the first was).
+    cookies: list[bytes] | None = None
+    cookie_at = 0
+    # A field labelgw does not forward (hop-by-hop, managed X-Forwarded-*): the block is then filtered field by field.
+    cut = False
     for name, value in headers:
         if name[:1] == b":":
             if name == b":method":
@@ -965,7 +1017,17 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
                 return 400, "invalid Content-Length"
             content_length = int(value)
             continue
+        if name == b"cookie":
+            if cookies is not None:
+                cookies.append(value)
+                continue
+            cookies = [value]
+            cookie_at = len(lines)
+        elif name in HOP_BY_HOP or (name[:2] in _X_PREFIXES and name.replace(b"_", b"-").replace(b".", b"-") in MANAGED):
+            cut = True
         lines.append(name + b": " + value + b"\r\n")
+    if cookies is not None and len(cookies) > 1:
+        lines[cookie_at] = b"cookie: " + b"; ".join(cookies) + b"\r\n"
     if len(lines) >= MAX_HEADERS:
         return 431, "too many header fields"
     if method == b"CONNECT":
@@ -985,6 +1047,10 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
     head.target = path
     head.host = authority
     head.block = (b"host: " + authority + b"\r\n" if authority else b"") + b"".join(lines)
+    if authority and not cut:
+        # Nothing to take out: the block goes upstream as it is (labelgw.http.headers.upstream_request_head's fast
+        # path, as for an HTTP/1.1 head the parser cut).
+        head.forward = head.block
     if has_body and content_length is None:
         head.chunked = True
     elif content_length is not None:

@@ -163,3 +163,4 @@ def test_leaving_the_swarm_is_a_log_line_and_a_retry(
     wait_until(lambda: body(gateway, "back.localhost")[0] == 200, 60, what="routed after joining again")
     assert "swarm services listed again" in gateway.log_text()[mark:]
     assert body(gateway, "stay.localhost")[0] == 404  # the old swarm's service is gone with it
+    assert "Traceback" not in gateway.log_text()

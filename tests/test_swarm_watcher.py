@@ -177,6 +177,10 @@ def test_a_node_outside_the_swarm_is_a_warning_once_and_a_retry_every_poll() -> 
         assert len(warnings) == 1
         assert "not a swarm manager" in warnings[0] and "retrying every 1.0s" in warnings[0]
         assert watcher.swarm_problem is not None
+        engine.problem = RuntimeError("context canceled")
+        reactor.advance(1.0)
+        assert len([text for text in texts(events, LogLevel.warn) if "swarm" in text]) == 1
+        assert any("still unavailable" in text and "context canceled" in text for text in texts(events, LogLevel.info))
         engine.problem = None
         engine.show()
         reactor.advance(1.0)

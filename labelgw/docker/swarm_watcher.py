@@ -258,15 +258,19 @@ class SwarmWatcher(Service):
         if self._stopping:
             return
         reason = _swarm_problem(failure)
-        # Once per cause: the same line every second while the node stays out of the swarm says nothing new.
-        emit = self._log.debug if reason == self.swarm_problem else self._log.warn
-        self.swarm_problem = reason
-        emit(
-            "cannot list swarm services at {engine}: {reason}; keeping the last routes, retrying every {interval}s",
-            engine=self.engine_url,
-            reason=reason,
-            interval=self.poll_interval,
-        )
+        previous, self.swarm_problem = self.swarm_problem, reason
+        if previous is None:
+            # One warning per outage: the same line every second while the node stays out says nothing new.
+            self._log.warn(
+                "cannot list swarm services at {engine}: {reason}; keeping the last routes, retrying every {interval}s",
+                engine=self.engine_url,
+                reason=reason,
+                interval=self.poll_interval,
+            )
+        else:
+            # A node leaving a swarm answers with a few different errors on its way out.
+            emit = self._log.debug if reason == previous else self._log.info
+            emit("swarm services still unavailable at {engine}: {reason}", engine=self.engine_url, reason=reason)
 
     def _recovered(self) -> None:
         if self.swarm_problem is not None:

@@ -43,6 +43,7 @@ SETTLE = 0.25
 RESTART_ONLY = (
     "docker_host", "label_prefix", "env", "docker", "resync_interval", "state_dir", "cert_dir", "tls_strict",
     "redirect_https", "tls_close_grace", "admin", "admin_hosts", "version_header", "canary_window", "metrics",
+    "tls_engine",
 )
 Signature = tuple[int, int, int] | None
 RunInThread = Callable[..., "Deferred[Any]"]

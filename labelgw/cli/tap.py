@@ -37,6 +37,8 @@ class Options(usage.Options):
          f"Request header that pins a request to one version [default: {_DEFAULTS.version_header}]"],
         ["access-log", None, None, f"Access log format: common, json or off [default: {_DEFAULTS.access_log}]"],
         ["access-log-file", None, None, "Write the access log to this file (reopened on SIGUSR1) [default: standard output]"],
+        ["tls-engine", None, None, "TLS engine of the HTTPS listeners: stdlib (Python's ssl) or openssl (Twisted's "
+         "pyOpenSSL layer) [default: stdlib]"],
     ]
     optFlags = [
         ["tls-strict", None, "Refuse TLS handshakes for unknown names instead of serving the default certificate"],
@@ -120,6 +122,7 @@ def settings_from_options(options: Any) -> config.Settings:
         "access_log_file": options["access-log-file"],
         "debug_headers": True if options["debug-headers"] else None,
         "trusted_proxies": list(options["trusted-proxies"]),
+        "tls_engine": options["tls-engine"],
     }
     settings = config.build(cli, file)
     _check_endpoints(settings.http)

@@ -27,6 +27,7 @@ from labelgw.http.h2 import negotiating_factory
 from labelgw.http.server import Gateway
 from labelgw.cli.listeners import ListenerService
 from labelgw.core.routes import Route
+from labelgw.tls.stdtls import StdTLSFactory, factory_for_engine
 from labelgw.tls import (
     CAError,
     CertDirectory,
@@ -96,7 +97,7 @@ class HttpsService(MultiService):
         self.ca: LocalCA | None = None
         self.cert_dir: CertDirectory | None = None
         self.selector: SNIContextSelector | None = None
-        self.tls_factory: TLSServerFactory | None = None
+        self.tls_factory: TLSServerFactory | StdTLSFactory | None = None
         if not settings.https:
             return
         state_dir = Path(settings.state_dir) if settings.state_dir else default_state_dir()
@@ -118,7 +119,9 @@ class HttpsService(MultiService):
             strict=settings.tls_strict,
         )
         # Deadlines for the handshake (the request head's) and for closing (close_notify, then TCP).
-        factory = TLSServerFactory(
+        # The TLS engine: the standard library's ssl (labelgw.tls.stdtls), or Twisted's pyOpenSSL layer.
+        factory = factory_for_engine(
+            settings.tls_engine,
             self.selector,
             negotiating_factory(gateway, b"https"),
             clock=reactor,

@@ -36,11 +36,11 @@ import os
 import ssl
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IProtocolFactory, IProtocolNegotiationFactory, IReactorTime, ISSLTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -224,15 +224,17 @@ class ServerContexts:
 class StdTLSProtocol(Protocol):
     """The TLS layer of one connection: a protocol to TCP below, a transport to the protocol behind."""
 
-    factory: "StdTLSFactory"
+    factory: "StdTLSFactory | StdTLSClientFactory"
+    # TCP below (Twisted declares ITransport | None; every method here runs after makeConnection set it).
+    transport: Any
     _timer: Any = None
 
-    def __init__(self, factory: "StdTLSFactory", wrapped: Protocol) -> None:
+    def __init__(self, factory: "StdTLSFactory | StdTLSClientFactory", wrapped: Any) -> None:
         self.factory = factory
         self.wrappedProtocol = wrapped
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._tls = factory.contexts.server_object(self._incoming, self._outgoing)
+        self._tls = factory.new_tls(self._incoming, self._outgoing)
         self._handshake_done = False
         # Written by the protocol behind before the handshake completed.
         self._early: list[bytes] = []
@@ -252,6 +254,9 @@ class StdTLSProtocol(Protocol):
         self.wrappedProtocol.makeConnection(self)
         if not self._lost and not self.disconnecting and self._timer is None:
             self._timer = self.factory.clock.callLater(self.factory.handshake_timeout, self._handshake_overdue)
+            if self.factory.is_client:
+                # The ClientHello.
+                self._handshake()
 
     def dataReceived(self, data: bytes) -> None:
         self._incoming.write(data)
@@ -281,7 +286,7 @@ class StdTLSProtocol(Protocol):
             return
         except (ssl.SSLError, ValueError) as error:
             # A refusal (protocol, cipher, SNI) or garbage: the alert goes out, then TCP is closed.
-            self.factory.log_refused(error)
+            self.factory.log_refused(self, error)
             self._flush()
             self._fail()
             return
@@ -335,7 +340,7 @@ class StdTLSProtocol(Protocol):
                 except ssl.SSLZeroReturnError:
                     ended = True
                 except ssl.SSLError as error:
-                    self.factory.log_refused(error)
+                    self.factory.log_refused(self, error)
                     self._flush()
                     self.abortConnection()
                     return
@@ -374,7 +379,7 @@ class StdTLSProtocol(Protocol):
         self._tls.write(data)
         write_now(self.transport, self._outgoing.read())
 
-    def writeSequence(self, data: Sequence[bytes]) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
 
     def _flush(self) -> None:
@@ -454,8 +459,16 @@ class StdTLSProtocol(Protocol):
         if setter is not None:
             setter(enabled)
 
+    def getTcpKeepAlive(self) -> bool:
+        return bool(getattr(self.transport, "getTcpKeepAlive", lambda: False)())
+
+    def loseWriteConnection(self) -> None:
+        # TLS has no half-close of its own: close_notify ends both directions.
+        self.loseConnection()
+
     def getHandle(self) -> Any:
-        return self.transport.getHandle()
+        # Not the socket: what is unread on it are TLS records, not the protocol's bytes (upstream.has_unread).
+        return self._tls
 
     # --- IConsumer: producers are TCP's own (every ciphertext write reaches TCP when it is made) ----------------
 
@@ -519,6 +532,7 @@ class StdTLSFactory(Factory):
         self.close_grace = close_grace
         self.flush_timeout = flush_timeout
         self.contexts = ServerContexts(chooser, listener_alpn(wrapped, policy or chooser.policy), clock)
+        self.new_tls = self.contexts.server_object
         # For /metrics: handshakes completed, and connections closed before theirs completed.
         self.handshakes = 0
         self.handshake_failures = 0
@@ -536,9 +550,72 @@ class StdTLSFactory(Factory):
             return None
         return StdTLSProtocol(self, wrapped)
 
-    def log_refused(self, error: Exception) -> None:
+    is_client = False
+
+    def log_refused(self, connection: StdTLSProtocol, error: Exception) -> None:
         # Scanners and wrong clients are routine: counted, not logged one line each.
         self.refusals += 1
+
+
+class StdTLSClientFactory(ClientFactory):
+    """TLS to a backend on the standard library's ssl: wraps the connection's factory; one per connection attempt.
+
+    A refused handshake (a certificate that does not verify, a protocol mismatch) is logged with OpenSSL's reason,
+    and the connection closes before any byte reached the protocol behind (which answers 502).
+    """
+
+    protocol = StdTLSProtocol  # type: ignore[assignment]
+    noisy = False
+    is_client = True
+    _log = Logger()
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        server_hostname: str | None,
+        wrapped: ClientFactory,
+        clock: IReactorTime,
+        handshake_timeout: float,
+        close_grace: float = DEFAULT_CLOSE_GRACE,
+        flush_timeout: float = FLUSH_TIMEOUT,
+    ) -> None:
+        self.context = context
+        self.server_hostname = server_hostname
+        self.wrappedFactory = wrapped
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout
+        self.close_grace = close_grace
+        self.flush_timeout = flush_timeout
+        self.handshakes = 0
+        self.handshake_failures = 0
+
+    def new_tls(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
+        return self.context.wrap_bio(incoming, outgoing, server_side=False, server_hostname=self.server_hostname)
+
+    def buildProtocol(self, addr: Any) -> StdTLSProtocol | None:  # type: ignore[override]
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        if wrapped is None:
+            return None
+        return StdTLSProtocol(self, wrapped)
+
+    def startedConnecting(self, connector: Any) -> None:
+        self.wrappedFactory.startedConnecting(connector)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.wrappedFactory.clientConnectionFailed(connector, reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        self.wrappedFactory.clientConnectionLost(connector, reason)
+
+    def log_refused(self, connection: StdTLSProtocol, error: Exception) -> None:
+        peer = connection.getPeer()
+        self._log.warn(
+            "TLS to backend {host}:{port} (name {name}) failed: {reason}",
+            host=getattr(peer, "host", "?"),
+            port=getattr(peer, "port", "?"),
+            name=self.server_hostname or "-",
+            reason=str(error),
+        )
 
 
 def factory_for_engine(

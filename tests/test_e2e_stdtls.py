@@ -141,9 +141,10 @@ def rss(pid: int, field: str = "VmRSS") -> int:
     raise AssertionError(f"no {field} for {pid}")
 
 
-def s_client(port: int, *args: str, name: str = HOST) -> subprocess.CompletedProcess[str]:
+def s_client(port: int, *args: str, name: str = HOST, brief: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["openssl", "s_client", "-connect", f"{LOOPBACK}:{port}", "-servername", name, "-brief", *args],
+        ["openssl", "s_client", "-connect", f"{LOOPBACK}:{port}", "-servername", name, *(["-brief"] if brief else []),
+         *args],
         input="", capture_output=True, text=True, timeout=30,
     )
 
@@ -290,8 +291,8 @@ def test_hardening_22_tls_scan_and_rotation(labelgw: Any, tmp_path: Path) -> Non
     for group in ("X448", "P-521"):
         assert not handshake_ok(s_client(port, "-groups", group, name=name)), group
     # ALPN: h2 first, http/1.1 for a client without h2.
-    assert "ALPN protocol: h2" in s_client(port, "-alpn", "h2,http/1.1", name=name).stderr
-    assert "ALPN protocol: http/1.1" in s_client(port, "-alpn", "http/1.1", name=name).stderr
+    assert "ALPN protocol: h2" in s_client(port, "-alpn", "h2,http/1.1", name=name, brief=False).stdout
+    assert "ALPN protocol: http/1.1" in s_client(port, "-alpn", "http/1.1", name=name, brief=False).stdout
     # Rotation: a new file renamed over the old one is served to new handshakes, without a restart.
     second, second_key = issuer.issue([name])
     replace_file(certs / "scan.pem", cert_pem(second) + key_pem(second_key))

@@ -62,6 +62,54 @@ _OPENSSL_TLS13 = {"TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256", "TLS
 _SSL_CTRL_SET_GROUPS_LIST = 92
 
 
+ACME_TLS_ALPN = b"acme-tls/1"
+# A ClientHello is read whole from its first record (at most 2^14 bytes of handshake data).
+_MAX_RECORD = 5 + (1 << 14)
+
+
+def client_hello_alpn(data: bytes | bytearray) -> tuple[bytes, ...] | None:
+    """The ALPN protocols a ClientHello offers, from the bytes a client sent first; None until its first record
+    is complete. () for anything that is not a well-formed ClientHello with ALPN (OpenSSL judges the rest)."""
+    if len(data) < 5:
+        return None
+    if data[0] != 0x16:
+        return ()
+    end = 5 + int.from_bytes(data[3:5], "big")
+    if len(data) < end:
+        return None
+    try:
+        if data[5] != 0x01:
+            return ()
+        at = 5 + 4 + 2 + 32  # handshake header, legacy version, random
+        at += 1 + data[at]  # session id
+        at += 2 + int.from_bytes(data[at : at + 2], "big")  # cipher suites
+        at += 1 + data[at]  # compression methods
+        extensions_end = min(end, at + 2 + int.from_bytes(data[at : at + 2], "big"))
+        at += 2
+        while at + 4 <= extensions_end:
+            kind = int.from_bytes(data[at : at + 2], "big")
+            size = int.from_bytes(data[at + 2 : at + 4], "big")
+            at += 4
+            if kind == 16:  # application_layer_protocol_negotiation
+                offered: list[bytes] = []
+                item, stop = at + 2, min(at + size, extensions_end)
+                while item < stop:
+                    length = data[item]
+                    offered.append(bytes(data[item + 1 : item + 1 + length]))
+                    item += 1 + length
+                return tuple(offered)
+            at += size
+    except IndexError:
+        return ()
+    return ()
+
+
+class ChallengeSource(TypingProtocol):
+    """TLS-ALPN-01 (RFC 8737): the challenge certificate for a name being validated, or None."""
+
+    def __call__(self, server_name: str) -> CertificateMaterial | None: ...
+
+
 class CertificateChooser(TypingProtocol):
     """The engine-independent certificate choice (L{labelgw.tls.sni.SNIContextSelector} is one)."""
 
@@ -174,8 +222,14 @@ class ServerContexts:
         alpn: Sequence[bytes],
         clock: IReactorTime,
         ticket_key_lifetime: float = TICKET_KEY_LIFETIME,
+        challenges: ChallengeSource | None = None,
     ) -> None:
         self._chooser = chooser
+        # TLS-ALPN-01: with a source, every connection's ClientHello is read for an acme-tls/1 offer.
+        self.challenges = challenges
+        self._challenge_contexts: weakref.WeakKeyDictionary[CertificateMaterial, ssl.SSLContext] = (
+            weakref.WeakKeyDictionary()
+        )
         self._policy = chooser.policy
         self._alpn = tuple(alpn)
         self._clock = clock
@@ -204,8 +258,25 @@ class ServerContexts:
             self._contexts[material] = ctx
         return ctx
 
+    def _challenge_context(self, server_name: str | None) -> ssl.SSLContext | None:
+        material = self.challenges(server_name) if self.challenges is not None and server_name else None
+        if material is None:
+            return None
+        ctx = self._challenge_contexts.get(material)
+        if ctx is None:
+            # Only acme-tls/1: a validation handshake carries no application data (RFC 8737 section 3).
+            ctx = build_stdlib_context(self._policy, (ACME_TLS_ALPN,), material)
+            self._challenge_contexts[material] = ctx
+        return ctx
+
     def _on_server_name(self, tls: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> int | None:
         try:
+            if ACME_TLS_ALPN in getattr(tls, "offered_alpn", ()):
+                challenge = self._challenge_context(server_name)
+                if challenge is None:
+                    return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
+                tls.context = challenge
+                return None
             chosen = self._chooser.choose(server_name)
             material = chosen.material if chosen is not None else None
             if material is None:
@@ -240,6 +311,8 @@ class StdTLSProtocol(Protocol):
         self._early: list[bytes] = []
         self._reading_paused = False
         self._delivering = False
+        # The first bytes, kept until the ClientHello's ALPN offer is read (only with a TLS-ALPN-01 source).
+        self._hello: bytearray | None = bytearray() if getattr(factory, "reads_alpn_offer", False) else None
         # close_notify sent / received; TCP gone.
         self._closing = False
         self._peer_closed = False
@@ -260,6 +333,8 @@ class StdTLSProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._incoming.write(data)
+        if self._hello is not None:
+            self._read_alpn_offer(data)
         if not self._handshake_done:
             self._handshake()
             if not self._handshake_done:
@@ -277,6 +352,16 @@ class StdTLSProtocol(Protocol):
         self.wrappedProtocol.connectionLost(reason)
 
     # --- the handshake ---------------------------------------------------------------------------------------
+
+    def _read_alpn_offer(self, data: bytes) -> None:
+        assert self._hello is not None
+        self._hello += data
+        offered = client_hello_alpn(self._hello)
+        if offered is None and len(self._hello) < _MAX_RECORD:
+            return
+        # Read by the SNI callback, which runs once the record is whole (ServerContexts._on_server_name).
+        self._tls.offered_alpn = offered or ()  # type: ignore[attr-defined]
+        self._hello = None
 
     def _handshake(self) -> None:
         try:
@@ -525,13 +610,17 @@ class StdTLSFactory(Factory):
         close_grace: float = DEFAULT_CLOSE_GRACE,
         flush_timeout: float = FLUSH_TIMEOUT,
         policy: TLSPolicy | None = None,
+        challenges: ChallengeSource | None = None,
     ) -> None:
         self.wrappedFactory = wrapped
         self.clock = clock
         self.handshake_timeout = handshake_timeout
         self.close_grace = close_grace
         self.flush_timeout = flush_timeout
-        self.contexts = ServerContexts(chooser, listener_alpn(wrapped, policy or chooser.policy), clock)
+        self.contexts = ServerContexts(
+            chooser, listener_alpn(wrapped, policy or chooser.policy), clock, challenges=challenges
+        )
+        self.reads_alpn_offer = challenges is not None
         self.new_tls = self.contexts.server_object
         # For /metrics: handshakes completed, and connections closed before theirs completed.
         self.handshakes = 0

@@ -413,13 +413,17 @@ class StdTLSProtocol(Protocol):
                 # Every whole record at hand, decrypted, then handed over in one call.
                 chunks: list[bytes] = []
                 ended = False
+                tls, incoming = self._tls, self._incoming
                 try:
                     while True:
-                        data = self._tls.read(READ_SIZE)
+                        data = tls.read(READ_SIZE)
                         if not data:
                             ended = True
                             break
                         chunks.append(data)
+                        # Nothing buffered on either side: the next read would only raise SSLWantReadError.
+                        if not incoming.pending and not tls.pending():
+                            break
                 except ssl.SSLWantReadError:
                     pass
                 except ssl.SSLZeroReturnError:
@@ -435,7 +439,7 @@ class StdTLSProtocol(Protocol):
                 if ended:
                     self._close_notify_received()
                     break
-                if not chunks:
+                if not chunks or (not incoming.pending and not tls.pending()):
                     break
         finally:
             self._delivering = False

@@ -79,6 +79,29 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def s_time(port: int, duration: int, tls12: bool) -> int:
+    argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time", str(duration)]
+    argv += ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"] if tls12 else ["-tls1_3"]
+    out = subprocess.run(argv, capture_output=True, text=True).stdout
+    return int(re.search(r"(\d+) connections in", out).group(1))  # type: ignore[union-attr]
+
+
+def run_handshakes(engine: str, duration: int, state: Path, tls12: bool) -> tuple[float, float]:
+    server = subprocess.Popen([sys.executable, "-c", SERVER, engine, str(state), str(REPO)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        s_time(port, 1, tls12)
+        before = cpu_s(server.pid)
+        count = s_time(port, duration, tls12)
+        used = cpu_s(server.pid) - before
+        return count / duration, used / count * 1e6
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def run(engine: str, duration: int, connections: int, state: Path) -> tuple[float, float]:
     server = subprocess.Popen([sys.executable, "-c", SERVER, engine, str(state), str(REPO)], stdout=subprocess.PIPE,
                               text=True)
@@ -105,20 +128,30 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--engines", default="stdlib,openssl,plain")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--handshakes", choices=("tls13", "tls12"), help="new handshakes (s_time -new) instead of wrk")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as state:
         results: dict[str, list[tuple[float, float]]] = {}
         for round_index in range(args.rounds):
             engines = args.engines.split(",")
             for engine in engines if round_index % 2 == 0 else reversed(engines):
-                results.setdefault(engine, []).append(run(engine, args.duration, args.connections, Path(state)))
-                rate, cpu = results[engine][-1]
-                print(f"round {round_index + 1} {engine:<8} {rate:9.0f} req/s {cpu:7.1f} cpu us/req", flush=True)
-    print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s, keep-alive, a minimal responder; medians")
+                if args.handshakes:
+                    if engine == "plain":
+                        continue
+                    result = run_handshakes(engine, args.duration, Path(state), args.handshakes == "tls12")
+                else:
+                    result = run(engine, args.duration, args.connections, Path(state))
+                results.setdefault(engine, []).append(result)
+                rate, cpu = result
+                unit = "hs" if args.handshakes else "req"
+                print(f"round {round_index + 1} {engine:<8} {rate:9.0f} {unit}/s {cpu:7.1f} cpu us/{unit}", flush=True)
+    unit = "hs" if args.handshakes else "req"
+    what = f"openssl s_time -new ({args.handshakes})" if args.handshakes else f"wrk -t1 -c{args.connections}"
+    print(f"\n{what} -d{args.duration}s, a minimal keep-alive responder; medians")
     for engine, values in results.items():
         rates = sorted(v[0] for v in values)
         cpus = sorted(v[1] for v in values)
-        print(f"{engine:<8} {rates[len(rates) // 2]:9.0f} req/s {cpus[len(cpus) // 2]:7.1f} cpu us/req")
+        print(f"{engine:<8} {rates[len(rates) // 2]:9.0f} {unit}/s {cpus[len(cpus) // 2]:7.1f} cpu us/{unit}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """HTTPS for the gateway: the TLS listeners and the plain-HTTP -> HTTPS redirect, built from the settings.
 
 Every ``--https`` endpoint (default ``tcp:8443``; ``--https none`` for none) serves the same proxy as ``--http``,
-one Gateway, behind TLS terminated in this process by Twisted's C{TLSMemoryBIOFactory} with a handshake deadline and
-a bounded close (L{labelgw.tls.deadlines}). Per handshake,
+one Gateway, behind TLS terminated in this process by the standard library's ssl (L{labelgw.tls.stdtls}; with
+``--tls-engine openssl`` Twisted's C{TLSMemoryBIOFactory}, L{labelgw.tls.deadlines}), with a handshake deadline and
+a bounded close. Per handshake,
 L{SNIContextSelector} picks the certificate: a user certificate from ``--cert-dir``; else a leaf the local CA
 (``--state-dir``) mints for a routed name or a local one (``*.localhost``, loopback IPs); else the default
 certificate, or with ``--tls-strict`` a handshake alert. Requests reach backends with ``X-Forwarded-Proto:

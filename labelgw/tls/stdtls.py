@@ -230,7 +230,8 @@ class ServerContexts:
         self._challenge_contexts: weakref.WeakKeyDictionary[CertificateMaterial, ssl.SSLContext] = (
             weakref.WeakKeyDictionary()
         )
-        self._policy = chooser.policy
+        self.policy: TLSPolicy = chooser.policy
+        self._policy = self.policy
         self._alpn = tuple(alpn)
         self._clock = clock
         self._lifetime = ticket_key_lifetime
@@ -625,6 +626,9 @@ class StdTLSFactory(Factory):
             chooser, listener_alpn(wrapped, policy or chooser.policy), clock, challenges=challenges
         )
         self.reads_alpn_offer = challenges is not None
+        problem = check_policy(self.contexts.policy)
+        if problem is not None:
+            self._log.warn("TLS policy: {problem}", problem=problem)
         self.new_tls = self.contexts.server_object
         # For /metrics: handshakes completed, and connections closed before theirs completed.
         self.handshakes = 0

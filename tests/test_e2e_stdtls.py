@@ -240,6 +240,12 @@ def test_clients_aborting_mid_handshake_and_mid_body_leave_the_gateway_serving(g
         tls_socket.sendall(f"GET /bytes/{64 << 20} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
         tls_socket.recv(65536)
         _reset(tls_socket)
+    for _ in range(5):
+        # A request body, a part of it sent, then gone.
+        tls_socket = connect(port)
+        tls_socket.sendall(f"POST /upload HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {10 << 20}\r\n\r\n".encode())
+        tls_socket.sendall(b"y" * (256 << 10))
+        _reset(tls_socket)
     with connect(port) as tls_socket:
         assert get(tls_socket, "/")[0].startswith(b"HTTP/1.1 200")
     log = gw.log_text()

@@ -333,6 +333,9 @@ class StdTLSProtocol(Protocol):
                 self._handshake()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._closing and not self._handshake_done:
+            # A refused handshake: TCP is closing, what else comes is not read.
+            return
         self._incoming.write(data)
         if self._hello is not None:
             self._read_alpn_offer(data)

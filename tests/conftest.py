@@ -51,9 +51,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="module")
-def tls_engine(request: pytest.FixtureRequest) -> str:
-    """The TLS engine under test: "stdlib" or "openssl"."""
-    return str(getattr(request, "param", None) or os.environ.get("LABELGW_TEST_TLS_ENGINE") or "stdlib")
+def tls_engine(request: pytest.FixtureRequest) -> str | None:
+    """The TLS engine under test ("stdlib" or "openssl"); None: labelgw's default, and no option given (a stand-in
+    product may not know it)."""
+    return getattr(request, "param", None) or os.environ.get("LABELGW_TEST_TLS_ENGINE") or None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -135,7 +136,7 @@ _USE_DEFAULT = object()
 
 
 @pytest.fixture
-def labelgw(tmp_path: Path, tls_engine: str) -> Iterator[Callable[..., TwistdProcess]]:
+def labelgw(tmp_path: Path, tls_engine: str | None) -> Iterator[Callable[..., TwistdProcess]]:
     """Start the real product: ``gw = labelgw("--env", "staging")``; ``gw.base_url``, ``gw.port``.
 
     ``twistd -n --pidfile= labelgw --http tcp:PORT:interface=127.0.0.1 --docker-host $DOCKER_HOST``
@@ -154,7 +155,7 @@ def labelgw(tmp_path: Path, tls_engine: str) -> Iterator[Callable[..., TwistdPro
     ) -> TwistdProcess:
         host = docker_host_url() if docker_host is _USE_DEFAULT else docker_host
         port = free_port()
-        if not any(arg.split("=", 1)[0] == "--tls-engine" for arg in extra_args):
+        if tls_engine is not None and not any(arg.split("=", 1)[0] == "--tls-engine" for arg in extra_args):
             extra_args = (*extra_args, "--tls-engine", tls_engine)
         gateway = TwistdProcess(
             labelgw_args(port, host, extra_args),  # type: ignore[arg-type]

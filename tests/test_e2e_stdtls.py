@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from support.gateway import TwistdProcess
 from support.net import LOOPBACK
@@ -302,15 +303,12 @@ def test_hardening_22_tls_scan_and_rotation(labelgw: Any, tmp_path: Path) -> Non
     # Rotation: a new file renamed over the old one is served to new handshakes, without a restart.
     second, second_key = issuer.issue([name])
     replace_file(certs / "scan.pem", cert_pem(second) + key_pem(second_key))
-    serial = f"{second.serial_number:X}"
+    wanted = second.public_bytes(serialization.Encoding.DER)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        out = subprocess.run(
-            ["openssl", "x509", "-noout", "-serial"], input=s_client(port, "-showcerts", name=name).stdout,
-            capture_output=True, text=True, timeout=10,
-        ).stdout
-        if serial.lstrip("0") in out.upper().replace("SERIAL=", "").lstrip("0"):
-            break
+        with connect(port, name=name) as tls:
+            if tls.getpeercert(binary_form=True) == wanted:
+                break
         time.sleep(0.1)
     else:
         raise AssertionError("the rotated certificate was not served within 15 s")

@@ -247,3 +247,26 @@ def test_acme_tls_1_without_a_pending_challenge_is_refused(clock: MemoryReactorC
     validator = Client(tls_factory, clock, alpn=["acme-tls/1"])
     with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
         validator.handshake()
+
+
+def test_http2_writes_of_one_turn_go_out_as_one_record(clock: MemoryReactorClock) -> None:
+    from labelgw.tls.policy import TLSPolicy
+
+    tls_factory = factory(clock, Factory.forProtocol(Protocol), policy=TLSPolicy(alpn_protocols=(b"h2",)))
+    client = Client(tls_factory, clock, alpn=["h2"])
+    client.handshake()
+    assert client.server.negotiatedProtocol == b"h2"
+    client.wire.clear()
+    client.server.write(b"frame one, ")
+    client.server.write(b"frame two")
+    assert client.wire.value() == b""
+    clock.advance(0)
+    record = client.wire.value()
+    client.wire.clear()
+    client.incoming.write(record)
+    assert client.tls.read(1000) == b"frame one, frame two"
+    # Closing sends what is held first, then close_notify.
+    client.server.write(b"last")
+    client.server.loseConnection()
+    client.pump()
+    assert client.received.endswith(b"last") and client.close_notify

@@ -320,6 +320,8 @@ class StdTLSProtocol(Protocol):
         self._lost = False
         self.disconnecting = False
         self.negotiatedProtocol: bytes | None = None
+        # Writes held until the end of the reactor turn (HTTP/2 only); None: every write goes out when made.
+        self._batch: list[bytes] | None = None
 
     # --- from TCP ---------------------------------------------------------------------------------------------
 
@@ -384,6 +386,8 @@ class StdTLSProtocol(Protocol):
         self.factory.handshakes += 1
         alpn = self._tls.selected_alpn_protocol()
         self.negotiatedProtocol = alpn.encode("ascii") if alpn else None
+        if self.negotiatedProtocol == b"h2":
+            self._batch = []
         early, self._early = self._early, []
         for data in early:
             self._tls.write(data)
@@ -469,7 +473,23 @@ class StdTLSProtocol(Protocol):
         if not self._handshake_done:
             self._early.append(bytes(data))
             return
+        if self._batch is not None:
+            # HTTP/2: frames of many streams, written one upstream event at a time, go out as one record per turn.
+            if not self._batch:
+                self.factory.clock.callLater(0, self._write_batch)
+            self._batch.append(data)
+            return
         self._tls.write(data)
+        write_now(self.transport, self._outgoing.read())
+
+    def _write_batch(self) -> None:
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        if self._lost or self._closing:
+            return
+        self._tls.write(batch[0] if len(batch) == 1 else b"".join(batch))
         write_now(self.transport, self._outgoing.read())
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
@@ -483,6 +503,8 @@ class StdTLSProtocol(Protocol):
     def loseConnection(self) -> None:
         if self.disconnecting or self._lost:
             return
+        # What is batched goes out before close_notify.
+        self._write_batch()
         self.disconnecting = True
         if not self._handshake_done:
             # Nothing was said yet: there is nothing to finish cleanly.

@@ -23,7 +23,8 @@ Then, per target and round (targets interleaved):
 and prints handshakes/s, req/s, p50/p99 and errors per target, with labelgw's ratios to nginx, then req/s and CPU
 µs per request over HTTP/1.1 and HTTP/2 and the ratios HTTP/2 CPU / HTTP/1.1 CPU. For reference, the same wrk load
 is also sent to labelgw's plain --http port (what TLS costs labelgw itself). `--parts` picks among handshakes,
-keepalive, protocols; `--targets` among nginx-tls, labelgw.
+keepalive, protocols; `--targets` among nginx-tls, labelgw (the stdlib TLS engine), labelgw-openssl (`--tls-engine
+openssl`: Twisted's pyOpenSSL layer, the engine before issue 12).
 
     .venv/bin/python bench/bench_tls.py [--duration 10] [--handshake-time 5] [--connections 50] [--rounds 1]
     .venv/bin/python bench/bench_tls.py --parts protocols --targets labelgw --rounds 3 --duration 5
@@ -79,7 +80,10 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from labelgw.tls.ca import LocalCA  # noqa: E402
 from labelgw.tls.policy import GROUPS, TLS12_CIPHERS  # noqa: E402
 
-TARGETS = ("nginx-tls", "labelgw")
+# labelgw on its default TLS engine (the standard library's ssl) and on Twisted's pyOpenSSL layer (--tls-engine
+# openssl, the engine before issue 12): one run gives the before/after side by side.
+TARGETS = ("nginx-tls", "labelgw", "labelgw-openssl")
+LABELGW_TARGETS = {"labelgw": "stdlib", "labelgw-openssl": "openssl"}
 READY_TIMEOUT_S = 20.0
 TLS12_BENCH_CIPHER = "ECDHE-ECDSA-AES128-GCM-SHA256"
 # OpenSSL's names for the groups labelgw configures (nginx passes them to OpenSSL as they are).
@@ -97,8 +101,8 @@ def nginx_tls(prefix: Path, port: int, backend_port: int, cert: Path, key: Path)
         ssl_ciphers {TLS12_CIPHERS};
         ssl_prefer_server_ciphers off;
         ssl_ecdh_curve {NGINX_GROUPS};
-        # labelgw keeps no sessions (no cache, no tickets): the same here, so every new connection is a full
-        # handshake on both.
+        # No sessions: s_time -new makes full handshakes anyway (labelgw's stdlib engine issues one TLS 1.3
+        # ticket per handshake, which its figure pays for).
         ssl_session_cache off;
         ssl_session_tickets off;"""
     conf = _nginx_conf(prefix, "nginx-tls", nginx_proxy_server(f"127.0.0.1:{port} ssl http2", backend_port, tls))
@@ -118,8 +122,10 @@ def labelgw_tls(
     certs: Path,
     tree: Path = REPO,
     python: str = sys.executable,
+    engine: str | None = None,
 ) -> Managed:
-    """labelgw (from the source tree `tree`) with a plain HTTP and an HTTPS listener, serving certs/default.pem."""
+    """labelgw (from the source tree `tree`) with a plain HTTP and an HTTPS listener, serving certs/default.pem;
+    C{engine}: its --tls-engine (None: the default, and no option for trees that predate it)."""
     return labelgw_server(
         prefix,
         backend_port,
@@ -129,6 +135,7 @@ def labelgw_tls(
             "--state-dir", str(state),
             "--cert-dir", str(certs),
             "--admin", "none",
+            *(["--tls-engine", engine] if engine else []),
         ],
         tree=tree,
         python=python,
@@ -402,7 +409,7 @@ def print_report(summary: dict[str, dict[str, float]], args: argparse.Namespace)
     if "handshakes" in args.parts or "keepalive" in args.parts:
         print(f"\nTLS termination, loopback, {args.handshake_clients} s_time clients x {args.handshake_time} s, "
               f"wrk -t1 -c{args.connections} -d{args.duration}s{rounds}")
-        header = (f"{'target':<10} {'TLS1.3 hs/s':>12} {'TLS1.2 hs/s':>12} {'keep-alive req/s':>17} {'p50 ms':>8} "
+        header = (f"{'target':<16} {'TLS1.3 hs/s':>12} {'TLS1.2 hs/s':>12} {'keep-alive req/s':>17} {'p50 ms':>8} "
                   f"{'p99 ms':>8} {'errors':>7}")
         print(header)
         print("-" * len(header))
@@ -410,26 +417,31 @@ def print_report(summary: dict[str, dict[str, float]], args: argparse.Namespace)
             if target not in summary:
                 continue
             s = summary[target]
-            print(f"{target:<10} {_get(s, 'handshakes_tls13_per_s'):>12.0f} {_get(s, 'handshakes_tls12_per_s'):>12.0f} "
+            print(f"{target:<16} {_get(s, 'handshakes_tls13_per_s'):>12.0f} {_get(s, 'handshakes_tls12_per_s'):>12.0f} "
                   f"{_get(s, 'keepalive_req_per_s'):>17.0f} {_get(s, 'p50_ms'):>8.2f} {_get(s, 'p99_ms'):>8.2f} "
                   f"{_get(s, 'errors'):>7.0f}")
-    if "labelgw" in summary and "nginx-tls" in summary:
-        ours, theirs = summary["labelgw"], summary["nginx-tls"]
+    for ours_name in LABELGW_TARGETS:
+        if ours_name not in summary or "nginx-tls" not in summary:
+            continue
+        ours, theirs = summary[ours_name], summary["nginx-tls"]
+        these: dict[str, float] = {}
         for key in ("handshakes_tls13_per_s", "handshakes_tls12_per_s", "keepalive_req_per_s", "p50_ms", "p99_ms",
                     "h1_req_per_s", "h2_req_per_s", "h1_cpu_us_per_request", "h2_cpu_us_per_request"):
             if key in ours and key in theirs:
-                ratios[key] = ours[key] / theirs[key] if theirs[key] else float("nan")
-        if "keepalive_req_per_s" in ratios:
-            print("\nlabelgw / nginx-tls: "
-                  f"TLS 1.3 handshakes {_get(ratios, 'handshakes_tls13_per_s'):.2f}x, "
-                  f"TLS 1.2 handshakes {_get(ratios, 'handshakes_tls12_per_s'):.2f}x, "
-                  f"keep-alive req/s {ratios['keepalive_req_per_s']:.2f}x, "
-                  f"p50 {ratios['p50_ms']:.2f}x, p99 {ratios['p99_ms']:.2f}x  (req/s, hs/s: higher is better)")
+                these[key] = ours[key] / theirs[key] if theirs[key] else float("nan")
+        # The default engine's ratios keep their names; the other's are prefixed with its target.
+        ratios |= these if ours_name == "labelgw" else {f"{ours_name}:{k}": v for k, v in these.items()}
+        if "keepalive_req_per_s" in these or "handshakes_tls13_per_s" in these:
+            print(f"\n{ours_name} / nginx-tls: "
+                  f"TLS 1.3 handshakes {_get(these, 'handshakes_tls13_per_s'):.2f}x, "
+                  f"TLS 1.2 handshakes {_get(these, 'handshakes_tls12_per_s'):.2f}x, "
+                  f"keep-alive req/s {_get(these, 'keepalive_req_per_s'):.2f}x, "
+                  f"p50 {_get(these, 'p50_ms'):.2f}x, p99 {_get(these, 'p99_ms'):.2f}x  (req/s, hs/s: higher is better)")
     if "protocols" in args.parts:
         print(f"\nHTTP/1.1 and HTTP/2 over TLS, h2load -t1: HTTP/1.1 --h1 -c{args.connections} -m1, "
               f"HTTP/2 -c{args.h2_clients} -m{args.h2_streams} and -c{args.connections} -m1; {args.warmup} s warm-up + "
               f"{args.duration} s{rounds}; cpu = the server's user + system time per request")
-        header = (f"{'target':<10} {'h1 req/s':>9} {'h1 cpu':>7} {'h2 req/s':>9} {'h2 cpu':>7} {'h2m1 req/s':>11} "
+        header = (f"{'target':<16} {'h1 req/s':>9} {'h1 cpu':>7} {'h2 req/s':>9} {'h2 cpu':>7} {'h2m1 req/s':>11} "
                   f"{'h2m1 cpu':>9} {'errors':>7} {'h2/h1 cpu':>10} {'h2m1/h1 cpu':>12}")
         print(header + "   (cpu: us/request)")
         print("-" * len(header))
@@ -438,7 +450,7 @@ def print_report(summary: dict[str, dict[str, float]], args: argparse.Namespace)
                 continue
             s = summary[target]
             errors = _get(s, 'h1_errors') + _get(s, 'h2_errors') + s.get('h2m1_errors', 0.0)
-            print(f"{target:<10} {_get(s, 'h1_req_per_s'):>9.0f} {_get(s, 'h1_cpu_us_per_request'):>7.1f} "
+            print(f"{target:<16} {_get(s, 'h1_req_per_s'):>9.0f} {_get(s, 'h1_cpu_us_per_request'):>7.1f} "
                   f"{_get(s, 'h2_req_per_s'):>9.0f} {_get(s, 'h2_cpu_us_per_request'):>7.1f} "
                   f"{_get(s, 'h2m1_req_per_s'):>11.0f} {_get(s, 'h2m1_cpu_us_per_request'):>9.1f} "
                   f"{errors:>7.0f} {_get(s, 'h2_to_h1_cpu'):>9.2f}x {_get(s, 'h2m1_to_h1_cpu'):>11.2f}x")
@@ -475,12 +487,16 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     state, certs = prefix / "state", prefix / "certs"
     cert, key, der = mint_bench_certificate(state, certs, prefix)
     cafile = state / "ca.pem"
-    backend_port, nginx_port, lg_http, lg_https = free_port(), free_port(), free_port(), free_port()
+    backend_port, nginx_port = free_port(), free_port()
     backend = nginx_backend(prefix, backend_port)
-    servers = {
-        "nginx-tls": (nginx_tls(prefix, nginx_port, backend_port, cert, key), nginx_port),
-        "labelgw": (labelgw_tls(prefix, lg_http, lg_https, backend_port, state, certs), lg_https),
-    }
+    servers = {"nginx-tls": (nginx_tls(prefix, nginx_port, backend_port, cert, key), nginx_port)}
+    plain_ports: dict[str, int] = {}
+    for target, engine in LABELGW_TARGETS.items():
+        lg_http, lg_https = free_port(), free_port()
+        run_dir = prefix / target
+        run_dir.mkdir()
+        plain_ports[target] = lg_http
+        servers[target] = (labelgw_tls(run_dir, lg_http, lg_https, backend_port, state, certs, engine=engine), lg_https)
     servers = {name: servers[name] for name in args.targets}
     started: list[Managed] = []
     results: dict[str, list[dict[str, object]]] = {target: [] for target in servers}
@@ -503,7 +519,7 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
             for name in order:
                 server, port = servers[name]
                 measured: dict[str, object] = {}
-                line = f"round {round_index + 1} {name:<10}"
+                line = f"round {round_index + 1} {name:<16}"
                 if "handshakes" in args.parts:
                     tls13 = run_s_time(port, args.handshake_time, args.handshake_clients, tls12=False)
                     tls12 = run_s_time(port, args.handshake_time, args.handshake_clients, tls12=True)
@@ -515,7 +531,7 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
                     wrk = run_wrk_https(port, args.duration, args.connections)
                     measured["wrk"] = wrk
                     if name == "labelgw":
-                        plain.append(run_wrk(lg_http, args.duration, args.connections, 1))
+                        plain.append(run_wrk(plain_ports[name], args.duration, args.connections, 1))
                     line += (f" keep-alive {wrk.requests_per_s:8.0f} req/s  p50 {wrk.p50_ms:.2f} ms  "
                              f"p99 {wrk.p99_ms:.2f} ms  errors {wrk.errors} ")
                 if "protocols" in args.parts:

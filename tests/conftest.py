@@ -8,6 +8,7 @@ except under CI=true, where they fail.
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -34,6 +35,26 @@ DOCKER_FIXTURES = frozenset(
 )
 
 _names = NameFactory()
+
+# TLS engines (--tls-engine): every test of these modules runs on each; elsewhere the engine is
+# $LABELGW_TEST_TLS_ENGINE, else labelgw's default. A module opts in by using the ``tls_engine`` fixture (directly,
+# or through ``labelgw``).
+TLS_ENGINES = ("stdlib", "openssl")
+TLS_ENGINE_MODULES = frozenset(
+    {"test_e2e_tls", "test_e2e_tls_deadlines", "test_e2e_h2", "test_tls_deadlines", "test_stdtls", "test_e2e_stdtls"}
+)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "tls_engine" in metafunc.fixturenames and metafunc.module.__name__.rpartition(".")[2] in TLS_ENGINE_MODULES:
+        metafunc.parametrize("tls_engine", TLS_ENGINES, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def tls_engine(request: pytest.FixtureRequest) -> str | None:
+    """The TLS engine under test ("stdlib" or "openssl"); None: labelgw's default, and no option given (a stand-in
+    product may not know it)."""
+    return getattr(request, "param", None) or os.environ.get("LABELGW_TEST_TLS_ENGINE") or None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -115,7 +136,7 @@ _USE_DEFAULT = object()
 
 
 @pytest.fixture
-def labelgw(tmp_path: Path) -> Iterator[Callable[..., TwistdProcess]]:
+def labelgw(tmp_path: Path, tls_engine: str | None) -> Iterator[Callable[..., TwistdProcess]]:
     """Start the real product: ``gw = labelgw("--env", "staging")``; ``gw.base_url``, ``gw.port``.
 
     ``twistd -n --pidfile= labelgw --http tcp:PORT:interface=127.0.0.1 --docker-host $DOCKER_HOST``
@@ -134,6 +155,8 @@ def labelgw(tmp_path: Path) -> Iterator[Callable[..., TwistdProcess]]:
     ) -> TwistdProcess:
         host = docker_host_url() if docker_host is _USE_DEFAULT else docker_host
         port = free_port()
+        if tls_engine is not None and not any(arg.split("=", 1)[0] == "--tls-engine" for arg in extra_args):
+            extra_args = (*extra_args, "--tls-engine", tls_engine)
         gateway = TwistdProcess(
             labelgw_args(port, host, extra_args),  # type: ignore[arg-type]
             port=port,

@@ -29,7 +29,7 @@ SLACK = 2.0
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdProcess]:
+def gateway(tmp_path_factory: pytest.TempPathFactory, tls_engine: str) -> Iterator[TwistdProcess]:
     cwd = tmp_path_factory.mktemp("tls-deadlines")
     config = cwd / "labelgw.yaml"
     config.write_text(
@@ -40,7 +40,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdProcess]
     args = [
         "-n", "--pidfile=", "labelgw", "--config", str(config),
         "--http", f"tcp:{port}:interface={LOOPBACK}", "--https", f"tcp:{https_port}:interface={LOOPBACK}",
-        "--state-dir", "state", "--admin", "none",
+        "--state-dir", "state", "--admin", "none", "--tls-engine", tls_engine,
     ]
     gw = TwistdProcess(args, port=port, cwd=cwd / "run")
     try:

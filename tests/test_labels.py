@@ -751,6 +751,7 @@ def test_known_labels() -> None:
     assert KNOWN_LABELS - MIDDLEWARE_LABELS - {"canary.max_error_rate", "canary.max_latency_ratio"} == {
         "service", "version", "env", "port", "host", "path", "strip_prefix", "network", "scheme",
         "balancer", "hash.key", "weight", "traffic", "health.path", "health.interval", "health.timeout", "tls",
+        "tls.verify", "tls.ca", "tls.server_name",
     }  # fmt: skip
 
 

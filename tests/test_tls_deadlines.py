@@ -7,7 +7,7 @@ MemoryReactorClock, the client the standard library's ssl over memory BIOs. End 
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from OpenSSL import SSL
@@ -24,7 +24,9 @@ from labelgw.http.server import Gateway
 from labelgw.http.settings import ProxySettings
 from labelgw.core.routes import RouteTable
 from labelgw.tls.deadlines import DEFAULT_CLOSE_GRACE, FLUSH_TIMEOUT, TLSServerFactory
+from labelgw.tls.material import CertificateMaterial
 from labelgw.tls.policy import INTERMEDIATE, build_server_context
+from labelgw.tls.stdtls import StdTLSFactory
 from test_tls_support import UserIssuer
 
 HEAD_TIMEOUT = 10.0
@@ -34,10 +36,17 @@ CERT, KEY = ISSUER.issue(["gw.test"])
 
 @implementer(IOpenSSLServerConnectionCreator)
 class OneCertificate:
-    """The listener's certificate choice, reduced to one certificate (the SNI selector is tested elsewhere)."""
+    """The listener's certificate choice, reduced to one certificate (the SNI selector is tested elsewhere), for
+    either engine: pyOpenSSL's connection creator, or the standard library's chooser."""
+
+    policy = INTERMEDIATE
 
     def __init__(self) -> None:
         self.context = build_server_context(INTERMEDIATE, CERT, KEY)
+        self.material = CertificateMaterial(CERT, KEY)
+
+    def choose(self, server_name: str | None) -> "OneCertificate":
+        return self
 
     def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
         connection = SSL.Connection(self.context, None)
@@ -76,7 +85,7 @@ class Wire(StringTransport):
 class Client:
     """A TLS client over memory BIOs, connected to one server connection of C{factory}."""
 
-    def __init__(self, factory: TLSServerFactory, clock: MemoryReactorClock, alpn: list[str] | None = None) -> None:
+    def __init__(self, factory: Any, clock: MemoryReactorClock, alpn: list[str] | None = None) -> None:
         self.clock = clock
         self.server = factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 5555))
         self.wire = Wire()
@@ -184,7 +193,21 @@ class Closer(Protocol):
         pass
 
 
-def factory_for(clock: MemoryReactorClock, wrapped: Any, **kwargs: Any) -> TLSServerFactory:
+# The engine of the test running (the tls_engine fixture: every test here runs on both); Twisted's layer for
+# the callers elsewhere (tests/test_internals.py checks its private names through factory_for).
+ENGINE = ["openssl"]
+
+
+@pytest.fixture(autouse=True)
+def _engine(tls_engine: str) -> Iterator[None]:
+    ENGINE[0] = tls_engine
+    yield
+    ENGINE[0] = "openssl"
+
+
+def factory_for(clock: MemoryReactorClock, wrapped: Any, **kwargs: Any) -> Any:
+    if ENGINE[0] == "stdlib":
+        return StdTLSFactory(OneCertificate(), wrapped, clock=clock, handshake_timeout=HEAD_TIMEOUT, **kwargs)
     return TLSServerFactory(OneCertificate(), wrapped, clock=clock, handshake_timeout=HEAD_TIMEOUT, **kwargs)
 
 
@@ -452,7 +475,7 @@ def test_the_https_listeners_get_the_deadlines_from_the_settings(tmp_path: Any) 
     )
     service = LabelgwService(settings, MemoryReactorClock())
     factory = service.https.listeners[0].factory
-    assert isinstance(factory, TLSServerFactory)
+    assert isinstance(factory, StdTLSFactory)
     assert (factory.handshake_timeout, factory.close_grace, factory.flush_timeout) == (4.0, 0.5, FLUSH_TIMEOUT)
     assert factory.clock is service.reactor
 

@@ -27,6 +27,7 @@ from labelgw.core.model import ContainerSpec
 from labelgw.core.routes import Route
 from labelgw.cli.tap import Options
 from labelgw.tls import CertDirectory, SNIContextSelector
+from labelgw.tls.stdtls import StdTLSFactory
 from proxyharness import ProxyHarness, spec
 
 # --- options ----------------------------------------------------------------------------------------------
@@ -304,7 +305,10 @@ def test_https_listeners_wrap_the_proxy_in_tls_with_the_sni_selector(tmp_path: P
     assert [listener.scheme for listener in https.listeners] == ["https", "https"]
     assert all(listener in service.listeners for listener in https.listeners)
     factory = https.listeners[0].factory
-    assert isinstance(factory, TLSMemoryBIOFactory)
+    # The standard library's TLS by default (labelgw.tls.stdtls); Twisted's layer with --tls-engine openssl.
+    assert isinstance(factory, StdTLSFactory)
+    openssl = LabelgwService(settings(tmp_path, tls_engine="openssl"), reactor).https.listeners[0].factory
+    assert isinstance(openssl, TLSMemoryBIOFactory)
     # HTTP/2 or HTTP/1.1 as ALPN decides, both serving the same gateway.
     assert isinstance(factory.wrappedFactory, NegotiatingFactory) and factory.wrappedFactory.proto == b"https"
     assert factory.wrappedFactory.acceptableProtocols() == [b"h2", b"http/1.1"]

@@ -90,6 +90,8 @@ class Settings:
     redirect_https: bool = False
     # Seconds from labelgw's TLS close_notify to its closing of the TCP connection (labelgw.tls.deadlines).
     tls_close_grace: float = 2.0
+    # The TLS engine of the HTTPS listeners: "stdlib" (labelgw.tls.stdtls) or "openssl" (labelgw.tls.deadlines).
+    tls_engine: str = "stdlib"
     # Load balancing (labelgw.core.balancer, labelgw.control.outlier) and the admin view (labelgw.control.admin; None: --admin none).
     balancer: BalancerName = "wrt"
     balancer_decay: float = 10.0
@@ -143,7 +145,7 @@ def load_file(path: str) -> dict[str, Any]:
 
 
 _FILE_KEYS = {"http", "docker_host", "label_prefix", "env", "docker", "services", "resync_interval", "drain_grace", *_TIMEOUTS, *_LIMITS}
-_HTTPS_KEYS = {"https", "state_dir", "cert_dir", "tls_strict", "redirect_https", "tls_close_grace"}
+_HTTPS_KEYS = {"https", "state_dir", "cert_dir", "tls_strict", "redirect_https", "tls_close_grace", "tls_engine"}
 _FILE_KEYS |= _HTTPS_KEYS
 _BALANCING_KEYS = {"balancer", "balancer_decay", "ejection_base", "admin", "admin_hosts", "version_header"}
 _FILE_KEYS |= _BALANCING_KEYS
@@ -413,7 +415,16 @@ def _https_settings(pick: Any) -> dict[str, Any]:
         "tls_strict": _flag("--tls-strict", pick("tls_strict")),
         "redirect_https": redirect,
         "tls_close_grace": _positive_number("tls_close_grace", 2.0 if grace is None else grace),
+        "tls_engine": _tls_engine(pick("tls_engine")),
     }
+
+
+def _tls_engine(value: Any) -> str:
+    if value is None:
+        return "stdlib"
+    if value not in ("stdlib", "openssl"):
+        raise ConfigError(f"--tls-engine: {value!r} is not stdlib or openssl")
+    return str(value)
 
 
 def _https_endpoints(value: Any) -> tuple[str, ...]:

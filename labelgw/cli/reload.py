@@ -45,6 +45,7 @@ RESTART_ONLY = (
     "redirect_https", "tls_close_grace", "admin", "admin_hosts", "version_header", "canary_window", "metrics",
     "swarm", "swarm_poll",  # the route source (services instead of containers) is chosen at start
     "registration",
+    "tls_engine",
 )
 Signature = tuple[int, int, int] | None
 RunInThread = Callable[..., "Deferred[Any]"]

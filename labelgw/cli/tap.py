@@ -51,6 +51,8 @@ class Options(usage.Options):
         ["registry-key", None, None, "Client key (PEM) for etcd"],
         ["registry-user", None, None, "etcd user name (with --registry-password-file)"],
         ["registry-password-file", None, None, "File with the etcd user's password"],
+        ["tls-engine", None, None, "TLS engine of the HTTPS listeners: stdlib (Python's ssl) or openssl (Twisted's "
+         "pyOpenSSL layer) [default: stdlib]"],
     ]
     optFlags = [
         ["tls-strict", None, "Refuse TLS handshakes for unknown names instead of serving the default certificate"],
@@ -147,6 +149,7 @@ def settings_from_options(options: Any) -> config.Settings:
         "registry_key": options["registry-key"],
         "registry_user": options["registry-user"],
         "registry_password_file": options["registry-password-file"],
+        "tls_engine": options["tls-engine"],
     }
     settings = config.build(cli, file)
     _check_endpoints(settings.http)

@@ -7,6 +7,7 @@ A bad label disables only its own container, and the Rejection names the label, 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from typing import Any, Callable, Iterable, Mapping, TypeVar
@@ -54,6 +55,9 @@ KNOWN_LABELS: frozenset[str] = frozenset(
         "tls",
         "canary.max_error_rate",
         "canary.max_latency_ratio",
+        "tls.verify",
+        "tls.ca",
+        "tls.server_name",
     }
 )
 
@@ -226,6 +230,15 @@ def _build_spec(
     interval: float | None = check("health.interval", parse_duration)
     timeout: float | None = check("health.timeout", parse_duration)
     tls: TlsMode | None = check("tls", _parse_tls)
+    # Backend TLS (scheme=https): verify the backend's certificate, against a CA bundle file, for a name.
+    tls_verify = bool(check("tls.verify", parse_bool))
+    tls_ca: str | None = check("tls.ca", _parse_ca_path)
+    tls_server_name: str | None = check("tls.server_name", _parse_server_name)
+    for suffix in ("tls.verify", "tls.ca", "tls.server_name"):
+        if suffix in labels and scheme != "https":
+            raise _Invalid(full(suffix), labels[suffix], f"has effect only with {full('scheme')}=https")
+    if tls_ca is not None and not tls_verify:
+        raise _Invalid(full("tls.ca"), labels["tls.ca"], f"has effect only with {full('tls.verify')}=true")
     # Canary analysis limits (labelgw.core.canary): they judge a version against the stable one.
     max_error_rate: float | None = check("canary.max_error_rate", _parse_error_rate)
     max_latency_ratio: float | None = check("canary.max_latency_ratio", _parse_latency_ratio)
@@ -284,6 +297,9 @@ def _build_spec(
         hash_key=hash_key,
         health_check=health_check,
         tls=tls,
+        tls_verify=tls_verify,
+        tls_ca=tls_ca,
+        tls_server_name=tls_server_name,
         canary_max_error_rate=max_error_rate,
         canary_max_latency_ratio=max_latency_ratio,
         middleware=middleware,
@@ -500,6 +516,25 @@ def _parse_health_path(text: str) -> str:
     if not text.isascii() or any(char.isspace() or ord(char) < 0x20 or ord(char) == 0x7F for char in text):
         raise ValueError("must be ASCII without whitespace or control characters")
     return text
+
+
+def _parse_ca_path(text: str) -> str:
+    # A PEM bundle in labelgw's own file system (mounted into its container), read when a backend is dialled.
+    if not text.startswith("/"):
+        raise ValueError("must be an absolute path to a PEM file of CA certificates")
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
+        raise ValueError("must not contain control characters")
+    return text
+
+
+def _parse_server_name(text: str) -> str:
+    name = text.lower().rstrip(".")
+    if not name or len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in name.split(".")):
+        try:
+            return ipaddress.ip_address(name.strip("[]")).compressed
+        except ValueError:
+            raise ValueError("must be a DNS name or an IP address") from None
+    return name
 
 
 def _parse_network_name(text: str) -> str:

@@ -91,6 +91,11 @@ class ContainerSpec:
     # The active health check; None: only Docker's own healthcheck counts.
     health_check: HealthCheck | None = None
     tls: TlsMode | None = None
+    # Backend TLS (scheme=https): verify its certificate (tls.verify), against this CA bundle file instead of the
+    # system's (tls.ca), for this name instead of the route's first host (tls.server_name).
+    tls_verify: bool = False
+    tls_ca: str | None = None
+    tls_server_name: str | None = None
     # Canary analysis (labelgw.core.canary): cut this version when its error rate exceeds the stable version's by
     # more than this fraction (0.05 = 5 points), or its p99 exceeds the stable one's times this ratio.
     canary_max_error_rate: float | None = None

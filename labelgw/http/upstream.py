@@ -393,19 +393,20 @@ class UpstreamPool:
         """Open a new connection to `backend`; `sink` hears of its success or failure."""
         factory = _ConnectFactory(self, backend, sink)
         if backend.spec.scheme == "https":
-            self.reactor.connectSSL(
-                backend.address, backend.port, factory, self._backend_tls(), timeout=self.settings.connect_timeout
+            # TLS on the standard library's ssl, verified with tls.verify=true (labelgw.tls.backends).
+            self._backend_tls().connect(
+                self.reactor, backend.spec, backend.address, backend.port, factory, self.settings.connect_timeout
             )
         else:
             self.reactor.connectTCP(backend.address, backend.port, factory, timeout=self.settings.connect_timeout)
 
     def _backend_tls(self) -> Any:
-        # Backends behind labelgw.scheme=https: encrypted, not verified. Containers on the same host mostly serve
-        # self-signed certificates, and labelgw reaches them by IP address, not by a name a certificate could match.
+        # Backends behind labelgw.scheme=https: encrypted; verified only with tls.verify=true (containers on the
+        # same host mostly serve self-signed certificates, and are reached by IP address).
         if self._tls_options is None:
-            from twisted.internet.ssl import CertificateOptions
+            from labelgw.tls.backends import BackendTLS
 
-            self._tls_options = CertificateOptions(verify=False)
+            self._tls_options = BackendTLS()
         return self._tls_options
 
     def release(self, connection: UpstreamConnection) -> None:

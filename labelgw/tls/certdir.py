@@ -50,6 +50,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from labelgw.tls.material import CertificateMaterial
 from labelgw.tls.policy import (
     INTERMEDIATE,
     SERVER_KEY_TYPES,
@@ -94,6 +95,8 @@ class UserCertificate:
     fingerprint: str
     is_default: bool
     context: SSL.Context = field(compare=False, repr=False)
+    # The same certificate for any TLS engine (labelgw.tls.material); None only in tests that build one by hand.
+    material: CertificateMaterial | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +304,9 @@ def _load(
     except SSL.Error as e:
         raise _Unusable(f"OpenSSL refused it: {_openssl_reason(e)}") from e
     fingerprint = hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()[:16]
-    return UserCertificate(source, names, leaf.not_valid_after_utc, fingerprint, is_default, context)
+    assert isinstance(key, SERVER_KEY_TYPES)  # _build_context refused the others
+    material = CertificateMaterial(leaf, key, tuple(chain))
+    return UserCertificate(source, names, leaf.not_valid_after_utc, fingerprint, is_default, context, material)
 
 
 def _build_context(

@@ -1,8 +1,9 @@
 """HTTPS for the gateway: the TLS listeners and the plain-HTTP -> HTTPS redirect, built from the settings.
 
 Every ``--https`` endpoint (default ``tcp:8443``; ``--https none`` for none) serves the same proxy as ``--http``,
-one Gateway, behind TLS terminated in this process by Twisted's C{TLSMemoryBIOFactory} with a handshake deadline and
-a bounded close (L{labelgw.tls.deadlines}). Per handshake,
+one Gateway, behind TLS terminated in this process by the standard library's ssl (L{labelgw.tls.stdtls}; with
+``--tls-engine openssl`` Twisted's C{TLSMemoryBIOFactory}, L{labelgw.tls.deadlines}), with a handshake deadline and
+a bounded close. Per handshake,
 L{SNIContextSelector} picks the certificate: a user certificate from ``--cert-dir``; else a leaf the local CA
 (``--state-dir``) mints for a routed name or a local one (``*.localhost``, loopback IPs); else the default
 certificate, or with ``--tls-strict`` a handshake alert. Requests reach backends with ``X-Forwarded-Proto:
@@ -27,6 +28,7 @@ from labelgw.http.h2 import negotiating_factory
 from labelgw.http.server import Gateway
 from labelgw.cli.listeners import ListenerService
 from labelgw.core.routes import Route
+from labelgw.tls.stdtls import StdTLSFactory, factory_for_engine
 from labelgw.tls import (
     CAError,
     CertDirectory,
@@ -96,7 +98,7 @@ class HttpsService(MultiService):
         self.ca: LocalCA | None = None
         self.cert_dir: CertDirectory | None = None
         self.selector: SNIContextSelector | None = None
-        self.tls_factory: TLSServerFactory | None = None
+        self.tls_factory: TLSServerFactory | StdTLSFactory | None = None
         if not settings.https:
             return
         state_dir = Path(settings.state_dir) if settings.state_dir else default_state_dir()
@@ -118,7 +120,9 @@ class HttpsService(MultiService):
             strict=settings.tls_strict,
         )
         # Deadlines for the handshake (the request head's) and for closing (close_notify, then TCP).
-        factory = TLSServerFactory(
+        # The TLS engine: the standard library's ssl (labelgw.tls.stdtls), or Twisted's pyOpenSSL layer.
+        factory = factory_for_engine(
+            settings.tls_engine,
             self.selector,
             negotiating_factory(gateway, b"https"),
             clock=reactor,

@@ -42,7 +42,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from labelgw.tls.ca import DEFAULT_LEAF_NAMES, LeafMaterial, LocalCA, forbidden_reason
-from labelgw.tls.certdir import CertIndex, RunInThread
+from labelgw.tls.certdir import CertIndex, RunInThread, UserCertificate
+from labelgw.tls.material import CertificateMaterial
 from labelgw.tls.policy import INTERMEDIATE, TLSPolicy, build_server_context, is_local_name, normalize_server_name
 
 MAX_MINTED = 1000
@@ -62,6 +63,12 @@ class CertIndexSource(Protocol):
 class _Minted:
     leaf: LeafMaterial
     context: SSL.Context
+    material: CertificateMaterial
+
+
+def _minted(policy: TLSPolicy, leaf: LeafMaterial) -> _Minted:
+    context = build_server_context(policy, leaf.certificate, leaf.private_key)
+    return _Minted(leaf, context, CertificateMaterial(leaf.certificate, leaf.private_key))
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -110,6 +117,10 @@ class SNIContextSelector:
         self._dispatch_context = build_server_context(policy, None, None)
         self._dispatch_context.set_tlsext_servername_callback(self._on_server_name)
 
+    @property
+    def policy(self) -> TLSPolicy:
+        return self._policy
+
     # --- IOpenSSLServerConnectionCreator -------------------------------------------------------------------
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
@@ -125,7 +136,7 @@ class SNIContextSelector:
 
         def load() -> list[_Minted]:
             return [
-                _Minted(leaf, build_server_context(policy, leaf.certificate, leaf.private_key))
+                _minted(policy, leaf)
                 for leaf in ca.load_cached_leaves(now)
             ]
 
@@ -154,19 +165,29 @@ class SNIContextSelector:
         connection.set_context(context)
 
     def context_for(self, server_name: bytes | str | None) -> SSL.Context:
-        """The context for a handshake naming C{server_name} (None: the client sent no SNI)."""
+        """pyOpenSSL's context for a handshake naming C{server_name} (None: the client sent no SNI)."""
+        chosen = self.choose(server_name)
+        return self._reject_context if chosen is None else chosen.context
+
+    def choose(self, server_name: bytes | str | None) -> UserCertificate | _Minted | None:
+        """The certificate for a handshake naming C{server_name}, or None to refuse it; for any TLS engine.
+
+        The one place where certificate sources are ranked (a new source, such as ACME, adds its lookup here);
+        each engine turns the choice into its own context: pyOpenSSL's C{.context}, the standard library's from
+        C{.material} (labelgw.tls.stdtls).
+        """
         name = normalize_server_name(server_name)
         if name is not None:
             user = self._cert_dir.index.lookup(name) if self._cert_dir is not None else None
             if user is not None:
-                return user.context
+                return user
             if self._ca is not None and (is_local_name(name) or self._is_routed(name)):
-                minted = self._minted_context(name)
+                minted = self._minted_choice(name)
                 if minted is not None:
                     return minted
         if self._strict:
-            return self._reject_context
-        return self._default_context()
+            return None
+        return self._default_choice()
 
     def _log_forbidden(self, name: str) -> None:
         if name in self._refused:
@@ -182,15 +203,14 @@ class SNIContextSelector:
             fallback="refusing the handshake (--tls-strict)" if self._strict else "serving the default certificate",
         )
 
-    def _default_context(self) -> SSL.Context:
+    def _default_choice(self) -> UserCertificate | _Minted | None:
         default = self._cert_dir.index.default if self._cert_dir is not None else None
         if default is not None:
-            return default.context
-        minted = self._default_minted_context()
+            return default
         # Without a CA or a default file there is no certificate to offer.
-        return minted if minted is not None else self._reject_context
+        return self._default_minted_choice()
 
-    def _default_minted_context(self) -> SSL.Context | None:
+    def _default_minted_choice(self) -> _Minted | None:
         if self._ca is None:
             return None
         now = self._now()
@@ -200,16 +220,16 @@ class SNIContextSelector:
                 return None
             self._default_minted = minted
             self._persist(minted.leaf)
-        return self._default_minted.context
+        return self._default_minted
 
-    def _minted_context(self, name: str) -> SSL.Context | None:
+    def _minted_choice(self, name: str) -> _Minted | None:
         if name in DEFAULT_LEAF_NAMES:
-            return self._default_minted_context()
+            return self._default_minted_choice()
         now = self._now()
         cached = self._minted.get(name)
         if cached is not None and cached.leaf.fresh_at(now):
             self._minted.move_to_end(name)
-            return cached.context
+            return cached
         # Checked when minting only: a cached leaf was permitted when it was minted.
         if self._ca is not None and not self._ca.permits(name):
             self._log_forbidden(name)
@@ -220,13 +240,13 @@ class SNIContextSelector:
         self._remember(name, minted)
         if self._is_routed(name):
             self._persist(minted.leaf)
-        return minted.context
+        return minted
 
     def _mint(self, names: tuple[str, ...], now: datetime) -> _Minted | None:
         assert self._ca is not None
         try:
             leaf = self._ca.issue_leaf(names, now)
-            minted = _Minted(leaf, build_server_context(self._policy, leaf.certificate, leaf.private_key))
+            minted = _minted(self._policy, leaf)
             self.minted += 1
             return minted
         except Exception:

@@ -729,7 +729,7 @@ def test_typed_options_defaults() -> None:
         ("health.interval", "5sec", "not a duration"),
         ("health.timeout", "fast", "not a duration"),
         ("health.timeout", "1d", "not a duration"),
-        ("tls", "", "unknown tls mode; use one of: off, redirect"),
+        ("tls", "", "unknown tls mode; use one of: local, off, redirect"),
         ("tls", "on", "unknown tls mode"),
         ("tls", "REDIRECT", "unknown tls mode"),
     ],

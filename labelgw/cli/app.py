@@ -89,6 +89,7 @@ class LabelgwService(MultiService):
                 self.registry, reactor.seconds, self.health.describe, settings.admin_hosts, explainer, serving,
                 canary=self.gateway.canary, metrics=self._metrics_page(),
                 ca_certificate=lambda: self.https.ca.cert_pem if self.https.ca is not None else None,
+                acme=lambda: self.https.acme.describe() if self.https.acme is not None else None,
             )
             admin = self.admin = AdminListener(reactor, settings.admin, site, "http")
             admin.setServiceParent(self)

@@ -37,6 +37,14 @@ class Options(usage.Options):
          f"Request header that pins a request to one version [default: {_DEFAULTS.version_header}]"],
         ["access-log", None, None, f"Access log format: common, json or off [default: {_DEFAULTS.access_log}]"],
         ["access-log-file", None, None, "Write the access log to this file (reopened on SIGUSR1) [default: standard output]"],
+        ["acme-email", None, None, "Get certificates for public host names from an ACME server (Let's Encrypt), with "
+         "this contact address; ACME is off without it"],
+        ["acme-directory", None, None, "ACME directory URL [default: Let's Encrypt production; staging: "
+         "https://acme-staging-v02.api.letsencrypt.org/directory]"],
+        ["acme-ca-bundle", None, None, "PEM file of the CA that signs the ACME server's own HTTPS certificate (a private "
+         "ACME server) [default: the usual trust store]"],
+        ["acme-challenge", None, None, "ACME challenge: auto (HTTP-01 and TLS-ALPN-01 in turn), http-01 or "
+         "tls-alpn-01 [default: auto]"],
     ]
     optFlags = [
         ["tls-strict", None, "Refuse TLS handshakes for unknown names instead of serving the default certificate"],
@@ -120,6 +128,10 @@ def settings_from_options(options: Any) -> config.Settings:
         "access_log_file": options["access-log-file"],
         "debug_headers": True if options["debug-headers"] else None,
         "trusted_proxies": list(options["trusted-proxies"]),
+        "acme_email": options["acme-email"],
+        "acme_directory": options["acme-directory"],
+        "acme_ca_bundle": options["acme-ca-bundle"],
+        "acme_challenge": options["acme-challenge"],
     }
     settings = config.build(cli, file)
     _check_endpoints(settings.http)

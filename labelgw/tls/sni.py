@@ -2,6 +2,8 @@
 
 For the SNI name a client sends, L{SNIContextSelector} picks, in order:
     1. a user certificate from ``--cert-dir`` (exact name, then a one-label wildcard);
+    1b. an ACME certificate of a public name (``--acme-email``; labelgw.tls.acme), or its pending TLS-ALPN-01
+       challenge certificate (labelgw.tls.acme_openssl);
     2. a leaf minted by the local CA, when the name is routed or local (localhost, ``*.localhost``, loopback
        IPs) and the CA's name constraints allow it (local zones only: a routed public or single-label name
        is not minted, one log line per name says why, and the handshake goes on to 3);
@@ -41,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from labelgw.tls.acme_openssl import AcmeContexts
 from labelgw.tls.ca import DEFAULT_LEAF_NAMES, LeafMaterial, LocalCA, forbidden_reason
 from labelgw.tls.certdir import CertIndex, RunInThread
 from labelgw.tls.policy import INTERMEDIATE, TLSPolicy, build_server_context, is_local_name, normalize_server_name
@@ -84,6 +87,7 @@ class SNIContextSelector:
         strict: bool = False,
         policy: TLSPolicy = INTERMEDIATE,
         max_minted: int = MAX_MINTED,
+        acme: AcmeContexts | None = None,
     ) -> None:
         if cert_dir is not None and cert_dir.policy != policy:
             # OpenSSL mixes settings of the first and the switched-to context: they must agree.
@@ -96,6 +100,8 @@ class SNIContextSelector:
         self._strict = strict
         self._policy = policy
         self._max_minted = max_minted
+        # ACME certificates of public names, and pending TLS-ALPN-01 validations (labelgw.tls.acme_openssl).
+        self._acme = acme
         self._minted: OrderedDict[str, _Minted] = OrderedDict()
         # Leaves minted since start (for /metrics).
         self.minted = 0
@@ -160,6 +166,10 @@ class SNIContextSelector:
             user = self._cert_dir.index.lookup(name) if self._cert_dir is not None else None
             if user is not None:
                 return user.context
+            if self._acme is not None:
+                acme = self._acme.context_for(name)
+                if acme is not None:
+                    return acme
             if self._ca is not None and (is_local_name(name) or self._is_routed(name)):
                 minted = self._minted_context(name)
                 if minted is not None:

@@ -345,7 +345,7 @@ class AcmeManager(Service):
             wanted.add(host)
             if len(wanted) >= MAX_NAMES:
                 break
-        for name in wanted:
+        for name in sorted(wanted):
             entry = self._names.get(name)
             if entry is None:
                 entry = self._names[name] = _Name(name)
@@ -409,7 +409,7 @@ class AcmeManager(Service):
         if self._busy is not None or not self.running:
             return
         now = self._clock.seconds()
-        due = [e for e in self._names.values() if e.due is not None and e.due <= now and e.timer is None]
+        due = [e for e in self._names.values() if e.due is not None and e.due <= now]
         if not due:
             return
         entry = min(due, key=lambda e: (e.due, e.name))
@@ -418,6 +418,7 @@ class AcmeManager(Service):
     def _order(self, entry: _Name) -> None:
         challenge = self._challenge_types[entry.failures % len(self._challenge_types)]
         self._busy = entry.name
+        self._cancel(entry)
         entry.due = None
         entry.status = "ordering"
         entry.orders += 1

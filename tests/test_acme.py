@@ -507,7 +507,7 @@ def test_a_pending_tls_alpn_challenge_is_served_to_acme_tls_clients_only(version
     assert after.client_alpn is None  # acme-tls/1 is never selected without a pending challenge
 
 
-def test_without_an_acme_certificate_the_fallback_is_served() -> None:
+def test_without_an_acme_certificate_the_choice_is_as_before_acme() -> None:
     source = Source()
     result = handshake(_selector(source), "api.example.com")
     # No CA, no cert dir: the handshake is refused as before ACME (nothing to serve).

@@ -67,6 +67,16 @@ def _write_tls_material(directory: Path) -> tuple[Path, Path, Path]:
     return ca_path, cert_path, key_path
 
 
+def prepare_tls_material(directory: Path) -> tuple[Path, Path, Path]:
+    """Pebble's API certificate in C{directory}, made once: a test can give labelgw the CA bundle before Pebble
+    runs (an ACME server that is down at first)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = directory / "api-ca.pem", directory / "api-cert.pem", directory / "api-key.pem"
+    if all(path.exists() for path in paths):
+        return paths
+    return _write_tls_material(directory)
+
+
 class PebbleServer:
     """Pebble plus its DNS stub, as subprocesses; ``stop()`` ends both."""
 
@@ -87,7 +97,7 @@ class PebbleServer:
         self.port = port or free_port()
         self.management_port = free_port()
         self.dns_port = free_port()
-        self.ca_bundle, cert, key = _write_tls_material(directory)
+        self.ca_bundle, cert, key = prepare_tls_material(directory)
         config: dict[str, object] = {
             "listenAddress": f"{LOOPBACK}:{self.port}",
             "managementListenAddress": f"{LOOPBACK}:{self.management_port}",

@@ -299,6 +299,21 @@ def test_an_earlier_renewal_hint_from_the_server_wins() -> None:
     assert view["renew_at"] == (START + timedelta(days=10)).isoformat()
 
 
+def test_the_renewal_information_is_asked_for_again_every_six_hours() -> None:
+    world = World()
+    world.hosts = [("api.example.com", None)]
+    world.start()
+    world.issue_now(lifetime=timedelta(days=90))
+    assert world.manager.describe()["names"]["api.example.com"]["renewal_info"] is False
+    # The CA moves the window (it will revoke): the next check, 6 h later, brings the renewal forward.
+    world.issuer.hint = START + timedelta(days=1)
+    world.advance(6 * 3600 + 1)
+    view = world.manager.describe()["names"]["api.example.com"]
+    assert view["renew_at"] == (START + timedelta(days=1)).isoformat()
+    world.advance(DAY)
+    assert len(world.issuer.orders) == 2
+
+
 def test_stored_certificates_are_used_without_an_order() -> None:
     stored = make_certificate("api.example.com", START - timedelta(days=1), timedelta(days=90))
     world = World(stored=[stored])

@@ -68,6 +68,8 @@ RETRY_MAX = 12 * 3600.0
 # A Retry-After beyond this is taken for a mistake (or a server that means "never"): retry after a week then.
 RETRY_AFTER_MAX = 7 * 86400.0
 MAX_NAMES = 10000
+# How often the renewal information (ARI) of a held certificate is asked for again (its draft suggests 6 hours).
+RENEWAL_INFO_INTERVAL = 6 * 3600.0
 
 
 # --- which names --------------------------------------------------------------------------------------------
@@ -217,6 +219,7 @@ class _Name:
     last_error: str | None = None
     orders: int = 0
     timer: IDelayedCall | None = field(default=None, repr=False)
+    hint_timer: IDelayedCall | None = field(default=None, repr=False)
 
 
 class AcmeManager(Service):
@@ -310,6 +313,9 @@ class AcmeManager(Service):
             self._scanner.stop()
         for entry in self._names.values():
             self._cancel(entry)
+            if entry.hint_timer is not None and entry.hint_timer.active():
+                entry.hint_timer.cancel()
+            entry.hint_timer = None
         work = self._work
         if work is None:
             return succeed(None)
@@ -371,6 +377,12 @@ class AcmeManager(Service):
             self._set_due(entry, self._clock.seconds())
             return
         self._schedule_renewal(entry, certificate)
+        self._ask_hint(entry, certificate)
+
+    def _ask_hint(self, entry: _Name, certificate: AcmeCertificate) -> None:
+        entry.hint_timer = None
+        if not self.running or entry.certificate is not certificate:
+            return
         hint = self._issuer.renewal_hint(certificate)
         hint.addCallback(self._apply_hint, entry, certificate)
         hint.addErrback(lambda f: self._log.failure("asking for the ACME renewal information", failure=f))
@@ -383,7 +395,12 @@ class AcmeManager(Service):
         self._set_due(entry, max(when, self._clock.seconds()))
 
     def _apply_hint(self, hint: datetime | None, entry: _Name, certificate: AcmeCertificate) -> None:
-        if hint is None or entry.certificate is not certificate or entry.status != "valid":
+        if entry.certificate is not certificate or not self.running:
+            return
+        # ARI can move the window (a CA about to revoke): asked again every few hours while the certificate is held.
+        if entry.hint_timer is None or not entry.hint_timer.active():
+            entry.hint_timer = self._clock.callLater(RENEWAL_INFO_INTERVAL, self._ask_hint, entry, certificate)
+        if hint is None or entry.status != "valid":
             return
         entry.ari = True
         if entry.renew_at is None or hint.timestamp() < entry.renew_at:
@@ -446,9 +463,7 @@ class AcmeManager(Service):
         )
         if self.running:
             self._schedule_renewal(entry, certificate)
-            hint = self._issuer.renewal_hint(certificate)
-            hint.addCallback(self._apply_hint, entry, certificate)
-            hint.addErrback(lambda f: self._log.failure("asking for the ACME renewal information", failure=f))
+            self._ask_hint(entry, certificate)
 
     def _failed(self, failure: Failure, entry: _Name) -> None:
         entry.failures += 1

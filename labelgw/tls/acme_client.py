@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from labelgw.tls.acme import HTTP_01, TLS_ALPN_01, AcmeFailure, ChallengeBoard, alpn_challenge
@@ -33,6 +33,8 @@ RunInThread = Callable[..., "Deferred[Any]"]
 # How long one order may take from the challenge answer to the certificate (validation and finalisation).
 ORDER_DEADLINE = 90.0
 NETWORK_TIMEOUT = 30
+# Seconds a worker waits for the reactor thread to publish or withdraw a challenge answer.
+REACTOR_WAIT = 10.0
 USER_AGENT = "labelgw (acme-python)"
 
 
@@ -64,11 +66,10 @@ class AcmeIssuer:
         return self._run(self._issue, name, challenge, board)
 
     def renewal_hint(self, certificate: AcmeCertificate) -> Deferred[_dt.datetime | None]:
-        if self._client is None:
-            # Not connected yet (a certificate loaded at start): asked again after the next order.
-            return succeed(None)
         hint: Deferred[_dt.datetime | None] = self._run(self._renewal_hint, certificate)
-        hint.addErrback(lambda f: self._log.debug("ARI: {error}", error=f.getErrorMessage()))
+        # No hint is the normal case (a server without ARI, or one that is down): the usual schedule applies.
+        hint.addErrback(lambda f: self._log.debug("ACME renewal information: {error}", error=f.getErrorMessage()))
+        hint.addErrback(lambda _: None)
         return hint
 
     def load_stored(self) -> Deferred[list[AcmeCertificate]]:
@@ -120,6 +121,10 @@ class AcmeIssuer:
         except AcmeFailure:
             raise
         except Exception as error:  # noqa: BLE001 - every failure becomes a reason and a retry
+            if _account_gone(error):
+                # The server forgot the account (a test server restarted, an account deactivated): register
+                # again at the next attempt.
+                self._client = None
             raise AcmeFailure(_describe(error), self._take_retry_after()) from error
 
     def _issue_or_raise(self, name: str, challenge: str, board: ChallengeBoard) -> AcmeCertificate:
@@ -160,13 +165,33 @@ class AcmeIssuer:
         return certificate
 
     def _renewal_hint(self, certificate: AcmeCertificate) -> _dt.datetime | None:
-        when, _ = self._client.renewal_time(certificate.chain[0].public_bytes(serialization.Encoding.PEM))
+        acme_client = self._connect()
+        if "renewalInfo" not in acme_client.directory:
+            return None
+        when, _ = acme_client.renewal_time(certificate.chain[0].public_bytes(serialization.Encoding.PEM))
+        if when is not None and when.tzinfo is None:
+            when = when.astimezone(_dt.UTC)
         return when  # type: ignore[no-any-return]
 
     def _on_reactor(self, f: Callable[..., Any], *args: Any) -> None:
-        from twisted.internet.threads import blockingCallFromThread  # noqa: PLC0415
+        """Run C{f} on the reactor thread and wait for it, a bounded time: a reactor that stopped meanwhile must not
+        leave this worker thread (and the thread pool's shutdown) waiting for ever."""
+        done = threading.Event()
+        errors: list[BaseException] = []
 
-        blockingCallFromThread(self._reactor, f, *args)
+        def call() -> None:
+            try:
+                f(*args)
+            except BaseException as error:  # noqa: BLE001 - handed to the worker thread
+                errors.append(error)
+            finally:
+                done.set()
+
+        self._reactor.callFromThread(call)
+        if not done.wait(REACTOR_WAIT):
+            raise AcmeFailure("the gateway is stopping")
+        if errors:
+            raise errors[0]
 
     def _take_retry_after(self) -> float | None:
         seen = getattr(self, "_retry_after", None)
@@ -276,6 +301,12 @@ def _describe(error: BaseException) -> str:
     if cause is not None and str(cause):
         text = str(cause).splitlines()[0]
     return f"{type(error).__name__}: {text}"[:300]
+
+
+def _account_gone(error: BaseException) -> bool:
+    from acme import messages  # noqa: PLC0415
+
+    return isinstance(error, messages.Error) and error.code in ("accountDoesNotExist", "unauthorized")
 
 
 def _problem(problem: Any) -> str:

@@ -360,6 +360,8 @@ def test_stop_cancels_timers_and_waits_for_the_order_in_progress() -> None:
 
 def test_challenge_board_http01_and_alpn() -> None:
     world = World()
+    changed: list[str] = []
+    world.manager.watch(changed.append)
     world.manager.publish_http01("tok", "tok.thumb")
     assert world.manager.http01_answer(b"tok") == b"tok.thumb"
     assert world.manager.http01_answer(b"other") is None
@@ -370,6 +372,18 @@ def test_challenge_board_http01_and_alpn() -> None:
     assert world.manager.alpn_challenge_for("api.example.com") is challenge
     world.manager.withdraw_alpn("api.example.com")
     assert world.manager.alpn_challenge_for("api.example.com") is None
+    assert changed == ["api.example.com", "api.example.com"]  # published, withdrawn (HTTP-01 is no TLS matter)
+
+
+def test_watchers_hear_of_issued_and_loaded_certificates() -> None:
+    stored = make_certificate("old.example.com", START - timedelta(days=1), timedelta(days=90))
+    world = World(stored=[stored])
+    changed: list[str] = []
+    world.manager.watch(changed.append)
+    world.hosts = [("old.example.com", None), ("api.example.com", None)]
+    world.start()
+    world.issue_now()
+    assert changed == ["old.example.com", "api.example.com"]
 
 
 def test_the_tls_alpn_challenge_certificate_carries_the_acme_identifier() -> None:

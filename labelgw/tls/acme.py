@@ -199,6 +199,12 @@ class AcmeSource(Protocol):
         """The TLS-ALPN-01 certificate while a validation of C{name} is pending, else None. Serve it only to a
         client whose ALPN offer is C{acme-tls/1}, with C{acme-tls/1} selected."""
 
+    def watch(self, changed: Callable[[str], None]) -> None:
+        """Call C{changed(name)} (reactor thread) after either answer above changed for C{name}: an engine that
+        prepares its contexts ahead of the handshake rebuilds that name's there. A TLS-ALPN-01 challenge is
+        published before the ACME server is asked to validate, and C{changed} runs synchronously inside that
+        publication, so a context built in C{changed} is in place in time."""
+
 
 # --- the manager ----------------------------------------------------------------------------------------------
 
@@ -263,6 +269,7 @@ class AcmeManager(Service):
         self._loaded = False
         self._scanner: LoopingCall | None = None
         self._work: Deferred[Any] | None = None
+        self._watchers: list[Callable[[str], None]] = []
 
     # --- AcmeSource ------------------------------------------------------------------------------------------
 
@@ -276,6 +283,16 @@ class AcmeManager(Service):
 
     def alpn_challenge_for(self, name: str) -> AlpnChallenge | None:
         return self._alpn.get(name)
+
+    def watch(self, changed: Callable[[str], None]) -> None:
+        self._watchers.append(changed)
+
+    def _changed(self, name: str) -> None:
+        for changed in self._watchers:
+            try:
+                changed(name)
+            except Exception:
+                self._log.failure("a watcher of ACME name {name}", name=name)
 
     def http01_answer(self, token: bytes) -> bytes | None:
         """The key authorization for C{token} while its HTTP-01 validation is pending, else None."""
@@ -294,9 +311,11 @@ class AcmeManager(Service):
 
     def publish_alpn(self, challenge: AlpnChallenge) -> None:
         self._alpn[challenge.name] = challenge
+        self._changed(challenge.name)
 
     def withdraw_alpn(self, name: str) -> None:
-        self._alpn.pop(name, None)
+        if self._alpn.pop(name, None) is not None:
+            self._changed(name)
 
     # --- the service -----------------------------------------------------------------------------------------
 
@@ -328,6 +347,7 @@ class AcmeManager(Service):
         for certificate in stored:
             entry = self._names.setdefault(certificate.name, _Name(certificate.name))
             entry.certificate = certificate
+            self._changed(certificate.name)
             self._log.info(
                 "ACME certificate for {name} loaded from the state directory, valid until {not_after}",
                 name=certificate.name, not_after=certificate.not_after.isoformat(),
@@ -455,6 +475,7 @@ class AcmeManager(Service):
 
     def _issued(self, certificate: AcmeCertificate, entry: _Name) -> None:
         entry.certificate = certificate
+        self._changed(entry.name)
         entry.failures = 0
         entry.last_error = None
         self._log.info(

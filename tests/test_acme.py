@@ -333,6 +333,18 @@ def test_a_stored_certificate_due_for_renewal_is_renewed_at_start() -> None:
     assert world.manager.certificate_for("api.example.com") is stored
 
 
+def test_a_name_opted_out_later_says_why() -> None:
+    world = World()
+    world.hosts = [("api.example.com", None)]
+    world.start()
+    world.issue_now()
+    world.hosts = [("api.example.com", "local")]
+    world.advance(3)
+    view = world.manager.describe()["names"]["api.example.com"]
+    assert view["status"] == "left_out"
+    assert "tls=local" in view["reason"]
+
+
 def test_a_name_no_longer_routed_is_dropped_and_ordered_again_when_it_returns() -> None:
     world = World()
     world.hosts = [("api.example.com", None)]

@@ -365,12 +365,17 @@ class AcmeManager(Service):
     def scan(self) -> None:
         """Compare the routed public names with what is managed: new names are scheduled, gone ones dropped."""
         wanted: set[str] = set()
+        # Why a name held before is not wanted now (for the admin view).
+        left_out: dict[str, str] = {}
         for host, tls in self._hosts():
-            if tls == "local" or not wants_acme(host) or self._has_own(host):
+            if not wants_acme(host):
                 continue
-            wanted.add(host)
-            if len(wanted) >= MAX_NAMES:
-                break
+            if tls == "local":
+                left_out[host] = "its route is labelled tls=local"
+            elif self._has_own(host):
+                left_out[host] = "--cert-dir has a certificate for it"
+            elif len(wanted) < MAX_NAMES:
+                wanted.add(host)
         for name in sorted(wanted):
             entry = self._names.get(name)
             if entry is None:
@@ -383,8 +388,9 @@ class AcmeManager(Service):
                 if entry.certificate is None:
                     del self._names[name]
                 else:
-                    entry.status, entry.due = "unrouted", None
-                    entry.reason = "no route names it any more (the certificate stays on disk)"
+                    entry.status, entry.due = ("left_out" if name in left_out else "unrouted"), None
+                    why = left_out.get(name, "no route names it any more")
+                    entry.reason = f"not managed: {why} (the certificate stays on disk)"
 
     def _schedule_first(self, entry: _Name) -> None:
         certificate = entry.certificate

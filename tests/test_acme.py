@@ -469,6 +469,8 @@ def test_http01_validation_request_is_answered_with_the_key_authorization() -> N
     response = client.response()
     assert response.status == 200
     assert response.body == b"tok_en-1.thumb"
+    assert response.header(b"connection") == b"close"
+    assert client.closing  # as the answer says
     assert harness.new_connects() == []  # not proxied
 
 

@@ -31,10 +31,15 @@ def answer_http01(gateway: Any, path: str, head: RequestHead, side: RequestSide)
         b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n"
         b"Cache-Control: no-store" % len(body)
     )
-    # The key authorization exactly (no "labelgw:" text around it, unlike refuse()); the connection closes after
-    # it, as labelgw's own answers do when a request body would be left unread.
+    # The key authorization exactly (no "labelgw:" text around it, unlike refuse()), and the connection closed
+    # after it: validation servers use a connection per validation, and no request state is left behind.
     side.response_head(response, head.method != b"HEAD", True, b"")
     if head.method != b"HEAD":
         side.response_data(body)
     side.response_end()
+    from labelgw.http.server import ClientConnection  # noqa: PLC0415 - server imports dispatch, which imports this
+
+    if isinstance(side, ClientConnection):
+        # HTTP/1.1: the response is over and the connection closes (an HTTP/2 stream simply ends).
+        side.exchange_done(None, True)  # type: ignore[arg-type]
     return True

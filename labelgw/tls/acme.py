@@ -256,6 +256,7 @@ class AcmeManager(Service):
         self._issuer = issuer
         self._hosts = hosts
         self._challenge_types = challenge_types
+        self.challenge_types = challenge_types
         self._has_own = has_own_certificate
         self.directory_url = directory_url
         self._scan_interval = scan_interval

@@ -147,6 +147,13 @@ class HttpsService(MultiService):
         )
         # Leaves cached on disk by an earlier run, read in a thread (the call never fails).
         self.selector.load_cached_leaves()
+        if self.acme is not None:
+            self._log.info(
+                "ACME on: certificates for public routed names from {directory} (challenges {challenges}), kept in "
+                "{state_dir}/acme; GET /acme on the admin listener shows them",
+                directory=self.acme.directory_url, challenges=", ".join(self.acme.challenge_types),
+                state_dir=str(self.ca.state_dir),
+            )
 
     def _make_acme(self, settings: Settings, reactor: Any, gateway: Gateway, state_dir: Path, run: Any) -> Any:
         """ACME for public names (--acme-email): the manager (a child service), its HTTP-01 answers on the gateway

@@ -224,6 +224,8 @@ class _Name:
     last_challenge: str | None = None
     last_error: str | None = None
     orders: int = 0
+    # The certificate's notAfter in epoch seconds: compared in every handshake for the name, so computed once.
+    expires: float = 0.0
     timer: IDelayedCall | None = field(default=None, repr=False)
     hint_timer: IDelayedCall | None = field(default=None, repr=False)
 
@@ -278,7 +280,7 @@ class AcmeManager(Service):
         entry = self._names.get(name)
         if entry is None or entry.certificate is None:
             return None
-        if entry.certificate.not_after.timestamp() <= self._clock.seconds():
+        if entry.expires <= self._clock.seconds():
             return None  # expired: the fallback is no worse, and says nothing false
         return entry.certificate
 
@@ -348,6 +350,7 @@ class AcmeManager(Service):
         for certificate in stored:
             entry = self._names.setdefault(certificate.name, _Name(certificate.name))
             entry.certificate = certificate
+            entry.expires = certificate.not_after.timestamp()
             self._changed(certificate.name)
             self._log.info(
                 "ACME certificate for {name} loaded from the state directory, valid until {not_after}",
@@ -482,6 +485,7 @@ class AcmeManager(Service):
 
     def _issued(self, certificate: AcmeCertificate, entry: _Name) -> None:
         entry.certificate = certificate
+        entry.expires = certificate.not_after.timestamp()
         self._changed(entry.name)
         entry.failures = 0
         entry.last_error = None

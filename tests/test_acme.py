@@ -474,6 +474,20 @@ def test_http01_validation_request_is_answered_with_the_key_authorization() -> N
     assert harness.new_connects() == []  # not proxied
 
 
+def test_http01_is_answered_before_the_redirect_to_https() -> None:
+    from labelgw.tls.https import HttpsRedirect
+
+    harness, manager = _harness_with_acme()
+    harness.gateway.https_redirect = HttpsRedirect(True, lambda: 8443)
+    manager.publish_http01("tok", "tok.thumb")
+    client = harness.connect()
+    client.send(b"GET /.well-known/acme-challenge/tok HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+    assert client.response().body == b"tok.thumb"
+    other = harness.connect()
+    other.send(b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+    assert other.response().status == 308
+
+
 def test_an_unknown_token_goes_to_the_backend_like_any_request() -> None:
     harness, manager = _harness_with_acme()
     manager.publish_http01("tok", "tok.thumb")

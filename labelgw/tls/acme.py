@@ -190,7 +190,25 @@ class Issuer(Protocol):
 
 
 class AcmeSource(Protocol):
-    """What a TLS engine asks during a handshake; both calls are dict lookups (reactor thread, no I/O)."""
+    """What a TLS engine asks during a handshake; both calls are dict lookups (reactor thread, no I/O).
+
+    The running gateway's source is C{HttpsService.acme} (an L{AcmeManager}; None without ``--acme-email``). An
+    engine asks it after the ``--cert-dir`` lookup and before the local CA, with the normalised SNI name:
+
+        1. C{alpn_challenge_for(name)} not None: a TLS-ALPN-01 validation is pending (seconds). Serve its
+           certificate with ALPN C{acme-tls/1} to a client offering C{acme-tls/1}. pyOpenSSL
+           (labelgw.tls.acme_openssl) decides in its ALPN callback and gives every other client the name's
+           current certificate; an engine without an ALPN-select callback (the standard library's ssl, whose
+           ALPN list is fixed per context) switches the connection to a context holding the challenge certificate
+           and offering only C{acme-tls/1} for as long as the challenge is pending, and other clients of that name
+           get the challenge certificate during those seconds.
+        2. C{certificate_for(name)} not None: serve C{chain_pem} (leaf first) with C{key_pem}, or C{chain} and
+           C{private_key} as cryptography objects.
+        3. otherwise: the choice as without ACME (local CA where its constraints allow, else the default).
+
+    Material changes only on the reactor thread, and L{watch} says when, so contexts can be built ahead of the
+    handshake (the standard library loads keys from files only: build them in C{watch}'s callback).
+    """
 
     def certificate_for(self, name: str) -> AcmeCertificate | None:
         """The ACME certificate to serve for C{name} (normalised SNI), or None: fall back as without ACME."""

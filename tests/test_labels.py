@@ -666,11 +666,16 @@ def test_container_network_mode_explained() -> None:
         ("health.timeout", "0.5"),
         ("tls", "redirect"),
         ("tls", "off"),
+        ("tls", "local"),
     ],
 )
 def test_later_labels_valid(suffix: str, value: str) -> None:
     spec = spec_of(set_labels(load("twonet"), **{suffix.replace(".", "__"): value}))
     assert spec.option(suffix) == value
+
+
+def test_tls_local_opts_a_route_out_of_acme() -> None:
+    assert spec_of(set_labels(load("twonet"), tls="local")).tls == "local"
 
 
 def test_typed_options_are_read_once() -> None:
@@ -729,7 +734,7 @@ def test_typed_options_defaults() -> None:
         ("health.interval", "5sec", "not a duration"),
         ("health.timeout", "fast", "not a duration"),
         ("health.timeout", "1d", "not a duration"),
-        ("tls", "", "unknown tls mode; use one of: off, redirect"),
+        ("tls", "", "unknown tls mode; use one of: local, off, redirect"),
         ("tls", "on", "unknown tls mode"),
         ("tls", "REDIRECT", "unknown tls mode"),
     ],

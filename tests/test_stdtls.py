@@ -270,3 +270,49 @@ def test_http2_writes_of_one_turn_go_out_as_one_record(clock: MemoryReactorClock
     client.server.loseConnection()
     client.pump()
     assert client.received.endswith(b"last") and client.close_notify
+
+
+# --- ACME on this engine: the selector's ACME source and the TLS-ALPN-01 hook, as labelgw.tls.https wires them ------
+
+
+def test_acme_certificates_and_tls_alpn_01_on_the_stdlib_engine(tmp_path: Path, clock: MemoryReactorClock) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from labelgw.tls.acme import alpn_challenge
+    from labelgw.tls.acme_openssl import AcmeContexts
+    from test_acme import Source, make_certificate
+
+    source = Source()
+    now = datetime.now(UTC)
+    source.challenge = alpn_challenge("api.example.com", "tok.thumb", now)
+    acme = AcmeContexts(source, INTERMEDIATE)
+    ca = LocalCA.load_or_create(tmp_path / "state")
+    chooser = SNIContextSelector(clock=clock, run_in_thread=lambda f, *a, **k: defer.succeed(None),
+                                 is_routed=lambda name: True, local_ca=ca, acme=acme)
+    tls_factory = factory(clock, Factory.forProtocol(Recorder), chooser, challenges=acme.challenge_material)
+    challenge_der = source.challenge.certificate.public_bytes(serialization.Encoding.DER)
+
+    def connect(alpn: list[str]) -> Client:
+        client = Client(tls_factory, clock)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(alpn)
+        client.tls = context.wrap_bio(client.incoming, client.outgoing, server_hostname="api.example.com")
+        client.handshake()
+        return client
+
+    # A first order: the validation server gets the challenge, a browser what it got before ACME (the default
+    # certificate: the local CA does not sign public names).
+    validator = connect(["acme-tls/1"])
+    assert validator.tls.selected_alpn_protocol() == "acme-tls/1"
+    assert validator.tls.getpeercert(binary_form=True) == challenge_der
+    assert "localhost" in served_names(connect(["h2", "http/1.1"]))
+    # Issued: the ACME certificate for everyone; a renewal's challenge still goes to the validation server only.
+    source.certificate = make_certificate("api.example.com", now - timedelta(hours=1), timedelta(days=90))
+    acme_der = source.certificate.certificate.public_bytes(serialization.Encoding.DER)
+    assert connect(["h2", "http/1.1"]).tls.getpeercert(binary_form=True) == acme_der
+    assert connect(["acme-tls/1"]).tls.getpeercert(binary_form=True) == challenge_der
+    source.challenge = None
+    assert connect(["http/1.1"]).tls.getpeercert(binary_form=True) == acme_der
+    assert acme.challenge_material("api.example.com") is None

@@ -272,7 +272,7 @@ def test_routed_public_and_bare_names_get_the_default_certificate_and_one_log_li
     public = [line for line in lines if "api.example.com" in line]
     assert len(public) == 1
     assert "name constraints forbid it" in public[0] and "serving the default certificate" in public[0]
-    assert "--cert-dir" in public[0] and "no ACME yet" in public[0]
+    assert "--cert-dir" in public[0] and "--acme-email" in public[0]
     bare = [line for line in lines if "no minted certificate for api:" in line]
     assert len(bare) == 1 and "api.localhost" in bare[0]
     assert s.selector.minted == 2  # the default leaf and shop.localhost; nothing for the forbidden names

@@ -90,6 +90,7 @@ class LabelgwService(MultiService):
                 canary=self.gateway.canary, metrics=self._metrics_page(),
                 ca_certificate=lambda: self.https.ca.cert_pem if self.https.ca is not None else None,
                 registrations=self._registrations_view if settings.registration.enabled else None,
+                acme=lambda: self.https.acme.describe() if self.https.acme is not None else None,
             )
             admin = self.admin = AdminListener(reactor, settings.admin, site, "http")
             admin.setServiceParent(self)

@@ -118,6 +118,28 @@ class Settings:
     swarm_poll: float = 1.0
     # The registration API and its registry (labelgw.registration): off unless --registry-api or --registry.
     registration: RegistrySettings = field(default_factory=RegistrySettings)
+    # ACME certificates for public names (labelgw.tls.acme): on with an email address (--acme-email).
+    acme: AcmeSettings | None = None
+
+
+LETS_ENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
+ACME_RETRY_BASE = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeSettings:
+    """--acme-email, --acme-directory, --acme-ca-bundle, --acme-challenge; acme_retry_base in the file only."""
+
+    email: str
+    directory: str = LETS_ENCRYPT_DIRECTORY
+    ca_bundle: str | None = None
+    # auto: HTTP-01 and TLS-ALPN-01 in turn (those with a listener); or only one of them.
+    challenge: str = "auto"
+    # Seconds before the first retry after a failed order (doubling from there; labelgw.tls.acme.retry_delay).
+    retry_base: float = ACME_RETRY_BASE
+
+
+ACME_CHALLENGES = ("auto", "http-01", "tls-alpn-01")
 
 
 # The one place the defaults are written: `build` fills what neither the command line nor the file sets from it.
@@ -155,6 +177,7 @@ _FILE_KEYS |= {"access_log", "access_log_file", "debug_headers"}
 _FILE_KEYS |= {"trusted_proxies"}
 _FILE_KEYS |= {"swarm", "swarm_poll"}
 _FILE_KEYS |= _REGISTRY_KEYS
+_FILE_KEYS |= {"acme_email", "acme_directory", "acme_ca_bundle", "acme_challenge", "acme_retry_base"}
 
 
 def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Settings:
@@ -251,6 +274,7 @@ def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Sett
         drain_grace=_positive_number("drain_grace", file.get("drain_grace", DEFAULTS.drain_grace)),
         canary_window=_positive_number("canary_window", file.get("canary_window", DEFAULTS.canary_window)),
         **_https_settings(pick),
+        acme=_acme_settings(pick),
         **_balancing_settings(pick),
         **_access_log_settings(pick),
     )
@@ -425,6 +449,36 @@ def _tls_engine(value: Any) -> str:
     if value not in ("stdlib", "openssl"):
         raise ConfigError(f"--tls-engine: {value!r} is not stdlib or openssl")
     return str(value)
+
+
+def _acme_settings(pick: Any) -> AcmeSettings | None:
+    email = pick("acme_email")
+    rest = [key for key in ("acme_directory", "acme_ca_bundle", "acme_challenge") if pick(key) is not None]
+    if email is None:
+        if rest:
+            raise ConfigError(f"--{rest[0].replace('_', '-')}: needs --acme-email (ACME is off without it)")
+        return None
+    if not isinstance(email, str) or (email and ("@" not in email or any(c in email for c in " \t\r\n,<>"))):
+        raise ConfigError(f"--acme-email: {email!r} is not an email address")
+    directory = pick("acme_directory") or LETS_ENCRYPT_DIRECTORY
+    if not isinstance(directory, str) or not directory.startswith(("https://", "http://")):
+        raise ConfigError(f"--acme-directory: {directory!r} is not an http(s) URL")
+    bundle = pick("acme_ca_bundle")
+    if bundle is not None:
+        if not isinstance(bundle, str) or not os.path.isfile(os.path.expanduser(bundle)):
+            raise ConfigError(f"--acme-ca-bundle: {bundle!r} is not a file")
+        bundle = os.path.abspath(os.path.expanduser(bundle))
+    challenge = pick("acme_challenge") or "auto"
+    if challenge not in ACME_CHALLENGES:
+        raise ConfigError(f"--acme-challenge: {challenge!r} is not one of {', '.join(ACME_CHALLENGES)}")
+    base = pick("acme_retry_base")
+    return AcmeSettings(
+        email=email,
+        directory=directory,
+        ca_bundle=bundle,
+        challenge=challenge,
+        retry_base=ACME_RETRY_BASE if base is None else _positive_number("acme_retry_base", base),
+    )
 
 
 def _https_endpoints(value: Any) -> tuple[str, ...]:

@@ -42,7 +42,7 @@ SETTLE = 0.25
 # Settings read once at start; a change to them is reported and waits for a restart.
 RESTART_ONLY = (
     "docker_host", "label_prefix", "env", "docker", "resync_interval", "state_dir", "cert_dir", "tls_strict",
-    "redirect_https", "tls_close_grace", "admin", "admin_hosts", "version_header", "canary_window", "metrics",
+    "redirect_https", "tls_close_grace", "admin", "admin_hosts", "version_header", "canary_window", "metrics", "acme",
     "swarm", "swarm_poll",  # the route source (services instead of containers) is chosen at start
     "registration",
     "tls_engine",

@@ -53,6 +53,14 @@ class Options(usage.Options):
         ["registry-password-file", None, None, "File with the etcd user's password"],
         ["tls-engine", None, None, "TLS engine of the HTTPS listeners: stdlib (Python's ssl) or openssl (Twisted's "
          "pyOpenSSL layer) [default: stdlib]"],
+        ["acme-email", None, None, "Get certificates for public host names from an ACME server (Let's Encrypt), with "
+         "this contact address; ACME is off without it"],
+        ["acme-directory", None, None, "ACME directory URL [default: Let's Encrypt production; staging: "
+         "https://acme-staging-v02.api.letsencrypt.org/directory]"],
+        ["acme-ca-bundle", None, None, "PEM file of the CA that signs the ACME server's own HTTPS certificate (a private "
+         "ACME server) [default: the usual trust store]"],
+        ["acme-challenge", None, None, "ACME challenge: auto (HTTP-01 and TLS-ALPN-01 in turn), http-01 or "
+         "tls-alpn-01 [default: auto]"],
     ]
     optFlags = [
         ["tls-strict", None, "Refuse TLS handshakes for unknown names instead of serving the default certificate"],
@@ -150,6 +158,10 @@ def settings_from_options(options: Any) -> config.Settings:
         "registry_user": options["registry-user"],
         "registry_password_file": options["registry-password-file"],
         "tls_engine": options["tls-engine"],
+        "acme_email": options["acme-email"],
+        "acme_directory": options["acme-directory"],
+        "acme_ca_bundle": options["acme-ca-bundle"],
+        "acme_challenge": options["acme-challenge"],
     }
     settings = config.build(cli, file)
     _check_endpoints(settings.http)

@@ -217,10 +217,13 @@ class AdminResource(Resource):
         metrics: Metrics | None = None,
         ca_certificate: Callable[[], bytes | None] | None = None,
         registrations: Callable[[], dict[str, Any]] | None = None,
+        acme: Callable[[], Any] | None = None,
     ) -> None:
         Resource.__init__(self)
         # The registration API's registry (labelgw.registration): its kind, instance count and etcd state.
         self._registrations = registrations
+        # GET /acme: the ACME certificates of public names, and why a name has none yet (labelgw.tls.acme).
+        self._acme = acme
         # GET /ca.pem: the local CA's public certificate (never its key); None or None returned: no HTTPS CA.
         self._ca_certificate = ca_certificate
         self._canary = canary if canary is not None else CanaryAnalyzer()
@@ -275,6 +278,12 @@ class AdminResource(Resource):
             name, content_type = static
             request.setHeader(b"content-type", content_type)
             return self._static[name]
+        if path == b"/acme":
+            described = self._acme() if self._acme is not None else None
+            if described is None:
+                request.setResponseCode(404)
+                return self._json(request, {"error": "ACME is off (no --acme-email)"})
+            return self._json(request, described)
         if path == b"/ca.pem":
             pem = self._ca_certificate() if self._ca_certificate is not None else None
             if pem is not None:
@@ -286,7 +295,7 @@ class AdminResource(Resource):
         request.setResponseCode(404)
         return self._json(request, {
             "error": "not found",
-            "try": ["/", "/api/state", "/dashboard", "/explain?url=", "/healthz", "/ca.pem"]
+            "try": ["/", "/api/state", "/dashboard", "/explain?url=", "/healthz", "/ca.pem", "/acme"]
             + (["/metrics"] if self._metrics is not None else []),
         })
 
@@ -379,10 +388,12 @@ def admin_site(
     metrics: Metrics | None = None,
     ca_certificate: Callable[[], bytes | None] | None = None,
     registrations: Callable[[], dict[str, Any]] | None = None,
+    acme: Callable[[], Any] | None = None,
 ) -> Site:
     return AdminSite(
         AdminResource(
-            registry, clock, health, allowed_hosts, explainer, serving, canary, metrics, ca_certificate, registrations
+            registry, clock, health, allowed_hosts, explainer, serving, canary, metrics, ca_certificate, registrations,
+            acme,
         )
     )
 

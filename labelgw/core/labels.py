@@ -68,7 +68,7 @@ KNOWN_LABELS = KNOWN_LABELS | MIDDLEWARE_LABELS
 BALANCERS: Mapping[str, BalancerName] = {
     "wrt": "wrt", "round_robin": "round_robin", "least_conn": "least_conn", "hash": "hash",
 }
-TLS_MODES: Mapping[str, TlsMode] = {"redirect": "redirect", "off": "off"}
+TLS_MODES: Mapping[str, TlsMode] = {"redirect": "redirect", "off": "off", "local": "local"}
 SCHEMES: Mapping[str, Scheme] = {"http": "http", "https": "https"}
 MAX_WEIGHT = 1000.0
 MAX_LATENCY_RATIO = 1000.0

@@ -31,8 +31,9 @@ BalancerName = Literal["wrt", "round_robin", "least_conn", "hash"]
 # Where `hash` reads a request's key (labelgw.http.hashkey): the client address, a header, a cookie or the path.
 HashKeyKind = Literal["ip", "header", "cookie", "path"]
 Scheme = Literal["http", "https"]
-# "redirect": plain HTTP for the route is answered with a 308 to HTTPS; "off": exempt from --redirect-https.
-TlsMode = Literal["redirect", "off"]
+# "redirect": plain HTTP for the route is answered with a 308 to HTTPS; "off": exempt from --redirect-https;
+# "local": no ACME certificate for the route's public host (the local CA's or the default certificate instead).
+TlsMode = Literal["redirect", "off", "local"]
 
 DEFAULT_HEALTH_INTERVAL = 5.0
 DEFAULT_HEALTH_TIMEOUT = 2.0

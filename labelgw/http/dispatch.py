@@ -13,6 +13,7 @@ from labelgw.http.sides import RequestSide
 from labelgw.core.routes import normalize_host
 from labelgw.http.versioning import choose_version
 from labelgw.core.paths import PathRefused, route_target
+from labelgw.tls.acme_http import answer_http01
 
 if TYPE_CHECKING:
     from labelgw.core.backends import Backend, ServicePool
@@ -63,6 +64,9 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
         side.refuse(400, error.reason, _close(head))
         return None
     head.target = target
+    # ACME HTTP-01 validations of labelgw's own orders, before routing and the HTTPS redirect (labelgw.tls.acme_http).
+    if path.startswith("/.well-known/acme-challenge/") and answer_http01(gateway, path, head, side):
+        return None
     route = gateway.table.lookup(host, path)
     # Plain HTTP answered with a 308 to HTTPS (--redirect-https, <prefix>.tls=redirect): labelgw.tls.https.
     redirect = gateway.https_redirect

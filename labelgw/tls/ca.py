@@ -551,8 +551,8 @@ def forbidden_reason(name: str) -> str:
             "certificate for it in --cert-dir"
         )
     return (
-        f"it is limited to local names ({', '.join(LOCAL_DNS_ZONES)} and names under them) and labelgw cannot "
-        "get a public certificate (no ACME yet); put a certificate for it in --cert-dir"
+        f"it is limited to local names ({', '.join(LOCAL_DNS_ZONES)} and names under them); a public name needs "
+        "a certificate from an ACME server (--acme-email) or one in --cert-dir"
     )
 
 

@@ -30,6 +30,7 @@ from labelgw.cli.listeners import ListenerService
 from labelgw.core.routes import Route
 from labelgw.tls.stdtls import StdTLSFactory, factory_for_engine
 from labelgw.tls import (
+    INTERMEDIATE,
     CAError,
     CertDirectory,
     LocalCA,
@@ -99,7 +100,10 @@ class HttpsService(MultiService):
         self.cert_dir: CertDirectory | None = None
         self.selector: SNIContextSelector | None = None
         self.tls_factory: TLSServerFactory | StdTLSFactory | None = None
+        self.acme: Any = None
         if not settings.https:
+            if settings.acme is not None:
+                self._log.warn("--acme-email: ignored, there is no HTTPS listener (--https none)")
             return
         state_dir = Path(settings.state_dir) if settings.state_dir else default_state_dir()
         try:
@@ -110,6 +114,7 @@ class HttpsService(MultiService):
         if settings.cert_dir:
             self.cert_dir = CertDirectory(Path(settings.cert_dir), clock=reactor, run_in_thread=run_in_thread)
             self.cert_dir.setServiceParent(self)
+        acme_contexts = self._make_acme(settings, reactor, gateway, state_dir, run_in_thread)
         self.selector = SNIContextSelector(
             clock=reactor,
             run_in_thread=run_in_thread,
@@ -118,6 +123,7 @@ class HttpsService(MultiService):
             local_ca=self.ca,
             cert_dir=self.cert_dir,
             strict=settings.tls_strict,
+            acme=acme_contexts,
         )
         # Deadlines for the handshake (the request head's) and for closing (close_notify, then TCP).
         # The TLS engine: the standard library's ssl (labelgw.tls.stdtls), or Twisted's pyOpenSSL layer.
@@ -128,6 +134,9 @@ class HttpsService(MultiService):
             clock=reactor,
             handshake_timeout=settings.proxy.head_timeout,
             close_grace=settings.tls_close_grace,
+            # TLS-ALPN-01 on the standard library's engine, which reads the ClientHello's ALPN offer for it (the
+            # pyOpenSSL engine switches in its ALPN callback: labelgw.tls.acme_openssl).
+            challenges=acme_contexts.challenge_material if acme_contexts is not None else None,
         )
         # Its handshake counters are read by /metrics.
         self.tls_factory = factory
@@ -145,6 +154,49 @@ class HttpsService(MultiService):
         )
         # Leaves cached on disk by an earlier run, read in a thread (the call never fails).
         self.selector.load_cached_leaves()
+        if self.acme is not None:
+            self._log.info(
+                "ACME on: certificates for public routed names from {directory} (challenges {challenges}), kept in "
+                "{state_dir}/acme; GET /acme on the admin listener shows them",
+                directory=self.acme.directory_url, challenges=", ".join(self.acme.challenge_types),
+                state_dir=str(self.ca.state_dir),
+            )
+
+    def _make_acme(self, settings: Settings, reactor: Any, gateway: Gateway, state_dir: Path, run: Any) -> Any:
+        """ACME for public names (--acme-email): the manager (a child service), its HTTP-01 answers on the gateway
+        (labelgw.http.dispatch) and its contexts for the SNI selector; None without --acme-email."""
+        if settings.acme is None:
+            return None
+        from labelgw.tls.acme import HTTP_01, TLS_ALPN_01, AcmeManager
+        from labelgw.tls.acme_client import AcmeIssuer
+        from labelgw.tls.acme_openssl import AcmeContexts
+        from labelgw.tls.acme_store import AcmeStore
+
+        acme = settings.acme
+        kinds = {"auto": (HTTP_01, TLS_ALPN_01), "http-01": (HTTP_01,), "tls-alpn-01": (TLS_ALPN_01,)}[acme.challenge]
+        # HTTP-01 needs an HTTP listener; TLS-ALPN-01 has the HTTPS ones (this service exists only with them).
+        challenge_types = tuple(kind for kind in kinds if kind != HTTP_01 or settings.http)
+        if not challenge_types:
+            raise SystemExit("labelgw: --acme-challenge http-01 needs an HTTP listener (--http)")
+        store = AcmeStore(state_dir, acme.directory)
+        issuer = AcmeIssuer(reactor=reactor, run_in_thread=run, store=store, email=acme.email, ca_bundle=acme.ca_bundle)
+        table = gateway.table
+        cert_dir = self.cert_dir
+
+        def hosts() -> list[tuple[str, str | None]]:
+            return [(route.host, route.tls) for route in table.all_routes()]
+
+        def has_own(name: str) -> bool:
+            index = cert_dir.index if cert_dir is not None else None
+            return index is not None and index.lookup(name) is not None
+
+        manager = self.acme = AcmeManager(
+            clock=reactor, issuer=issuer, hosts=hosts, challenge_types=challenge_types, has_own_certificate=has_own,
+            directory_url=acme.directory, retry_base=acme.retry_base,
+        )
+        manager.setServiceParent(self)
+        gateway.acme = manager  # type: ignore[attr-defined]
+        return AcmeContexts(manager, INTERMEDIATE)
 
     def _first_listener_port(self) -> int | None:
         port = self.listeners[0].port if self.listeners else None

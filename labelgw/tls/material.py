@@ -9,7 +9,7 @@ C{ssl.SSLContext} (L{labelgw.tls.stdtls}).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -39,3 +39,8 @@ class Served(Protocol):
 
     @property
     def material(self) -> CertificateMaterial | None: ...
+
+    @property
+    def context(self) -> Any:
+        """pyOpenSSL's C{SSL.Context} (only the openssl engine asks: the others never build one)."""
+        ...

@@ -2,6 +2,8 @@
 
 For the SNI name a client sends, L{SNIContextSelector} picks, in order:
     1. a user certificate from ``--cert-dir`` (exact name, then a one-label wildcard);
+    1b. an ACME certificate of a public name (``--acme-email``; labelgw.tls.acme), or its pending TLS-ALPN-01
+       challenge certificate (labelgw.tls.acme_openssl);
     2. a leaf minted by the local CA, when the name is routed or local (localhost, ``*.localhost``, loopback
        IPs) and the CA's name constraints allow it (local zones only: a routed public or single-label name
        is not minted, one log line per name says why, and the handshake goes on to 3);
@@ -41,9 +43,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from labelgw.tls.acme_openssl import AcmeContexts
 from labelgw.tls.ca import DEFAULT_LEAF_NAMES, LeafMaterial, LocalCA, forbidden_reason
 from labelgw.tls.certdir import CertIndex, RunInThread, UserCertificate
-from labelgw.tls.material import CertificateMaterial
+from labelgw.tls.material import CertificateMaterial, Served
 from labelgw.tls.policy import INTERMEDIATE, TLSPolicy, build_server_context, is_local_name, normalize_server_name
 
 MAX_MINTED = 1000
@@ -91,6 +94,7 @@ class SNIContextSelector:
         strict: bool = False,
         policy: TLSPolicy = INTERMEDIATE,
         max_minted: int = MAX_MINTED,
+        acme: AcmeContexts | None = None,
     ) -> None:
         if cert_dir is not None and cert_dir.policy != policy:
             # OpenSSL mixes settings of the first and the switched-to context: they must agree.
@@ -103,6 +107,8 @@ class SNIContextSelector:
         self._strict = strict
         self._policy = policy
         self._max_minted = max_minted
+        # ACME certificates of public names, and pending TLS-ALPN-01 validations (labelgw.tls.acme_openssl).
+        self._acme = acme
         self._minted: OrderedDict[str, _Minted] = OrderedDict()
         # Leaves minted since start (for /metrics).
         self.minted = 0
@@ -167,9 +173,10 @@ class SNIContextSelector:
     def context_for(self, server_name: bytes | str | None) -> SSL.Context:
         """pyOpenSSL's context for a handshake naming C{server_name} (None: the client sent no SNI)."""
         chosen = self.choose(server_name)
-        return self._reject_context if chosen is None else chosen.context
+        context = chosen.context if chosen is not None else None
+        return self._reject_context if context is None else context
 
-    def choose(self, server_name: bytes | str | None) -> UserCertificate | _Minted | None:
+    def choose(self, server_name: bytes | str | None) -> Served | None:
         """The certificate for a handshake naming C{server_name}, or None to refuse it; for any TLS engine.
 
         The one place where certificate sources are ranked (a new source, such as ACME, adds its lookup here);
@@ -181,10 +188,20 @@ class SNIContextSelector:
             user = self._cert_dir.index.lookup(name) if self._cert_dir is not None else None
             if user is not None:
                 return user
-            if self._ca is not None and (is_local_name(name) or self._is_routed(name)):
-                minted = self._minted_choice(name)
-                if minted is not None:
-                    return minted
+            if self._acme is not None:
+                # Only a pending TLS-ALPN-01 challenge and no certificate yet: an engine that serves the challenge
+                # apart (stdlib) gives other clients what they would get without ACME, the local choice.
+                acme = self._acme.served_for(name, lambda: self._local_choice(name))
+                if acme is not None:
+                    return acme
+        return self._local_choice(name)
+
+    def _local_choice(self, name: str | None) -> UserCertificate | _Minted | None:
+        """Without a user or ACME certificate: a minted leaf, else the default (or None when strict)."""
+        if name is not None and self._ca is not None and (is_local_name(name) or self._is_routed(name)):
+            minted = self._minted_choice(name)
+            if minted is not None:
+                return minted
         if self._strict:
             return None
         return self._default_choice()

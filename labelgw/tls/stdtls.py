@@ -747,10 +747,12 @@ def factory_for_engine(
     clock: IReactorTime,
     handshake_timeout: float,
     close_grace: float = DEFAULT_CLOSE_GRACE,
+    challenges: ChallengeSource | None = None,
 ) -> Any:
-    """The listener factory of TLS engine C{engine}: "stdlib" (L{StdTLSFactory}) or "openssl" (Twisted's layer)."""
+    """The listener factory of TLS engine C{engine}: "stdlib" (L{StdTLSFactory}) or "openssl" (Twisted's layer).
+    C{challenges}: TLS-ALPN-01 certificates for the stdlib engine (the openssl one gets them through C{chooser})."""
     if engine == "stdlib":
-        return StdTLSFactory(chooser, wrapped, clock, handshake_timeout, close_grace)
+        return StdTLSFactory(chooser, wrapped, clock, handshake_timeout, close_grace, challenges=challenges)
     if engine == "openssl":
         from labelgw.tls.deadlines import TLSServerFactory  # noqa: PLC0415
 

@@ -37,6 +37,8 @@ class Options(usage.Options):
          f"Request header that pins a request to one version [default: {_DEFAULTS.version_header}]"],
         ["access-log", None, None, f"Access log format: common, json or off [default: {_DEFAULTS.access_log}]"],
         ["access-log-file", None, None, "Write the access log to this file (reopened on SIGUSR1) [default: standard output]"],
+        ["workers", None, None, "Serve with N worker processes under a supervising one (auto: one per core); SIGHUP "
+         "then replaces them without a failed request [default: 1, in this process]"],
     ]
     optFlags = [
         ["tls-strict", None, "Refuse TLS handshakes for unknown names instead of serving the default certificate"],
@@ -76,6 +78,8 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def parseOptions(self, options: Any = None) -> None:
+        # The options as given: the workers of a supervisor (--workers) parse the same ones.
+        self.argv = list(sys.argv[1:] if options is None else options)
         try:
             usage.Options.parseOptions(self, options)
         except usage.UsageError as error:
@@ -89,6 +93,27 @@ class Options(usage.Options):
             self.settings = settings_from_options(self)
         except config.ConfigError as error:
             raise usage.UsageError(str(error)) from None
+        self.workers = parse_workers(self["workers"])
+
+
+def parse_workers(value: str | None) -> int | None:
+    """--workers: None when not given (one process serves), else the number of worker processes."""
+    if value is None:
+        return None
+    if value.strip().lower() == "auto":
+        import os
+
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+    try:
+        count = int(value)
+    except ValueError:
+        raise usage.UsageError(f"--workers {value!r}: a number of processes or auto") from None
+    if not 1 <= count <= 1024:
+        raise usage.UsageError(f"--workers {value!r}: from 1 to 1024")
+    return count
 
 
 def brief_usage_error(error: Exception, program: str = "twistd labelgw") -> str:
@@ -181,6 +206,15 @@ def makeService(options: Options) -> Any:
     reactor = default_reactor()
     quietlog.enable()  # Twisted's port lines and labelgw's debug lines out of twistd's log (labelgw.cli.quietlog)
 
+    workers = getattr(options, "workers", None)
+    if workers is not None:
+        # A supervisor holding the sockets, N worker processes serving them (labelgw.workers); SIGHUP replaces
+        # the workers (after re-reading the config file, when there is one).
+        from labelgw.workers.supervisor import SupervisorService, install as install_supervisor
+
+        supervisor = SupervisorService(options.settings, reactor, workers, getattr(options, "argv", []))
+        install_supervisor(supervisor, reactor, options["config"], lambda: settings_from_options(options))
+        return supervisor
     service = LabelgwService(options.settings, reactor)
     # The --config file watched and re-applied while running; SIGHUP re-reads it (labelgw.cli.reload).
     from labelgw.cli.reload import install as install_reload

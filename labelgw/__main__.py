@@ -11,6 +11,7 @@ usage: python -m labelgw <command> [options]
 commands:
   ca       show labelgw's local certificate authority; --install / --uninstall it in the system trust store
   explain  where a running labelgw would send a request to URL now (asks its admin listener; --help)
+  reload   make a running labelgw reload (SIGHUP through its pidfile): config re-read, workers replaced (--help)
 
 The gateway itself runs under twistd: twistd -n labelgw --help"""
 
@@ -28,6 +29,10 @@ def main(argv: Sequence[str]) -> int:
         from labelgw.cli.explain_command import main as explain_main  # noqa: PLC0415 - only the chosen command
 
         return explain_main(rest)
+    if command == "reload":
+        from labelgw.cli.reload_command import main as reload_main  # noqa: PLC0415 - only the chosen command
+
+        return reload_main(rest)
     print(f"python -m labelgw: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

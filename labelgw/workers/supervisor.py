@@ -263,7 +263,9 @@ class WorkerPool:
             if data is None:
                 data = encode(message)
             process.transport.writeToChild(0, data)
-            waiting.add(process)
+            # A worker still starting reads it once its interpreter is up: its start-up time is not push latency.
+            if process.state != "starting":
+                waiting.add(process)
         if waiting:
             if len(self._pending) >= MAX_PENDING:
                 self._pending.pop(next(iter(self._pending)))
@@ -535,6 +537,32 @@ class SupervisorService(LabelgwService):
             on_report=self._report, on_ejected=self._ejected,
         )
         self._tee_registry()
+        if self.admin is not None:
+            # GET /workers on the admin listener: the workers, their restarts and the push latency.
+            self.admin.factory.resource.workers = self.describe_workers
+
+    def _metrics_page(self) -> Any:
+        """/metrics of the whole gateway: the supervisor's series and the workers' merged (labelgw.workers.aggregate)."""
+        if not self.settings.metrics:
+            return None
+        from labelgw.control import metrics
+        from labelgw.workers.aggregate import WorkersCollector
+
+        own = metrics.GatewayCollector(
+            self.gateway, self.registry, lambda: self.watcher, self.docker_metrics,
+            self.https.tls_factory, self.https.selector,
+        )
+        registry = metrics.metrics_registry([WorkersCollector(own, lambda: getattr(self, "pool", None))])
+        return lambda: metrics.render(registry)
+
+    def describe_workers(self) -> dict[str, Any]:
+        view = self.pool.describe()
+        for entry in (*view["workers"], *view["starting"], *view["stopping"]):
+            process = next((p for p in self.pool.processes() if p.pid == entry["pid"]), None)
+            report = process.report if process is not None else None
+            # Requests this worker sent to backends (its last report, at most a second old).
+            entry["requests"] = sum(values[1] for values in report[2].values()) if report is not None else 0
+        return view
 
     # Sockets.
 

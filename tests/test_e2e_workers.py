@@ -241,3 +241,30 @@ def test_health_change_reaches_every_worker_and_metrics_are_the_gateways(
         print(f"\nrequests per worker {served}; push latency {workers['push_latency_seconds']}")
     finally:
         gateway.stop()
+
+
+def test_docker_routes_reach_every_worker(labelgw: Any, containers: Any) -> None:
+    """One event subscription (the supervisor's), the route on every worker: 100 requests on fresh connections,
+    spread over both workers by the kernel, all routed; after the container stops, none is."""
+    from support.measurements import record
+
+    gateway = labelgw("--workers", "2", "--access-log", "off")
+    for index in (1, 2):
+        gateway.wait_for_log(f"worker {index} ready", timeout=60)
+    labels = {"labelgw.service": "pushed", "labelgw.port": "8000"}
+    container = containers.python(["-m", "labelgw.tools.whoami", "--port", "8000", "--name", "pushed"], labels=labels)
+    containers.wait_serving(container, 8000)
+    wait_until(lambda: http_get(gateway.base_url, host="pushed.localhost").status == 200, timeout=30)
+    statuses = [http_get(gateway.base_url, host="pushed.localhost").status for _ in range(100)]
+    assert statuses == [200] * 100
+    view = admin_json(gateway, "/workers")
+    assert all(worker["requests"] >= 0 for worker in view["workers"]) and len(view["workers"]) == 2
+    container.stop(timeout=1)
+    wait_until(lambda: http_get(gateway.base_url, host="pushed.localhost").status != 200, timeout=30)
+    statuses = [http_get(gateway.base_url, host="pushed.localhost").status for _ in range(100)]
+    assert 200 not in statuses
+    latency = admin_json(gateway, "/workers")["push_latency_seconds"]
+    record("workers: change pushed to both workers (last ack), mean / max", f"{latency['mean']} / {latency['max']} s")
+    # One event subscription: the workers run no Docker watcher at all.
+    log = gateway.log_text()
+    assert "worker1 labelgw.docker" not in log and "worker2 labelgw.docker" not in log

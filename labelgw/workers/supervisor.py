@@ -697,6 +697,30 @@ class SupervisorService(LabelgwService):
             held.startService()
         self._log.info("labelgw supervising {count} worker processes", count=self.pool.count)
         self.pool.start()
+        if self.settings.access_log_file is not None:
+            # Each worker writes the access log file and reopens it on SIGUSR1 (logrotate signals the pidfile's
+            # process: this one).
+            self.reactor.addSystemEventTrigger("after", "startup", self._forward_sigusr1)
+
+    def _forward_sigusr1(self) -> None:
+        try:
+            previous = signal.getsignal(signal.SIGUSR1)
+        except ValueError:
+            return
+
+        def handler(number: int, frame: Any) -> None:
+            self.reactor.callFromThread(self._signal_workers, signal.SIGUSR1)
+            if callable(previous):
+                previous(number, frame)
+
+        try:
+            signal.signal(signal.SIGUSR1, handler)
+        except ValueError:  # not the main thread
+            pass
+
+    def _signal_workers(self, number: int) -> None:
+        for process in self.pool.processes():
+            process.kill(number)
 
     def reload_workers(self, why: str) -> Deferred[bool]:
         return self.pool.reload(why)

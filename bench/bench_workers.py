@@ -63,16 +63,38 @@ def run_wrk(port: int, duration_s: int, connections: int, pin: str | None) -> bp
     return bp.parse_wrk(done.stdout)
 
 
+def session_switches(session_id: int, root: int) -> tuple[int, float]:
+    """Context switches (voluntary + involuntary) of the session's processes, and the CPU seconds of its root (the
+    supervisor, or the single process)."""
+    switches = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                if int(stat.read().rsplit(b")", 1)[1].split()[3]) != session_id:
+                    continue
+            with open(f"/proc/{entry}/status", "rb") as status:
+                for line in status:
+                    if line.startswith((b"voluntary_ctxt_switches", b"nonvoluntary_ctxt_switches")):
+                        switches += int(line.split()[1])
+        except OSError:
+            continue
+    return switches, bp._threads_cpu_s(str(root))
+
+
 def measure(server: bp.Managed, port: int, args: argparse.Namespace) -> dict[str, float]:
     assert server.process is not None
     session = os.getsid(server.process.pid)
     # Warm-up: every worker has seen traffic (imports, caches, connection pools).
     run_wrk(port, 2, args.connections, args.pin_wrk)
     before = bp.session_cpu_s(session)
+    switches_before, root_before = session_switches(session, server.process.pid)
     started = time.monotonic()
     result = run_wrk(port, args.duration, args.connections, args.pin_wrk)
     elapsed = time.monotonic() - started
     cpu = bp.session_cpu_s(session) - before
+    switches_after, root_after = session_switches(session, server.process.pid)
     requests = result.requests
     return {
         "rps": result.requests_per_s,
@@ -81,6 +103,10 @@ def measure(server: bp.Managed, port: int, args: argparse.Namespace) -> dict[str
         "errors": float(result.errors),
         "cpu_us_per_request": cpu / requests * 1e6 if requests else float("nan"),
         "cpu_cores": cpu / elapsed,
+        # Each blocking epoll_wait is a context switch: fewer requests per wake-up cost more CPU per request.
+        "switches_per_request": (switches_after - switches_before) / requests if requests else float("nan"),
+        # The supervisor's part (0 for nothing but the reports), or the whole for the single process.
+        "root_cpu_us_per_request": (root_after - root_before) / requests * 1e6 if requests else float("nan"),
     }
 
 
@@ -110,7 +136,9 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
                         results[name].append(row)
                         print(f"round {round_index + 1} {name}: {row['rps']:.0f} req/s, "
                               f"{row['cpu_us_per_request']:.1f} CPU us/request, {row['cpu_cores']:.2f} cores, "
-                              f"p99 {row['p99_ms']:.1f} ms, errors {row['errors']:.0f}", flush=True)
+                              f"p99 {row['p99_ms']:.1f} ms, errors {row['errors']:.0f}, "
+                              f"{row['switches_per_request']:.2f} context switches/request, supervisor "
+                              f"{row['root_cpu_us_per_request']:.2f} us/request", flush=True)
                     finally:
                         server.stop()
         finally:
@@ -122,10 +150,12 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     print(f"\nmedians over {args.rounds} round(s), {args.duration} s each, {args.connections} connections, wrk "
           + (f"pinned to CPU {args.pin_wrk}" if args.pin_wrk is not None else "not pinned")
           + f", {os.cpu_count()} CPUs:")
-    print(f"{'target':<10} {'req/s':>8} {'CPU us/req':>11} {'cores':>6} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7}")
+    print(f"{'target':<10} {'req/s':>8} {'CPU us/req':>11} {'cores':>6} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7} "
+          f"{'switch/req':>10} {'root us/req':>11}")
     for name, row in medians.items():
         print(f"{name:<10} {row['rps']:>8.0f} {row['cpu_us_per_request']:>11.1f} {row['cpu_cores']:>6.2f} "
-              f"{row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} {row['errors']:>7.0f}")
+              f"{row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} {row['errors']:>7.0f} {row['switches_per_request']:>10.2f} "
+              f"{row['root_cpu_us_per_request']:>11.2f}")
     ratios = {}
     if "workers-1" in medians and "workers-2" in medians:
         one, two = medians["workers-1"], medians["workers-2"]

@@ -411,3 +411,23 @@ def test_supervisor_pushes_registry_changes_and_health(tmp_path: Any) -> None:
     World.say(processes[0], ("ejected", "api", "c1", 30.0))
     assert backend.ejected_until is not None
     assert World.sent(processes[1])[-1][0] == "eject" and World.sent(processes[0])[-1][0] == "health"
+
+
+def test_workers_option() -> None:
+    from twisted.python import usage
+
+    from labelgw.cli.tap import Options, parse_workers
+
+    assert parse_workers(None) is None
+    assert parse_workers("3") == 3
+    assert parse_workers("auto") >= 1  # type: ignore[operator]
+    for bad in ("0", "x", "2000"):
+        with pytest.raises(usage.UsageError):
+            parse_workers(bad)
+    options = Options()
+    options.parseOptions(["--workers", "2", "--https", "none", "--admin", "none"])
+    assert options.workers == 2
+    assert options.argv == ["--workers", "2", "--https", "none", "--admin", "none"]
+    plain = Options()
+    plain.parseOptions(["--https", "none"])
+    assert plain.workers is None

@@ -268,3 +268,29 @@ def test_docker_routes_reach_every_worker(labelgw: Any, containers: Any) -> None
     # One event subscription: the workers run no Docker watcher at all.
     log = gateway.log_text()
     assert "worker1 labelgw.docker" not in log and "worker2 labelgw.docker" not in log
+
+
+def test_a_config_edit_starts_workers_with_the_new_settings(backends: dict[str, int], tmp_path: Path) -> None:
+    gateway = start_gateway(tmp_path, backends, "2")
+    try:
+        config = tmp_path / "labelgw.yaml"
+        text = config.read_text() + (
+            f'  beta:\n    hosts: [beta.localhost]\n    backends: ["{LOOPBACK}:{backends["b"]}"]\n'
+        )
+        mark = gateway.log_mark()
+        partial = config.with_suffix(".tmp")
+        partial.write_text(text)
+        partial.replace(config)
+        # The file watcher applies it in the supervisor, then a new generation reads it.
+        gateway.wait_for_log("reload: generation 2 serving", since=mark, timeout=90)
+        answers = [http_get(gateway.base_url, host="beta.localhost").header("X-Whoami") for _ in range(50)]
+        assert answers == ["b"] * 50
+        # A file that does not parse: the log line, no new generation, the last good configuration serves.
+        mark = gateway.log_mark()
+        partial.write_text(text + "  gamma: [\n")
+        partial.replace(config)
+        gateway.wait_for_log("not applied, the last good configuration keeps serving", since=mark, timeout=30)
+        assert "generation 3" not in gateway.log_text()[mark:]
+        assert http_get(gateway.base_url, host="beta.localhost").status == 200
+    finally:
+        gateway.stop()

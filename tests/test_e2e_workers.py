@@ -274,9 +274,13 @@ def test_a_config_edit_starts_workers_with_the_new_settings(backends: dict[str, 
     gateway = start_gateway(tmp_path, backends, "2")
     try:
         config = tmp_path / "labelgw.yaml"
-        text = config.read_text() + (
-            f'  beta:\n    hosts: [beta.localhost]\n    backends: ["{LOOPBACK}:{backends["b"]}"]\n'
-        )
+        second = free_port()
+        # A second HTTP listener (bound by the supervisor, passed to the new workers) and a new service.
+        text = config.read_text().replace(
+            f'http: ["tcp:{gateway.port}:interface={LOOPBACK}"]',
+            f'http: ["tcp:{gateway.port}:interface={LOOPBACK}", "tcp:{second}:interface={LOOPBACK}"]',
+        ) + f'  beta:\n    hosts: [beta.localhost]\n    backends: ["{LOOPBACK}:{backends["b"]}"]\n'
+        assert str(second) in text
         mark = gateway.log_mark()
         partial = config.with_suffix(".tmp")
         partial.write_text(text)
@@ -285,6 +289,8 @@ def test_a_config_edit_starts_workers_with_the_new_settings(backends: dict[str, 
         gateway.wait_for_log("reload: generation 2 serving", since=mark, timeout=90)
         answers = [http_get(gateway.base_url, host="beta.localhost").header("X-Whoami") for _ in range(50)]
         assert answers == ["b"] * 50
+        answers = [http_get(f"http://{LOOPBACK}:{second}/", host="beta.localhost").header("X-Whoami") for _ in range(20)]
+        assert answers == ["b"] * 20
         # A file that does not parse: the log line, no new generation, the last good configuration serves.
         mark = gateway.log_mark()
         partial.write_text(text + "  gamma: [\n")

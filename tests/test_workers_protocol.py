@@ -52,6 +52,23 @@ def test_oversized_frame_and_non_message_are_errors() -> None:
         FrameDecoder().feed(len(body).to_bytes(4, "big") + body)
 
 
+def test_the_supervisor_reads_only_plain_values_from_a_worker() -> None:
+    plain = FrameDecoder(plain=True)
+    assert plain.feed(encode(("report", b"text", {"c1": (1, 2, 3, 4, 5)}, 1.5, None))) == [
+        ("report", b"text", {"c1": (1, 2, 3, 4, 5)}, 1.5, None)
+    ]
+    with pytest.raises(ProtocolError):
+        FrameDecoder(plain=True).feed(encode(("op", 1, "apply", ("c1", spec()))))
+
+
+def test_a_worker_sending_a_class_is_killed() -> None:
+    world = World(1)
+    world.pool.start()
+    (one,) = world.spawned
+    world.say(one, ("ready", one.pid, spec()))
+    assert one.transport.signals == [9] and one.state == "starting"  # type: ignore[union-attr]
+
+
 # Limits split over the workers.
 
 

@@ -18,7 +18,8 @@ Supervisor to worker (fd 0 of the worker):
 - ``("eject", seq, service, key, seconds)``: another worker ejected a backend (outlier detection);
 - ``("stop",)``: stop accepting, finish the requests in flight (up to the drain grace) and exit.
 
-Worker to supervisor (fd 3 of the worker):
+Worker to supervisor (fd 3 of the worker), built-in values only (the supervisor refuses any class: a worker parses
+hostile traffic, the supervisor must not run code a worker sends):
 - ``("ready", pid)``: listening (the inherited sockets adopted) with the state applied;
 - ``("ack", seq)``: a change applied (the supervisor measures the push latency from it);
 - ``("report", exposition, backends)``: the worker's /metrics exposition (text) and per-backend counters
@@ -28,6 +29,7 @@ Worker to supervisor (fd 3 of the worker):
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 from typing import Any
@@ -51,12 +53,25 @@ def encode(message: Message) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-class FrameDecoder:
-    """Bytes in (in pieces of any size), messages out."""
+class _PlainUnpickler(pickle.Unpickler):
+    """Only what pickle writes natively (tuples, lists, dicts, str, bytes, numbers, None, booleans): no class is
+    looked up, so no code runs. What the supervisor reads from a worker, a process that parses hostile traffic."""
 
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+    def find_class(self, module: str, name: str) -> Any:
+        raise ProtocolError(f"a worker may not send {module}.{name}")
+
+
+def _plain_loads(data: bytes) -> Any:
+    return _PlainUnpickler(io.BytesIO(data)).load()
+
+
+class FrameDecoder:
+    """Bytes in (in pieces of any size), messages out. C{plain}: only built-in values (L{_PlainUnpickler})."""
+
+    def __init__(self, max_frame: int = MAX_FRAME, plain: bool = False) -> None:
         self._buffer = bytearray()
         self._max = max_frame
+        self._loads = _plain_loads if plain else pickle.loads
 
     def feed(self, data: bytes) -> list[Message]:
         buffer = self._buffer
@@ -71,7 +86,7 @@ class FrameDecoder:
             end = offset + size + length
             if end > len(buffer):
                 break
-            message = pickle.loads(bytes(buffer[offset + size : end]))
+            message = self._loads(bytes(buffer[offset + size : end]))
             if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
                 raise ProtocolError(f"not a message: {type(message).__name__}")
             messages.append(message)

@@ -94,7 +94,7 @@ class WorkerProcess(ProcessProtocol):
         # starting -> ready -> stopping -> ended
         self.state = "starting"
         self.started = pool.clock.seconds()
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(plain=True)
         self.exit: str | None = None
         self.report: Message | None = None
         self._start_timer: Any = None

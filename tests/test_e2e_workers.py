@@ -300,3 +300,35 @@ def test_a_config_edit_starts_workers_with_the_new_settings(backends: dict[str, 
         assert http_get(gateway.base_url, host="beta.localhost").status == 200
     finally:
         gateway.stop()
+
+
+def test_a_rate_limit_holds_for_the_gateway_not_per_worker(backends: dict[str, int], tmp_path: Path) -> None:
+    port, admin = free_port(), free_port()
+    config = tmp_path / "labelgw.yaml"
+    config.write_text(
+        f'docker: false\nhttps: none\nhttp: ["tcp:{port}:interface={LOOPBACK}"]\nservices:\n  alpha:\n'
+        f'    hosts: [alpha.localhost]\n    backends: ["{LOOPBACK}:{backends["a"]}"]\n'
+        "    ratelimit: 10/s\n    ratelimit.burst: 10\n"
+    )
+    gateway = TwistdProcess(
+        ["-n", "--pidfile=", "labelgw", "--config", str(config), "--admin", f"tcp:{admin}:interface={LOOPBACK}",
+         "--access-log", "off", "--workers", "2"], port=port, cwd=tmp_path / "gateway",
+    )
+    try:
+        gateway.wait_until_listening()
+        for index in (1, 2):
+            gateway.wait_for_log(f"worker {index} ready", timeout=60)
+        time.sleep(1.5)  # a full bucket again after the readiness checks
+        started = time.monotonic()
+        statuses = [http_get(gateway.base_url, host="alpha.localhost").status for _ in range(80)]
+        elapsed = time.monotonic() - started
+        admitted = statuses.count(200)
+        assert set(statuses) <= {200, 429}
+        # The label's limit for the whole gateway (a burst of 10, then 10/s), whichever worker took each request;
+        # one more for a token refilled between the clock reads.
+        assert 5 <= admitted <= 10 + 10 * elapsed + 1, (admitted, elapsed)
+        workers = admin_json(gateway, "/workers")
+        print(f"\nrate limit 10/s burst 10, 2 workers: {admitted} of 80 admitted in {elapsed:.2f} s; "
+              f"requests per worker {[w['requests'] for w in workers['workers']]}")
+    finally:
+        gateway.stop()

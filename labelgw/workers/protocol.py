@@ -16,14 +16,17 @@ Supervisor to worker (fd 0 of the worker):
   ``resync``) as the Docker watcher (or a config reload) made it in the supervisor;
 - ``("health", seq, service, key, state)``: the supervisor's active health check changed a backend's state;
 - ``("eject", seq, service, key, seconds)``: another worker ejected a backend (outlier detection);
+- ``("limits", seq, service, rate, burst, inflight, pending)``: this worker's part of a service's rate limit and
+  concurrency limit (None: that limit unchanged), rebalanced by the supervisor from the workers' demand;
 - ``("stop",)``: stop accepting, finish the requests in flight (up to the drain grace) and exit.
 
 Worker to supervisor (fd 3 of the worker), built-in values only (the supervisor refuses any class: a worker parses
 hostile traffic, the supervisor must not run code a worker sends):
 - ``("ready", pid)``: listening (the inherited sockets adopted) with the state applied;
 - ``("ack", seq)``: a change applied (the supervisor measures the push latency from it);
-- ``("report", exposition, backends)``: the worker's /metrics exposition (text) and per-backend counters
-  ``{key: (in_flight, requests, errors, ejections, consecutive_failures)}``, sent every REPORT_INTERVAL;
+- ``("report", exposition, backends, demand)``: the worker's /metrics exposition (text), per-backend counters
+  ``{key: (in_flight, requests, errors, ejections, consecutive_failures)}`` and, per service with a rate or
+  concurrency limit, the requests it saw since the last report; sent every REPORT_INTERVAL;
 - ``("ejected", service, key, seconds)``: this worker ejected a backend.
 """
 

@@ -97,6 +97,9 @@ class WorkerProcess(ProcessProtocol):
         self.decoder = FrameDecoder(plain=True)
         self.exit: str | None = None
         self.report: Message | None = None
+        # Per limited service: the smoothed requests per report, and the limits last sent (labelgw.workers.limits).
+        self.demand: dict[str, float] = {}
+        self.limits_sent: dict[str, tuple[Any, ...]] = {}
         self._start_timer: Any = None
         self._kill_timer: Any = None
         self.ended: Deferred[None] = Deferred()
@@ -665,6 +668,11 @@ class SupervisorService(LabelgwService):
     def _report(self, worker: WorkerProcess, message: Message) -> None:
         """Per-backend counters of the whole gateway: the sum of the workers' last reports, written into the
         supervisor's own backends (which serve nothing), so that the admin view shows the gateway's."""
+        from labelgw.workers.limits import smoothed
+
+        if len(message) > 3:
+            for service, seen in message[3].items():
+                worker.demand[service] = smoothed(worker.demand.get(service), seen)
         totals: dict[str, list[int]] = {}
         for process in self.pool.processes():
             report = process.report
@@ -684,6 +692,33 @@ class SupervisorService(LabelgwService):
                     backend.in_flight, backend.requests, backend.errors = values[0], values[1], values[2]
                     backend.consecutive_failures = values[4]
 
+    def rebalance_limits(self) -> None:
+        """Divide each limited service's rate and concurrency limits between the serving workers by their demand
+        (labelgw.workers.limits); a worker is sent its part when it changed."""
+        from labelgw.workers.limits import integer_parts, shares
+
+        workers = sorted((p for p in self.pool.workers.values() if p.state == "ready"), key=lambda p: p.id)
+        if not workers:
+            return
+        for name, service in self.registry.services.items():
+            chain = service.middleware
+            if chain is None or (chain.spec.ratelimit is None and chain.spec.concurrency is None):
+                continue
+            fractions = shares([p.demand.get(name, 0.0) for p in workers])
+            limit, concurrency = chain.spec.ratelimit, chain.spec.concurrency
+            inflight = integer_parts(concurrency.max_inflight, fractions, 1) if concurrency is not None else None
+            pending = integer_parts(concurrency.max_pending, fractions) if concurrency is not None else None
+            for index, process in enumerate(workers):
+                part = (
+                    round(limit.rate * fractions[index], 6) if limit is not None else None,
+                    round(max(1.0, limit.burst * fractions[index]), 6) if limit is not None else None,
+                    inflight[index] if inflight is not None else None,
+                    pending[index] if pending is not None else None,
+                )
+                if process.limits_sent.get(name) != part:
+                    process.limits_sent[name] = part
+                    process.send(("limits", self.pool._next_seq(), name, *part))
+
     # Service.
 
     def privilegedStartService(self) -> None:
@@ -697,6 +732,15 @@ class SupervisorService(LabelgwService):
             held.startService()
         self._log.info("labelgw supervising {count} worker processes", count=self.pool.count)
         self.pool.start()
+        from twisted.internet.task import LoopingCall
+
+        from labelgw.workers.protocol import REPORT_INTERVAL
+
+        self._rebalancer = LoopingCall(self.rebalance_limits)
+        self._rebalancer.clock = self.reactor
+        self._rebalancer.start(REPORT_INTERVAL, now=False).addErrback(
+            lambda failure: self._log.failure("rebalancing the limits", failure)
+        )
         if self.settings.access_log_file is not None:
             # Each worker writes the access log file and reopens it on SIGUSR1 (logrotate signals the pidfile's
             # process: this one).
@@ -727,6 +771,9 @@ class SupervisorService(LabelgwService):
 
     def stopService(self) -> Deferred[Any]:
         self.running = False
+        rebalancer = getattr(self, "_rebalancer", None)
+        if rebalancer is not None and rebalancer.running:
+            rebalancer.stop()
         stopping = self.pool.stop()
 
         def close(_: Any) -> Deferred[Any]:

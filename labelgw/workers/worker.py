@@ -9,8 +9,9 @@ keeps its own registry from them, so that serving a request never waits on the s
 listening sockets the supervisor holds (inherited descriptors, adopted once the first state is applied) and reports
 its counters over fd 3.
 
-The rate and concurrency limits of the middleware labels are split: each worker enforces 1/N of each (see the
-README's "Worker processes" section)."""
+The rate and concurrency limits of the middleware labels are split: each worker starts with 1/N of each, and the
+supervisor moves the parts towards the workers that get the service's traffic (see the README's "Worker processes
+and reloads" section)."""
 
 from __future__ import annotations
 
@@ -167,6 +168,8 @@ class WorkerService(LabelgwService):
         self.on_ejected: Callable[[ServicePool, Backend, float], None] = lambda pool, backend, seconds: None
         # Backend key -> the end of the ejection this worker knows of (told to the supervisor, or told by it).
         self._ejections_seen: dict[str, float] = {}
+        # Service -> its request count at the last report (limit_demand).
+        self._demand_seen: dict[str, int] = {}
         self._reporter: Any = None
         self.metrics_page: Callable[[], bytes] | None = None
         if settings.metrics:
@@ -240,7 +243,45 @@ class WorkerService(LabelgwService):
             for backend in pool.backends.values()
         }
         exposition = self.metrics_page() if self.metrics_page is not None else b""
-        return ("report", exposition, backends)
+        return ("report", exposition, backends, self.limit_demand())
+
+    def limit_demand(self) -> dict[str, int]:
+        """Per limited service, the requests it saw since the last report (sent to backends, or refused by its rate
+        or concurrency limit): what the supervisor divides the service's limits by."""
+        demand: dict[str, int] = {}
+        seen = self._demand_seen
+        for pool in self.registry.services.values():
+            chain = pool.middleware
+            if chain is None or (chain.ratelimit is None and chain.concurrency is None):
+                continue
+            total = sum(backend.requests for backend in pool.backends.values())
+            total += chain.ratelimit.limited if chain.ratelimit is not None else 0
+            total += chain.concurrency.rejected if chain.concurrency is not None else 0
+            demand[pool.name] = max(0, total - seen.get(pool.name, 0))
+            seen[pool.name] = total
+        return demand
+
+    def set_limits(self, service: str, rate: float | None, burst: float | None, inflight: int | None,
+                   pending: int | None) -> None:
+        """This worker's part of a service's limits, as the supervisor rebalanced them."""
+        pool = self.registry.services.get(service)
+        chain = pool.middleware if pool is not None else None
+        if chain is None:
+            return
+        limiter = chain.ratelimit
+        if limiter is not None and rate is not None and burst is not None and rate > 0:
+            limiter.rate = rate
+            limiter.burst = burst
+            limiter.idle_expiry = burst / rate
+        concurrency = chain.concurrency
+        if concurrency is not None and inflight is not None and pending is not None:
+            raised = inflight > concurrency.limit
+            concurrency.limit = inflight
+            concurrency.max_pending = pending
+            if raised:
+                # Waiters the new slots admit now (release admits while there is room).
+                concurrency.active += 1
+                concurrency.release()
 
     def stopService(self) -> Deferred[Any]:
         self.accepting = False
@@ -301,6 +342,10 @@ class SupervisorLink(Protocol):
         elif kind == "health":
             _, seq, service, key, state = message
             app.set_health(service, key, state)
+            self.send(("ack", seq))
+        elif kind == "limits":
+            _, seq, service, rate, burst, inflight, pending = message
+            app.set_limits(service, rate, burst, inflight, pending)
             self.send(("ack", seq))
         elif kind == "eject":
             _, seq, service, key, seconds = message

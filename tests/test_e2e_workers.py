@@ -138,6 +138,15 @@ class Stream:
         return len(self.errors) + sum(count for status, count in self.statuses.items() if status != 200)
 
 
+def requests_total(gateway: TwistdProcess, service: str = "alpha") -> float:
+    """labelgw_requests_total of `service` in the gateway's /metrics, over every label set."""
+    text = http_get(f"{gateway.admin_url}/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+        if line.startswith("labelgw_requests_total{") and f'service="{service}"' in line
+    )
+
+
 def reload_and_wait(gateway: TwistdProcess, how: str, generation: int, count: int) -> None:
     mark = gateway.log_mark()
     if how == "signal":
@@ -168,6 +177,9 @@ def test_two_reloads_under_a_request_stream_fail_no_request(
         assert stream.sent >= MIN_REQUESTS
         assert stream.failures == 0, (stream.statuses, stream.errors[:5])
         assert "Traceback" not in log
+        # /metrics counts every request once, those of the workers that exited included (reports: every second).
+        wait_until(lambda: requests_total(gateway) >= stream.sent, timeout=20)
+        assert requests_total(gateway) == stream.sent
         state = admin_json(gateway, "/workers")
         assert state["generation"] == 3 and len(state["workers"]) == int(workers)
         assert all(worker["generation"] == 3 for worker in state["workers"])
@@ -226,14 +238,7 @@ def test_health_change_reaches_every_worker_and_metrics_are_the_gateways(
         finally:
             http_get(control + "?status=0")
         # /metrics: the requests of both workers, summed (reports arrive every second).
-        def requests_total() -> float:
-            text = http_get(f"{gateway.admin_url}/metrics").text
-            return sum(
-                float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line.startswith("labelgw_requests_total{") and 'service="alpha"' in line
-            )
-
-        wait_until(lambda: requests_total() >= 200, timeout=15)
+        wait_until(lambda: requests_total(gateway) >= 200, timeout=15)
         workers = admin_json(gateway, "/workers")
         served = [w["requests"] for w in workers["workers"]]
         assert sum(served) >= 200

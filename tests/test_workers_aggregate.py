@@ -83,3 +83,28 @@ def test_the_page_has_each_family_once() -> None:
     alone = CollectorRegistry()
     alone.register(WorkersCollector(Own(), lambda: None))
     assert "labelgw_requests_in_flight 0.0" in generate_latest(alone).decode()
+
+
+def test_what_an_exited_worker_counted_stays_counted() -> None:
+    from labelgw.workers.aggregate import carry
+
+    carried: dict[Any, float] = {}
+    carry(carried, exposition(10, 1, 0, 0.1))
+    carry(carried, exposition(5, 3, 0, 0.1))
+    # Counters carried; gauges (in flight, ejected, estimate) are not: the exited workers hold nothing now.
+    got = values(merge([exposition(2, 1, 0, 0.1)], carried).values())
+    assert got["labelgw_requests_total"] == 17
+    assert got["labelgw_requests_in_flight"] == 1
+    # No live worker at all (between a worker's exit and its replacement's first report): the counts stay.
+    assert values(merge([], carried).values()) == {"labelgw_requests_total": 15.0}
+
+
+def test_the_pool_carries_the_last_report_of_a_worker_that_ended() -> None:
+    from test_workers_protocol import World
+
+    world = World(1)
+    world.pool.start()
+    (one,) = world.spawned
+    world.say(one, ("report", exposition(7, 1, 0, 0.1), {}))
+    world.die(one, 9)
+    assert sum(world.pool.carried.values()) == 7

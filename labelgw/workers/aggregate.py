@@ -28,10 +28,36 @@ def _supervisor_only(name: str) -> bool:
     return name in SUPERVISOR_ONLY or name.startswith(SUPERVISOR_ONLY_PREFIXES)
 
 
-def merge(expositions: Iterable[bytes]) -> dict[str, Metric]:
-    """The families of several expositions, each sample combined over them by its family's rule."""
+# Families whose samples only grow: what a worker counted stays counted after it exits (a reload replaces every
+# worker; the gateway's counters must not fall back to zero).
+COUNTING = frozenset({"counter", "histogram", "summary"})
+CarriedKey = tuple[str, str, str, str, tuple[tuple[str, str], ...]]
+
+
+def carry(carried: dict[CarriedKey, float], exposition: bytes) -> None:
+    """Add the counting samples of an exited worker's last exposition to `carried`."""
+    if not exposition:
+        return
+    for family in text_string_to_metric_families(exposition.decode("utf-8")):
+        if family.type not in COUNTING or _supervisor_only(family.name):
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            key = (family.name, family.type, family.documentation, sample.name, tuple(sorted(sample.labels.items())))
+            carried[key] = carried.get(key, 0.0) + sample.value
+
+
+def merge(expositions: Iterable[bytes], carried: dict[CarriedKey, float] | None = None) -> dict[str, Metric]:
+    """The families of several expositions, each sample combined over them by its family's rule, plus what exited
+    workers counted (`carried`)."""
     merged: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
+    for (name, kind, documentation, sample_name, labels), value in (carried or {}).items():
+        if name not in merged:
+            merged[name] = Metric(name, documentation, kind)
+            values[name] = {}
+        values[name].setdefault((sample_name, labels), []).append(value)
     for text in expositions:
         if not text:
             continue
@@ -68,7 +94,7 @@ class WorkersCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         pool = self._pool()
         reports = [p.report[1] for p in pool.processes() if p.report is not None] if pool is not None else []
-        merged = merge(reports)
+        merged = merge(reports, getattr(pool, "carried", None))
         for family in self._own.collect():
             if family.name not in merged:
                 yield family

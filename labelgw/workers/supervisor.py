@@ -212,6 +212,8 @@ class WorkerPool:
         # Push latency: from a change in the supervisor to its acknowledgement by the last worker that got it.
         self.push_latency = PushHistogram()
         self.push_last: float | None = None
+        # What exited workers counted (labelgw.workers.aggregate.carry): /metrics counters never go back.
+        self.carried: dict[Any, float] = {}
         self.push_max = 0.0
 
     # Life cycle.
@@ -352,6 +354,13 @@ class WorkerPool:
             process.kill()
 
     def ended(self, process: WorkerProcess) -> None:
+        if process.report is not None:
+            from labelgw.workers.aggregate import carry
+
+            try:
+                carry(self.carried, process.report[1])
+            except Exception:  # a report that does not parse: its counts are lost, the rest goes on
+                self._log.failure("worker {worker}: reading its last report", worker=process.id)
         for seq in [seq for seq, pending in self._pending.items() if process in pending.waiting]:
             pending = self._pending[seq]
             pending.waiting.discard(process)

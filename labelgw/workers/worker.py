@@ -273,6 +273,9 @@ class WorkerService(LabelgwService):
             limiter.rate = rate
             limiter.burst = burst
             limiter.idle_expiry = burst / rate
+            if hasattr(limiter, "_sweep_at"):
+                # Its next look for expired buckets was timed with the old expiry: look at the next request.
+                limiter._sweep_at = 0.0
         concurrency = chain.concurrency
         if concurrency is not None and inflight is not None and pending is not None:
             raised = inflight > concurrency.limit
@@ -365,7 +368,6 @@ class SupervisorLink(Protocol):
                 app.start_accepting()
                 self.send(("ready", os.getpid()))
         elif kind == "stop":
-            self.send_report()
             self.stop("the supervisor asked")
         else:
             self._log.warn("unknown message {kind} from the supervisor", kind=kind)
@@ -457,7 +459,22 @@ def main(argv: Sequence[str]) -> int:
     app.privilegedStartService()
     app.startService()
     StandardIO(link, stdin=0, stdout=3, reactor=reactor)
-    reactor.addSystemEventTrigger("before", "shutdown", app.stopService)
+    def shut_down() -> Deferred[Any]:
+        stopping = app.stopService()
+
+        def last_report(_: Any) -> Deferred[None]:
+            # The counters after the drain, so that the supervisor keeps all this worker counted; a moment for the
+            # pipe to take it before the reactor stops.
+            link.send_report()
+            from twisted.internet.task import deferLater
+
+            return deferLater(reactor, 0.1, lambda: None)
+
+        stopping.addCallback(last_report)
+        stopping.addErrback(lambda failure: app._log.failure("stopping worker {worker}", failure, worker=args.id))
+        return stopping
+
+    reactor.addSystemEventTrigger("before", "shutdown", shut_down)
     reactor.run(installSignalHandlers=True)
     return 0
 

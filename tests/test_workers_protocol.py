@@ -448,3 +448,42 @@ def test_workers_option() -> None:
     plain = Options()
     plain.parseOptions(["--https", "none"])
     assert plain.workers is None
+
+
+def test_an_old_worker_answers_a_connection_accepted_just_before_it_stopped_listening() -> None:
+    from twisted.internet.address import IPv4Address
+
+    from labelgw.http.server import ProxyFactory
+
+    app, link, _, _ = worker_app()
+    link.dataReceived(encode(("state", 1, [], [], [])))
+    factory = ProxyFactory(app.gateway, b"http")
+
+    class Transport(StringTransport):
+        def unregisterProducer(self) -> None:
+            self.producer = None  # a real transport allows it twice (closing, then connectionLost)
+
+    def connect() -> tuple[Any, StringTransport]:
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        transport = Transport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    fresh, fresh_transport = connect()
+    silent, silent_transport = connect()
+    idle, idle_transport = connect()
+    idle._requests = 1  # a keep-alive connection between two requests
+    drained = app.gateway.drain(10.0)
+    # The keep-alive one closes now (as in a single process); the fresh ones wait for their first request.
+    assert idle_transport.disconnecting and not fresh_transport.disconnecting and not silent_transport.disconnecting
+    fresh.dataReceived(b"GET / HTTP/1.1\r\nHost: unknown.localhost\r\n\r\n")
+    assert fresh_transport.value().startswith(b"HTTP/1.1 404")
+    assert b"connection: close" in fresh_transport.value().lower() and fresh_transport.disconnecting
+    # One that sends nothing is closed after FIRST_REQUEST_GRACE.
+    from labelgw.workers.worker import FIRST_REQUEST_GRACE
+
+    app.reactor.advance(FIRST_REQUEST_GRACE)
+    assert silent_transport.disconnecting
+    for protocol in (fresh, silent, idle):
+        protocol.connectionLost(Failure(ProcessDone(0)))
+    assert drained.called

@@ -81,6 +81,15 @@ def apply_ejection(app: Any, pool: ServicePool, backend: Backend, seconds: float
     return True
 
 
+# Seconds a connection accepted just before a worker stopped listening has to send its first request.
+FIRST_REQUEST_GRACE = 1.0
+
+
+def waiting_for_first_request(connection: Any) -> bool:
+    """An HTTP/1.1 client connection that has not sent (the whole head of) its first request yet."""
+    return getattr(connection, "_requests", None) == 0 and getattr(connection, "exchange", True) is None
+
+
 def find_backend(registry: Any, service: str, key: str) -> tuple[ServicePool, Backend] | None:
     pool = registry.services.get(service)
     backend = pool.backends.get(key) if pool is not None else None
@@ -155,6 +164,7 @@ class WorkerService(LabelgwService):
         # Health is checked once, by the supervisor, which pushes each change: no probes here.
         self.health.disownServiceParent()
         self._install_scaling()
+        self._install_drain()
         from labelgw.http.server import ProxyFactory
 
         factories = {"http": ProxyFactory(self.gateway, b"http"), "https": self.https.tls_factory}
@@ -195,6 +205,47 @@ class WorkerService(LabelgwService):
 
         registry.apply = scaled_apply  # type: ignore[method-assign]
         registry.resync = scaled_resync  # type: ignore[method-assign]
+
+    def _install_drain(self) -> None:
+        """The gateway's drain, except for the connections that have not sent their first request yet: a reload's old
+        worker may have accepted one just before it stopped listening, its request still on the way. Such a
+        connection gets FIRST_REQUEST_GRACE seconds to send it; it is answered (with Connection: close) and closed."""
+        gateway = self.gateway
+        clock = self.reactor
+        original = gateway.drain
+
+        def drain(grace: float) -> Deferred[None]:
+            fresh = {c for c in gateway.connections if waiting_for_first_request(c)}
+            gateway.connections -= fresh
+            try:
+                done: Deferred[None] = original(grace)
+            finally:
+                gateway.connections |= fresh
+            if not fresh:
+                return done
+            for connection in fresh:
+                connection.draining = True  # type: ignore[attr-defined]  # its response says Connection: close
+
+            def late() -> None:
+                for connection in fresh:
+                    if connection in gateway.connections:
+                        connection.drain()  # still nothing: closed; a request in progress: closed after it
+
+            clock.callLater(min(FIRST_REQUEST_GRACE, grace), late)
+            if not done.called:
+                return done  # the gateway's waiter covers them (and aborts them at the grace)
+            closed: Deferred[None] = Deferred()
+            gateway._drained.append(closed)
+
+            def give_up() -> None:
+                for connection in list(gateway.connections):
+                    connection.abort()
+
+            timer = clock.callLater(grace, give_up)
+            closed.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+            return closed
+
+        gateway.drain = drain  # type: ignore[method-assign]
 
     def start_accepting(self) -> None:
         if self.accepting or not self.running:

@@ -12,6 +12,7 @@ commands:
   ca       show labelgw's local certificate authority; --install / --uninstall it in the system trust store
   explain  where a running labelgw would send a request to URL now (asks its admin listener; --help)
   register register an instance with the registration API, heartbeat, deregister on SIGTERM/SIGINT (--help)
+  reload   make a running labelgw reload (SIGHUP through its pidfile): config re-read, workers replaced (--help)
 
 The gateway itself runs under twistd: twistd -n labelgw --help"""
 
@@ -33,6 +34,10 @@ def main(argv: Sequence[str]) -> int:
         from labelgw.registration.client import main as register_main  # noqa: PLC0415 - only the chosen command
 
         return register_main(rest)
+    if command == "reload":
+        from labelgw.cli.reload_command import main as reload_main  # noqa: PLC0415 - only the chosen command
+
+        return reload_main(rest)
     print(f"python -m labelgw: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

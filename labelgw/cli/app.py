@@ -29,7 +29,9 @@ from labelgw.core.registry import Registry
 class LabelgwService(MultiService):
     _log = Logger()
 
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(self, settings: Settings, reactor: Any, serve: bool = True) -> None:
+        """C{serve=False}: no HTTP or HTTPS listener is made (the supervisor of `--workers` holds the sockets and
+        its workers serve them: labelgw.workers)."""
         MultiService.__init__(self)
         self.settings = settings
         self.reactor = reactor
@@ -67,13 +69,15 @@ class LabelgwService(MultiService):
                 self.docker_metrics = DockerMetrics(self.registry, reactor.seconds)
         self.listeners: list[ListenerService] = []
         factory = ProxyFactory(self.gateway, b"http")
-        for description in settings.http:
+        for description in settings.http if serve else ():
             listener = ListenerService(reactor, description, factory, "http")
             listener.setServiceParent(self)
             self.listeners.append(listener)
         # HTTPS: loads or creates the local CA here, blocking, before the reactor runs.
         self.https = HttpsService(settings, reactor, self.gateway)
         self.https.setServiceParent(self)
+        if not serve:
+            self.https.listeners = []
         for listener in self.https.listeners:
             listener.setServiceParent(self)
             self.listeners.append(listener)

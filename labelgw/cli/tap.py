@@ -61,6 +61,8 @@ class Options(usage.Options):
          "ACME server) [default: the usual trust store]"],
         ["acme-challenge", None, None, "ACME challenge: auto (HTTP-01 and TLS-ALPN-01 in turn), http-01 or "
          "tls-alpn-01 [default: auto]"],
+        ["workers", None, None, "Serve with N worker processes under a supervising one (auto: one per core); SIGHUP "
+         "then replaces them without a failed request [default: 1, in this process]"],
     ]
     optFlags = [
         ["tls-strict", None, "Refuse TLS handshakes for unknown names instead of serving the default certificate"],
@@ -102,6 +104,8 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def parseOptions(self, options: Any = None) -> None:
+        # The options as given: the workers of a supervisor (--workers) parse the same ones.
+        self.argv = list(sys.argv[1:] if options is None else options)
         try:
             usage.Options.parseOptions(self, options)
         except usage.UsageError as error:
@@ -115,6 +119,30 @@ class Options(usage.Options):
             self.settings = settings_from_options(self)
         except config.ConfigError as error:
             raise usage.UsageError(str(error)) from None
+        self.workers = parse_workers(self["workers"])
+        if self.workers is not None and self.settings.acme is not None:
+            # Orders, HTTP-01 tokens and TLS-ALPN-01 challenges live in one process; workers would each order.
+            raise usage.UsageError("--workers: not with --acme-email yet (ACME runs in a single process)")
+
+
+def parse_workers(value: str | None) -> int | None:
+    """--workers: None when not given (one process serves), else the number of worker processes."""
+    if value is None:
+        return None
+    if value.strip().lower() == "auto":
+        import os
+
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+    try:
+        count = int(value)
+    except ValueError:
+        raise usage.UsageError(f"--workers {value!r}: a number of processes or auto") from None
+    if not 1 <= count <= 1024:
+        raise usage.UsageError(f"--workers {value!r}: from 1 to 1024")
+    return count
 
 
 def brief_usage_error(error: Exception, program: str = "twistd labelgw") -> str:
@@ -225,6 +253,15 @@ def makeService(options: Options) -> Any:
     reactor = default_reactor()
     quietlog.enable()  # Twisted's port lines and labelgw's debug lines out of twistd's log (labelgw.cli.quietlog)
 
+    workers = getattr(options, "workers", None)
+    if workers is not None:
+        # A supervisor holding the sockets, N worker processes serving them (labelgw.workers); SIGHUP replaces
+        # the workers (after re-reading the config file, when there is one).
+        from labelgw.workers.supervisor import SupervisorService, install as install_supervisor
+
+        supervisor = SupervisorService(options.settings, reactor, workers, getattr(options, "argv", []))
+        install_supervisor(supervisor, reactor, options["config"], lambda: settings_from_options(options))
+        return supervisor
     service = LabelgwService(options.settings, reactor)
     # The --config file watched and re-applied while running; SIGHUP re-reads it (labelgw.cli.reload).
     from labelgw.cli.reload import install as install_reload

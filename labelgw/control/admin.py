@@ -235,6 +235,8 @@ class AdminResource(Resource):
         self._explainer = explainer if explainer is not None else Explainer(registry.table)
         self._serving = serving
         self._static = static_files()
+        # GET /workers: set by the supervisor of `--workers N` (labelgw.workers.supervisor); None: one process.
+        self.workers: Callable[[], Any] | None = None
 
     def render(self, request: Request) -> bytes:
         # Before anything else, whatever the method: a page reached through DNS rebinding learns nothing.
@@ -269,6 +271,8 @@ class AdminResource(Resource):
             return self._healthz(request)
         if path == b"/explain":
             return self._explain(request)
+        if path == b"/workers" and self.workers is not None:
+            return self._json(request, self.workers())
         if path == b"/metrics" and self._metrics is not None:
             body, content_type = self._metrics()
             request.setHeader(b"content-type", content_type)

@@ -167,8 +167,6 @@ def test_keep_alive_requests_and_the_engine_in_use(gw: TwistdProcess, tls_engine
 
 @pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
 def test_sessions_are_resumed_with_tickets(gw: TwistdProcess, version: str, tls_engine: str) -> None:
-    if tls_engine == "openssl":
-        pytest.skip("Twisted's layer has tickets and the session cache off (a ticket key that never rotates)")
     tls_version = getattr(ssl.TLSVersion, version)
     context = client_context(minimum_version=tls_version, maximum_version=tls_version)
     with connect(gw.https_port, context) as first:
@@ -176,7 +174,8 @@ def test_sessions_are_resumed_with_tickets(gw: TwistdProcess, version: str, tls_
         session = first.session
         assert not first.session_reused
     with connect(gw.https_port, context, session=session) as second:
-        assert second.session_reused
+        # Twisted's layer has tickets and the session cache off (a ticket key that never rotates): a full handshake.
+        assert second.session_reused is (tls_engine != "openssl")
         assert get(second, "/")[0].startswith(b"HTTP/1.1 200")
 
 

@@ -140,7 +140,7 @@ class Exchange:
             return
         connection = self.gateway.pool.acquire(self.backend, self)
         if connection is not None:
-            self.upstream_connected(connection)
+            self._send_on(connection, self._started_at)
 
     def admitted(self) -> None:
         """Out of a middleware's queue: the request starts now (the wait is not the backend's latency)."""
@@ -160,6 +160,10 @@ class Exchange:
         self._complete(failed=False, observe=False)
 
     def upstream_connected(self, connection: UpstreamConnection) -> None:
+        self._send_on(connection, None)
+
+    def _send_on(self, connection: UpstreamConnection, now: float | None) -> None:
+        """Send the request on `connection`; `now`: the clock's time if the caller has just read it."""
         if self.state is _DONE:
             connection.detach()
             return
@@ -167,7 +171,7 @@ class Exchange:
         if self.state not in _TO_WAITING:
             self._move(_WAITING)  # refused: raises StateError
         self.state = _WAITING
-        connection.send(self, self._head_bytes, self.head.method == b"HEAD", not self.body_done)
+        connection.send(self, self._head_bytes, self.head.method == b"HEAD", not self.body_done, now)
         if self._pending:
             self.body_sent_upstream = True
             connection.transport.write(b"".join(self._pending))
@@ -312,6 +316,14 @@ class Exchange:
     def response_data(self, data: bytes) -> None:
         self.bytes_out += len(data)
         self.client.response_data(data)
+
+    def response_whole(self, head: ResponseHead, connection: UpstreamConnection, body: bytes) -> None:
+        """A final response whose whole body came with its head (labelgw.http.upstream.ResponseSink)."""
+        self.response_head(head, connection)
+        if self.state is _RESPONDING:
+            self.bytes_out += len(body)
+            self.client.response_data(body)
+            self.response_done()
 
     response_chunk = response_data
 

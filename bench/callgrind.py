@@ -23,11 +23,12 @@ HERE = Path(__file__).resolve().parent
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 
-def instructions(requests: int, only: str, observability: str, python: str) -> int:
+def instructions(requests: int, only: str, observability: str, python: str, without: str = "") -> int:
     with tempfile.TemporaryDirectory() as tmp:
         argv = [
             "valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", python, str(HERE / "inprocess.py"),
             "--only", only, "--runs", "1", "--requests", str(requests), "--observability", observability,
+            "--without", without,
         ]
         env = dict(os.environ, PYTHONHASHSEED="0")
         done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
@@ -43,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("get", "post"), default="get")
     parser.add_argument("--observability", choices=("bare", "default"), default="bare")
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--without", default="", help="passed to inprocess.py: log, metrics")
     args = parser.parse_args(argv)
     n = args.requests
-    small = instructions(n, args.only, args.observability, args.python)
-    large = instructions(2 * n, args.only, args.observability, args.python)
+    small = instructions(n, args.only, args.observability, args.python, args.without)
+    large = instructions(2 * n, args.only, args.observability, args.python, args.without)
     per_request = (large - small) / n
-    print(f"{args.only} ({args.observability}): {per_request:,.0f} instructions per request "
+    print(f"{args.only} ({args.observability}{' without ' + args.without if args.without else ''}): {per_request:,.0f} instructions per request "
           f"(callgrind, {n} vs {2 * n} requests: {small:,} / {large:,})")
     return 0
 

@@ -79,11 +79,16 @@ def _as_default(harness: ProxyHarness) -> None:
     harness.gateway.access_log = AccessLog(reactor, "common", NullSink())
 
 
-def setup(request: bytes, observability: str = "bare") -> tuple[ProxyHarness, Any]:
-    """A warmed-up harness, and a function that sends `n` requests through it."""
+def setup(request: bytes, observability: str = "bare", without: tuple[str, ...] = ()) -> tuple[ProxyHarness, Any]:
+    """A warmed-up harness, and a function that sends `n` requests through it. `without`: parts of the default
+    setup to leave out (`log`, `metrics`), to see what each costs."""
     harness = ProxyHarness(specs=DEFAULT_SPECS[:1])
     if observability == "default":
         _as_default(harness)
+        if "log" in without:
+            harness.gateway.access_log = None
+        if "metrics" in without:
+            harness.gateway.metrics = None
     client = harness.connect()
     client.send(request)
     upstream = harness.upstream().accept()
@@ -103,9 +108,9 @@ def setup(request: bytes, observability: str = "bare") -> tuple[ProxyHarness, An
     return harness, loop
 
 
-def run(requests: int, request: bytes, observability: str = "bare") -> float:
+def run(requests: int, request: bytes, observability: str = "bare", without: tuple[str, ...] = ()) -> float:
     """CPU seconds for `requests` requests on one warmed-up keep-alive connection."""
-    harness, loop = setup(request, observability)
+    harness, loop = setup(request, observability, without)
     loop(100)
     started = time.process_time()
     loop(requests)
@@ -115,12 +120,12 @@ def run(requests: int, request: bytes, observability: str = "bare") -> float:
     return elapsed
 
 
-def profile(requests: int, request: bytes, observability: str, top: int) -> None:
+def profile(requests: int, request: bytes, observability: str, top: int, without: tuple[str, ...] = ()) -> None:
     """Python calls per request (cProfile), and the most called functions."""
     import cProfile
     import pstats
 
-    harness, loop = setup(request, observability)
+    harness, loop = setup(request, observability, without)
     loop(100)
     profiler = cProfile.Profile()
     profiler.enable()
@@ -146,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--only", choices=sorted(REQUESTS), help="one of the two loops")
     parser.add_argument("--observability", choices=("bare", "default"), default="bare")
+    parser.add_argument("--without", default="", help="with --observability default: leave out log, metrics (a,b)")
     parser.add_argument("--profile", action="store_true", help="count Python calls per request instead of timing")
     parser.add_argument("--top", type=int, default=40, help="with --profile: how many functions to list")
     args = parser.parse_args(argv)
+    without = tuple(part for part in args.without.split(",") if part)
     import labelgw
 
     print(f"labelgw from {Path(labelgw.__file__).parent} ({args.observability})")
@@ -156,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         name, request = REQUESTS[key]
         if args.profile:
             print(f"{name}:")
-            profile(args.requests, request, args.observability, args.top)
+            profile(args.requests, request, args.observability, args.top, without)
             continue
-        best = min(run(args.requests, request, args.observability) for _ in range(args.runs))
+        best = min(run(args.requests, request, args.observability, without) for _ in range(args.runs))
         print(
             f"{name}: {args.requests} requests, best of {args.runs}: {best * 1000:.0f} ms CPU, "
             f"{best / args.requests * 1e6:.2f} us/request"

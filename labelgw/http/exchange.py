@@ -106,16 +106,18 @@ class Exchange:
         # The request side: its body (payload only, framing removed by the client side) is still arriving.
         self.body_done = not (head.chunked or head.content_length)
         self._client_close = not head.keep_alive
-        self._started_at = gateway.clock.seconds()
-        self.created_at = self._started_at
+        self._started_at = self.created_at = gateway.clock.seconds()
+        # The prefix removed when the route strips it (Route.upstream_path); most routes forward the target as is.
+        target = route.upstream_path(head.target) if route.strip_prefix else head.target
         self._head_bytes = upstream_request_head(
-            head, route.upstream_path(head.target), head.client_ip or client.peer_ip, client.proto, client.local_port
+            head, target, head.client_ip or client.peer_ip, client.proto, client.local_port
         )
         gateway.in_flight += 1
-        route.service.in_flight += 1
+        service = route.service
+        service.in_flight += 1
         backend.in_flight += 1
         backend.requests += 1
-        route.service.policy.on_start(backend)
+        service.policy.on_start(backend)
 
     def _move(self, new: ExchangeState) -> None:
         self.state = check_move(EXCHANGE_MOVES, self.state, new)
@@ -442,14 +444,15 @@ class Exchange:
         # _release_backend, inlined: this runs once per request.
         backend = self.backend
         backend.in_flight -= 1
+        now = gateway.clock.seconds()
         if observe and state is not _TUNNEL:
             # Time to the response head: a long download or a WebSocket must not look like a slow backend.
             started = state is _RESPONDING
-            elapsed = self._ttfb if started else gateway.clock.seconds() - self._started_at
+            elapsed = self._ttfb if started else now - self._started_at
             service.policy.on_finish(backend, elapsed, failed)
             # Canary analysis by version (labelgw.core.canary); one attribute read for services without a split.
             if service.split is not None:
-                gateway.canary.observe(service, backend, gateway.clock.seconds(), elapsed, failed)
+                gateway.canary.observe(service, backend, now, elapsed, failed)
         if state not in _TO_DONE:
             self._move(_DONE)
         self.state = _DONE
@@ -459,10 +462,10 @@ class Exchange:
             done(self, failed, observe)
         metrics = gateway.metrics
         if metrics is not None:
-            metrics.exchange_done(self, gateway.clock.seconds())
+            metrics.exchange_done(self, now)
         access_log = gateway.access_log
         if access_log is not None:
-            access_log.exchange(self, state)
+            access_log.exchange(self, state, now)
         self.client.exchange_done(self, close=self._client_close)
 
     def _abort_upstream(self) -> None:

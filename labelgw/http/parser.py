@@ -187,6 +187,7 @@ def _parse_content_length(value: bytes, status: int) -> int:
 
 _COMMON_TOKENS = {b"keep-alive": frozenset({b"keep-alive"}), b"close": frozenset({b"close"})}
 _NO_TOKENS: frozenset[bytes] = frozenset()
+_KEEP_ALIVE_TOKENS = _COMMON_TOKENS[b"keep-alive"]
 
 
 def _connection_tokens(values: list[bytes]) -> frozenset[bytes]:
@@ -317,7 +318,14 @@ def parse_request_head(head: bytes) -> RequestHead:
         raise HttpError(400, "invalid Host header")
     request.host = host
 
-    if _connection_options(request, version, connection_values) and not request.absolute_form:
+    if connection_values:
+        plain = _connection_options(request, version, connection_values)
+    else:
+        # No Connection field (most requests): _connection_options' first case, without the call.
+        if version != b"HTTP/1.1":
+            request.keep_alive = False
+        plain = True
+    if plain and not request.absolute_form:
         request.forward = _REQUEST_CUT.sub(b"", data)[block_start:] if len(specials) > (host is not None) else block
     # An Upgrade in an HTTP/1.0 request is ignored (RFC 9110 section 7.8), as is one not named in Connection.
     if request.upgrade is not None and (b"upgrade" not in request.connection_tokens or version != b"HTTP/1.1"):
@@ -356,7 +364,10 @@ def parse_response_head(head: bytes) -> ResponseHead:
         value = pieces[index + 1]
         lower = name.lower()
         if lower == b"content-length":
-            length = _parse_content_length(value, 502)
+            # _parse_content_length, inlined: nearly every response has one.
+            if not value.isdigit() or len(value) > 18:
+                raise HttpError(502, f"invalid Content-Length {value[:40]!r}")
+            length = int(value)
             if response.content_length is not None and response.content_length != length:
                 raise HttpError(502, "conflicting Content-Length from upstream")
             response.content_length = length
@@ -375,7 +386,13 @@ def parse_response_head(head: bytes) -> ResponseHead:
         if response.content_length is not None:
             raise HttpError(502, "both Content-Length and Transfer-Encoding from upstream")
         response.chunked = True
-    if _connection_options(response, version, connection_values):
+    if len(connection_values) == 1 and version == b"HTTP/1.1" and connection_values[0].lower() == b"keep-alive":
+        # "Connection: keep-alive" on HTTP/1.1 (what nginx and most servers send): no token names a field.
+        response.connection_tokens = _KEEP_ALIVE_TOKENS
+        plain = True
+    else:
+        plain = _connection_options(response, version, connection_values)
+    if plain:
         # Every matched field is cut: labelgw writes framing and Connection itself.
         response.forward = b"".join(pieces[::3])[block_start:] if len(pieces) > 1 else block
     return response

@@ -57,43 +57,51 @@ class _BodyPauser:
 
 
 class Exchange:
-    # Defaults as class attributes: an exchange sets only what differs, on a path taken per request.
-    state = _CONNECTING
-    upstream: UpstreamConnection | None = None
-    body_sent_upstream = False
-    attempts = 1
-    _pending: list[bytes] | None = None
-    _pending_size = 0
+    # Slots: every attribute is read on the per-request path, and an attribute of a slotted object is read in one
+    # step (a class-level default that an instance did not set was a dictionary miss and a type lookup each time).
+    __slots__ = (
+        "client", "gateway", "head", "route", "backend", "body_done", "_client_close", "_started_at", "created_at",
+        "_head_bytes", "state", "upstream", "body_sent_upstream", "attempts", "_pending", "_pending_size",
+        "_body_paused_by_upstream", "_upstream_paused_by_client", "_ttfb", "_gateway_error", "version", "pinned",
+        "response_extra", "hash_key", "fallback_reason", "held", "on_done", "body_limit", "response_rules", "status",
+        "bytes_in", "bytes_out", "fail_cause", "client_gone", "error_message",
+    )
+    state: ExchangeState
+    upstream: UpstreamConnection | None
+    body_sent_upstream: bool
+    attempts: int
+    _pending: list[bytes] | None
+    _pending_size: int
     # The upstream's buffer governs the client's request body; the client's buffer governs the upstream.
-    _body_paused_by_upstream = False
-    _upstream_paused_by_client = False
-    _ttfb = 0.0
-    _gateway_error = False
+    _body_paused_by_upstream: bool
+    _upstream_paused_by_client: bool
+    _ttfb: float
+    _gateway_error: bool
     # The version this request goes to (services split by version), and the cookie line that makes it stick.
-    version: str | None = None
-    pinned = False
-    response_extra = b""
+    version: str | None
+    pinned: bool
+    response_extra: bytes
     # The request's key for balancer=hash (labelgw.http.hashkey), kept for a retry; None for other policies.
-    hash_key: bytes | None = None
+    hash_key: bytes | None
     # Middlewares (labelgw.middleware): why the request went to a fallback service ("breaker open", "no ready
     # backend", "concurrency limit") or None; `held` while it waits in a concurrency queue (start does nothing
     # until `admitted`); `on_done(exchange, failed, observed)` once when the exchange completes.
-    fallback_reason: str | None = None
-    held = False
-    on_done: Any = None
+    fallback_reason: str | None
+    held: bool
+    on_done: Any
     # Request-side middlewares (labelgw.middleware.access): the request body's limit in bytes (a chunked body that
     # grows over it is cut), and the response header rules (HeaderRules); None: none.
-    body_limit: int | None = None
-    response_rules: Any = None
+    body_limit: int | None
+    response_rules: Any
     # Metrics (labelgw.control.metrics) and the access log (labelgw.http.accesslog): the final status (0: none
     # yet), body bytes each way, why labelgw answered 502 itself (a failed connect or anything else; 504 is always
     # a timeout), whether the client went away first, and the message of labelgw's own answer.
-    status = 0
-    bytes_in = 0
-    bytes_out = 0
-    fail_cause = "upstream_error"
-    client_gone = False
-    error_message: str | None = None
+    status: int
+    bytes_in: int
+    bytes_out: int
+    fail_cause: str
+    client_gone: bool
+    error_message: str | None
 
     # `gateway`: the labelgw.http.server.Gateway (clock, pool, settings, counters), not imported: the exchange
     # depends on its two interfaces only.
@@ -103,6 +111,28 @@ class Exchange:
         self.head = head
         self.route = route
         self.backend = backend
+        self.state = _CONNECTING
+        self.upstream = None
+        self.body_sent_upstream = False
+        self.attempts = 1
+        self._pending = None
+        self._pending_size = 0
+        self._body_paused_by_upstream = self._upstream_paused_by_client = False
+        self._ttfb = 0.0
+        self._gateway_error = False
+        self.version = None
+        self.pinned = False
+        self.response_extra = b""
+        self.hash_key = None
+        self.fallback_reason = None
+        self.held = False
+        self.on_done = None
+        self.body_limit = None
+        self.response_rules = None
+        self.status = self.bytes_in = self.bytes_out = 0
+        self.fail_cause = "upstream_error"
+        self.client_gone = False
+        self.error_message = None
         # The request side: its body (payload only, framing removed by the client side) is still arriving.
         self.body_done = not (head.chunked or head.content_length)
         self._client_close = not head.keep_alive

@@ -8,6 +8,12 @@ body. Each prints the best of `--runs` runs of `--requests` requests. Compare tw
 
     cd <tree> && python bench/inprocess.py --requests 20000
 
+`--observability default` builds the gateway as a default labelgw does (the wrt balancer with outlier ejection,
+metrics counters and the access log in the common format, its lines handed to a sink that drops them); `bare` (the
+default of this script) is the test harness's gateway as it is (round robin, no metrics, no access log).
+`--profile` counts Python function calls per request (cProfile) and lists the most called functions: a figure that
+does not depend on the machine's load. `bench/callgrind.py` counts instructions per request the same way.
+
 Nothing leaves the process: no network traffic at all.
 """
 
@@ -17,6 +23,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # The tree this script sits in, ahead of any installed labelgw: comparing two trees is what it is for.
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,11 +34,61 @@ from tests.proxyharness import DEFAULT_SPECS, ProxyHarness, get, ok  # noqa: E40
 GET = get(b"api.localhost")
 POST = get(b"api.localhost", method=b"POST", extra=b"Content-Length: 5\r\n") + b"hello"
 RESPONSE = ok()
+REQUESTS = {"get": ("GET, no body", GET), "post": ("POST, 5-byte body", POST)}
 
 
-def run(requests: int, request: bytes) -> float:
-    """CPU seconds for `requests` requests on one warmed-up keep-alive connection."""
+class NullSink:
+    """An access-log destination that takes every batch and writes nothing."""
+
+    pending = 0
+
+    def put(self, data: bytes) -> bool:
+        return True
+
+    def reopen(self) -> None:
+        pass
+
+    def close(self, timeout: float = 2.0) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+
+def _as_default(harness: ProxyHarness) -> None:
+    """The gateway as a default labelgw builds it (labelgw.cli.app): the registry's wrt policy with outlier
+    ejection and the middleware manager, metrics counters, and the access log in the common format."""
+    from labelgw.control.metrics import RequestMetrics
+    from labelgw.control.outlier import OutlierDetector
+    from labelgw.core.balancer import service_policy_factory
+    from labelgw.core.registry import Registry
+    from labelgw.http.accesslog import AccessLog
+    from labelgw.middleware.chain import MiddlewareManager
+
+    reactor = harness.reactor
+    registry = Registry(
+        policy_factory=service_policy_factory("wrt", reactor.seconds),
+        listeners=(OutlierDetector(reactor, lambda pool, backend: registry.backend_state_changed(pool, backend)),),
+    )
+    registry.add_listener(MiddlewareManager(reactor, registry.services))
+    for container in DEFAULT_SPECS[:1]:
+        registry.apply(container.container_id, container)
+    harness.registry = registry
+    harness.gateway.table = registry.table
+    harness.gateway.metrics = RequestMetrics()
+    harness.gateway.access_log = AccessLog(reactor, "common", NullSink())
+
+
+def setup(request: bytes, observability: str = "bare", without: tuple[str, ...] = ()) -> tuple[ProxyHarness, Any]:
+    """A warmed-up harness, and a function that sends `n` requests through it. `without`: parts of the default
+    setup to leave out (`log`, `metrics`), to see what each costs."""
     harness = ProxyHarness(specs=DEFAULT_SPECS[:1])
+    if observability == "default":
+        _as_default(harness)
+        if "log" in without:
+            harness.gateway.access_log = None
+        if "metrics" in without:
+            harness.gateway.metrics = None
     client = harness.connect()
     client.send(request)
     upstream = harness.upstream().accept()
@@ -40,28 +97,75 @@ def run(requests: int, request: bytes) -> float:
     client_transport.clear()
     upstream_transport.clear()
     to_proxy, from_backend = client.protocol.dataReceived, upstream.protocol.dataReceived
+
+    def loop(n: int) -> None:
+        for _ in range(n):
+            to_proxy(request)
+            from_backend(RESPONSE)
+            client_transport.clear()
+            upstream_transport.clear()
+
+    return harness, loop
+
+
+def run(requests: int, request: bytes, observability: str = "bare", without: tuple[str, ...] = ()) -> float:
+    """CPU seconds for `requests` requests on one warmed-up keep-alive connection."""
+    harness, loop = setup(request, observability, without)
+    loop(100)
     started = time.process_time()
-    for _ in range(requests):
-        to_proxy(request)
-        from_backend(RESPONSE)
-        client_transport.clear()
-        upstream_transport.clear()
+    loop(requests)
     elapsed = time.process_time() - started
     # Every request was answered on the same connections: nothing failed along the way.
     assert harness.connect_count() == 1 and harness.gateway.in_flight == 0
     return elapsed
 
 
+def profile(requests: int, request: bytes, observability: str, top: int, without: tuple[str, ...] = ()) -> None:
+    """Python calls per request (cProfile), and the most called functions."""
+    import cProfile
+    import pstats
+
+    harness, loop = setup(request, observability, without)
+    loop(100)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    loop(requests)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    rows = []
+    total = 0
+    for (filename, line, name), (primitive, calls, own, cumulative, _callers) in raw.items():
+        if name == "loop" or "disable" in name:
+            continue
+        total += calls
+        rows.append((calls / requests, own / requests * 1e6, f"{Path(filename).name}:{line}({name})"))
+    print(f"  {total / requests:.1f} Python calls per request (cProfile, {requests} requests)")
+    for calls, own, where in sorted(rows, key=lambda row: (-row[0], -row[1]))[:top]:
+        print(f"  {calls:6.2f} calls  {own:6.2f} us own  {where}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--only", choices=sorted(REQUESTS), help="one of the two loops")
+    parser.add_argument("--observability", choices=("bare", "default"), default="bare")
+    parser.add_argument("--without", default="", help="with --observability default: leave out log, metrics (a,b)")
+    parser.add_argument("--profile", action="store_true", help="count Python calls per request instead of timing")
+    parser.add_argument("--top", type=int, default=40, help="with --profile: how many functions to list")
     args = parser.parse_args(argv)
+    without = tuple(part for part in args.without.split(",") if part)
     import labelgw
 
-    print(f"labelgw from {Path(labelgw.__file__).parent}")
-    for name, request in (("GET, no body", GET), ("POST, 5-byte body", POST)):
-        best = min(run(args.requests, request) for _ in range(args.runs))
+    print(f"labelgw from {Path(labelgw.__file__).parent} ({args.observability})")
+    for key in [args.only] if args.only else sorted(REQUESTS):
+        name, request = REQUESTS[key]
+        if args.profile:
+            print(f"{name}:")
+            profile(args.requests, request, args.observability, args.top, without)
+            continue
+        best = min(run(args.requests, request, args.observability, without) for _ in range(args.runs))
         print(
             f"{name}: {args.requests} requests, best of {args.runs}: {best * 1000:.0f} ms CPU, "
             f"{best / args.requests * 1e6:.2f} us/request"

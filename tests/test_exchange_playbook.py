@@ -116,7 +116,9 @@ class RecordingUpstream:
         self.reused = reused
         self.transport = RecordingTransport(log)
 
-    def send(self, sink: Any, head: bytes, head_only: bool, body_pending: bool = False) -> None:
+    def send(
+        self, sink: Any, head: bytes, head_only: bool, body_pending: bool = False, now: float | None = None
+    ) -> None:
         self.log.calls.append(("upstream.send", head.split(b"\r\n", 1)[0], head_only, body_pending))
 
     def request_complete(self) -> None:

@@ -49,7 +49,11 @@ class EjectingPolicy:
 
     def on_finish(self, backend: Backend, elapsed: float, failed: bool) -> None:
         self._inner_finish(backend, elapsed, failed)
-        self._detector.observe(self._pool, backend, failed)
+        if failed:
+            self._detector.observe(self._pool, backend, failed)
+        else:
+            # OutlierDetector.observe's answer to a success, without the call (this runs once per request).
+            backend.consecutive_failures = 0
 
     def on_ready(self, backend: Backend) -> None:
         self.inner.on_ready(backend)

@@ -104,13 +104,15 @@ class AccessLog:
 
     # What the data path calls.
 
-    def exchange(self, exchange: Any, state: Any) -> None:
-        self._exchange_any(exchange, state)
+    def exchange(self, exchange: Any, state: Any, now: float | None = None) -> None:
+        self._exchange_any(exchange, state, now)
 
-    def _exchange_any(self, exchange: Any, state: Any) -> None:
-        """An exchange ended (labelgw.http.exchange.Exchange._complete); `state`: its state before DONE."""
+    def _exchange_any(self, exchange: Any, state: Any, now: float | None = None) -> None:
+        """An exchange ended (labelgw.http.exchange.Exchange._complete); `state`: its state before DONE; `now`: the
+        clock's time, when the caller has just read it."""
         head = exchange.head
-        now = self.clock.seconds()
+        if now is None:
+            now = self.clock.seconds()
         created = exchange.created_at
         upstream = None
         if state is _RESPONDING or state is _TUNNEL:
@@ -124,22 +126,24 @@ class AccessLog:
             bytes_out = len(f"labelgw: {exchange.error_message}\n".encode("utf-8", "replace"))
         self._add(
             now, exchange.client, head, status, exchange.bytes_in, bytes_out, now - created, upstream,
-            exchange.route, exchange.version, exchange.backend, exchange.attempts - 1,
+            exchange.route, exchange.version, exchange.backend if exchange.on_backend else None, exchange.attempts - 1,
         )
 
-    def _exchange_common(self, exchange: Any, state: Any) -> None:
+    def _exchange_common(self, exchange: Any, state: Any, now: float | None = None) -> None:
         """exchange() in the common format: a relayed response is one bytes %-format (no str round trip)."""
         head = exchange.head
-        now = self.clock.seconds()
-        if int(now) != self._second:
-            self._set_second(int(now))
+        if now is None:
+            now = self.clock.seconds()
+        second = int(now)
+        if second != self._second:
+            self._set_second(second)
         target = head.target
         if (
             exchange.error_message is not None or not (state is _RESPONDING or state is _TUNNEL)
             or not target.isascii() or b'"' in target or b"\\" in target
         ):
             # labelgw's own answer (502, 504), no response head yet, or a target to escape: the general path.
-            self._exchange_any(exchange, state)
+            self._exchange_any(exchange, state, now)
             return
         client = exchange.client
         http2 = self._http2.get(type(client))

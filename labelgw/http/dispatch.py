@@ -150,7 +150,14 @@ def _pick(
 ) -> tuple[Backend | None, str | None, bytes, bool, bytes | None]:
     """Backend, version, Set-Cookie line, pinned, and the hash key the request was placed by."""
     # balancer=hash: the request's key, read here (the core knows no HTTP); None for every other policy.
-    key = None if service.key_source is None else request_key(service.key_source, head, side.peer_ip, path)
+    key_source = service.key_source
+    if key_source is None:
+        if service.split is None:
+            # ServicePool.pick() with nothing excluded, no version and no key: the policy's pick among the ready.
+            return service.policy.pick(service.ready), None, b"", False, None
+        key = None
+    else:
+        key = request_key(key_source, head, side.peer_ip, path)
     if service.split is None:
         return service.pick(key=key), None, b"", False, key
     backend, version, cookie, pinned = choose_version(service, head, gateway.version_header, key)

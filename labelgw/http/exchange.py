@@ -57,46 +57,54 @@ class _BodyPauser:
 
 
 class Exchange:
-    # Defaults as class attributes: an exchange sets only what differs, on a path taken per request.
-    state = _CONNECTING
-    upstream: UpstreamConnection | None = None
-    body_sent_upstream = False
-    attempts = 1
-    _pending: list[bytes] | None = None
-    _pending_size = 0
+    # Slots: every attribute is read on the per-request path, and an attribute of a slotted object is read in one
+    # step (a class-level default that an instance did not set was a dictionary miss and a type lookup each time).
+    __slots__ = (
+        "client", "gateway", "head", "route", "backend", "body_done", "_client_close", "_started_at", "created_at",
+        "_head_bytes", "state", "upstream", "body_sent_upstream", "attempts", "_pending", "_pending_size",
+        "_body_paused_by_upstream", "_upstream_paused_by_client", "_ttfb", "_gateway_error", "version", "pinned",
+        "response_extra", "hash_key", "fallback_reason", "held", "on_backend", "on_done", "body_limit", "response_rules", "status",
+        "bytes_in", "bytes_out", "fail_cause", "client_gone", "error_message",
+    )
+    state: ExchangeState
+    upstream: UpstreamConnection | None
+    body_sent_upstream: bool
+    attempts: int
+    _pending: list[bytes] | None
+    _pending_size: int
     # The upstream's buffer governs the client's request body; the client's buffer governs the upstream.
-    _body_paused_by_upstream = False
-    _upstream_paused_by_client = False
-    _ttfb = 0.0
-    _gateway_error = False
+    _body_paused_by_upstream: bool
+    _upstream_paused_by_client: bool
+    _ttfb: float
+    _gateway_error: bool
     # The version this request goes to (services split by version), and the cookie line that makes it stick.
-    version: str | None = None
-    pinned = False
-    response_extra = b""
+    version: str | None
+    pinned: bool
+    response_extra: bytes
     # The request's key for balancer=hash (labelgw.http.hashkey), kept for a retry; None for other policies.
-    hash_key: bytes | None = None
+    hash_key: bytes | None
     # Middlewares (labelgw.middleware): why the request went to a fallback service ("breaker open", "no ready
     # backend", "concurrency limit") or None; `held` while it waits in a concurrency queue (start does nothing
     # until `admitted`); `on_done(exchange, failed, observed)` once when the exchange completes.
-    fallback_reason: str | None = None
-    held = False
+    fallback_reason: str | None
+    held: bool
     # False while held: a request waiting in a queue does not count on a backend (its load would steer the
     # balancer away from a backend it may never use); the backend is picked again when it is admitted.
-    on_backend = True
-    on_done: Any = None
+    on_backend: bool
+    on_done: Any
     # Request-side middlewares (labelgw.middleware.access): the request body's limit in bytes (a chunked body that
     # grows over it is cut), and the response header rules (HeaderRules); None: none.
-    body_limit: int | None = None
-    response_rules: Any = None
+    body_limit: int | None
+    response_rules: Any
     # Metrics (labelgw.control.metrics) and the access log (labelgw.http.accesslog): the final status (0: none
     # yet), body bytes each way, why labelgw answered 502 itself (a failed connect or anything else; 504 is always
     # a timeout), whether the client went away first, and the message of labelgw's own answer.
-    status = 0
-    bytes_in = 0
-    bytes_out = 0
-    fail_cause = "upstream_error"
-    client_gone = False
-    error_message: str | None = None
+    status: int
+    bytes_in: int
+    bytes_out: int
+    fail_cause: str
+    client_gone: bool
+    error_message: str | None
 
     # `gateway`: the labelgw.http.server.Gateway (clock, pool, settings, counters), not imported: the exchange
     # depends on its two interfaces only.
@@ -106,19 +114,44 @@ class Exchange:
         self.head = head
         self.route = route
         self.backend = backend
+        self.state = _CONNECTING
+        self.upstream = None
+        self.body_sent_upstream = False
+        self.attempts = 1
+        self._pending = None
+        self._pending_size = 0
+        self._body_paused_by_upstream = self._upstream_paused_by_client = False
+        self._ttfb = 0.0
+        self._gateway_error = False
+        self.version = None
+        self.pinned = False
+        self.response_extra = b""
+        self.hash_key = None
+        self.fallback_reason = None
+        self.held = False
+        self.on_backend = True
+        self.on_done = None
+        self.body_limit = None
+        self.response_rules = None
+        self.status = self.bytes_in = self.bytes_out = 0
+        self.fail_cause = "upstream_error"
+        self.client_gone = False
+        self.error_message = None
         # The request side: its body (payload only, framing removed by the client side) is still arriving.
         self.body_done = not (head.chunked or head.content_length)
         self._client_close = not head.keep_alive
-        self._started_at = gateway.clock.seconds()
-        self.created_at = self._started_at
+        self._started_at = self.created_at = gateway.clock.seconds()
+        # The prefix removed when the route strips it (Route.upstream_path); most routes forward the target as is.
+        target = route.upstream_path(head.target) if route.strip_prefix else head.target
         self._head_bytes = upstream_request_head(
-            head, route.upstream_path(head.target), head.client_ip or client.peer_ip, client.proto, client.local_port
+            head, target, head.client_ip or client.peer_ip, client.proto, client.local_port
         )
         gateway.in_flight += 1
-        route.service.in_flight += 1
+        service = route.service
+        service.in_flight += 1
         backend.in_flight += 1
         backend.requests += 1
-        route.service.policy.on_start(backend)
+        service.policy.on_start(backend)
 
     def _move(self, new: ExchangeState) -> None:
         self.state = check_move(EXCHANGE_MOVES, self.state, new)
@@ -143,7 +176,7 @@ class Exchange:
             return
         connection = self.gateway.pool.acquire(self.backend, self)
         if connection is not None:
-            self.upstream_connected(connection)
+            self._send_on(connection, self._started_at)
 
     def hold(self) -> None:
         """A middleware keeps the request waiting (a concurrency queue, a password check): it leaves its
@@ -185,6 +218,10 @@ class Exchange:
         self._complete(failed=False, observe=False)
 
     def upstream_connected(self, connection: UpstreamConnection) -> None:
+        self._send_on(connection, None)
+
+    def _send_on(self, connection: UpstreamConnection, now: float | None) -> None:
+        """Send the request on `connection`; `now`: the clock's time if the caller has just read it."""
         if self.state is _DONE:
             connection.detach()
             return
@@ -192,7 +229,7 @@ class Exchange:
         if self.state not in _TO_WAITING:
             self._move(_WAITING)  # refused: raises StateError
         self.state = _WAITING
-        connection.send(self, self._head_bytes, self.head.method == b"HEAD", not self.body_done)
+        connection.send(self, self._head_bytes, self.head.method == b"HEAD", not self.body_done, now)
         if self._pending:
             self.body_sent_upstream = True
             connection.transport.write(b"".join(self._pending))
@@ -338,6 +375,14 @@ class Exchange:
         self.bytes_out += len(data)
         self.client.response_data(data)
 
+    def response_whole(self, head: ResponseHead, connection: UpstreamConnection, body: bytes) -> None:
+        """A final response whose whole body came with its head (labelgw.http.upstream.ResponseSink)."""
+        self.response_head(head, connection)
+        if self.state is _RESPONDING:
+            self.bytes_out += len(body)
+            self.client.response_data(body)
+            self.response_done()
+
     response_chunk = response_data
 
     def flush(self) -> None:
@@ -458,14 +503,15 @@ class Exchange:
             backend.in_flight -= 1
         else:
             observe = False  # it never reached a backend
+        now = gateway.clock.seconds()
         if observe and state is not _TUNNEL:
             # Time to the response head: a long download or a WebSocket must not look like a slow backend.
             started = state is _RESPONDING
-            elapsed = self._ttfb if started else gateway.clock.seconds() - self._started_at
+            elapsed = self._ttfb if started else now - self._started_at
             service.policy.on_finish(backend, elapsed, failed)
             # Canary analysis by version (labelgw.core.canary); one attribute read for services without a split.
             if service.split is not None:
-                gateway.canary.observe(service, backend, gateway.clock.seconds(), elapsed, failed)
+                gateway.canary.observe(service, backend, now, elapsed, failed)
         if state not in _TO_DONE:
             self._move(_DONE)
         self.state = _DONE
@@ -475,10 +521,10 @@ class Exchange:
             done(self, failed, observe)
         metrics = gateway.metrics
         if metrics is not None:
-            metrics.exchange_done(self, gateway.clock.seconds())
+            metrics.exchange_done(self, now)
         access_log = gateway.access_log
         if access_log is not None:
-            access_log.exchange(self, state)
+            access_log.exchange(self, state, now)
         self.client.exchange_done(self, close=self._client_close)
 
     def _abort_upstream(self) -> None:

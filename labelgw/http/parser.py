@@ -33,26 +33,43 @@ _KNOWN_CODINGS = {b"gzip", b"deflate", b"compress", b"x-gzip", b"br", b"zstd"}
 
 
 _FIELD_PATTERNS: dict[bytes, "re.Pattern[bytes]"] = {}
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 class _Head:
     """Common to request and response heads: the raw field block, and the fields as pairs on demand.
 
-    Defaults are class attributes: the parser sets only what a message has, on a path taken twice per request."""
+    Slots, defaults set in __init__: every attribute is read on a path taken twice per request, and a slot is read
+    in one step (a class-level default an instance did not set was a dictionary miss and a type lookup)."""
 
+    __slots__ = (
+        "block", "forward", "_headers", "version", "content_length", "chunked", "keep_alive", "upgrade",
+        "connection_tokens",
+    )
     # Every field line, each ending in CRLF, as received.
-    block = b""
+    block: bytes
     # The field lines labelgw forwards as they are (hop-by-hop, framing and managed fields cut out), or None when the
     # fields must be filtered one by one (fields named in Connection, fields set by hand).
-    forward: bytes | None = None
-    _headers: list[tuple[bytes, bytes]] | None = None
-    version = b"HTTP/1.1"
+    forward: bytes | None
+    _headers: list[tuple[bytes, bytes]] | None
+    version: bytes
     # None with chunked False means no body.
-    content_length: int | None = None
-    chunked = False
-    keep_alive = True
-    upgrade: bytes | None = None
-    connection_tokens: frozenset[bytes] = frozenset()
+    content_length: int | None
+    chunked: bool
+    keep_alive: bool
+    upgrade: bytes | None
+    connection_tokens: frozenset[bytes]
+
+    def __init__(self) -> None:
+        self.block = b""
+        self.forward = None
+        self._headers = None
+        self.version = b"HTTP/1.1"
+        self.content_length = None
+        self.chunked = False
+        self.keep_alive = True
+        self.upgrade = None
+        self.connection_tokens = _NO_TOKENS
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -94,16 +111,34 @@ class _Head:
 
 
 class RequestHead(_Head):
-    method = b""
-    target = b""
-    host: bytes | None = None
-    absolute_form = False
+    __slots__ = ("method", "target", "host", "absolute_form", "request_id", "trace_id", "trace_fields", "client_ip")
+    method: bytes
+    target: bytes
+    host: bytes | None
+    absolute_form: bool
     # Set by labelgw.http.requestid at dispatch: the request's id and trace id, and the field lines labelgw adds.
-    request_id = b""
-    trace_id = b""
-    trace_fields = b""
+    request_id: bytes
+    trace_id: bytes
+    trace_fields: bytes
     # The client's address behind trusted proxies (--trusted-proxies, labelgw.middleware.access); None: the peer's.
-    client_ip: bytes | None = None
+    client_ip: bytes | None
+
+    def __init__(self) -> None:
+        # _Head.__init__, written out: one call less per head.
+        self.block = b""
+        self.forward = None
+        self._headers = None
+        self.version = b"HTTP/1.1"
+        self.content_length = None
+        self.chunked = False
+        self.keep_alive = True
+        self.upgrade = None
+        self.connection_tokens = _NO_TOKENS
+        self.method = self.target = b""
+        self.host = None
+        self.absolute_form = False
+        self.request_id = self.trace_id = self.trace_fields = b""
+        self.client_ip = None
 
     @property
     def has_body(self) -> bool:
@@ -111,8 +146,23 @@ class RequestHead(_Head):
 
 
 class ResponseHead(_Head):
-    status = 0
-    status_line = b""
+    __slots__ = ("status", "status_line")
+    status: int
+    status_line: bytes
+
+    def __init__(self) -> None:
+        # _Head.__init__, written out: one call less per head.
+        self.block = b""
+        self.forward = None
+        self._headers = None
+        self.version = b"HTTP/1.1"
+        self.content_length = None
+        self.chunked = False
+        self.keep_alive = True
+        self.upgrade = None
+        self.connection_tokens = _NO_TOKENS
+        self.status = 0
+        self.status_line = b""
 
 
 # A whole field block in one match (C speed): token, colon, value, CRLF; control bytes and bare CR/LF are refused
@@ -199,7 +249,7 @@ def _parse_content_length(value: bytes, status: int) -> int:
 
 
 _COMMON_TOKENS = {b"keep-alive": frozenset({b"keep-alive"}), b"close": frozenset({b"close"})}
-_NO_TOKENS: frozenset[bytes] = frozenset()
+_KEEP_ALIVE_TOKENS = _COMMON_TOKENS[b"keep-alive"]
 
 
 def _connection_tokens(values: list[bytes]) -> frozenset[bytes]:
@@ -330,7 +380,14 @@ def parse_request_head(head: bytes) -> RequestHead:
         raise HttpError(400, "invalid Host header")
     request.host = host
 
-    if _connection_options(request, version, connection_values) and not request.absolute_form:
+    if connection_values:
+        plain = _connection_options(request, version, connection_values)
+    else:
+        # No Connection field (most requests): _connection_options' first case, without the call.
+        if version != b"HTTP/1.1":
+            request.keep_alive = False
+        plain = True
+    if plain and not request.absolute_form:
         request.forward = _REQUEST_CUT.sub(b"", data)[block_start:] if len(specials) > (host is not None) else block
     # An Upgrade in an HTTP/1.0 request is ignored (RFC 9110 section 7.8), as is one not named in Connection.
     if request.upgrade is not None and (b"upgrade" not in request.connection_tokens or version != b"HTTP/1.1"):
@@ -369,7 +426,10 @@ def parse_response_head(head: bytes) -> ResponseHead:
         value = pieces[index + 1]
         lower = name.lower()
         if lower == b"content-length":
-            length = _parse_content_length(value, 502)
+            # _parse_content_length, inlined: nearly every response has one.
+            if not value.isdigit() or len(value) > 18:
+                raise HttpError(502, f"invalid Content-Length {value[:40]!r}")
+            length = int(value)
             if response.content_length is not None and response.content_length != length:
                 raise HttpError(502, "conflicting Content-Length from upstream")
             response.content_length = length
@@ -388,7 +448,13 @@ def parse_response_head(head: bytes) -> ResponseHead:
         if response.content_length is not None:
             raise HttpError(502, "both Content-Length and Transfer-Encoding from upstream")
         response.chunked = True
-    if _connection_options(response, version, connection_values):
+    if len(connection_values) == 1 and version == b"HTTP/1.1" and connection_values[0].lower() == b"keep-alive":
+        # "Connection: keep-alive" on HTTP/1.1 (what nginx and most servers send): no token names a field.
+        response.connection_tokens = _KEEP_ALIVE_TOKENS
+        plain = True
+    else:
+        plain = _connection_options(response, version, connection_values)
+    if plain:
         # Every matched field is cut: labelgw writes framing and Connection itself.
         response.forward = b"".join(pieces[::3])[block_start:] if len(pieces) > 1 else block
     return response

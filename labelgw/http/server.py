@@ -127,7 +127,10 @@ class ClientConnection(DataProtocol):
         self._idle_since = 0.0
         self._body_seen = 0.0
         self._pause_reasons: set[str] = set()
+        # The one timer (None: none pending; never left inactive) and when it fires, kept here so that re-arming
+        # it costs no method calls on the DelayedCall.
         self._timer: Any = None
+        self._timer_at = 0.0
         # The client's transport is full: since when (0.0: it is not), and what to pause meanwhile (the upstream
         # of a streaming response).
         self._send_blocked_since = 0.0
@@ -163,8 +166,9 @@ class ClientConnection(DataProtocol):
             transport.setTcpNoDelay(True)
         gateway = self.gateway
         gateway.connections.add(self)
-        self._idle_since = gateway.clock.seconds()
+        self._idle_since = now = gateway.clock.seconds()
         self._timer = gateway.clock.callLater(gateway.settings.head_timeout, self._check_timers)
+        self._timer_at = now + gateway.settings.head_timeout
         # Registered for the connection's life: a client that stops reading is noticed whatever is in progress.
         transport.registerProducer(self, True)
         if gateway.draining:
@@ -172,9 +176,9 @@ class ClientConnection(DataProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._move(_CLOSED)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         self._response_producer = None
         # Also when the TLS listener hands a connection that never was HTTP/1.1 over to HTTP/2.
         self.transport.unregisterProducer()
@@ -341,8 +345,8 @@ class ClientConnection(DataProtocol):
         else:
             if self.state is _HEAD:
                 self._move(_IDLE)
-            self._idle_since = self.gateway.clock.seconds()
-            self._rearm_within(self.gateway.settings.idle_timeout)
+            self._idle_since = now = self.gateway.clock.seconds()
+            self._rearm_within(self.gateway.settings.idle_timeout, now)
 
     def refuse(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
         request = self._request
@@ -438,10 +442,13 @@ class ClientConnection(DataProtocol):
         if self.state not in _TO_IDLE:
             self._move(_IDLE)
         self.state = _IDLE
-        self._idle_since = self.gateway.clock.seconds()
+        gateway = self.gateway
+        self._idle_since = now = gateway.clock.seconds()
         # The lazy timer may wait for a later deadline (the head timeout, armed at the connection's start): an
         # idle timeout shorter than that would not be kept (250 idle TLS clients held 10 s instead of 3 s).
-        self._rearm_within(self.gateway.settings.idle_timeout)
+        deadline = now + gateway.settings.idle_timeout
+        if self._timer is None or self._timer_at > deadline:
+            self._rearm_within(gateway.settings.idle_timeout, now)
         reasons = self._pause_reasons
         if reasons:
             reasons.discard("pipeline")
@@ -462,10 +469,12 @@ class ClientConnection(DataProtocol):
         # Armed even while closing: a close waits for the client to read what is buffered.
         delay = self.gateway.settings.send_timeout
         timer = self._timer
-        if timer is None or not timer.active():
+        if timer is None:
             self._timer = self.gateway.clock.callLater(delay, self._check_timers)
-        elif timer.getTime() > self._send_blocked_since + delay:
+            self._timer_at = self._send_blocked_since + delay
+        elif self._timer_at > self._send_blocked_since + delay:
             timer.reset(delay)
+            self._timer_at = self._send_blocked_since + delay
 
     def resumeProducing(self) -> None:
         if not self._send_blocked_since:
@@ -505,21 +514,29 @@ class ClientConnection(DataProtocol):
 
     # Timers: one per connection, checked lazily; the common request does no timer work at all.
 
-    def _rearm_within(self, delay: float) -> None:
+    def _rearm_within(self, delay: float, now: float | None = None) -> None:
         """Make sure the timer fires within `delay` (it re-arms itself lazily after that)."""
+        if now is None:
+            now = self.gateway.clock.seconds()
         timer = self._timer
-        if timer is not None and timer.active():
-            if timer.getTime() > self.gateway.clock.seconds() + delay:
+        if timer is not None:
+            if self._timer_at > now + delay:
                 timer.reset(delay)
+                self._timer_at = now + delay
         elif self.state < _CLOSING:
-            self._timer = self.gateway.clock.callLater(delay, self._check_timers)
+            self._arm(delay, now)
 
     def _rearm(self, delay: float) -> None:
         timer = self._timer
-        if timer is not None and timer.active():
+        if timer is not None:
             timer.reset(delay)
+            self._timer_at = self.gateway.clock.seconds() + delay
         elif self.state < _CLOSING:
-            self._timer = self.gateway.clock.callLater(delay, self._check_timers)
+            self._arm(delay, self.gateway.clock.seconds())
+
+    def _arm(self, delay: float, now: float) -> None:
+        self._timer = self.gateway.clock.callLater(delay, self._check_timers)
+        self._timer_at = now + delay
 
     def _check_timers(self) -> None:
         self._timer = None
@@ -539,7 +556,7 @@ class ClientConnection(DataProtocol):
         if state is _CLOSING:
             # Closing, waiting for a blocked client to read: only the send timeout matters now.
             if blocked:
-                self._timer = self.gateway.clock.callLater(max(blocked + settings.send_timeout - now, 0.001), self._check_timers)
+                self._arm(max(blocked + settings.send_timeout - now, 0.001), now)
             return
         exchange = self.exchange
         if state is _TUNNEL:
@@ -572,7 +589,7 @@ class ClientConnection(DataProtocol):
                 return
         if blocked and blocked + settings.send_timeout < deadline:
             deadline = blocked + settings.send_timeout
-        self._timer = self.gateway.clock.callLater(max(deadline - now, 0.001), self._check_timers)
+        self._arm(max(deadline - now, 0.001), now)
 
 
 class ProxyFactory(Factory):

@@ -3,6 +3,7 @@ a pool of idle keep-alive connections per backend."""
 
 from __future__ import annotations
 
+import select
 import socket
 from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
 
@@ -34,6 +35,10 @@ class ResponseSink(TypingProtocol):
 
     def response_done(self) -> None: ...
 
+    def response_whole(self, head: ResponseHead, connection: "UpstreamConnection", body: bytes) -> None:
+        """A final response whose whole body (not empty, framed by Content-Length) came with its head: what
+        response_head, response_data and response_done say, in one call."""
+
     def flush(self) -> None: ...
 
     def upstream_failed(self, status: int, reason: str, retryable: bool = False) -> None:
@@ -48,12 +53,17 @@ class ResponseSink(TypingProtocol):
 
 # What the connection is reading.
 _IDLE, _HEAD, _BODY, _TUNNEL, _ABORTED = range(5)
-# A non-blocking peek: is there anything (or an EOF) the reactor has not read yet?
-_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+# Is there anything (or an EOF, or an error) the reactor has not read yet? One poll(2) with a zero timeout on a
+# poll object kept per connection: no exception on the common answer (a peek raises BlockingIOError then).
+_POLL_IN = select.POLLIN
 
 
 class UpstreamConnection(DataProtocol):
     _log = Logger()
+    # has_unread's poll object, the socket it watches and that socket's descriptor.
+    _poller: Any = None
+    _polled: Any = None
+    _polled_fd = -1
 
     def __init__(self, pool: "UpstreamPool", backend: Backend) -> None:
         self.pool = pool
@@ -74,7 +84,9 @@ class UpstreamConnection(DataProtocol):
         self._idle_since = 0.0
         # The response timeout runs from the end of the request body, not from its head.
         self.body_pending = False
+        # The one timer (None: none pending) and when it fires, kept here: re-arming costs no DelayedCall calls.
         self._timer: Any = None
+        self._timer_at = 0.0
 
     # Lifecycle.
 
@@ -82,7 +94,7 @@ class UpstreamConnection(DataProtocol):
         self.connected = True
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
-        self._timer = self.pool.clock.callLater(self.pool.settings.response_timeout, self._check_timers)
+        self._arm(self.pool.settings.response_timeout, self.pool.clock.seconds())
         sink = self.sink
         if sink is None:
             self.pool.release(self)
@@ -92,8 +104,9 @@ class UpstreamConnection(DataProtocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
         self.reusable = False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         sink, self.sink = self.sink, None
         if sink is None:
             self.pool.forget(self)
@@ -117,8 +130,11 @@ class UpstreamConnection(DataProtocol):
                 502, "upstream closed the connection" + (" mid-head" if answered else ""), retryable=not answered
             )
 
-    def send(self, sink: ResponseSink, head: bytes, head_only: bool, body_pending: bool = False) -> None:
-        """Start one exchange on this connection: write the request head and wait for the response."""
+    def send(
+        self, sink: ResponseSink, head: bytes, head_only: bool, body_pending: bool = False, now: float | None = None
+    ) -> None:
+        """Start one exchange on this connection: write the request head and wait for the response. `now`: the
+        clock's time, when the caller has just read it."""
         self.sink = sink
         self.head_only = head_only
         self.body_pending = body_pending
@@ -126,13 +142,15 @@ class UpstreamConnection(DataProtocol):
         self._mode = _HEAD
         self._buffer = b""
         self._answered = False
-        now = self.pool.clock.seconds()
+        if now is None:
+            now = self.pool.clock.seconds()
         self._sent_at = now
         # Kept for this request: a configuration reloaded meanwhile applies to the next one.
         self._response_timeout = limit = self.pool.settings.response_timeout
         timer = self._timer
-        if timer is not None and timer.getTime() > now + limit:
+        if timer is not None and self._timer_at > now + limit:
             timer.reset(limit)
+            self._timer_at = now + limit
         write_now(self.transport, head)
 
     def request_complete(self) -> None:
@@ -141,8 +159,9 @@ class UpstreamConnection(DataProtocol):
         now = self.pool.clock.seconds()
         self._sent_at = now
         timer = self._timer
-        if timer is not None and timer.active() and timer.getTime() > now + self._response_timeout:
+        if timer is not None and self._timer_at > now + self._response_timeout:
             timer.reset(self._response_timeout)
+            self._timer_at = now + self._response_timeout
 
     def abort(self) -> None:
         """The exchange gave up on this connection (client gone, bad response): never reuse it."""
@@ -162,23 +181,28 @@ class UpstreamConnection(DataProtocol):
     def has_unread(self) -> bool:
         """Whether the backend sent bytes, or closed, since the last response ended, and the reactor has not read
         them yet: a connection must not be handed to a new request then (those bytes would be read as its
-        response). One non-blocking peek on the socket. A TLS connection is not peeked: its socket may hold TLS
-        records that are no response bytes (session tickets); bytes it reads while idle still close it."""
+        response). One poll(2) of the socket with a zero timeout (readable: a byte, or EOF; or an error: either way
+        not a clean idle connection). A TLS connection is not polled: its socket may hold TLS records that are no
+        response bytes (session tickets); bytes it reads while idle still close it."""
         # Not every transport has a handle (a memory transport has none).
         get_handle = getattr(self.transport, "getHandle", None)
         try:
             handle = get_handle() if get_handle is not None else None
         except AttributeError:
             return False
-        if not isinstance(handle, socket.socket):
-            return False
+        if self._poller is None or handle is not self._polled or handle.fileno() != self._polled_fd:
+            if not isinstance(handle, socket.socket):
+                return False
+            poller = select.poll()
+            try:
+                poller.register(handle, _POLL_IN)
+            except (ValueError, OSError):
+                return True  # a closed socket
+            self._poller, self._polled, self._polled_fd = poller, handle, handle.fileno()
         try:
-            handle.recv(1, _PEEK_FLAGS)  # a byte, or b"" at EOF: either way not a clean idle connection
-        except (BlockingIOError, InterruptedError):
-            return False
+            return bool(self._poller.poll(0))
         except OSError:
             return True
-        return True
 
     def park(self, now: float) -> None:
         """The pool took this connection as idle at `now`: its timer must fire by the end of the idle timeout."""
@@ -186,10 +210,15 @@ class UpstreamConnection(DataProtocol):
         timer = self._timer
         limit = self.pool.settings.upstream_idle_timeout
         # Usually the pending timer is already due sooner and re-arms itself; only move it when it is not.
-        if timer is None or not timer.active():
-            self._timer = self.pool.clock.callLater(limit, self._check_timers)
-        elif timer.getTime() > now + limit:
+        if timer is None:
+            self._arm(limit, now)
+        elif self._timer_at > now + limit:
             timer.reset(limit)
+            self._timer_at = now + limit
+
+    def _arm(self, delay: float, now: float) -> None:
+        self._timer = self.pool.clock.callLater(delay, self._check_timers)
+        self._timer_at = now + delay
 
     # Timers: one per connection, re-armed lazily so a request costs no timer work in the common case.
 
@@ -214,7 +243,7 @@ class UpstreamConnection(DataProtocol):
                 return
         else:
             deadline = now + settings.response_timeout
-        self._timer = self.pool.clock.callLater(max(deadline - now, 0.001), self._check_timers)
+        self._arm(max(deadline - now, 0.001), now)
 
     # Response parsing.
 
@@ -283,6 +312,14 @@ class UpstreamConnection(DataProtocol):
                 # A body (or anything) where none may be: the connection's framing cannot be trusted.
                 self.reusable = False
             self._finish()
+            return
+        if (
+            len(buffer) == head.content_length and buffer and not self.head_only and status != 204 and status != 304
+        ):
+            # The whole body came with the head (nearly every small response): no reader, one call to the sink.
+            self._mode = _IDLE
+            self._reader = None
+            sink.response_whole(head, self, buffer)
             return
         if reader.kind == UNTIL_CLOSE:
             self.reusable = False

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Instructions per request of the in-process data path (bench/inprocess.py), counted by valgrind's callgrind:
+a figure that does not move with the machine's load, for A/B comparisons on a shared machine.
+
+    .venv/bin/python bench/callgrind.py [--only get|post] [--observability bare|default] [--requests 2000]
+
+Runs inprocess.py under `valgrind --tool=callgrind` twice, with N and 2N requests (same warm-up, same start-up),
+and divides the difference of the two instruction totals by N: start-up and imports cancel out. PYTHONHASHSEED is
+fixed so that both runs hash alike. Needs valgrind (Debian's `valgrind` package). Nothing leaves the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+
+
+def instructions(requests: int, only: str, observability: str, python: str, without: str = "") -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [
+            "valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", python, str(HERE / "inprocess.py"),
+            "--only", only, "--runs", "1", "--requests", str(requests), "--observability", observability,
+            "--without", without,
+        ]
+        env = dict(os.environ, PYTHONHASHSEED="0")
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+        match = _COLLECTED.search(done.stderr)
+        if done.returncode != 0 or match is None:
+            raise SystemExit(f"callgrind run failed ({done.returncode}):\n{done.stdout}\n{done.stderr[-2000:]}")
+        return int(match.group(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--only", choices=("get", "post"), default="get")
+    parser.add_argument("--observability", choices=("bare", "default"), default="bare")
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--without", default="", help="passed to inprocess.py: log, metrics")
+    args = parser.parse_args(argv)
+    n = args.requests
+    small = instructions(n, args.only, args.observability, args.python, args.without)
+    large = instructions(2 * n, args.only, args.observability, args.python, args.without)
+    per_request = (large - small) / n
+    print(f"{args.only} ({args.observability}{' without ' + args.without if args.without else ''}): {per_request:,.0f} instructions per request "
+          f"(callgrind, {n} vs {2 * n} requests: {small:,} / {large:,})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -568,3 +568,19 @@ def test_restored_registrations_leave_the_collectors_full_passes(tmp_path: Any) 
         assert gc.get_freeze_count() > frozen
     finally:
         gc.unfreeze()
+
+
+def test_a_registration_keeps_few_objects_for_the_collector() -> None:
+    # Its canonical body holds tuples, not lists (the same JSON), so the collector stops tracking it; a lease is
+    # numbers in the lease book, not an object.
+    import gc
+
+    # (A body with an object inside, health or labels, stays tracked: CPython keeps tracking a dict holding a dict.)
+    registration = parse_registration("web", "i1", json.loads(body(hosts=["a.test", "b.test"], tags=["x"])))
+    assert registration.body["hosts"] == ("a.test", "b.test") and registration.body["tags"] == ("x",)
+    assert json.loads(registration.record + b"}")["body"]["hosts"] == ["a.test", "b.test"]
+    gc.collect()  # dicts are untracked in full collections only
+    assert not gc.is_tracked(registration.body)
+    book = LeaseBook(Clock(), lambda key: None)
+    book.grant("web/i1", 30)
+    assert book.snapshot() == {"web/i1": 30.0} and not gc.is_tracked(book.snapshot()["web/i1"])

@@ -155,11 +155,11 @@ class EmbeddedRegistry:
         """Two shallow copies; the records are read from them slice by slice (a lease's expiry read later may be a
         heartbeat newer: either is a valid expiry)."""
         registrations = list(self.registrations.values())  # references only: no tuple per entry to promote
-        leases = self.leases.snapshot()
+        expiries = self.leases.snapshot()
         return (
-            (registration.record, lease.expires)
+            (registration.record, expires)
             for registration in registrations
-            if (lease := leases.get(registration.key)) is not None
+            if (expires := expiries.get(registration.key)) is not None
         )
 
     def _restore(self, path: str) -> None:

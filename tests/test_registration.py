@@ -566,6 +566,7 @@ def test_restored_registrations_leave_the_collectors_full_passes(tmp_path: Any) 
         service.startService()
         assert service.summary()["instances"] == 1
         assert gc.get_freeze_count() > frozen
+        assert gc.isenabled()  # off only while the saved registrations were applied
     finally:
         gc.unfreeze()
 

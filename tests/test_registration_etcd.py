@@ -324,11 +324,37 @@ def test_the_heartbeats_of_one_reactor_turn_are_one_keep_alive_request() -> None
     assert replies[0][1]["expires_at"] == 5.0
 
 
-def test_a_keep_alive_without_an_answer_is_503_not_404() -> None:
+def test_a_keep_alive_without_an_answer_goes_again_then_is_503_not_404() -> None:
     clock, etcd, a, b = world()
     assert a.put("web", "i1", hosts=["web.test"], ttl=5)[0] == 201
-    etcd.stream_call = lambda path, bodies, attempts=None: succeed([])  # type: ignore[method-assign]
-    assert a.call(b"PUT", b"/v1/services/web/instances/i1/heartbeat")[0] == 503
+    assert a.put("web", "i2", hosts=["web.test"], ttl=5)[0] == 201
+    real = etcd.stream_call
+    cut: list[int] = [1]
+
+    def cutting(path: str, bodies: list[dict[str, Any]], attempts: int | None = None) -> Any:
+        # etcd's gateway ending a busy stream before its last answers: the last one is lost, `cut[0]` times.
+        answered: Any = real(path, bodies, attempts)
+        if cut[0]:
+            cut[0] -= 1
+            answered.addCallback(lambda replies: replies[:-1])
+        return answered
+
+    etcd.stream_call = cutting  # type: ignore[method-assign]
+    replies: list[Any] = []
+    for instance in ("i1", "i2"):
+        reply = a.api.handle(b"PUT", f"/v1/services/web/instances/{instance}/heartbeat".encode(), b"")
+        assert isinstance(reply, Deferred)
+        reply.addBoth(replies.append)
+    clock.advance(0)  # i2's keep-alive went again, alone, in the next turn
+    assert [status for status, _ in replies] == [200, 200] and etcd.streams == [2, 1]
+    # Never answered: three requests, then 503 (etcd's state is unknown), not 404 (which means "register again").
+    sent: list[int] = []
+    etcd.stream_call = lambda path, bodies, attempts=None: succeed(sent.append(len(bodies)) or [])  # type: ignore[method-assign]
+    reply = a.api.handle(b"PUT", b"/v1/services/web/instances/i1/heartbeat", b"")
+    assert isinstance(reply, Deferred)
+    reply.addBoth(replies.append)
+    clock.advance(0)
+    assert replies[-1][0] == 503 and sent == [1, 1, 1]
 
 
 def test_stream_call_sends_messages_in_one_body_and_reads_each_answer() -> None:

@@ -37,6 +37,8 @@ REQUEST_TIMEOUT = 3.0
 # Leases renewed per keep-alive request: the heartbeats of one reactor turn go to etcd together (one request, one
 # stream on etcd's side, instead of one each).
 MAX_KEEPALIVES = 1000
+# Requests a keep-alive goes out in before its heartbeat is answered 503 (see _kept_alive).
+KEEPALIVE_TRIES = 3
 PROBE_INTERVAL = 1.0
 MAX_BACKOFF = 2.0
 # gRPC codes worth another member: Unavailable, DeadlineExceeded, Unknown (e.g. "leader changed"), Aborted.
@@ -320,6 +322,7 @@ class EtcdRegistry:
         # Keep-alives waiting for this turn's request, by lease.
         self._keepalives: dict[str, list[Deferred[dict[str, Any]]]] = {}
         self._keepalive_timer: IDelayedCall | None = None
+        self._keepalive_tries: dict[str, int] = {}
 
     # The RegistryBackend interface.
 
@@ -494,9 +497,8 @@ class EtcdRegistry:
                 self._kept_alive, self._keepalives_failed, callbackArgs=(batch, pending), errbackArgs=(batch, pending)
             )
 
-    @staticmethod
     def _kept_alive(
-        replies: list[dict[str, Any]], batch: list[str], pending: dict[str, list["Deferred[dict[str, Any]]"]]
+        self, replies: list[dict[str, Any]], batch: list[str], pending: dict[str, list["Deferred[dict[str, Any]]"]]
     ) -> None:
         answers: dict[str, dict[str, Any]] = {}
         for reply in replies:
@@ -505,11 +507,24 @@ class EtcdRegistry:
                 answers[str(result["ID"])] = result
         for lease in batch:
             answer = answers.get(lease)
-            for waiting in pending.pop(lease, []):
-                if answer is None:  # no answer for it (a cut stream): unknown, not gone
-                    waiting.errback(EtcdUnavailable(f"no keep-alive answer for lease {lease}"))
-                else:
-                    waiting.callback(answer)
+            waiting = pending.pop(lease, [])
+            if answer is not None:
+                self._keepalive_tries.pop(lease, None)
+                for one in waiting:
+                    one.callback(answer)
+                continue
+            # No answer for it: etcd's gateway sometimes ends a busy keep-alive stream before its last answers. A
+            # keep-alive is idempotent: again with the next turn's, and a 503 (unknown, not gone) after the third.
+            tries = self._keepalive_tries.get(lease, 0) + 1
+            if tries < KEEPALIVE_TRIES and self._running:
+                self._keepalive_tries[lease] = tries
+                self._keepalives.setdefault(lease, []).extend(waiting)
+                if self._keepalive_timer is None:
+                    self._keepalive_timer = self._reactor.callLater(0, self._send_keepalives)
+                continue
+            self._keepalive_tries.pop(lease, None)
+            for one in waiting:
+                one.errback(EtcdUnavailable(f"no keep-alive answer for lease {lease}"))
 
     @staticmethod
     def _keepalives_failed(

@@ -165,16 +165,17 @@ class EmbeddedRegistry:
 
     def _restore(self, path: str) -> None:
         """Registrations of the last run whose leases have time left (blocking read, once, at start)."""
-        try:
-            records = read_records(path)
-        except (OSError, ValueError) as error:
-            self._log.error("registrations not restored from {path}: {error}", path=path, error=error)
-            return
-        # No collection while the restored registrations pile up (they all live: a full pass every time the heap
-        # grew by a quarter found nothing and cost 0.2-1 s each at 100 000); the service collects once after.
+        # No collection while the file is read and its registrations pile up (they all live: a full pass every
+        # time the heap grew by a quarter found nothing and cost 0.2-1 s each at 100 000); the service collects once
+        # after.
         was_enabled = gc.isenabled()
         gc.disable()
         try:
+            try:
+                records = read_records(path)
+            except (OSError, ValueError) as error:
+                self._log.error("registrations not restored from {path}: {error}", path=path, error=error)
+                return
             kept, dropped = self._apply_saved(records)
         finally:
             if was_enabled:

@@ -203,16 +203,27 @@ def register_all(base: Path, gateway: Gateway, total: int, args: argparse.Namesp
 
 def heartbeats(base: Path, gateway: Gateway, total: int, args: argparse.Namespace) -> dict[str, Any]:
     """`--heartbeat-rounds` runs of `--seconds` each: every round's figures and their medians (a shared machine)."""
-    rounds = [wrk(base, HEARTBEAT_LUA, gateway.api, args.seconds, args.connections, (total,))
-              for _ in range(args.heartbeat_rounds)]
+    assert gateway.process is not None
+    rounds = []
+    for _ in range(args.heartbeat_rounds):
+        cpu = session_cpu_s(gateway.process.pid)
+        figures = wrk(base, HEARTBEAT_LUA, gateway.api, args.seconds, args.connections, (total,))
+        # labelgw's CPU per heartbeat (its threads' run time): what one core could do, whatever else shares the
+        # machine (wall-clock rate and p99 include the wait for a core).
+        spent = session_cpu_s(gateway.process.pid) - cpu
+        figures["cpu_us_per_heartbeat"] = round(spent * 1e6 / figures["requests"], 1) if figures["requests"] else None
+        rounds.append(figures)
     report = {
         "rate": round(statistics.median(r["rate"] for r in rounds)),
         "p99_ms": round(statistics.median(r["p99_ms"] for r in rounds), 1),
         "p50_ms": round(statistics.median(r["p50_ms"] for r in rounds), 2),
+        "cpu_us_per_heartbeat": statistics.median(r["cpu_us_per_heartbeat"] or 0 for r in rounds),
         "errors": sum(r["errors"] for r in rounds), "rounds": rounds,
     }
-    print(f"  heartbeats: median {report['rate']}/s, p99 {report['p99_ms']:.1f} ms (rounds: "
-          + ", ".join(f"{r['rate']}/s p99 {r['p99_ms']:.1f} ms" for r in rounds) + f"), {report['errors']} errors")
+    print(f"  heartbeats: median {report['rate']}/s, p99 {report['p99_ms']:.1f} ms, labelgw CPU "
+          f"{report['cpu_us_per_heartbeat']} us each (rounds: "
+          + ", ".join(f"{r['rate']}/s p99 {r['p99_ms']:.1f} ms {r['cpu_us_per_heartbeat']} us" for r in rounds)
+          + f"), {report['errors']} errors")
     return report
 
 

@@ -153,14 +153,16 @@ class EmbeddedRegistry:
             self.state.changed(urgent)
 
     def _snapshot(self) -> Iterable[Record]:
-        """Two shallow copies; the records are read from them slice by slice (a lease's expiry read later may be a
-        heartbeat newer: either is a valid expiry)."""
+        """The registrations as a list of references (one object, cheap); each lease's expiry is read when its
+        record is formatted, slice by slice (a heartbeat newer than the save's start: either is a valid expiry; a
+        registration removed meanwhile is left out). No copy of the leases: at 100 000 it cost the reactor more
+        than a slice."""
         registrations = list(self.registrations.values())  # references only: no tuple per entry to promote
-        expiries = self.leases.snapshot()
+        expiry = self.leases.expires
         return (
             (registration.record, expires)
             for registration in registrations
-            if (expires := expiries.get(registration.key)) is not None
+            if (expires := expiry(registration.key)) is not None
         )
 
     def _restore(self, path: str) -> None:

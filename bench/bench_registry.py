@@ -8,7 +8,7 @@ keep-alive connections, Lua scripts that spread requests over the instances):
   registrations  PUT /v1/services/s<k>/instances/i<n> in rounds of a few seconds until N instances are registered
                  (100 instances per service): rate and p99 of each round, then the whole
   rss            labelgw's resident memory (VmRSS) before and with the N instances
-  heartbeats     PUT .../heartbeat spread over the N instances for D seconds: rate and p99
+  heartbeats     PUT .../heartbeat spread over the N instances for D seconds, R times: rate and p99 of each, medians
   visibility     a new registration, until every gateway routes its host (polled on loopback every 1 ms): p50, max
   resync         embedded: a restart of labelgw restoring the N saved registrations (start to the log line);
                  etcd: a restart of the second gateway listing the N keys (start to "listed"), CPU of that restart
@@ -201,6 +201,32 @@ def register_all(base: Path, gateway: Gateway, total: int, args: argparse.Namesp
     }
 
 
+def heartbeats(base: Path, gateway: Gateway, total: int, args: argparse.Namespace) -> dict[str, Any]:
+    """`--heartbeat-rounds` runs of `--seconds` each: every round's figures and their medians (a shared machine)."""
+    assert gateway.process is not None
+    rounds = []
+    for _ in range(args.heartbeat_rounds):
+        cpu = session_cpu_s(gateway.process.pid)
+        figures = wrk(base, HEARTBEAT_LUA, gateway.api, args.seconds, args.connections, (total,))
+        # labelgw's CPU per heartbeat (its threads' run time): what one core could do, whatever else shares the
+        # machine (wall-clock rate and p99 include the wait for a core).
+        spent = session_cpu_s(gateway.process.pid) - cpu
+        figures["cpu_us_per_heartbeat"] = round(spent * 1e6 / figures["requests"], 1) if figures["requests"] else None
+        rounds.append(figures)
+    report = {
+        "rate": round(statistics.median(r["rate"] for r in rounds)),
+        "p99_ms": round(statistics.median(r["p99_ms"] for r in rounds), 1),
+        "p50_ms": round(statistics.median(r["p50_ms"] for r in rounds), 2),
+        "cpu_us_per_heartbeat": statistics.median(r["cpu_us_per_heartbeat"] or 0 for r in rounds),
+        "errors": sum(r["errors"] for r in rounds), "rounds": rounds,
+    }
+    print(f"  heartbeats: median {report['rate']}/s, p99 {report['p99_ms']:.1f} ms, labelgw CPU "
+          f"{report['cpu_us_per_heartbeat']} us each (rounds: "
+          + ", ".join(f"{r['rate']}/s p99 {r['p99_ms']:.1f} ms {r['cpu_us_per_heartbeat']} us" for r in rounds)
+          + f"), {report['errors']} errors")
+    return report
+
+
 def visibility(gateways: list[Gateway], via: Gateway, tries: int) -> dict[str, Any]:
     delays = []
     for attempt in range(tries):
@@ -231,9 +257,7 @@ def bench_embedded(base: Path, args: argparse.Namespace) -> dict[str, Any]:
         report["rss_mib_with_instances"] = round(rss_mib(gateway.process.pid), 1)
         print(f"  RSS: {report['rss_mib_empty']} MiB empty, {report['rss_mib_with_instances']} MiB with "
               f"{report['registrations']['instances']} instances")
-        report["heartbeats"] = wrk(base, HEARTBEAT_LUA, gateway.api, args.seconds, args.connections, (args.instances,))
-        print(f"  heartbeats: {report['heartbeats']['rate']}/s, p99 {report['heartbeats']['p99_ms']:.1f} ms, "
-              f"{report['heartbeats']['errors']} errors")
+        report["heartbeats"] = heartbeats(base, gateway, args.instances, args)
         report["visibility"] = visibility([gateway], gateway, args.tries)
         print(f"  a change routed after: p50 {report['visibility']['p50_ms']} ms, max {report['visibility']['max_ms']} ms")
         gateway.stop()
@@ -262,9 +286,7 @@ def bench_etcd(base: Path, args: argparse.Namespace) -> dict[str, Any]:
         a.start(wait_for="etcd registry listed")
         b.start(wait_for="etcd registry listed")
         report: dict[str, Any] = {"registrations": register_all(base, a, total, args)}
-        report["heartbeats"] = wrk(base, HEARTBEAT_LUA, a.api, args.seconds, args.connections, (total,))
-        print(f"  heartbeats: {report['heartbeats']['rate']}/s, p99 {report['heartbeats']['p99_ms']:.1f} ms, "
-              f"{report['heartbeats']['errors']} errors")
+        report["heartbeats"] = heartbeats(base, a, total, args)
         assert a.process is not None and b.process is not None
         report["rss_mib"] = {"a": round(rss_mib(a.process.pid), 1), "b": round(rss_mib(b.process.pid), 1)}
         report["visibility"] = visibility([a, b], a, args.tries)
@@ -306,6 +328,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--round-seconds", type=float, default=5, help="seconds per registration round")
     parser.add_argument("--max-rounds", type=int, default=40, help="at most this many registration rounds")
     parser.add_argument("--seconds", type=float, default=10, help="seconds of heartbeats")
+    parser.add_argument("--heartbeat-rounds", type=int, default=3, help="heartbeat runs (medians reported)")
     parser.add_argument("--tries", type=int, default=20, help="changes timed for visibility")
     parser.add_argument("--modes", type=lambda text: text.split(","), default=["embedded", "etcd"])
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")

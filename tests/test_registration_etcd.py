@@ -38,6 +38,8 @@ class FakeEtcd:
         self.down = False
         self.endpoint = "http://fake:2379"
         self.calls: list[str] = []
+        # The messages of each streaming request.
+        self.streams: list[int] = []
 
     # The EtcdClient interface.
 
@@ -49,6 +51,18 @@ class FakeEtcd:
 
     def close(self) -> "Deferred[None]":
         return succeed(None)
+
+    def stream_call(
+        self, path: str, bodies: list[dict[str, Any]], attempts: int | None = None
+    ) -> "Deferred[list[dict[str, Any]]]":
+        self.streams.append(len(bodies))
+        if self.down:
+            self.calls.append(path)
+            return fail(EtcdUnavailable("down"))
+        replies: list[dict[str, Any]] = []
+        for body in bodies:
+            self.call(path, body).addCallback(replies.append)
+        return succeed(replies)
 
     def call(self, path: str, body: dict[str, Any], attempts: int | None = None) -> "Deferred[dict[str, Any]]":
         self.calls.append(path)
@@ -125,6 +139,7 @@ class FakeEtcd:
 
 class Gateway:
     def __init__(self, etcd: FakeEtcd) -> None:
+        self.clock = etcd.clock
         self.registry = Registry(label_prefix="labelgw")
         self.source = RegisteredSource(self.registry)
         self.backend = EtcdRegistry(
@@ -138,6 +153,8 @@ class Gateway:
         if isinstance(reply, Deferred):
             result: list[Any] = []
             reply.addBoth(result.append)
+            if not result:
+                self.clock.advance(0)  # keep-alives go out at the end of the reactor turn
             assert result, "the fake answers at once"
             return result[0]  # type: ignore[no-any-return]
         return reply
@@ -286,3 +303,85 @@ def test_tls_settings_make_a_policy_that_trusts_the_given_ca(tmp_path: Any) -> N
     assert policy.creatorForNetloc(b"127.0.0.1", 2379) is not None
     client = EtcdClient(Clock(), settings)
     assert client.endpoint == "https://127.0.0.1:2379"
+
+
+def test_the_heartbeats_of_one_reactor_turn_are_one_keep_alive_request() -> None:
+    clock, etcd, a, b = world()
+    for index in range(3):
+        assert a.put("web", f"i{index}", hosts=["web.test"], ttl=5)[0] == 201
+    gone = etcd.kvs[b64(PREFIX + "web/i2")]["lease"]
+    etcd.leases.pop(gone)  # etcd no longer has i2's lease (the key is still listed)
+    replies: list[Any] = []
+    for instance in ("i0", "i1", "i0", "i2"):
+        reply = a.api.handle(b"PUT", f"/v1/services/web/instances/{instance}/heartbeat".encode(), b"")
+        assert isinstance(reply, Deferred)
+        reply.addBoth(replies.append)
+    assert replies == [] and etcd.streams == []
+    clock.advance(0)
+    # One request with one message per lease (i0's twice in the turn: once), each heartbeat answered by its lease.
+    assert etcd.streams == [3]
+    assert [status for status, _ in replies] == [200, 200, 200, 404]
+    assert replies[0][1]["expires_at"] == 5.0
+
+
+def test_a_keep_alive_without_an_answer_goes_again_then_is_503_not_404() -> None:
+    clock, etcd, a, b = world()
+    assert a.put("web", "i1", hosts=["web.test"], ttl=5)[0] == 201
+    assert a.put("web", "i2", hosts=["web.test"], ttl=5)[0] == 201
+    real = etcd.stream_call
+    cut: list[int] = [1]
+
+    def cutting(path: str, bodies: list[dict[str, Any]], attempts: int | None = None) -> Any:
+        # etcd's gateway ending a busy stream before its last answers: the last one is lost, `cut[0]` times.
+        answered: Any = real(path, bodies, attempts)
+        if cut[0]:
+            cut[0] -= 1
+            answered.addCallback(lambda replies: replies[:-1])
+        return answered
+
+    etcd.stream_call = cutting  # type: ignore[method-assign]
+    replies: list[Any] = []
+    for instance in ("i1", "i2"):
+        reply = a.api.handle(b"PUT", f"/v1/services/web/instances/{instance}/heartbeat".encode(), b"")
+        assert isinstance(reply, Deferred)
+        reply.addBoth(replies.append)
+    clock.advance(0)  # i2's keep-alive went again, alone, in the next turn
+    assert [status for status, _ in replies] == [200, 200] and etcd.streams == [2, 1]
+    # Never answered: three requests, then 503 (etcd's state is unknown), not 404 (which means "register again").
+    sent: list[int] = []
+    etcd.stream_call = lambda path, bodies, attempts=None: succeed(sent.append(len(bodies)) or [])  # type: ignore[method-assign]
+    reply = a.api.handle(b"PUT", b"/v1/services/web/instances/i1/heartbeat", b"")
+    assert isinstance(reply, Deferred)
+    reply.addBoth(replies.append)
+    clock.advance(0)
+    assert replies[-1][0] == 503 and sent == [1, 1, 1]
+
+
+def test_stream_call_sends_messages_in_one_body_and_reads_each_answer() -> None:
+    from labelgw.registration.etcd import EtcdClient
+
+    posted: list[tuple[str, bytes]] = []
+    answers = [
+        b'{"error":{"grpc_code":14,"http_code":503,"message":"etcdserver: no leader"}}',
+        b'{"result":{"ID":"1","TTL":"5"}}\n{"result":{"ID":"2"}}\n',
+    ]
+
+    class Response:
+        def __init__(self, content: bytes) -> None:
+            self._content = content
+
+        def content(self) -> "Deferred[bytes]":
+            return succeed(self._content)
+
+    class Http:
+        def post(self, url: str, data: bytes, **_: Any) -> "Deferred[Response]":
+            posted.append((url, data))
+            return succeed(Response(answers[len(posted) - 1]))
+
+    client = EtcdClient(Clock(), EtcdSettings(("http://m1:2379", "http://m2:2379"), PREFIX), http=Http())
+    result: list[Any] = []
+    client.stream_call("/v3/lease/keepalive", [{"ID": "1"}, {"ID": "2"}]).addBoth(result.append)
+    # The first member had no leader: the same body again on the next member.
+    assert [url for url, _ in posted] == ["http://m1:2379/v3/lease/keepalive", "http://m2:2379/v3/lease/keepalive"]
+    assert posted[0][1] == b'{"ID": "1"}\n{"ID": "2"}' == posted[1][1]
+    assert result == [[{"result": {"ID": "1", "TTL": "5"}}, {"result": {"ID": "2"}}]]

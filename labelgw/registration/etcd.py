@@ -34,6 +34,11 @@ from labelgw.registration.source import RegisteredSource
 __all__ = ["EtcdClient", "EtcdRegistry", "EtcdUnavailable"]
 
 REQUEST_TIMEOUT = 3.0
+# Leases renewed per keep-alive request: the heartbeats of one reactor turn go to etcd together (one request, one
+# stream on etcd's side, instead of one each).
+MAX_KEEPALIVES = 1000
+# Requests a keep-alive goes out in before its heartbeat is answered 503 (see _kept_alive).
+KEEPALIVE_TRIES = 3
 PROBE_INTERVAL = 1.0
 MAX_BACKOFF = 2.0
 # gRPC codes worth another member: Unavailable, DeadlineExceeded, Unknown (e.g. "leader changed"), Aborted.
@@ -123,22 +128,45 @@ class EtcdClient:
     def call(self, path: str, body: dict[str, Any], attempts: int | None = None) -> "Deferred[dict[str, Any]]":
         """POST `body` to `path` on the current member, then the next ones; the reply as a dict (an error reply
         that another member cannot fix, such as "lease not found", is returned as it is)."""
+        return self._post(path, json.dumps(body).encode(), lambda content: json.loads(content or b"{}"), attempts)
+
+    def stream_call(
+        self, path: str, bodies: list[dict[str, Any]], attempts: int | None = None
+    ) -> "Deferred[list[dict[str, Any]]]":
+        """Several messages of a streaming call (`/v3/lease/keepalive`) in one request: the gateway sends each to
+        etcd over one stream, answers each, and ends the response when the request's body ends. The answers, in
+        order; failover as `call`."""
+        data = b"\n".join(json.dumps(body).encode() for body in bodies)
+
+        def parse(content: bytes) -> Any:
+            messages = _messages(content)
+            # An error on the stream comes as {"error": {"grpc_code": ..., "message": ...}}: the first one decides.
+            for message in messages:
+                error = message.get("error")
+                if isinstance(error, dict):
+                    return {"code": error.get("grpc_code"), "message": error.get("message"), "error": error}
+            return messages
+
+        return self._post(path, data, parse, attempts)
+
+    def _post(self, path: str, data: bytes, parse: Callable[[bytes], Any], attempts: int | None) -> "Deferred[Any]":
         remaining = len(self._endpoints) if attempts is None else attempts
-        result: Deferred[dict[str, Any]] = Deferred()
+        result: Deferred[Any] = Deferred()
         errors: list[str] = []
 
         def attempt() -> None:
             nonlocal remaining
             remaining -= 1
             endpoint = self.endpoint
-            sent = self._http.post(
-                endpoint + path, data=json.dumps(body).encode(), headers=self._headers(), timeout=REQUEST_TIMEOUT,
-            )
+            sent = self._http.post(endpoint + path, data=data, headers=self._headers(), timeout=REQUEST_TIMEOUT)
             sent.addCallback(lambda response: response.content())
-            sent.addCallback(lambda content: json.loads(content or b"{}"))
+            sent.addCallback(parse)
             sent.addCallbacks(answered, failed, errbackArgs=(endpoint,))
 
         def answered(reply: Any) -> None:
+            if isinstance(reply, list):
+                result.callback(reply)
+                return
             if not isinstance(reply, dict):
                 failed(Failure(ValueError(f"not a JSON object: {reply!r}")), self.endpoint)
                 return
@@ -195,6 +223,22 @@ class EtcdClient:
     def close(self) -> "Deferred[None]":
         pool = getattr(self, "pool", None)
         return pool.closeCachedConnections() if pool is not None else succeed(None)
+
+
+def _messages(content: bytes) -> list[dict[str, Any]]:
+    """JSON objects one after another (a streaming call's answers)."""
+    decoder = json.JSONDecoder()
+    text = content.decode("utf-8")
+    messages: list[dict[str, Any]] = []
+    position = 0
+    while True:
+        while position < len(text) and text[position].isspace():
+            position += 1
+        if position >= len(text):
+            return messages
+        message, position = decoder.raw_decode(text, position)
+        if isinstance(message, dict):
+            messages.append(message)
 
 
 class WatchStream(Protocol):
@@ -275,6 +319,10 @@ class EtcdRegistry:
         self.resyncs = 0
         # When this gateway last renewed each lease (the listing's expiry when etcd is not asked).
         self._renewed: dict[str, float] = {}
+        # Keep-alives waiting for this turn's request, by lease.
+        self._keepalives: dict[str, list[Deferred[dict[str, Any]]]] = {}
+        self._keepalive_timer: IDelayedCall | None = None
+        self._keepalive_tries: dict[str, int] = {}
 
     # The RegistryBackend interface.
 
@@ -288,6 +336,9 @@ class EtcdRegistry:
         for timer in (self._retry, self._probe):
             if timer is not None and timer.active():
                 timer.cancel()
+        if self._keepalive_timer is not None and self._keepalive_timer.active():
+            self._keepalive_timer.cancel()
+            self._send_keepalives()  # heartbeats already accepted go out
         if self._stream is not None:
             self._stream.cancel()
             self._stream = None
@@ -347,8 +398,7 @@ class EtcdRegistry:
         def renew(lease: str | None) -> Any:
             if lease is None:
                 return None
-            renewed = self._client.call("/v3/lease/keepalive", {"ID": lease})
-            return renewed.addCallback(lambda reply: self._renewed_at(key, reply))
+            return self._keep_alive(lease).addCallback(lambda reply: self._renewed_at(key, reply))
 
         renewed: Deferred[Any] = found.addCallback(renew)
         return renewed.addErrback(self._unavailable)
@@ -426,6 +476,63 @@ class EtcdRegistry:
         now = self._reactor.seconds()
         self._renewed[key] = now
         return now + ttl
+
+    def _keep_alive(self, lease: str) -> "Deferred[dict[str, Any]]":
+        """etcd's answer to a keep-alive of `lease` ({"ID", "TTL"}; no TTL when the lease is gone), sent with the
+        other keep-alives of this reactor turn."""
+        waiting: Deferred[dict[str, Any]] = Deferred()
+        self._keepalives.setdefault(lease, []).append(waiting)
+        if self._keepalive_timer is None:
+            self._keepalive_timer = self._reactor.callLater(0, self._send_keepalives)
+        return waiting
+
+    def _send_keepalives(self) -> None:
+        self._keepalive_timer = None
+        pending, self._keepalives = self._keepalives, {}
+        leases = list(pending)
+        for start in range(0, len(leases), MAX_KEEPALIVES):
+            batch = leases[start:start + MAX_KEEPALIVES]
+            sent = self._client.stream_call("/v3/lease/keepalive", [{"ID": lease} for lease in batch])
+            sent.addCallbacks(
+                self._kept_alive, self._keepalives_failed, callbackArgs=(batch, pending), errbackArgs=(batch, pending)
+            )
+
+    def _kept_alive(
+        self, replies: list[dict[str, Any]], batch: list[str], pending: dict[str, list["Deferred[dict[str, Any]]"]]
+    ) -> None:
+        answers: dict[str, dict[str, Any]] = {}
+        for reply in replies:
+            result = reply.get("result")
+            if isinstance(result, dict) and result.get("ID") is not None:
+                answers[str(result["ID"])] = result
+        for lease in batch:
+            answer = answers.get(lease)
+            waiting = pending.pop(lease, [])
+            if answer is not None:
+                self._keepalive_tries.pop(lease, None)
+                for one in waiting:
+                    one.callback(answer)
+                continue
+            # No answer for it: etcd's gateway sometimes ends a busy keep-alive stream before its last answers. A
+            # keep-alive is idempotent: again with the next turn's, and a 503 (unknown, not gone) after the third.
+            tries = self._keepalive_tries.get(lease, 0) + 1
+            if tries < KEEPALIVE_TRIES and self._running:
+                self._keepalive_tries[lease] = tries
+                self._keepalives.setdefault(lease, []).extend(waiting)
+                if self._keepalive_timer is None:
+                    self._keepalive_timer = self._reactor.callLater(0, self._send_keepalives)
+                continue
+            self._keepalive_tries.pop(lease, None)
+            for one in waiting:
+                one.errback(EtcdUnavailable(f"no keep-alive answer for lease {lease}"))
+
+    @staticmethod
+    def _keepalives_failed(
+        failure: Failure, batch: list[str], pending: dict[str, list["Deferred[dict[str, Any]]"]]
+    ) -> None:
+        for lease in batch:
+            for waiting in pending.pop(lease, []):
+                waiting.errback(failure)
 
     def _revoke(self, lease: str) -> None:
         revoked = self._client.call("/v3/lease/revoke", {"ID": lease})

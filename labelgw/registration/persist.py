@@ -22,8 +22,9 @@ from twisted.logger import Logger
 __all__ = ["FORMAT_VERSION", "StateFile", "Record"]
 
 FORMAT_VERSION = 1
-# Records encoded per reactor turn while saving (about a millisecond).
-CHUNK = 2000
+# Records encoded per reactor turn while saving (about a millisecond; 2 000 took 4-5 ms on a loaded machine, a stall
+# in the heartbeats' p99).
+CHUNK = 500
 # (the registration as a JSON object without its closing brace: `Registration.record`, lease expiry in clock seconds)
 Record = tuple[bytes, float]
 RunInThread = Callable[[Callable[[], None]], "Deferred[None]"]
@@ -39,9 +40,19 @@ def encode_record(record: bytes, expires: float) -> bytes:
     return b'%s,"expires":%r}' % (record, expires)
 
 
+def document_pieces(parts: list[bytes], saved_at: float) -> list[bytes]:
+    """The file as pieces to write one after another: `parts` are records (or comma-joined runs of them)."""
+    pieces = [b'{"version":%d,"saved_at":%r,"registrations":[' % (FORMAT_VERSION, saved_at)]
+    for index, part in enumerate(parts):
+        if index:
+            pieces.append(b",")
+        pieces.append(part)
+    pieces.append(b"]}")
+    return pieces
+
+
 def encode_document(parts: list[bytes], saved_at: float) -> bytes:
-    head = b'{"version":%d,"saved_at":%r,"registrations":[' % (FORMAT_VERSION, saved_at)
-    return head + b",".join(parts) + b"]}"
+    return b"".join(document_pieces(parts, saved_at))
 
 
 def write_records(path: str, records: Iterable[Record], saved_at: float) -> None:
@@ -49,15 +60,19 @@ def write_records(path: str, records: Iterable[Record], saved_at: float) -> None
     write_bytes(path, encode_document([encode_record(record, expires) for record, expires in records], saved_at))
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """Replace `path` with `data` atomically (blocking; the writer thread's part: no Python-level loop that would
-    hold the GIL against the reactor)."""
+def write_bytes(path: str, data: bytes | Sequence[bytes]) -> None:
+    """Replace `path` with `data` (or its pieces, written one after another) atomically (blocking; the writer
+    thread's part: each write releases the GIL, and no 15 MB join holds it against the reactor)."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, mode=0o700, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".registrations.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(handle, "wb") as out:
-            out.write(data)
+            if isinstance(data, bytes):
+                out.write(data)
+            else:
+                for piece in data:
+                    out.write(piece)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
@@ -148,7 +163,8 @@ class StateFile:
                 if len(piece) == CHUNK:
                     self._reactor.callLater(0, step)
                     return
-                data = encode_document(parts, saved_at)
+                # Pieces, not one joined document: joining 15 MB (100 000 records) took 20-50 ms on the reactor.
+                data = document_pieces(parts, saved_at)
             except Exception:
                 writing.errback()
                 return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -68,6 +69,12 @@ class RegistrationService(Service):
     def startService(self) -> None:
         Service.startService(self)
         self.backend.start()
+        if isinstance(self.backend, EmbeddedRegistry) and self.backend.registrations:
+            # The restored registrations (and what labelgw loaded) live long: out of the collector's full passes,
+            # which would otherwise walk all of them each time the heap grows by a quarter (0.1-1 s at 100 000).
+            # Collected first, so that no garbage is frozen; a frozen object still goes when its count drops.
+            gc.collect()
+            gc.freeze()
 
     def stopService(self) -> "Deferred[None]":
         Service.stopService(self)

@@ -243,6 +243,19 @@ def test_etcd_down_registration_is_503_and_rolled_back_routes_kept() -> None:
     assert a.backend.available and a.backends("web") == ["registered:web/i1"]
 
 
+def test_during_a_known_outage_a_registration_is_refused_without_asking_etcd() -> None:
+    clock, etcd, a, b = world()
+    etcd.down = True
+    clock.advance(1)  # the probe notices: no quorum
+    asked = len(etcd.calls)
+    status, reply = a.put("api", "i2", hosts=["api.test"])
+    assert status == 503 and "no quorum" in reply["error"]
+    assert len(etcd.calls) == asked and "api" not in a.registry.services
+    etcd.down = False
+    clock.advance(1)
+    assert a.put("api", "i2", hosts=["api.test"])[0] == 201
+
+
 def test_a_cut_watch_resumes_from_its_revision_and_a_compacted_one_lists_again() -> None:
     clock, etcd, a, b = world()
     a.put("web", "i1")

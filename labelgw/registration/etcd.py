@@ -347,6 +347,9 @@ class EtcdRegistry:
     def register(self, registration: Registration) -> "Deferred[tuple[float, bool]]":
         key = registration.key
         previous = self.entries.get(key)
+        if self._reported_unavailable:
+            # A known outage (the probe found no quorum): answer now, not after every member's request timeout.
+            raise RegistrationError(503, "", "etcd is unavailable (no quorum), nothing stored; retry later")
         rejection = self._source.admit(registration)
         if rejection is not None:
             raise conflict_error(registration, rejection)

@@ -120,6 +120,8 @@ class HttpsService(MultiService):
             run_in_thread=run_in_thread,
             # Routed names get a minted leaf; the check is a dict lookup, run in the handshake.
             is_routed=gateway.table.knows_host,
+            # Names under a wildcard route are minted per name but kept in memory only (labelgw.tls.sni).
+            is_exact_routed=gateway.table.knows_exact_host,
             local_ca=self.ca,
             cert_dir=self.cert_dir,
             strict=settings.tls_strict,

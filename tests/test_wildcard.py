@@ -1,0 +1,179 @@
+"""Wildcard hosts (`*.apps.localhost`): one label deep, exact names win; routes, registry clashes, explain, the
+admin view, the SNI selector's minting and the HTTPS redirect on a wildcard route (issue 13)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, strategies as st
+
+from labelgw.core.backends import RoundRobin, ServicePool
+from labelgw.core.model import ContainerSpec
+from labelgw.core.registry import Registry
+from labelgw.core.routes import Route, RouteTable, is_wildcard, wildcard_of
+from labelgw.control.admin import state
+from labelgw.control.explain import Explainer
+
+
+def pool(name: str) -> ServicePool:
+    return ServicePool(name, RoundRobin())
+
+
+def put(table: RouteTable, host: str, *prefixes: str, service: str | None = None) -> None:
+    table.replace_host(host, {p: Route(host, p, pool(service or host)) for p in prefixes or ("/",)})
+
+
+def served(table: RouteTable, host: str, path: str = "/") -> str | None:
+    route = table.lookup(host, path)
+    return None if route is None else f"{route.host}{route.path_prefix}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The route table
+
+
+def test_wildcard_matches_one_label_deep_only() -> None:
+    table = RouteTable()
+    put(table, "*.apps.localhost")
+    assert served(table, "a.apps.localhost") == "*.apps.localhost/"
+    assert served(table, "b.apps.localhost", "/x/y") == "*.apps.localhost/"
+    assert served(table, "apps.localhost") is None
+    assert served(table, "a.b.apps.localhost") is None
+    assert served(table, "a.other.localhost") is None
+    # The literal wildcard is never a request's host.
+    assert served(table, "*.apps.localhost") is None
+    assert table.knows_host("a.apps.localhost") and not table.knows_host("apps.localhost")
+    assert not table.knows_host("*.apps.localhost") and table.knows_exact_host("*.apps.localhost")
+    assert not table.knows_exact_host("a.apps.localhost")
+
+
+def test_exact_host_wins_over_the_wildcard_whatever_the_paths() -> None:
+    table = RouteTable()
+    put(table, "*.apps.localhost", "/", "/api")
+    put(table, "special.apps.localhost", "/only")
+    assert served(table, "special.apps.localhost", "/only/x") == "special.apps.localhost/only"
+    # The exact host has no route for /api: it does not fall back to the wildcard (exact wins, like a vhost).
+    assert served(table, "special.apps.localhost", "/api") is None
+    assert served(table, "other.apps.localhost", "/api/v1") == "*.apps.localhost/api"
+    assert table.matched_host("special.apps.localhost") == "special.apps.localhost"
+    assert table.matched_host("other.apps.localhost") == "*.apps.localhost"
+    assert table.matched_host("apps.localhost") is None
+
+
+def test_replacing_and_removing_a_wildcard() -> None:
+    table = RouteTable()
+    put(table, "*.apps.localhost")
+    put(table, "apps.localhost")
+    assert [r.host for r in table.all_routes()] == ["*.apps.localhost", "apps.localhost"]
+    table.replace_host("*.apps.localhost", {})
+    assert served(table, "a.apps.localhost") is None
+    assert served(table, "apps.localhost") == "apps.localhost/"
+
+
+@pytest.mark.parametrize(
+    ("host", "wildcard"),
+    [("a.b.c", "*.b.c"), ("a.b", "*.b"), ("a", None), ("", None), (".b", None), ("*.b.c", None), ("a.", None)],
+)
+def test_wildcard_of(host: str, wildcard: str | None) -> None:
+    assert wildcard_of(host) == wildcard
+
+
+_label = st.text(alphabet="abcx0-", min_size=1, max_size=4).filter(lambda s: s[0] != "-" and s[-1] != "-")
+_name = st.lists(_label, min_size=1, max_size=4).map(".".join)
+
+
+@given(
+    exact=st.sets(_name, max_size=6),
+    wildcard_parents=st.sets(_name.filter(lambda n: "." in n), max_size=4),
+    request=_name,
+)
+def test_property_exact_wins_and_one_label_deep(exact: set[str], wildcard_parents: set[str], request: str) -> None:
+    table = RouteTable()
+    for host in exact:
+        put(table, host)
+    for parent in wildcard_parents:
+        put(table, f"*.{parent}")
+    route = table.lookup(request, "/")
+    parent = request.partition(".")[2]
+    if request in exact:
+        expected: str | None = request
+    elif "." in request and parent in wildcard_parents:
+        expected = f"*.{parent}"
+    else:
+        expected = None
+    assert (route.host if route is not None else None) == expected
+    assert table.knows_host(request) == (expected is not None)
+    assert table.matched_host(request) == expected
+    # A wildcard never matches its own parent, nor anything two labels under it.
+    for deeper in (f"x.{request}",):
+        hit = table.lookup(deeper, "/")
+        if hit is not None and is_wildcard(hit.host):
+            assert hit.host == f"*.{request}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry: clashes
+
+
+def spec(container_id: str, service: str, *hosts: str, **changes: Any) -> ContainerSpec:
+    return ContainerSpec(container_id=container_id, name=f"{service}-{container_id}", service=service,
+                         address="127.0.0.1", port=8000, hosts=hosts, **changes)
+
+
+def registry_with(*specs: ContainerSpec) -> Registry:
+    registry = Registry(policy_factory=lambda first: RoundRobin())
+    for item in specs:
+        registry.apply(item.container_id, item)
+    return registry
+
+
+def test_two_services_on_one_wildcard_clash_like_exact_hosts() -> None:
+    registry = registry_with(spec("a1", "apps", "*.apps.localhost"), spec("b1", "other", "*.apps.localhost"))
+    rejected = registry.rejections["b1"]
+    assert (rejected.label, rejected.value) == ("host", "*.apps.localhost")
+    assert "'apps'" in rejected.reason
+    assert registry.table.lookup("x.apps.localhost", "/").service.name == "apps"  # type: ignore[union-attr]
+
+
+def test_one_wildcard_different_paths_do_not_clash() -> None:
+    registry = registry_with(spec("a1", "apps", "*.apps.localhost"),
+                             spec("b1", "api", "*.apps.localhost", path_prefix="/api"))
+    assert registry.rejections == {}
+    assert registry.table.lookup("x.apps.localhost", "/api/1").service.name == "api"  # type: ignore[union-attr]
+    assert registry.table.lookup("x.apps.localhost", "/").service.name == "apps"  # type: ignore[union-attr]
+
+
+def test_exact_host_under_a_wildcard_is_not_a_clash() -> None:
+    registry = registry_with(spec("a1", "apps", "*.apps.localhost"), spec("s1", "special", "special.apps.localhost"))
+    assert registry.rejections == {}
+    assert registry.table.lookup("special.apps.localhost", "/").service.name == "special"  # type: ignore[union-attr]
+    assert registry.table.lookup("a.apps.localhost", "/").service.name == "apps"  # type: ignore[union-attr]
+    registry.remove("s1")
+    assert registry.table.lookup("special.apps.localhost", "/").service.name == "apps"  # type: ignore[union-attr]
+
+
+def test_a_skipped_wildcard_container_is_named_for_names_under_it() -> None:
+    registry = registry_with(spec("a1", "apps", "*.apps.localhost"), spec("b1", "other", "*.apps.localhost"))
+    registry.remove("a1")
+    # b1 is admitted by the next resync only; meanwhile a request for a name under its wildcard names it.
+    rejection = registry.rejections.get("b1")
+    if rejection is not None:
+        assert registry.rejected_for("x.apps.localhost") == rejection
+    assert registry.rejected_for("x.y.apps.localhost") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Views: explain and the admin state
+
+
+def test_explain_and_admin_say_which_rule_matched() -> None:
+    registry = registry_with(spec("a1", "apps", "*.apps.localhost"), spec("s1", "special", "special.apps.localhost"))
+    explainer = Explainer(registry.table)
+    wild = explainer.explain("http://a.apps.localhost/x")
+    assert wild["route"]["host"] == "*.apps.localhost" and wild["route"]["match"] == "wildcard"
+    exact = explainer.explain("http://special.apps.localhost/x")
+    assert exact["route"]["host"] == "special.apps.localhost" and exact["route"]["match"] == "exact"
+    assert explainer.explain("http://apps.localhost/")["route"] is None
+    routes = {r["host"]: r["wildcard"] for r in state(registry, 0.0)["routes"]}
+    assert routes == {"*.apps.localhost": True, "special.apps.localhost": False}

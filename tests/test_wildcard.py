@@ -177,3 +177,87 @@ def test_explain_and_admin_say_which_rule_matched() -> None:
     assert explainer.explain("http://apps.localhost/")["route"] is None
     routes = {r["host"]: r["wildcard"] for r in state(registry, 0.0)["routes"]}
     assert routes == {"*.apps.localhost": True, "special.apps.localhost": False}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Certificates: the local CA mints per concrete name under a routed wildcard; --cert-dir wildcards serve one label
+
+
+def _selector(tmp_path: Any, table: RouteTable, with_cert_dir: bool = False) -> Any:
+    from test_tls_support import InlineThreads, real_time_clock
+
+    from labelgw.tls.ca import LocalCA
+    from labelgw.tls.certdir import CertDirectory
+    from labelgw.tls.sni import SNIContextSelector
+
+    clock, threads = real_time_clock(), InlineThreads()
+    ca = LocalCA.load_or_create(tmp_path / "state")
+    (tmp_path / "certs").mkdir(exist_ok=True)
+    certs = CertDirectory(tmp_path / "certs", clock=clock, run_in_thread=threads) if with_cert_dir else None
+    selector = SNIContextSelector(
+        clock=clock, run_in_thread=threads, is_routed=table.knows_host, is_exact_routed=table.knows_exact_host,
+        local_ca=ca, cert_dir=certs,
+    )
+    return selector, ca, certs
+
+
+def test_a_name_under_a_routed_wildcard_gets_its_own_minted_leaf(tmp_path: Any) -> None:
+    from test_tls_support import handshake
+
+    table = RouteTable()
+    # .test is not local by itself (no leaf without a route): only the wildcard route makes a.apps.test minted.
+    put(table, "*.apps.test")
+    put(table, "special.apps.test")
+    selector, ca, _ = _selector(tmp_path, table)
+    for name in ("a.apps.test", "b.apps.test", "special.apps.test"):
+        result = handshake(selector, name, cadata=ca.cert_pem)
+        assert result.ok, result.error
+        # A leaf naming the concrete name, never a wildcard leaf.
+        assert result.names == {name}
+    # Not under the wildcard one label deep: the default certificate, which a browser refuses for that name.
+    for name in ("apps.test", "x.a.apps.test"):
+        assert handshake(selector, name).names == {"localhost", "127.0.0.1", "::1"}
+        assert not handshake(selector, name, cadata=ca.cert_pem).ok
+    # Only the exactly routed name is written to disk: random names under the wildcard stay in memory (LRU).
+    leaves = sorted(p.name for p in ca.leaf_dir.iterdir()) if ca.leaf_dir.exists() else []
+    assert "special.apps.test.pem" in leaves
+    assert not any(name.startswith(("a.apps", "b.apps")) for name in leaves)
+
+
+def test_a_wildcard_route_under_a_public_zone_is_not_minted(tmp_path: Any) -> None:
+    from test_tls_support import handshake
+
+    table = RouteTable()
+    put(table, "*.apps.example.com")
+    selector, _, _ = _selector(tmp_path, table)
+    # The CA's name constraints still apply: a public name gets the default certificate.
+    assert handshake(selector, "a.apps.example.com").names == {"localhost", "127.0.0.1", "::1"}
+
+
+def test_a_cert_dir_wildcard_serves_names_under_a_wildcard_route(tmp_path: Any) -> None:
+    from test_tls_sni import ISSUER
+    from test_tls_support import cert_pem, handshake, key_pem
+
+    table = RouteTable()
+    put(table, "*.apps.test")
+    selector, ca, certs = _selector(tmp_path, table, with_cert_dir=True)
+    cert, key = ISSUER.issue(["*.apps.test"])
+    (tmp_path / "certs" / "wild.pem").write_bytes(cert_pem(cert) + key_pem(key))
+    certs.scan_now()
+    assert handshake(selector, "a.apps.test").names == {"*.apps.test"}
+    # One label only: deeper names are neither covered by the user's wildcard nor routed.
+    assert handshake(selector, "x.a.apps.test").names == {"localhost", "127.0.0.1", "::1"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The HTTPS redirect on a wildcard route
+
+
+def test_https_redirect_label_on_a_wildcard_route() -> None:
+    from labelgw.tls.https import HttpsRedirect
+
+    table = RouteTable()
+    table.replace_host("*.apps.localhost", {"/": Route("*.apps.localhost", "/", pool("apps"), tls="redirect")})
+    redirect = HttpsRedirect(everything=False, listener_port=lambda: 8443)
+    route = table.lookup("a.apps.localhost", "/x")
+    assert redirect.location("a.apps.localhost", b"/x?y=1", route) == b"https://a.apps.localhost:8443/x?y=1"

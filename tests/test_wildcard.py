@@ -261,3 +261,102 @@ def test_https_redirect_label_on_a_wildcard_route() -> None:
     redirect = HttpsRedirect(everything=False, listener_port=lambda: 8443)
     route = table.lookup("a.apps.localhost", "/x")
     assert redirect.location("a.apps.localhost", b"/x?y=1", route) == b"https://a.apps.localhost:8443/x?y=1"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ACME: concrete names under a public wildcard route get their own certificate on demand, bounded per wildcard
+
+
+class _AcmeWorld:
+    def __init__(self, max_on_demand: int = 3, own: frozenset[str] = frozenset()) -> None:
+        from test_acme import START, FakeIssuer
+        from twisted.internet.task import Clock
+
+        from labelgw.tls.acme import HTTP_01, AcmeManager
+        from labelgw.tls.acme_openssl import AcmeContexts
+        from labelgw.tls.policy import INTERMEDIATE
+
+        self.clock = Clock()
+        self.clock.advance(START.timestamp())
+        self.issuer = FakeIssuer()
+        self.table = RouteTable()
+        self.events: list[dict[str, Any]] = []
+
+        def wildcard_for(name: str) -> str | None:
+            matched = self.table.matched_host(name)
+            return matched if matched is not None and is_wildcard(matched) else None
+
+        self.manager = AcmeManager(
+            clock=self.clock, issuer=self.issuer, challenge_types=(HTTP_01,),
+            hosts=lambda: [(r.host, r.tls) for r in self.table.all_routes()],
+            has_own_certificate=lambda name: name in own, wildcard_for=wildcard_for, max_on_demand=max_on_demand,
+        )
+        from twisted.logger import Logger
+
+        self.manager._log = Logger(observer=self.events.append)  # type: ignore[misc]
+        self.contexts = AcmeContexts(self.manager, INTERMEDIATE, on_miss=self.manager.on_demand)
+        self.manager.startService()
+        self.clock.advance(0)
+
+    def hello(self, name: str) -> None:
+        """What a handshake for `name` does to ACME (the SNI selector asks the contexts)."""
+        self.contexts.served_for(name, lambda: None)
+
+    def ordered(self) -> list[str]:
+        return [name for name, _, _ in self.issuer.orders]
+
+    def settle(self) -> None:
+        # Each order is answered (fails, to keep going); scans run every 2 s.
+        for _ in range(20):
+            self.clock.advance(2.0)
+            for _, _, d in self.issuer.orders:
+                if not d.called:
+                    from labelgw.tls.acme import AcmeFailure
+
+                    d.errback(AcmeFailure("test: no server"))
+
+
+def test_acme_orders_a_name_under_a_public_wildcard_when_a_handshake_asks() -> None:
+    world = _AcmeWorld()
+    put(world.table, "*.apps.example.com")
+    put(world.table, "special.apps.example.com")
+    world.clock.advance(2.0)
+    # The wildcard itself is never ordered (it needs DNS-01); the exact route is, at once.
+    assert world.ordered() == ["special.apps.example.com"]
+    world.hello("a.apps.example.com")
+    world.hello("a.apps.example.com")
+    # Not one label under a routed wildcard, or not public: nothing.
+    for name in ("x.a.apps.example.com", "apps.example.com", "a.other.example.com", "a.apps.localhost"):
+        world.hello(name)
+    world.settle()
+    assert sorted(set(world.ordered())) == ["a.apps.example.com", "special.apps.example.com"]
+
+
+def test_acme_on_demand_names_are_bounded_per_wildcard() -> None:
+    world = _AcmeWorld(max_on_demand=3)
+    put(world.table, "*.apps.example.com")
+    put(world.table, "*.web.example.com")
+    for index in range(50):
+        world.hello(f"n{index}.apps.example.com")
+    world.hello("w.web.example.com")
+    world.settle()
+    assert sorted(set(world.ordered())) == [
+        "n0.apps.example.com", "n1.apps.example.com", "n2.apps.example.com", "w.web.example.com"]
+    warnings = [e for e in world.events if "acme_on_demand_max" in e.get("log_format", "")]
+    assert len(warnings) == 1 and warnings[0]["wildcard"] == "*.apps.example.com"
+
+
+def test_acme_on_demand_respects_tls_local_cert_dir_and_a_removed_wildcard() -> None:
+    world = _AcmeWorld(own=frozenset({"own.apps.example.com"}))
+    world.table.replace_host("*.local.example.com",
+                             {"/": Route("*.local.example.com", "/", pool("l"), tls="local")})
+    put(world.table, "*.apps.example.com")
+    world.hello("a.local.example.com")
+    world.hello("own.apps.example.com")
+    world.settle()
+    assert world.ordered() == []
+    # A removed wildcard forgets its names: they are not ordered later.
+    world.table.replace_host("*.apps.example.com", {})
+    world.hello("b.apps.example.com")
+    world.settle()
+    assert world.ordered() == []

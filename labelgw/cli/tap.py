@@ -61,6 +61,8 @@ class Options(usage.Options):
          "ACME server) [default: the usual trust store]"],
         ["acme-challenge", None, None, "ACME challenge: auto (HTTP-01 and TLS-ALPN-01 in turn), http-01 or "
          "tls-alpn-01 [default: auto]"],
+        ["acme-on-demand-max", None, None, "Names one label under a public wildcard route that get their own ACME "
+         "certificate when a handshake asks for them, at most, per wildcard [default: 100]"],
     ]
     optFlags = [
         ["tls-strict", None, "Refuse TLS handshakes for unknown names instead of serving the default certificate"],
@@ -162,6 +164,7 @@ def settings_from_options(options: Any) -> config.Settings:
         "acme_directory": options["acme-directory"],
         "acme_ca_bundle": options["acme-ca-bundle"],
         "acme_challenge": options["acme-challenge"],
+        "acme_on_demand_max": options["acme-on-demand-max"],
     }
     settings = config.build(cli, file)
     _check_endpoints(settings.http)

@@ -427,3 +427,30 @@ def test_hash_balancing_on_a_wildcard_route_keeps_a_user_on_one_backend() -> Non
     # The same user on another name under the wildcard: the same backend (one service, one hash ring).
     for user, port in list(homes.items())[:10]:
         assert served_port(b"b.shop.localhost", user) == port
+
+
+def test_registered_instance_with_a_wildcard_host_but_never_a_wildcard_address() -> None:
+    import json
+
+    from labelgw.registration.model import RegistrationError, parse_registration
+
+    document = {"address": "127.0.0.1", "port": 9000, "hosts": ["*.Apps.example.com"]}
+    assert parse_registration("web", "i1", document).spec.hosts == ("*.apps.example.com",)
+    for hosts in (["*.com"], ["a.*.example.com"]):
+        with pytest.raises(RegistrationError) as raised:
+            parse_registration("web", "i1", json.loads(json.dumps({**document, "hosts": hosts})))
+        assert raised.value.field == "hosts"
+    with pytest.raises(RegistrationError) as bad_address:
+        parse_registration("web", "i1", {**document, "address": "*.apps.example.com"})
+    assert bad_address.value.field == "address" and "wildcard" in bad_address.value.message
+
+
+def test_explain_command_prints_the_wildcard_rule() -> None:
+    import io
+
+    from labelgw.cli.explain_command import render
+
+    registry = registry_with(spec("a1", "apps", "*.apps.localhost"))
+    out = io.StringIO()
+    render(Explainer(registry.table).explain("http://a.apps.localhost/x"), out)
+    assert "*.apps.localhost/ (wildcard host) -> service apps" in out.getvalue()

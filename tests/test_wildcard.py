@@ -266,7 +266,7 @@ def test_https_redirect_label_on_a_wildcard_route() -> None:
 
 
 class _AcmeWorld:
-    def __init__(self, max_on_demand: int = 3, own: frozenset[str] = frozenset()) -> None:
+    def __init__(self, max_on_demand: int = 3, own: frozenset[str] = frozenset(), stored: Any = None) -> None:
         from test_acme import START, FakeIssuer
         from twisted.internet.task import Clock
 
@@ -276,7 +276,7 @@ class _AcmeWorld:
 
         self.clock = Clock()
         self.clock.advance(START.timestamp())
-        self.issuer = FakeIssuer()
+        self.issuer = FakeIssuer(stored)
         self.table = RouteTable()
         self.events: list[dict[str, Any]] = []
 
@@ -454,3 +454,19 @@ def test_explain_command_prints_the_wildcard_rule() -> None:
     out = io.StringIO()
     render(Explainer(registry.table).explain("http://a.apps.localhost/x"), out)
     assert "*.apps.localhost/ (wildcard host) -> service apps" in out.getvalue()
+
+
+def test_acme_a_stored_certificate_under_a_wildcard_is_managed_again_after_a_restart() -> None:
+    from datetime import timedelta
+
+    from test_acme import START, make_certificate
+
+    stored = make_certificate("a.apps.example.com", START, timedelta(days=90))
+    world = _AcmeWorld(stored=[stored])
+    put(world.table, "*.apps.example.com")
+    world.clock.advance(2.0)
+    # Served from the state directory, and managed (renewal scheduled) without any handshake asking.
+    assert world.manager.certificate_for("a.apps.example.com") is stored
+    view = world.manager.describe()["names"]["a.apps.example.com"]
+    assert view["status"] == "valid" and view["renew_at"] is not None
+    assert world.ordered() == []

@@ -345,7 +345,7 @@ class AcmeManager(Service):
     def on_demand(self, name: str) -> None:
         """A handshake asked for C{name}, which has no certificate: if it is one label under a routed public
         wildcard, make it an ACME name (ordered by the next scan), at most C{max_on_demand} per wildcard."""
-        if name in self._names or not wants_acme(name):
+        if not wants_acme(name):
             return
         wildcard = self._wildcard_for(name)
         if wildcard is None:
@@ -433,6 +433,7 @@ class AcmeManager(Service):
         wanted: set[str] = set()
         # Why a name held before is not wanted now (for the admin view).
         left_out: dict[str, str] = {}
+        self._adopt_held()
         wildcards: set[str] = set()
         for host, tls in self._on_demand_hosts():
             if host.startswith("*."):
@@ -465,6 +466,19 @@ class AcmeManager(Service):
                     entry.status, entry.due = ("left_out" if name in left_out else "unrouted"), None
                     why = left_out.get(name, "no route names it any more")
                     entry.reason = f"not managed: {why} (the certificate stays on disk)"
+
+    def _adopt_held(self) -> None:
+        """Certificates held for names that a wildcard route serves (loaded from the state directory after a
+        restart, or kept while the route was gone) count as that wildcard's on-demand names again, so that they are
+        renewed without waiting for a handshake (a handshake finds the certificate and asks for nothing)."""
+        for name, entry in self._names.items():
+            if entry.certificate is None:
+                continue
+            wildcard = self._wildcard_for(name)
+            if wildcard is not None:
+                names = self._on_demand.setdefault(wildcard, {})
+                if name not in names and len(names) < self._max_on_demand:
+                    names[name] = None
 
     def _on_demand_hosts(self) -> Iterable[tuple[str, str | None]]:
         """The routed hosts, each wildcard followed by its on-demand names (with the wildcard route's tls mode)."""

@@ -130,8 +130,10 @@ def test_state_lists_services_versions_backends_routes_and_rejections(world: Wor
     assert v2a["health_check"]["path"] == "/healthz"
     assert v2a["health_check"]["last"] == "HTTP 200"
     assert view["routes"] == [
-        {"host": "api.localhost", "path": "/", "service": "api", "strip_prefix": False, "scheme": "http"},
-        {"host": "web.localhost", "path": "/", "service": "web", "strip_prefix": False, "scheme": "http"},
+        {"host": "api.localhost", "path": "/", "service": "api", "strip_prefix": False, "scheme": "http",
+         "wildcard": False},
+        {"host": "web.localhost", "path": "/", "service": "web", "strip_prefix": False, "scheme": "http",
+         "wildcard": False},
     ]
     [rejection] = view["rejections"]
     assert rejection["container"] == "broken"

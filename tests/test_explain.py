@@ -99,8 +99,8 @@ def test_the_route_the_normal_form_and_the_target_sent_upstream() -> None:
     view = Explainer(registry.table).explain("http://api.localhost/x/../api/./users?id=1")
     assert view["path"] == "/api/users"
     assert view["route"] == {
-        "host": "api.localhost", "path": "/api", "service": "api", "strip_prefix": True, "scheme": "http",
-        "upstream_target": "/users?id=1",
+        "host": "api.localhost", "match": "exact", "path": "/api", "service": "api", "strip_prefix": True,
+        "scheme": "http", "upstream_target": "/users?id=1",
     }
     assert view["status"] is None
     assert view["answer"] == "forwarded to api-a (127.0.0.1:8000) as /users?id=1"

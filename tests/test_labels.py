@@ -369,8 +369,17 @@ def test_host_valid(value: str, hosts: tuple[str, ...]) -> None:
     [
         ("", "no host given (comma-separated hostnames expected)"),
         (" , ,", "no host given (comma-separated hostnames expected)"),
-        ("*.example.test", "'*.example.test': wildcard hosts are not supported yet; list each host"),
-        ("a.test,*.b.test", "'*.b.test': wildcard hosts are not supported yet; list each host"),
+        ("*.localhost", "'*.localhost': too broad: '*.localhost' would claim every name of the zone 'localhost'; "
+         "a wildcard needs two labels after '*.' (*.apps.localhost)"),
+        ("a.test,*.test", "'*.test': too broad: '*.test' would claim every name of the zone 'test'; "
+         "a wildcard needs two labels after '*.' (*.apps.test)"),
+        ("*.*.b.test", "'*.*.b.test': a wildcard host is one leading '*.' label followed by a name (*.apps.localhost)"),
+        ("a.*.b.test", "'a.*.b.test': a wildcard host is one leading '*.' label followed by a name (*.apps.localhost)"),
+        ("a*.b.test", "'a*.b.test': a wildcard host is one leading '*.' label followed by a name (*.apps.localhost)"),
+        ("*", "'*': a wildcard host is one leading '*.' label followed by a name (*.apps.localhost)"),
+        ("*.b-.test", "'*.b-.test': not a valid hostname (dot-separated labels of a-z, 0-9 and '-', not starting or "
+         "ending with '-')"),
+        ("*.b.test:80", "'*.b.test:80': hosts are matched without their port; remove the ':port'"),
         ("api.test:8080", "'api.test:8080': hosts are matched without their port; remove the ':port'"),
         ("localhost:80", "'localhost:80': hosts are matched without their port; remove the ':port'"),
     ],
@@ -926,3 +935,17 @@ def test_health_path_refuses_control_characters_and_space(value: str) -> None:
 def test_health_path_takes_every_visible_ascii_character() -> None:
     value = "/~a!$&'()*+,;=:@-._"
     assert isinstance(parse_container(set_labels(load("twonet"), health__path=value)), ContainerSpec)
+
+
+@pytest.mark.parametrize(
+    "value, hosts",
+    [
+        ("*.example.test", ("*.example.test",)),
+        ("*.Apps.LOCALHOST.", ("*.apps.localhost",)),
+        ("a.test,*.b.test", ("a.test", "*.b.test")),
+        ("special.apps.localhost, *.apps.localhost", ("special.apps.localhost", "*.apps.localhost")),
+    ],
+)
+def test_host_wildcard_valid(value: str, hosts: tuple[str, ...]) -> None:
+    # One leading '*.' label and at least two labels after it (labelgw.core.routes matches it one label deep).
+    assert spec_of(set_labels(load("twonet"), host=value)).hosts == hosts

@@ -94,7 +94,7 @@ def test_default_host_and_ttl() -> None:
         ({"weight": -1}, "weight"),
         ({"weight": "heavy"}, "weight"),
         ({"traffic": 150}, "traffic"),
-        ({"hosts": ["*.example.com"]}, "hosts"),
+        ({"hosts": ["*.com"]}, "hosts"),  # a wildcard with one label after '*.' is too broad
         ({"hosts": []}, "hosts"),
         ({"path": "no-slash"}, "path"),
         ({"strip_prefix": "yes"}, "strip_prefix"),

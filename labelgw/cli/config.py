@@ -124,6 +124,7 @@ class Settings:
 
 LETS_ENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
 ACME_RETRY_BASE = 300.0
+ACME_ON_DEMAND_MAX = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +138,8 @@ class AcmeSettings:
     challenge: str = "auto"
     # Seconds before the first retry after a failed order (doubling from there; labelgw.tls.acme.retry_delay).
     retry_base: float = ACME_RETRY_BASE
+    # Names one label under a wildcard route that get their own certificate when a handshake asks, per wildcard.
+    on_demand_max: int = ACME_ON_DEMAND_MAX
 
 
 ACME_CHALLENGES = ("auto", "http-01", "tls-alpn-01")
@@ -178,6 +181,7 @@ _FILE_KEYS |= {"trusted_proxies"}
 _FILE_KEYS |= {"swarm", "swarm_poll"}
 _FILE_KEYS |= _REGISTRY_KEYS
 _FILE_KEYS |= {"acme_email", "acme_directory", "acme_ca_bundle", "acme_challenge", "acme_retry_base"}
+_FILE_KEYS |= {"acme_on_demand_max"}
 
 
 def build(cli: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> Settings:
@@ -453,7 +457,10 @@ def _tls_engine(value: Any) -> str:
 
 def _acme_settings(pick: Any) -> AcmeSettings | None:
     email = pick("acme_email")
-    rest = [key for key in ("acme_directory", "acme_ca_bundle", "acme_challenge") if pick(key) is not None]
+    rest = [
+        key for key in ("acme_directory", "acme_ca_bundle", "acme_challenge", "acme_on_demand_max")
+        if pick(key) is not None
+    ]
     if email is None:
         if rest:
             raise ConfigError(f"--{rest[0].replace('_', '-')}: needs --acme-email (ACME is off without it)")
@@ -472,12 +479,22 @@ def _acme_settings(pick: Any) -> AcmeSettings | None:
     if challenge not in ACME_CHALLENGES:
         raise ConfigError(f"--acme-challenge: {challenge!r} is not one of {', '.join(ACME_CHALLENGES)}")
     base = pick("acme_retry_base")
+    on_demand = pick("acme_on_demand_max")
+    if on_demand is not None:
+        try:
+            on_demand = int(str(on_demand).strip()) if not isinstance(on_demand, bool) else -1
+        except ValueError:
+            on_demand = -1
+        if not 0 <= on_demand <= 10000:
+            raise ConfigError(f"--acme-on-demand-max: {pick('acme_on_demand_max')!r} is not a whole number from 0 to "
+                              "10000")
     return AcmeSettings(
         email=email,
         directory=directory,
         ca_bundle=bundle,
         challenge=challenge,
         retry_base=ACME_RETRY_BASE if base is None else _positive_number("acme_retry_base", base),
+        on_demand_max=ACME_ON_DEMAND_MAX if on_demand is None else on_demand,
     )
 
 

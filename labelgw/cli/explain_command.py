@@ -61,7 +61,8 @@ def render(view: dict[str, Any], out: TextIO) -> None:
     route = view.get("route")
     if route is not None:
         strip = ", prefix stripped" if route["strip_prefix"] else ""
-        line("route", f"{route['host']}{route['path']} -> service {route['service']} over {route['scheme']}{strip}; "
+        rule = " (wildcard host)" if route.get("match") == "wildcard" else ""
+        line("route", f"{route['host']}{route['path']}{rule} -> service {route['service']} over {route['scheme']}{strip}; "
              f"sent upstream as {route['upstream_target']}")
     decision = view.get("version")
     if decision is not None:

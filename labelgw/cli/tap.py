@@ -63,6 +63,8 @@ class Options(usage.Options):
          "tls-alpn-01 [default: auto]"],
         ["workers", None, None, "Serve with N worker processes under a supervising one (auto: one per core); SIGHUP "
          "then replaces them without a failed request [default: 1, in this process]"],
+        ["acme-on-demand-max", None, None, "Names one label under a public wildcard route that get their own ACME "
+         "certificate when a handshake asks for them, at most, per wildcard [default: 100]"],
     ]
     optFlags = [
         ["tls-strict", None, "Refuse TLS handshakes for unknown names instead of serving the default certificate"],
@@ -190,6 +192,7 @@ def settings_from_options(options: Any) -> config.Settings:
         "acme_directory": options["acme-directory"],
         "acme_ca_bundle": options["acme-ca-bundle"],
         "acme_challenge": options["acme-challenge"],
+        "acme_on_demand_max": options["acme-on-demand-max"],
     }
     settings = config.build(cli, file)
     _check_endpoints(settings.http)

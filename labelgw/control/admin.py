@@ -101,6 +101,8 @@ def state(registry: Registry, now: float, health: Describe | None = None) -> dic
                 "service": route.service.name,
                 "strip_prefix": route.strip_prefix,
                 "scheme": route.scheme,
+                # A one-label wildcard host (*.apps.localhost): exact hosts under it win (labelgw.core.routes).
+                "wildcard": route.host.startswith("*."),
             }
             for route in registry.routes()
         ],

@@ -24,7 +24,7 @@ from labelgw.core import balancer
 from labelgw.core.backends import Backend, ServicePool
 from labelgw.http.versioning import cookie_name
 from labelgw.core.paths import PathRefused, route_target
-from labelgw.core.routes import Route, RouteTable, normalize_host
+from labelgw.core.routes import Route, RouteTable, is_wildcard, normalize_host
 
 __all__ = ["Explainer", "ExplainError", "parse_url"]
 
@@ -232,6 +232,8 @@ def _answer(view: dict[str, Any], status: int | None, detail: str) -> dict[str, 
 def _route(route: Route, forwarded: bytes) -> dict[str, Any]:
     return {
         "host": route.host,
+        # Which host rule matched: the request's host itself, or a one-label wildcard covering it (exact wins).
+        "match": "wildcard" if is_wildcard(route.host) else "exact",
         "path": route.path_prefix,
         "service": route.service.name,
         "strip_prefix": route.strip_prefix,

@@ -344,10 +344,25 @@ def _exposed_port(inspect: Mapping[str, Any], port_label: str) -> int:
     raise _Invalid(port_label, "", f"the container exposes several tcp ports ({listed}); set {port_label} to choose one")
 
 
-def _host_problem(host: str) -> str | None:
-    """Why `host` (already trimmed, lower-cased, without trailing dot) is not usable; None when it is."""
+def _host_problem(host: str, wildcard: bool = True) -> str | None:
+    """Why `host` (already trimmed, lower-cased, without trailing dot) is not usable; None when it is.
+
+    With `wildcard`, `*.<name>` is a host too: it routes every name exactly one label under `<name>`
+    (labelgw.core.routes), and `<name>` needs two labels at least, so that `*.localhost` or `*.com` cannot claim a
+    whole zone.
+    """
     if "*" in host:
-        return "wildcard hosts are not supported yet; list each host"
+        if not wildcard:
+            return "a wildcard is not a host name here"
+        parent = host[2:] if host.startswith("*.") else ""
+        if not parent or "*" in parent:
+            return "a wildcard host is one leading '*.' label followed by a name (*.apps.localhost)"
+        if "." not in parent:
+            return (
+                f"too broad: '*.{parent}' would claim every name of the zone {parent!r}; "
+                f"a wildcard needs two labels after '*.' (*.apps.{parent})"
+            )
+        return _host_problem(parent, wildcard=False)
     with_port = _HOST_WITH_PORT.fullmatch(host)
     if with_port is not None and _host_problem(with_port["host"]) is None:
         return "hosts are matched without their port; remove the ':port'"
@@ -358,16 +373,16 @@ def _host_problem(host: str) -> str | None:
     return None
 
 
-def parse_hosts(text: str) -> tuple[str, ...]:
+def parse_hosts(text: str, wildcard: bool = True) -> tuple[str, ...]:
     """Comma-separated host names, normalised (lower case, no trailing dot), duplicates dropped; ValueError
-    naming the first bad one."""
+    naming the first bad one. With `wildcard`, `*.<name>` hosts are accepted (`_host_problem`)."""
     hosts: list[str] = []
     # Empty items (a trailing comma) are harmless; an empty list is not.
     for item in text.split(","):
         host = normalize_name(item)
         if not host:
             continue
-        problem = _host_problem(host)
+        problem = _host_problem(host, wildcard)
         if problem is not None:
             raise ValueError(f"{item.strip()!r}: {problem}")
         if host not in hosts:

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from labelgw.core.backends import Backend, Policy, RoundRobin, ServicePool
 from labelgw.core.model import ContainerSpec, Outcome, Rejection
-from labelgw.core.routes import Route, RouteTable
+from labelgw.core.routes import Route, RouteTable, wildcard_of
 
 PolicyFactory = Callable[[ContainerSpec], Policy]
 
@@ -166,9 +166,11 @@ class Registry:
         return len(pool.ready) if pool else 0
 
     def rejected_for(self, host: str) -> Rejection | None:
-        """A skipped container that asked for `host`, if any: what its 404 should mention."""
+        """A skipped container that asked for `host` (or for the wildcard covering it), if any: what its 404 should
+        mention."""
+        wildcard = wildcard_of(host)
         for rejection in self.rejections.values():
-            if host in rejection.hosts:
+            if host in rejection.hosts or (wildcard is not None and wildcard in rejection.hosts):
                 return rejection
         return None
 

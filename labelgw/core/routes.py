@@ -1,4 +1,10 @@
-"""The route table: host -> longest matching path prefix -> route. Pure; rebuilt per host, never globally."""
+"""The route table: host -> longest matching path prefix -> route. Pure; rebuilt per host, never globally.
+
+Hosts are exact names or one-label wildcards (`*.apps.localhost`, labelgw.core.labels). A request's host is
+looked up exactly first; only when that misses, its parent name (the host without its first label) is looked up
+among the wildcards, so `a.apps.localhost` matches `*.apps.localhost` while `apps.localhost` and
+`a.b.apps.localhost` do not, and an exact host always wins over a wildcard covering it (whatever their paths).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,21 @@ from labelgw.core.backends import ServicePool
 from labelgw.core.paths import match_prefix, strip_segments
 from labelgw.core.model import normalize_host
 
-__all__ = ["HostRoutes", "Route", "RouteTable", "normalize_host"]
+__all__ = ["HostRoutes", "Route", "RouteTable", "is_wildcard", "normalize_host", "wildcard_of"]
+
+
+def is_wildcard(host: str) -> bool:
+    """Is this route host a one-label wildcard (`*.apps.localhost`)?"""
+    return host.startswith("*.")
+
+
+def wildcard_of(host: str) -> str | None:
+    """The wildcard route host that would cover a request's `host` one label deep ("a.b.c" -> "*.b.c"), or None
+    (no parent, or the host holds a '*' itself: a literal wildcard is never a request's name)."""
+    first, dot, parent = host.partition(".")
+    if not dot or not first or not parent or "*" in host:
+        return None
+    return "*." + parent
 
 
 class Route:
@@ -70,25 +90,64 @@ class HostRoutes:
 
 
 class RouteTable:
-    """Host name -> HostRoutes. Each host's entry is replaced whole, so a lookup never sees half an update."""
+    """Host name -> HostRoutes. Each host's entry is replaced whole, so a lookup never sees half an update.
+
+    Wildcard hosts are kept apart, keyed by their parent name, so that an exact lookup never finds one (a request
+    for the literal host `*.apps.localhost` is not routed) and a miss costs one more dict lookup.
+    """
 
     def __init__(self) -> None:
         self._hosts: dict[str, HostRoutes] = {}
+        # "*.apps.localhost" is kept under "apps.localhost".
+        self._wildcards: dict[str, HostRoutes] = {}
+
+    def _routes_for(self, host: str) -> HostRoutes | None:
+        routes = self._hosts.get(host)
+        if routes is None and self._wildcards:
+            first, dot, parent = host.partition(".")
+            if dot and first and "*" not in first:
+                routes = self._wildcards.get(parent)
+        return routes
 
     def lookup(self, host: str, path: str) -> Route | None:
+        # Inlined _routes_for: the exact hit (nearly every request) costs what it cost before wildcards.
         routes = self._hosts.get(host)
         if routes is None:
-            return None
+            if not self._wildcards:
+                return None
+            first, dot, parent = host.partition(".")
+            if not dot or not first or "*" in first:
+                return None
+            routes = self._wildcards.get(parent)
+            if routes is None:
+                return None
         return routes.match(path)
 
     def knows_host(self, host: str) -> bool:
+        """Is `host` routed, exactly or by a wildcard (the local CA mints for it)?"""
+        return self._routes_for(host) is not None
+
+    def knows_exact_host(self, host: str) -> bool:
+        """Is `host` itself a route host (an exact name, or a wildcard written as `*.<name>`)?"""
+        if is_wildcard(host):
+            return host[2:] in self._wildcards
         return host in self._hosts
 
+    def matched_host(self, host: str) -> str | None:
+        """The route host that serves requests for `host`: itself, the wildcard covering it, or None."""
+        if host in self._hosts:
+            return host
+        if self._routes_for(host) is not None:
+            return "*." + host.partition(".")[2]
+        return None
+
     def replace_host(self, host: str, routes: Mapping[str, Route]) -> None:
+        table, key = (self._wildcards, host[2:]) if is_wildcard(host) else (self._hosts, host)
         if routes:
-            self._hosts[host] = HostRoutes(routes.values())
+            table[key] = HostRoutes(routes.values())
         else:
-            self._hosts.pop(host, None)
+            table.pop(key, None)
 
     def all_routes(self) -> list[Route]:
-        return [route for host in sorted(self._hosts) for route in self._hosts[host].routes()]
+        hosts = {**self._hosts, **{"*." + parent: routes for parent, routes in self._wildcards.items()}}
+        return [route for host in sorted(hosts) for route in hosts[host].routes()]

@@ -231,7 +231,7 @@ def _address(value: Any) -> str:
     except ValueError:
         pass
     try:
-        hosts = parse_hosts(text) if "," not in text else ()
+        hosts = parse_hosts(text, wildcard=False) if "," not in text else ()
     except ValueError as error:
         raise RegistrationError(400, "address", f"{value!r} is not an IP address or a host name: {error}") from None
     if len(hosts) != 1:

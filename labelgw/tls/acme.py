@@ -5,6 +5,16 @@ Names: every routed host that is public (not an IP, not a single label, not unde
 ``labelgw.tls=local`` or ``--cert-dir`` holds a certificate for it. The route table is scanned every
 L{SCAN_INTERVAL} seconds; a new name is ordered at once.
 
+Wildcard routes (``*.apps.example.com``): a wildcard certificate needs DNS-01, which labelgw does not do (put one in
+``--cert-dir``: it covers every name one label under it). Without one, each concrete name gets its own certificate
+on demand (L{AcmeManager.on_demand}): the first handshake naming ``a.apps.example.com`` adds it to the ACME names,
+and the next scan orders it over HTTP-01 or TLS-ALPN-01 like a routed name. Only names one label under a routed
+public wildcard are taken, and at most C{max_on_demand} per wildcard (L{MAX_ON_DEMAND} by default;
+``acme_on_demand_max`` in the config file): anyone can send any SNI, and without a bound random names would make
+labelgw order certificates without limit (and hit the ACME server's rate limits for the real names). Caddy's
+on-demand TLS asks an "ask" endpoint for the same reason. Names past the bound get the fallback certificate, with
+one warning per wildcard.
+
 Until a name has its certificate, handshakes for it get what they got before (the default certificate, or a
 leaf of the local CA where its constraints allow the name): the handshake never waits for ACME. The reason is
 in the log (one line per attempt) and in the admin view (C{GET /acme}).
@@ -68,6 +78,8 @@ RETRY_MAX = 12 * 3600.0
 # A Retry-After beyond this is taken for a mistake (or a server that means "never"): retry after a week then.
 RETRY_AFTER_MAX = 7 * 86400.0
 MAX_NAMES = 10000
+# On-demand ACME names one label under one wildcard route, at most (the rest get the fallback certificate).
+MAX_ON_DEMAND = 100
 # How often the renewal information (ARI) of a held certificate is asked for again (its draft suggests 6 hours).
 RENEWAL_INFO_INTERVAL = 6 * 3600.0
 
@@ -269,6 +281,8 @@ class AcmeManager(Service):
         retry_base: float = RETRY_BASE,
         retry_max: float = RETRY_MAX,
         rng: Callable[[], float] = random.random,
+        wildcard_for: Callable[[str], str | None] = lambda name: None,
+        max_on_demand: int = MAX_ON_DEMAND,
     ) -> None:
         if not challenge_types:
             raise ValueError("ACME needs an HTTP listener (HTTP-01) or an HTTPS listener (TLS-ALPN-01)")
@@ -291,6 +305,12 @@ class AcmeManager(Service):
         self._scanner: LoopingCall | None = None
         self._work: Deferred[Any] | None = None
         self._watchers: list[Callable[[str], None]] = []
+        # The wildcard route host serving a name only by that wildcard ("a.x.com" -> "*.x.com"), else None.
+        self._wildcard_for = wildcard_for
+        self._max_on_demand = max_on_demand
+        # Wildcard route host -> the names under it a handshake asked for, in arrival order (bounded).
+        self._on_demand: dict[str, dict[str, None]] = {}
+        self._on_demand_full: set[str] = set()
 
     # --- AcmeSource ------------------------------------------------------------------------------------------
 
@@ -321,6 +341,30 @@ class AcmeManager(Service):
             return self._http01.get(token.decode("ascii"))
         except UnicodeDecodeError:
             return None
+
+    def on_demand(self, name: str) -> None:
+        """A handshake asked for C{name}, which has no certificate: if it is one label under a routed public
+        wildcard, make it an ACME name (ordered by the next scan), at most C{max_on_demand} per wildcard."""
+        if not wants_acme(name):
+            return
+        wildcard = self._wildcard_for(name)
+        if wildcard is None:
+            return
+        names = self._on_demand.setdefault(wildcard, {})
+        if name in names:
+            return
+        if len(names) >= self._max_on_demand:
+            if wildcard not in self._on_demand_full:
+                self._on_demand_full.add(wildcard)
+                self._log.warn(
+                    "ACME: {wildcard} has {count} on-demand names already (acme_on_demand_max); {name} and further "
+                    "names under it get the fallback certificate (put a wildcard certificate in --cert-dir)",
+                    wildcard=wildcard, count=len(names), name=name,
+                )
+            return
+        names[name] = None
+        self._log.info("ACME: {name} asked for under the wildcard route {wildcard}: ordering its own certificate",
+                       name=name, wildcard=wildcard)
 
     # --- ChallengeBoard --------------------------------------------------------------------------------------
 
@@ -389,7 +433,12 @@ class AcmeManager(Service):
         wanted: set[str] = set()
         # Why a name held before is not wanted now (for the admin view).
         left_out: dict[str, str] = {}
-        for host, tls in self._hosts():
+        self._adopt_held()
+        wildcards: set[str] = set()
+        for host, tls in self._on_demand_hosts():
+            if host.startswith("*."):
+                wildcards.add(host)
+                continue
             if not wants_acme(host):
                 continue
             if tls == "local":
@@ -398,6 +447,10 @@ class AcmeManager(Service):
                 left_out[host] = "--cert-dir has a certificate for it"
             elif len(wanted) < MAX_NAMES:
                 wanted.add(host)
+        # On-demand names of wildcard routes that are gone are forgotten (a new route starts a new count).
+        for wildcard in set(self._on_demand) - wildcards:
+            del self._on_demand[wildcard]
+            self._on_demand_full.discard(wildcard)
         for name in sorted(wanted):
             entry = self._names.get(name)
             if entry is None:
@@ -413,6 +466,26 @@ class AcmeManager(Service):
                     entry.status, entry.due = ("left_out" if name in left_out else "unrouted"), None
                     why = left_out.get(name, "no route names it any more")
                     entry.reason = f"not managed: {why} (the certificate stays on disk)"
+
+    def _adopt_held(self) -> None:
+        """Certificates held for names that a wildcard route serves (loaded from the state directory after a
+        restart, or kept while the route was gone) count as that wildcard's on-demand names again, so that they are
+        renewed without waiting for a handshake (a handshake finds the certificate and asks for nothing)."""
+        for name, entry in self._names.items():
+            if entry.certificate is None:
+                continue
+            wildcard = self._wildcard_for(name)
+            if wildcard is not None:
+                names = self._on_demand.setdefault(wildcard, {})
+                if name not in names and len(names) < self._max_on_demand:
+                    names[name] = None
+
+    def _on_demand_hosts(self) -> Iterable[tuple[str, str | None]]:
+        """The routed hosts, each wildcard followed by its on-demand names (with the wildcard route's tls mode)."""
+        for host, tls in self._hosts():
+            yield host, tls
+            for name in self._on_demand.get(host, ()):
+                yield name, tls
 
     def _schedule_first(self, entry: _Name) -> None:
         certificate = entry.certificate

@@ -59,9 +59,14 @@ class AcmeServed:
 class AcmeContexts:
     """Server contexts of the ACME certificates and pending TLS-ALPN-01 challenges. Reactor thread only."""
 
-    def __init__(self, source: AcmeSource, policy: TLSPolicy) -> None:
+    def __init__(
+        self, source: AcmeSource, policy: TLSPolicy, on_miss: Callable[[str], None] | None = None
+    ) -> None:
         self._source = source
         self._policy = policy
+        # Told of every name a handshake asks for that has no ACME certificate yet: the manager's on-demand names
+        # under a wildcard route (labelgw.tls.acme.AcmeManager.on_demand).
+        self._on_miss = on_miss
         self._contexts: dict[str, tuple[AcmeCertificate, SSL.Context]] = {}
         self._challenges: dict[str, tuple[AlpnChallenge, AcmeCertificate | None, SSL.Context]] = {}
         # The engine-independent forms, one per certificate or challenge object (engines cache contexts by them).
@@ -74,6 +79,8 @@ class AcmeContexts:
         if certificate is None:
             self._materials.pop(name, None)
             if self._source.alpn_challenge_for(name) is None:
+                if self._on_miss is not None:
+                    self._on_miss(name)
                 return None
             return AcmeServed(self, name, None, fallback)
         cached = self._materials.get(name)

@@ -120,6 +120,8 @@ class HttpsService(MultiService):
             run_in_thread=run_in_thread,
             # Routed names get a minted leaf; the check is a dict lookup, run in the handshake.
             is_routed=gateway.table.knows_host,
+            # Names under a wildcard route are minted per name but kept in memory only (labelgw.tls.sni).
+            is_exact_routed=gateway.table.knows_exact_host,
             local_ca=self.ca,
             cert_dir=self.cert_dir,
             strict=settings.tls_strict,
@@ -190,13 +192,20 @@ class HttpsService(MultiService):
             index = cert_dir.index if cert_dir is not None else None
             return index is not None and index.lookup(name) is not None
 
+        def wildcard_for(name: str) -> str | None:
+            # Served by a wildcard route only (an exact route's name is in hosts() already).
+            matched = table.matched_host(name)
+            return matched if matched is not None and matched.startswith("*.") else None
+
         manager = self.acme = AcmeManager(
             clock=reactor, issuer=issuer, hosts=hosts, challenge_types=challenge_types, has_own_certificate=has_own,
             directory_url=acme.directory, retry_base=acme.retry_base,
+            wildcard_for=wildcard_for, max_on_demand=acme.on_demand_max,
         )
         manager.setServiceParent(self)
         gateway.acme = manager  # type: ignore[attr-defined]
-        return AcmeContexts(manager, INTERMEDIATE)
+        # Handshakes for names under a public wildcard route ask for their own certificate (bounded per wildcard).
+        return AcmeContexts(manager, INTERMEDIATE, on_miss=manager.on_demand)
 
     def _first_listener_port(self) -> int | None:
         port = self.listeners[0].port if self.listeners else None

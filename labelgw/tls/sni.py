@@ -4,8 +4,8 @@ For the SNI name a client sends, L{SNIContextSelector} picks, in order:
     1. a user certificate from ``--cert-dir`` (exact name, then a one-label wildcard);
     1b. an ACME certificate of a public name (``--acme-email``; labelgw.tls.acme), or its pending TLS-ALPN-01
        challenge certificate (labelgw.tls.acme_openssl);
-    2. a leaf minted by the local CA, when the name is routed or local (localhost, ``*.localhost``, loopback
-       IPs) and the CA's name constraints allow it (local zones only: a routed public or single-label name
+    2. a leaf minted by the local CA, when the name is routed (exactly, or one label under a wildcard route:
+       a leaf per concrete name, never a wildcard leaf) or local (localhost, ``*.localhost``, loopback IPs) and the CA's name constraints allow it (local zones only: a routed public or single-label name
        is not minted, one log line per name says why, and the handshake goes on to 3);
     3. the default certificate: ``default.pem`` from the cert dir, else a minted leaf for localhost,
        127.0.0.1 and ::1; with ``strict=True`` the handshake is refused instead (a handshake_failure alert).
@@ -15,8 +15,9 @@ strict, the refusal too.
 The handshake path never touches the disk. Minting a leaf (EC P-256 key, certificate signed by the CA,
 server context) takes 0.4-0.8 ms of CPU, about half of what the handshake costs anyway, so a leaf for a new
 name is minted inline in the SNI callback; only the write to the disk cache happens in a thread afterwards.
-Leaves are cached in memory (LRU, C{max_minted} names) and renewed when less than a day is left. Only routed
-names (and the default leaf) are written to disk, so random ``*.localhost`` names cannot fill it.
+Leaves are cached in memory (LRU, C{max_minted} names) and renewed when less than a day is left. Only names
+routed exactly (and the default leaf) are written to disk, so random ``*.localhost`` names, or random names under
+a wildcard route, cannot fill it.
 
 Every connection starts on a certificate-less dispatch context whose servername callback (which OpenSSL
 runs with or without SNI) switches it to the chosen context. Twisted's C{CertificateOptions(
@@ -95,6 +96,7 @@ class SNIContextSelector:
         policy: TLSPolicy = INTERMEDIATE,
         max_minted: int = MAX_MINTED,
         acme: AcmeContexts | None = None,
+        is_exact_routed: Callable[[str], bool] | None = None,
     ) -> None:
         if cert_dir is not None and cert_dir.policy != policy:
             # OpenSSL mixes settings of the first and the switched-to context: they must agree.
@@ -102,6 +104,9 @@ class SNIContextSelector:
         self._clock = clock
         self._run_in_thread = run_in_thread
         self._is_routed = is_routed
+        # Names whose minted leaf is written to disk: routed by their own name, not only by a wildcard, so that
+        # random names under a wildcard route (minted and kept in memory, LRU) cannot fill the disk.
+        self._is_exact_routed = is_routed if is_exact_routed is None else is_exact_routed
         self._ca = local_ca
         self._cert_dir = cert_dir
         self._strict = strict
@@ -255,7 +260,7 @@ class SNIContextSelector:
         if minted is None:
             return None
         self._remember(name, minted)
-        if self._is_routed(name):
+        if self._is_exact_routed(name):
             self._persist(minted.leaf)
         return minted
 

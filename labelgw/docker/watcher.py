@@ -23,7 +23,6 @@ import errno
 import os
 import re
 import threading
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Mapping, Protocol
@@ -37,6 +36,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from labelgw.docker.stream import EventStreamReader
+from labelgw.docker.stream import close_quietly as _close_quietly
 from labelgw.docker.tracker import (
     GONE,
     Backoff,
@@ -79,10 +80,6 @@ DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
 # Network events carry the container in Actor.Attributes.container: a connect/disconnect changes its address.
 EVENT_FILTERS: Mapping[str, list[str]] = {"type": ["container", "network"]}
-
-# The events endpoint flushes its headers before it subscribes: asking for a short replay (`since`) closes
-# that window. Replayed events are harmless: handling is idempotent by container id.
-_REPLAY_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,13 +191,6 @@ class _Superseded(Exception):
     """The connection this work belonged to is gone; a new cycle redoes it."""
 
 
-def _close_quietly(client: Any) -> None:
-    try:
-        client.close()
-    except Exception:
-        pass
-
-
 def _failure_reason(failure: Failure) -> str:
     value = failure.value
     sub = getattr(value, "subFailure", None)  # FirstError from gatherResults
@@ -273,7 +263,7 @@ def _default_client_factory(base_url: str, timeout: float) -> Callable[[], Any]:
     return make
 
 
-class DockerWatcher(Service):
+class DockerWatcher(EventStreamReader, Service):
     """Keeps `sink` in step with the engine's containers. See the module docstring for the cycle.
 
     Status for views: `connected` (the event stream is up) and `last_resync` (reactor time of the last
@@ -284,6 +274,11 @@ class DockerWatcher(Service):
     """
 
     _log = Logger()
+    _event_filters = EVENT_FILTERS
+    _reader_thread_prefix = "labelgw-docker-events"
+    _events_noun = "docker"
+    # Events after a stop still reach the tracker (its inspects are answered "failed" once stopping).
+    _drop_events_when_stopping = False
 
     def __init__(
         self,
@@ -349,13 +344,9 @@ class DockerWatcher(Service):
         self._stopping = False
         # The reason last logged for an unreachable engine (None: reached since).
         self._unreachable: str | None = None
-        self._cycle = 0
+        self._init_event_stream()
         self._subscribed_cycle = 0
         self._api: Any = None
-        self._stream: Any = None
-        self._reader_active = False
-        self._reader_waiters: list[Deferred[None]] = []
-        self._reconnect_call: Any = None
         self._resync_cycle: int | None = None
         self._resync_again = False
         self._resync_loop: LoopingCall | None = None
@@ -381,11 +372,7 @@ class DockerWatcher(Service):
         self._stopping = True
         if self._resync_loop is not None and self._resync_loop.running:
             self._resync_loop.stop()
-        if self._reconnect_call is not None and self._reconnect_call.active():
-            self._reconnect_call.cancel()
-        self._reconnect_call = None
-        self._close_stream()
-        done = self._bounded(self._reader_finished(), "the docker event reader thread")
+        done = self._bounded(self._stop_reader(), "the docker event reader thread")
 
         def stop_pool(_: object) -> Deferred[None]:
             threads, self._threads = self._threads, None
@@ -413,13 +400,6 @@ class DockerWatcher(Service):
         waiting.addErrback(late)
         return waiting
 
-    def _reader_finished(self) -> Deferred[None]:
-        if not self._reader_active:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._reader_waiters.append(waiter)
-        return waiter
-
     def _parse_function(self) -> ParseFunction:
         if self._parse is None:
             from labelgw.core.labels import parse_container
@@ -427,81 +407,37 @@ class DockerWatcher(Service):
             self._parse = parse_container
         return self._parse
 
-    # Connection cycle.
+    # Connection cycle (EventStreamReader's hooks).
 
-    def _connect(self) -> None:
-        self._reconnect_call = None
-        if self._stopping or self._threads is None:
-            return
-        self._cycle += 1
-        cycle = self._cycle
-        self._reader_active = True
-        reading = self._threads.spawn(partial(self._read_events, cycle), f"labelgw-docker-events-{cycle}")
-        reading.addBoth(self._reader_ended, cycle)
-        reading.addErrback(lambda failure: self._log.failure("docker reader bookkeeping failed", failure))
-
-    def _read_events(self, cycle: int) -> None:
-        """Reader thread: subscribe, hand over, then pass each event to the reactor the moment it arrives."""
+    def _open_reader_clients(self) -> tuple[Any, tuple[Any, ...]]:
+        """Reader thread: the stream's client, and the API client the reactor side takes over with the stream."""
         api = self._client_factory()
         try:
             stream_client = self._client_factory()  # its own client: closing the stream leaves inspects alone
         except BaseException:
             _close_quietly(api)
             raise
-        try:
-            stream = stream_client.events(
-                decode=True, filters=dict(EVENT_FILTERS), since=f"{time.time() - _REPLAY_SECONDS:.9f}"
-            )
-            self._reactor.callFromThread(self._on_subscribed, cycle, api, stream)
-            api = None  # the reactor side owns it now
-            for event in stream:
-                self._reactor.callFromThread(self._on_event, cycle, event)
-        finally:
-            if api is not None:
-                _close_quietly(api)
-            _close_quietly(stream_client)
+        return stream_client, (api,)
 
-    def _on_subscribed(self, cycle: int, api: Any, stream: Any) -> None:
-        if cycle != self._cycle or self._stopping:
-            _close_quietly(stream)
-            _close_quietly(api)
-            return
-        self._api = api
-        self._stream = stream
+    def _adopt_subscription(self, cycle: int, *handed: Any) -> None:
+        (self._api,) = handed
         self._subscribed_cycle = cycle
-        self.connected = True
         self._unreachable = None
-        self._log.info("watching docker events at {engine}", engine=self.engine_url)
+
+    def _catch_up(self) -> None:
         self._start_resync("connected")
 
-    def _on_event(self, cycle: int, event: Mapping[str, Any]) -> None:
-        if cycle != self._cycle:
-            return
-        self.events_received += 1
-        if self.event_observer is not None:
-            self.event_observer(event)
-        try:
-            self._tracker.handle_event(event)
-        except Exception:
-            self._log.failure("could not handle docker event {event}", event=event)
+    def _handle_event(self, event: Mapping[str, Any]) -> None:
+        self._tracker.handle_event(event)
 
-    def _reader_ended(self, result: object, cycle: int) -> None:
+    def _stream_lost(self) -> None:
+        api, self._api = self._api, None
+        if api is not None:
+            self._dispose(api)
+        self._tracker.abandon_listing()
+
+    def _log_reconnect(self, result: object, cycle: int, delay: float) -> None:
         was_subscribed = self._subscribed_cycle == cycle
-        if cycle == self._cycle:
-            self.connected = False
-            self._stream = None
-            api, self._api = self._api, None
-            if api is not None:
-                self._dispose(api)
-            self._tracker.abandon_listing()
-        self._reader_active = False
-        waiters, self._reader_waiters = self._reader_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-        if self._stopping or cycle != self._cycle:
-            return
-        delay = self._backoff.next_delay()
-        self.reconnects += 1
         if isinstance(result, Failure) and not was_subscribed:
             reason = _unreachable_reason(result)
             root = _root_os_error(result.value)
@@ -529,17 +465,6 @@ class DockerWatcher(Service):
                 engine=self.engine_url,
                 delay=round(delay, 3),
             )
-        self._reconnect_call = self._reactor.callLater(delay, self._connect)
-
-    def _close_stream(self) -> None:
-        """Ends the reader's blocking iteration from the reactor side (shuts the socket down)."""
-        stream = self._stream
-        if stream is None:
-            return
-        try:
-            stream.close()
-        except Exception:
-            self._log.failure("closing the docker event stream failed")
 
     def _dispose(self, api: Any) -> None:
         threads = self._threads

@@ -121,17 +121,19 @@ class EventStreamReader:
     def _read_events(self, cycle: int) -> None:
         """Reader thread: subscribe, hand over, then pass each event to the reactor the moment it arrives."""
         stream_client, handed = self._open_reader_clients()
+        handed_over = False
         try:
             stream = stream_client.events(
                 decode=True, filters=dict(self._event_filters), since=f"{time.time() - REPLAY_SECONDS:.9f}"
             )
             self._reactor.callFromThread(self._on_subscribed, cycle, stream, *handed)
-            handed = ()  # the reactor side owns them now
+            handed_over = True  # the reactor side owns them now
             for event in stream:
                 self._reactor.callFromThread(self._on_event, cycle, event)
         finally:
-            for client in handed:
-                close_quietly(client)
+            if not handed_over:
+                for client in handed:
+                    close_quietly(client)
             close_quietly(stream_client)
 
     def _on_subscribed(self, cycle: int, stream: Any, *handed: Any) -> None:

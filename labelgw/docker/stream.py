@@ -9,8 +9,9 @@
   reactor (`_on_subscribed`), then passes each event to the reactor the moment it arrives (`_on_event`);
 - any end of the reader (docker-py turns a dropped connection into a clean end of iteration) is `_reader_ended`:
   a reconnect after the watcher's capped backoff, unless the service is stopping;
-- `_stop_reader` (from `stopService`) cancels a pending reconnect, closes the stream from the reactor side and
-  fires once the reader thread is done.
+- `_start_threads_and_stream` (from `startService`) starts the watcher's threads and the first cycle;
+  `_stop_stream_and_threads` (from `stopService`) cancels a pending reconnect, closes the stream from the reactor
+  side, waits for the reader thread, then stops the pool (each wait bounded by `_stop_timeout`).
 
 Only the reactor thread touches the state; the reader thread calls `reactor.callFromThread` and nothing else.
 What differs between the watchers is in the hooks (`_open_reader_clients`, `_adopt_subscription`, `_catch_up`,
@@ -24,13 +25,15 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
     from labelgw.docker.tracker import Backoff
     from labelgw.docker.watcher import Threads
 
-__all__ = ["REPLAY_SECONDS", "EventStreamReader", "close_quietly"]
+__all__ = ["REPLAY_SECONDS", "EventStreamReader", "close_quietly", "failure_reason"]
 
 # The events endpoint flushes its headers before it subscribes: asking for a short replay (`since`) closes
 # that window. Replayed events are harmless: handling is idempotent.
@@ -44,11 +47,20 @@ def close_quietly(client: Any) -> None:
         pass
 
 
+def failure_reason(failure: Failure) -> str:
+    value = failure.value
+    sub = getattr(value, "subFailure", None)  # FirstError from gatherResults
+    if isinstance(sub, Failure):
+        value = sub.value
+    text = str(value).strip()
+    return f"{type(value).__name__}: {text}" if text else type(value).__name__
+
+
 class EventStreamReader:
     """The event-stream connection cycle of a watcher; see the module docstring.
 
-    The watcher provides `_reactor`, `_threads`, `_stopping`, `_client_factory`, `_backoff`, `_log`,
-    `engine_url` and the status fields `connected`, `events_received`, `reconnects`, `event_observer`, and calls
+    The watcher provides `_reactor`, `_threads_factory`, `_stopping`, `_client_factory`, `_backoff`,
+    `_stop_timeout`, `_log`, `engine_url` and the status fields `connected`, `events_received`, `reconnects`, `event_observer`, and calls
     `_init_event_stream()` in its `__init__`.
     """
 
@@ -60,11 +72,15 @@ class EventStreamReader:
     _events_noun: ClassVar[str]
     # Whether events that arrive once the service is stopping are dropped.
     _drop_events_when_stopping: ClassVar[bool] = True
+    # The line for a thread that outlives `_stop_timeout` (fields: what, timeout, reason).
+    _late_wording: ClassVar[str] = "{what} did not finish within {timeout}s; not waiting for it"
 
     _log: Logger
     _reactor: Any
     _threads: Threads | None
+    _threads_factory: Callable[[], Threads]
     _stopping: bool
+    _stop_timeout: float
     _client_factory: Callable[[], Any]
     _backoff: Backoff
     engine_url: str
@@ -102,6 +118,23 @@ class EventStreamReader:
     def _log_reconnect(self, result: object, cycle: int, delay: float) -> None:
         """Reactor: say why the reader of `cycle` ended (`result`: None or a Failure) and when it reconnects."""
         raise NotImplementedError
+
+    def _release_clients(self, threads: Threads) -> None:
+        """Reactor, stopping: the reader is done and `threads` is about to stop; close what the pool used."""
+
+    # Starting.
+
+    def _start_threads_and_stream(self) -> None:
+        self._threads = self._threads_factory()
+        self._threads.start()
+        self._connect()
+
+    def _start_loop(self, function: Callable[[], object], interval: float, *, now: bool, stopped: str) -> LoopingCall:
+        """`function` every `interval` seconds on the watcher's reactor; `stopped`: the line if the loop dies."""
+        loop = LoopingCall(function)
+        loop.clock = self._reactor
+        loop.start(interval, now=now).addErrback(lambda failure: self._log.failure(stopped, failure))
+        return loop
 
     # The cycle.
 
@@ -187,14 +220,37 @@ class EventStreamReader:
 
     # Stopping.
 
-    def _stop_reader(self) -> Deferred[None]:
-        """Cancels a pending reconnect and closes the stream; fires once the reader thread is done (unbounded:
-        the caller bounds the wait)."""
+    def _stop_stream_and_threads(self) -> Deferred[None]:
+        """Fires once the reader thread and then the pool threads are done (each waited for at most
+        `_stop_timeout`)."""
         if self._reconnect_call is not None and self._reconnect_call.active():
             self._reconnect_call.cancel()
         self._reconnect_call = None
         self._close_stream()
-        return self._reader_finished()
+        noun = self._events_noun
+        done = self._bounded(self._reader_finished(), f"the {noun} event reader thread")
+
+        def stop_pool(_: object) -> Deferred[None]:
+            threads, self._threads = self._threads, None
+            if threads is None:
+                return succeed(None)
+            self._release_clients(threads)
+            return self._bounded(threads.stop(), f"the {noun} thread pool")
+
+        done.addCallback(stop_pool)
+        done.addErrback(lambda failure: self._log.failure("while stopping the {noun} watcher", failure, noun=noun))
+        return done
+
+    def _bounded(self, waiting: Deferred[None], what: str) -> Deferred[None]:
+        timeout = self._stop_timeout
+
+        def late(failure: Failure) -> None:
+            failure.trap(Exception)
+            self._log.warn(self._late_wording, what=what, timeout=timeout, reason=failure_reason(failure))
+
+        waiting.addTimeout(timeout, self._reactor)
+        waiting.addErrback(late)
+        return waiting
 
     def _reader_finished(self) -> Deferred[None]:
         if not self._reader_active:

@@ -140,14 +140,8 @@ class SwarmWatcher(EventStreamReader, Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        self._threads = self._threads_factory()
-        self._threads.start()
-        self._connect()
-        self._poll_loop = LoopingCall(self.poll)
-        self._poll_loop.clock = self._reactor
-        self._poll_loop.start(self.poll_interval, now=True).addErrback(
-            lambda failure: self._log.failure("the swarm poll stopped", failure)
-        )
+        self._start_threads_and_stream()
+        self._poll_loop = self._start_loop(self.poll, self.poll_interval, now=True, stopped="the swarm poll stopped")
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -158,31 +152,12 @@ class SwarmWatcher(EventStreamReader, Service):
             if call.active():
                 call.cancel()
         self._settle_calls.clear()
-        done = self._bounded(self._stop_reader(), "the swarm event reader thread")
+        return self._stop_stream_and_threads()
 
-        def stop_pool(_: object) -> Deferred[None]:
-            threads, self._threads = self._threads, None
-            if threads is None:
-                return succeed(None)
-            api, self._api = self._api, None
-            if api is not None:
-                threads.run(close_quietly, api).addErrback(lambda failure: None)
-            return self._bounded(threads.stop(), "the swarm thread pool")
-
-        done.addCallback(stop_pool)
-        done.addErrback(lambda failure: self._log.failure("while stopping the swarm watcher", failure))
-        return done
-
-    def _bounded(self, waiting: Deferred[None], what: str) -> Deferred[None]:
-        timeout = self._stop_timeout
-
-        def late(failure: Failure) -> None:
-            failure.trap(Exception)
-            self._log.warn("{what} did not finish within {timeout}s; not waiting for it", what=what, timeout=timeout)
-
-        waiting.addTimeout(timeout, self._reactor)
-        waiting.addErrback(late)
-        return waiting
+    def _release_clients(self, threads: Threads) -> None:
+        api, self._api = self._api, None
+        if api is not None:
+            threads.run(close_quietly, api).addErrback(lambda failure: None)
 
     # The API client of the listings (one, shared by the pool threads; made in a thread: it may block).
 

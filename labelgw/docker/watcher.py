@@ -38,6 +38,7 @@ from twisted.python.threadpool import ThreadPool
 
 from labelgw.docker.stream import EventStreamReader
 from labelgw.docker.stream import close_quietly as _close_quietly
+from labelgw.docker.stream import failure_reason as _failure_reason
 from labelgw.docker.tracker import (
     GONE,
     Backoff,
@@ -191,15 +192,6 @@ class _Superseded(Exception):
     """The connection this work belonged to is gone; a new cycle redoes it."""
 
 
-def _failure_reason(failure: Failure) -> str:
-    value = failure.value
-    sub = getattr(value, "subFailure", None)  # FirstError from gatherResults
-    if isinstance(sub, Failure):
-        value = sub.value
-    text = str(value).strip()
-    return f"{type(value).__name__}: {text}" if text else type(value).__name__
-
-
 def _root_os_error(error: BaseException) -> OSError | None:
     """The OSError with an errno under the wrappers (requests, urllib3, docker-py), if any."""
     seen: set[int] = set()
@@ -277,6 +269,7 @@ class DockerWatcher(EventStreamReader, Service):
     _event_filters = EVENT_FILTERS
     _reader_thread_prefix = "labelgw-docker-events"
     _events_noun = "docker"
+    _late_wording = "{what} did not finish within {timeout}s ({reason}); not waiting for it"
     # Events after a stop still reach the tracker (its inspects are answered "failed" once stopping).
     _drop_events_when_stopping = False
 
@@ -357,13 +350,9 @@ class DockerWatcher(EventStreamReader, Service):
         super().startService()
         self._stopping = False
         self._parse_function()  # import on the reactor thread, once, before any pool thread needs it
-        self._threads = self._threads_factory()
-        self._threads.start()
-        self._connect()
-        self._resync_loop = LoopingCall(self._periodic_resync)
-        self._resync_loop.clock = self._reactor
-        self._resync_loop.start(self._resync_interval, now=False).addErrback(
-            lambda failure: self._log.failure("periodic docker resync stopped", failure)
+        self._start_threads_and_stream()
+        self._resync_loop = self._start_loop(
+            self._periodic_resync, self._resync_interval, now=False, stopped="periodic docker resync stopped"
         )
 
     def stopService(self) -> Deferred[None]:
@@ -372,33 +361,7 @@ class DockerWatcher(EventStreamReader, Service):
         self._stopping = True
         if self._resync_loop is not None and self._resync_loop.running:
             self._resync_loop.stop()
-        done = self._bounded(self._stop_reader(), "the docker event reader thread")
-
-        def stop_pool(_: object) -> Deferred[None]:
-            threads, self._threads = self._threads, None
-            if threads is None:
-                return succeed(None)
-            return self._bounded(threads.stop(), "the docker thread pool")
-
-        done.addCallback(stop_pool)
-        done.addErrback(lambda failure: self._log.failure("while stopping the docker watcher", failure))
-        return done
-
-    def _bounded(self, waiting: Deferred[None], what: str) -> Deferred[None]:
-        timeout = self._stop_timeout
-
-        def late(failure: Failure) -> None:
-            failure.trap(Exception)
-            self._log.warn(
-                "{what} did not finish within {timeout}s ({reason}); not waiting for it",
-                what=what,
-                timeout=timeout,
-                reason=_failure_reason(failure),
-            )
-
-        waiting.addTimeout(timeout, self._reactor)
-        waiting.addErrback(late)
-        return waiting
+        return self._stop_stream_and_threads()
 
     def _parse_function(self) -> ParseFunction:
         if self._parse is None:

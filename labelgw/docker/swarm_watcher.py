@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 import docker.errors
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure

@@ -20,6 +20,7 @@ What differs between the watchers is in the hooks (`_open_reader_clients`, `_ado
 
 from __future__ import annotations
 
+import os
 import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
@@ -29,11 +30,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from labelgw.docker.tracker import Backoff
+
 if TYPE_CHECKING:
-    from labelgw.docker.tracker import Backoff
     from labelgw.docker.watcher import Threads
 
-__all__ = ["REPLAY_SECONDS", "EventStreamReader", "close_quietly", "failure_reason"]
+__all__ = ["DEFAULT_DOCKER_HOST", "REPLAY_SECONDS", "EventStreamReader", "close_quietly", "failure_reason"]
+
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
 # The events endpoint flushes its headers before it subscribes: asking for a short replay (`since`) closes
 # that window. Replayed events are harmless: handling is idempotent.
@@ -56,12 +60,21 @@ def failure_reason(failure: Failure) -> str:
     return f"{type(value).__name__}: {text}" if text else type(value).__name__
 
 
+def default_client_factory(base_url: str, timeout: float) -> Callable[[], Any]:
+    def make() -> Any:
+        import docker
+
+        # version=None: negotiate with the engine (docker-py's default API version is too new for older ones).
+        return docker.APIClient(base_url=base_url, version=None, timeout=timeout)
+
+    return make
+
+
 class EventStreamReader:
     """The event-stream connection cycle of a watcher; see the module docstring.
 
-    The watcher provides `_reactor`, `_threads_factory`, `_stopping`, `_client_factory`, `_backoff`,
-    `_stop_timeout`, `_log`, `engine_url` and the status fields `connected`, `events_received`, `reconnects`, `event_observer`, and calls
-    `_init_event_stream()` in its `__init__`.
+    The watcher provides `_log` and calls `_init_event_stream(...)` in its `__init__`; `_stopping` is the
+    watcher's to set in startService/stopService.
     """
 
     # What the subscription asks for (the engine's `filters` argument).
@@ -76,20 +89,36 @@ class EventStreamReader:
     _late_wording: ClassVar[str] = "{what} did not finish within {timeout}s; not waiting for it"
 
     _log: Logger
-    _reactor: Any
-    _threads: Threads | None
-    _threads_factory: Callable[[], Threads]
-    _stopping: bool
-    _stop_timeout: float
-    _client_factory: Callable[[], Any]
-    _backoff: Backoff
-    engine_url: str
-    connected: bool
-    events_received: int
-    reconnects: int
-    event_observer: Callable[[Mapping[str, Any]], None] | None
 
-    def _init_event_stream(self) -> None:
+    def _init_event_stream(
+        self,
+        reactor: Any,
+        *,
+        docker_host: str | None,
+        client_factory: Callable[[], Any] | None,
+        api_timeout: float,
+        initial_backoff: float,
+        max_backoff: float,
+        stop_timeout: float,
+        threads_factory: Callable[[], Threads],
+    ) -> None:
+        """`client_factory` None: a client for `docker_host`, else $DOCKER_HOST, else the local socket."""
+        self._reactor = reactor
+        self.engine_url = docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+        self._client_factory = client_factory or default_client_factory(self.engine_url, api_timeout)
+        self._backoff = Backoff(initial_backoff, max_backoff)
+        self._stop_timeout = stop_timeout
+        self._threads_factory = threads_factory
+        self._threads: Threads | None = None
+        self._stopping = False
+        # Status for views and /metrics (labelgw.control.metrics): `connected` (the event stream is up),
+        # `last_resync` (reactor time of the last full listing applied); `event_observer` hears of each event.
+        self.connected = False
+        self.last_resync: float | None = None
+        self.events_received = 0
+        self.resyncs = 0
+        self.reconnects = 0
+        self.event_observer: Callable[[Mapping[str, Any]], None] | None = None
         self._cycle = 0
         self._stream: Any = None
         self._reader_active = False

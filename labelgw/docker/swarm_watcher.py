@@ -18,7 +18,6 @@ routes last listed are kept meanwhile, as they are while the engine is unreachab
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any, Callable, Mapping
 
@@ -29,17 +28,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from labelgw.docker.stream import EventStreamReader, close_quietly
+from labelgw.docker.stream import EventStreamReader, close_quietly, failure_reason
 from labelgw.docker.swarm import SwarmTracker
-from labelgw.docker.tracker import Backoff, ParseFunction, RouteSink
-from labelgw.docker.watcher import (
-    DEFAULT_DOCKER_HOST,
-    PoolThreads,
-    Threads,
-    _default_client_factory,
-    _failure_reason,
-    _unreachable_reason,
-)
+from labelgw.docker.tracker import ParseFunction, RouteSink
+from labelgw.docker.watcher import PoolThreads, Threads, _unreachable_reason
 
 __all__ = ["SWARM_EVENT_FILTERS", "SwarmWatcher"]
 
@@ -61,7 +53,7 @@ def _swarm_problem(failure: Failure) -> str:
         if explanation:
             return f"{status} {explanation}" if status else explanation
     if isinstance(value, docker.errors.APIError) or not isinstance(value, Exception):
-        return _failure_reason(failure)
+        return failure_reason(failure)
     return _unreachable_reason(failure)
 
 
@@ -96,9 +88,16 @@ class SwarmWatcher(EventStreamReader, Service):
         threads_factory: Callable[[], Threads] | None = None,
     ) -> None:
         super().__init__()
-        self._reactor = reactor
-        self.engine_url = docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
-        self._client_factory = client_factory or _default_client_factory(self.engine_url, api_timeout)
+        self._init_event_stream(
+            reactor,
+            docker_host=docker_host,
+            client_factory=client_factory,
+            api_timeout=api_timeout,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            stop_timeout=stop_timeout,
+            threads_factory=threads_factory or (lambda: PoolThreads(reactor, max_threads=4, name="labelgw-swarm")),
+        )
         if parse is None:
             from labelgw.core.labels import parse_container
 
@@ -108,21 +107,8 @@ class SwarmWatcher(EventStreamReader, Service):
         self.poll_interval = poll_interval
         self._settle_interval = settle_interval
         self._settle_for = settle_for
-        self._backoff = Backoff(initial_backoff, max_backoff)
-        self._stop_timeout = stop_timeout
-        self._threads_factory: Callable[[], Threads] = threads_factory or (
-            lambda: PoolThreads(reactor, max_threads=4, name="labelgw-swarm")
-        )
-        self.connected = False
-        self.last_resync: float | None = None
-        self.events_received = 0
-        self.resyncs = 0
-        self.reconnects = 0
-        self.event_observer: Callable[[Mapping[str, Any]], None] | None = None
         # The reason the last listing failed (None: the last one worked); logged once per reason.
         self.swarm_problem: str | None = None
-        self._threads: Threads | None = None
-        self._stopping = False
         self._api: Any = None
         self._api_lock = threading.Lock()
         self._poll_loop: LoopingCall | None = None
@@ -133,7 +119,6 @@ class SwarmWatcher(EventStreamReader, Service):
         self._service_again: set[str] = set()
         self._settle_until: dict[str, float] = {}
         self._settle_calls: dict[str, Any] = {}
-        self._init_event_stream()
 
     # Service.
 

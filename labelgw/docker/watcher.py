@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from labelgw.docker.stream import EventStreamReader
+from labelgw.docker.stream import DEFAULT_DOCKER_HOST, EventStreamReader
 from labelgw.docker.stream import close_quietly as _close_quietly
 from labelgw.docker.stream import failure_reason as _failure_reason
 from labelgw.docker.tracker import (
@@ -76,8 +76,6 @@ __all__ = [
     "signal_number",
     "timestamp_ns",
 ]
-
-DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
 # Network events carry the container in Actor.Attributes.container: a connect/disconnect changes its address.
 EVENT_FILTERS: Mapping[str, list[str]] = {"type": ["container", "network"]}
@@ -245,16 +243,6 @@ def _tagged(result: InspectResult, container_id: str, generation: int) -> tuple[
     return container_id, (generation, result)
 
 
-def _default_client_factory(base_url: str, timeout: float) -> Callable[[], Any]:
-    def make() -> Any:
-        import docker
-
-        # version=None: negotiate with the engine (docker-py's default API version is too new for older ones).
-        return docker.APIClient(base_url=base_url, version=None, timeout=timeout)
-
-    return make
-
-
 class DockerWatcher(EventStreamReader, Service):
     """Keeps `sink` in step with the engine's containers. See the module docstring for the cycle.
 
@@ -304,40 +292,32 @@ class DockerWatcher(EventStreamReader, Service):
         - `stop_timeout`: stopService waits at most this long for each of the reader thread and the pool.
         """
         super().__init__()
-        self._reactor = reactor
+        self._init_event_stream(
+            reactor,
+            docker_host=docker_host,
+            client_factory=client_factory,
+            api_timeout=api_timeout,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            stop_timeout=stop_timeout,
+            threads_factory=threads_factory or (lambda: PoolThreads(reactor, max_threads=inspect_parallelism + 2)),
+        )
         self._sink = sink
-        self.engine_url = docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
-        self._client_factory = client_factory or _default_client_factory(self.engine_url, api_timeout)
         self._parse = parse
         self._prefix = prefix
         self._pinned_env = pinned_env
         self._fixed_own_networks = own_networks
         self._own_networks: frozenset[str] = own_networks or frozenset()
-        self._backoff = Backoff(initial_backoff, max_backoff)
         self._resync_interval = resync_interval
         self._inspect_slots = DeferredSemaphore(inspect_parallelism)
-        self._stop_timeout = stop_timeout
-        self._threads_factory: Callable[[], Threads] = threads_factory or (
-            lambda: PoolThreads(reactor, max_threads=inspect_parallelism + 2)
-        )
         self._tracker = ContainerTracker(
             sink,
             self._request_inspect,
             prefix=prefix,
             on_own_networks_changed=lambda: self._start_resync("own networks changed", queue=True),
         )
-        self.connected = False
-        self.last_resync: float | None = None
-        # Counters for /metrics (labelgw.control.metrics); `event_observer` hears of each event as it arrives.
-        self.events_received = 0
-        self.resyncs = 0
-        self.reconnects = 0
-        self.event_observer: Callable[[Mapping[str, Any]], None] | None = None
-        self._threads: Threads | None = None
-        self._stopping = False
         # The reason last logged for an unreachable engine (None: reached since).
         self._unreachable: str | None = None
-        self._init_event_stream()
         self._subscribed_cycle = 0
         self._api: Any = None
         self._resync_cycle: int | None = None

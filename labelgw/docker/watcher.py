@@ -14,7 +14,9 @@ Cycle of one connection: subscribe to events first, then list + inspect every la
 whole truth to `sink.resync`. Events that arrive while the listing runs are applied as they come and merged into
 the resync by container id and per-container generation, so nothing is lost and nothing stale wins. Any end of
 the stream (docker-py turns a dropped connection into a clean end of iteration) starts a new cycle after a capped
-exponential backoff; meanwhile the sink keeps serving the last good routes.
+exponential backoff; meanwhile the sink keeps serving the last good routes. The cycle itself (reader thread,
+reconnects, stopping) is `labelgw.docker.stream.EventStreamReader`, shared with the swarm watcher; this module
+adds the listing, the resync and the inspects.
 """
 
 from __future__ import annotations

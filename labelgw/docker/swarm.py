@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from twisted.logger import Logger
 
 from labelgw.core.model import ContainerSpec, Outcome, Rejection
-from labelgw.docker.tracker import TERMINATING_SIGNALS, ParseFunction, RouteSink, signal_number
+from labelgw.docker.tracker import _MISSING, TERMINATING_SIGNALS, ParseFunction, RouteSink, signal_number
 
 __all__ = [
     "SERVICE_KEY_PREFIX",
@@ -286,14 +286,6 @@ def _settling(service: Mapping[str, Any], tasks: Iterable[Mapping[str, Any]]) ->
         if not view.ended and not view.serving:
             return True
     return False
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "MISSING"
-
-
-_MISSING = _Missing()
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,30 +18,20 @@ routes last listed are kept meanwhile, as they are while the engine is unreachab
 
 from __future__ import annotations
 
-import os
 import threading
-import time
-from functools import partial
 from typing import Any, Callable, Mapping
 
 import docker.errors
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from labelgw.docker.stream import EventStreamReader, close_quietly, failure_reason
 from labelgw.docker.swarm import SwarmTracker
-from labelgw.docker.tracker import Backoff, ParseFunction, RouteSink
-from labelgw.docker.watcher import (
-    DEFAULT_DOCKER_HOST,
-    PoolThreads,
-    Threads,
-    _close_quietly,
-    _default_client_factory,
-    _failure_reason,
-    _unreachable_reason,
-)
+from labelgw.docker.tracker import ParseFunction, RouteSink
+from labelgw.docker.watcher import PoolThreads, Threads, _unreachable_reason
 
 __all__ = ["SWARM_EVENT_FILTERS", "SwarmWatcher"]
 
@@ -49,7 +39,6 @@ __all__ = ["SWARM_EVENT_FILTERS", "SwarmWatcher"]
 # attributes (com.docker.swarm.task.id).
 SWARM_EVENT_FILTERS: Mapping[str, list[str]] = {"type": ["service", "node", "container"]}
 _SERVICE_ACTIONS = frozenset({"create", "update", "remove"})
-_REPLAY_SECONDS = 1.0
 
 _Listing = tuple[list[Mapping[str, Any]], list[Mapping[str, Any]], list[Mapping[str, Any]]]
 _ServiceListing = tuple[Mapping[str, Any] | None, list[Mapping[str, Any]], list[Mapping[str, Any]] | None]
@@ -64,16 +53,19 @@ def _swarm_problem(failure: Failure) -> str:
         if explanation:
             return f"{status} {explanation}" if status else explanation
     if isinstance(value, docker.errors.APIError) or not isinstance(value, Exception):
-        return _failure_reason(failure)
+        return failure_reason(failure)
     return _unreachable_reason(failure)
 
 
-class SwarmWatcher(Service):
+class SwarmWatcher(EventStreamReader, Service):
     """Routes the labelled services of the swarm this engine manages. Status for views and /metrics, as
     DockerWatcher's: `connected` (the event stream is up), `last_resync` (reactor time of the last full listing),
     `events_received`, `resyncs` (full listings applied), `reconnects` (of the event stream)."""
 
     _log = Logger()
+    _event_filters = SWARM_EVENT_FILTERS
+    _reader_thread_prefix = "labelgw-swarm-events"
+    _events_noun = "swarm"
 
     def __init__(
         self,
@@ -96,9 +88,16 @@ class SwarmWatcher(Service):
         threads_factory: Callable[[], Threads] | None = None,
     ) -> None:
         super().__init__()
-        self._reactor = reactor
-        self.engine_url = docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
-        self._client_factory = client_factory or _default_client_factory(self.engine_url, api_timeout)
+        self._init_event_stream(
+            reactor,
+            docker_host=docker_host,
+            client_factory=client_factory,
+            api_timeout=api_timeout,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            stop_timeout=stop_timeout,
+            threads_factory=threads_factory or (lambda: PoolThreads(reactor, max_threads=4, name="labelgw-swarm")),
+        )
         if parse is None:
             from labelgw.core.labels import parse_container
 
@@ -108,21 +107,8 @@ class SwarmWatcher(Service):
         self.poll_interval = poll_interval
         self._settle_interval = settle_interval
         self._settle_for = settle_for
-        self._backoff = Backoff(initial_backoff, max_backoff)
-        self._stop_timeout = stop_timeout
-        self._threads_factory: Callable[[], Threads] = threads_factory or (
-            lambda: PoolThreads(reactor, max_threads=4, name="labelgw-swarm")
-        )
-        self.connected = False
-        self.last_resync: float | None = None
-        self.events_received = 0
-        self.resyncs = 0
-        self.reconnects = 0
-        self.event_observer: Callable[[Mapping[str, Any]], None] | None = None
         # The reason the last listing failed (None: the last one worked); logged once per reason.
         self.swarm_problem: str | None = None
-        self._threads: Threads | None = None
-        self._stopping = False
         self._api: Any = None
         self._api_lock = threading.Lock()
         self._poll_loop: LoopingCall | None = None
@@ -133,69 +119,30 @@ class SwarmWatcher(Service):
         self._service_again: set[str] = set()
         self._settle_until: dict[str, float] = {}
         self._settle_calls: dict[str, Any] = {}
-        self._cycle = 0
-        self._stream: Any = None
-        self._reader_active = False
-        self._reader_waiters: list[Deferred[None]] = []
-        self._reconnect_call: Any = None
 
     # Service.
 
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        self._threads = self._threads_factory()
-        self._threads.start()
-        self._connect()
-        self._poll_loop = LoopingCall(self.poll)
-        self._poll_loop.clock = self._reactor
-        self._poll_loop.start(self.poll_interval, now=True).addErrback(
-            lambda failure: self._log.failure("the swarm poll stopped", failure)
-        )
+        self._start_threads_and_stream()
+        self._poll_loop = self._start_loop(self.poll, self.poll_interval, now=True, stopped="the swarm poll stopped")
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self._stopping = True
         if self._poll_loop is not None and self._poll_loop.running:
             self._poll_loop.stop()
-        for call in [self._reconnect_call, *self._settle_calls.values()]:
-            if call is not None and call.active():
+        for call in self._settle_calls.values():
+            if call.active():
                 call.cancel()
-        self._reconnect_call = None
         self._settle_calls.clear()
-        self._close_stream()
-        done = self._bounded(self._reader_finished(), "the swarm event reader thread")
+        return self._stop_stream_and_threads()
 
-        def stop_pool(_: object) -> Deferred[None]:
-            threads, self._threads = self._threads, None
-            if threads is None:
-                return succeed(None)
-            api, self._api = self._api, None
-            if api is not None:
-                threads.run(_close_quietly, api).addErrback(lambda failure: None)
-            return self._bounded(threads.stop(), "the swarm thread pool")
-
-        done.addCallback(stop_pool)
-        done.addErrback(lambda failure: self._log.failure("while stopping the swarm watcher", failure))
-        return done
-
-    def _bounded(self, waiting: Deferred[None], what: str) -> Deferred[None]:
-        timeout = self._stop_timeout
-
-        def late(failure: Failure) -> None:
-            failure.trap(Exception)
-            self._log.warn("{what} did not finish within {timeout}s; not waiting for it", what=what, timeout=timeout)
-
-        waiting.addTimeout(timeout, self._reactor)
-        waiting.addErrback(late)
-        return waiting
-
-    def _reader_finished(self) -> Deferred[None]:
-        if not self._reader_active:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._reader_waiters.append(waiter)
-        return waiter
+    def _release_clients(self, threads: Threads) -> None:
+        api, self._api = self._api, None
+        if api is not None:
+            threads.run(close_quietly, api).addErrback(lambda failure: None)
 
     # The API client of the listings (one, shared by the pool threads; made in a thread: it may block).
 
@@ -349,52 +296,13 @@ class SwarmWatcher(Service):
         self._settle_calls.pop(service_id, None)
         self.reconcile_service(service_id, settle=False)
 
-    # The event stream.
+    # The event stream (EventStreamReader's hooks).
 
-    def _connect(self) -> None:
-        self._reconnect_call = None
-        if self._stopping or self._threads is None:
-            return
-        self._cycle += 1
-        cycle = self._cycle
-        self._reader_active = True
-        reading = self._threads.spawn(partial(self._read_events, cycle), f"labelgw-swarm-events-{cycle}")
-        reading.addBoth(self._reader_ended, cycle)
-        reading.addErrback(lambda failure: self._log.failure("swarm reader bookkeeping failed", failure))
-
-    def _read_events(self, cycle: int) -> None:
-        """Reader thread: subscribe, then pass each event to the reactor the moment it arrives."""
-        client = self._client_factory()
-        try:
-            stream = client.events(
-                decode=True, filters=dict(SWARM_EVENT_FILTERS), since=f"{time.time() - _REPLAY_SECONDS:.9f}"
-            )
-            self._reactor.callFromThread(self._on_subscribed, cycle, stream)
-            for event in stream:
-                self._reactor.callFromThread(self._on_event, cycle, event)
-        finally:
-            _close_quietly(client)
-
-    def _on_subscribed(self, cycle: int, stream: Any) -> None:
-        if cycle != self._cycle or self._stopping:
-            _close_quietly(stream)
-            return
-        self._stream = stream
-        self.connected = True
+    def _adopt_subscription(self, cycle: int, *handed: Any) -> None:
         self._backoff.reset()
-        self._log.info("watching swarm events at {engine}", engine=self.engine_url)
-        self.poll()  # whatever happened while the stream was down
 
-    def _on_event(self, cycle: int, event: Mapping[str, Any]) -> None:
-        if cycle != self._cycle or self._stopping:
-            return
-        self.events_received += 1
-        if self.event_observer is not None:
-            self.event_observer(event)
-        try:
-            self._handle_event(event)
-        except Exception:
-            self._log.failure("could not handle swarm event {event}", event=event)
+    def _catch_up(self) -> None:
+        self.poll()  # whatever happened while the stream was down
 
     def _handle_event(self, event: Mapping[str, Any]) -> None:
         kind = event.get("Type")
@@ -409,18 +317,7 @@ class SwarmWatcher(Service):
             if service_id is not None:
                 self.reconcile_service(service_id)
 
-    def _reader_ended(self, result: object, cycle: int) -> None:
-        if cycle == self._cycle:
-            self.connected = False
-            self._stream = None
-        self._reader_active = False
-        waiters, self._reader_waiters = self._reader_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-        if self._stopping or cycle != self._cycle:
-            return
-        delay = self._backoff.next_delay()
-        self.reconnects += 1
+    def _log_reconnect(self, result: object, cycle: int, delay: float) -> None:
         reason = _unreachable_reason(result) if isinstance(result, Failure) else "the stream ended"
         self._log.warn(
             "swarm event stream from {engine}: {reason}; reconnecting in {delay}s (the poll goes on)",
@@ -428,14 +325,3 @@ class SwarmWatcher(Service):
             reason=reason,
             delay=round(delay, 3),
         )
-        self._reconnect_call = self._reactor.callLater(delay, self._connect)
-
-    def _close_stream(self) -> None:
-        stream = self._stream
-        if stream is None:
-            return
-        try:
-            stream.close()
-        except Exception:
-            self._log.failure("closing the swarm event stream failed")
-

@@ -14,7 +14,9 @@ Cycle of one connection: subscribe to events first, then list + inspect every la
 whole truth to `sink.resync`. Events that arrive while the listing runs are applied as they come and merged into
 the resync by container id and per-container generation, so nothing is lost and nothing stale wins. Any end of
 the stream (docker-py turns a dropped connection into a clean end of iteration) starts a new cycle after a capped
-exponential backoff; meanwhile the sink keeps serving the last good routes.
+exponential backoff; meanwhile the sink keeps serving the last good routes. The cycle itself (reader thread,
+reconnects, stopping) is `labelgw.docker.stream.EventStreamReader`, shared with the swarm watcher; this module
+adds the listing, the resync and the inspects.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import errno
 import os
 import re
 import threading
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Mapping, Protocol
@@ -37,6 +38,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from labelgw.docker.stream import DEFAULT_DOCKER_HOST, EventStreamReader
+from labelgw.docker.stream import close_quietly as _close_quietly
+from labelgw.docker.stream import failure_reason as _failure_reason
 from labelgw.docker.tracker import (
     GONE,
     Backoff,
@@ -75,14 +79,8 @@ __all__ = [
     "timestamp_ns",
 ]
 
-DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
-
 # Network events carry the container in Actor.Attributes.container: a connect/disconnect changes its address.
 EVENT_FILTERS: Mapping[str, list[str]] = {"type": ["container", "network"]}
-
-# The events endpoint flushes its headers before it subscribes: asking for a short replay (`since`) closes
-# that window. Replayed events are harmless: handling is idempotent by container id.
-_REPLAY_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,22 +192,6 @@ class _Superseded(Exception):
     """The connection this work belonged to is gone; a new cycle redoes it."""
 
 
-def _close_quietly(client: Any) -> None:
-    try:
-        client.close()
-    except Exception:
-        pass
-
-
-def _failure_reason(failure: Failure) -> str:
-    value = failure.value
-    sub = getattr(value, "subFailure", None)  # FirstError from gatherResults
-    if isinstance(sub, Failure):
-        value = sub.value
-    text = str(value).strip()
-    return f"{type(value).__name__}: {text}" if text else type(value).__name__
-
-
 def _root_os_error(error: BaseException) -> OSError | None:
     """The OSError with an errno under the wrappers (requests, urllib3, docker-py), if any."""
     seen: set[int] = set()
@@ -263,17 +245,7 @@ def _tagged(result: InspectResult, container_id: str, generation: int) -> tuple[
     return container_id, (generation, result)
 
 
-def _default_client_factory(base_url: str, timeout: float) -> Callable[[], Any]:
-    def make() -> Any:
-        import docker
-
-        # version=None: negotiate with the engine (docker-py's default API version is too new for older ones).
-        return docker.APIClient(base_url=base_url, version=None, timeout=timeout)
-
-    return make
-
-
-class DockerWatcher(Service):
+class DockerWatcher(EventStreamReader, Service):
     """Keeps `sink` in step with the engine's containers. See the module docstring for the cycle.
 
     Status for views: `connected` (the event stream is up) and `last_resync` (reactor time of the last
@@ -284,6 +256,12 @@ class DockerWatcher(Service):
     """
 
     _log = Logger()
+    _event_filters = EVENT_FILTERS
+    _reader_thread_prefix = "labelgw-docker-events"
+    _events_noun = "docker"
+    _late_wording = "{what} did not finish within {timeout}s ({reason}); not waiting for it"
+    # Events after a stop still reach the tracker (its inspects are answered "failed" once stopping).
+    _drop_events_when_stopping = False
 
     def __init__(
         self,
@@ -316,46 +294,34 @@ class DockerWatcher(Service):
         - `stop_timeout`: stopService waits at most this long for each of the reader thread and the pool.
         """
         super().__init__()
-        self._reactor = reactor
+        self._init_event_stream(
+            reactor,
+            docker_host=docker_host,
+            client_factory=client_factory,
+            api_timeout=api_timeout,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            stop_timeout=stop_timeout,
+            threads_factory=threads_factory or (lambda: PoolThreads(reactor, max_threads=inspect_parallelism + 2)),
+        )
         self._sink = sink
-        self.engine_url = docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
-        self._client_factory = client_factory or _default_client_factory(self.engine_url, api_timeout)
         self._parse = parse
         self._prefix = prefix
         self._pinned_env = pinned_env
         self._fixed_own_networks = own_networks
         self._own_networks: frozenset[str] = own_networks or frozenset()
-        self._backoff = Backoff(initial_backoff, max_backoff)
         self._resync_interval = resync_interval
         self._inspect_slots = DeferredSemaphore(inspect_parallelism)
-        self._stop_timeout = stop_timeout
-        self._threads_factory: Callable[[], Threads] = threads_factory or (
-            lambda: PoolThreads(reactor, max_threads=inspect_parallelism + 2)
-        )
         self._tracker = ContainerTracker(
             sink,
             self._request_inspect,
             prefix=prefix,
             on_own_networks_changed=lambda: self._start_resync("own networks changed", queue=True),
         )
-        self.connected = False
-        self.last_resync: float | None = None
-        # Counters for /metrics (labelgw.control.metrics); `event_observer` hears of each event as it arrives.
-        self.events_received = 0
-        self.resyncs = 0
-        self.reconnects = 0
-        self.event_observer: Callable[[Mapping[str, Any]], None] | None = None
-        self._threads: Threads | None = None
-        self._stopping = False
         # The reason last logged for an unreachable engine (None: reached since).
         self._unreachable: str | None = None
-        self._cycle = 0
         self._subscribed_cycle = 0
         self._api: Any = None
-        self._stream: Any = None
-        self._reader_active = False
-        self._reader_waiters: list[Deferred[None]] = []
-        self._reconnect_call: Any = None
         self._resync_cycle: int | None = None
         self._resync_again = False
         self._resync_loop: LoopingCall | None = None
@@ -366,13 +332,9 @@ class DockerWatcher(Service):
         super().startService()
         self._stopping = False
         self._parse_function()  # import on the reactor thread, once, before any pool thread needs it
-        self._threads = self._threads_factory()
-        self._threads.start()
-        self._connect()
-        self._resync_loop = LoopingCall(self._periodic_resync)
-        self._resync_loop.clock = self._reactor
-        self._resync_loop.start(self._resync_interval, now=False).addErrback(
-            lambda failure: self._log.failure("periodic docker resync stopped", failure)
+        self._start_threads_and_stream()
+        self._resync_loop = self._start_loop(
+            self._periodic_resync, self._resync_interval, now=False, stopped="periodic docker resync stopped"
         )
 
     def stopService(self) -> Deferred[None]:
@@ -381,44 +343,7 @@ class DockerWatcher(Service):
         self._stopping = True
         if self._resync_loop is not None and self._resync_loop.running:
             self._resync_loop.stop()
-        if self._reconnect_call is not None and self._reconnect_call.active():
-            self._reconnect_call.cancel()
-        self._reconnect_call = None
-        self._close_stream()
-        done = self._bounded(self._reader_finished(), "the docker event reader thread")
-
-        def stop_pool(_: object) -> Deferred[None]:
-            threads, self._threads = self._threads, None
-            if threads is None:
-                return succeed(None)
-            return self._bounded(threads.stop(), "the docker thread pool")
-
-        done.addCallback(stop_pool)
-        done.addErrback(lambda failure: self._log.failure("while stopping the docker watcher", failure))
-        return done
-
-    def _bounded(self, waiting: Deferred[None], what: str) -> Deferred[None]:
-        timeout = self._stop_timeout
-
-        def late(failure: Failure) -> None:
-            failure.trap(Exception)
-            self._log.warn(
-                "{what} did not finish within {timeout}s ({reason}); not waiting for it",
-                what=what,
-                timeout=timeout,
-                reason=_failure_reason(failure),
-            )
-
-        waiting.addTimeout(timeout, self._reactor)
-        waiting.addErrback(late)
-        return waiting
-
-    def _reader_finished(self) -> Deferred[None]:
-        if not self._reader_active:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._reader_waiters.append(waiter)
-        return waiter
+        return self._stop_stream_and_threads()
 
     def _parse_function(self) -> ParseFunction:
         if self._parse is None:
@@ -427,81 +352,37 @@ class DockerWatcher(Service):
             self._parse = parse_container
         return self._parse
 
-    # Connection cycle.
+    # Connection cycle (EventStreamReader's hooks).
 
-    def _connect(self) -> None:
-        self._reconnect_call = None
-        if self._stopping or self._threads is None:
-            return
-        self._cycle += 1
-        cycle = self._cycle
-        self._reader_active = True
-        reading = self._threads.spawn(partial(self._read_events, cycle), f"labelgw-docker-events-{cycle}")
-        reading.addBoth(self._reader_ended, cycle)
-        reading.addErrback(lambda failure: self._log.failure("docker reader bookkeeping failed", failure))
-
-    def _read_events(self, cycle: int) -> None:
-        """Reader thread: subscribe, hand over, then pass each event to the reactor the moment it arrives."""
+    def _open_reader_clients(self) -> tuple[Any, tuple[Any, ...]]:
+        """Reader thread: the stream's client, and the API client the reactor side takes over with the stream."""
         api = self._client_factory()
         try:
             stream_client = self._client_factory()  # its own client: closing the stream leaves inspects alone
         except BaseException:
             _close_quietly(api)
             raise
-        try:
-            stream = stream_client.events(
-                decode=True, filters=dict(EVENT_FILTERS), since=f"{time.time() - _REPLAY_SECONDS:.9f}"
-            )
-            self._reactor.callFromThread(self._on_subscribed, cycle, api, stream)
-            api = None  # the reactor side owns it now
-            for event in stream:
-                self._reactor.callFromThread(self._on_event, cycle, event)
-        finally:
-            if api is not None:
-                _close_quietly(api)
-            _close_quietly(stream_client)
+        return stream_client, (api,)
 
-    def _on_subscribed(self, cycle: int, api: Any, stream: Any) -> None:
-        if cycle != self._cycle or self._stopping:
-            _close_quietly(stream)
-            _close_quietly(api)
-            return
-        self._api = api
-        self._stream = stream
+    def _adopt_subscription(self, cycle: int, *handed: Any) -> None:
+        (self._api,) = handed
         self._subscribed_cycle = cycle
-        self.connected = True
         self._unreachable = None
-        self._log.info("watching docker events at {engine}", engine=self.engine_url)
+
+    def _catch_up(self) -> None:
         self._start_resync("connected")
 
-    def _on_event(self, cycle: int, event: Mapping[str, Any]) -> None:
-        if cycle != self._cycle:
-            return
-        self.events_received += 1
-        if self.event_observer is not None:
-            self.event_observer(event)
-        try:
-            self._tracker.handle_event(event)
-        except Exception:
-            self._log.failure("could not handle docker event {event}", event=event)
+    def _handle_event(self, event: Mapping[str, Any]) -> None:
+        self._tracker.handle_event(event)
 
-    def _reader_ended(self, result: object, cycle: int) -> None:
+    def _stream_lost(self) -> None:
+        api, self._api = self._api, None
+        if api is not None:
+            self._dispose(api)
+        self._tracker.abandon_listing()
+
+    def _log_reconnect(self, result: object, cycle: int, delay: float) -> None:
         was_subscribed = self._subscribed_cycle == cycle
-        if cycle == self._cycle:
-            self.connected = False
-            self._stream = None
-            api, self._api = self._api, None
-            if api is not None:
-                self._dispose(api)
-            self._tracker.abandon_listing()
-        self._reader_active = False
-        waiters, self._reader_waiters = self._reader_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-        if self._stopping or cycle != self._cycle:
-            return
-        delay = self._backoff.next_delay()
-        self.reconnects += 1
         if isinstance(result, Failure) and not was_subscribed:
             reason = _unreachable_reason(result)
             root = _root_os_error(result.value)
@@ -529,17 +410,6 @@ class DockerWatcher(Service):
                 engine=self.engine_url,
                 delay=round(delay, 3),
             )
-        self._reconnect_call = self._reactor.callLater(delay, self._connect)
-
-    def _close_stream(self) -> None:
-        """Ends the reader's blocking iteration from the reactor side (shuts the socket down)."""
-        stream = self._stream
-        if stream is None:
-            return
-        try:
-            stream.close()
-        except Exception:
-            self._log.failure("closing the docker event stream failed")
 
     def _dispose(self, api: Any) -> None:
         threads = self._threads

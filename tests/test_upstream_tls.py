@@ -175,6 +175,11 @@ class RecordingSink:
     def response_data(self, data: bytes) -> None:
         self.body += data
 
+    def response_whole(self, head: Any, connection: Any, body: bytes) -> None:
+        self.response_head(head, connection)
+        self.response_data(body)
+        self.response_done()
+
     def response_done(self) -> None:
         self.done.callback(("done", self.body))
 

@@ -140,7 +140,9 @@ class AccessLog:
         target = head.target
         if (
             exchange.error_message is not None or not (state is _RESPONDING or state is _TUNNEL)
-            or not target.isascii() or b'"' in target or b"\\" in target
+            # find, not `in`: `bytes in bytes` first tries the needle as an int and raises and clears a TypeError
+            # (about 1 700 instructions each on CPython 3.11).
+            or not target.isascii() or target.find(b'"') >= 0 or target.find(b"\\") >= 0
         ):
             # labelgw's own answer (502, 504), no response head yet, or a target to escape: the general path.
             self._exchange_any(exchange, state, now)
@@ -204,7 +206,7 @@ class AccessLog:
         if head is not None:
             # The method is a token (no quote, no backslash); the target is visible ASCII on HTTP/1.1.
             target = head.target
-            if target.isascii() and b'"' not in target and b"\\" not in target:
+            if target.isascii() and target.find(b'"') < 0 and target.find(b"\\") < 0:
                 path = target.decode("ascii")
             else:
                 path = _quoted(target)

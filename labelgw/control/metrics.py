@@ -89,17 +89,37 @@ def _le(bound: float) -> str:
 
 
 class _ServiceStats:
-    """One service's request counters, keyed by what the exchange knows cheaply; classified at scrape time."""
+    """One service's counters of requests labelgw answered itself (refused in the dispatcher), keyed by label
+    values; the exchanges' counters are in L{_Slot}s, merged in at scrape time."""
 
-    __slots__ = ("requests", "durations", "bytes_in", "bytes_out")
+    __slots__ = ("requests",)
 
     def __init__(self) -> None:
         # (version or "", method label, status // 100) -> requests.
         self.requests: dict[tuple[str, str, int], int] = {}
-        # version or "" -> duration histogram.
-        self.durations: dict[str, Histogram] = {}
+
+
+class _Slot:
+    """The counters of one (service, version) pair, as the exchanges update them: plain ints, no label work."""
+
+    __slots__ = ("service", "version", "requests", "counts", "total", "bytes_in", "bytes_out")
+
+    def __init__(self, service: str, version: str) -> None:
+        self.service = service
+        self.version = version
+        # _METHOD_INDEX[method] * 1024 + exact status -> requests (classified at scrape time; bounded: 10 x 1000).
+        self.requests: dict[int, int] = {}
+        # The duration histogram's bucket counts (not cumulative) and sum.
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
+
+
+# A method's index in the slots' request keys: METHODS in order, then `other`.
+_METHOD_LABELS: tuple[str, ...] = (*METHODS.values(), "other")
+_METHOD_INDEX: dict[bytes, int] = {method: index * 1024 for index, method in enumerate(METHODS)}
+_OTHER_INDEX = len(METHODS) * 1024
 
 
 class RequestMetrics:
@@ -107,6 +127,8 @@ class RequestMetrics:
 
     def __init__(self) -> None:
         self.services: dict[str, _ServiceStats] = {}
+        # (service name, exchange version) -> its slot: one lookup per exchange.
+        self.slots: dict[tuple[str, str | None], _Slot] = {}
         # Requests answered without a service (400 for a refused path, 404, 308 to HTTPS): (method, class) -> n.
         self.unrouted: dict[tuple[str, int], int] = {}
         # labelgw's own 502/503/504 answers: (status, cause) -> n.
@@ -120,25 +142,48 @@ class RequestMetrics:
             stats = self.services[name] = _ServiceStats()
         return stats
 
+    def _slot(self, key: tuple[str, str | None]) -> _Slot:
+        slot = self.slots[key] = _Slot(key[0], key[1] or "")
+        return slot
+
     def exchange_done(self, exchange: Any, now: float) -> None:
         """One exchange ended (called once per request, from Exchange._complete)."""
-        stats = self.services.get(exchange.route.service.name)
-        if stats is None:
-            stats = self._service(exchange.route.service.name)
-        version = exchange.version or ""
-        key = (version, METHODS.get(exchange.head.method, "other"), exchange.status // 100)
-        requests = stats.requests
-        requests[key] = requests.get(key, 0) + 1
-        stats.bytes_in += exchange.bytes_in
-        stats.bytes_out += exchange.bytes_out
-        if exchange.status == 101:
+        key = (exchange.route.service.name, exchange.version)
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self._slot(key)
+        status = exchange.status
+        code = _METHOD_INDEX.get(exchange.head.method, _OTHER_INDEX) + status
+        requests = slot.requests
+        requests[code] = requests.get(code, 0) + 1
+        slot.bytes_in += exchange.bytes_in
+        slot.bytes_out += exchange.bytes_out
+        if status == 101:
             return  # a tunnel's lifetime (a WebSocket's hours) is not a request duration
-        histogram = stats.durations.get(version)
-        if histogram is None:
-            histogram = stats.durations[version] = Histogram()
         elapsed = now - exchange.created_at
-        histogram.counts[bisect_left(BUCKETS, elapsed)] += 1
-        histogram.total += elapsed
+        slot.counts[bisect_left(BUCKETS, elapsed)] += 1
+        slot.total += elapsed
+
+    def by_service(self) -> dict[str, tuple[dict[tuple[str, str, int], int], dict[str, Histogram], int, int]]:
+        """Per service: requests by (version, method label, status class), duration histograms by version, body
+        bytes in and out: the slots and the refused counters merged, as the scrape shows them."""
+        merged: dict[str, tuple[dict[tuple[str, str, int], int], dict[str, Histogram], int, int]] = {}
+        for name, stats in self.services.items():
+            merged[name] = (dict(stats.requests), {}, 0, 0)
+        for slot in self.slots.values():
+            requests, durations, bytes_in, bytes_out = merged.get(slot.service) or ({}, {}, 0, 0)
+            version = slot.version
+            for code, count in slot.requests.items():
+                key = (version, _METHOD_LABELS[code // 1024], (code % 1024) // 100)
+                requests[key] = requests.get(key, 0) + count
+            if any(slot.counts):
+                histogram = durations.get(version)
+                if histogram is None:
+                    histogram = durations[version] = Histogram()
+                histogram.counts = [a + b for a, b in zip(histogram.counts, slot.counts)]
+                histogram.total += slot.total
+            merged[slot.service] = (requests, durations, bytes_in + slot.bytes_in, bytes_out + slot.bytes_out)
+        return merged
 
     def gateway_error(self, status: int, cause: str) -> None:
         key = (status, cause)
@@ -279,14 +324,16 @@ class GatewayCollector(Collector):
             # Counters of services that are gone are dropped: their series disappear with them.
             for name in [name for name in metrics.services if name not in services]:
                 del metrics.services[name]
-            for name, stats in sorted(metrics.services.items()):
-                for (version, method, status), count in sorted(stats.requests.items()):
+            for key in [key for key in metrics.slots if key[0] not in services]:
+                del metrics.slots[key]
+            for name, (counts, histograms, sent, received) in sorted(metrics.by_service().items()):
+                for (version, method, status), count in sorted(counts.items()):
                     requests.add_metric([name, version, method, _STATUS_CLASSES.get(status, "other")], count)
-                for version, histogram in sorted(stats.durations.items()):
+                for version, histogram in sorted(histograms.items()):
                     buckets, total = histogram.family_samples()
                     durations.add_metric([name, version], buckets, total)
-                bytes_in.add_metric([name], stats.bytes_in)
-                bytes_out.add_metric([name], stats.bytes_out)
+                bytes_in.add_metric([name], sent)
+                bytes_out.add_metric([name], received)
             for (method, status), count in sorted(metrics.unrouted.items()):
                 requests.add_metric(["", "", method, _STATUS_CLASSES.get(status, "other")], count)
             for (status, cause), count in sorted(metrics.gateway_errors.items()):

@@ -43,6 +43,9 @@ BATCH_LINES = 512
 # A relayed response in the common format: client, time, request line, status, body bytes, service, upstream ms,
 # request id.
 _CLF_RELAYED = b'%s - - [%s] "%s %s %s" %d %d "%s" %.3f %s\n'
+# `"` and `\\` as ints, for `in` on bytes (see AccessLog._exchange_common).
+_QUOTE = 0x22
+_BACKSLASH = 0x5C
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 # What a quoted CLF field may hold as it is; anything else (quote, backslash, controls, non-ASCII) is escaped.
 _PLAIN = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\x7e]*")
@@ -140,7 +143,10 @@ class AccessLog:
         target = head.target
         if (
             exchange.error_message is not None or not (state is _RESPONDING or state is _TUNNEL)
-            or not target.isascii() or b'"' in target or b"\\" in target
+            # Byte values as needles (_QUOTE, _BACKSLASH: a memchr): `bytes in bytes` first tries the needle as an
+            # int and raises and clears a TypeError (about 1 700 instructions each on CPython 3.11), and find()
+            # parses its arguments (about 1 000).
+            or not target.isascii() or _QUOTE in target or _BACKSLASH in target
         ):
             # labelgw's own answer (502, 504), no response head yet, or a target to escape: the general path.
             self._exchange_any(exchange, state, now)
@@ -204,7 +210,7 @@ class AccessLog:
         if head is not None:
             # The method is a token (no quote, no backslash); the target is visible ASCII on HTTP/1.1.
             target = head.target
-            if target.isascii() and b'"' not in target and b"\\" not in target:
+            if target.isascii() and _QUOTE not in target and _BACKSLASH not in target:
                 path = target.decode("ascii")
             else:
                 path = _quoted(target)

@@ -185,7 +185,8 @@ class ChunkedReader:
         if not line.endswith(b"\r"):
             raise HttpError(self._status, "bare LF in chunked body")
         line = line[:-1]
-        if b"\r" in line or len(line) > MAX_CHUNK_LINE:
+        # An int needle: a one-byte bytes needle makes CPython 3.11 raise and clear a TypeError first (~10x).
+        if 0x0D in line or len(line) > MAX_CHUNK_LINE:
             raise HttpError(self._status, "invalid chunk line")
         return line, end + 1
 

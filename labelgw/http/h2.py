@@ -1038,9 +1038,10 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
     # by its own authority.
     if _PATH.fullmatch(path) is None and not (path == b"*" and method == b"OPTIONS"):
         return 400, "invalid :path"
-    if b"@" in authority:
+    # Int needles ("@", " ", "/"): a one-byte bytes needle makes CPython 3.11 raise and clear a TypeError first.
+    if 0x40 in authority:
         return 400, "userinfo in :authority"
-    if _FIELD_VALUE.fullmatch(authority) is None or b" " in authority or b"/" in authority:
+    if _FIELD_VALUE.fullmatch(authority) is None or 0x20 in authority or 0x2F in authority:
         return 400, "invalid :authority"
     head = RequestHead()
     head.method = method

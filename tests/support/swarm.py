@@ -80,7 +80,12 @@ class SwarmEngine:
 
     def leave(self) -> None:
         assert self.client is not None
-        self.client.swarm.leave(force=True)
+        # Leaving waits for the node's raft to stop: seconds on a loaded machine, past the client's 10 s default.
+        slow = docker.DockerClient(base_url=self.engine.url, timeout=60)
+        try:
+            slow.swarm.leave(force=True)
+        finally:
+            slow.close()
 
     def stop(self) -> None:
         try:

@@ -24,7 +24,7 @@ from labelgw.core.model import (
     TlsMode,
     normalize_name,
 )
-from labelgw.core.units import parse_duration
+from labelgw.core.units import parse_duration, parse_percent
 from labelgw.core.middleware import (
     MIDDLEWARE_LABELS, PLUGIN_LABEL_PREFIX, MiddlewareLabelError, is_middleware_label, parse_middleware,
 )
@@ -493,11 +493,7 @@ def _parse_weight(text: str) -> float:
 
 
 def _parse_traffic(text: str) -> float:
-    number = text.removesuffix("%").rstrip()
-    try:
-        percent = _parse_number(number)
-    except ValueError:
-        raise ValueError("not a percentage (a number from 0 to 100, '%' optional)") from None
+    percent = parse_percent(text)
     if percent > 100:
         raise ValueError("traffic share must be between 0 and 100 percent")
     return percent
@@ -505,11 +501,7 @@ def _parse_traffic(text: str) -> float:
 
 def _parse_error_rate(text: str) -> float:
     """A percentage ("5%" or "5"), returned as a fraction (0.05)."""
-    number = text.removesuffix("%").rstrip()
-    try:
-        percent = _parse_number(number)
-    except ValueError:
-        raise ValueError("not a percentage (a number from 0 to 100, '%' optional, e.g. 5%)") from None
+    percent = parse_percent(text)
     if percent > 100:
         raise ValueError("error rate limit must be between 0 and 100 percent")
     return percent / 100.0

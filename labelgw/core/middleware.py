@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping, TypeVar
 
 # The request side (issue 10): allowlist, basic auth, body limit, header rules.
-from labelgw.core.units import parse_duration
+from labelgw.core.units import parse_duration, parse_percent
 from labelgw.core.requestmw import (
     AllowSpec, AuthSpec, HeadersSpec, LabelProblem, REQUEST_LABELS, is_request_label, parse_request_side,
 )
@@ -96,7 +96,6 @@ BREAKER_PROBES = 3
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RATE = re.compile(r"(?P<count>[0-9]+(?:\.[0-9]+)?)\s*/\s*(?P<unit>s|m|h)")
 _COUNT = re.compile(r"[0-9]{1,7}")
-_PERCENT = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?)\s*%?")
 # A field name (RFC 9110 token) and a cookie name (RFC 6265 token).
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -315,10 +314,7 @@ def _parse_key(text: str) -> tuple[KeyKind, str]:
 
 
 def _parse_error_rate(text: str) -> float:
-    match = _PERCENT.fullmatch(text)
-    if match is None:
-        raise ValueError('not a percentage (example: "50%")')
-    percent = float(match["number"])
+    percent = parse_percent(text)
     if not 0 < percent <= 100:
         raise ValueError("error rate must be more than 0 and at most 100 percent")
     return percent / 100.0

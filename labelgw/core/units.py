@@ -1,4 +1,4 @@
-"""Durations as labels and config keys write them ("5", "5s", "1.5s", "500ms", "1m", "1h"). Pure.
+"""Durations and percentages as labels and config keys write them ("5s", "500ms", "1m"; "5%", "12.5"). Pure.
 
 Shared by the label parser and the middleware labels (labelgw.core.middleware cannot import labelgw.core.labels:
 labels imports it)."""
@@ -24,3 +24,14 @@ def parse_duration(text: str) -> float:
     if seconds > MAX_DURATION:
         raise ValueError("duration must be at most 1 hour")
     return seconds
+
+
+_PERCENT = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[ \t]*%?")
+
+
+def parse_percent(text: str) -> float:
+    """The number of percent in "5%", "5" or "12.5 %" (no sign, no exponent); the caller checks its own range."""
+    match = _PERCENT.fullmatch(text.strip())
+    if match is None:
+        raise ValueError('not a percentage (a number from 0 to 100, "%" optional, e.g. 5%)')
+    return float(match["number"])

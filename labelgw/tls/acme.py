@@ -33,6 +33,11 @@ only ALPN ``acme-tls/1``; labelgw.tls.acme_openssl for pyOpenSSL). The first att
 an HTTP listener, and attempts alternate between the types there are listeners for (``--acme-challenge``
 picks one).
 
+With ``--workers`` the manager runs in the supervising process only; its C{relay} (labelgw.workers.certs) passes
+every answer to the worker processes, which serve the listeners, and a publication returns a Deferred that fires
+once each worker acknowledged it: the issuer asks the server to validate only then. The certificates reach the
+workers through L{AcmeManager.watch}.
+
 The TLS engines reach all this through L{AcmeSource}: name in, PEM and cryptography objects out, no engine type.
 The protocol itself (account, order, challenge answers, finalisation) runs in threads: labelgw.tls.acme_client.
 """

@@ -190,6 +190,9 @@ def test_a_validation_waits_for_every_worker_to_acknowledge_the_challenge() -> N
     assert world.sent(one)[-1][0] == "acme-http01" and world.sent(two)[-1][2:] == ("tok", "tok.thumb")
     world.ack_last(one)
     assert fired == [] and world.relay.pending == 1
+    assert world.manager.describe()["workers"]["awaiting_acknowledgement"] == [
+        {"challenge": "the HTTP-01 answer tok", "workers": [2]}
+    ]
     world.ack_last(two)
     assert fired == [None] and world.relay.pending == 0
     # TLS-ALPN-01 likewise; a worker that dies meanwhile is not waited for.
@@ -429,3 +432,44 @@ def test_supervisor_and_workers_joined(tmp_path: Path) -> None:
         assert app.acme.certificate_for(NAME) is not None
         assert app.acme.certificate_for(NAME).certificate == certificate.certificate  # type: ignore[union-attr]
     world.manager.stopService()
+
+
+# --- the issuer waits for the acknowledgement ------------------------------------------------------------------
+
+
+class _InlineReactor:
+    """callFromThread runs the call at once, then what the test queued (the workers' acknowledgement)."""
+
+    def __init__(self) -> None:
+        self.after: list[Any] = []
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        f(*args)
+        for then in self.after:
+            then()
+
+
+def test_the_issuer_waits_until_a_publication_is_acknowledged(tmp_path: Path) -> None:
+    from twisted.internet.defer import Deferred
+
+    from labelgw.tls.acme import AcmeFailure
+    from labelgw.tls.acme_client import AcmeIssuer
+    from labelgw.tls.acme_store import AcmeStore
+
+    reactor = _InlineReactor()
+    issuer = AcmeIssuer(reactor=reactor, run_in_thread=lambda f, *a: f(*a),  # type: ignore[arg-type,return-value]
+                        store=AcmeStore(tmp_path, "https://127.0.0.1:1/dir"), email=None)
+    acknowledged: Deferred[None] = Deferred()
+    published: list[str] = []
+
+    def publish(token: str) -> Deferred[None]:
+        published.append(token)
+        return acknowledged
+
+    reactor.after = [lambda: acknowledged.callback(None) if not acknowledged.called else None]
+    issuer._on_reactor(publish, "tok")  # returns only once acknowledged (here: right after the call)
+    assert published == ["tok"] and acknowledged.called
+    refused: Deferred[None] = Deferred()
+    reactor.after = [lambda: refused.errback(AcmeFailure("no")) if not refused.called else None]
+    with pytest.raises(AcmeFailure):
+        issuer._on_reactor(lambda: refused)

@@ -194,6 +194,9 @@ class ChallengeRelay(Protocol):
 
     def alpn(self, name: str, challenge: AlpnChallenge | None) -> Deferred[None] | None: ...
 
+    def describe(self) -> dict[str, Any]:
+        """For the admin view (C{GET /acme}, under C{"workers"})."""
+
 
 class AcmeFailure(Exception):
     """An attempt failed; C{retry_after} carries the server's Retry-After (seconds) when it sent one."""
@@ -673,9 +676,12 @@ class AcmeManager(Service):
                 "last_challenge": entry.last_challenge,
                 "orders": entry.orders,
             }
-        return {
+        view: dict[str, Any] = {
             "directory": self.directory_url,
             "challenges": list(self._challenge_types),
             "ordering": self._busy,
             "names": names,
         }
+        if self.relay is not None:
+            view["workers"] = self.relay.describe()
+        return view

@@ -180,6 +180,16 @@ class AcmeRelay:
         """Challenges some worker has not acknowledged yet."""
         return len(self._waits)
 
+    def describe(self) -> dict[str, Any]:
+        """GET /acme's "workers": the certificates pushed, the challenges awaiting acknowledgements (by whom)."""
+        return {
+            "certificates_pushed": sorted(self._pushed),
+            "awaiting_acknowledgement": [
+                {"challenge": wait.what, "workers": sorted(p.id for p in wait.waiting)} for wait in self._waits.values()
+            ],
+            "on_demand_asked": self.on_demand_asked,
+        }
+
     # Workers -> supervisor.
 
     def _on_demand(self, process: Any, message: Message) -> None:

@@ -473,3 +473,12 @@ def test_the_issuer_waits_until_a_publication_is_acknowledged(tmp_path: Path) ->
     reactor.after = [lambda: refused.errback(AcmeFailure("no")) if not refused.called else None]
     with pytest.raises(AcmeFailure):
         issuer._on_reactor(lambda: refused)
+
+
+def test_a_worker_without_acme_still_acknowledges_acme_messages() -> None:
+    from test_workers_protocol import worker_app
+
+    app, link, transport, _ = worker_app()
+    assert app.acme is None
+    link.dataReceived(encode(("acme-http01", 5, "tok", "tok.thumb")))
+    assert replies(transport) == [("ack", 5)]

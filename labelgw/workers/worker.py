@@ -437,8 +437,11 @@ class SupervisorLink(Protocol):
                 self.state_applied = True
                 app.start_accepting()
                 self.send(("ready", os.getpid()))
-        elif kind.startswith("acme-") and app.acme is not None:
-            app.acme.receive(message)
+        elif kind.startswith("acme-"):
+            # Acknowledged even without ACME here (a config file changed since the supervisor started, which takes a
+            # restart): the supervisor does not wait for this worker in vain.
+            if app.acme is not None:
+                app.acme.receive(message)
             self.send(("ack", message[1]))
         elif kind == "stop":
             self.stop("the supervisor asked")

@@ -1,9 +1,9 @@
 """End to end ACME with `--workers 2`: the real `twistd -n labelgw` and Pebble (tests/test_e2e_acme.py). The
 supervisor orders (the workers never talk to Pebble), Pebble validates against the listeners the workers serve
-(HTTP-01 and TLS-ALPN-01), and every worker serves the certificate, verified against Pebble's root: each worker in
-turn, the other one paused with SIGSTOP so that the shared accept queue has one taker; a worker restarted after a
-SIGKILL and a reloaded generation get the certificate too. On-demand names under a wildcard route: the handshake
-lands on a worker, which asks the supervisor. Loopback only; bounded loops."""
+(HTTP-01 and TLS-ALPN-01, on both TLS engines), and every worker serves the certificate, verified against Pebble's
+root: each worker in turn, the other one paused with SIGSTOP so that the shared accept queue has one taker; a worker
+restarted after a SIGKILL and a reloaded generation get the certificate too. On-demand names under a wildcard
+route: the handshake lands on a worker, which asks the supervisor. Loopback only; bounded loops."""
 
 from __future__ import annotations
 
@@ -73,10 +73,14 @@ def check_each_worker_serves(setup: Setup, gateway: TwistdProcess, expected: str
             assert b"api-1" in https_get(setup.https_port, NAME, root)
 
 
-@pytest.mark.parametrize("challenge", ["http-01", "tls-alpn-01"])
-def test_workers_serve_the_certificate_the_supervisor_got_from_pebble(setup: Setup, challenge: str) -> None:
+@pytest.mark.parametrize(
+    ("challenge", "engine"), [("http-01", "stdlib"), ("tls-alpn-01", "stdlib"), ("tls-alpn-01", "openssl")]
+)
+def test_workers_serve_the_certificate_the_supervisor_got_from_pebble(
+    setup: Setup, challenge: str, engine: str,
+) -> None:
     setup.start_pebble()
-    gateway = setup.start_gateway("--workers", "2", "--acme-challenge", challenge)
+    gateway = setup.start_gateway("--workers", "2", "--acme-challenge", challenge, "--tls-engine", engine)
     wait_workers_ready(gateway)
     gateway.wait_for_log(f"ACME: certificate for {NAME} issued", timeout=90)
     gateway.wait_for_log(f"ACME: certificate for {NAME} pushed to the workers", timeout=10)

@@ -2,8 +2,8 @@
 supervisor orders (the workers never talk to Pebble), Pebble validates against the listeners the workers serve
 (HTTP-01 and TLS-ALPN-01, on both TLS engines), and every worker serves the certificate, verified against Pebble's
 root: each worker in turn, the other one paused with SIGSTOP so that the shared accept queue has one taker; a worker
-restarted after a SIGKILL and a reloaded generation get the certificate too. On-demand names under a wildcard
-route: the handshake lands on a worker, which asks the supervisor. Loopback only; bounded loops."""
+restarted after a SIGKILL and a reloaded generation get the certificate too, and so does a renewal. On-demand names
+under a wildcard route: the handshake lands on a worker, which asks the supervisor. Loopback only; bounded loops."""
 
 from __future__ import annotations
 
@@ -128,3 +128,18 @@ def test_on_demand_names_asked_by_a_worker_are_ordered_by_the_supervisor(setup: 
     assert certificate.issuer != certificate.subject
     gateway.wait_for_log("acme_on_demand_max", timeout=10)
     assert "certificate for b.apps.example.com issued" not in gateway.log_text()
+
+
+def test_a_renewal_reaches_every_worker(setup: Setup) -> None:
+    # 60-second certificates: renewed by the supervisor with a third of their lifetime left (about every 40 s: the
+    # checks after a renewal finish well before the next one).
+    setup.start_pebble(validity_seconds=60)
+    gateway = setup.start_gateway("--workers", "2", "--acme-challenge", "http-01")
+    wait_workers_ready(gateway)
+    gateway.wait_for_log(f"ACME: certificate for {NAME} issued", timeout=90)
+    first = fingerprint(served_certificate(setup.https_port, NAME, cafile=setup.root_file()))
+    mark = gateway.log_mark()
+    gateway.wait_for_log(f"ACME: certificate for {NAME} pushed to the workers", timeout=90, since=mark)
+    renewed = fingerprint(served_certificate(setup.https_port, NAME, cafile=setup.root_file()))
+    assert renewed != first
+    check_each_worker_serves(setup, gateway, renewed)

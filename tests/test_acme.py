@@ -606,7 +606,6 @@ def test_acme_options(tmp_path: Path) -> None:
         (["--acme-email", "a@b.c", "--acme-directory", "ftp://x"], "is not an http(s) URL"),
         (["--acme-email", "a@b.c", "--acme-challenge", "dns-01"], "is not one of auto, http-01, tls-alpn-01"),
         (["--acme-email", "a@b.c", "--acme-ca-bundle", "/nonexistent/ca.pem"], "is not a file"),
-        (["--acme-email", "a@b.c", "--workers", "2"], "--workers: not with --acme-email yet"),
     ],
 )
 def test_bad_acme_options(args: list[str], message: str) -> None:

@@ -28,6 +28,9 @@ from labelgw.core.registry import Registry
 
 class LabelgwService(MultiService):
     _log = Logger()
+    # With --acme-email: None, the HTTPS service runs its own ACME manager; a worker of --workers sets the source
+    # its supervisor feeds (labelgw.workers.certs.WorkerAcme) before this __init__.
+    acme_source: Any = None
 
     def __init__(self, settings: Settings, reactor: Any, serve: bool = True) -> None:
         """C{serve=False}: no HTTP or HTTPS listener is made (the supervisor of `--workers` holds the sockets and
@@ -74,7 +77,7 @@ class LabelgwService(MultiService):
             listener.setServiceParent(self)
             self.listeners.append(listener)
         # HTTPS: loads or creates the local CA here, blocking, before the reactor runs.
-        self.https = HttpsService(settings, reactor, self.gateway)
+        self.https = HttpsService(settings, reactor, self.gateway, acme_source=self.acme_source)
         self.https.setServiceParent(self)
         if not serve:
             self.https.listeners = []

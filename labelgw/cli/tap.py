@@ -122,9 +122,6 @@ class Options(usage.Options):
         except config.ConfigError as error:
             raise usage.UsageError(str(error)) from None
         self.workers = parse_workers(self["workers"])
-        if self.workers is not None and self.settings.acme is not None:
-            # Orders, HTTP-01 tokens and TLS-ALPN-01 challenges live in one process; workers would each order.
-            raise usage.UsageError("--workers: not with --acme-email yet (ACME runs in a single process)")
 
 
 def parse_workers(value: str | None) -> int | None:

@@ -33,6 +33,11 @@ only ALPN ``acme-tls/1``; labelgw.tls.acme_openssl for pyOpenSSL). The first att
 an HTTP listener, and attempts alternate between the types there are listeners for (``--acme-challenge``
 picks one).
 
+With ``--workers`` the manager runs in the supervising process only; its C{relay} (labelgw.workers.certs) passes
+every answer to the worker processes, which serve the listeners, and a publication returns a Deferred that fires
+once each worker acknowledged it: the issuer asks the server to validate only then. The certificates reach the
+workers through L{AcmeManager.watch}.
+
 The TLS engines reach all this through L{AcmeSource}: name in, PEM and cryptography objects out, no engine type.
 The protocol itself (account, order, challenge answers, finalisation) runs in threads: labelgw.tls.acme_client.
 """
@@ -165,15 +170,32 @@ def alpn_challenge(name: str, key_authorization: str, now: datetime) -> AlpnChal
 
 
 class ChallengeBoard(Protocol):
-    """Where an issuer publishes the answers to its challenges (called on the reactor thread)."""
+    """Where an issuer publishes the answers to its challenges (called on the reactor thread).
 
-    def publish_http01(self, token: str, key_authorization: str) -> None: ...
+    A publication may return a Deferred: the answer is not in place everywhere yet (the worker processes of
+    ``--workers`` still have to acknowledge it, labelgw.workers.certs); the issuer waits for it to fire before it
+    asks the server to validate."""
+
+    def publish_http01(self, token: str, key_authorization: str) -> Deferred[None] | None: ...
 
     def withdraw_http01(self, token: str) -> None: ...
 
-    def publish_alpn(self, challenge: AlpnChallenge) -> None: ...
+    def publish_alpn(self, challenge: AlpnChallenge) -> Deferred[None] | None: ...
 
     def withdraw_alpn(self, name: str) -> None: ...
+
+
+class ChallengeRelay(Protocol):
+    """Passes the manager's challenge answers on to the processes that serve the listeners (the workers of
+    ``--workers``: labelgw.workers.certs.AcmeRelay). None withdraws. The Deferred fires once every serving process
+    has the answer."""
+
+    def http01(self, token: str, key_authorization: str | None) -> Deferred[None] | None: ...
+
+    def alpn(self, name: str, challenge: AlpnChallenge | None) -> Deferred[None] | None: ...
+
+    def describe(self) -> dict[str, Any]:
+        """For the admin view (C{GET /acme}, under C{"workers"})."""
 
 
 class AcmeFailure(Exception):
@@ -311,6 +333,9 @@ class AcmeManager(Service):
         # Wildcard route host -> the names under it a handshake asked for, in arrival order (bounded).
         self._on_demand: dict[str, dict[str, None]] = {}
         self._on_demand_full: set[str] = set()
+        # With --workers, the processes that serve the listeners get every answer through this (set by the
+        # supervisor); the certificates reach them through watch() and held_certificate().
+        self.relay: ChallengeRelay | None = None
 
     # --- AcmeSource ------------------------------------------------------------------------------------------
 
@@ -324,6 +349,21 @@ class AcmeManager(Service):
 
     def alpn_challenge_for(self, name: str) -> AlpnChallenge | None:
         return self._alpn.get(name)
+
+    def held_certificate(self, name: str) -> AcmeCertificate | None:
+        """The certificate held for C{name}, expired or not (L{certificate_for} leaves an expired one out)."""
+        entry = self._names.get(name)
+        return entry.certificate if entry is not None else None
+
+    def held_certificates(self) -> list[AcmeCertificate]:
+        return [entry.certificate for entry in self._names.values() if entry.certificate is not None]
+
+    def pending_challenges(self) -> tuple[dict[str, str], list[AlpnChallenge]]:
+        """The answers published now: HTTP-01 key authorizations by token, TLS-ALPN-01 certificates."""
+        return (
+            {token: value.decode("ascii") for token, value in self._http01.items()},
+            list(self._alpn.values()),
+        )
 
     def watch(self, changed: Callable[[str], None]) -> None:
         self._watchers.append(changed)
@@ -368,19 +408,24 @@ class AcmeManager(Service):
 
     # --- ChallengeBoard --------------------------------------------------------------------------------------
 
-    def publish_http01(self, token: str, key_authorization: str) -> None:
+    def publish_http01(self, token: str, key_authorization: str) -> Deferred[None] | None:
         self._http01[token] = key_authorization.encode("ascii")
+        return self.relay.http01(token, key_authorization) if self.relay is not None else None
 
     def withdraw_http01(self, token: str) -> None:
-        self._http01.pop(token, None)
+        if self._http01.pop(token, None) is not None and self.relay is not None:
+            self.relay.http01(token, None)
 
-    def publish_alpn(self, challenge: AlpnChallenge) -> None:
+    def publish_alpn(self, challenge: AlpnChallenge) -> Deferred[None] | None:
         self._alpn[challenge.name] = challenge
         self._changed(challenge.name)
+        return self.relay.alpn(challenge.name, challenge) if self.relay is not None else None
 
     def withdraw_alpn(self, name: str) -> None:
         if self._alpn.pop(name, None) is not None:
             self._changed(name)
+            if self.relay is not None:
+                self.relay.alpn(name, None)
 
     # --- the service -----------------------------------------------------------------------------------------
 
@@ -631,9 +676,12 @@ class AcmeManager(Service):
                 "last_challenge": entry.last_challenge,
                 "orders": entry.orders,
             }
-        return {
+        view: dict[str, Any] = {
             "directory": self.directory_url,
             "challenges": list(self._challenge_types),
             "ordering": self._busy,
             "names": names,
         }
+        if self.relay is not None:
+            view["workers"] = self.relay.describe()
+        return view

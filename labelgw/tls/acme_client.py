@@ -35,6 +35,9 @@ ORDER_DEADLINE = 90.0
 NETWORK_TIMEOUT = 30
 # Seconds a worker waits for the reactor thread to publish or withdraw a challenge answer.
 REACTOR_WAIT = 10.0
+# Seconds it waits, beyond that, for a publication that is acknowledged later (the worker processes of --workers
+# taking the answer: labelgw.workers.certs, which gives up on a silent worker sooner, ACK_TIMEOUT).
+ACKNOWLEDGED_WAIT = 60.0
 USER_AGENT = "labelgw (acme-python)"
 
 
@@ -177,18 +180,26 @@ class AcmeIssuer:
         """Run C{f} on the reactor thread and wait for it, a bounded time: a reactor that stopped meanwhile must not
         leave this worker thread (and the thread pool's shutdown) waiting for ever."""
         done = threading.Event()
+        acknowledged = threading.Event()
         errors: list[BaseException] = []
 
         def call() -> None:
             try:
-                f(*args)
+                result = f(*args)
             except BaseException as error:  # noqa: BLE001 - handed to the worker thread
                 errors.append(error)
+                result = None
             finally:
                 done.set()
+            if isinstance(result, Deferred):
+                # In place once acknowledged (every worker process has it): the validation may start then.
+                result.addErrback(lambda failure: errors.append(failure.value))
+                result.addBoth(lambda _: acknowledged.set())
+            else:
+                acknowledged.set()
 
         self._reactor.callFromThread(call)
-        if not done.wait(REACTOR_WAIT):
+        if not done.wait(REACTOR_WAIT) or not acknowledged.wait(ACKNOWLEDGED_WAIT):
             raise AcmeFailure("the gateway is stopping")
         if errors:
             raise errors[0]

@@ -92,7 +92,7 @@ class HttpsService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, settings: Settings, reactor: Any, gateway: Gateway) -> None:
+    def __init__(self, settings: Settings, reactor: Any, gateway: Gateway, acme_source: Any = None) -> None:
         MultiService.__init__(self)
         self.listeners: list[ListenerService] = []
         self.redirect: HttpsRedirect | None = None
@@ -114,7 +114,7 @@ class HttpsService(MultiService):
         if settings.cert_dir:
             self.cert_dir = CertDirectory(Path(settings.cert_dir), clock=reactor, run_in_thread=run_in_thread)
             self.cert_dir.setServiceParent(self)
-        acme_contexts = self._make_acme(settings, reactor, gateway, state_dir, run_in_thread)
+        acme_contexts = self._make_acme(settings, reactor, gateway, state_dir, run_in_thread, acme_source)
         self.selector = SNIContextSelector(
             clock=reactor,
             run_in_thread=run_in_thread,
@@ -164,14 +164,21 @@ class HttpsService(MultiService):
                 state_dir=str(self.ca.state_dir),
             )
 
-    def _make_acme(self, settings: Settings, reactor: Any, gateway: Gateway, state_dir: Path, run: Any) -> Any:
+    def _make_acme(
+        self, settings: Settings, reactor: Any, gateway: Gateway, state_dir: Path, run: Any, source: Any = None
+    ) -> Any:
         """ACME for public names (--acme-email): the manager (a child service), its HTTP-01 answers on the gateway
-        (labelgw.http.dispatch) and its contexts for the SNI selector; None without --acme-email."""
+        (labelgw.http.dispatch) and its contexts for the SNI selector; None without --acme-email. With C{source}
+        (a worker of --workers: labelgw.workers.certs.WorkerAcme) no manager here: the supervisor's feeds it."""
         if settings.acme is None:
             return None
+        from labelgw.tls.acme_openssl import AcmeContexts
+
+        if source is not None:
+            gateway.acme = source  # type: ignore[attr-defined]
+            return AcmeContexts(source, INTERMEDIATE, on_miss=source.on_demand)
         from labelgw.tls.acme import HTTP_01, TLS_ALPN_01, AcmeManager
         from labelgw.tls.acme_client import AcmeIssuer
-        from labelgw.tls.acme_openssl import AcmeContexts
         from labelgw.tls.acme_store import AcmeStore
 
         acme = settings.acme

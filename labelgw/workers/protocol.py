@@ -18,7 +18,9 @@ Supervisor to worker (fd 0 of the worker):
 - ``("eject", seq, service, key, seconds)``: another worker ejected a backend (outlier detection);
 - ``("limits", seq, service, rate, burst, inflight, pending)``: this worker's part of a service's rate limit and
   concurrency limit (None: that limit unchanged), rebalanced by the supervisor from the workers' demand;
-- ``("stop",)``: stop accepting, finish the requests in flight (up to the drain grace) and exit.
+- ``("stop",)``: stop accepting, finish the requests in flight (up to the drain grace) and exit;
+- ``("acme-state", ...)`` (before ``state``), ``("acme-cert", ...)``, ``("acme-alpn", ...)``, ``("acme-http01", ...)``:
+  the ACME certificates and pending challenge answers of the supervisor's manager (labelgw.workers.certs).
 
 Worker to supervisor (fd 3 of the worker), built-in values only (the supervisor refuses any class: a worker parses
 hostile traffic, the supervisor must not run code a worker sends):
@@ -27,7 +29,9 @@ hostile traffic, the supervisor must not run code a worker sends):
 - ``("report", exposition, backends, demand)``: the worker's /metrics exposition (text), per-backend counters
   ``{key: (in_flight, requests, errors, ejections, consecutive_failures)}`` and, per service with a rate or
   concurrency limit, the requests it saw since the last report; sent every REPORT_INTERVAL;
-- ``("ejected", service, key, seconds)``: this worker ejected a backend.
+- ``("ejected", service, key, seconds)``: this worker ejected a backend;
+- ``("acme-on-demand", name)``: a handshake asked for a name under a public wildcard route that has no ACME
+  certificate (labelgw.workers.certs).
 """
 
 from __future__ import annotations

@@ -215,6 +215,11 @@ class WorkerPool:
         # What exited workers counted (labelgw.workers.aggregate.carry): /metrics counters never go back.
         self.carried: dict[Any, float] = {}
         self.push_max = 0.0
+        # Other parts of the supervisor (labelgw.workers.certs, ACME): told of each new worker before its state is
+        # sent, of each acknowledgement, and given the worker messages of their kinds.
+        self.on_started: list[Callable[[WorkerProcess], None]] = []
+        self.on_ack: list[Callable[[WorkerProcess, int], None]] = []
+        self.handlers: dict[str, Callable[[WorkerProcess, Message], None]] = {}
 
     # Life cycle.
 
@@ -248,6 +253,8 @@ class WorkerPool:
             "worker {worker} started (pid {pid}, generation {generation})",
             worker=process.id, pid=process.pid, generation=process.generation,
         )
+        for hook in self.on_started:
+            hook(process)
         specs, health, ejections = self._snapshot()
         seq = self._next_seq()
         process.send(("state", seq, specs, health, ejections))
@@ -281,6 +288,8 @@ class WorkerPool:
         kind = message[0]
         if kind == "ack":
             self._acked(process, message[1])
+            for observer in self.on_ack:
+                observer(process, message[1])
         elif kind == "report":
             process.report = message
             self.on_report(process, message)
@@ -289,6 +298,8 @@ class WorkerPool:
         elif kind == "ejected":
             _, service, key, seconds = message
             self.on_ejected(process, service, key, seconds)
+        elif kind in self.handlers:
+            self.handlers[kind](process, message)
         else:
             self._log.warn("worker {worker}: unknown message {kind}", worker=process.id, kind=kind)
 
@@ -549,6 +560,13 @@ class SupervisorService(LabelgwService):
             on_report=self._report, on_ejected=self._ejected,
         )
         self._tee_registry()
+        self.acme_relay: Any = None
+        if self.https.acme is not None:
+            from labelgw.workers.certs import AcmeRelay
+
+            # The ACME manager runs here only: its certificates and challenge answers go to every worker.
+            self.acme_relay = AcmeRelay(self.pool, self.https.acme, reactor)
+            self.acme_relay.install()
         if self.admin is not None:
             # GET /workers on the admin listener: the workers, their restarts and the push latency.
             self.admin.factory.resource.workers = self.describe_workers

@@ -23,7 +23,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -36,6 +36,9 @@ from labelgw.cli.config import Settings
 from labelgw.core.backends import Backend, ServicePool
 from labelgw.core.model import ContainerSpec, Outcome
 from labelgw.workers.protocol import REPORT_INTERVAL, FrameDecoder, Message, ProtocolError, encode
+
+if TYPE_CHECKING:
+    from labelgw.workers.certs import WorkerAcme
 
 # (scheme, endpoint description, descriptor in the worker)
 ListenerFD = tuple[str, str, int]
@@ -162,6 +165,12 @@ class WorkerService(LabelgwService):
         from labelgw.registration.settings import RegistrySettings
 
         settings = dataclasses.replace(settings, docker=False, admin=None, registration=RegistrySettings())
+        # ACME certificates and challenge answers come from the supervisor, which alone orders (labelgw.workers.certs).
+        self.acme: WorkerAcme | None = None
+        if settings.acme is not None:
+            from labelgw.workers.certs import WorkerAcme
+
+            self.acme = self.acme_source = WorkerAcme(reactor, self._acme_wildcard_for)
         LabelgwService.__init__(self, settings, reactor, serve=False)
         self.worker_id = worker_id
         self.share = share
@@ -194,6 +203,10 @@ class WorkerService(LabelgwService):
             )
             registry = metrics.metrics_registry([collector], process=False)
             self.metrics_page = lambda: metrics.render(registry)[0]
+
+    def _acme_wildcard_for(self, name: str) -> str | None:
+        matched = self.gateway.table.matched_host(name)
+        return matched if matched is not None and matched.startswith("*.") else None
 
     def _install_scaling(self) -> None:
         """Every outcome reaches the registry with the limits split (static services included)."""
@@ -360,6 +373,8 @@ class SupervisorLink(Protocol):
         self.state_applied = False
         self._reporter: LoopingCall | None = None
         app.on_ejected = self._ejected
+        if app.acme is not None:
+            app.acme.send = self.send  # on-demand names (labelgw.workers.certs)
 
     def connectionMade(self) -> None:
         reporter = self._reporter = LoopingCall(self.send_report)
@@ -422,6 +437,12 @@ class SupervisorLink(Protocol):
                 self.state_applied = True
                 app.start_accepting()
                 self.send(("ready", os.getpid()))
+        elif kind.startswith("acme-"):
+            # Acknowledged even without ACME here (a config file changed since the supervisor started, which takes a
+            # restart): the supervisor does not wait for this worker in vain.
+            if app.acme is not None:
+                app.acme.receive(message)
+            self.send(("ack", message[1]))
         elif kind == "stop":
             self.stop("the supervisor asked")
         else:

@@ -110,8 +110,8 @@ def client_context(tls12: bool) -> ssl.SSLContext:
     return context
 
 
-def labelgw_stack(state: Path) -> tuple[Callable[[], None], Any]:
-    """One handshake through labelgw's stack per call; and the objects to check afterwards."""
+def labelgw_stack(state: Path) -> tuple[Any, Any]:
+    """The listener factory of labelgw's stack (certificate choice, TLS engine, gateway) and its clock."""
     from tests.proxyharness import DEFAULT_SPECS, ProxyHarness
 
     from labelgw.http.h2 import negotiating_factory

@@ -129,12 +129,12 @@ def labelgw_stack(state: Path) -> tuple[Any, Any]:
     )
     factory = factory_for_engine(
         "stdlib", selector, negotiating_factory(harness.gateway, b"https"), clock=reactor,
-        handshake_timeout=harness.gateway.settings.head_timeout,
+        handshake_timeout=harness.gateway.settings.head_timeout, protocol_keeps_deadline=True,
     )
     return factory, reactor
 
 
-def make_loop(mode: str, tls12: bool, state: Path) -> tuple[Callable[[int], None], Callable[[], str]]:
+def make_loop(mode: str, tls12: bool, state: Path, sni: str | None = None) -> tuple[Callable[[int], None], Callable[[], str]]:
     client_ctx = client_context(tls12)
     if mode == "bare":
         from labelgw.tls.ca import LocalCA
@@ -175,7 +175,7 @@ def make_loop(mode: str, tls12: bool, state: Path) -> tuple[Callable[[int], None
     def stack(n: int) -> None:
         for _ in range(n):
             c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-            client = client_ctx.wrap_bio(c_in, c_out)
+            client = client_ctx.wrap_bio(c_in, c_out, server_hostname=sni)
             server = factory.buildProtocol(PEER)
             wire = Wire()
             server.makeConnection(wire)
@@ -200,7 +200,7 @@ def make_loop(mode: str, tls12: bool, state: Path) -> tuple[Callable[[int], None
 
 def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as state:
-        loop, check = make_loop(args.mode, args.tls12, Path(state))
+        loop, check = make_loop(args.mode, args.tls12, Path(state), args.sni)
         loop(50)
         if args.profile:
             profile(loop, args.handshakes, args.top)
@@ -254,7 +254,7 @@ def real_reactor(args: argparse.Namespace) -> None:
         selector = SNIContextSelector(clock=reactor, run_in_thread=lambda f, *a, **k: defer.succeed(None),
                                       is_routed=lambda name: False, local_ca=LocalCA.load_or_create(Path(state)))
         factory = factory_for_engine("stdlib", selector, negotiating_factory(gateway, b"https"), clock=reactor,
-                                     handshake_timeout=gateway.settings.head_timeout)
+                                     handshake_timeout=gateway.settings.head_timeout, protocol_keeps_deadline=True)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=1024)
         argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port.getHost().port}", "-new", "-time", str(args.reactor)]
         if args.tls12:
@@ -294,7 +294,8 @@ def real_reactor(args: argparse.Namespace) -> None:
 def instructions(args: argparse.Namespace, handshakes: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", sys.executable, __file__,
-                "--mode", args.mode, "--handshakes", str(handshakes), *(["--tls12"] if args.tls12 else [])]
+                "--mode", args.mode, "--handshakes", str(handshakes), *(["--tls12"] if args.tls12 else []),
+                *(["--sni", args.sni] if args.sni else [])]
         done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="0"),
                               check=False)
         match = _COLLECTED.search(done.stderr)
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("labelgw", "bare"), default="labelgw")
     parser.add_argument("--handshakes", type=int, default=2000)
     parser.add_argument("--tls12", action="store_true", help="TLS 1.2 (ECDHE-ECDSA-AES128-GCM-SHA256) instead of 1.3")
+    parser.add_argument("--sni", help="the server name the client sends (default: none, as s_time; "
+                        "api.localhost is the routed name: a leaf minted by the local CA)")
     parser.add_argument("--profile", action="store_true", help="Python calls per handshake (cProfile)")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--callgrind", action="store_true",

@@ -24,7 +24,9 @@ and prints handshakes/s, req/s, p50/p99 and errors per target, with labelgw's ra
 µs per request over HTTP/1.1 and HTTP/2 and the ratios HTTP/2 CPU / HTTP/1.1 CPU. For reference, the same wrk load
 is also sent to labelgw's plain --http port (what TLS costs labelgw itself). `--parts` picks among handshakes,
 keepalive, protocols; `--targets` among nginx-tls, labelgw (the stdlib TLS engine), labelgw-openssl (`--tls-engine
-openssl`: Twisted's pyOpenSSL layer, the engine before issue 12).
+openssl`: Twisted's pyOpenSSL layer, the engine before issue 12); `--base REV` adds labelgw-base, labelgw run from that
+git revision of this repository (`git archive`), for a before/after in one run. With the handshakes, each target's CPU
+per handshake (user + system of its session, /proc) is reported: the figure a shared machine moves least.
 
     .venv/bin/python bench/bench_tls.py [--duration 10] [--handshake-time 5] [--connections 50] [--rounds 1]
     .venv/bin/python bench/bench_tls.py --parts protocols --targets labelgw --rounds 3 --duration 5
@@ -82,8 +84,11 @@ from labelgw.tls.policy import GROUPS, TLS12_CIPHERS  # noqa: E402
 
 # labelgw on its default TLS engine (the standard library's ssl) and on Twisted's pyOpenSSL layer (--tls-engine
 # openssl, the engine before issue 12): one run gives the before/after side by side.
-TARGETS = ("nginx-tls", "labelgw", "labelgw-openssl")
+TARGETS = ("nginx-tls", "labelgw", "labelgw-openssl", "labelgw-base")
 LABELGW_TARGETS = {"labelgw": "stdlib", "labelgw-openssl": "openssl"}
+# `--base REV`: labelgw (its default engine) from a git revision of this repository, next to this tree's: a
+# before/after in one run.
+BASE_TARGET = "labelgw-base"
 READY_TIMEOUT_S = 20.0
 TLS12_BENCH_CIPHER = "ECDHE-ECDSA-AES128-GCM-SHA256"
 # OpenSSL's names for the groups labelgw configures (nginx passes them to OpenSSL as they are).
@@ -427,7 +432,7 @@ def print_report(summary: dict[str, dict[str, float]], args: argparse.Namespace)
                   f"{_get(s, 'handshakes_tls12_per_s'):>12.0f} {_get(s, 'handshake_tls12_cpu_us'):>6.0f} "
                   f"{_get(s, 'keepalive_req_per_s'):>17.0f} {_get(s, 'p50_ms'):>8.2f} {_get(s, 'p99_ms'):>8.2f} "
                   f"{_get(s, 'errors'):>7.0f}")
-    for ours_name in LABELGW_TARGETS:
+    for ours_name in (*LABELGW_TARGETS, BASE_TARGET):
         if ours_name not in summary or "nginx-tls" not in summary:
             continue
         ours, theirs = summary[ours_name], summary["nginx-tls"]
@@ -507,6 +512,18 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
         run_dir.mkdir()
         plain_ports[target] = lg_http
         servers[target] = (labelgw_tls(run_dir, lg_http, lg_https, backend_port, state, certs, engine=engine), lg_https)
+    if args.base:
+        tree = prefix / "base-tree"
+        tree.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.base], capture_output=True, check=True)
+        subprocess.run(["tar", "x", "-C", str(tree)], input=archive.stdout, check=True)
+        run_dir = prefix / BASE_TARGET
+        run_dir.mkdir()
+        lg_http, lg_https = free_port(), free_port()
+        plain_ports[BASE_TARGET] = lg_http
+        servers[BASE_TARGET] = (labelgw_tls(run_dir, lg_http, lg_https, backend_port, state, certs, tree=tree), lg_https)
+        if BASE_TARGET not in args.targets:
+            args.targets.append(BASE_TARGET)
     servers = {name: servers[name] for name in args.targets}
     started: list[Managed] = []
     results: dict[str, list[dict[str, object]]] = {target: [] for target in servers}
@@ -595,6 +612,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma list among " + ", ".join(TARGETS))
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--base", metavar="REV", help="also run labelgw from this git revision (target labelgw-base)")
     args = parser.parse_args(argv)
     for name in ("duration", "handshake_time", "handshake_clients", "connections", "h2_clients", "h2_streams",
                  "rounds"):
@@ -608,6 +626,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if unknown or not chosen:
             parser.error(f"--{option}: choose among {', '.join(known)}")
         setattr(args, option, [item for item in known if item in chosen])
+    if BASE_TARGET in args.targets and not args.base:
+        parser.error(f"--targets {BASE_TARGET} needs --base REV")
     return args
 
 

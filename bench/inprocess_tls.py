@@ -198,9 +198,68 @@ def make_loop(mode: str, tls12: bool, state: Path, sni: str | None = None) -> tu
     return stack, check
 
 
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench.localhost\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nContent-Type: text/plain\r\n\r\nhello\n"
+
+
+def keepalive_loop(state: Path, tls12: bool) -> tuple[Callable[[int], None], Callable[[], str]]:
+    """Requests on one connection through the TLS layer alone: the protocol behind answers each request at once
+    (bench_tls_engines.py's responder), so what is measured per request is the TLS layer's record work both ways
+    and the client's."""
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.task import Clock
+
+    from labelgw.tls.ca import LocalCA
+    from labelgw.tls.material import CertificateMaterial
+    from labelgw.tls.policy import INTERMEDIATE
+    from labelgw.tls.stdtls import StdTLSFactory
+
+    class Responder(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            self.transport.write(RESPONSE)
+
+    class One:
+        policy = INTERMEDIATE
+
+        def __init__(self) -> None:
+            leaf = LocalCA.load_or_create(state).issue_leaf(("localhost",), datetime.now(UTC))
+            self.material = CertificateMaterial(leaf.certificate, leaf.private_key)
+
+        def choose(self, name: str | None) -> "One":
+            return self
+
+    factory = StdTLSFactory(One(), Factory.forProtocol(Responder), Clock(), 10.0)
+    c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context(tls12).wrap_bio(c_in, c_out)
+    server = factory.buildProtocol(PEER)
+    wire = Wire()
+    server.makeConnection(wire)
+    while True:
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pass
+        server.dataReceived(c_out.read())
+        c_in.write(wire.take())
+    server.dataReceived(c_out.read())
+
+    def loop(n: int) -> None:
+        for _ in range(n):
+            client.write(REQUEST)
+            server.dataReceived(c_out.read())
+            c_in.write(wire.take())
+            client.read(4096)
+
+    return loop, lambda: "keep-alive: one connection, the TLS layer and a responder"
+
+
 def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as state:
-        loop, check = make_loop(args.mode, args.tls12, Path(state), args.sni)
+        if args.keepalive:
+            loop, check = keepalive_loop(Path(state), args.tls12)
+        else:
+            loop, check = make_loop(args.mode, args.tls12, Path(state), args.sni)
         loop(50)
         if args.profile:
             profile(loop, args.handshakes, args.top)
@@ -208,8 +267,10 @@ def run(args: argparse.Namespace) -> None:
             started = time.process_time()
             loop(args.handshakes)
             elapsed = time.process_time() - started
-            print(f"{args.mode} ({'TLS 1.2' if args.tls12 else 'TLS 1.3'}): {args.handshakes} handshakes, "
-                  f"{elapsed / args.handshakes * 1e6:.1f} us CPU each (both sides, this process)")
+            what = "requests" if args.keepalive else "handshakes"
+            print(f"{'keep-alive' if args.keepalive else args.mode} ({'TLS 1.2' if args.tls12 else 'TLS 1.3'}): "
+                  f"{args.handshakes} {what}, {elapsed / args.handshakes * 1e6:.1f} us CPU each (both sides, this "
+                  f"process)")
         print(check())
 
 
@@ -225,7 +286,7 @@ def profile(loop: Callable[[int], None], handshakes: int, top: int) -> None:
     rows = []
     total = 0
     for (filename, line, name), (_primitive, calls, own, _cumulative, _callers) in raw.items():
-        if name in ("stack", "bare") or "disable" in name:
+        if name in ("stack", "bare", "loop") or "disable" in name:
             continue
         total += calls
         rows.append((calls / handshakes, own / handshakes * 1e6, f"{Path(filename).name}:{line}({name})"))
@@ -295,7 +356,7 @@ def instructions(args: argparse.Namespace, handshakes: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", sys.executable, __file__,
                 "--mode", args.mode, "--handshakes", str(handshakes), *(["--tls12"] if args.tls12 else []),
-                *(["--sni", args.sni] if args.sni else [])]
+                *(["--sni", args.sni] if args.sni else []), *(["--keepalive"] if args.keepalive else [])]
         done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="0"),
                               check=False)
         match = _COLLECTED.search(done.stderr)
@@ -311,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls12", action="store_true", help="TLS 1.2 (ECDHE-ECDSA-AES128-GCM-SHA256) instead of 1.3")
     parser.add_argument("--sni", help="the server name the client sends (default: none, as s_time; "
                         "api.localhost is the routed name: a leaf minted by the local CA)")
+    parser.add_argument("--keepalive", action="store_true",
+                        help="requests on one connection instead of handshakes (--handshakes is then their number)")
     parser.add_argument("--profile", action="store_true", help="Python calls per handshake (cProfile)")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--callgrind", action="store_true",
@@ -324,8 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.callgrind:
         n = args.handshakes
         small, large = instructions(args, n), instructions(args, 2 * n)
-        print(f"{args.mode} ({'TLS 1.2' if args.tls12 else 'TLS 1.3'}): {(large - small) / n:,.0f} instructions per "
-              f"handshake, both sides (callgrind, {n} vs {2 * n}: {small:,} / {large:,})")
+        what = "keep-alive request" if args.keepalive else f"{args.mode} handshake"
+        print(f"{what} ({'TLS 1.2' if args.tls12 else 'TLS 1.3'}): {(large - small) / n:,.0f} instructions per "
+              f"one, both sides (callgrind, {n} vs {2 * n}: {small:,} / {large:,})")
         return 0
     run(args)
     return 0

@@ -326,12 +326,14 @@ def real_reactor(args: argparse.Namespace) -> None:
         def start() -> None:
             clients.extend(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                            for _ in range(2))
-            profiler.enable()
+            if not args.no_profile:
+                profiler.enable()
             reactor.callLater(0.2, poll)
 
         def poll() -> None:
             if all(client.poll() is not None for client in clients):
-                profiler.disable()
+                if not args.no_profile:
+                    profiler.disable()
                 reactor.stop()
             else:
                 reactor.callLater(0.2, poll)
@@ -378,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--callgrind", action="store_true",
                         help="instructions per handshake: valgrind runs of N and 2N handshakes, the difference / N")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="with --reactor: no cProfile (to run it under valgrind or perf instead)")
     parser.add_argument("--reactor", type=int, metavar="S",
                         help="profile labelgw's real reactor under two openssl s_time -new clients for S seconds")
     args = parser.parse_args(argv)

@@ -343,6 +343,10 @@ def real_reactor(args: argparse.Namespace) -> None:
         reactor.run()
         cpu = time.process_time() - cpu
     count = factory.handshakes
+    if args.no_profile:
+        print(f"real reactor, {count} handshakes ({'TLS 1.2' if args.tls12 else 'TLS 1.3'}), "
+              f"{factory.handshake_failures} failed, {cpu / max(count, 1) * 1e6:.0f} us CPU each")
+        return
     raw: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     total = sum(calls for (_f, _l, name), (_p, calls, *_rest) in raw.items() if "disable" not in name)
     print(f"real reactor, {count} handshakes ({'TLS 1.2' if args.tls12 else 'TLS 1.3'}), {factory.handshake_failures} "

@@ -429,3 +429,18 @@ def test_the_gateways_listener_has_one_deadline_per_connection_which_cuts_an_unf
     assert done.close_notify and not done.wire.closed
     reactor.advance(settings.tls_close_grace)
     assert done.wire.closed
+
+
+def test_a_request_sent_along_with_the_clients_finished_is_answered(clock: MemoryReactorClock) -> None:
+    client = Client(factory(clock, Factory.forProtocol(Quiet)), clock)
+    with pytest.raises(ssl.SSLWantReadError):
+        client.tls.do_handshake()
+    client.server.dataReceived(client.outgoing.read())
+    client.incoming.write(client.wire.value())
+    client.wire.clear()
+    client.tls.do_handshake()
+    client.tls.write(b"echo:together")
+    # The Finished and the request in one segment.
+    client.server.dataReceived(client.outgoing.read())
+    client.incoming.write(client.wire.value())
+    assert client.tls.read(100) == b"together"

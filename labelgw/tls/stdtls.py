@@ -388,6 +388,10 @@ class StdTLSProtocol(Protocol):
             self._handshake()
             if not self._handshake_done:
                 return
+            # Records that came with the last handshake message (a request sent along with the client's Finished)
+            # wait in the incoming BIO; without any, a read would only raise SSLWantReadError.
+            if not self._incoming.pending and not self._tls.pending():
+                return
         self._deliver()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]

@@ -129,9 +129,20 @@ def labelgw_stack(state: Path) -> tuple[Any, Any]:
     )
     factory = factory_for_engine(
         "stdlib", selector, negotiating_factory(harness.gateway, b"https"), clock=reactor,
-        handshake_timeout=harness.gateway.settings.head_timeout, protocol_keeps_deadline=True,
+        handshake_timeout=harness.gateway.settings.head_timeout, **as_https_builds_it(),
     )
     return factory, reactor
+
+
+def as_https_builds_it() -> dict[str, Any]:
+    """The options labelgw.tls.https gives the engine, where this tree has them (the script also runs from older
+    trees, for A/B counts)."""
+    import inspect
+
+    from labelgw.tls.stdtls import factory_for_engine
+
+    known = inspect.signature(factory_for_engine).parameters
+    return {"protocol_keeps_deadline": True} if "protocol_keeps_deadline" in known else {}
 
 
 def make_loop(mode: str, tls12: bool, state: Path, sni: str | None = None) -> tuple[Callable[[int], None], Callable[[], str]]:
@@ -295,6 +306,23 @@ def profile(loop: Callable[[int], None], handshakes: int, top: int) -> None:
         print(f"  {calls:6.2f} calls  {own:8.2f} us own  {where}")
 
 
+# `--count N`: a client process making N new TLS connections one after the other (handshake, then close without
+# close_notify, as s_time does); the server stops once it has seen them all close.
+COUNT_CLIENT = r"""
+import socket, ssl, sys
+port, count, tls12 = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+if tls12:
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+for _ in range(count):
+    raw = socket.create_connection(("127.0.0.1", port))
+    tls = context.wrap_socket(raw)
+    tls.close()
+"""
+
+
 def real_reactor(args: argparse.Namespace) -> None:
     import cProfile
     import pstats
@@ -315,23 +343,29 @@ def real_reactor(args: argparse.Namespace) -> None:
         selector = SNIContextSelector(clock=reactor, run_in_thread=lambda f, *a, **k: defer.succeed(None),
                                       is_routed=lambda name: False, local_ca=LocalCA.load_or_create(Path(state)))
         factory = factory_for_engine("stdlib", selector, negotiating_factory(gateway, b"https"), clock=reactor,
-                                     handshake_timeout=gateway.settings.head_timeout, protocol_keeps_deadline=True)
+                                     handshake_timeout=gateway.settings.head_timeout, **as_https_builds_it())
         port = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=1024)
         argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port.getHost().port}", "-new", "-time", str(args.reactor)]
         if args.tls12:
             argv += ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]
+        processes = 2
+        if args.count:
+            argv = [sys.executable, "-c", COUNT_CLIENT, str(port.getHost().port), str(args.count),
+                    "1" if args.tls12 else "0"]
+            processes = 1
         profiler = cProfile.Profile()
         clients: list[Any] = []
 
         def start() -> None:
             clients.extend(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                           for _ in range(2))
+                           for _ in range(processes))
             if not args.no_profile:
                 profiler.enable()
             reactor.callLater(0.2, poll)
 
         def poll() -> None:
-            if all(client.poll() is not None for client in clients):
+            settled = not args.count or factory.handshakes + factory.handshake_failures >= args.count
+            if all(client.poll() is not None for client in clients) and settled and not gateway.connections:
                 if not args.no_profile:
                     profiler.disable()
                 reactor.stop()
@@ -386,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="instructions per handshake: valgrind runs of N and 2N handshakes, the difference / N")
     parser.add_argument("--no-profile", action="store_true",
                         help="with --reactor: no cProfile (to run it under valgrind or perf instead)")
+    parser.add_argument("--count", type=int, metavar="N",
+                        help="with --reactor: one client process making N connections one after the other instead "
+                             "of s_time (a fixed amount of work: run it under valgrind with N and 2N)")
     parser.add_argument("--reactor", type=int, metavar="S",
                         help="profile labelgw's real reactor under two openssl s_time -new clients for S seconds")
     args = parser.parse_args(argv)

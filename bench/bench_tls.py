@@ -24,7 +24,9 @@ and prints handshakes/s, req/s, p50/p99 and errors per target, with labelgw's ra
 µs per request over HTTP/1.1 and HTTP/2 and the ratios HTTP/2 CPU / HTTP/1.1 CPU. For reference, the same wrk load
 is also sent to labelgw's plain --http port (what TLS costs labelgw itself). `--parts` picks among handshakes,
 keepalive, protocols; `--targets` among nginx-tls, labelgw (the stdlib TLS engine), labelgw-openssl (`--tls-engine
-openssl`: Twisted's pyOpenSSL layer, the engine before issue 12).
+openssl`: Twisted's pyOpenSSL layer, the engine before issue 12); `--base REV` adds labelgw-base, labelgw run from that
+git revision of this repository (`git archive`), for a before/after in one run. With the handshakes, each target's CPU
+per handshake (user + system of its session, /proc) is reported: the figure a shared machine moves least.
 
     .venv/bin/python bench/bench_tls.py [--duration 10] [--handshake-time 5] [--connections 50] [--rounds 1]
     .venv/bin/python bench/bench_tls.py --parts protocols --targets labelgw --rounds 3 --duration 5
@@ -82,8 +84,11 @@ from labelgw.tls.policy import GROUPS, TLS12_CIPHERS  # noqa: E402
 
 # labelgw on its default TLS engine (the standard library's ssl) and on Twisted's pyOpenSSL layer (--tls-engine
 # openssl, the engine before issue 12): one run gives the before/after side by side.
-TARGETS = ("nginx-tls", "labelgw", "labelgw-openssl")
+TARGETS = ("nginx-tls", "labelgw", "labelgw-openssl", "labelgw-base")
 LABELGW_TARGETS = {"labelgw": "stdlib", "labelgw-openssl": "openssl"}
+# `--base REV`: labelgw (its default engine) from a git revision of this repository, next to this tree's: a
+# before/after in one run.
+BASE_TARGET = "labelgw-base"
 READY_TIMEOUT_S = 20.0
 TLS12_BENCH_CIPHER = "ECDHE-ECDSA-AES128-GCM-SHA256"
 # OpenSSL's names for the groups labelgw configures (nginx passes them to OpenSSL as they are).
@@ -193,12 +198,15 @@ class HandshakeResult:
     per_s: float
     connections: int
     wall_s: float
+    # The server's CPU (user + system of its session) per handshake: the figure a shared machine moves least.
+    cpu_us_per_handshake: float = float("nan")
 
 
-def run_s_time(port: int, seconds: int, clients: int, tls12: bool) -> HandshakeResult:
+def run_s_time(port: int, seconds: int, clients: int, tls12: bool, cpu_session: int | None = None) -> HandshakeResult:
     argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time", str(seconds)]
     if tls12:
         argv += ["-tls1_2", "-cipher", TLS12_BENCH_CIPHER]
+    cpu_before = session_cpu_s(cpu_session) if cpu_session is not None else 0.0
     started = time.monotonic()
     processes = [
         subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
@@ -216,7 +224,8 @@ def run_s_time(port: int, seconds: int, clients: int, tls12: bool) -> HandshakeR
             raise RuntimeError(f"openssl s_time: unexpected output:\n{output}")
         total += int(match.group(1))
     wall = time.monotonic() - started
-    return HandshakeResult(total / wall, total, wall)
+    cpu = (session_cpu_s(cpu_session) - cpu_before) / total * 1e6 if cpu_session is not None and total else float("nan")
+    return HandshakeResult(total / wall, total, wall, cpu)
 
 
 def run_wrk_https(port: int, duration_s: int, connections: int) -> WrkResult:
@@ -356,6 +365,8 @@ PARTS = ("handshakes", "keepalive", "protocols")
 METRICS = {
     "handshakes_tls13_per_s": ("tls13", "per_s"),
     "handshakes_tls12_per_s": ("tls12", "per_s"),
+    "handshake_tls13_cpu_us": ("tls13", "cpu_us_per_handshake"),
+    "handshake_tls12_cpu_us": ("tls12", "cpu_us_per_handshake"),
     "keepalive_req_per_s": ("wrk", "requests_per_s"),
     "p50_ms": ("wrk", "p50_ms"),
     "p99_ms": ("wrk", "p99_ms"),
@@ -409,23 +420,25 @@ def print_report(summary: dict[str, dict[str, float]], args: argparse.Namespace)
     if "handshakes" in args.parts or "keepalive" in args.parts:
         print(f"\nTLS termination, loopback, {args.handshake_clients} s_time clients x {args.handshake_time} s, "
               f"wrk -t1 -c{args.connections} -d{args.duration}s{rounds}")
-        header = (f"{'target':<16} {'TLS1.3 hs/s':>12} {'TLS1.2 hs/s':>12} {'keep-alive req/s':>17} {'p50 ms':>8} "
-                  f"{'p99 ms':>8} {'errors':>7}")
+        header = (f"{'target':<16} {'TLS1.3 hs/s':>12} {'us/hs':>6} {'TLS1.2 hs/s':>12} {'us/hs':>6} "
+                  f"{'keep-alive req/s':>17} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
         print(header)
         print("-" * len(header))
         for target in TARGETS:
             if target not in summary:
                 continue
             s = summary[target]
-            print(f"{target:<16} {_get(s, 'handshakes_tls13_per_s'):>12.0f} {_get(s, 'handshakes_tls12_per_s'):>12.0f} "
+            print(f"{target:<16} {_get(s, 'handshakes_tls13_per_s'):>12.0f} {_get(s, 'handshake_tls13_cpu_us'):>6.0f} "
+                  f"{_get(s, 'handshakes_tls12_per_s'):>12.0f} {_get(s, 'handshake_tls12_cpu_us'):>6.0f} "
                   f"{_get(s, 'keepalive_req_per_s'):>17.0f} {_get(s, 'p50_ms'):>8.2f} {_get(s, 'p99_ms'):>8.2f} "
                   f"{_get(s, 'errors'):>7.0f}")
-    for ours_name in LABELGW_TARGETS:
+    for ours_name in (*LABELGW_TARGETS, BASE_TARGET):
         if ours_name not in summary or "nginx-tls" not in summary:
             continue
         ours, theirs = summary[ours_name], summary["nginx-tls"]
         these: dict[str, float] = {}
-        for key in ("handshakes_tls13_per_s", "handshakes_tls12_per_s", "keepalive_req_per_s", "p50_ms", "p99_ms",
+        for key in ("handshakes_tls13_per_s", "handshakes_tls12_per_s", "handshake_tls13_cpu_us",
+                    "handshake_tls12_cpu_us", "keepalive_req_per_s", "p50_ms", "p99_ms",
                     "h1_req_per_s", "h2_req_per_s", "h1_cpu_us_per_request", "h2_cpu_us_per_request"):
             if key in ours and key in theirs:
                 these[key] = ours[key] / theirs[key] if theirs[key] else float("nan")
@@ -435,6 +448,8 @@ def print_report(summary: dict[str, dict[str, float]], args: argparse.Namespace)
             print(f"\n{ours_name} / nginx-tls: "
                   f"TLS 1.3 handshakes {_get(these, 'handshakes_tls13_per_s'):.2f}x, "
                   f"TLS 1.2 handshakes {_get(these, 'handshakes_tls12_per_s'):.2f}x, "
+                  f"server CPU per handshake {_get(these, 'handshake_tls13_cpu_us'):.2f}x (1.3) "
+                  f"{_get(these, 'handshake_tls12_cpu_us'):.2f}x (1.2), "
                   f"keep-alive req/s {_get(these, 'keepalive_req_per_s'):.2f}x, "
                   f"p50 {_get(these, 'p50_ms'):.2f}x, p99 {_get(these, 'p99_ms'):.2f}x  (req/s, hs/s: higher is better)")
     if "protocols" in args.parts:
@@ -497,6 +512,18 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
         run_dir.mkdir()
         plain_ports[target] = lg_http
         servers[target] = (labelgw_tls(run_dir, lg_http, lg_https, backend_port, state, certs, engine=engine), lg_https)
+    if args.base:
+        tree = prefix / "base-tree"
+        tree.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.base], capture_output=True, check=True)
+        subprocess.run(["tar", "x", "-C", str(tree)], input=archive.stdout, check=True)
+        run_dir = prefix / BASE_TARGET
+        run_dir.mkdir()
+        lg_http, lg_https = free_port(), free_port()
+        plain_ports[BASE_TARGET] = lg_http
+        servers[BASE_TARGET] = (labelgw_tls(run_dir, lg_http, lg_https, backend_port, state, certs, tree=tree), lg_https)
+        if BASE_TARGET not in args.targets:
+            args.targets.append(BASE_TARGET)
     servers = {name: servers[name] for name in args.targets}
     started: list[Managed] = []
     results: dict[str, list[dict[str, object]]] = {target: [] for target in servers}
@@ -521,10 +548,13 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
                 measured: dict[str, object] = {}
                 line = f"round {round_index + 1} {name:<16}"
                 if "handshakes" in args.parts:
-                    tls13 = run_s_time(port, args.handshake_time, args.handshake_clients, tls12=False)
-                    tls12 = run_s_time(port, args.handshake_time, args.handshake_clients, tls12=True)
+                    assert server.process is not None
+                    session = server.process.pid
+                    tls13 = run_s_time(port, args.handshake_time, args.handshake_clients, False, session)
+                    tls12 = run_s_time(port, args.handshake_time, args.handshake_clients, True, session)
                     measured |= {"tls13": tls13, "tls12": tls12}
-                    line += f" TLS1.3 {tls13.per_s:7.0f} hs/s  TLS1.2 {tls12.per_s:7.0f} hs/s "
+                    line += (f" TLS1.3 {tls13.per_s:7.0f} hs/s {tls13.cpu_us_per_handshake:5.0f} us/hs  "
+                             f"TLS1.2 {tls12.per_s:7.0f} hs/s {tls12.cpu_us_per_handshake:5.0f} us/hs ")
                 if "keepalive" in args.parts:
                     if args.warmup:
                         run_wrk_https(port, args.warmup, args.connections)
@@ -582,6 +612,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma list among " + ", ".join(TARGETS))
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--base", metavar="REV", help="also run labelgw from this git revision (target labelgw-base)")
     args = parser.parse_args(argv)
     for name in ("duration", "handshake_time", "handshake_clients", "connections", "h2_clients", "h2_streams",
                  "rounds"):
@@ -595,6 +626,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if unknown or not chosen:
             parser.error(f"--{option}: choose among {', '.join(known)}")
         setattr(args, option, [item for item in known if item in chosen])
+    if BASE_TARGET in args.targets and not args.base:
+        parser.error(f"--targets {BASE_TARGET} needs --base REV")
     return args
 
 

@@ -8,6 +8,7 @@ epoll loop and TCP), labelgw itself, and the rest.
 
     .venv/bin/pip install py-spy   # a tool, not a dependency of labelgw
     .venv/bin/python bench/profile_tls.py [--duration 8] [--loads h1,h2,h2m1] [--top 25]
+    .venv/bin/python bench/profile_tls.py --loads hs13,hs12     # new handshakes (openssl s_time -new)
 
 Loopback only; everything started is stopped at the end.
 """
@@ -27,13 +28,16 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from bench_proxy import free_port, nginx_backend, wait_ready  # noqa: E402
-from bench_tls import h2load_argv, https_ready, labelgw_tls, mint_bench_certificate  # noqa: E402
+from bench_tls import TLS12_BENCH_CIPHER, h2load_argv, https_ready, labelgw_tls, mint_bench_certificate  # noqa: E402
 
 LOADS = {"h1": (True, 50, 1), "h2": (False, 10, 10), "h2m1": (False, 50, 1)}
+# New handshakes: two `openssl s_time -new` clients (as bench_tls.py runs them), TLS 1.3 or TLS 1.2.
+HANDSHAKE_LOADS = {"hs13": False, "hs12": True}
 # (label, substrings of a frame's file): the first that matches a sample's innermost Python frame names it.
 # py-spy names files relative to their sys.path entry: "(h2/stream.py:134)".
 GROUPS = (
     ("h2 library", ("(h2/", "(hpack/", "(hyperframe/")),
+    ("TLS (ssl module, labelgw.tls)", ("(ssl.py", "(labelgw/tls/")),
     ("TLS (pyOpenSSL, cffi, twisted.protocols.tls)", ("(OpenSSL/", "(cffi/", "(twisted/protocols/tls.py")),
     ("socket sends (labelgw.http.fastwrite: kernel time)", ("(labelgw/http/fastwrite.py",)),
     ("access log thread", ("(labelgw/http/accesslog.py",)),
@@ -104,12 +108,22 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"labelgw: {problem}\n{server.log_tail()}")
         assert server.process is not None
         for load in [item.strip() for item in args.loads.split(",") if item.strip()]:
-            h1, clients, streams = LOADS[load]
             raw = prefix / f"{load}.txt"
-            h2load = subprocess.Popen(
-                h2load_argv(https_port, args.duration + 2, 1, clients, streams, h1),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            )
+            if load in HANDSHAKE_LOADS:
+                argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{https_port}", "-new", "-time",
+                        str(args.duration + 2)]
+                if HANDSHAKE_LOADS[load]:
+                    argv += ["-tls1_2", "-cipher", TLS12_BENCH_CIPHER]
+                clients = [subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.STDOUT) for _ in range(2)]
+                title = f"{load} (2 openssl s_time -new, TLS {'1.2' if HANDSHAKE_LOADS[load] else '1.3'})"
+            else:
+                h1, connections, streams = LOADS[load]
+                clients = [subprocess.Popen(
+                    h2load_argv(https_port, args.duration + 2, 1, connections, streams, h1),
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                )]
+                title = f"{load} ({'HTTP/1.1' if h1 else 'HTTP/2'} -c{connections} -m{streams})"
             try:
                 subprocess.run(
                     [spy, "record", "--pid", str(server.process.pid), "--duration", str(args.duration), "--rate", "250",
@@ -117,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                     check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=args.duration + 60,
                 )
             finally:
-                h2load.kill()
-                h2load.wait()
-            print(f"{load} ({'HTTP/1.1' if h1 else 'HTTP/2'} -c{clients} -m{streams}), own samples by place:")
+                for client in clients:
+                    client.kill()
+                    client.wait()
+            print(f"{title}, own samples by place:")
             summarize(raw, args.top)
     finally:
         for managed in reversed(started):

@@ -26,6 +26,7 @@ from labelgw.tls.stdtls import (
     ACME_TLS_ALPN,
     TICKET_KEY_LIFETIME,
     StdTLSFactory,
+    _ctx_control,
     build_stdlib_context,
     check_policy,
     client_hello_alpn,
@@ -316,3 +317,130 @@ def test_acme_certificates_and_tls_alpn_01_on_the_stdlib_engine(tmp_path: Path, 
     source.challenge = None
     assert connect(["http/1.1"]).tls.getpeercert(binary_form=True) == acme_der
     assert acme.challenge_material("api.example.com") is None
+
+
+# --- what a new connection costs: the ticket rides on the first write, no session cache ---------------------------
+
+
+class Quiet(Protocol):
+    """Writes only when asked ("echo:<x>")."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if data.startswith(b"echo:"):
+            self.transport.write(data[5:])
+
+
+def test_a_tls13_session_ticket_waits_for_the_first_write_and_goes_out_with_it(clock: MemoryReactorClock) -> None:
+    client = Client(factory(clock, Factory.forProtocol(Quiet)), clock)
+    with pytest.raises(ssl.SSLWantReadError):
+        client.tls.do_handshake()
+    client.server.dataReceived(client.outgoing.read())
+    client.incoming.write(client.wire.value())
+    client.wire.clear()
+    client.tls.do_handshake()  # the client's Finished
+    client.server.dataReceived(client.outgoing.read())
+    clock.advance(0)
+    # Handshake done, nothing written back: a client that closes now (openssl s_time) costs the server no send.
+    assert client.server.factory.handshakes == 1 and client.wire.value() == b""
+    writes: list[bytes] = []
+    write = client.wire.write
+    client.wire.write = lambda data: (writes.append(data), write(data))  # type: ignore[method-assign]
+    client.tls.write(b"echo:hello")
+    client.server.dataReceived(client.outgoing.read())
+    # The ticket and the answer: one write to TCP, when it is made.
+    assert len(writes) == 1
+    client.incoming.write(client.wire.value())
+    assert client.tls.read(100) == b"hello"
+    assert client.tls.session is not None and client.tls.session.has_ticket
+
+
+def test_a_held_ticket_goes_out_before_close_notify(clock: MemoryReactorClock) -> None:
+    client = Client(factory(clock, Factory.forProtocol(Quiet)), clock)
+    client.handshake()
+    assert client.wire.value() == b""
+    client.server.loseConnection()
+    client.pump()
+    assert client.close_notify
+    assert client.tls.session is not None and client.tls.session.has_ticket
+
+
+def test_tls12_finishes_its_handshake_at_once_and_resumes_by_ticket_without_a_session_cache(
+    clock: MemoryReactorClock,
+) -> None:
+    tls_factory = factory(clock, Factory.forProtocol(Quiet))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    first = Client(tls_factory, clock)
+    first.tls = context.wrap_bio(first.incoming, first.outgoing, server_hostname="gw.test")
+    first.handshake()
+    session = first.tls.session
+    assert session is not None and session.has_ticket
+    second = Client(tls_factory, clock)
+    second.tls = context.wrap_bio(second.incoming, second.outgoing, server_hostname="gw.test", session=session)
+    second.handshake()
+    assert second.tls.session_reused
+    # OpenSSL's server-side cache is off (SSL_CTRL_GET_SESS_CACHE_MODE): resumption is the ticket's doing.
+    assert _ctx_control(tls_factory.contexts._dispatch_context(), 45, 0, None) == 0
+
+
+def test_the_sni_callback_is_handed_the_connection_and_switches_its_context(clock: MemoryReactorClock) -> None:
+    client = Client(factory(clock, Factory.forProtocol(Quiet)), clock)
+    client.handshake()
+    contexts = client.server.factory.contexts
+    assert client.server._tls.context is not contexts._dispatch_context()
+    assert client.server._tls.context in contexts._contexts.values()
+
+
+def test_the_gateways_listener_has_one_deadline_per_connection_which_cuts_an_unfinished_handshake(
+    tmp_path: Path,
+) -> None:
+    from labelgw.cli import config
+    from labelgw.cli.app import LabelgwService
+
+    settings = config.build(
+        {"https": ["tcp:0:interface=127.0.0.1"], "state_dir": str(tmp_path / "state")},
+        {"docker": False, "head_timeout": 4},
+    )
+    reactor = MemoryReactorClock()
+    reactor.advance(1_000_000)
+    service = LabelgwService(settings, reactor)
+    # The minted default leaf is written to disk in a thread: not here.
+    service.https.selector._run_in_thread = lambda f, *a, **k: defer.succeed(None)  # type: ignore[union-attr]
+    tls_factory = service.https.listeners[0].factory
+    assert isinstance(tls_factory, StdTLSFactory) and not tls_factory.handshake_timer
+    client = Client(tls_factory, reactor)
+    # One timer: the HTTP/1.1 side's head deadline, armed at the connect.
+    assert len(reactor.getDelayedCalls()) == 1
+    client.send_hello()
+    reactor.advance(3.9)
+    assert not client.wire.aborted
+    reactor.advance(0.1)
+    assert client.wire.aborted
+    client.wire.gone()
+    assert tls_factory.handshake_failures == 1
+    # A connection whose handshake is done and which sends nothing is closed at the same deadline: close_notify,
+    # then TCP after the grace.
+    done = Client(tls_factory, reactor)
+    done.handshake()
+    reactor.advance(4)
+    done.pump()
+    assert done.close_notify and not done.wire.closed
+    reactor.advance(settings.tls_close_grace)
+    assert done.wire.closed
+
+
+def test_a_request_sent_along_with_the_clients_finished_is_answered(clock: MemoryReactorClock) -> None:
+    client = Client(factory(clock, Factory.forProtocol(Quiet)), clock)
+    with pytest.raises(ssl.SSLWantReadError):
+        client.tls.do_handshake()
+    client.server.dataReceived(client.outgoing.read())
+    client.incoming.write(client.wire.value())
+    client.wire.clear()
+    client.tls.do_handshake()
+    client.tls.write(b"echo:together")
+    # The Finished and the request in one segment.
+    client.server.dataReceived(client.outgoing.read())
+    client.incoming.write(client.wire.value())
+    assert client.tls.read(100) == b"together"

@@ -139,6 +139,10 @@ class HttpsService(MultiService):
             # TLS-ALPN-01 on the standard library's engine, which reads the ClientHello's ALPN offer for it (the
             # pyOpenSSL engine switches in its ALPN callback: labelgw.tls.acme_openssl).
             challenges=acme_contexts.challenge_material if acme_contexts is not None else None,
+            # The gateway's HTTP/1.1 side (which every TLS connection starts as, labelgw.http.h2) arms the head
+            # deadline at the connect and closes an idle connection when it passes: a handshake not done by then
+            # is aborted. The stdlib engine then needs no timer of its own.
+            protocol_keeps_deadline=True,
         )
         # Its handshake counters are read by /metrics.
         self.tls_factory = factory

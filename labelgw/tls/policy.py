@@ -142,8 +142,10 @@ def listener_protocols(connection: SSL.Connection) -> tuple[bytes, ...] | None:
 
 # --- server names ------------------------------------------------------------------------------------------
 
-# A DNS label as clients really send them: letters, digits, hyphen, and underscore (Docker service names).
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
+# A DNS label as clients really send them: letters, digits, hyphen, and underscore (Docker service names); a name
+# is labels joined by dots, matched in one pass (no label holds a dot, so the match never backtracks across one).
+_LABEL_PATTERN = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_NAME = re.compile(rf"(?:{_LABEL_PATTERN}\.)*{_LABEL_PATTERN}\Z")
 
 
 def normalize_server_name(raw: bytes | str | None) -> str | None:
@@ -165,13 +167,15 @@ def normalize_server_name(raw: bytes | str | None) -> str | None:
         return ip
     if not name or len(name) > 253:
         return None
-    if all(_LABEL.match(label) for label in name.split(".")):
-        return name
-    return None
+    return name if _NAME.match(name) else None
 
 
 def ip_literal(name: str) -> str | None:
     """The compressed form of an IP literal (brackets allowed for IPv6), or None for a DNS name."""
+    # Every handshake with SNI asks: a DNS name is told apart without parsing (an IPv4 literal ends in a digit, an
+    # IPv6 one has a colon), since a failed parse costs an exception.
+    if ":" not in name and not name[-1:].isdigit():
+        return None
     try:
         return ipaddress.ip_address(name.strip("[]")).compressed
     except ValueError:

@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from labelgw.tls.acme_openssl import AcmeContexts
-from labelgw.tls.ca import DEFAULT_LEAF_NAMES, LeafMaterial, LocalCA, forbidden_reason
+from labelgw.tls.ca import DEFAULT_LEAF_NAMES, LEAF_RENEW_BEFORE, LeafMaterial, LocalCA, forbidden_reason
 from labelgw.tls.certdir import CertIndex, RunInThread, UserCertificate
 from labelgw.tls.material import CertificateMaterial, Served
 from labelgw.tls.policy import INTERMEDIATE, TLSPolicy, build_server_context, is_local_name, normalize_server_name
@@ -68,11 +68,14 @@ class _Minted:
     leaf: LeafMaterial
     context: SSL.Context
     material: CertificateMaterial
+    # POSIX time until which the leaf is served (LeafMaterial.fresh_at), compared with the clock per handshake.
+    fresh_until: float
 
 
 def _minted(policy: TLSPolicy, leaf: LeafMaterial) -> _Minted:
     context = build_server_context(policy, leaf.certificate, leaf.private_key)
-    return _Minted(leaf, context, CertificateMaterial(leaf.certificate, leaf.private_key))
+    fresh_until = (leaf.not_after - LEAF_RENEW_BEFORE).timestamp()
+    return _Minted(leaf, context, CertificateMaterial(leaf.certificate, leaf.private_key), fresh_until)
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -235,8 +238,11 @@ class SNIContextSelector:
     def _default_minted_choice(self) -> _Minted | None:
         if self._ca is None:
             return None
+        default = self._default_minted
+        if default is not None and self._clock.seconds() < default.fresh_until:
+            return default
         now = self._now()
-        if self._default_minted is None or not self._default_minted.leaf.fresh_at(now):
+        if default is None or not default.leaf.fresh_at(now):
             minted = self._mint(DEFAULT_LEAF_NAMES, now)
             if minted is None:
                 return None
@@ -247,11 +253,11 @@ class SNIContextSelector:
     def _minted_choice(self, name: str) -> _Minted | None:
         if name in DEFAULT_LEAF_NAMES:
             return self._default_minted_choice()
-        now = self._now()
         cached = self._minted.get(name)
-        if cached is not None and cached.leaf.fresh_at(now):
+        if cached is not None and self._clock.seconds() < cached.fresh_until:
             self._minted.move_to_end(name)
             return cached
+        now = self._now()
         # Checked when minting only: a cached leaf was permitted when it was minted.
         if self._ca is not None and not self._ca.permits(name):
             self._log_forbidden(name)

@@ -60,6 +60,8 @@ READ_SIZE = 256 * 1024
 # OpenSSL's default TLS 1.3 suites, the only ones the ssl module can serve (it has no set_ciphersuites).
 _OPENSSL_TLS13 = {"TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256"}
 _SSL_CTRL_SET_GROUPS_LIST = 92
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_SESS_CACHE_OFF = 0
 
 
 ACME_TLS_ALPN = b"acme-tls/1"
@@ -136,8 +138,8 @@ def _libssl() -> Any:
 _LIB: Any = None
 
 
-def set_groups(ctx: ssl.SSLContext, groups: str) -> bool:
-    """Set the key-exchange groups of a standard-library context; False when it could not be done safely.
+def _ctx_control(ctx: ssl.SSLContext, command: int, larg: int, parg: Any) -> int | None:
+    """OpenSSL's C{SSL_CTX_ctrl} on a standard-library context; None when it could not be done safely.
 
     The SSL_CTX pointer is the first field after the object header of the ssl module's context object; it is
     checked (the options OpenSSL reports must be the context's) before it is used.
@@ -148,10 +150,21 @@ def set_groups(ctx: ssl.SSLContext, groups: str) -> bool:
             _LIB = _libssl()
         pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
         if not pointer or _LIB.SSL_CTX_get_options(pointer) != int(ctx.options):
-            return False
-        return bool(_LIB.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(groups.encode("ascii"))) == 1)
+            return None
+        return int(_LIB.SSL_CTX_ctrl(pointer, command, larg, parg))
     except (OSError, AttributeError, ValueError):
-        return False
+        return None
+
+
+def set_groups(ctx: ssl.SSLContext, groups: str) -> bool:
+    """Set the key-exchange groups of a standard-library context; False when it could not be done safely."""
+    return _ctx_control(ctx, _SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(groups.encode("ascii"))) == 1
+
+
+def session_cache_off(ctx: ssl.SSLContext) -> bool:
+    """No server-side session cache (OpenSSL keeps one per context by default: every full TLS 1.2 handshake adds
+    its session, up to 20 480, and every 255th walks them all); resumption is by tickets, which need none."""
+    return _ctx_control(ctx, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None) is not None
 
 
 def _load_material(ctx: ssl.SSLContext, material: CertificateMaterial) -> None:
@@ -185,6 +198,7 @@ def build_stdlib_context(
     ctx.set_ciphers(policy.tls12_ciphers)
     ctx.num_tickets = TLS13_TICKETS
     set_groups(ctx, policy.groups)
+    session_cache_off(ctx)
     if alpn:
         ctx.set_alpn_protocols([p.decode("ascii") for p in alpn])
     if material is not None:
@@ -240,8 +254,10 @@ class ServerContexts:
         self._dispatch: ssl.SSLContext | None = None
         self._dispatch_since = 0.0
 
-    def server_object(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
-        return self._dispatch_context().wrap_bio(incoming, outgoing, server_side=True)
+    def server_object(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, owner: Any) -> Any:
+        """The ssl module's C object for one server connection (L{raw_tls}); C{owner} is what the SNI callback is
+        handed (the connection's L{StdTLSProtocol})."""
+        return raw_tls(self._dispatch_context(), incoming, outgoing, True, owner)
 
     def _dispatch_context(self) -> ssl.SSLContext:
         now = self._clock.seconds()
@@ -270,23 +286,41 @@ class ServerContexts:
             self._challenge_contexts[material] = ctx
         return ctx
 
-    def _on_server_name(self, tls: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> int | None:
+    def _on_server_name(self, connection: Any, server_name: str | None, _: ssl.SSLContext) -> int | None:
+        # C{connection}: the owner given to raw_tls, the StdTLSProtocol whose handshake this is.
         try:
-            if ACME_TLS_ALPN in getattr(tls, "offered_alpn", ()):
+            if self.challenges is not None and ACME_TLS_ALPN in connection.offered_alpn:
                 challenge = self._challenge_context(server_name)
                 if challenge is None:
                     return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
-                tls.context = challenge
+                connection._tls.context = challenge
                 return None
             chosen = self._chooser.choose(server_name)
             material = chosen.material if chosen is not None else None
             if material is None:
                 return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
-            tls.context = self.context_for(material)
+            ctx = self._contexts.get(material)
+            connection._tls.context = ctx if ctx is not None else self.context_for(material)
         except Exception:
             self._log.failure("choosing a certificate for SNI {name!r}", name=server_name)
             return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
         return None
+
+
+def raw_tls(
+    ctx: ssl.SSLContext, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool, owner: Any,
+    server_hostname: str | None = None,
+) -> Any:
+    """The ssl module's own C object for a connection over two memory BIOs (what C{SSLObject} wraps).
+
+    C{SSLObject} is a Python class whose every method (read, write, pending, do_handshake) is one more Python call
+    around the C method of the same name; the transport calls those per record, so it holds the C object itself,
+    made by C{SSLContext._wrap_bio} exactly as C{SSLObject._create} makes it. Its SNI callback is handed C{owner}.
+    A client's server name goes through the public C{wrap_bio} (IDNA encoding, the check_hostname rules).
+    """
+    if server_side:
+        return ctx._wrap_bio(incoming, outgoing, server_side=True, server_hostname=None, owner=owner, session=None)  # type: ignore[attr-defined]
+    return ctx.wrap_bio(incoming, outgoing, server_side=False, server_hostname=server_hostname)._sslobj  # type: ignore[attr-defined]
 
 
 # --- the transport ----------------------------------------------------------------------------------------------
@@ -300,37 +334,46 @@ class StdTLSProtocol(Protocol):
     # TCP below (Twisted declares ITransport | None; every method here runs after makeConnection set it).
     transport: Any
     _timer: Any = None
+    # Per-connection state starts as these class defaults: a new connection sets only what differs.
+    _handshake_done = False
+    _reading_paused = False
+    _delivering = False
+    # close_notify sent / received; TCP gone.
+    _closing = False
+    _peer_closed = False
+    _lost = False
+    disconnecting = False
+    negotiatedProtocol: bytes | None = None
+    # Writes held until the end of the reactor turn (HTTP/2 only); None: every write goes out when made.
+    _batch: list[bytes] | None = None
+    # Written by the protocol behind before the handshake completed (None: nothing was).
+    _early: list[bytes] | None = None
+    # The first bytes, kept until the ClientHello's ALPN offer is read (only with a TLS-ALPN-01 source); the offer.
+    _hello: bytearray | None = None
+    offered_alpn: tuple[bytes, ...] = ()
+    # Bytes of session tickets (TLS 1.3) waiting in the outgoing BIO for the first write, which takes them along.
+    _held = 0
 
     def __init__(self, factory: "StdTLSFactory | StdTLSClientFactory", wrapped: Any) -> None:
         self.factory = factory
         self.wrappedProtocol = wrapped
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls = factory.new_tls(self._incoming, self._outgoing)
-        self._handshake_done = False
-        # Written by the protocol behind before the handshake completed.
-        self._early: list[bytes] = []
-        self._reading_paused = False
-        self._delivering = False
-        # The first bytes, kept until the ClientHello's ALPN offer is read (only with a TLS-ALPN-01 source).
-        self._hello: bytearray | None = bytearray() if getattr(factory, "reads_alpn_offer", False) else None
-        # close_notify sent / received; TCP gone.
-        self._closing = False
-        self._peer_closed = False
-        self._lost = False
-        self.disconnecting = False
-        self.negotiatedProtocol: bytes | None = None
-        # Writes held until the end of the reactor turn (HTTP/2 only); None: every write goes out when made.
-        self._batch: list[bytes] | None = None
+        self._incoming = incoming = ssl.MemoryBIO()
+        self._outgoing = outgoing = ssl.MemoryBIO()
+        # The ssl module's C object (raw_tls); an SSL_new, no handshake yet.
+        self._tls = factory.new_tls(incoming, outgoing, self)
+        if factory.reads_alpn_offer:
+            self._hello = bytearray()
 
     # --- from TCP ---------------------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         # The protocol behind starts with TCP: its own deadlines count from the connect.
         self.wrappedProtocol.makeConnection(self)
+        factory = self.factory
         if not self._lost and not self.disconnecting and self._timer is None:
-            self._timer = self.factory.clock.callLater(self.factory.handshake_timeout, self._handshake_overdue)
-            if self.factory.is_client:
+            if factory.handshake_timer:
+                self._timer = factory.clock.callLater(factory.handshake_timeout, self._handshake_overdue)
+            if factory.is_client:
                 # The ClientHello.
                 self._handshake()
 
@@ -344,6 +387,10 @@ class StdTLSProtocol(Protocol):
         if not self._handshake_done:
             self._handshake()
             if not self._handshake_done:
+                return
+            # Records that came with the last handshake message (a request sent along with the client's Finished)
+            # wait in the incoming BIO; without any, a read would only raise SSLWantReadError.
+            if not self._incoming.pending and not self._tls.pending():
                 return
         self._deliver()
 
@@ -366,7 +413,7 @@ class StdTLSProtocol(Protocol):
         if offered is None and len(self._hello) < _MAX_RECORD:
             return
         # Read by the SNI callback, which runs once the record is whole (ServerContexts._on_server_name).
-        self._tls.offered_alpn = offered or ()  # type: ignore[attr-defined]
+        self.offered_alpn = offered or ()
         self._hello = None
 
     def _handshake(self) -> None:
@@ -383,15 +430,25 @@ class StdTLSProtocol(Protocol):
             return
         self._handshake_done = True
         self._cancel_timer()
-        self.factory.handshakes += 1
-        alpn = self._tls.selected_alpn_protocol()
-        self.negotiatedProtocol = alpn.encode("ascii") if alpn else None
-        if self.negotiatedProtocol == b"h2":
-            self._batch = []
-        early, self._early = self._early, []
-        for data in early:
-            self._tls.write(data)
-        # The Finished-answer and the session ticket, and anything written early.
+        factory = self.factory
+        factory.handshakes += 1
+        tls = self._tls
+        alpn = tls.selected_alpn_protocol()
+        if alpn:
+            self.negotiatedProtocol = protocol = alpn.encode("ascii")
+            if protocol == b"h2":
+                self._batch = []
+        early, self._early = self._early, None
+        if early:
+            for data in early:
+                tls.write(data)
+        elif not factory.is_client and tls.version() == "TLSv1.3":
+            # What a TLS 1.3 server has left to send after the client's Finished is its session ticket: it waits
+            # for the first write (the response, or HTTP/2's SETTINGS) and goes out in the same send. A client that
+            # closes before any answer (openssl s_time) costs no send at all.
+            self._held = self._outgoing.pending
+            return
+        # TLS 1.2's last flight (the client waits for it), and anything written early.
         self._flush()
 
     def _handshake_overdue(self) -> None:
@@ -451,8 +508,8 @@ class StdTLSProtocol(Protocol):
                     break
         finally:
             self._delivering = False
-        # TLS 1.3 post-handshake messages and alerts.
-        if self._outgoing.pending and not self._lost:
+        # TLS 1.3 post-handshake messages and alerts (a held session ticket waits for the first write).
+        if self._outgoing.pending > self._held and not self._lost:
             self._flush()
 
     def _close_notify_received(self) -> None:
@@ -471,6 +528,8 @@ class StdTLSProtocol(Protocol):
         if self.disconnecting or self._lost or not data:
             return
         if not self._handshake_done:
+            if self._early is None:
+                self._early = []
             self._early.append(bytes(data))
             return
         if self._batch is not None:
@@ -481,6 +540,7 @@ class StdTLSProtocol(Protocol):
             return
         self._tls.write(data)
         write_now(self.transport, self._outgoing.read())
+        self._held = 0
 
     def _write_batch(self) -> None:
         batch = self._batch
@@ -491,12 +551,14 @@ class StdTLSProtocol(Protocol):
             return
         self._tls.write(batch[0] if len(batch) == 1 else b"".join(batch))
         write_now(self.transport, self._outgoing.read())
+        self._held = 0
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
 
     def _flush(self) -> None:
         out = self._outgoing.read()
+        self._held = 0
         if out and not self._lost:
             write_now(self.transport, out)
 
@@ -512,7 +574,8 @@ class StdTLSProtocol(Protocol):
             return
         self._closing = True
         try:
-            self._tls.unwrap()
+            # SSL_shutdown: close_notify into the outgoing BIO (SSLObject.unwrap is this call).
+            self._tls.shutdown()
         except (ssl.SSLError, ValueError):
             pass
         self._flush()
@@ -641,10 +704,15 @@ class StdTLSFactory(Factory):
         flush_timeout: float = FLUSH_TIMEOUT,
         policy: TLSPolicy | None = None,
         challenges: ChallengeSource | None = None,
+        handshake_timer: bool = True,
     ) -> None:
         self.wrappedFactory = wrapped
         self.clock = clock
         self.handshake_timeout = handshake_timeout
+        # False: the protocol behind keeps a deadline of C{handshake_timeout} from the connect, which closes a
+        # connection whose handshake is not done by then (loseConnection before the handshake aborts it); one timer
+        # per connection instead of two that fire together (labelgw.tls.https: the gateway's HTTP/1.1 side).
+        self.handshake_timer = handshake_timer
         self.close_grace = close_grace
         self.flush_timeout = flush_timeout
         self.contexts = ServerContexts(
@@ -689,6 +757,8 @@ class StdTLSClientFactory(ClientFactory):
     protocol = StdTLSProtocol  # type: ignore[assignment]
     noisy = False
     is_client = True
+    handshake_timer = True
+    reads_alpn_offer = False
     _log = Logger()
 
     def __init__(
@@ -711,8 +781,8 @@ class StdTLSClientFactory(ClientFactory):
         self.handshakes = 0
         self.handshake_failures = 0
 
-    def new_tls(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
-        return self.context.wrap_bio(incoming, outgoing, server_side=False, server_hostname=self.server_hostname)
+    def new_tls(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, owner: Any) -> Any:
+        return raw_tls(self.context, incoming, outgoing, False, owner, self.server_hostname)
 
     def buildProtocol(self, addr: Any) -> StdTLSProtocol | None:  # type: ignore[override]
         wrapped = self.wrappedFactory.buildProtocol(addr)
@@ -748,11 +818,17 @@ def factory_for_engine(
     handshake_timeout: float,
     close_grace: float = DEFAULT_CLOSE_GRACE,
     challenges: ChallengeSource | None = None,
+    protocol_keeps_deadline: bool = False,
 ) -> Any:
     """The listener factory of TLS engine C{engine}: "stdlib" (L{StdTLSFactory}) or "openssl" (Twisted's layer).
-    C{challenges}: TLS-ALPN-01 certificates for the stdlib engine (the openssl one gets them through C{chooser})."""
+    C{challenges}: TLS-ALPN-01 certificates for the stdlib engine (the openssl one gets them through C{chooser}).
+    C{protocol_keeps_deadline}: the protocols of C{wrapped} close a connection C{handshake_timeout} seconds after
+    the connect unless it has spoken by then, so the stdlib engine arms no handshake timer of its own."""
     if engine == "stdlib":
-        return StdTLSFactory(chooser, wrapped, clock, handshake_timeout, close_grace, challenges=challenges)
+        return StdTLSFactory(
+            chooser, wrapped, clock, handshake_timeout, close_grace, challenges=challenges,
+            handshake_timer=not protocol_keeps_deadline,
+        )
     if engine == "openssl":
         from labelgw.tls.deadlines import TLSServerFactory  # noqa: PLC0415
 

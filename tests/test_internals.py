@@ -6,7 +6,8 @@ Each set lives in one labelgw module:
 - labelgw/http/fastwrite.py: a TCP transport's write queue and socket;
 - labelgw/http/h2.py: parts of h2's H2Connection that are not its documented API;
 - labelgw/tls/deadlines.py: TLSMemoryBIOProtocol's handshake flag, the class its factory builds;
-- labelgw/cli/listeners.py: StreamServerEndpointService's synchronous start errors.
+- labelgw/cli/listeners.py: StreamServerEndpointService's synchronous start errors;
+- labelgw/tls/stdtls.py: CPython's C{SSLContext._wrap_bio} and C{SSLObject._sslobj} (the C object under SSLObject).
 
 When a new Twisted or h2 release fails one of these, read the named labelgw module against the new release
 before widening the version bounds in setup.cfg (which this module also checks).
@@ -474,3 +475,28 @@ def test_the_log_publisher_keeps_its_observers_in_a_list_quietlog_can_wrap() -> 
     assert [type(observer) for observer in publisher._observers] == [QuietObserver]
     publisher({"log_format": "kept", "log_level": None})
     assert [event["log_format"] for event in seen] == ["kept"]
+
+
+# --- CPython's ssl module (labelgw/tls/stdtls.py) ------------------------------------------------------------
+
+
+def test_ssl_context_wrap_bio_makes_the_c_object_that_sslobject_wraps() -> None:
+    """stdtls.raw_tls holds the C object SSLObject wraps (made by the private C{SSLContext._wrap_bio}, its SNI
+    callback handed the owner) and reads a client's C{SSLObject._sslobj}: both must exist with these shapes."""
+    import ssl
+
+    from labelgw.tls.stdtls import raw_tls
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    class Owner:  # the owner is held by weak reference
+        pass
+
+    owner = Owner()
+    c_object = raw_tls(context, ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True, owner=owner)
+    assert c_object.owner is owner
+    for method in ("read", "write", "pending", "do_handshake", "shutdown", "version", "selected_alpn_protocol"):
+        assert callable(getattr(c_object, method)), method
+    assert type(c_object) is type(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO())._sslobj)
+    client = raw_tls(ssl.create_default_context(), ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=False, owner=None,
+                     server_hostname="example.localhost")
+    assert type(client) is type(c_object)

@@ -180,6 +180,55 @@ def test_push_latency_is_the_last_workers_acknowledgement() -> None:
     assert world.pool._pending == {} and world.pool.push_latency.count == 1
 
 
+def test_push_latency_ends_when_the_last_worker_applied_the_change_not_when_its_ack_is_read() -> None:
+    stamps = iter([100.0])
+    world = World(2)
+    world.pool._stamp = lambda: next(stamps)
+    world.pool.start()
+    one, two = world.spawned
+    world.ready(one, two)
+    seq = world.pool.broadcast("health", "api", "c1", "unhealthy")
+    # Applied 1 ms and 3 ms after the change; the supervisor reads both acknowledgements 50 ms later.
+    world.clock.advance(0.05)
+    world.say(one, ("ack", seq, 100.001))
+    world.say(two, ("ack", seq, 100.003))
+    assert world.pool.push_last == pytest.approx(0.003)
+    assert world.pool.describe()["push_latency_seconds"]["recent"] == [pytest.approx(0.003)]
+
+
+class FlushingTransport(FakeProcessTransport):
+    """A process transport whose pipe to the child buffers until flushed, as Twisted's does."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(pid)
+        self.buffered: list[bytes] = []
+        outer = self
+
+        class Pipe:
+            def doWrite(self) -> None:
+                outer.written += outer.buffered
+                outer.buffered.clear()
+
+        self.pipes = {0: Pipe()}
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.buffered.append(data)
+
+
+def test_a_change_is_written_to_the_pipe_at_once_not_at_the_reactors_next_turn() -> None:
+    world = World(1)
+    world.spawn = lambda process, worker_id, generation: (  # type: ignore[method-assign]
+        process.makeConnection(FlushingTransport(1000)), world.spawned.append(process))
+    world.pool._spawn = world.spawn
+    world.pool.start()
+    (one,) = world.spawned
+    world.ready(one)
+    world.pool.broadcast("health", "api", "c1", "unhealthy")
+    transport = one.transport
+    assert transport.buffered == []  # type: ignore[union-attr]
+    assert [m[0] for m in world.sent(one)] == ["state", "health"]
+
+
 def test_a_worker_that_dies_is_restarted_and_the_log_says_why(caplog: Any) -> None:
     from twisted.logger import globalLogPublisher
 
@@ -353,7 +402,9 @@ def test_worker_serves_only_once_the_state_is_applied_and_acknowledges_each_chan
     link.dataReceived(data[5:])
     assert not app.registry.table.knows_host("api.localhost")
     assert not web.ready
-    assert replies(transport) == [("ack", 2), ("ack", 3)]
+    assert [reply[:2] for reply in replies(transport)] == [("ack", 2), ("ack", 3)]
+    # Each acknowledgement says when the change was applied (host-wide monotonic clock): push latency ends there.
+    assert all(isinstance(reply[2], float) for reply in replies(transport))
 
 
 def test_worker_applies_a_remote_ejection_and_reports_its_own() -> None:

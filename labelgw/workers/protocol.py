@@ -23,7 +23,8 @@ Supervisor to worker (fd 0 of the worker):
 Worker to supervisor (fd 3 of the worker), built-in values only (the supervisor refuses any class: a worker parses
 hostile traffic, the supervisor must not run code a worker sends):
 - ``("ready", pid)``: listening (the inherited sockets adopted) with the state applied;
-- ``("ack", seq)``: a change applied (the supervisor measures the push latency from it);
+- ``("ack", seq, applied)``: a change applied, at `applied` (time.monotonic(), one clock for the host): the
+  supervisor measures the push latency to it (an ack without it: to its arrival);
 - ``("report", exposition, backends, demand)``: the worker's /metrics exposition (text), per-backend counters
   ``{key: (in_flight, requests, errors, ejections, consecutive_failures)}`` and, per service with a rate or
   concurrency limit, the requests it saw since the last report; sent every REPORT_INTERVAL;

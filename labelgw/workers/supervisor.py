@@ -14,9 +14,12 @@ rest of labelgw."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
+import time
+from collections import deque
 from typing import Any, Callable, Iterable, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -45,6 +48,8 @@ MAX_PENDING = 10_000
 FIRST_LISTENER_FD = 10
 # Upper bounds of the push latency histogram, seconds.
 PUSH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+# The latest push latencies kept for GET /workers (percentiles in the benchmark).
+PUSH_RECENT = 1000
 
 
 def describe_exit(reason: Any) -> str:
@@ -113,9 +118,19 @@ class WorkerProcess(ProcessProtocol):
         self.pool.started(self)
 
     def send(self, message: Message) -> None:
+        if self.transport is not None and self.alive:
+            self.write(encode(message))
+
+    def write(self, data: bytes) -> None:
+        """Write to the worker's pipe now, not at the reactor's next turn: Twisted buffers a write until the
+        reactor polls the pipe writable, and whatever else that turn runs (an admin request, a /metrics render,
+        other events) would delay the change by as much (issue 11's push latency tail)."""
         transport = self.transport
-        if transport is not None and self.alive:
-            transport.writeToChild(0, encode(message))
+        transport.writeToChild(0, data)  # type: ignore[union-attr]
+        pipe = getattr(transport, "pipes", {}).get(0)
+        if pipe is not None:
+            # A write error stays in the writer, which the reactor reports at its next turn as usual.
+            pipe.doWrite()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != 3:
@@ -162,11 +177,15 @@ class WorkerProcess(ProcessProtocol):
 
 
 class _Pending:
-    __slots__ = ("sent", "waiting")
+    __slots__ = ("sent", "stamp", "waiting", "applied")
 
-    def __init__(self, sent: float, waiting: set[WorkerProcess]) -> None:
+    def __init__(self, sent: float, stamp: float, waiting: set[WorkerProcess]) -> None:
         self.sent = sent
+        # The change's time on the host-wide monotonic clock the workers stamp their application with.
+        self.stamp = stamp
         self.waiting = waiting
+        # The latest application so far (stamp clock), None while no worker said when.
+        self.applied: float | None = None
 
 
 class WorkerPool:
@@ -187,8 +206,12 @@ class WorkerPool:
         drain_grace: Callable[[], float],
         on_report: Callable[[WorkerProcess, Message], None] = lambda worker, message: None,
         on_ejected: Callable[[WorkerProcess, str, str, float], None] = lambda worker, service, key, seconds: None,
+        stamp: Callable[[], float] | None = None,
     ) -> None:
         self.clock = clock
+        # The clock a worker's acknowledgement is stamped with (time.monotonic: CLOCK_MONOTONIC is one clock for
+        # every process of the host); None: latency measured when the acknowledgement is read.
+        self._stamp = stamp
         self.count = count
         self._spawn = spawn
         self._snapshot = snapshot
@@ -211,6 +234,7 @@ class WorkerPool:
         self._again_done: list[Deferred[bool]] = []
         # Push latency: from a change in the supervisor to its acknowledgement by the last worker that got it.
         self.push_latency = PushHistogram()
+        self.push_recent: deque[float] = deque(maxlen=PUSH_RECENT)
         self.push_last: float | None = None
         # What exited workers counted (labelgw.workers.aggregate.carry): /metrics counters never go back.
         self.carried: dict[Any, float] = {}
@@ -267,20 +291,21 @@ class WorkerPool:
                 continue
             if data is None:
                 data = encode(message)
-            process.transport.writeToChild(0, data)
+            process.write(data)
             # A worker still starting reads it once its interpreter is up: its start-up time is not push latency.
             if process.state != "starting":
                 waiting.add(process)
         if waiting:
             if len(self._pending) >= MAX_PENDING:
                 self._pending.pop(next(iter(self._pending)))
-            self._pending[seq] = _Pending(self.clock.seconds(), waiting)
+            stamp = self._stamp() if self._stamp is not None else 0.0
+            self._pending[seq] = _Pending(self.clock.seconds(), stamp, waiting)
         return seq
 
     def received(self, process: WorkerProcess, message: Message) -> None:
         kind = message[0]
         if kind == "ack":
-            self._acked(process, message[1])
+            self._acked(process, message[1], message[2] if len(message) > 2 else None)
         elif kind == "report":
             process.report = message
             self.on_report(process, message)
@@ -292,17 +317,28 @@ class WorkerPool:
         else:
             self._log.warn("worker {worker}: unknown message {kind}", worker=process.id, kind=kind)
 
-    def _acked(self, process: WorkerProcess, seq: int) -> None:
+    def _acked(self, process: WorkerProcess, seq: int, applied: Any = None) -> None:
+        """A worker applied change `seq` (at `applied` on the stamp clock, when it said)."""
         pending = self._pending.get(seq)
         if pending is None:
             return
         pending.waiting.discard(process)
+        if self._stamp is not None and isinstance(applied, float):
+            pending.applied = applied if pending.applied is None else max(pending.applied, applied)
+        elif self._stamp is not None:
+            pending.applied = math.inf  # a worker that does not stamp: measured when its ack is read
         if not pending.waiting:
             del self._pending[seq]
-            self._observe(self.clock.seconds() - pending.sent)
+            if pending.applied is not None and pending.applied != math.inf:
+                # When the change took effect in the last worker, not when the supervisor got round to reading
+                # the acknowledgement (its reactor may be busy with an admin request meanwhile).
+                self._observe(max(0.0, pending.applied - pending.stamp))
+            else:
+                self._observe(self.clock.seconds() - pending.sent)
 
     def _observe(self, latency: float) -> None:
         self.push_latency.observe(latency)
+        self.push_recent.append(latency)
         self.push_last = latency
         self.push_max = max(self.push_max, latency)
 
@@ -478,6 +514,8 @@ class WorkerPool:
             "push_latency_seconds": {
                 "last": self.push_last, "max": self.push_max, "count": self.push_latency.count,
                 "mean": (self.push_latency.total / self.push_latency.count) if self.push_latency.count else None,
+                # The latest latencies, oldest first (at most PUSH_RECENT): for percentiles.
+                "recent": list(self.push_recent),
             },
         }
 
@@ -546,7 +584,7 @@ class SupervisorService(LabelgwService):
             self.hold("https", settings.https)
         self.pool = WorkerPool(
             reactor, workers, self._spawn, self.snapshot, lambda: self.settings.drain_grace,
-            on_report=self._report, on_ejected=self._ejected,
+            on_report=self._report, on_ejected=self._ejected, stamp=time.monotonic,
         )
         self._tee_registry()
         if self.admin is not None:
@@ -656,10 +694,11 @@ class SupervisorService(LabelgwService):
             setattr(registry, name, tee)
 
     def _backend_state_changed(self, pool: ServicePool, backend: Backend) -> None:
-        LabelgwService._backend_state_changed(self, pool, backend)
-        # Health is checked here only: each change goes to the workers (an ejection comes from them).
+        # Health is checked here only: each change goes to the workers (an ejection comes from them), before this
+        # process's own bookkeeping and log line, which serve nothing.
         if backend.spec.health_check is not None and pool.backends.get(backend.key) is backend:
             self.pool.broadcast("health", pool.name, backend.key, backend.health_state)
+        LabelgwService._backend_state_changed(self, pool, backend)
 
     def _ejected(self, worker: WorkerProcess, service: str, key: str, seconds: float) -> None:
         from labelgw.workers.worker import apply_ejection, find_backend

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 from twisted.application.service import Service
@@ -372,6 +373,11 @@ class SupervisorLink(Protocol):
         if self.transport is not None:
             self.transport.write(encode(message))
 
+    def ack(self, seq: int) -> None:
+        """Change `seq` applied; when, on the host-wide monotonic clock (the supervisor's push latency is measured
+        to this moment, not to when it reads the acknowledgement)."""
+        self.send(("ack", seq, time.monotonic()))
+
     def send_report(self) -> None:
         self.send(self.app.report())
 
@@ -396,19 +402,19 @@ class SupervisorLink(Protocol):
             _, seq, name, args = message
             if name in ("apply", "mark_down", "remove", "resync"):
                 getattr(registry, name)(*args)
-            self.send(("ack", seq))
+            self.ack(seq)
         elif kind == "health":
             _, seq, service, key, state = message
             app.set_health(service, key, state)
-            self.send(("ack", seq))
+            self.ack(seq)
         elif kind == "limits":
             _, seq, service, rate, burst, inflight, pending = message
             app.set_limits(service, rate, burst, inflight, pending)
-            self.send(("ack", seq))
+            self.ack(seq)
         elif kind == "eject":
             _, seq, service, key, seconds = message
             app.remote_ejection(service, key, seconds)
-            self.send(("ack", seq))
+            self.ack(seq)
         elif kind == "state":
             _, seq, specs, health, ejections = message[:5]
             for container_id, outcome in specs:
@@ -417,7 +423,7 @@ class SupervisorLink(Protocol):
                 app.set_health(service, key, state)
             for service, key, seconds in ejections:
                 app.remote_ejection(service, key, seconds)
-            self.send(("ack", seq))
+            self.ack(seq)
             if not self.state_applied:
                 self.state_applied = True
                 app.start_accepting()

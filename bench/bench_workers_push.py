@@ -135,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 within = sum(1 for value in recent if value <= 0.010) / len(recent) * 100
                 print(f"  p50 {pct(0.5):.2f} ms, p90 {pct(0.9):.2f} ms, p99 {pct(0.99):.2f} ms, max "
                       f"{recent[-1] * 1000:.2f} ms; {within:.0f} % within 10 ms")
+                read = sorted(latency.get("recent_read", [])[-args.flips:])
+                if read:
+                    print(f"  of which until the last worker read it from its pipe: p50 "
+                          f"{read[len(read) // 2] * 1000:.2f} ms, max {read[-1] * 1000:.2f} ms")
             total = buckets[-1][1] if buckets else 0
             for bound, count in buckets:
                 print(f"  <= {bound:>6} s: {count:.0f} ({count / total * 100 if total else 0:.0f} %)")

@@ -177,15 +177,17 @@ class WorkerProcess(ProcessProtocol):
 
 
 class _Pending:
-    __slots__ = ("sent", "stamp", "waiting", "applied")
+    __slots__ = ("sent", "stamp", "waiting", "applied", "read")
 
     def __init__(self, sent: float, stamp: float, waiting: set[WorkerProcess]) -> None:
         self.sent = sent
         # The change's time on the host-wide monotonic clock the workers stamp their application with.
         self.stamp = stamp
         self.waiting = waiting
-        # The latest application so far (stamp clock), None while no worker said when.
+        # The latest application so far (stamp clock), None while no worker said when; the latest read from the
+        # pipe (the rest is the worker's handling).
         self.applied: float | None = None
+        self.read: float | None = None
 
 
 class WorkerPool:
@@ -235,6 +237,8 @@ class WorkerPool:
         # Push latency: from a change in the supervisor to its acknowledgement by the last worker that got it.
         self.push_latency = PushHistogram()
         self.push_recent: deque[float] = deque(maxlen=PUSH_RECENT)
+        # Of those, the part until the last worker read the change from its pipe (the rest: applying it).
+        self.push_read_recent: deque[float] = deque(maxlen=PUSH_RECENT)
         self.push_last: float | None = None
         # What exited workers counted (labelgw.workers.aggregate.carry): /metrics counters never go back.
         self.carried: dict[Any, float] = {}
@@ -305,7 +309,7 @@ class WorkerPool:
     def received(self, process: WorkerProcess, message: Message) -> None:
         kind = message[0]
         if kind == "ack":
-            self._acked(process, message[1], message[2] if len(message) > 2 else None)
+            self._acked(process, message[1], *message[2:4])
         elif kind == "report":
             process.report = message
             self.on_report(process, message)
@@ -317,14 +321,16 @@ class WorkerPool:
         else:
             self._log.warn("worker {worker}: unknown message {kind}", worker=process.id, kind=kind)
 
-    def _acked(self, process: WorkerProcess, seq: int, applied: Any = None) -> None:
-        """A worker applied change `seq` (at `applied` on the stamp clock, when it said)."""
+    def _acked(self, process: WorkerProcess, seq: int, applied: Any = None, read: Any = None) -> None:
+        """A worker applied change `seq` (at `applied` on the stamp clock, having read it at `read`, when it said)."""
         pending = self._pending.get(seq)
         if pending is None:
             return
         pending.waiting.discard(process)
         if self._stamp is not None and isinstance(applied, float):
             pending.applied = applied if pending.applied is None else max(pending.applied, applied)
+            if isinstance(read, float):
+                pending.read = read if pending.read is None else max(pending.read, read)
         elif self._stamp is not None:
             pending.applied = math.inf  # a worker that does not stamp: measured when its ack is read
         if not pending.waiting:
@@ -333,6 +339,8 @@ class WorkerPool:
                 # When the change took effect in the last worker, not when the supervisor got round to reading
                 # the acknowledgement (its reactor may be busy with an admin request meanwhile).
                 self._observe(max(0.0, pending.applied - pending.stamp))
+                if pending.read is not None:
+                    self.push_read_recent.append(max(0.0, pending.read - pending.stamp))
             else:
                 self._observe(self.clock.seconds() - pending.sent)
 
@@ -516,6 +524,7 @@ class WorkerPool:
                 "mean": (self.push_latency.total / self.push_latency.count) if self.push_latency.count else None,
                 # The latest latencies, oldest first (at most PUSH_RECENT): for percentiles.
                 "recent": list(self.push_recent),
+                "recent_read": list(self.push_read_recent),
             },
         }
 

@@ -359,6 +359,8 @@ class SupervisorLink(Protocol):
         self.stop = stop
         self.decoder = FrameDecoder()
         self.state_applied = False
+        # When the bytes being handled were read from the pipe (host-wide monotonic clock).
+        self._received = 0.0
         self._reporter: LoopingCall | None = None
         app.on_ejected = self._ejected
 
@@ -375,13 +377,14 @@ class SupervisorLink(Protocol):
 
     def ack(self, seq: int) -> None:
         """Change `seq` applied; when, on the host-wide monotonic clock (the supervisor's push latency is measured
-        to this moment, not to when it reads the acknowledgement)."""
-        self.send(("ack", seq, time.monotonic()))
+        to this moment, not to when it reads the acknowledgement), and when it was read from the pipe."""
+        self.send(("ack", seq, time.monotonic(), self._received))
 
     def send_report(self) -> None:
         self.send(self.app.report())
 
     def dataReceived(self, data: bytes) -> None:
+        self._received = time.monotonic()
         try:
             messages = self.decoder.feed(data)
         except (ProtocolError, Exception) as error:

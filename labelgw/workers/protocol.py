@@ -18,6 +18,8 @@ Supervisor to worker (fd 0 of the worker):
 - ``("eject", seq, service, key, seconds)``: another worker ejected a backend (outlier detection);
 - ``("limits", seq, service, rate, burst, inflight, pending)``: this worker's part of a service's rate limit and
   concurrency limit (None: that limit unchanged), rebalanced by the supervisor from the workers' demand;
+- ``("canary", seq, service, version, reason)``: the supervisor's canary analysis cut that version (reason: why)
+  or lifted its cut (None) (labelgw.workers.canary); a new worker gets the cuts in force right after its state;
 - ``("stop",)``: stop accepting, finish the requests in flight (up to the drain grace) and exit.
 
 Worker to supervisor (fd 3 of the worker), built-in values only (the supervisor refuses any class: a worker parses
@@ -28,7 +30,10 @@ hostile traffic, the supervisor must not run code a worker sends):
 - ``("report", exposition, backends, demand)``: the worker's /metrics exposition (text), per-backend counters
   ``{key: (in_flight, requests, errors, ejections, consecutive_failures)}`` and, per service with a rate or
   concurrency limit, the requests it saw since the last report; sent every REPORT_INTERVAL;
-- ``("ejected", service, key, seconds)``: this worker ejected a backend.
+- ``("ejected", service, key, seconds)``: this worker ejected a backend;
+- ``("windows", deltas)``: per (service, version), the requests that ended since the last one, their errors and
+  their latency histogram ``{(service, version): (requests, errors, {bucket: count})}``, every CANARY_INTERVAL
+  (labelgw.workers.canary), only when something ended.
 """
 
 from __future__ import annotations

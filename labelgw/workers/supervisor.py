@@ -209,6 +209,8 @@ class WorkerPool:
         on_report: Callable[[WorkerProcess, Message], None] = lambda worker, message: None,
         on_ejected: Callable[[WorkerProcess, str, str, float], None] = lambda worker, service, key, seconds: None,
         stamp: Callable[[], float] | None = None,
+        on_windows: Callable[[WorkerProcess, Any], None] = lambda worker, deltas: None,
+        after_state: Callable[[], list[Message]] = lambda: [],
     ) -> None:
         self.clock = clock
         # The clock a worker's acknowledgement is stamped with (time.monotonic: CLOCK_MONOTONIC is one clock for
@@ -220,6 +222,10 @@ class WorkerPool:
         self._drain_grace = drain_grace
         self.on_report = on_report
         self.on_ejected = on_ejected
+        # A worker's canary window report (labelgw.workers.canary); the changes a new worker gets after its state
+        # (without their seq: numbered here).
+        self.on_windows = on_windows
+        self._after_state = after_state
         self.running = False
         self.generation = 0
         self.workers: dict[int, WorkerProcess] = {}
@@ -279,6 +285,8 @@ class WorkerPool:
         specs, health, ejections = self._snapshot()
         seq = self._next_seq()
         process.send(("state", seq, specs, health, ejections))
+        for kind, *fields in self._after_state():
+            process.send((kind, self._next_seq(), *fields))
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -318,6 +326,8 @@ class WorkerPool:
         elif kind == "ejected":
             _, service, key, seconds = message
             self.on_ejected(process, service, key, seconds)
+        elif kind == "windows":
+            self.on_windows(process, message[1])
         else:
             self._log.warn("worker {worker}: unknown message {kind}", worker=process.id, kind=kind)
 
@@ -594,11 +604,23 @@ class SupervisorService(LabelgwService):
         self.pool = WorkerPool(
             reactor, workers, self._spawn, self.snapshot, lambda: self.settings.drain_grace,
             on_report=self._report, on_ejected=self._ejected, stamp=time.monotonic,
+            on_windows=self._windows, after_state=self._canary_state,
         )
         self._tee_registry()
+        # Canary analysis on the whole gateway's traffic: the workers' windows merged here, cuts and resumes pushed
+        # to every worker (labelgw.workers.canary).
+        from labelgw.workers.canary import GatewayCanary
+
+        canary = self.canary = self.gateway.canary = GatewayCanary(settings.canary_window, reactor.seconds)
+        def push(service: str, version: str, reason: str | None) -> None:
+            self.pool.broadcast("canary", service, version, reason)
+
+        canary.on_change = push
         if self.admin is not None:
             # GET /workers on the admin listener: the workers, their restarts and the push latency.
             self.admin.factory.resource.workers = self.describe_workers
+            # POST /canary/<service>/<version>/resume: this analyzer, which tells every worker.
+            self.admin.factory.resource._canary = canary
 
     def _metrics_page(self) -> Any:
         """/metrics of the whole gateway: the supervisor's series and the workers' merged (labelgw.workers.aggregate)."""
@@ -611,7 +633,11 @@ class SupervisorService(LabelgwService):
             self.gateway, self.registry, lambda: self.watcher, self.docker_metrics,
             self.https.tls_factory, self.https.selector,
         )
-        registry = metrics.metrics_registry([WorkersCollector(own, lambda: getattr(self, "pool", None))])
+        from labelgw.workers.canary import CanaryCollector
+
+        registry = metrics.metrics_registry([
+            WorkersCollector(own, lambda: getattr(self, "pool", None)), CanaryCollector(self.registry, self.reactor.seconds),
+        ])
         return lambda: metrics.render(registry)
 
     def describe_workers(self) -> dict[str, Any]:
@@ -708,6 +734,12 @@ class SupervisorService(LabelgwService):
         if backend.spec.health_check is not None and pool.backends.get(backend.key) is backend:
             self.pool.broadcast("health", pool.name, backend.key, backend.health_state)
         LabelgwService._backend_state_changed(self, pool, backend)
+
+    def _windows(self, worker: WorkerProcess, deltas: Any) -> None:
+        self.canary.add(self.registry, deltas)
+
+    def _canary_state(self) -> list[Message]:
+        return [("canary", service, version, reason) for service, version, reason in self.canary.cuts(self.registry)]
 
     def _ejected(self, worker: WorkerProcess, service: str, key: str, seconds: float) -> None:
         from labelgw.workers.worker import apply_ejection, find_backend

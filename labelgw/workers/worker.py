@@ -168,6 +168,10 @@ class WorkerService(LabelgwService):
         self.share = share
         # Health is checked once, by the supervisor, which pushes each change: no probes here.
         self.health.disownServiceParent()
+        # Canary analysis is the supervisor's, on the whole gateway's traffic: this worker counts and follows.
+        from labelgw.workers.canary import WorkerCanary
+
+        self.canary = self.gateway.canary = WorkerCanary(settings.canary_window)
         self._install_scaling()
         self._install_drain()
         from labelgw.http.server import ProxyFactory
@@ -362,6 +366,7 @@ class SupervisorLink(Protocol):
         # When the bytes being handled were read from the pipe (host-wide monotonic clock).
         self._received = 0.0
         self._reporter: LoopingCall | None = None
+        self._windows: LoopingCall | None = None
         app.on_ejected = self._ejected
 
     def connectionMade(self) -> None:
@@ -370,6 +375,19 @@ class SupervisorLink(Protocol):
         reporter.start(REPORT_INTERVAL, now=False).addErrback(
             lambda failure: self._log.failure("reporting to the supervisor", failure)
         )
+        from labelgw.workers.canary import CANARY_INTERVAL
+
+        windows = self._windows = LoopingCall(self.send_windows)
+        windows.clock = self.clock
+        windows.start(CANARY_INTERVAL, now=False).addErrback(
+            lambda failure: self._log.failure("reporting the canary windows to the supervisor", failure)
+        )
+
+    def send_windows(self) -> None:
+        """What ended per (service, version) since the last time, for the supervisor's canary analysis."""
+        deltas = self.app.canary.take()
+        if deltas:
+            self.send(("windows", deltas))
 
     def send(self, message: Message) -> None:
         if self.transport is not None:
@@ -431,6 +449,13 @@ class SupervisorLink(Protocol):
                 self.state_applied = True
                 app.start_accepting()
                 self.send(("ready", os.getpid()))
+        elif kind == "canary":
+            # A cut the supervisor decided on the gateway's traffic (reason), or lifted (None).
+            _, seq, service, version, reason = message
+            pool = registry.services.get(service)
+            if pool is not None:
+                app.canary.apply(pool, version, reason)
+            self.ack(seq)
         elif kind == "stop":
             self.stop("the supervisor asked")
         else:
@@ -440,8 +465,9 @@ class SupervisorLink(Protocol):
         self.send(("ejected", pool.name, backend.key, seconds))
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self._reporter is not None and self._reporter.running:
-            self._reporter.stop()
+        for loop in (self._reporter, self._windows):
+            if loop is not None and loop.running:
+                loop.stop()
         self.stop("the supervisor is gone")
 
 

@@ -538,3 +538,67 @@ def test_an_old_worker_answers_a_connection_accepted_just_before_it_stopped_list
     for protocol in (fresh, silent, idle):
         protocol.connectionLost(Failure(ProcessDone(0)))
     assert drained.called
+
+
+def test_an_old_workers_drain_lets_a_tls_handshake_in_progress_finish() -> None:
+    """A connection still in its TLS handshake when FIRST_REQUEST_GRACE is over is not closed (that would cut the
+    handshake): it finishes, then has FIRST_REQUEST_GRACE for its request, all within the drain grace."""
+    from twisted.internet.address import IPv4Address
+
+    from labelgw.http.server import ProxyFactory
+    from labelgw.workers.worker import FIRST_REQUEST_GRACE, HANDSHAKE_POLL
+
+    app, link, _, _ = worker_app()
+    link.dataReceived(encode(("state", 1, [], [], [])))
+    factory = ProxyFactory(app.gateway, b"https")
+
+    class TLSTransport(StringTransport):
+        """What the TLS layer is to the protocol behind it: its handshake state (labelgw.tls.stdtls's name)."""
+
+        _handshake_done = False
+
+        def unregisterProducer(self) -> None:
+            self.producer = None
+
+    def connect() -> tuple[Any, TLSTransport]:
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        transport = TLSTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    slow, slow_transport = connect()  # a handshake that takes 2.5 s
+    stuck, stuck_transport = connect()  # one that never finishes
+    drained = app.gateway.drain(10.0)
+    app.reactor.advance(FIRST_REQUEST_GRACE)
+    assert not slow_transport.disconnecting and not stuck_transport.disconnecting
+    for _ in range(15):
+        app.reactor.advance(HANDSHAKE_POLL)
+    slow_transport._handshake_done = True
+    app.reactor.advance(HANDSHAKE_POLL)
+    slow.dataReceived(b"GET / HTTP/1.1\r\nHost: unknown.localhost\r\n\r\n")
+    assert slow_transport.value().startswith(b"HTTP/1.1 404") and b"connection: close" in slow_transport.value().lower()
+    assert slow_transport.disconnecting
+    slow.connectionLost(Failure(ProcessDone(0)))
+    assert not drained.called and not stuck_transport.disconnecting
+    # The drain grace bounds the wait: the gateway's drain aborts what is left.
+    app.reactor.advance(10.0)
+    assert stuck_transport.disconnecting or stuck not in app.gateway.connections
+    stuck.connectionLost(Failure(ProcessDone(0)))
+    assert drained.called
+
+
+def test_handshake_pending_reads_either_tls_engines_state() -> None:
+    from labelgw.workers.worker import handshake_pending
+
+    class Done:
+        _handshake_done = True
+
+    class Twisteds:
+        _handshakeDone = False
+
+    class Plain:
+        pass
+
+    assert not handshake_pending(type("C", (), {"transport": Done()})())
+    assert handshake_pending(type("C", (), {"transport": Twisteds()})())
+    assert not handshake_pending(type("C", (), {"transport": Plain()})())

@@ -86,6 +86,21 @@ def apply_ejection(app: Any, pool: ServicePool, backend: Backend, seconds: float
 FIRST_REQUEST_GRACE = 1.0
 
 
+# Seconds between two looks at the connections an old worker's drain waits on for their TLS handshake.
+HANDSHAKE_POLL = 0.1
+
+
+def handshake_pending(connection: Any) -> bool:
+    """A client connection whose TLS handshake is still in progress (both TLS engines: labelgw.tls.stdtls and
+    Twisted's, whose protocols connect what is behind them when TCP connects, before the handshake)."""
+    transport = getattr(connection, "transport", None)
+    for name in ("_handshake_done", "_handshakeDone"):
+        done = getattr(transport, name, None)
+        if done is not None:
+            return not done
+    return False
+
+
 def waiting_for_first_request(connection: Any) -> bool:
     """An HTTP/1.1 client connection that has not sent (the whole head of) its first request yet."""
     return getattr(connection, "_requests", None) == 0 and getattr(connection, "exchange", True) is None
@@ -218,7 +233,9 @@ class WorkerService(LabelgwService):
     def _install_drain(self) -> None:
         """The gateway's drain, except for the connections that have not sent their first request yet: a reload's old
         worker may have accepted one just before it stopped listening, its request still on the way. Such a
-        connection gets FIRST_REQUEST_GRACE seconds to send it; it is answered (with Connection: close) and closed."""
+        connection gets FIRST_REQUEST_GRACE seconds to send it; it is answered (with Connection: close) and closed.
+        One still in its TLS handshake then is left to finish it (up to the drain grace, when the gateway's drain
+        aborts whatever is left) and gets FIRST_REQUEST_GRACE from there: closing it would cut the handshake."""
         gateway = self.gateway
         clock = self.reactor
         original = gateway.drain
@@ -235,12 +252,27 @@ class WorkerService(LabelgwService):
             for connection in fresh:
                 connection.draining = True  # type: ignore[attr-defined]  # its response says Connection: close
 
-            def late() -> None:
-                for connection in fresh:
-                    if connection in gateway.connections:
+            def late(group: set[Any]) -> None:
+                shaking = set()
+                for connection in group:
+                    if connection not in gateway.connections:
+                        continue
+                    if handshake_pending(connection):
+                        shaking.add(connection)
+                    else:
                         connection.drain()  # still nothing: closed; a request in progress: closed after it
+                if shaking:
+                    clock.callLater(HANDSHAKE_POLL, handshakes, shaking)
 
-            clock.callLater(min(FIRST_REQUEST_GRACE, grace), late)
+            def handshakes(group: set[Any]) -> None:
+                live = {connection for connection in group if connection in gateway.connections}
+                done = {connection for connection in live if not handshake_pending(connection)}
+                if done:
+                    clock.callLater(FIRST_REQUEST_GRACE, late, done)
+                if live - done and gateway.connections:
+                    clock.callLater(HANDSHAKE_POLL, handshakes, live - done)
+
+            clock.callLater(min(FIRST_REQUEST_GRACE, grace), late, fresh)
             if not done.called:
                 return done  # the gateway's waiter covers them (and aborts them at the grace)
             closed: Deferred[None] = Deferred()

@@ -238,3 +238,45 @@ def test_a_worker_applies_the_supervisors_cut_and_resume_and_reports_its_windows
     link.send_windows()
     link.send_windows()  # nothing new: nothing sent
     assert replies(transport) == [("windows", {("api", "v2"): (1, 1, {bucket_of(0.01): 1})})]
+
+
+def test_the_supervisor_merges_the_workers_windows_and_pushes_its_cut_to_every_worker() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from labelgw.cli.config import Settings
+    from labelgw.workers import supervisor as sup
+    from test_workers_protocol import FakeProcessTransport
+
+    reactor = MemoryReactorClock()
+    reactor.advance(1000.0)
+    settings = Settings(http=("tcp:0:interface=127.0.0.1",), https=(), admin="tcp:0:interface=127.0.0.1",
+                        docker=False, access_log="off")
+    service = sup.SupervisorService(settings, reactor, 2, ["--workers", "2"])
+    # The admin listener's resume goes through the analyzer that tells the workers.
+    assert service.admin is not None and service.admin.factory.resource._canary is service.canary
+    processes: list[sup.WorkerProcess] = []
+
+    def spawn(process: sup.WorkerProcess, worker_id: int, generation: int) -> None:
+        process.makeConnection(FakeProcessTransport(worker_id))  # type: ignore[arg-type]
+        processes.append(process)
+
+    service.pool._spawn = spawn
+    service.pool.start()
+    for item in (spec("v1-a", "v1"), spec("v2-a", "v2", 20.0, 0.05)):
+        service.registry.apply(item.container_id, item)
+    for process in processes:
+        World.ready(process)
+    hist = {bucket_of(0.01): 12}
+    for process in processes:
+        World.say(process, ("windows", {("api", "v1"): (12, 0, hist), ("api", "v2"): (12, 6, hist)}))
+    for process in processes:
+        pushed = [m for m in World.sent(process) if m[0] == "canary"]
+        assert len(pushed) == 1 and pushed[0][2:4] == ("api", "v2") and "error rate 50.0 %" in pushed[0][4]
+    assert service.registry.services["api"].split.shares["v2"] == 0.0  # type: ignore[union-attr]
+    # A worker started now (a restart) is told the cut right after its state.
+    service.pool._start(3, 1)
+    assert [m[0] for m in World.sent(processes[-1])] == ["state", "canary"]
+    # Resume from the admin listener: pushed to every worker of the pool.
+    assert service.canary.resume(service.registry.services["api"], "v2")
+    for process in processes[:2]:
+        assert World.sent(process)[-1][0] == "canary" and World.sent(process)[-1][2:] == ("api", "v2", None)

@@ -864,12 +864,13 @@ class SupervisorService(LabelgwService):
         if rebalancer is not None and rebalancer.running:
             rebalancer.stop()
         stopping = self.pool.stop()
-
-        def close(_: Any) -> Deferred[Any]:
-            held, self.held = self.held, []
-            return DeferredList([h.stopService() for h in held], consumeErrors=True)
-
-        stopping.addCallback(close)
+        # The listening sockets closed now, not once the workers have drained: the workers stop accepting at once,
+        # and a socket still held here would keep taking connections into a queue nobody accepts, reset when it
+        # finally closes; closed, a new connection is refused at once (a load balancer or client tries elsewhere).
+        # A socket a service manager holds too (systemd socket activation) stays open for the next supervisor.
+        held, self.held = self.held, []
+        closed = DeferredList([h.stopService() for h in held], consumeErrors=True)
+        stopping.addCallback(lambda _: closed)
         stopping.addCallback(lambda _: LabelgwService.stopService(self))
         stopping.addErrback(lambda failure: self._log.failure("while stopping the workers", failure))
         return stopping

@@ -232,8 +232,12 @@ def test_a_worker_applies_the_supervisors_cut_and_resume_and_reports_its_windows
     link.dataReceived(encode(("canary", 4, "nosuch", "v2", "x")))  # unknown: acknowledged, nothing else
     assert [reply[:2] for reply in replies(transport)] == [("ack", 2), ("ack", 3), ("ack", 4)]
     # The exchanges feed the worker's analyzer; the link sends what ended every CANARY_INTERVAL.
-    transport.clear()
     backend = pool.backends["v2-a"]
+    # Not before the supervisor said it reads them (a supervisor of older code, kept by a reload, would not).
+    app.gateway.canary.observe(pool, backend, 1000.0, 0.01, True)
+    link.send_windows()
+    link.dataReceived(encode(("windows_wanted", 5)))
+    transport.clear()
     app.gateway.canary.observe(pool, backend, 1000.0, 0.01, True)
     link.send_windows()
     link.send_windows()  # nothing new: nothing sent
@@ -275,7 +279,7 @@ def test_the_supervisor_merges_the_workers_windows_and_pushes_its_cut_to_every_w
     assert service.registry.services["api"].split.shares["v2"] == 0.0  # type: ignore[union-attr]
     # A worker started now (a restart) is told the cut right after its state.
     service.pool._start(3, 1)
-    assert [m[0] for m in World.sent(processes[-1])] == ["state", "canary"]
+    assert [m[0] for m in World.sent(processes[-1])] == ["state", "windows_wanted", "canary"]
     # Resume from the admin listener: pushed to every worker of the pool.
     assert service.canary.resume(service.registry.services["api"], "v2")
     for process in processes[:2]:

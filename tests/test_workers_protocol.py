@@ -465,9 +465,10 @@ def test_supervisor_pushes_registry_changes_and_health(tmp_path: Any) -> None:
     backend.health_state = "healthy"
     service._backend_state_changed(pool, backend)
     for process in processes:
-        kinds = [m[0] for m in World.sent(process)]
-        assert kinds == ["state", "op", "health"]
-        assert World.sent(process)[2][2:] == ("api", "c1", "healthy")
+        # (after the state, "windows_wanted": labelgw.workers.canary)
+        sent = [m for m in World.sent(process) if m[0] != "windows_wanted"]
+        assert [m[0] for m in sent] == ["state", "op", "health"]
+        assert sent[2][2:] == ("api", "c1", "healthy")
     # The state a new worker starts from: the containers (static ones excluded), health, ejections.
     specs, health, ejections = service.snapshot()
     assert [cid for cid, _ in specs] == ["c1"] and health == [("api", "c1", "healthy")] and ejections == []

@@ -18,6 +18,8 @@ Supervisor to worker (fd 0 of the worker):
 - ``("eject", seq, service, key, seconds)``: another worker ejected a backend (outlier detection);
 - ``("limits", seq, service, rate, burst, inflight, pending)``: this worker's part of a service's rate limit and
   concurrency limit (None: that limit unchanged), rebalanced by the supervisor from the workers' demand;
+- ``("windows_wanted", seq)``: right after the state, this supervisor reads canary window reports (a worker of
+  newer code under a supervisor of older code, as after a reload, sends none);
 - ``("canary", seq, service, version, reason)``: the supervisor's canary analysis cut that version (reason: why)
   or lifted its cut (None) (labelgw.workers.canary); a new worker gets the cuts in force right after its state;
 - ``("stop",)``: stop accepting, finish the requests in flight (up to the drain grace) and exit.

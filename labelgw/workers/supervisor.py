@@ -739,7 +739,9 @@ class SupervisorService(LabelgwService):
         self.canary.add(self.registry, deltas)
 
     def _canary_state(self) -> list[Message]:
-        return [("canary", service, version, reason) for service, version, reason in self.canary.cuts(self.registry)]
+        """After a new worker's state: that this supervisor reads canary windows, and the cuts in force."""
+        cuts = [("canary", service, version, reason) for service, version, reason in self.canary.cuts(self.registry)]
+        return [("windows_wanted",), *cuts]
 
     def _ejected(self, worker: WorkerProcess, service: str, key: str, seconds: float) -> None:
         from labelgw.workers.worker import apply_ejection, find_backend

@@ -399,6 +399,8 @@ class SupervisorLink(Protocol):
         self._received = 0.0
         self._reporter: LoopingCall | None = None
         self._windows: LoopingCall | None = None
+        # The supervisor reads canary window reports ("windows_wanted" after the state).
+        self.windows_wanted = False
         app.on_ejected = self._ejected
 
     def connectionMade(self) -> None:
@@ -416,9 +418,10 @@ class SupervisorLink(Protocol):
         )
 
     def send_windows(self) -> None:
-        """What ended per (service, version) since the last time, for the supervisor's canary analysis."""
+        """What ended per (service, version) since the last time, for the supervisor's canary analysis (once it
+        said it reads them: a supervisor of older code, which a reload keeps, would log each as unknown)."""
         deltas = self.app.canary.take()
-        if deltas:
+        if deltas and self.windows_wanted:
             self.send(("windows", deltas))
 
     def send(self, message: Message) -> None:
@@ -481,6 +484,9 @@ class SupervisorLink(Protocol):
                 self.state_applied = True
                 app.start_accepting()
                 self.send(("ready", os.getpid()))
+        elif kind == "windows_wanted":
+            self.windows_wanted = True
+            self.ack(message[1])
         elif kind == "canary":
             # A cut the supervisor decided on the gateway's traffic (reason), or lifted (None).
             _, seq, service, version, reason = message
@@ -586,7 +592,8 @@ def main(argv: Sequence[str]) -> int:
 
         def last_report(_: Any) -> Deferred[None]:
             # The counters after the drain, so that the supervisor keeps all this worker counted; a moment for the
-            # pipe to take it before the reactor stops.
+            # pipe to take it before the reactor stops; the canary windows' last delta too.
+            link.send_windows()
             link.send_report()
             from twisted.internet.task import deferLater
 

@@ -139,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if read:
                     print(f"  of which until the last worker read it from its pipe: p50 "
                           f"{read[len(read) // 2] * 1000:.2f} ms, max {read[-1] * 1000:.2f} ms")
+                write = sorted(latency.get("recent_write", [])[-args.flips:])
+                if write:
+                    print(f"  of which the supervisor's writes to every worker: p50 "
+                          f"{write[len(write) // 2] * 1000:.2f} ms, max {write[-1] * 1000:.2f} ms")
             total = buckets[-1][1] if buckets else 0
             for bound, count in buckets:
                 print(f"  <= {bound:>6} s: {count:.0f} ({count / total * 100 if total else 0:.0f} %)")

@@ -181,7 +181,7 @@ def test_push_latency_is_the_last_workers_acknowledgement() -> None:
 
 
 def test_push_latency_ends_when_the_last_worker_applied_the_change_not_when_its_ack_is_read() -> None:
-    stamps = iter([100.0])
+    stamps = iter([100.0, 100.0002])  # the change; the end of its writes
     world = World(2)
     world.pool._stamp = lambda: next(stamps)
     world.pool.start()

@@ -245,6 +245,7 @@ class WorkerPool:
         self.push_recent: deque[float] = deque(maxlen=PUSH_RECENT)
         # Of those, the part until the last worker read the change from its pipe (the rest: applying it).
         self.push_read_recent: deque[float] = deque(maxlen=PUSH_RECENT)
+        self.write_recent: deque[float] = deque(maxlen=PUSH_RECENT)
         self.push_last: float | None = None
         # What exited workers counted (labelgw.workers.aggregate.carry): /metrics counters never go back.
         self.carried: dict[Any, float] = {}
@@ -295,6 +296,8 @@ class WorkerPool:
     def broadcast(self, kind: str, *fields: Any, exclude: WorkerProcess | None = None) -> int:
         """Send a change to every live worker (the retiring ones too: they still serve what they accepted)."""
         seq = self._next_seq()
+        # The change's time, before any write (a write may wake a worker that takes this process's core).
+        stamp = self._stamp() if self._stamp is not None else 0.0
         message = (kind, seq, *fields)
         data: bytes | None = None
         waiting: set[WorkerProcess] = set()
@@ -310,8 +313,9 @@ class WorkerPool:
         if waiting:
             if len(self._pending) >= MAX_PENDING:
                 self._pending.pop(next(iter(self._pending)))
-            stamp = self._stamp() if self._stamp is not None else 0.0
             self._pending[seq] = _Pending(self.clock.seconds(), stamp, waiting)
+            if self._stamp is not None:
+                self.write_recent.append(self._stamp() - stamp)
         return seq
 
     def received(self, process: WorkerProcess, message: Message) -> None:
@@ -535,6 +539,7 @@ class WorkerPool:
                 # The latest latencies, oldest first (at most PUSH_RECENT): for percentiles.
                 "recent": list(self.push_recent),
                 "recent_read": list(self.push_read_recent),
+                "recent_write": list(self.write_recent),
             },
         }
 

@@ -324,7 +324,7 @@ def test_a_worker_runs_no_acme_manager_and_serves_what_it_is_sent(tmp_path: Path
     renewed = make_certificate(NAME, now() - timedelta(minutes=1), timedelta(days=90))
     link.dataReceived(encode(("acme-http01", 3, "tok", None)) + encode(("acme-cert", 4, NAME, renewed.chain_pem,
                                                                            renewed.key_pem)))
-    assert replies(transport) == [("ack", 3), ("ack", 4)]
+    assert [reply[:2] for reply in replies(transport)] == [("ack", 3), ("ack", 4)]
     assert app.acme.http01_answer(b"tok") is None
     client = stdlib_handshake(app, NAME, ["http/1.1"])
     assert client.tls.getpeercert(binary_form=True) == renewed.certificate.public_bytes(serialization.Encoding.DER)
@@ -481,4 +481,4 @@ def test_a_worker_without_acme_still_acknowledges_acme_messages() -> None:
     app, link, transport, _ = worker_app()
     assert app.acme is None
     link.dataReceived(encode(("acme-http01", 5, "tok", "tok.thumb")))
-    assert replies(transport) == [("ack", 5)]
+    assert [reply[:2] for reply in replies(transport)] == [("ack", 5)]

@@ -125,4 +125,4 @@ def test_a_worker_applies_its_part_and_reports_its_demand() -> None:
     chain.ratelimit.limited = 5  # type: ignore[union-attr]
     assert app.limit_demand() == {"api": 35}
     assert app.limit_demand() == {"api": 0}
-    assert FrameDecoder().feed(transport.value())[-1] == ("ack", 2)
+    assert FrameDecoder().feed(transport.value())[-1][:2] == ("ack", 2)  # (then when it was applied)

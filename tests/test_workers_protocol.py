@@ -180,6 +180,55 @@ def test_push_latency_is_the_last_workers_acknowledgement() -> None:
     assert world.pool._pending == {} and world.pool.push_latency.count == 1
 
 
+def test_push_latency_ends_when_the_last_worker_applied_the_change_not_when_its_ack_is_read() -> None:
+    stamps = iter([100.0, 100.0002])  # the change; the end of its writes
+    world = World(2)
+    world.pool._stamp = lambda: next(stamps)
+    world.pool.start()
+    one, two = world.spawned
+    world.ready(one, two)
+    seq = world.pool.broadcast("health", "api", "c1", "unhealthy")
+    # Applied 1 ms and 3 ms after the change; the supervisor reads both acknowledgements 50 ms later.
+    world.clock.advance(0.05)
+    world.say(one, ("ack", seq, 100.001))
+    world.say(two, ("ack", seq, 100.003))
+    assert world.pool.push_last == pytest.approx(0.003)
+    assert world.pool.describe()["push_latency_seconds"]["recent"] == [pytest.approx(0.003)]
+
+
+class FlushingTransport(FakeProcessTransport):
+    """A process transport whose pipe to the child buffers until flushed, as Twisted's does."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(pid)
+        self.buffered: list[bytes] = []
+        outer = self
+
+        class Pipe:
+            def doWrite(self) -> None:
+                outer.written += outer.buffered
+                outer.buffered.clear()
+
+        self.pipes = {0: Pipe()}
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.buffered.append(data)
+
+
+def test_a_change_is_written_to_the_pipe_at_once_not_at_the_reactors_next_turn() -> None:
+    world = World(1)
+    world.spawn = lambda process, worker_id, generation: (  # type: ignore[method-assign]
+        process.makeConnection(FlushingTransport(1000)), world.spawned.append(process))
+    world.pool._spawn = world.spawn
+    world.pool.start()
+    (one,) = world.spawned
+    world.ready(one)
+    world.pool.broadcast("health", "api", "c1", "unhealthy")
+    transport = one.transport
+    assert transport.buffered == []  # type: ignore[union-attr]
+    assert [m[0] for m in world.sent(one)] == ["state", "health"]
+
+
 def test_a_worker_that_dies_is_restarted_and_the_log_says_why(caplog: Any) -> None:
     from twisted.logger import globalLogPublisher
 
@@ -353,7 +402,9 @@ def test_worker_serves_only_once_the_state_is_applied_and_acknowledges_each_chan
     link.dataReceived(data[5:])
     assert not app.registry.table.knows_host("api.localhost")
     assert not web.ready
-    assert replies(transport) == [("ack", 2), ("ack", 3)]
+    assert [reply[:2] for reply in replies(transport)] == [("ack", 2), ("ack", 3)]
+    # Each acknowledgement says when the change was applied (host-wide monotonic clock): push latency ends there.
+    assert all(isinstance(reply[2], float) for reply in replies(transport))
 
 
 def test_worker_applies_a_remote_ejection_and_reports_its_own() -> None:
@@ -414,9 +465,10 @@ def test_supervisor_pushes_registry_changes_and_health(tmp_path: Any) -> None:
     backend.health_state = "healthy"
     service._backend_state_changed(pool, backend)
     for process in processes:
-        kinds = [m[0] for m in World.sent(process)]
-        assert kinds == ["state", "op", "health"]
-        assert World.sent(process)[2][2:] == ("api", "c1", "healthy")
+        # (after the state, "windows_wanted": labelgw.workers.canary)
+        sent = [m for m in World.sent(process) if m[0] != "windows_wanted"]
+        assert [m[0] for m in sent] == ["state", "op", "health"]
+        assert sent[2][2:] == ("api", "c1", "healthy")
     # The state a new worker starts from: the containers (static ones excluded), health, ejections.
     specs, health, ejections = service.snapshot()
     assert [cid for cid, _ in specs] == ["c1"] and health == [("api", "c1", "healthy")] and ejections == []
@@ -487,3 +539,67 @@ def test_an_old_worker_answers_a_connection_accepted_just_before_it_stopped_list
     for protocol in (fresh, silent, idle):
         protocol.connectionLost(Failure(ProcessDone(0)))
     assert drained.called
+
+
+def test_an_old_workers_drain_lets_a_tls_handshake_in_progress_finish() -> None:
+    """A connection still in its TLS handshake when FIRST_REQUEST_GRACE is over is not closed (that would cut the
+    handshake): it finishes, then has FIRST_REQUEST_GRACE for its request, all within the drain grace."""
+    from twisted.internet.address import IPv4Address
+
+    from labelgw.http.server import ProxyFactory
+    from labelgw.workers.worker import FIRST_REQUEST_GRACE, HANDSHAKE_POLL
+
+    app, link, _, _ = worker_app()
+    link.dataReceived(encode(("state", 1, [], [], [])))
+    factory = ProxyFactory(app.gateway, b"https")
+
+    class TLSTransport(StringTransport):
+        """What the TLS layer is to the protocol behind it: its handshake state (labelgw.tls.stdtls's name)."""
+
+        _handshake_done = False
+
+        def unregisterProducer(self) -> None:
+            self.producer = None
+
+    def connect() -> tuple[Any, TLSTransport]:
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        transport = TLSTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    slow, slow_transport = connect()  # a handshake that takes 2.5 s
+    stuck, stuck_transport = connect()  # one that never finishes
+    drained = app.gateway.drain(10.0)
+    app.reactor.advance(FIRST_REQUEST_GRACE)
+    assert not slow_transport.disconnecting and not stuck_transport.disconnecting
+    for _ in range(15):
+        app.reactor.advance(HANDSHAKE_POLL)
+    slow_transport._handshake_done = True
+    app.reactor.advance(HANDSHAKE_POLL)
+    slow.dataReceived(b"GET / HTTP/1.1\r\nHost: unknown.localhost\r\n\r\n")
+    assert slow_transport.value().startswith(b"HTTP/1.1 404") and b"connection: close" in slow_transport.value().lower()
+    assert slow_transport.disconnecting
+    slow.connectionLost(Failure(ProcessDone(0)))
+    assert not drained.called and not stuck_transport.disconnecting
+    # The drain grace bounds the wait: the gateway's drain aborts what is left.
+    app.reactor.advance(10.0)
+    assert stuck_transport.disconnecting or stuck not in app.gateway.connections
+    stuck.connectionLost(Failure(ProcessDone(0)))
+    assert drained.called
+
+
+def test_handshake_pending_reads_either_tls_engines_state() -> None:
+    from labelgw.workers.worker import handshake_pending
+
+    class Done:
+        _handshake_done = True
+
+    class Twisteds:
+        _handshakeDone = False
+
+    class Plain:
+        pass
+
+    assert not handshake_pending(type("C", (), {"transport": Done()})())
+    assert handshake_pending(type("C", (), {"transport": Twisteds()})())
+    assert not handshake_pending(type("C", (), {"transport": Plain()})())

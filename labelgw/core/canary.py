@@ -140,6 +140,26 @@ class VersionWindow:
         hist[bucket] += 1
         self._hist[bucket] += 1
 
+    def add(self, now: float, requests: int, errors: int, hist: dict[int, int]) -> None:
+        """Several requests at once, counted at `now` (another process's window report: labelgw.workers.canary);
+        `hist`: bucket -> count (sparse, buckets in range)."""
+        if requests <= 0:
+            return
+        self.advance(now)
+        head = self._head
+        index = (head if head is not None else 0) % SLOTS
+        self._counts[index] += requests
+        self.requests += requests
+        self._errors[index] += errors
+        self.errors += errors
+        slot = self._hists[index]
+        if slot is None:
+            slot = self._hists[index] = [0] * BUCKETS
+        totals = self._hist
+        for bucket, count in hist.items():
+            slot[bucket] += count
+            totals[bucket] += count
+
     @property
     def error_rate(self) -> float:
         """Errors / requests in the window (0 without requests)."""

@@ -18,20 +18,28 @@ Supervisor to worker (fd 0 of the worker):
 - ``("eject", seq, service, key, seconds)``: another worker ejected a backend (outlier detection);
 - ``("limits", seq, service, rate, burst, inflight, pending)``: this worker's part of a service's rate limit and
   concurrency limit (None: that limit unchanged), rebalanced by the supervisor from the workers' demand;
-- ``("stop",)``: stop accepting, finish the requests in flight (up to the drain grace) and exit;
 - ``("acme-state", ...)`` (before ``state``), ``("acme-cert", ...)``, ``("acme-alpn", ...)``, ``("acme-http01", ...)``:
-  the ACME certificates and pending challenge answers of the supervisor's manager (labelgw.workers.certs).
+  the ACME certificates and pending challenge answers of the supervisor's manager (labelgw.workers.certs);
+- ``("windows_wanted", seq)``: right after the state, this supervisor reads canary window reports (a worker of
+  newer code under a supervisor of older code, as after a reload, sends none);
+- ``("canary", seq, service, version, reason)``: the supervisor's canary analysis cut that version (reason: why)
+  or lifted its cut (None) (labelgw.workers.canary); a new worker gets the cuts in force right after its state;
+- ``("stop",)``: stop accepting, finish the requests in flight (up to the drain grace) and exit.
 
 Worker to supervisor (fd 3 of the worker), built-in values only (the supervisor refuses any class: a worker parses
 hostile traffic, the supervisor must not run code a worker sends):
 - ``("ready", pid)``: listening (the inherited sockets adopted) with the state applied;
-- ``("ack", seq)``: a change applied (the supervisor measures the push latency from it);
+- ``("ack", seq, applied)``: a change applied, at `applied` (time.monotonic(), one clock for the host): the
+  supervisor measures the push latency to it (an ack without it: to its arrival);
 - ``("report", exposition, backends, demand)``: the worker's /metrics exposition (text), per-backend counters
   ``{key: (in_flight, requests, errors, ejections, consecutive_failures)}`` and, per service with a rate or
   concurrency limit, the requests it saw since the last report; sent every REPORT_INTERVAL;
 - ``("ejected", service, key, seconds)``: this worker ejected a backend;
 - ``("acme-on-demand", name)``: a handshake asked for a name under a public wildcard route that has no ACME
-  certificate (labelgw.workers.certs).
+  certificate (labelgw.workers.certs);
+- ``("windows", deltas)``: per (service, version), the requests that ended since the last one, their errors and
+  their latency histogram ``{(service, version): (requests, errors, {bucket: count})}``, every CANARY_INTERVAL
+  (labelgw.workers.canary), only when something ended.
 """
 
 from __future__ import annotations

@@ -14,9 +14,12 @@ rest of labelgw."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
+import time
+from collections import deque
 from typing import Any, Callable, Iterable, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -45,6 +48,8 @@ MAX_PENDING = 10_000
 FIRST_LISTENER_FD = 10
 # Upper bounds of the push latency histogram, seconds.
 PUSH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+# The latest push latencies kept for GET /workers (percentiles in the benchmark).
+PUSH_RECENT = 1000
 
 
 def describe_exit(reason: Any) -> str:
@@ -113,9 +118,19 @@ class WorkerProcess(ProcessProtocol):
         self.pool.started(self)
 
     def send(self, message: Message) -> None:
+        if self.transport is not None and self.alive:
+            self.write(encode(message))
+
+    def write(self, data: bytes) -> None:
+        """Write to the worker's pipe now, not at the reactor's next turn: Twisted buffers a write until the
+        reactor polls the pipe writable, and whatever else that turn runs (an admin request, a /metrics render,
+        other events) would delay the change by as much (issue 11's push latency tail)."""
         transport = self.transport
-        if transport is not None and self.alive:
-            transport.writeToChild(0, encode(message))
+        transport.writeToChild(0, data)  # type: ignore[union-attr]
+        pipe = getattr(transport, "pipes", {}).get(0)
+        if pipe is not None:
+            # A write error stays in the writer, which the reactor reports at its next turn as usual.
+            pipe.doWrite()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != 3:
@@ -162,11 +177,17 @@ class WorkerProcess(ProcessProtocol):
 
 
 class _Pending:
-    __slots__ = ("sent", "waiting")
+    __slots__ = ("sent", "stamp", "waiting", "applied", "read")
 
-    def __init__(self, sent: float, waiting: set[WorkerProcess]) -> None:
+    def __init__(self, sent: float, stamp: float, waiting: set[WorkerProcess]) -> None:
         self.sent = sent
+        # The change's time on the host-wide monotonic clock the workers stamp their application with.
+        self.stamp = stamp
         self.waiting = waiting
+        # The latest application so far (stamp clock), None while no worker said when; the latest read from the
+        # pipe (the rest is the worker's handling).
+        self.applied: float | None = None
+        self.read: float | None = None
 
 
 class WorkerPool:
@@ -187,14 +208,24 @@ class WorkerPool:
         drain_grace: Callable[[], float],
         on_report: Callable[[WorkerProcess, Message], None] = lambda worker, message: None,
         on_ejected: Callable[[WorkerProcess, str, str, float], None] = lambda worker, service, key, seconds: None,
+        stamp: Callable[[], float] | None = None,
+        on_windows: Callable[[WorkerProcess, Any], None] = lambda worker, deltas: None,
+        after_state: Callable[[], list[Message]] = lambda: [],
     ) -> None:
         self.clock = clock
+        # The clock a worker's acknowledgement is stamped with (time.monotonic: CLOCK_MONOTONIC is one clock for
+        # every process of the host); None: latency measured when the acknowledgement is read.
+        self._stamp = stamp
         self.count = count
         self._spawn = spawn
         self._snapshot = snapshot
         self._drain_grace = drain_grace
         self.on_report = on_report
         self.on_ejected = on_ejected
+        # A worker's canary window report (labelgw.workers.canary); the changes a new worker gets after its state
+        # (without their seq: numbered here).
+        self.on_windows = on_windows
+        self._after_state = after_state
         self.running = False
         self.generation = 0
         self.workers: dict[int, WorkerProcess] = {}
@@ -211,6 +242,10 @@ class WorkerPool:
         self._again_done: list[Deferred[bool]] = []
         # Push latency: from a change in the supervisor to its acknowledgement by the last worker that got it.
         self.push_latency = PushHistogram()
+        self.push_recent: deque[float] = deque(maxlen=PUSH_RECENT)
+        # Of those, the part until the last worker read the change from its pipe (the rest: applying it).
+        self.push_read_recent: deque[float] = deque(maxlen=PUSH_RECENT)
+        self.write_recent: deque[float] = deque(maxlen=PUSH_RECENT)
         self.push_last: float | None = None
         # What exited workers counted (labelgw.workers.aggregate.carry): /metrics counters never go back.
         self.carried: dict[Any, float] = {}
@@ -258,6 +293,8 @@ class WorkerPool:
         specs, health, ejections = self._snapshot()
         seq = self._next_seq()
         process.send(("state", seq, specs, health, ejections))
+        for kind, *fields in self._after_state():
+            process.send((kind, self._next_seq(), *fields))
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -266,6 +303,8 @@ class WorkerPool:
     def broadcast(self, kind: str, *fields: Any, exclude: WorkerProcess | None = None) -> int:
         """Send a change to every live worker (the retiring ones too: they still serve what they accepted)."""
         seq = self._next_seq()
+        # The change's time, before any write (a write may wake a worker that takes this process's core).
+        stamp = self._stamp() if self._stamp is not None else 0.0
         message = (kind, seq, *fields)
         data: bytes | None = None
         waiting: set[WorkerProcess] = set()
@@ -274,20 +313,22 @@ class WorkerPool:
                 continue
             if data is None:
                 data = encode(message)
-            process.transport.writeToChild(0, data)
+            process.write(data)
             # A worker still starting reads it once its interpreter is up: its start-up time is not push latency.
             if process.state != "starting":
                 waiting.add(process)
         if waiting:
             if len(self._pending) >= MAX_PENDING:
                 self._pending.pop(next(iter(self._pending)))
-            self._pending[seq] = _Pending(self.clock.seconds(), waiting)
+            self._pending[seq] = _Pending(self.clock.seconds(), stamp, waiting)
+            if self._stamp is not None:
+                self.write_recent.append(self._stamp() - stamp)
         return seq
 
     def received(self, process: WorkerProcess, message: Message) -> None:
         kind = message[0]
         if kind == "ack":
-            self._acked(process, message[1])
+            self._acked(process, message[1], *message[2:4])
             for observer in self.on_ack:
                 observer(process, message[1])
         elif kind == "report":
@@ -298,22 +339,39 @@ class WorkerPool:
         elif kind == "ejected":
             _, service, key, seconds = message
             self.on_ejected(process, service, key, seconds)
+        elif kind == "windows":
+            self.on_windows(process, message[1])
         elif kind in self.handlers:
             self.handlers[kind](process, message)
         else:
             self._log.warn("worker {worker}: unknown message {kind}", worker=process.id, kind=kind)
 
-    def _acked(self, process: WorkerProcess, seq: int) -> None:
+    def _acked(self, process: WorkerProcess, seq: int, applied: Any = None, read: Any = None) -> None:
+        """A worker applied change `seq` (at `applied` on the stamp clock, having read it at `read`, when it said)."""
         pending = self._pending.get(seq)
         if pending is None:
             return
         pending.waiting.discard(process)
+        if self._stamp is not None and isinstance(applied, float):
+            pending.applied = applied if pending.applied is None else max(pending.applied, applied)
+            if isinstance(read, float):
+                pending.read = read if pending.read is None else max(pending.read, read)
+        elif self._stamp is not None:
+            pending.applied = math.inf  # a worker that does not stamp: measured when its ack is read
         if not pending.waiting:
             del self._pending[seq]
-            self._observe(self.clock.seconds() - pending.sent)
+            if pending.applied is not None and pending.applied != math.inf:
+                # When the change took effect in the last worker, not when the supervisor got round to reading
+                # the acknowledgement (its reactor may be busy with an admin request meanwhile).
+                self._observe(max(0.0, pending.applied - pending.stamp))
+                if pending.read is not None:
+                    self.push_read_recent.append(max(0.0, pending.read - pending.stamp))
+            else:
+                self._observe(self.clock.seconds() - pending.sent)
 
     def _observe(self, latency: float) -> None:
         self.push_latency.observe(latency)
+        self.push_recent.append(latency)
         self.push_last = latency
         self.push_max = max(self.push_max, latency)
 
@@ -489,6 +547,10 @@ class WorkerPool:
             "push_latency_seconds": {
                 "last": self.push_last, "max": self.push_max, "count": self.push_latency.count,
                 "mean": (self.push_latency.total / self.push_latency.count) if self.push_latency.count else None,
+                # The latest latencies, oldest first (at most PUSH_RECENT): for percentiles.
+                "recent": list(self.push_recent),
+                "recent_read": list(self.push_read_recent),
+                "recent_write": list(self.write_recent),
             },
         }
 
@@ -557,7 +619,8 @@ class SupervisorService(LabelgwService):
             self.hold("https", settings.https)
         self.pool = WorkerPool(
             reactor, workers, self._spawn, self.snapshot, lambda: self.settings.drain_grace,
-            on_report=self._report, on_ejected=self._ejected,
+            on_report=self._report, on_ejected=self._ejected, stamp=time.monotonic,
+            on_windows=self._windows, after_state=self._canary_state,
         )
         self._tee_registry()
         self.acme_relay: Any = None
@@ -567,9 +630,20 @@ class SupervisorService(LabelgwService):
             # The ACME manager runs here only: its certificates and challenge answers go to every worker.
             self.acme_relay = AcmeRelay(self.pool, self.https.acme, reactor)
             self.acme_relay.install()
+        # Canary analysis on the whole gateway's traffic: the workers' windows merged here, cuts and resumes pushed
+        # to every worker (labelgw.workers.canary).
+        from labelgw.workers.canary import GatewayCanary
+
+        canary = self.canary = self.gateway.canary = GatewayCanary(settings.canary_window, reactor.seconds)
+        def push(service: str, version: str, reason: str | None) -> None:
+            self.pool.broadcast("canary", service, version, reason)
+
+        canary.on_change = push
         if self.admin is not None:
             # GET /workers on the admin listener: the workers, their restarts and the push latency.
             self.admin.factory.resource.workers = self.describe_workers
+            # POST /canary/<service>/<version>/resume: this analyzer, which tells every worker.
+            self.admin.factory.resource._canary = canary
 
     def _metrics_page(self) -> Any:
         """/metrics of the whole gateway: the supervisor's series and the workers' merged (labelgw.workers.aggregate)."""
@@ -582,7 +656,11 @@ class SupervisorService(LabelgwService):
             self.gateway, self.registry, lambda: self.watcher, self.docker_metrics,
             self.https.tls_factory, self.https.selector,
         )
-        registry = metrics.metrics_registry([WorkersCollector(own, lambda: getattr(self, "pool", None))])
+        from labelgw.workers.canary import CanaryCollector
+
+        registry = metrics.metrics_registry([
+            WorkersCollector(own, lambda: getattr(self, "pool", None)), CanaryCollector(self.registry, self.reactor.seconds),
+        ])
         return lambda: metrics.render(registry)
 
     def describe_workers(self) -> dict[str, Any]:
@@ -674,10 +752,19 @@ class SupervisorService(LabelgwService):
             setattr(registry, name, tee)
 
     def _backend_state_changed(self, pool: ServicePool, backend: Backend) -> None:
-        LabelgwService._backend_state_changed(self, pool, backend)
-        # Health is checked here only: each change goes to the workers (an ejection comes from them).
+        # Health is checked here only: each change goes to the workers (an ejection comes from them), before this
+        # process's own bookkeeping and log line, which serve nothing.
         if backend.spec.health_check is not None and pool.backends.get(backend.key) is backend:
             self.pool.broadcast("health", pool.name, backend.key, backend.health_state)
+        LabelgwService._backend_state_changed(self, pool, backend)
+
+    def _windows(self, worker: WorkerProcess, deltas: Any) -> None:
+        self.canary.add(self.registry, deltas)
+
+    def _canary_state(self) -> list[Message]:
+        """After a new worker's state: that this supervisor reads canary windows, and the cuts in force."""
+        cuts = [("canary", service, version, reason) for service, version, reason in self.canary.cuts(self.registry)]
+        return [("windows_wanted",), *cuts]
 
     def _ejected(self, worker: WorkerProcess, service: str, key: str, seconds: float) -> None:
         from labelgw.workers.worker import apply_ejection, find_backend
@@ -802,12 +889,13 @@ class SupervisorService(LabelgwService):
         if rebalancer is not None and rebalancer.running:
             rebalancer.stop()
         stopping = self.pool.stop()
-
-        def close(_: Any) -> Deferred[Any]:
-            held, self.held = self.held, []
-            return DeferredList([h.stopService() for h in held], consumeErrors=True)
-
-        stopping.addCallback(close)
+        # The listening sockets closed now, not once the workers have drained: the workers stop accepting at once,
+        # and a socket still held here would keep taking connections into a queue nobody accepts, reset when it
+        # finally closes; closed, a new connection is refused at once (a load balancer or client tries elsewhere).
+        # A socket a service manager holds too (systemd socket activation) stays open for the next supervisor.
+        held, self.held = self.held, []
+        closed = DeferredList([h.stopService() for h in held], consumeErrors=True)
+        stopping.addCallback(lambda _: closed)
         stopping.addCallback(lambda _: LabelgwService.stopService(self))
         stopping.addErrback(lambda failure: self._log.failure("while stopping the workers", failure))
         return stopping

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from twisted.application.service import Service
@@ -86,6 +87,21 @@ def apply_ejection(app: Any, pool: ServicePool, backend: Backend, seconds: float
 
 # Seconds a connection accepted just before a worker stopped listening has to send its first request.
 FIRST_REQUEST_GRACE = 1.0
+
+
+# Seconds between two looks at the connections an old worker's drain waits on for their TLS handshake.
+HANDSHAKE_POLL = 0.1
+
+
+def handshake_pending(connection: Any) -> bool:
+    """A client connection whose TLS handshake is still in progress (both TLS engines: labelgw.tls.stdtls and
+    Twisted's, whose protocols connect what is behind them when TCP connects, before the handshake)."""
+    transport = getattr(connection, "transport", None)
+    for name in ("_handshake_done", "_handshakeDone"):
+        done = getattr(transport, name, None)
+        if done is not None:
+            return not done
+    return False
 
 
 def waiting_for_first_request(connection: Any) -> bool:
@@ -176,6 +192,10 @@ class WorkerService(LabelgwService):
         self.share = share
         # Health is checked once, by the supervisor, which pushes each change: no probes here.
         self.health.disownServiceParent()
+        # Canary analysis is the supervisor's, on the whole gateway's traffic: this worker counts and follows.
+        from labelgw.workers.canary import WorkerCanary
+
+        self.canary = self.gateway.canary = WorkerCanary(settings.canary_window)
         self._install_scaling()
         self._install_drain()
         from labelgw.http.server import ProxyFactory
@@ -226,7 +246,9 @@ class WorkerService(LabelgwService):
     def _install_drain(self) -> None:
         """The gateway's drain, except for the connections that have not sent their first request yet: a reload's old
         worker may have accepted one just before it stopped listening, its request still on the way. Such a
-        connection gets FIRST_REQUEST_GRACE seconds to send it; it is answered (with Connection: close) and closed."""
+        connection gets FIRST_REQUEST_GRACE seconds to send it; it is answered (with Connection: close) and closed.
+        One still in its TLS handshake then is left to finish it (up to the drain grace, when the gateway's drain
+        aborts whatever is left) and gets FIRST_REQUEST_GRACE from there: closing it would cut the handshake."""
         gateway = self.gateway
         clock = self.reactor
         original = gateway.drain
@@ -243,12 +265,27 @@ class WorkerService(LabelgwService):
             for connection in fresh:
                 connection.draining = True  # type: ignore[attr-defined]  # its response says Connection: close
 
-            def late() -> None:
-                for connection in fresh:
-                    if connection in gateway.connections:
+            def late(group: set[Any]) -> None:
+                shaking = set()
+                for connection in group:
+                    if connection not in gateway.connections:
+                        continue
+                    if handshake_pending(connection):
+                        shaking.add(connection)
+                    else:
                         connection.drain()  # still nothing: closed; a request in progress: closed after it
+                if shaking:
+                    clock.callLater(HANDSHAKE_POLL, handshakes, shaking)
 
-            clock.callLater(min(FIRST_REQUEST_GRACE, grace), late)
+            def handshakes(group: set[Any]) -> None:
+                live = {connection for connection in group if connection in gateway.connections}
+                done = {connection for connection in live if not handshake_pending(connection)}
+                if done:
+                    clock.callLater(FIRST_REQUEST_GRACE, late, done)
+                if live - done and gateway.connections:
+                    clock.callLater(HANDSHAKE_POLL, handshakes, live - done)
+
+            clock.callLater(min(FIRST_REQUEST_GRACE, grace), late, fresh)
             if not done.called:
                 return done  # the gateway's waiter covers them (and aborts them at the grace)
             closed: Deferred[None] = Deferred()
@@ -371,7 +408,12 @@ class SupervisorLink(Protocol):
         self.stop = stop
         self.decoder = FrameDecoder()
         self.state_applied = False
+        # When the bytes being handled were read from the pipe (host-wide monotonic clock).
+        self._received = 0.0
         self._reporter: LoopingCall | None = None
+        self._windows: LoopingCall | None = None
+        # The supervisor reads canary window reports ("windows_wanted" after the state).
+        self.windows_wanted = False
         app.on_ejected = self._ejected
         if app.acme is not None:
             app.acme.send = self.send  # on-demand names (labelgw.workers.certs)
@@ -382,15 +424,35 @@ class SupervisorLink(Protocol):
         reporter.start(REPORT_INTERVAL, now=False).addErrback(
             lambda failure: self._log.failure("reporting to the supervisor", failure)
         )
+        from labelgw.workers.canary import CANARY_INTERVAL
+
+        windows = self._windows = LoopingCall(self.send_windows)
+        windows.clock = self.clock
+        windows.start(CANARY_INTERVAL, now=False).addErrback(
+            lambda failure: self._log.failure("reporting the canary windows to the supervisor", failure)
+        )
+
+    def send_windows(self) -> None:
+        """What ended per (service, version) since the last time, for the supervisor's canary analysis (once it
+        said it reads them: a supervisor of older code, which a reload keeps, would log each as unknown)."""
+        deltas = self.app.canary.take()
+        if deltas and self.windows_wanted:
+            self.send(("windows", deltas))
 
     def send(self, message: Message) -> None:
         if self.transport is not None:
             self.transport.write(encode(message))
 
+    def ack(self, seq: int) -> None:
+        """Change `seq` applied; when, on the host-wide monotonic clock (the supervisor's push latency is measured
+        to this moment, not to when it reads the acknowledgement), and when it was read from the pipe."""
+        self.send(("ack", seq, time.monotonic(), self._received))
+
     def send_report(self) -> None:
         self.send(self.app.report())
 
     def dataReceived(self, data: bytes) -> None:
+        self._received = time.monotonic()
         try:
             messages = self.decoder.feed(data)
         except (ProtocolError, Exception) as error:
@@ -411,19 +473,19 @@ class SupervisorLink(Protocol):
             _, seq, name, args = message
             if name in ("apply", "mark_down", "remove", "resync"):
                 getattr(registry, name)(*args)
-            self.send(("ack", seq))
+            self.ack(seq)
         elif kind == "health":
             _, seq, service, key, state = message
             app.set_health(service, key, state)
-            self.send(("ack", seq))
+            self.ack(seq)
         elif kind == "limits":
             _, seq, service, rate, burst, inflight, pending = message
             app.set_limits(service, rate, burst, inflight, pending)
-            self.send(("ack", seq))
+            self.ack(seq)
         elif kind == "eject":
             _, seq, service, key, seconds = message
             app.remote_ejection(service, key, seconds)
-            self.send(("ack", seq))
+            self.ack(seq)
         elif kind == "state":
             _, seq, specs, health, ejections = message[:5]
             for container_id, outcome in specs:
@@ -432,7 +494,7 @@ class SupervisorLink(Protocol):
                 app.set_health(service, key, state)
             for service, key, seconds in ejections:
                 app.remote_ejection(service, key, seconds)
-            self.send(("ack", seq))
+            self.ack(seq)
             if not self.state_applied:
                 self.state_applied = True
                 app.start_accepting()
@@ -442,7 +504,17 @@ class SupervisorLink(Protocol):
             # restart): the supervisor does not wait for this worker in vain.
             if app.acme is not None:
                 app.acme.receive(message)
-            self.send(("ack", message[1]))
+            self.ack(message[1])
+        elif kind == "windows_wanted":
+            self.windows_wanted = True
+            self.ack(message[1])
+        elif kind == "canary":
+            # A cut the supervisor decided on the gateway's traffic (reason), or lifted (None).
+            _, seq, service, version, reason = message
+            pool = registry.services.get(service)
+            if pool is not None:
+                app.canary.apply(pool, version, reason)
+            self.ack(seq)
         elif kind == "stop":
             self.stop("the supervisor asked")
         else:
@@ -452,8 +524,9 @@ class SupervisorLink(Protocol):
         self.send(("ejected", pool.name, backend.key, seconds))
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self._reporter is not None and self._reporter.running:
-            self._reporter.stop()
+        for loop in (self._reporter, self._windows):
+            if loop is not None and loop.running:
+                loop.stop()
         self.stop("the supervisor is gone")
 
 
@@ -540,7 +613,8 @@ def main(argv: Sequence[str]) -> int:
 
         def last_report(_: Any) -> Deferred[None]:
             # The counters after the drain, so that the supervisor keeps all this worker counted; a moment for the
-            # pipe to take it before the reactor stops.
+            # pipe to take it before the reactor stops; the canary windows' last delta too.
+            link.send_windows()
             link.send_report()
             from twisted.internet.task import deferLater
 

@@ -79,8 +79,8 @@ class Ticket:
                 exchange.on_done = self.done
         if chain.max_body is not None:
             exchange.body_limit = chain.max_body
-        if chain.headers is not None and chain.headers.response:
-            exchange.response_rules = chain.headers
+        if chain.response_rules is not None:
+            exchange.response_rules = chain.response_rules
         if chain.response_transforms:
             chain.transform(exchange)
         if self.fallback_reason is not None:
@@ -169,6 +169,38 @@ class Ticket:
             exchange.reject(503, f"service {name!r}: waited too long for a free slot (max_inflight)", b"Retry-After: 1\r\n")
 
 
+class Pass:
+    """The ticket of a chain that holds nothing per request (no auth, concurrency limit, breaker or fallback):
+    one per route, made once and handed to every request (no allocation per request). `bind` puts the chain's
+    per-exchange settings on the exchange; with no fallback, a service without a ready backend gets the
+    dispatcher's own 503, as `Ticket.divert` would give it."""
+
+    __slots__ = ("chain", "route")
+    fallback_reason: str | None = None
+
+    def __init__(self, chain: "Chain", route: Route) -> None:
+        self.chain = chain
+        self.route = route
+
+    def bind(self, exchange: Exchange) -> None:
+        chain = self.chain
+        if chain.max_body is not None:
+            exchange.body_limit = chain.max_body
+        if chain.response_rules is not None:
+            exchange.response_rules = chain.response_rules
+        if chain.response_transforms:
+            chain.transform(exchange)
+
+    def divert(self, gateway: Any, head: RequestHead, side: "RequestSide", close: bool) -> bool:
+        return False
+
+
+def _close(head: RequestHead) -> bool:
+    # As the dispatcher's: an answer without an exchange closes when a request body is unread (it would be taken
+    # for the next request) or the client asked to. Worked out only when the chain answers.
+    return head.has_body or not head.keep_alive
+
+
 def _diverted(ticket: Ticket, route: Route) -> Ticket | None:
     """After a fall_back from `enter`: the ticket when it now leads to the fallback service; None when the
     request was answered (a static fallback, or this service's own 503)."""
@@ -218,44 +250,61 @@ class Chain:
         self.plugin_steps = [(use.name, _plugin.make_step(use.name, use.parsed)) for use in spec.plugins]
         self.plugin_hooks = [step.response_head for _, step in self.plugin_steps if hasattr(step, "response_head")]
         self.response_transforms = spec.compress is not None or bool(self.plugin_hooks)
+        # Worked out here, not per request: the allowlist's admitted addresses (a set lookup per request), the rules
+        # each side applies (None: none), and whether a request's passage holds anything (`Pass` when it does not).
+        self._allowed = self.allow.allowed if self.allow is not None else None
+        headers = self.headers
+        self.request_rules = headers if headers is not None and headers.request else None
+        self.response_rules = headers if headers is not None and headers.response else None
+        self._stateless = spec.auth is None and spec.concurrency is None and spec.breaker is None and spec.fallback is None
+        self._pass: Pass | None = None
 
-    def enter(self, gateway: Any, head: RequestHead, side: "RequestSide", route: Route, close: bool) -> Ticket | None:
+    def enter(self, gateway: Any, head: RequestHead, side: "RequestSide", route: Route) -> "Ticket | Pass | None":
         """The request's ticket, or None when the chain answered it (429, 503, a static fallback)."""
-        if self.paths and not self._paths(head, side, close):
+        if self.paths and not self._paths(head, side):
             return None
-        now = self.clock.seconds()
         client_ip = head.client_ip or side.peer_ip
-        allow = self.allow
-        if allow is not None and not allow.allows(client_ip):
-            side.refuse(403, f"service {self.pool.name!r}: client address not allowed", close)
+        allowed = self._allowed
+        if allowed is not None and client_ip not in allowed and not self.allow.allows(client_ip):  # type: ignore[union-attr]
+            side.refuse(403, f"service {self.pool.name!r}: client address not allowed", _close(head))
             return None
         auth_wait = None
         auth = self.auth
         if auth is not None:
             checked = auth.check(head.field(b"authorization"))
             if checked is False:
-                side.refuse(401, "authentication required", close, auth.challenge)
+                side.refuse(401, "authentication required", _close(head), auth.challenge)
                 return None
             if checked is None:
-                side.refuse(503, "too many authentication checks in progress", close, b"Retry-After: 1\r\n")
+                side.refuse(503, "too many authentication checks in progress", _close(head), b"Retry-After: 1\r\n")
                 return None
             if checked is not True:
                 auth_wait = checked
         limiter = self.ratelimit
         if limiter is not None:
-            wait = limiter.allow(client_ip if self._key_is_ip else self._key(head, client_ip), now)  # type: ignore[misc]
+            wait = limiter.allow(client_ip if self._key_is_ip else self._key(head, client_ip), self.clock.seconds())  # type: ignore[misc]
             if wait:
                 _count(gateway, self.pool.name, head, 429)
-                side.refuse(429, f"rate limit of service {self.pool.name!r} exceeded", close, limiter.refusal_fields(wait))
+                side.refuse(
+                    429, f"rate limit of service {self.pool.name!r} exceeded", _close(head), limiter.refusal_fields(wait)
+                )
                 return None
         max_body = self.max_body
         if max_body is not None and head.content_length is not None and head.content_length > max_body:
             self.body_refused += 1
             side.refuse(413, f"request body over the limit of service {self.pool.name!r} ({max_body} bytes)", True)
             return None
-        headers = self.headers
-        if headers is not None and headers.request:
-            headers.apply_request(head)
+        request_rules = self.request_rules
+        if request_rules is not None:
+            request_rules.apply_request(head)
+        if self._stateless:
+            if self.plugin_steps and not self._plugins_pass(head, side):
+                return None
+            passage = self._pass
+            if passage is None or passage.route is not route:
+                passage = self._pass = Pass(self, route)
+            return passage
+        now = self.clock.seconds()
         ticket = Ticket(self, route)
         if auth_wait is not None:
             ticket.auth_wait = True
@@ -266,7 +315,8 @@ class Chain:
             verdict = breaker.admit(now)
             if verdict == DENY:
                 self.fall_back(
-                    ticket, gateway, head, side, close, BREAKER_OPEN, 503, "circuit breaker open", breaker.retry_after(now)
+                    ticket, gateway, head, side, _close(head), BREAKER_OPEN, 503, "circuit breaker open",
+                    breaker.retry_after(now),
                 )
                 return _diverted(ticket, route)
             ticket.probe = verdict == PROBE
@@ -282,24 +332,29 @@ class Chain:
                     breaker.abandon(ticket.probe)
                     ticket.probe = False
                 self.fall_back(
-                    ticket, gateway, head, side, close, CONCURRENCY_LIMIT, 503,
+                    ticket, gateway, head, side, _close(head), CONCURRENCY_LIMIT, 503,
                     f"too many requests in flight (max_inflight {concurrency.limit})", 1,
                 )
                 return _diverted(ticket, route)
-        if self.plugin_steps:
-            try:
-                answer = _plugin.run_request_steps(self.plugin_steps, head, side.peer_ip)
-            except Exception:
-                # A plugin's bug answers its own request with a 500; labelgw and other requests go on.
-                self._log.failure("service {service}: a plugin middleware failed", service=self.pool.name)
-                answer = _plugin.Answer(500, f"a plugin middleware of service {self.pool.name!r} failed")
-            if answer is not None:
-                ticket._release(observed=False)
-                side.refuse(answer.status, answer.message, close, answer.extra)
-                return None
+        if self.plugin_steps and not self._plugins_pass(head, side):
+            ticket._release(observed=False)
+            return None
         return ticket
 
-    def _paths(self, head: RequestHead, side: "RequestSide", close: bool) -> bool:
+    def _plugins_pass(self, head: RequestHead, side: "RequestSide") -> bool:
+        """The plugin middlewares' request steps: False when one answered the request."""
+        try:
+            answer = _plugin.run_request_steps(self.plugin_steps, head, side.peer_ip)
+        except Exception:
+            # A plugin's bug answers its own request with a 500; labelgw and other requests go on.
+            self._log.failure("service {service}: a plugin middleware failed", service=self.pool.name)
+            answer = _plugin.Answer(500, f"a plugin middleware of service {self.pool.name!r} failed")
+        if answer is None:
+            return True
+        side.refuse(answer.status, answer.message, _close(head), answer.extra)
+        return False
+
+    def _paths(self, head: RequestHead, side: "RequestSide") -> bool:
         """Redirect or rewrite by regex: False when the request was answered (the redirect, or 400)."""
         spec = self.spec
         search = self._redirect_search
@@ -308,12 +363,12 @@ class Chain:
         try:
             redirect = _rewrite.apply(spec.redirect, spec.rewrite, head)
         except PathRefused as error:
-            side.refuse(400, f"rewrite of service {self.pool.name!r}: {error.reason}", close)
+            side.refuse(400, f"rewrite of service {self.pool.name!r}: {error.reason}", _close(head))
             return False
         if redirect is None:
             return True
         status, location = redirect
-        side.refuse(status, "redirected", close, b"Location: %s\r\n" % location)
+        side.refuse(status, "redirected", _close(head), b"Location: %s\r\n" % location)
         return False
 
     def transform(self, exchange: Exchange) -> None:

@@ -251,10 +251,13 @@ class HeaderRules:
 
     def apply_request(self, head: RequestHead) -> None:
         if head.forward is not None:
-            needles = self._request_needles
-            if needles and _named_in(head.block, needles):
-                head.rewrite_fields(self._request_drop_lines, self._request_lines)
-            elif self._request_lines:
+            # _named_in, written out (a call less per request).
+            lowered = (b"\n" + head.block).lower()
+            for needle in self._request_needles:
+                if lowered.partition(needle)[1]:
+                    head.rewrite_fields(self._request_drop_lines, self._request_lines)
+                    return
+            if self._request_lines:
                 head.rewrite_fields(None, self._request_lines)
             return
         drop = self._request_drop
@@ -263,9 +266,12 @@ class HeaderRules:
 
     def apply_response(self, head: ResponseHead) -> bytes:
         if head.forward is not None:
-            needles = self._response_needles
-            if needles and _named_in(head.block, needles):
-                head.rewrite_fields(self._response_drop_lines, b"")
+            # _named_in, written out (a call less per request); `response` is set: there is a field to drop.
+            lowered = (b"\n" + head.block).lower()
+            for needle in self._response_needles:
+                if lowered.partition(needle)[1]:
+                    head.rewrite_fields(self._response_drop_lines, b"")
+                    break
             return self.response_lines
         drop = self._response_drop
         head.headers = [(name, value) for name, value in head.headers if name.lower() not in drop]

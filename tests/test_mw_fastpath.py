@@ -1,0 +1,167 @@
+"""The middleware chain's per-request shortcuts (issue 10's cost criterion) equal the plain forms they replace:
+the header rules' substring look before the line regex, the allowlist's set of admitted addresses, the rate
+limit's bucket arithmetic without min/max, and the one `Pass` a stateless chain hands every request."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from labelgw.core.middleware import RateLimitSpec, parse_middleware
+from labelgw.core.requestmw import parse_allow
+from labelgw.middleware import access
+from labelgw.middleware.access import Allowlist, _address, _lines_named, _named_in, _needles, _within
+from labelgw.middleware.chain import Pass, Ticket
+from labelgw.middleware.ratelimit import KeyedRateLimiter, TokenBucket
+from proxyharness import ProxyHarness, get, ok, spec
+
+# Names in any case, near misses (a longer name, the name as a value, after a space), and bytes a case fold could
+# confuse (no other byte folds to ASCII in a bytes pattern).
+_NAME_PARTS = st.sampled_from(
+    [b"x-env", b"X-Env", b"X-ENV", b"x-envoy", b"X-Env-2", b"server", b"SERVER", b"Server ", b" server", b"authorization",
+     b"Authorization", b"via", b"x", b"\xc5", b"\xe5", b"K", b"k", b"\xff", b":", b"\r\n", b"\n", b"\r", b"-", b"env"]
+)
+_BLOCKS = st.lists(_NAME_PARTS, max_size=12).map(b"".join)
+_DROP = st.sets(st.sampled_from([b"x-env", b"server", b"authorization", b"via", b"k"]), min_size=1, max_size=3)
+
+
+@settings(max_examples=500, deadline=None)
+@given(block=_BLOCKS, names=_DROP)
+def test_the_substring_look_finds_every_line_the_regex_would_drop(block: bytes, names: set[bytes]) -> None:
+    """Never a miss: when the line pattern matches, the substring look says so (then the pattern runs)."""
+    pattern = _lines_named(frozenset(names))
+    assert pattern is not None
+    if pattern.search(block) is not None:
+        assert _named_in(block, _needles(frozenset(names)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(lines=st.lists(st.tuples(_NAME_PARTS, st.sampled_from([b"1", b" v ", b""])), max_size=8), names=_DROP)
+def test_the_substring_look_equals_the_regex_on_well_formed_field_blocks(
+    lines: list[tuple[bytes, bytes]], names: set[bytes]
+) -> None:
+    """On blocks as the parser hands them (lines ending in CRLF), the look and the pattern agree both ways."""
+    block = b"".join(b"%s:%s\r\n" % (name.replace(b"\r", b"").replace(b"\n", b"").replace(b":", b""), value)
+                     for name, value in lines)
+    pattern = _lines_named(frozenset(names))
+    assert pattern is not None
+    assert _named_in(block, _needles(frozenset(names))) == (pattern.search(block) is not None)
+
+
+_IPV4 = st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)).encode())
+_IPV6 = st.integers(0, 2**128 - 1).map(lambda n: str(ipaddress.IPv6Address(n)).encode())
+_NEAR = st.sampled_from([b"10.0.0.9", b"10.255.255.255", b"11.0.0.0", b"127.0.0.1", b"::1", b"::2", b"::ffff:10.0.0.7",
+                         b"::ffff:11.0.0.7", b"2001:db8::5", b"2001:db9::", b"10.0.0.9:80", b"[::1]:80", b"", b"junk",
+                         b" 10.0.0.9", b"010.0.0.9"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(addresses=st.lists(st.one_of(_NEAR, _IPV4, _IPV6), max_size=40), cache=st.integers(1, 4))
+def test_the_allowlist_set_lookup_equals_the_cidr_check(addresses: list[bytes], cache: int) -> None:
+    """`ip in allowed or allows(ip)` (the chain's form) gives the CIDR check's verdict for every address, also
+    while the cache is cleared under it (a tiny cache here), and counts a refusal for each refused request."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(access, "_ADDRESS_CACHE", cache)
+        _check_allowlist(addresses)
+
+
+def _check_allowlist(addresses: list[bytes]) -> None:
+    allow = Allowlist(parse_allow("10.0.0.0/8,127.0.0.1/32,::1/128,2001:db8::/32"))
+    refused = 0
+    for address in addresses:
+        plain = (parsed := _address(address)) is not None and _within(parsed, allow.spec.networks)
+        fast = address in allow.allowed or allow.allows(address)
+        assert fast == plain
+        refused += not plain
+        assert allow.refused == refused
+        assert allow.allowed <= {a for a, verdict in allow._seen.items() if verdict}
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.tuples(st.sampled_from([b"a", b"b"]), st.floats(0, 2.0)), max_size=40),
+       per_second=st.sampled_from([0.5, 1.0, 3.0, 10.0]), burst=st.sampled_from([1.0, 2.0, 5.0]))
+def test_the_rate_limit_arithmetic_equals_the_token_bucket(
+    steps: list[tuple[bytes, float]], per_second: float, burst: float
+) -> None:
+    """KeyedRateLimiter.allow (min and max written out) leaves the same tokens and gives the same waits as
+    TokenBucket.take/wait, float for float."""
+    limiter = KeyedRateLimiter(RateLimitSpec(per_second, burst, per_second, 1.0, "ip", ""))
+    model: dict[bytes, TokenBucket] = {}
+    now = 1_000_000.0
+    for key, step in steps:
+        now += step
+        bucket = model.get(key)
+        if bucket is None or bucket.stamp <= now - burst / per_second:
+            bucket = model[key] = TokenBucket(burst, now)  # an expired bucket is a full one
+        allowed = bucket.take(per_second, burst, now)
+        wait = limiter.allow(key, now)
+        assert (wait == 0.0) == allowed
+        assert wait == (0.0 if allowed else bucket.wait(per_second))
+        assert limiter._buckets[key].tokens == bucket.tokens
+
+
+MW = {"ratelimit": "1000000/s", "headers.request.set.X-Env": "bench", "headers.response.remove": "X-Powered-By",
+      "allow": "10.0.0.0/8"}
+
+
+def _harness(labels: dict[str, str]) -> ProxyHarness:
+    from labelgw.core.registry import Registry
+    from labelgw.middleware.chain import MiddlewareManager
+
+    harness = ProxyHarness(specs=())
+    registry = Registry()
+    registry.add_listener(MiddlewareManager(harness.reactor, registry.services))
+    container = dataclasses.replace(spec("api-1", "api", 9001, ("api.localhost",)), middleware=parse_middleware(labels, "api"))
+    registry.apply(container.container_id, container)
+    harness.registry = registry
+    harness.gateway.table = registry.table
+    return harness
+
+
+def test_a_stateless_chain_hands_every_request_one_pass_and_applies_its_rules() -> None:
+    harness = _harness(MW)
+    chain = harness.registry.services["api"].middleware
+    assert chain is not None
+    client = harness.connect()
+    passes = []
+    for _ in range(3):
+        client.send(get(extra=b"x-ENV: spoofed\r\n"))
+        upstream = harness.upstreams[0] if harness.upstreams else harness.upstream().accept()
+        request = upstream.request()
+        assert request.all(b"x-env") == [b"bench"]
+        upstream.transport.clear()
+        upstream.send(ok(extra=b"X-POWERED-BY: php\r\nServer: nginx\r\n"))
+        response = client.responses()[-1]
+        assert response.status == 200 and response.header(b"x-powered-by") is None and response.header(b"server") == b"nginx"
+        passes.append(chain._pass)
+    assert isinstance(passes[0], Pass) and passes[0] is passes[1] is passes[2]
+    harness.assert_accounting()
+
+
+def test_a_chain_that_holds_something_still_makes_a_ticket_per_request() -> None:
+    harness = _harness({**MW, "max_inflight": "5"})
+    chain = harness.registry.services["api"].middleware
+    assert chain is not None and not chain._stateless
+    client = harness.connect()
+    client.send(get())
+    upstream = harness.upstream().accept()
+    upstream.send(ok())
+    assert client.response().status == 200
+    assert chain._pass is None and chain.concurrency is not None and chain.concurrency.active == 0
+    harness.assert_accounting()
+
+
+def test_a_refused_address_is_refused_with_the_close_a_body_needs() -> None:
+    harness = _harness({"allow": "192.168.0.0/16"})
+    client = harness.connect()
+    client.send(get(method=b"POST", extra=b"Content-Length: 3\r\n") + b"abc")
+    assert client.response().status == 403
+    assert client.closing  # the unread body would be taken for the next request
+    keep = harness.connect()
+    keep.send(get())
+    assert keep.response().status == 403 and not keep.closing
+    assert isinstance(Ticket, type)

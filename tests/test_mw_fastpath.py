@@ -32,24 +32,48 @@ _DROP = st.sets(st.sampled_from([b"x-env", b"server", b"authorization", b"via", 
 @settings(max_examples=500, deadline=None)
 @given(block=_BLOCKS, names=_DROP)
 def test_the_substring_look_finds_every_line_the_regex_would_drop(block: bytes, names: set[bytes]) -> None:
-    """Never a miss: when the line pattern matches, the substring look says so (then the pattern runs)."""
+    """Never a miss: when the line pattern matches, the substring look says so (then the pattern runs); a False
+    from the look is always right."""
     pattern = _lines_named(frozenset(names))
     assert pattern is not None
     if pattern.search(block) is not None:
         assert _named_in(block, _needles(frozenset(names)))
 
 
-@settings(max_examples=500, deadline=None)
-@given(lines=st.lists(st.tuples(_NAME_PARTS, st.sampled_from([b"1", b" v ", b""])), max_size=8), names=_DROP)
-def test_the_substring_look_equals_the_regex_on_well_formed_field_blocks(
-    lines: list[tuple[bytes, bytes]], names: set[bytes]
+_FIELD_NAMES = st.sampled_from([b"X-Env", b"x-env", b"X-ENV", b"x-envoy", b"xx-env", b"X-Env-2", b"Server", b"SERVER",
+                                 b"Authorization", b"Via", b"Accept", b"K", b"k"])
+_FIELD_VALUES = st.sampled_from([b"1", b" v ", b"", b"x-env: 2", b"server:", b"K"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.lists(st.tuples(_FIELD_NAMES, _FIELD_VALUES), max_size=8), names=_DROP,
+       add=st.sampled_from([b"", b"X-Env: bench\r\n"]))
+def test_header_rules_with_the_substring_look_equal_the_line_regex(
+    fields: list[tuple[bytes, bytes]], names: set[bytes], add: bytes
 ) -> None:
-    """On blocks as the parser hands them (lines ending in CRLF), the look and the pattern agree both ways."""
-    block = b"".join(b"%s:%s\r\n" % (name.replace(b"\r", b"").replace(b"\n", b"").replace(b":", b""), value)
-                     for name, value in lines)
-    pattern = _lines_named(frozenset(names))
-    assert pattern is not None
-    assert _named_in(block, _needles(frozenset(names))) == (pattern.search(block) is not None)
+    """apply_request/apply_response (the look first) leave the very head the plain form leaves: the line regex
+    run on every head (`rewrite_fields` with the pattern)."""
+    from labelgw.core.requestmw import HeadersSpec
+    from labelgw.http.parser import parse_request_head, parse_response_head
+    from labelgw.middleware.access import HeaderRules
+
+    wanted = sorted(names)
+    spec = HeadersSpec(((b"X-Env".decode(), "bench"),) if add else (), tuple(n.decode() for n in wanted),
+                       (), tuple(n.decode() for n in wanted))
+    rules = HeaderRules(spec, drop_authorization=False)
+    block = b"".join(b"%s:%s\r\n" % pair for pair in fields)
+    request = b"GET / HTTP/1.1\r\nHost: api.localhost\r\n" + block
+    fast, plain = parse_request_head(request[:-2]), parse_request_head(request[:-2])
+    assert fast.forward is not None and plain.forward is not None
+    rules.apply_request(fast)
+    plain.rewrite_fields(rules._request_drop_lines, rules._request_lines)
+    assert (fast.block, fast.forward, fast.headers) == (plain.block, plain.forward, plain.headers)
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + block
+    fast_r, plain_r = parse_response_head(response[:-2]), parse_response_head(response[:-2])
+    assert fast_r.forward is not None and plain_r.forward is not None
+    assert rules.apply_response(fast_r) == rules.response_lines
+    plain_r.rewrite_fields(rules._response_drop_lines, b"")
+    assert (fast_r.block, fast_r.forward, fast_r.headers) == (plain_r.block, plain_r.forward, plain_r.headers)
 
 
 _IPV4 = st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)).encode())

@@ -252,7 +252,7 @@ class HeaderRules:
     def apply_request(self, head: RequestHead) -> None:
         if head.forward is not None:
             # _named_in, written out (a call less per request).
-            lowered = (b"\n" + head.block).lower()
+            lowered = head.block.lower()
             for needle in self._request_needles:
                 if lowered.partition(needle)[1]:
                     head.rewrite_fields(self._request_drop_lines, self._request_lines)
@@ -266,8 +266,8 @@ class HeaderRules:
 
     def apply_response(self, head: ResponseHead) -> bytes:
         if head.forward is not None:
-            # _named_in, written out (a call less per request); `response` is set: there is a field to drop.
-            lowered = (b"\n" + head.block).lower()
+            # _named_in, written out (a call less per request).
+            lowered = head.block.lower()
             for needle in self._response_needles:
                 if lowered.partition(needle)[1]:
                     head.rewrite_fields(self._response_drop_lines, b"")
@@ -279,15 +279,17 @@ class HeaderRules:
 
 
 def _needles(names: frozenset[bytes]) -> tuple[bytes, ...]:
-    """What `_named_in` looks for: each (lower-case) name after a line feed, with its colon."""
-    return tuple(b"\n" + name + b":" for name in sorted(names))
+    """What `_named_in` looks for: each (lower-case) name with its colon."""
+    return tuple(name + b":" for name in sorted(names))
 
 
 def _named_in(block: bytes, needles: tuple[bytes, ...]) -> bool:
-    """Does a field block have a line whose name is one of the needles' (case-insensitively)? True whenever the
-    `_lines_named` pattern would find a line (bytes patterns fold ASCII case only, as bytes.lower does; the LF put in
-    front stands for the start of the block). A substring search is cheap; the pattern runs only after a True."""
-    lowered = (b"\n" + block).lower()
+    """May a field block have a line named by one of the needles (case-insensitively)? True whenever the
+    `_lines_named` pattern would find a line: such a line holds "name:", and bytes patterns fold ASCII case only, as
+    bytes.lower does. Now and then True when it would not (a longer name ending in it, "name:" inside a value): the
+    pattern, which runs only after a True, decides. One lower() and a substring search each: a few hundred
+    instructions, no line-start anchor to try at every byte."""
+    lowered = block.lower()
     for needle in needles:
         if lowered.partition(needle)[1]:
             return True

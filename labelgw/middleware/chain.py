@@ -175,19 +175,24 @@ class Pass:
     per-exchange settings on the exchange; with no fallback, a service without a ready backend gets the
     dispatcher's own 503, as `Ticket.divert` would give it."""
 
-    __slots__ = ("chain", "route")
+    __slots__ = ("chain", "route", "response_rules", "_plain")
     fallback_reason: str | None = None
 
     def __init__(self, chain: "Chain", route: Route) -> None:
         self.chain = chain
         self.route = route
+        self.response_rules = chain.response_rules
+        # Nothing but the response rules to put on an exchange (no body limit, no response transform).
+        self._plain = chain.max_body is None and not chain.response_transforms
 
     def bind(self, exchange: Exchange) -> None:
+        if self._plain:
+            exchange.response_rules = self.response_rules
+            return
         chain = self.chain
         if chain.max_body is not None:
             exchange.body_limit = chain.max_body
-        if chain.response_rules is not None:
-            exchange.response_rules = chain.response_rules
+        exchange.response_rules = self.response_rules
         if chain.response_transforms:
             chain.transform(exchange)
 

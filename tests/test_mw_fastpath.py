@@ -189,3 +189,59 @@ def test_a_refused_address_is_refused_with_the_close_a_body_needs() -> None:
     keep.send(get())
     assert keep.response().status == 403 and not keep.closing
     assert isinstance(Ticket, type)
+
+
+class _NoMetrics:
+    metrics = None
+
+
+class _Side:
+    def __init__(self) -> None:
+        self.peer_ip = b""
+        self.refused: list[int] = []
+
+    def refuse(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
+        self.refused.append(status)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.tuples(st.sampled_from([b"10.0.0.1", b"10.0.0.2", b"10.0.0.3"]), st.floats(0, 1.5)),
+                      max_size=50),
+       limit=st.sampled_from(["1/s", "2/s", "10/s", "30/m"]), burst=st.sampled_from(["1", "2", "3"]),
+       max_keys=st.integers(1, 3))
+def test_the_chains_written_out_rate_limit_equals_keyed_rate_limiter_allow(
+    steps: list[tuple[bytes, float]], limit: str, burst: str, max_keys: int
+) -> None:
+    """Chain.enter's inlined common case and KeyedRateLimiter.allow: the same verdicts, and the same buckets (order,
+    tokens, stamps) after every request."""
+    from twisted.internet.task import Clock
+
+    from labelgw.core.backends import ServicePool
+    from labelgw.core.routes import Route
+    from labelgw.http.parser import parse_request_head
+    from labelgw.middleware.chain import Chain
+
+    spec = parse_middleware({"ratelimit": limit, "ratelimit.burst": burst}, "api")
+    assert spec is not None and spec.ratelimit is not None
+    clock = Clock()
+    clock.advance(1_000_000)
+    pool = ServicePool.__new__(ServicePool)
+    pool.name = "api"
+    chain = Chain(spec, pool, clock, {})
+    assert chain.ratelimit is not None
+    chain.ratelimit.max_keys = max_keys
+    model = KeyedRateLimiter(spec.ratelimit, max_keys=max_keys)
+    route = Route("api.localhost", "/", pool)
+    side = _Side()
+    for address, step in steps:
+        clock.advance(step)
+        side.peer_ip = address
+        head = parse_request_head(b"GET / HTTP/1.1\r\nHost: api.localhost")
+        allowed = model.allow(address, clock.seconds()) == 0.0
+        refused = len(side.refused)
+        ticket = chain.enter(_NoMetrics(), head, side, route)
+        assert (ticket is not None) == allowed
+        assert side.refused[refused:] == ([] if allowed else [429])
+        mine, theirs = chain.ratelimit._buckets, model._buckets
+        assert [(k, b.tokens, b.stamp) for k, b in mine.items()] == [(k, b.tokens, b.stamp) for k, b in theirs.items()]
+        assert chain.ratelimit.limited == model.limited

@@ -245,3 +245,36 @@ def test_the_chains_written_out_rate_limit_equals_keyed_rate_limiter_allow(
         mine, theirs = chain.ratelimit._buckets, model._buckets
         assert [(k, b.tokens, b.stamp) for k, b in mine.items()] == [(k, b.tokens, b.stamp) for k, b in theirs.items()]
         assert chain.ratelimit.limited == model.limited
+
+
+@settings(max_examples=200, deadline=None)
+@given(fields=st.lists(st.tuples(_FIELD_NAMES, _FIELD_VALUES), max_size=8), names=_DROP,
+       add=st.sampled_from(["", "bench"]))
+def test_the_chains_written_out_request_rules_equal_the_line_regex(
+    fields: list[tuple[bytes, bytes]], names: set[bytes], add: str
+) -> None:
+    """Chain.enter's inlined request rules leave the head the plain form (the line regex on every head) leaves."""
+    from twisted.internet.task import Clock
+
+    from labelgw.core.backends import ServicePool
+    from labelgw.core.routes import Route
+    from labelgw.http.parser import parse_request_head
+    from labelgw.middleware.chain import Chain
+
+    labels = {"headers.request.remove": ",".join(n.decode() for n in sorted(names))}
+    if add:
+        labels["headers.request.set.X-Env"] = add
+    spec = parse_middleware(labels, "api")
+    assert spec is not None
+    pool = ServicePool.__new__(ServicePool)
+    pool.name = "api"
+    chain = Chain(spec, pool, Clock(), {})
+    rules = chain.request_rules
+    assert rules is not None
+    side = _Side()
+    side.peer_ip = b"10.0.0.9"
+    request = b"GET / HTTP/1.1\r\nHost: api.localhost\r\n" + b"".join(b"%s:%s\r\n" % pair for pair in fields)
+    fast, plain = parse_request_head(request[:-2]), parse_request_head(request[:-2])
+    assert chain.enter(_NoMetrics(), fast, side, Route("api.localhost", "/", pool)) is not None
+    plain.rewrite_fields(rules._request_drop_lines, rules._request_lines)
+    assert (fast.block, fast.forward, fast.headers) == (plain.block, plain.forward, plain.headers)

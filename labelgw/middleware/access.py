@@ -248,6 +248,9 @@ class HeaderRules:
         # block) does not run at all.
         self._request_needles = _needles(self._request_drop)
         self._response_needles = _needles(self._response_drop)
+        # For the chain, which writes out apply_request's common case.
+        self.request_needles = self._request_needles
+        self.request_lines = self._request_lines
 
     def apply_request(self, head: RequestHead) -> None:
         if head.forward is not None:

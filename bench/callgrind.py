@@ -3,6 +3,7 @@
 a figure that does not move with the machine's load, for A/B comparisons on a shared machine.
 
     .venv/bin/python bench/callgrind.py [--only get|post] [--observability bare|default] [--requests 2000]
+        [--middleware]
 
 Runs inprocess.py under `valgrind --tool=callgrind` twice, with N and 2N requests (same warm-up, same start-up),
 and divides the difference of the two instruction totals by N: start-up and imports cancel out. PYTHONHASHSEED is
@@ -23,12 +24,14 @@ HERE = Path(__file__).resolve().parent
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 
-def instructions(requests: int, only: str, observability: str, python: str, without: str = "") -> int:
+def instructions(
+    requests: int, only: str, observability: str, python: str, without: str = "", middleware: bool = False
+) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         argv = [
             "valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", python, str(HERE / "inprocess.py"),
             "--only", only, "--runs", "1", "--requests", str(requests), "--observability", observability,
-            "--without", without,
+            "--without", without, *(["--middleware"] if middleware else []),
         ]
         env = dict(os.environ, PYTHONHASHSEED="0")
         done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
@@ -45,12 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--observability", choices=("bare", "default"), default="bare")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--without", default="", help="passed to inprocess.py: log, metrics")
+    parser.add_argument("--middleware", action="store_true", help="passed to inprocess.py: the labelgw-mw chain")
     args = parser.parse_args(argv)
     n = args.requests
-    small = instructions(n, args.only, args.observability, args.python, args.without)
-    large = instructions(2 * n, args.only, args.observability, args.python, args.without)
+    small = instructions(n, args.only, args.observability, args.python, args.without, args.middleware)
+    large = instructions(2 * n, args.only, args.observability, args.python, args.without, args.middleware)
     per_request = (large - small) / n
-    print(f"{args.only} ({args.observability}{' without ' + args.without if args.without else ''}): {per_request:,.0f} instructions per request "
+    what = args.observability + (" without " + args.without if args.without else "") + (", middleware" if args.middleware else "")
+    print(f"{args.only} ({what}): {per_request:,.0f} instructions per request "
           f"(callgrind, {n} vs {2 * n} requests: {small:,} / {large:,})")
     return 0
 

@@ -107,7 +107,7 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
     chain = service.middleware
     if chain is not None:
         # Rate limit, breaker, concurrency limit, fallback (labelgw.middleware.chain): may answer or divert.
-        ticket = chain.enter(gateway, head, side, route, _close(head))
+        ticket = chain.enter(gateway, head, side, route)
         if ticket is None:
             return None
         route = ticket.route

@@ -38,7 +38,7 @@ from labelgw.http.parser import RequestHead
 from labelgw.middleware.access import Allowlist, BasicAuth, HeaderRules
 from labelgw.middleware.breaker import DENY, PROBE, CircuitBreaker
 from labelgw.middleware.concurrency import ADMITTED, QUEUED, ConcurrencyLimiter
-from labelgw.middleware.ratelimit import KeyedRateLimiter, key_function
+from labelgw.middleware.ratelimit import _ONE, KeyedRateLimiter, key_function
 from labelgw.middleware import compress as _compress, plugin as _plugin, rewrite as _rewrite
 from labelgw.core.paths import PathRefused
 
@@ -79,8 +79,8 @@ class Ticket:
                 exchange.on_done = self.done
         if chain.max_body is not None:
             exchange.body_limit = chain.max_body
-        if chain.headers is not None and chain.headers.response:
-            exchange.response_rules = chain.headers
+        if chain.response_rules is not None:
+            exchange.response_rules = chain.response_rules
         if chain.response_transforms:
             chain.transform(exchange)
         if self.fallback_reason is not None:
@@ -169,6 +169,43 @@ class Ticket:
             exchange.reject(503, f"service {name!r}: waited too long for a free slot (max_inflight)", b"Retry-After: 1\r\n")
 
 
+class Pass:
+    """The ticket of a chain that holds nothing per request (no auth, concurrency limit, breaker or fallback):
+    one per route, made once and handed to every request (no allocation per request). `bind` puts the chain's
+    per-exchange settings on the exchange; with no fallback, a service without a ready backend gets the
+    dispatcher's own 503, as `Ticket.divert` would give it."""
+
+    __slots__ = ("chain", "route", "response_rules", "_plain")
+    fallback_reason: str | None = None
+
+    def __init__(self, chain: "Chain", route: Route) -> None:
+        self.chain = chain
+        self.route = route
+        self.response_rules = chain.response_rules
+        # Nothing but the response rules to put on an exchange (no body limit, no response transform).
+        self._plain = chain.max_body is None and not chain.response_transforms
+
+    def bind(self, exchange: Exchange) -> None:
+        if self._plain:
+            exchange.response_rules = self.response_rules
+            return
+        chain = self.chain
+        if chain.max_body is not None:
+            exchange.body_limit = chain.max_body
+        exchange.response_rules = self.response_rules
+        if chain.response_transforms:
+            chain.transform(exchange)
+
+    def divert(self, gateway: Any, head: RequestHead, side: "RequestSide", close: bool) -> bool:
+        return False
+
+
+def _close(head: RequestHead) -> bool:
+    # As the dispatcher's: an answer without an exchange closes when a request body is unread (it would be taken
+    # for the next request) or the client asked to. Worked out only when the chain answers.
+    return head.has_body or not head.keep_alive
+
+
 def _diverted(ticket: Ticket, route: Route) -> Ticket | None:
     """After a fall_back from `enter`: the ticket when it now leads to the fallback service; None when the
     request was answered (a static fallback, or this service's own 503)."""
@@ -218,44 +255,93 @@ class Chain:
         self.plugin_steps = [(use.name, _plugin.make_step(use.name, use.parsed)) for use in spec.plugins]
         self.plugin_hooks = [step.response_head for _, step in self.plugin_steps if hasattr(step, "response_head")]
         self.response_transforms = spec.compress is not None or bool(self.plugin_hooks)
+        # Worked out here, not per request: the allowlist's admitted addresses (a set lookup per request), the rules
+        # each side applies (None: none), and whether a request's passage holds anything (`Pass` when it does not).
+        self._allowed = self.allow.allowed if self.allow is not None else None
+        headers = self.headers
+        self.request_rules = headers if headers is not None and headers.request else None
+        self.response_rules = headers if headers is not None and headers.response else None
+        self._stateless = spec.auth is None and spec.concurrency is None and spec.breaker is None and spec.fallback is None
+        self._pass: Pass | None = None
 
-    def enter(self, gateway: Any, head: RequestHead, side: "RequestSide", route: Route, close: bool) -> Ticket | None:
+    def enter(self, gateway: Any, head: RequestHead, side: "RequestSide", route: Route) -> "Ticket | Pass | None":
         """The request's ticket, or None when the chain answered it (429, 503, a static fallback)."""
-        if self.paths and not self._paths(head, side, close):
+        if self.paths and not self._paths(head, side):
             return None
-        now = self.clock.seconds()
         client_ip = head.client_ip or side.peer_ip
-        allow = self.allow
-        if allow is not None and not allow.allows(client_ip):
-            side.refuse(403, f"service {self.pool.name!r}: client address not allowed", close)
+        allowed = self._allowed
+        if allowed is not None and client_ip not in allowed and not self.allow.allows(client_ip):  # type: ignore[union-attr]
+            side.refuse(403, f"service {self.pool.name!r}: client address not allowed", _close(head))
             return None
         auth_wait = None
         auth = self.auth
         if auth is not None:
             checked = auth.check(head.field(b"authorization"))
             if checked is False:
-                side.refuse(401, "authentication required", close, auth.challenge)
+                side.refuse(401, "authentication required", _close(head), auth.challenge)
                 return None
             if checked is None:
-                side.refuse(503, "too many authentication checks in progress", close, b"Retry-After: 1\r\n")
+                side.refuse(503, "too many authentication checks in progress", _close(head), b"Retry-After: 1\r\n")
                 return None
             if checked is not True:
                 auth_wait = checked
         limiter = self.ratelimit
         if limiter is not None:
-            wait = limiter.allow(client_ip if self._key_is_ip else self._key(head, client_ip), now)  # type: ignore[misc]
+            key = client_ip if self._key_is_ip else self._key(head, client_ip)  # type: ignore[misc]
+            now = self.clock.seconds()
+            # KeyedRateLimiter.allow's common case written out (a call less per request): a known key, no expiry
+            # due, a token there. Anything else goes through allow, on the bucket untouched (the same sum again).
+            bucket = limiter._buckets.get(key)
+            wait = 1.0
+            if bucket is not None and now < limiter._sweep_at:
+                tokens = bucket.tokens
+                elapsed = now - bucket.stamp
+                if elapsed > 0:
+                    tokens += elapsed * limiter.rate
+                    if tokens > limiter.burst:
+                        tokens = limiter.burst
+                if tokens >= _ONE:
+                    limiter._buckets.move_to_end(key)
+                    if elapsed > 0:
+                        bucket.stamp = now
+                    bucket.tokens = tokens - 1.0 if tokens > 1.0 else 0.0
+                    wait = 0.0
+            if wait:
+                wait = limiter.allow(key, now)
             if wait:
                 _count(gateway, self.pool.name, head, 429)
-                side.refuse(429, f"rate limit of service {self.pool.name!r} exceeded", close, limiter.refusal_fields(wait))
+                side.refuse(
+                    429, f"rate limit of service {self.pool.name!r} exceeded", _close(head), limiter.refusal_fields(wait)
+                )
                 return None
         max_body = self.max_body
         if max_body is not None and head.content_length is not None and head.content_length > max_body:
             self.body_refused += 1
             side.refuse(413, f"request body over the limit of service {self.pool.name!r} ({max_body} bytes)", True)
             return None
-        headers = self.headers
-        if headers is not None and headers.request:
-            headers.apply_request(head)
+        request_rules = self.request_rules
+        if request_rules is not None:
+            if head.forward is None:
+                request_rules.apply_request(head)
+            else:
+                # HeaderRules.apply_request's common case written out (a call less per request): none of the fields
+                # to drop is in the head, only the rule's lines are added; after a hit, apply_request does it all.
+                lowered = head.block.lower()
+                for needle in request_rules.request_needles:
+                    if lowered.partition(needle)[1]:
+                        request_rules.apply_request(head)
+                        break
+                else:
+                    if request_rules.request_lines:
+                        head.rewrite_fields(None, request_rules.request_lines)
+        if self._stateless:
+            if self.plugin_steps and not self._plugins_pass(head, side):
+                return None
+            passage = self._pass
+            if passage is None or passage.route is not route:
+                passage = self._pass = Pass(self, route)
+            return passage
+        now = self.clock.seconds()
         ticket = Ticket(self, route)
         if auth_wait is not None:
             ticket.auth_wait = True
@@ -266,7 +352,8 @@ class Chain:
             verdict = breaker.admit(now)
             if verdict == DENY:
                 self.fall_back(
-                    ticket, gateway, head, side, close, BREAKER_OPEN, 503, "circuit breaker open", breaker.retry_after(now)
+                    ticket, gateway, head, side, _close(head), BREAKER_OPEN, 503, "circuit breaker open",
+                    breaker.retry_after(now),
                 )
                 return _diverted(ticket, route)
             ticket.probe = verdict == PROBE
@@ -282,24 +369,29 @@ class Chain:
                     breaker.abandon(ticket.probe)
                     ticket.probe = False
                 self.fall_back(
-                    ticket, gateway, head, side, close, CONCURRENCY_LIMIT, 503,
+                    ticket, gateway, head, side, _close(head), CONCURRENCY_LIMIT, 503,
                     f"too many requests in flight (max_inflight {concurrency.limit})", 1,
                 )
                 return _diverted(ticket, route)
-        if self.plugin_steps:
-            try:
-                answer = _plugin.run_request_steps(self.plugin_steps, head, side.peer_ip)
-            except Exception:
-                # A plugin's bug answers its own request with a 500; labelgw and other requests go on.
-                self._log.failure("service {service}: a plugin middleware failed", service=self.pool.name)
-                answer = _plugin.Answer(500, f"a plugin middleware of service {self.pool.name!r} failed")
-            if answer is not None:
-                ticket._release(observed=False)
-                side.refuse(answer.status, answer.message, close, answer.extra)
-                return None
+        if self.plugin_steps and not self._plugins_pass(head, side):
+            ticket._release(observed=False)
+            return None
         return ticket
 
-    def _paths(self, head: RequestHead, side: "RequestSide", close: bool) -> bool:
+    def _plugins_pass(self, head: RequestHead, side: "RequestSide") -> bool:
+        """The plugin middlewares' request steps: False when one answered the request."""
+        try:
+            answer = _plugin.run_request_steps(self.plugin_steps, head, side.peer_ip)
+        except Exception:
+            # A plugin's bug answers its own request with a 500; labelgw and other requests go on.
+            self._log.failure("service {service}: a plugin middleware failed", service=self.pool.name)
+            answer = _plugin.Answer(500, f"a plugin middleware of service {self.pool.name!r} failed")
+        if answer is None:
+            return True
+        side.refuse(answer.status, answer.message, _close(head), answer.extra)
+        return False
+
+    def _paths(self, head: RequestHead, side: "RequestSide") -> bool:
         """Redirect or rewrite by regex: False when the request was answered (the redirect, or 400)."""
         spec = self.spec
         search = self._redirect_search
@@ -308,12 +400,12 @@ class Chain:
         try:
             redirect = _rewrite.apply(spec.redirect, spec.rewrite, head)
         except PathRefused as error:
-            side.refuse(400, f"rewrite of service {self.pool.name!r}: {error.reason}", close)
+            side.refuse(400, f"rewrite of service {self.pool.name!r}: {error.reason}", _close(head))
             return False
         if redirect is None:
             return True
         status, location = redirect
-        side.refuse(status, "redirected", close, b"Location: %s\r\n" % location)
+        side.refuse(status, "redirected", _close(head), b"Location: %s\r\n" % location)
         return False
 
     def transform(self, exchange: Exchange) -> None:

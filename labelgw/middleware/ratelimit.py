@@ -96,10 +96,13 @@ class KeyedRateLimiter:
         tokens = bucket.tokens
         elapsed = now - bucket.stamp
         if elapsed > 0:
-            tokens = min(self.burst, tokens + elapsed * self.rate)
+            # min(burst, ...) and max(0.0, ...) below, written out: no builtin calls per request.
+            tokens += elapsed * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
             bucket.stamp = now
         if tokens >= _ONE:
-            bucket.tokens = max(0.0, tokens - 1.0)
+            bucket.tokens = tokens - 1.0 if tokens > 1.0 else 0.0
             return 0.0
         bucket.tokens = tokens
         self.limited += 1

@@ -25,12 +25,13 @@ speaks only HTTP/2 (cleartext with prior knowledge, tests).
 from __future__ import annotations
 
 import re
+import struct
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -44,6 +45,8 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
+from h2.stream import H2Stream as _H2LibStream
+from h2.stream import StreamInputs
 from hyperframe.frame import GoAwayFrame
 from twisted.internet import error
 from twisted.internet.interfaces import IProtocolNegotiationFactory
@@ -57,6 +60,8 @@ from labelgw.http.exchange import Exchange
 from labelgw.http.framing import response_has_body
 from labelgw.http.h2fields import malformed_request, malformed_trailers
 from labelgw.http.headers import HOP_BY_HOP, MANAGED
+from labelgw.http.hpack import CachingDecoder
+from labelgw.http.hpack import Encoder as HpackEncoder
 from labelgw.http.logsafe import printable
 from labelgw.http.parser import MAX_HEADERS, RequestHead, ResponseHead
 from labelgw.http.server import ClientConnection, Gateway
@@ -98,6 +103,90 @@ _TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
 _FORWARD_FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 
 
+# Response frames are built here, not by h2 (its send_headers and send_data build frame objects, check and
+# serialize them: most of the cost of a small response). h2 still keeps the state: the stream's state machine is
+# moved as h2's own send methods move it (so h2 answers the client's later frames on that stream as before), the
+# flow-control windows are debited the same way, and the bytes go into the buffer its data_to_send empties, in
+# order with h2's own frames. These are h2 internals (H2Connection._data_to_send, .state_machine, H2Stream's
+# state_machine and outbound_flow_control_window): tests/test_internals.py checks them.
+_FRAME_HEAD = struct.Struct(">BHBBL")  # a 24-bit length (its high byte, its low 16 bits), type, flags, stream id
+_DATA_FRAME = 0x0
+_HEADERS_FRAME = 0x1
+_CONTINUATION_FRAME = 0x9
+_END_STREAM = 0x1
+_END_HEADERS = 0x4
+_SEND_HEADERS = StreamInputs.SEND_HEADERS
+_SEND_INFORMATIONAL = StreamInputs.SEND_INFORMATIONAL_HEADERS
+_SEND_DATA = StreamInputs.SEND_DATA
+_SEND_END_STREAM = StreamInputs.SEND_END_STREAM
+_CONNECTION_CLOSED = ConnectionState.CLOSED
+
+
+def send_headers_frames(conn: H2Connection, stream: _H2LibStream, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+    """HEADERS (and CONTINUATION past the peer's frame size) of a response head, as h2's send_headers would send
+    them; raises h2's StreamClosedError or ProtocolError where it would."""
+    if conn.state_machine.state is _CONNECTION_CLOSED:
+        raise ProtocolError("the connection is closed")
+    machine = stream.state_machine
+    # The first field is :status: 1xx is an interim head (it cannot end the stream).
+    machine.process_input(_SEND_INFORMATIONAL if fields[0][1][:1] == b"1" else _SEND_HEADERS)
+    block = conn.encoder.encode(fields)
+    if end:
+        machine.process_input(_SEND_END_STREAM)
+    out = conn._data_to_send
+    stream_id = stream.stream_id
+    flags = _END_STREAM if end else 0
+    size = len(block)
+    limit = conn.max_outbound_frame_size
+    pack = _FRAME_HEAD.pack
+    if size <= limit:
+        out += pack(size >> 16, size & 0xFFFF, _HEADERS_FRAME, flags | _END_HEADERS, stream_id)
+        out += block
+        return
+    kind = _HEADERS_FRAME
+    for at in range(0, size, limit):
+        piece = block[at : at + limit]
+        if at + limit >= size:
+            flags |= _END_HEADERS
+        out += pack(len(piece) >> 16, len(piece) & 0xFFFF, kind, flags, stream_id)
+        out += piece
+        kind, flags = _CONTINUATION_FRAME, 0
+
+
+def send_data_frame(conn: H2Connection, stream: _H2LibStream, data: bytes | memoryview, end: bool) -> None:
+    """One DATA frame within the windows (the caller checked them and the frame size), as h2's send_data would."""
+    if conn.state_machine.state is _CONNECTION_CLOSED:
+        raise ProtocolError("the connection is closed")
+    machine = stream.state_machine
+    machine.process_input(_SEND_DATA)
+    if end:
+        machine.process_input(_SEND_END_STREAM)
+    size = len(data)
+    stream.outbound_flow_control_window -= size
+    conn.outbound_flow_control_window -= size
+    out = conn._data_to_send
+    out += _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, _DATA_FRAME, _END_STREAM if end else 0, stream.stream_id)
+    out += data
+
+
+def send_window(conn: H2Connection, stream: _H2LibStream) -> int:
+    """What may be sent on `stream` now (h2's local_flow_control_window, without its look-up)."""
+    return min(conn.outbound_flow_control_window, stream.outbound_flow_control_window)
+
+
+class _ClosedStream:
+    """Stands for a stream h2 no longer keeps: it refuses what h2 would refuse on a closed stream."""
+
+    outbound_flow_control_window = 0
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.state_machine = self
+
+    def process_input(self, _input: StreamInputs) -> None:
+        raise StreamClosedError(self.stream_id)
+
+
 class H2Stream:
     """One HTTP/2 stream: a request for the dispatcher, then the client side of its exchange.
 
@@ -128,6 +217,9 @@ class H2Stream:
     def __init__(self, owner: "H2Protocol", stream_id: int, method: bytes) -> None:
         self.owner = owner
         self.stream_id = stream_id
+        # h2's own stream (created by the HEADERS that opened this one): the state the frames sent here move.
+        # One h2 already closed and forgot (opened and reset in the same read) refuses every frame.
+        self._lib: Any = owner.conn.streams.get(stream_id) or _ClosedStream(stream_id)
         self.method = method
         self.peer_ip = owner.peer_ip
         self.proto = owner.proto
@@ -367,7 +459,7 @@ class H2Stream:
         if owner.state is _CLOSED or self.gone:
             return False
         try:
-            owner.conn.send_headers(self.stream_id, fields, end_stream=end)
+            send_headers_frames(owner.conn, self._lib, fields, end)
         except (StreamClosedError, ProtocolError):
             # h2 closed the stream itself (for example after a stream error): it cannot be answered any more.
             self._reset(ErrorCodes.INTERNAL_ERROR)
@@ -386,7 +478,7 @@ class H2Stream:
             while self._send_frame():
                 pass
             if self.state is _ENDING and not self._queue:
-                owner.conn.end_stream(self.stream_id)
+                send_data_frame(owner.conn, self._lib, b"", True)
                 self._sent_all()
         except (StreamClosedError, ProtocolError):
             self._reset(ErrorCodes.INTERNAL_ERROR)
@@ -409,7 +501,8 @@ class H2Stream:
             return False
         owner = self.owner
         conn = owner.conn
-        window = conn.local_flow_control_window(self.stream_id)
+        lib = self._lib
+        window = send_window(conn, lib)
         if window <= 0:
             return False
         limit = min(window, conn.max_outbound_frame_size)
@@ -421,7 +514,7 @@ class H2Stream:
             self._queued -= size
             owner.queued_less(size)
             last = self.state is _ENDING and not queue
-            conn.send_data(self.stream_id, chunk, end_stream=last)
+            send_data_frame(conn, lib, chunk, last)
             if last:
                 self._sent_all()
                 return False
@@ -430,7 +523,7 @@ class H2Stream:
         queue[0] = view[limit:]
         self._queued -= limit
         owner.queued_less(limit)
-        conn.send_data(self.stream_id, view[:limit])
+        send_data_frame(conn, lib, view[:limit], False)
         return True
 
     def pump_one(self) -> bool:
@@ -618,7 +711,10 @@ class H2Protocol(DataProtocol):
                 SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_window_size,
             },
         )
-        conn.decoder.max_header_list_size = settings.max_header_list_size
+        # labelgw's HPACK (labelgw.http.hpack): static-table response heads, cached indexed-only request blocks.
+        # (h2's encoder and decoder attributes are not its documented API: tests/test_internals.py checks them.)
+        conn.encoder = HpackEncoder()  # type: ignore[assignment]
+        conn.decoder = CachingDecoder(settings.max_header_list_size)
         conn.initiate_connection()
         # The connection window covers every stream's window: a paused stream holding its window back never
         # stalls the others (nginx does the same).

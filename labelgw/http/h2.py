@@ -679,6 +679,8 @@ class H2Protocol(DataProtocol):
         # GOAWAY sent for a drain: streams above this id are refused.
         self._goaway_last: int | None = None
         self._resets: deque[float] = deque()
+        # Request blocks already checked and parsed (their fields and whether a body follows): the head to copy.
+        self._known_heads: dict[tuple[Any, bool], RequestHead] = {}
         self._idle_since = 0.0
         self._timer: Any = None
         # The write of this reactor turn, once streams answer together (flush_soon).
@@ -791,11 +793,15 @@ class H2Protocol(DataProtocol):
                 elif event.flow_controlled_length:
                     self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, RequestReceived):
-                why = malformed_request(event.headers)
-                if why is not None:
-                    self._malformed(why)
-                    return
-                self._request(event, starting)
+                # The same block again (h2load, a browser's repeated requests): checked and parsed once.
+                known = (tuple(event.headers), event.stream_ended is None)
+                template = self._known_heads.get(known)
+                if template is None:
+                    why = malformed_request(event.headers)
+                    if why is not None:
+                        self._malformed(why)
+                        return
+                self._request(event, starting, known, template)
             elif isinstance(event, StreamEnded):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
@@ -834,14 +840,25 @@ class H2Protocol(DataProtocol):
         self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=printable(problem))
         self._shut(ErrorCodes.PROTOCOL_ERROR)
 
-    def _request(self, event: RequestReceived, starting: list[tuple[H2Stream, RequestHead]]) -> None:
+    def _request(
+        self, event: RequestReceived, starting: list[tuple[H2Stream, RequestHead]],
+        known: tuple[Any, bool], template: RequestHead | None,
+    ) -> None:
         stream_id = event.stream_id
         if self._goaway_last is not None and stream_id > self._goaway_last:
             self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         self.requests += 1
         has_body = event.stream_ended is None
-        head = request_head(event.headers, has_body)
+        if template is not None:
+            head: RequestHead | tuple[int, str] = _copy_head(template)
+        else:
+            head = request_head(event.headers, has_body)
+            if isinstance(head, RequestHead) and len(head.block) <= _KNOWN_BLOCK:
+                known_heads = self._known_heads
+                if len(known_heads) >= _KNOWN_HEADS:
+                    known_heads.clear()
+                known_heads[known] = _copy_head(head)
         if isinstance(head, tuple):
             # A request h2 accepted that labelgw does not relay.
             method = next((value for name, value in event.headers if name == b":method"), b"")
@@ -889,9 +906,9 @@ class H2Protocol(DataProtocol):
         call, self._flush_call = self._flush_call, None
         if call is not None and call.active():
             call.cancel()
-        data = self.conn.data_to_send()
-        if data:
-            self.transport.write(data)
+        # (h2's buffer read first: data_to_send copies and replaces it even when empty.)
+        if self.conn._data_to_send:
+            self.transport.write(self.conn.data_to_send())
 
     def flush_soon(self) -> None:
         """Send what h2 holds. Inside dataReceived: at its end. While other streams are in flight, their upstreams'
@@ -1153,6 +1170,24 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
     elif content_length is not None:
         head.content_length = content_length
     return head
+
+
+# Known request heads kept per connection (h2load and browsers repeat a handful), each of a small block only.
+_KNOWN_HEADS = 8
+_KNOWN_BLOCK = 2048
+
+
+def _copy_head(head: RequestHead) -> RequestHead:
+    """A fresh head with what request_head set (the exchange adds to its own copy)."""
+    copy = RequestHead()
+    copy.method = head.method
+    copy.target = head.target
+    copy.host = head.host
+    copy.block = head.block
+    copy.forward = head.forward
+    copy.chunked = head.chunked
+    copy.content_length = head.content_length
+    return copy
 
 
 class H2Factory(Factory):

@@ -177,11 +177,14 @@ def send_window(conn: H2Connection, stream: _H2LibStream) -> int:
 class _ClosedStream:
     """Stands for a stream h2 no longer keeps: it refuses what h2 would refuse on a closed stream."""
 
-    outbound_flow_control_window = 0
-
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id
         self.state_machine = self
+
+    @property
+    def outbound_flow_control_window(self) -> int:
+        # As h2's local_flow_control_window for a stream it forgot: the stream is reset at once, not left waiting.
+        raise StreamClosedError(self.stream_id)
 
     def process_input(self, _input: StreamInputs) -> None:
         raise StreamClosedError(self.stream_id)

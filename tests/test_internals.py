@@ -4,7 +4,8 @@ Each set lives in one labelgw module:
 
 - labelgw/cli/reactor.py: EPollReactor's poll step, which LeanEPollReactor re-implements;
 - labelgw/http/fastwrite.py: a TCP transport's write queue and socket;
-- labelgw/http/h2.py: parts of h2's H2Connection that are not its documented API;
+- labelgw/http/h2.py: parts of h2's H2Connection and H2Stream that are not its documented API (the HPACK
+  coder attributes, the send buffer, the state machines and windows its own response framing moves);
 - labelgw/tls/deadlines.py: TLSMemoryBIOProtocol's handshake flag, the class its factory builds;
 - labelgw/cli/listeners.py: StreamServerEndpointService's synchronous start errors;
 - labelgw/tls/stdtls.py: CPython's C{SSLContext._wrap_bio} and C{SSLObject._sslobj} (the C object under SSLObject).
@@ -366,6 +367,95 @@ def test_event_fields_h2_py_reads() -> None:
     client.reset_stream(1, ErrorCodes.CANCEL)
     [reset] = [e for e in server.receive_data(client.data_to_send()) if isinstance(e, StreamReset)]
     assert reset.remote_reset and reset.stream_id == 1
+
+
+def test_the_hpack_encoder_and_decoder_are_attributes_h2_calls() -> None:
+    """h2.py puts labelgw.http.hpack's classes in H2Connection.encoder / .decoder: h2 encodes every header block it
+    sends with encoder.encode(headers), decodes every block it receives with decoder.decode(block, raw=True), sets
+    encoder.header_table_size on the peer's SETTINGS_HEADER_TABLE_SIZE and decoder.max_header_list_size."""
+    from h2.events import RequestReceived
+    from h2.settings import SettingCodes
+
+    from labelgw.http.hpack import CachingDecoder, Encoder
+
+    calls: list[str] = []
+
+    class SpyEncoder(Encoder):
+        def encode(self, headers: Any, huffman: bool = True) -> bytes:
+            calls.append("encode")
+            return super().encode(headers, huffman)
+
+    class SpyDecoder(CachingDecoder):
+        def decode(self, data: bytes, raw: bool = False) -> list[Any]:
+            calls.append(f"decode raw={raw}")
+            return super().decode(data, raw)
+
+    server, client = h2_pair()
+    assert hasattr(server, "encoder") and hasattr(server, "decoder")
+    server.encoder = SpyEncoder()
+    server.decoder = SpyDecoder(1000)
+    server.initiate_connection()
+    client.initiate_connection()
+    client.update_settings({SettingCodes.HEADER_TABLE_SIZE: 0})
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    assert server.encoder._size_update, "the client's new table size reached the encoder"
+    client.send_headers(1, REQUEST, end_stream=True)
+    [request] = [e for e in server.receive_data(client.data_to_send()) if isinstance(e, RequestReceived)]
+    assert list(request.headers) == REQUEST
+    server.send_headers(1, [(b":status", b"200")], end_stream=True)
+    client.receive_data(server.data_to_send())
+    assert calls == ["decode raw=True", "encode"]
+    assert server.decoder.max_header_list_size == 1000
+
+
+def test_response_frames_built_by_h2_py_move_h2s_state_as_its_send_methods_do() -> None:
+    """h2.py builds HEADERS, CONTINUATION and DATA itself (send_headers_frames, send_data_frame): it moves the h2
+    stream's state_machine with StreamInputs, debits outbound_flow_control_window on the stream and the
+    connection, reads state_machine.state and max_outbound_frame_size, and appends to _data_to_send."""
+    from h2.connection import ConnectionState
+    from h2.events import DataReceived, InformationalResponseReceived, ResponseReceived, StreamEnded
+    from h2.exceptions import StreamClosedError
+    from h2.stream import StreamInputs
+
+    from labelgw.http.h2 import send_data_frame, send_headers_frames, send_window
+    from labelgw.http.hpack import Encoder
+
+    assert {"SEND_HEADERS", "SEND_INFORMATIONAL_HEADERS", "SEND_DATA", "SEND_END_STREAM"} <= set(StreamInputs.__members__)
+    server, client = h2_pair()
+    server.encoder = Encoder()
+    server.initiate_connection()
+    client.initiate_connection()
+    client.receive_data(server.data_to_send())
+    client.send_headers(1, REQUEST, end_stream=True)
+    client.send_headers(3, REQUEST, end_stream=True)
+    server.receive_data(client.data_to_send())
+    assert isinstance(server._data_to_send, bytearray) and server.state_machine.state is not ConnectionState.CLOSED
+    stream = server.streams[1]
+    before = (server.outbound_flow_control_window, stream.outbound_flow_control_window)
+    assert send_window(server, stream) == min(before) == server.local_flow_control_window(1)
+    send_headers_frames(server, stream, [(b":status", b"103"), (b"link", b"</a>")], False)
+    # A head past the peer's frame size: HEADERS then CONTINUATION.
+    big = [(b":status", b"200"), (b"x-big", b"b" * (server.max_outbound_frame_size + 10))]
+    send_headers_frames(server, stream, big, False)
+    send_data_frame(server, stream, memoryview(b"hello"), False)
+    send_data_frame(server, stream, b"", True)
+    assert (server.outbound_flow_control_window, stream.outbound_flow_control_window) == (before[0] - 5, before[1] - 5)
+    assert stream.closed
+    with pytest.raises(StreamClosedError):
+        send_data_frame(server, stream, b"x", False)
+    send_headers_frames(server, server.streams[3], [(b":status", b"204")], True)
+    events = [e for e in client.receive_data(server.data_to_send()) if hasattr(e, "stream_id")]
+    kinds = [(type(e).__name__, e.stream_id) for e in events]
+    assert kinds == [
+        # The empty DATA that ends stream 1 is an (empty) DataReceived too, as after h2's own end_stream.
+        ("InformationalResponseReceived", 1), ("ResponseReceived", 1), ("DataReceived", 1), ("DataReceived", 1),
+        ("StreamEnded", 1), ("ResponseReceived", 3), ("StreamEnded", 3),
+    ]
+    assert isinstance(events[0], InformationalResponseReceived) and isinstance(events[1], ResponseReceived)
+    assert list(events[1].headers) == big
+    assert isinstance(events[2], DataReceived) and events[2].data == b"hello"
+    assert isinstance(events[4], StreamEnded)
 
 
 def test_a_hand_written_goaway_is_understood() -> None:

@@ -25,12 +25,13 @@ speaks only HTTP/2 (cleartext with prior knowledge, tests).
 from __future__ import annotations
 
 import re
+import struct
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -44,6 +45,8 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
+from h2.stream import H2Stream as _H2LibStream
+from h2.stream import StreamInputs
 from hyperframe.frame import GoAwayFrame
 from twisted.internet import error
 from twisted.internet.interfaces import IProtocolNegotiationFactory
@@ -57,6 +60,8 @@ from labelgw.http.exchange import Exchange
 from labelgw.http.framing import response_has_body
 from labelgw.http.h2fields import malformed_request, malformed_trailers
 from labelgw.http.headers import HOP_BY_HOP, MANAGED
+from labelgw.http.hpack import CachingDecoder
+from labelgw.http.hpack import Encoder as HpackEncoder
 from labelgw.http.logsafe import printable
 from labelgw.http.parser import MAX_HEADERS, RequestHead, ResponseHead
 from labelgw.http.server import ClientConnection, Gateway
@@ -98,6 +103,93 @@ _TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
 _FORWARD_FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 
 
+# Response frames are built here, not by h2 (its send_headers and send_data build frame objects, check and
+# serialize them: most of the cost of a small response). h2 still keeps the state: the stream's state machine is
+# moved as h2's own send methods move it (so h2 answers the client's later frames on that stream as before), the
+# flow-control windows are debited the same way, and the bytes go into the buffer its data_to_send empties, in
+# order with h2's own frames. These are h2 internals (H2Connection._data_to_send, .state_machine, H2Stream's
+# state_machine and outbound_flow_control_window): tests/test_internals.py checks them.
+_FRAME_HEAD = struct.Struct(">BHBBL")  # a 24-bit length (its high byte, its low 16 bits), type, flags, stream id
+_DATA_FRAME = 0x0
+_HEADERS_FRAME = 0x1
+_CONTINUATION_FRAME = 0x9
+_END_STREAM = 0x1
+_END_HEADERS = 0x4
+_SEND_HEADERS = StreamInputs.SEND_HEADERS
+_SEND_INFORMATIONAL = StreamInputs.SEND_INFORMATIONAL_HEADERS
+_SEND_DATA = StreamInputs.SEND_DATA
+_SEND_END_STREAM = StreamInputs.SEND_END_STREAM
+_CONNECTION_CLOSED = ConnectionState.CLOSED
+
+
+def send_headers_frames(conn: H2Connection, stream: _H2LibStream, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+    """HEADERS (and CONTINUATION past the peer's frame size) of a response head, as h2's send_headers would send
+    them; raises h2's StreamClosedError or ProtocolError where it would."""
+    if conn.state_machine.state is _CONNECTION_CLOSED:
+        raise ProtocolError("the connection is closed")
+    machine = stream.state_machine
+    # The first field is :status: 1xx is an interim head (it cannot end the stream).
+    machine.process_input(_SEND_INFORMATIONAL if fields[0][1][:1] == b"1" else _SEND_HEADERS)
+    block = conn.encoder.encode(fields)
+    if end:
+        machine.process_input(_SEND_END_STREAM)
+    out = conn._data_to_send
+    stream_id = stream.stream_id
+    flags = _END_STREAM if end else 0
+    size = len(block)
+    limit = conn.max_outbound_frame_size
+    pack = _FRAME_HEAD.pack
+    if size <= limit:
+        out += pack(size >> 16, size & 0xFFFF, _HEADERS_FRAME, flags | _END_HEADERS, stream_id)
+        out += block
+        return
+    kind = _HEADERS_FRAME
+    for at in range(0, size, limit):
+        piece = block[at : at + limit]
+        if at + limit >= size:
+            flags |= _END_HEADERS
+        out += pack(len(piece) >> 16, len(piece) & 0xFFFF, kind, flags, stream_id)
+        out += piece
+        kind, flags = _CONTINUATION_FRAME, 0
+
+
+def send_data_frame(conn: H2Connection, stream: _H2LibStream, data: bytes | memoryview, end: bool) -> None:
+    """One DATA frame within the windows (the caller checked them and the frame size), as h2's send_data would."""
+    if conn.state_machine.state is _CONNECTION_CLOSED:
+        raise ProtocolError("the connection is closed")
+    machine = stream.state_machine
+    machine.process_input(_SEND_DATA)
+    if end:
+        machine.process_input(_SEND_END_STREAM)
+    size = len(data)
+    stream.outbound_flow_control_window -= size
+    conn.outbound_flow_control_window -= size
+    out = conn._data_to_send
+    out += _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, _DATA_FRAME, _END_STREAM if end else 0, stream.stream_id)
+    out += data
+
+
+def send_window(conn: H2Connection, stream: _H2LibStream) -> int:
+    """What may be sent on `stream` now (h2's local_flow_control_window, without its look-up)."""
+    return min(conn.outbound_flow_control_window, stream.outbound_flow_control_window)
+
+
+class _ClosedStream:
+    """Stands for a stream h2 no longer keeps: it refuses what h2 would refuse on a closed stream."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.state_machine = self
+
+    @property
+    def outbound_flow_control_window(self) -> int:
+        # As h2's local_flow_control_window for a stream it forgot: the stream is reset at once, not left waiting.
+        raise StreamClosedError(self.stream_id)
+
+    def process_input(self, _input: StreamInputs) -> None:
+        raise StreamClosedError(self.stream_id)
+
+
 class H2Stream:
     """One HTTP/2 stream: a request for the dispatcher, then the client side of its exchange.
 
@@ -128,6 +220,9 @@ class H2Stream:
     def __init__(self, owner: "H2Protocol", stream_id: int, method: bytes) -> None:
         self.owner = owner
         self.stream_id = stream_id
+        # h2's own stream (created by the HEADERS that opened this one): the state the frames sent here move.
+        # One h2 already closed and forgot (opened and reset in the same read) refuses every frame.
+        self._lib: Any = owner.conn.streams.get(stream_id) or _ClosedStream(stream_id)
         self.method = method
         self.peer_ip = owner.peer_ip
         self.proto = owner.proto
@@ -367,7 +462,7 @@ class H2Stream:
         if owner.state is _CLOSED or self.gone:
             return False
         try:
-            owner.conn.send_headers(self.stream_id, fields, end_stream=end)
+            send_headers_frames(owner.conn, self._lib, fields, end)
         except (StreamClosedError, ProtocolError):
             # h2 closed the stream itself (for example after a stream error): it cannot be answered any more.
             self._reset(ErrorCodes.INTERNAL_ERROR)
@@ -386,7 +481,7 @@ class H2Stream:
             while self._send_frame():
                 pass
             if self.state is _ENDING and not self._queue:
-                owner.conn.end_stream(self.stream_id)
+                send_data_frame(owner.conn, self._lib, b"", True)
                 self._sent_all()
         except (StreamClosedError, ProtocolError):
             self._reset(ErrorCodes.INTERNAL_ERROR)
@@ -409,7 +504,8 @@ class H2Stream:
             return False
         owner = self.owner
         conn = owner.conn
-        window = conn.local_flow_control_window(self.stream_id)
+        lib = self._lib
+        window = send_window(conn, lib)
         if window <= 0:
             return False
         limit = min(window, conn.max_outbound_frame_size)
@@ -421,7 +517,7 @@ class H2Stream:
             self._queued -= size
             owner.queued_less(size)
             last = self.state is _ENDING and not queue
-            conn.send_data(self.stream_id, chunk, end_stream=last)
+            send_data_frame(conn, lib, chunk, last)
             if last:
                 self._sent_all()
                 return False
@@ -430,7 +526,7 @@ class H2Stream:
         queue[0] = view[limit:]
         self._queued -= limit
         owner.queued_less(limit)
-        conn.send_data(self.stream_id, view[:limit])
+        send_data_frame(conn, lib, view[:limit], False)
         return True
 
     def pump_one(self) -> bool:
@@ -586,6 +682,8 @@ class H2Protocol(DataProtocol):
         # GOAWAY sent for a drain: streams above this id are refused.
         self._goaway_last: int | None = None
         self._resets: deque[float] = deque()
+        # Request blocks already checked and parsed (their fields and whether a body follows): the head to copy.
+        self._known_heads: dict[tuple[Any, bool], RequestHead] = {}
         self._idle_since = 0.0
         self._timer: Any = None
         # The write of this reactor turn, once streams answer together (flush_soon).
@@ -618,7 +716,10 @@ class H2Protocol(DataProtocol):
                 SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_window_size,
             },
         )
-        conn.decoder.max_header_list_size = settings.max_header_list_size
+        # labelgw's HPACK (labelgw.http.hpack): static-table response heads, cached indexed-only request blocks.
+        # (h2's encoder and decoder attributes are not its documented API: tests/test_internals.py checks them.)
+        conn.encoder = HpackEncoder()  # type: ignore[assignment]
+        conn.decoder = CachingDecoder(settings.max_header_list_size)
         conn.initiate_connection()
         # The connection window covers every stream's window: a paused stream holding its window back never
         # stalls the others (nginx does the same).
@@ -695,11 +796,15 @@ class H2Protocol(DataProtocol):
                 elif event.flow_controlled_length:
                     self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, RequestReceived):
-                why = malformed_request(event.headers)
-                if why is not None:
-                    self._malformed(why)
-                    return
-                self._request(event, starting)
+                # The same block again (h2load, a browser's repeated requests): checked and parsed once.
+                known = (tuple(event.headers), event.stream_ended is None)
+                template = self._known_heads.get(known)
+                if template is None:
+                    why = malformed_request(event.headers)
+                    if why is not None:
+                        self._malformed(why)
+                        return
+                self._request(event, starting, known, template)
             elif isinstance(event, StreamEnded):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
@@ -738,14 +843,25 @@ class H2Protocol(DataProtocol):
         self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=printable(problem))
         self._shut(ErrorCodes.PROTOCOL_ERROR)
 
-    def _request(self, event: RequestReceived, starting: list[tuple[H2Stream, RequestHead]]) -> None:
+    def _request(
+        self, event: RequestReceived, starting: list[tuple[H2Stream, RequestHead]],
+        known: tuple[Any, bool], template: RequestHead | None,
+    ) -> None:
         stream_id = event.stream_id
         if self._goaway_last is not None and stream_id > self._goaway_last:
             self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         self.requests += 1
         has_body = event.stream_ended is None
-        head = request_head(event.headers, has_body)
+        if template is not None:
+            head: RequestHead | tuple[int, str] = _copy_head(template)
+        else:
+            head = request_head(event.headers, has_body)
+            if isinstance(head, RequestHead) and len(head.block) <= _KNOWN_BLOCK:
+                known_heads = self._known_heads
+                if len(known_heads) >= _KNOWN_HEADS:
+                    known_heads.clear()
+                known_heads[known] = _copy_head(head)
         if isinstance(head, tuple):
             # A request h2 accepted that labelgw does not relay.
             method = next((value for name, value in event.headers if name == b":method"), b"")
@@ -793,9 +909,9 @@ class H2Protocol(DataProtocol):
         call, self._flush_call = self._flush_call, None
         if call is not None and call.active():
             call.cancel()
-        data = self.conn.data_to_send()
-        if data:
-            self.transport.write(data)
+        # (h2's buffer read first: data_to_send copies and replaces it even when empty.)
+        if self.conn._data_to_send:
+            self.transport.write(self.conn.data_to_send())
 
     def flush_soon(self) -> None:
         """Send what h2 holds. Inside dataReceived: at its end. While other streams are in flight, their upstreams'
@@ -1057,6 +1173,24 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
     elif content_length is not None:
         head.content_length = content_length
     return head
+
+
+# Known request heads kept per connection (h2load and browsers repeat a handful), each of a small block only.
+_KNOWN_HEADS = 8
+_KNOWN_BLOCK = 2048
+
+
+def _copy_head(head: RequestHead) -> RequestHead:
+    """A fresh head with what request_head set (the exchange adds to its own copy)."""
+    copy = RequestHead()
+    copy.method = head.method
+    copy.target = head.target
+    copy.host = head.host
+    copy.block = head.block
+    copy.forward = head.forward
+    copy.chunked = head.chunked
+    copy.content_length = head.content_length
+    return copy
 
 
 class H2Factory(Factory):

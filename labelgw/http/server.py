@@ -15,8 +15,10 @@ from labelgw.http.dispatch import dispatch
 from labelgw.http.exchange import Exchange
 from labelgw.http.fastwrite import write_now
 from labelgw.http.headers import client_response_head, error_response
-from labelgw.http.framing import LAST_CHUNK, BodyReader, HttpError, encode_chunk, find_head_end, request_reader
-from labelgw.http.parser import RequestHead, ResponseHead, parse_request_head
+from labelgw.http.framing import (
+    LAST_CHUNK, BodyReader, HttpError, encode_chunk, find_head_end, request_reader,
+)
+from labelgw.http.parser import RequestHead, ResponseHead, parse_request_lines
 from labelgw.http.settings import ProxySettings
 from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move, sources
 from labelgw.http.transport import DataProtocol, GatewayConnection, Producer
@@ -266,7 +268,8 @@ class ClientConnection(DataProtocol):
                     self.set_paused("pipeline", True)
                     return
                 buffer = self._buffer
-                if buffer[:1] in (b"\r", b"\n"):
+                first = buffer[0]
+                if first == 13 or first == 10:
                     # RFC 9112 section 2.2: empty lines before a request line are ignored.
                     buffer = self._buffer = buffer.lstrip(b"\r\n")
                     if not buffer:
@@ -281,7 +284,8 @@ class ClientConnection(DataProtocol):
                             self._head_started = self.gateway.clock.seconds()
                             self._rearm(self.gateway.settings.head_timeout)
                         return
-                    head = parse_request_head(buffer[:end])
+                    # The head with its last line's CRLF: the parser needs no copy of it.
+                    head = parse_request_lines(buffer[: end + 2])
                 except HttpError as error:
                     self.send_error(error.status, error.reason, close=True)
                     return
@@ -303,14 +307,15 @@ class ClientConnection(DataProtocol):
         # The framing decision (labelgw.http.framing): None, with no object made, for the common request without a
         # body.
         reader = self._reader = request_reader(head)
-        if reader is not None:
-            self._move(_BODY)
-        else:
+        if reader is None:
             if self.state not in _TO_RESPONSE:
                 self._move(_RESPONSE)  # refused: raises StateError
             self.state = _RESPONSE
+            exchange.start()
+            return
+        self._move(_BODY)
         exchange.start()
-        if reader is not None and self.state is _BODY and self.exchange is exchange:
+        if self.state is _BODY and self.exchange is exchange:
             self._body_seen = self.gateway.clock.seconds()
             self._rearm_within(self.gateway.settings.body_timeout)
             if self._buffer:

@@ -204,18 +204,6 @@ class UpstreamConnection(DataProtocol):
         except OSError:
             return True
 
-    def park(self, now: float) -> None:
-        """The pool took this connection as idle at `now`: its timer must fire by the end of the idle timeout."""
-        self._idle_since = now
-        timer = self._timer
-        limit = self.pool.settings.upstream_idle_timeout
-        # Usually the pending timer is already due sooner and re-arms itself; only move it when it is not.
-        if timer is None:
-            self._arm(limit, now)
-        elif self._timer_at > now + limit:
-            timer.reset(limit)
-            self._timer_at = now + limit
-
     def _arm(self, delay: float, now: float) -> None:
         self._timer = self.pool.clock.callLater(delay, self._check_timers)
         self._timer_at = now + delay
@@ -464,7 +452,16 @@ class UpstreamPool:
             and len(backend.idle) < self.settings.max_idle_per_backend
         ):
             backend.idle.append(connection)
-            connection.park(self.clock.seconds())
+            # Idle from now: its timer must fire by the end of the idle timeout (usually the pending one is
+            # already due sooner and re-arms itself).
+            connection._idle_since = now = self.clock.seconds()
+            limit = self.settings.upstream_idle_timeout
+            timer = connection._timer
+            if timer is None:
+                connection._arm(limit, now)
+            elif connection._timer_at > now + limit:
+                timer.reset(limit)
+                connection._timer_at = now + limit
         elif connection.connected:
             connection.transport.loseConnection()
 

@@ -425,7 +425,7 @@ class Exchange:
             if not self.body_done:
                 upstream.reusable = False
             upstream.detach()
-        self._complete(failed=self._gateway_error)
+        self._complete(self._gateway_error)
 
     def upstream_failed(self, status: int, reason: str, retryable: bool = False) -> None:
         if self.finished:
@@ -548,7 +548,7 @@ class Exchange:
         access_log = gateway.access_log
         if access_log is not None:
             access_log.exchange(self, state, now)
-        self.client.exchange_done(self, close=self._client_close)
+        self.client.exchange_done(self, self._client_close)
 
     def _abort_upstream(self) -> None:
         upstream, self.upstream = self.upstream, None

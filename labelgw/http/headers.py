@@ -86,8 +86,14 @@ def client_response_head(response: ResponseHead, framing: bytes, close: bool, up
     """The response head labelgw sends the client. `framing` is the Content-Length or Transfer-Encoding line
     labelgw chose; hop-by-hop fields and those the upstream named in Connection are removed."""
     reason = response.status_line[9:]
-    parts = [b"HTTP/1.1 " + (reason if len(reason) > 3 else reason + b" ") + b"\r\n"]
     forward = response.forward
+    if forward is not None and not upgrade:
+        # Nearly every response: one join.
+        return b"".join((
+            b"HTTP/1.1 ", reason, b"\r\n" if len(reason) > 3 else b" \r\n", forward, framing,
+            b"Connection: close\r\n\r\n" if close else b"\r\n",
+        ))
+    parts = [b"HTTP/1.1 " + (reason if len(reason) > 3 else reason + b" ") + b"\r\n"]
     if forward is not None:
         parts.append(forward)
         if upgrade and response.upgrade is not None:

@@ -523,7 +523,12 @@ def parse_response_lines(data: bytes) -> ResponseHead:
         if content_length is not None:
             raise HttpError(502, "both Content-Length and Transfer-Encoding from upstream")
         response.chunked = True
-    if len(connection_values) == 1 and version == b"HTTP/1.1" and connection_values[0].lower() == b"keep-alive":
+    if not connection_values:
+        # No Connection field: _connection_options' first case, without the call.
+        if version != b"HTTP/1.1":
+            response.keep_alive = False
+        plain = True
+    elif len(connection_values) == 1 and version == b"HTTP/1.1" and connection_values[0].lower() == b"keep-alive":
         # "Connection: keep-alive" on HTTP/1.1 (what nginx and most servers send): no token names a field.
         response.connection_tokens = _KEEP_ALIVE_TOKENS
         plain = True

@@ -107,6 +107,10 @@ class Gateway:
                 done.callback(None)
 
 
+# Content-Length lines by value, made once (at most 4096 kept): the same few lengths answer most requests.
+_LENGTH_LINES: dict[int, bytes] = {}
+
+
 class ClientConnection(DataProtocol):
     """One HTTP/1.1 client connection: requests parsed and dispatched one at a time (pipelined ones wait), each
     served by an exchange to which this connection is the client side (L{labelgw.http.sides.ClientSide})."""
@@ -370,10 +374,15 @@ class ClientConnection(DataProtocol):
             self.transport.write(client_response_head(head, b"", close=False))
 
     def response_head(self, head: ResponseHead, body: bool, close: bool, extra: bytes) -> None:
-        if not body:
-            framing = b"Content-Length: %d\r\n" % head.content_length if head.content_length is not None else b""
-        elif head.content_length is not None:
-            framing = b"Content-Length: %d\r\n" % head.content_length
+        length = head.content_length
+        if length is not None:
+            framing = _LENGTH_LINES.get(length)
+            if framing is None:
+                framing = b"Content-Length: %d\r\n" % length
+                if len(_LENGTH_LINES) < 4096:
+                    _LENGTH_LINES[length] = framing
+        elif not body:
+            framing = b""
         elif self._request is not None and self._request.version == b"HTTP/1.1":
             # Chunked, or delimited by close upstream: chunked to the client keeps its connection alive.
             framing = b"Transfer-Encoding: chunked\r\n"

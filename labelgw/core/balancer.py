@@ -167,8 +167,10 @@ class WeightedResponseTime:
         else:
             sample = elapsed
             # Running mean over the first 32 successes, then an EWMA over about the last 32.
-            self._successes += 1
-            self._typical += (elapsed - self._typical) * max(0.03, 1.0 / self._successes)
+            self._successes = successes = self._successes + 1
+            # max(0.03, 1 / successes), without the builtin's call: this runs once per request.
+            rate = 1.0 / successes
+            self._typical += (elapsed - self._typical) * (rate if rate > 0.03 else 0.03)
         # A lower sample, even the first one after the starting guess, only pulls with the time-based weight:
         # one lucky fast request must not make a backend the favourite of a whole service (in the simulator,
         # trusting first samples raised the p99 of 128-backend services by a third).
@@ -178,8 +180,9 @@ class WeightedResponseTime:
             stats.estimate = current + sample * (1.0 - decay)
         stats.stamp = now
         stats.samples += 1
-        self._samples += 1
-        self._typical_estimate += (stats.estimate - self._typical_estimate) * max(0.01, 1.0 / self._samples)
+        self._samples = samples = self._samples + 1
+        rate = 1.0 / samples
+        self._typical_estimate += (stats.estimate - self._typical_estimate) * (rate if rate > 0.01 else 0.01)
 
     def on_ready(self, backend: Backend) -> None:
         """The backend (re)enters the ready set after an ejection or a failed health check: start it afresh."""

@@ -71,7 +71,8 @@ def _matching_form(path: str) -> str:
 def route_target(target: bytes) -> tuple[str, bytes]:
     """Split a request target (origin form, or ``*``) into the path to route on (matching form) and the target to
     forward (forwarded form, query as received). Raises PathRefused for a path labelgw refuses (a 400)."""
-    query = target.find(b"?")
+    # An int needle is a memchr; find() would parse its arguments first (most targets have no query).
+    query = target.find(b"?") if 63 in target else -1
     path = (target if query == -1 else target[:query]).decode("latin-1")
     if "%" not in path and "/." not in path and "//" not in path and "\\" not in path or path[:1] != "/":
         return path, target

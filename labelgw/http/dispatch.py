@@ -65,7 +65,8 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
         return None
     head.target = target
     # ACME HTTP-01 validations of labelgw's own orders, before routing and the HTTPS redirect (labelgw.tls.acme_http).
-    if path.startswith("/.well-known/acme-challenge/") and answer_http01(gateway, path, head, side):
+    # (The second character first: one comparison for nearly every path.)
+    if path[1:2] == "." and path.startswith("/.well-known/acme-challenge/") and answer_http01(gateway, path, head, side):
         return None
     route = gateway.table.lookup(host, path)
     # Plain HTTP answered with a 308 to HTTPS (--redirect-https, <prefix>.tls=redirect): labelgw.tls.https.
@@ -112,7 +113,15 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
             return None
         route = ticket.route
         service = route.service
-    backend, version, cookie, pinned, key = _pick(gateway, service, head, side, path)
+    if service.key_source is None and service.split is None and ticket is None:
+        # The common route (no hash key, one version, no middleware): the policy's pick among the ready backends,
+        # as _pick would return it, and an exchange with nothing more to set.
+        backend = service.policy.pick(service.ready)
+        if backend is not None:
+            return Exchange(side, gateway, head, route, backend)
+        version, cookie, pinned, key = None, b"", False, None
+    else:
+        backend, version, cookie, pinned, key = _pick(gateway, service, head, side, path)
     if backend is None:
         if ticket is not None and ticket.divert(gateway, head, side, _close(head)):
             if ticket.route is route:

@@ -351,6 +351,7 @@ class Exchange:
             self._register_body_pauser(connection)
             self._register_upstream_producer(connection)
             return
+        # A final response: response_whole repeats these steps in one (keep the two alike).
         if self.state not in _TO_RESPONDING:
             self._move(_RESPONDING)
         self.state = _RESPONDING
@@ -376,11 +377,33 @@ class Exchange:
         self.client.response_data(data)
 
     def response_whole(self, head: ResponseHead, connection: UpstreamConnection, body: bytes) -> None:
-        """A final response whose whole body came with its head (labelgw.http.upstream.ResponseSink)."""
-        self.response_head(head, connection)
+        """A final response whose whole body came with its head (labelgw.http.upstream.ResponseSink): what
+        response_head, response_data and response_done do, in one step. Never a 1xx or a 101, always a body (a
+        Content-Length, not HEAD, not 204 or 304): response_head's other cases cannot happen here."""
+        gateway = self.gateway
+        self._ttfb = gateway.clock.seconds() - self._started_at
+        status = self.status = head.status
+        if self.state not in _TO_RESPONDING:
+            self._move(_RESPONDING)
+        self.state = _RESPONDING
+        if status >= 500:
+            self.backend.errors += 1
+            # A 5xx counts against the backend (outlier ejection, latency penalty), like Envoy's consecutive_5xx.
+            self._gateway_error = True
+        if not self.body_done:
+            # The upstream answered before the whole body arrived: the rest cannot be skipped safely.
+            self._client_close = True
+        if gateway.debug_headers:
+            self.response_extra += debug_fields(self)
+        extra = self.response_extra
+        rules = self.response_rules
+        if rules is not None:
+            extra += rules.apply_response(head)
+        client = self.client
+        client.response_head(head, True, self._client_close, extra)
         if self.state is _RESPONDING:
             self.bytes_out += len(body)
-            self.client.response_data(body)
+            client.response_data(body)
             self.response_done()
 
     response_chunk = response_data
@@ -402,7 +425,7 @@ class Exchange:
             if not self.body_done:
                 upstream.reusable = False
             upstream.detach()
-        self._complete(failed=self._gateway_error)
+        self._complete(self._gateway_error)
 
     def upstream_failed(self, status: int, reason: str, retryable: bool = False) -> None:
         if self.finished:
@@ -525,7 +548,7 @@ class Exchange:
         access_log = gateway.access_log
         if access_log is not None:
             access_log.exchange(self, state, now)
-        self.client.exchange_done(self, close=self._client_close)
+        self.client.exchange_done(self, self._client_close)
 
     def _abort_upstream(self) -> None:
         upstream, self.upstream = self.upstream, None

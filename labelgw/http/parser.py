@@ -111,7 +111,9 @@ class _Head:
 
 
 class RequestHead(_Head):
-    __slots__ = ("method", "target", "host", "absolute_form", "request_id", "trace_id", "trace_fields", "client_ip")
+    __slots__ = (
+        "method", "target", "host", "absolute_form", "request_id", "trace_id", "trace_fields", "client_ip", "id_fields",
+    )
     method: bytes
     target: bytes
     host: bytes | None
@@ -122,6 +124,9 @@ class RequestHead(_Head):
     trace_fields: bytes
     # The client's address behind trusted proxies (--trusted-proxies, labelgw.middleware.access); None: the peer's.
     client_ip: bytes | None
+    # How many X-Request-Id and traceparent fields the head has, as the HTTP/1.1 parser counted them while finding
+    # its special fields (labelgw.http.requestid then searches nothing); -1: not counted (heads made otherwise).
+    id_fields: int
 
     def __init__(self) -> None:
         # _Head.__init__, written out: one call less per head.
@@ -139,6 +144,7 @@ class RequestHead(_Head):
         self.absolute_form = False
         self.request_id = self.trace_id = self.trace_fields = b""
         self.client_ip = None
+        self.id_fields = -1
 
     @property
     def has_body(self) -> bool:
@@ -177,14 +183,17 @@ _REQUEST_NAMES = (
     rb"proxy-authenticate|proxy-authorization|http2-settings|x[-_.]forwarded[-_.](?:for|proto|host|port)|"
     rb"x[-_.]real[-_.]ip"
 )
-_REQUEST_SPECIAL = re.compile(rb"\n(host|" + _REQUEST_NAMES + rb"):[ \t]*([^\r\n]*?)[ \t]*\r", re.IGNORECASE)
-# The same fields but Host: what is cut from a request's forwarded block.
+_REQUEST_SPECIAL = re.compile(
+    rb"\n(host|" + _REQUEST_NAMES + rb"|x-request-id|traceparent):[ \t]*([^\r\n]*)\r", re.IGNORECASE
+)
+# X-Request-Id and traceparent are only counted (labelgw.http.requestid reads them when there are any). The same
+# fields but Host and those two: what is cut from a request's forwarded block.
 _REQUEST_CUT = re.compile(rb"\n(?:" + _REQUEST_NAMES + rb"):[^\r\n]*\r", re.IGNORECASE)
 _RESPONSE_NAMES = (
     rb"content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|te|trailer|"
     rb"proxy-authenticate|proxy-authorization|http2-settings"
 )
-_RESPONSE_SPECIAL = re.compile(rb"\n(" + _RESPONSE_NAMES + rb"):[ \t]*([^\r\n]*?)[ \t]*\r", re.IGNORECASE)
+_RESPONSE_SPECIAL = re.compile(rb"\n(" + _RESPONSE_NAMES + rb"):[ \t]*([^\r\n]*)\r", re.IGNORECASE)
 # A whole well-formed head in one match, request or status line included: what nearly every message is. A head
 # it does not match takes the line-by-line path, which either accepts it too or says precisely what is wrong.
 _TOKEN_PATTERN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -290,13 +299,29 @@ def _connection_options(message: _Head, version: bytes, values: list[bytes]) -> 
 
 def parse_request_head(head: bytes) -> RequestHead:
     """Parse a request head: everything before the blank line that ends it."""
-    data = head + b"\r\n"
-    well_formed = _WELL_FORMED_REQUEST.fullmatch(data) if head.count(b"\r\n") <= MAX_HEADERS else None
+    return parse_request_lines(head + b"\r\n")
+
+
+# A head this short cannot hold more than MAX_HEADERS field lines that the one-pattern path accepts (a request line
+# takes 14 bytes at least, a field line 4): its CRLFs need no counting.
+_SHORT_HEAD = 14 + 4 * MAX_HEADERS
+# Host values found valid (a bounded set): the same few arrive on nearly every request.
+_VALID_HOSTS: set[bytes] = set()
+_new = object.__new__
+
+
+def parse_request_lines(data: bytes) -> RequestHead:
+    """parse_request_head of a head given with its last line's CRLF (the buffer up to the blank line): the client
+    side's call, which copies nothing to add it."""
+    if len(data) <= _SHORT_HEAD or data.count(b"\r\n") <= MAX_HEADERS + 1:
+        well_formed = _WELL_FORMED_REQUEST.fullmatch(data)
+    else:
+        well_formed = None
     if well_formed is not None:
         method, target, version, block = well_formed.groups()
         block_start = well_formed.start(4)
     else:
-        line, block = _check_head(head, 400)
+        line, block = _check_head(data[:-2], 400)
         block_start = len(line) + 2
         parts = line.split(b" ")
         if len(parts) != 3 or not parts[0] or not parts[1]:
@@ -310,19 +335,33 @@ def parse_request_head(head: bytes) -> RequestHead:
             if version.startswith(b"HTTP/") and len(version) == 8:
                 raise HttpError(505, "HTTP version not supported")
             raise HttpError(400, "malformed HTTP version")
-    request = RequestHead()
+    # RequestHead.__init__, written out on a head made without it (a class call with __init__ costs as much as
+    # the stores themselves); tests/test_parser_fast.py checks that both set every slot alike.
+    request = _new(RequestHead)
     request.method = method
     request.version = version
     request.block = block
+    request._headers = None
+    request.content_length = None
+    request.chunked = False
+    request.keep_alive = True
+    request.upgrade = None
+    request.connection_tokens = _NO_TOKENS
+    request.absolute_form = False
+    request.request_id = request.trace_id = request.trace_fields = b""
+    request.client_ip = None
 
     host = None
     content_length = None
     transfer_encoding = None
     connection_values = []
-    # Every field matched here but Host is cut from what is forwarded (labelgw writes framing, hop-by-hop fields
-    # are the connection's own, X-Forwarded-* and X-Real-IP are labelgw's to set).
+    id_fields = 0
+    # Every field matched here but Host, X-Request-Id and traceparent is cut from what is forwarded (labelgw writes
+    # framing, hop-by-hop fields are the connection's own, X-Forwarded-* and X-Real-IP are labelgw's to set).
     specials = _REQUEST_SPECIAL.findall(data)
     for name, value in specials:
+        # The pattern keeps trailing whitespace in the value (a lazy match would cost twice as much): cut it here.
+        value = value.rstrip(b" \t")
         lower = name.lower()
         if lower == b"host":
             if host is not None:
@@ -340,6 +379,9 @@ def parse_request_head(head: bytes) -> RequestHead:
             connection_values.append(value)
         elif lower == b"upgrade":
             request.upgrade = value
+        elif lower == b"x-request-id" or lower == b"traceparent":
+            id_fields += 1
+    request.id_fields = id_fields
 
     if transfer_encoding is not None:
         if content_length is not None:
@@ -374,10 +416,15 @@ def parse_request_head(head: bytes) -> RequestHead:
         request.target = target
     else:
         raise HttpError(400, "invalid request target")
-    if version == b"HTTP/1.1" and host is None:
-        raise HttpError(400, "HTTP/1.1 request without Host")
-    if host is not None and _HOST.fullmatch(host) is None:
-        raise HttpError(400, "invalid Host header")
+    if host is None:
+        if version == b"HTTP/1.1":
+            raise HttpError(400, "HTTP/1.1 request without Host")
+    elif host not in _VALID_HOSTS:
+        if _HOST.fullmatch(host) is None:
+            raise HttpError(400, "invalid Host header")
+        if len(_VALID_HOSTS) >= 1024:
+            _VALID_HOSTS.clear()
+        _VALID_HOSTS.add(host)
     request.host = host
 
     if connection_values:
@@ -388,7 +435,10 @@ def parse_request_head(head: bytes) -> RequestHead:
             request.keep_alive = False
         plain = True
     if plain and not request.absolute_form:
-        request.forward = _REQUEST_CUT.sub(b"", data)[block_start:] if len(specials) > (host is not None) else block
+        cut = len(specials) - id_fields > (host is not None)
+        request.forward = _REQUEST_CUT.sub(b"", data)[block_start:] if cut else block
+    else:
+        request.forward = None
     # An Upgrade in an HTTP/1.0 request is ignored (RFC 9110 section 7.8), as is one not named in Connection.
     if request.upgrade is not None and (b"upgrade" not in request.connection_tokens or version != b"HTTP/1.1"):
         request.upgrade = None
@@ -397,13 +447,25 @@ def parse_request_head(head: bytes) -> RequestHead:
 
 def parse_response_head(head: bytes) -> ResponseHead:
     """Parse an upstream's response head; anything malformed is a 502 to the client."""
-    data = head + b"\r\n"
-    well_formed = _WELL_FORMED_RESPONSE.fullmatch(data) if head.count(b"\r\n") <= MAX_HEADERS else None
+    return parse_response_lines(head + b"\r\n")
+
+
+# Status codes as the status line spells them (three digits, 100-999) -> their value: a dict lookup, not an int().
+_STATUS_CODES = {b"%d" % code: code for code in range(100, 1000)}
+
+
+def parse_response_lines(data: bytes) -> ResponseHead:
+    """parse_response_head of a head given with its last line's CRLF (the buffer up to the blank line): the
+    upstream side's call, which copies nothing to add it."""
+    if len(data) <= _SHORT_HEAD or data.count(b"\r\n") <= MAX_HEADERS + 1:
+        well_formed = _WELL_FORMED_RESPONSE.fullmatch(data)
+    else:
+        well_formed = None
     if well_formed is not None:
         line, version, code, block = well_formed.groups()
         block_start = well_formed.start(4)
     else:
-        line, block = _check_head(head, 502)
+        line, block = _check_head(data[:-2], 502)
         block_start = len(line) + 2
         if not line.startswith(b"HTTP/1.") or not line[7:8].isdigit() or len(line) < 12 or line[8:9] != b" ":
             raise HttpError(502, "malformed status line from upstream")
@@ -412,43 +474,61 @@ def parse_response_head(head: bytes) -> ResponseHead:
         if not code.isdigit() or code[:1] == b"0" or (len(line) > 12 and line[12:13] != b" "):
             raise HttpError(502, "malformed status code from upstream")
         version = line[:8]
-    response = ResponseHead()
+    # ResponseHead.__init__, written out (see parse_request_lines).
+    response = _new(ResponseHead)
     response.version = version
-    response.status = int(code)
+    response.status = _STATUS_CODES[code]
     response.status_line = line
     response.block = block
+    response._headers = None
+    response.content_length = None
+    response.chunked = False
+    response.keep_alive = True
+    response.upgrade = None
+    response.connection_tokens = _NO_TOKENS
+    response.forward = None
     transfer_encoding = None
     connection_values = []
     # One pass finds the fields labelgw reads and cuts them: [text, name, value, text, name, value, ..., text].
     pieces = _RESPONSE_SPECIAL.split(data)
-    for index in range(1, len(pieces), 3):
-        name = pieces[index]
-        value = pieces[index + 1]
-        lower = name.lower()
-        if lower == b"content-length":
-            # _parse_content_length, inlined: nearly every response has one.
-            if not value.isdigit() or len(value) > 18:
-                raise HttpError(502, f"invalid Content-Length {value[:40]!r}")
-            length = int(value)
-            if response.content_length is not None and response.content_length != length:
-                raise HttpError(502, "conflicting Content-Length from upstream")
-            response.content_length = length
-        elif lower == b"connection":
-            connection_values.append(value)
-        elif lower == b"upgrade":
-            response.upgrade = value
-        elif lower == b"transfer-encoding":
-            transfer_encoding = value if transfer_encoding is None else transfer_encoding + b", " + value
+    content_length = None
+    if len(pieces) > 1:
+        triples = iter(pieces)
+        next(triples)
+        for name, value, _ in zip(triples, triples, triples):
+            # Trailing whitespace is left in the value by the pattern (cheaper than a lazy match): cut here.
+            value = value.rstrip(b" \t")
+            lower = name.lower()
+            if lower == b"content-length":
+                # _parse_content_length, inlined: nearly every response has one.
+                if not value.isdigit() or len(value) > 18:
+                    raise HttpError(502, f"invalid Content-Length {value[:40]!r}")
+                length = int(value)
+                if content_length is not None and content_length != length:
+                    raise HttpError(502, "conflicting Content-Length from upstream")
+                content_length = length
+            elif lower == b"connection":
+                connection_values.append(value)
+            elif lower == b"upgrade":
+                response.upgrade = value
+            elif lower == b"transfer-encoding":
+                transfer_encoding = value if transfer_encoding is None else transfer_encoding + b", " + value
+        response.content_length = content_length
     if transfer_encoding is not None:
         # Only plain chunked is relayed: a transfer coding such as gzip would have to be removed by a proxy.
         if transfer_encoding.strip(b" \t").lower() != b"chunked":
             raise HttpError(502, f"unsupported Transfer-Encoding {transfer_encoding[:40]!r} from upstream")
         # RFC 9112 section 6.3 lets a recipient read such a message as chunked, but a backend that sends both
         # frames its messages in two ways: what follows may be read by another request. Never relay it.
-        if response.content_length is not None:
+        if content_length is not None:
             raise HttpError(502, "both Content-Length and Transfer-Encoding from upstream")
         response.chunked = True
-    if len(connection_values) == 1 and version == b"HTTP/1.1" and connection_values[0].lower() == b"keep-alive":
+    if not connection_values:
+        # No Connection field: _connection_options' first case, without the call.
+        if version != b"HTTP/1.1":
+            response.keep_alive = False
+        plain = True
+    elif len(connection_values) == 1 and version == b"HTTP/1.1" and connection_values[0].lower() == b"keep-alive":
         # "Connection: keep-alive" on HTTP/1.1 (what nginx and most servers send): no token names a field.
         response.connection_tokens = _KEEP_ALIVE_TOKENS
         plain = True

@@ -70,9 +70,13 @@ class RequestIds:
         request_id = trace_id = None
         ids = traces = 0
         block = head.block
-        # Nearly every request has neither field: two substring searches of the lower-cased block decide that.
-        lower = block.lower()
-        if b"x-request-id" not in lower and b"traceparent" not in lower:
+        # Nearly every request has neither field: the HTTP/1.1 parser counted them (id_fields); for other heads two
+        # substring searches of the lower-cased block decide that.
+        seen = head.id_fields
+        if seen < 0:
+            lower = block.lower()
+            seen = b"x-request-id" in lower or b"traceparent" in lower
+        if not seen:
             # One id for both, formatted in one operation.
             self._counter = count = self._counter + 1
             fields = _BOTH % (self._prefix, count, self._prefix, count, (self._parent_mask ^ count) or 1)

@@ -15,8 +15,10 @@ from labelgw.http.dispatch import dispatch
 from labelgw.http.exchange import Exchange
 from labelgw.http.fastwrite import write_now
 from labelgw.http.headers import client_response_head, error_response
-from labelgw.http.framing import LAST_CHUNK, BodyReader, HttpError, encode_chunk, find_head_end, request_reader
-from labelgw.http.parser import RequestHead, ResponseHead, parse_request_head
+from labelgw.http.framing import (
+    LAST_CHUNK, BodyReader, HttpError, encode_chunk, find_head_end, request_reader,
+)
+from labelgw.http.parser import RequestHead, ResponseHead, parse_request_lines
 from labelgw.http.settings import ProxySettings
 from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move, sources
 from labelgw.http.transport import DataProtocol, GatewayConnection, Producer
@@ -103,6 +105,10 @@ class Gateway:
             waiting, self._drained = self._drained, []
             for done in waiting:
                 done.callback(None)
+
+
+# Content-Length lines by value, made once (at most 4096 kept): the same few lengths answer most requests.
+_LENGTH_LINES: dict[int, bytes] = {}
 
 
 class ClientConnection(DataProtocol):
@@ -266,7 +272,8 @@ class ClientConnection(DataProtocol):
                     self.set_paused("pipeline", True)
                     return
                 buffer = self._buffer
-                if buffer[:1] in (b"\r", b"\n"):
+                first = buffer[0]
+                if first == 13 or first == 10:
                     # RFC 9112 section 2.2: empty lines before a request line are ignored.
                     buffer = self._buffer = buffer.lstrip(b"\r\n")
                     if not buffer:
@@ -281,7 +288,8 @@ class ClientConnection(DataProtocol):
                             self._head_started = self.gateway.clock.seconds()
                             self._rearm(self.gateway.settings.head_timeout)
                         return
-                    head = parse_request_head(buffer[:end])
+                    # The head with its last line's CRLF: the parser needs no copy of it.
+                    head = parse_request_lines(buffer[: end + 2])
                 except HttpError as error:
                     self.send_error(error.status, error.reason, close=True)
                     return
@@ -303,14 +311,15 @@ class ClientConnection(DataProtocol):
         # The framing decision (labelgw.http.framing): None, with no object made, for the common request without a
         # body.
         reader = self._reader = request_reader(head)
-        if reader is not None:
-            self._move(_BODY)
-        else:
+        if reader is None:
             if self.state not in _TO_RESPONSE:
                 self._move(_RESPONSE)  # refused: raises StateError
             self.state = _RESPONSE
+            exchange.start()
+            return
+        self._move(_BODY)
         exchange.start()
-        if reader is not None and self.state is _BODY and self.exchange is exchange:
+        if self.state is _BODY and self.exchange is exchange:
             self._body_seen = self.gateway.clock.seconds()
             self._rearm_within(self.gateway.settings.body_timeout)
             if self._buffer:
@@ -365,10 +374,15 @@ class ClientConnection(DataProtocol):
             self.transport.write(client_response_head(head, b"", close=False))
 
     def response_head(self, head: ResponseHead, body: bool, close: bool, extra: bytes) -> None:
-        if not body:
-            framing = b"Content-Length: %d\r\n" % head.content_length if head.content_length is not None else b""
-        elif head.content_length is not None:
-            framing = b"Content-Length: %d\r\n" % head.content_length
+        length = head.content_length
+        if length is not None:
+            framing = _LENGTH_LINES.get(length)
+            if framing is None:
+                framing = b"Content-Length: %d\r\n" % length
+                if len(_LENGTH_LINES) < 4096:
+                    _LENGTH_LINES[length] = framing
+        elif not body:
+            framing = b""
         elif self._request is not None and self._request.version == b"HTTP/1.1":
             # Chunked, or delimited by close upstream: chunked to the client keeps its connection alive.
             framing = b"Transfer-Encoding: chunked\r\n"

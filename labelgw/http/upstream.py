@@ -13,8 +13,8 @@ from twisted.python.failure import Failure
 
 from labelgw.core.backends import Backend
 from labelgw.http.fastwrite import write_now
-from labelgw.http.framing import UNTIL_CLOSE, BodyReader, HttpError, find_head_end, response_reader
-from labelgw.http.parser import ResponseHead, parse_response_head
+from labelgw.http.framing import MAX_HEAD_BYTES, UNTIL_CLOSE, BodyReader, HttpError, find_head_end, response_reader
+from labelgw.http.parser import ResponseHead, parse_response_lines
 from labelgw.http.transport import DataProtocol
 
 if TYPE_CHECKING:
@@ -204,18 +204,6 @@ class UpstreamConnection(DataProtocol):
         except OSError:
             return True
 
-    def park(self, now: float) -> None:
-        """The pool took this connection as idle at `now`: its timer must fire by the end of the idle timeout."""
-        self._idle_since = now
-        timer = self._timer
-        limit = self.pool.settings.upstream_idle_timeout
-        # Usually the pending timer is already due sooner and re-arms itself; only move it when it is not.
-        if timer is None:
-            self._arm(limit, now)
-        elif self._timer_at > now + limit:
-            timer.reset(limit)
-            self._timer_at = now + limit
-
     def _arm(self, delay: float, now: float) -> None:
         self._timer = self.pool.clock.callLater(delay, self._check_timers)
         self._timer_at = now + delay
@@ -248,18 +236,21 @@ class UpstreamConnection(DataProtocol):
     # Response parsing.
 
     def dataReceived(self, data: bytes) -> None:
-        self._relay(data)
+        mode = self._mode
+        if mode == _HEAD:
+            self._read_head(data)
+        elif mode == _BODY:
+            self._read_body(data)
+        else:
+            self._relay(data)
         sink = self.sink
         if sink is not None:
             sink.flush()
 
     def _relay(self, data: bytes) -> None:
+        """Bytes outside a response: a tunnel's, or unasked for."""
         mode = self._mode
-        if mode == _BODY:
-            self._read_body(data)
-        elif mode == _HEAD:
-            self._read_head(data)
-        elif mode == _TUNNEL:
+        if mode == _TUNNEL:
             sink = self.sink
             if sink is not None:
                 sink.tunnel_data(data)
@@ -276,11 +267,15 @@ class UpstreamConnection(DataProtocol):
         buffer = self._buffer + data if self._buffer else data
         while True:
             try:
-                end = find_head_end(buffer)
-                if end == -1:
-                    self._buffer = buffer
-                    return
-                head = parse_response_head(buffer[:end])
+                end = buffer.find(b"\r\n\r\n")
+                if end == -1 or end + 4 > MAX_HEAD_BYTES:
+                    # Refuses a head over the size cap, or one ended by a bare LF (labelgw.http.framing).
+                    end = find_head_end(buffer)
+                    if end == -1:
+                        self._buffer = buffer
+                        return
+                # The head with its last line's CRLF: the parser needs no copy of it.
+                head = parse_response_lines(buffer[: end + 2])
             except HttpError as error:
                 self._fail(502, error.reason)
                 return
@@ -304,7 +299,17 @@ class UpstreamConnection(DataProtocol):
             if buffer and self.sink is not None:
                 self.sink.tunnel_data(buffer)
             return
-        reader = response_reader(head, self.head_only)
+        head_only = self.head_only
+        if (
+            buffer and len(buffer) == head.content_length and not head_only and status != 204 and status != 304
+        ):
+            # The whole body came with the head (nearly every small response): no reader, one call to the sink.
+            # (A final status, a Content-Length and no HEAD: what response_reader would frame by that length.)
+            self._mode = _IDLE
+            self._reader = None
+            sink.response_whole(head, self, buffer)
+            return
+        reader = response_reader(head, head_only)
         if reader is None:
             self._mode = _IDLE
             sink.response_head(head, self)
@@ -312,14 +317,6 @@ class UpstreamConnection(DataProtocol):
                 # A body (or anything) where none may be: the connection's framing cannot be trusted.
                 self.reusable = False
             self._finish()
-            return
-        if (
-            len(buffer) == head.content_length and buffer and not self.head_only and status != 204 and status != 304
-        ):
-            # The whole body came with the head (nearly every small response): no reader, one call to the sink.
-            self._mode = _IDLE
-            self._reader = None
-            sink.response_whole(head, self, buffer)
             return
         if reader.kind == UNTIL_CLOSE:
             self.reusable = False
@@ -455,7 +452,16 @@ class UpstreamPool:
             and len(backend.idle) < self.settings.max_idle_per_backend
         ):
             backend.idle.append(connection)
-            connection.park(self.clock.seconds())
+            # Idle from now: its timer must fire by the end of the idle timeout (usually the pending one is
+            # already due sooner and re-arms itself).
+            connection._idle_since = now = self.clock.seconds()
+            limit = self.settings.upstream_idle_timeout
+            timer = connection._timer
+            if timer is None:
+                connection._arm(limit, now)
+            elif connection._timer_at > now + limit:
+                timer.reset(limit)
+                connection._timer_at = now + limit
         elif connection.connected:
             connection.transport.loseConnection()
 

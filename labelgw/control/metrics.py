@@ -135,9 +135,6 @@ class RequestMetrics:
         # version (services not split by version: nearly all), by service name, found without making a key.
         self.slots: dict[tuple[str, str | None], _Slot] = {}
         self.plain: dict[str, _Slot] = {}
-        # The service pool of the last version-less exchange and its slot: an identity check for the next one.
-        self._last_pool: Any = None
-        self._last_slot: Any = None
         # Requests answered without a service (400 for a refused path, 404, 308 to HTTPS): (method, class) -> n.
         self.unrouted: dict[tuple[str, int], int] = {}
         # labelgw's own 502/503/504 answers: (status, cause) -> n.
@@ -164,7 +161,6 @@ class RequestMetrics:
         for key in [key for key in self.slots if key[0] not in live]:
             del self.slots[key]
             self.plain.pop(key[0], None)
-        self._last_pool = self._last_slot = None
 
     def exchange_done(self, exchange: Any, now: float) -> None:
         """One exchange ended (called once per request, from Exchange._complete). Kept to the fewest interpreter
@@ -172,14 +168,9 @@ class RequestMetrics:
         per status class, the duration's bucket by comparisons for fast answers."""
         version = exchange.version
         if version is None:
-            pool = exchange.route.service
-            if pool is self._last_pool:
-                slot = self._last_slot
-            else:
-                slot = self.plain.get(pool.name)
-                if slot is None:
-                    slot = self._slot(pool.name, None)
-                self._last_pool, self._last_slot = pool, slot
+            slot = self.plain.get(exchange.route.service.name)
+            if slot is None:
+                slot = self._slot(exchange.route.service.name, None)
         else:
             slot = self.slots.get((exchange.route.service.name, version))
             if slot is None:

@@ -108,9 +108,6 @@ class AccessLog:
         self._http2: dict[type, bool] = {}
         self._last_class: type | None = None
         self._last_http2 = False
-        # The last service pool seen and its name's bytes (a pool's name never changes): an identity check.
-        self._last_pool: Any = None
-        self._last_service = b""
 
     # What the data path calls.
 
@@ -162,8 +159,10 @@ class AccessLog:
             http2 = self._last_http2
         else:
             http2 = self._side_is_http2(client)
-        pool = exchange.route.service
-        service = self._last_service if pool is self._last_pool else self._service_bytes(pool)
+        name = exchange.route.service.name
+        service = self._names.get(name)
+        if service is None:
+            service = self._names[name] = name.encode("utf-8", "replace")
         self._lines.append(
             _CLF_RELAYED % (
                 client.peer_ip or b"-", self._clf_bytes, head.method, target, b"HTTP/2" if http2 else head.version,
@@ -184,14 +183,6 @@ class AccessLog:
             http2 = self._http2[cls] = hasattr(client, "stream_id")
         self._last_class, self._last_http2 = cls, http2
         return http2
-
-    def _service_bytes(self, pool: Any) -> bytes:
-        name = pool.name
-        service = self._names.get(name)
-        if service is None:
-            service = self._names[name] = name.encode("utf-8", "replace")
-        self._last_pool, self._last_service = pool, service
-        return service
 
     def refused(self, side: Any, head: Any, status: int, message: str) -> None:
         """labelgw answered the request itself, without an exchange (308, 400, 404, 503; HTTP/2 refusals)."""

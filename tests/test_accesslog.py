@@ -128,7 +128,7 @@ def test_the_common_format_line() -> None:
     # CLF, then the service and the time to the upstream's response head in ms; client text escaped as nginx does.
     assert sink.lines() == [
         '10.0.0.9 - - [12/Jan/1970:13:46:40 +0000] "GET /a\\x22b\\x5Cc HTTP/1.1" 200 5 "solo" 2.000 '
-        "00010203040506070000000000000001"
+        "00010203040506071000000000000001"
     ]
 
 
@@ -227,7 +227,7 @@ def test_a_redirect_to_https_is_logged() -> None:
     assert client.response().status == 308
     settle(h)
     assert sink.lines() == [
-        '10.0.0.9 - - [12/Jan/1970:13:46:40 +0000] "GET /x HTTP/1.1" 308 19 "-" - 00010203040506070000000000000001'
+        '10.0.0.9 - - [12/Jan/1970:13:46:40 +0000] "GET /x HTTP/1.1" 308 19 "-" - 00010203040506071000000000000001'
     ]
 
 
@@ -509,7 +509,7 @@ def test_a_malformed_chunked_body_is_a_400_line() -> None:
     assert client.response().status == 400
     settle(h)
     [line] = sink.lines()
-    assert '"POST / HTTP/1.1" 400 ' in line and line.endswith('"solo" - 00010203040506070000000000000001')
+    assert '"POST / HTTP/1.1" 400 ' in line and line.endswith('"solo" - 00010203040506071000000000000001')
 
 
 @pytest.mark.parametrize(

@@ -440,3 +440,46 @@ def test_the_service_wires_metrics_or_leaves_them_off(enabled: bool) -> None:
     assert request.code == (200 if enabled else 404)
     if enabled:
         assert b"labelgw_requests_in_flight 0.0" in body and b"process_cpu_seconds_total" in body
+
+
+def _ended(service: str, version: str | None, method: bytes, status: int, created_at: float = 0.0) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        route=SimpleNamespace(service=SimpleNamespace(name=service)), version=version, status=status,
+        head=SimpleNamespace(method=method), bytes_in=3, bytes_out=5, created_at=created_at,
+    )
+
+
+@pytest.mark.parametrize(
+    "elapsed",
+    [0.0, 0.0005, *BUCKETS, *(bound * 1.0001 for bound in BUCKETS), *(bound * 0.9999 for bound in BUCKETS), 61.0, 3600.0],
+)
+def test_the_duration_bucket_is_bisect_left_of_the_bounds(elapsed: float) -> None:
+    # exchange_done finds the first buckets by comparisons: the bucket must be the one bisect_left finds.
+    from bisect import bisect_left
+
+    metrics = RequestMetrics()
+    metrics.exchange_done(_ended("solo", None, b"GET", 200), elapsed)
+    [slot] = metrics.slots.values()
+    assert slot.counts.index(1) == bisect_left(BUCKETS, elapsed) and sum(slot.counts) == 1
+    assert slot.total == elapsed
+
+
+def test_exchange_counts_by_version_method_and_status_class() -> None:
+    metrics = RequestMetrics()
+    for version, method, status in [
+        (None, b"GET", 200), (None, b"GET", 204), (None, b"POST", 503), ("v2", b"GET", 404), (None, b"BREW", 200),
+        (None, b"GET", 0), (None, b"GET", 799), (None, b"", 200),
+    ]:
+        metrics.exchange_done(_ended("solo", version, method, status), 0.001)
+    requests, durations, bytes_in, bytes_out = metrics.by_service()["solo"]
+    assert requests == {
+        ("", "GET", 2): 2, ("", "POST", 5): 1, ("v2", "GET", 4): 1, ("", "other", 2): 2, ("", "GET", 0): 1,
+        ("", "GET", 7): 1,
+    }
+    assert (bytes_in, bytes_out) == (3 * 8, 5 * 8)
+    assert set(durations) == {"", "v2"}
+    # A service that goes away takes its slots with it, the version-less index too.
+    metrics.forget(set())
+    assert metrics.slots == {} and metrics.plain == {} and metrics.by_service() == {}

@@ -122,3 +122,24 @@ def test_two_traceparents_are_one_too_many() -> None:
 
 def test_sane_ids() -> None:
     assert sane_request_id(b"a-b") and not sane_request_id(b"") and not sane_request_id(b"a\tb")
+
+
+@pytest.mark.parametrize("seed", [bytes(16), b"\xff" * 16, bytes(range(16))])
+def test_generated_ids_are_always_full_width_and_valid(seed: bytes) -> None:
+    # The counter starts at 2**60 so that `%x` needs no padding; the parent ids keep its top digit (never zeros).
+    ids = RequestIds(seed)
+    seen: set[bytes] = set()
+    parents: set[bytes] = set()
+    for _ in range(50):
+        head, fields = forwarded(b"", ids)
+        [traceparent] = values(fields, b"traceparent")
+        match = TRACEPARENT_RE.fullmatch(traceparent)
+        assert match is not None and valid_traceparent(traceparent) == head.request_id  # type: ignore[attr-defined]
+        assert head.request_id.startswith(seed[:8].hex().encode())  # type: ignore[attr-defined]
+        seen.add(head.request_id)  # type: ignore[attr-defined]
+        parents.add(match.group(2))
+    # With a client id (the other path), the generated trace is full width too.
+    head, fields = forwarded(b"X-Request-Id: abc\r\n", ids)
+    [traceparent] = values(fields, b"traceparent")
+    assert TRACEPARENT_RE.fullmatch(traceparent) is not None and valid_traceparent(traceparent) is not None
+    assert len(seen) == len(parents) == 50

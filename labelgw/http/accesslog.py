@@ -95,6 +95,8 @@ class AccessLog:
         self._flush_call: Any = None
         self._dropping = False
         self._second = -1
+        # The current second as a float range: `start <= now < end` is two float comparisons, int(now) a call.
+        self._second_start = self._second_end = -1.0
         self._clf_time = ""
         self._clf_bytes = b""
         self._iso_time = ""
@@ -102,8 +104,10 @@ class AccessLog:
         if format == "common":
             # The path every proxied request takes, in one function.
             self.exchange = self._exchange_common  # type: ignore[method-assign]
-        # Client side class -> whether it is an HTTP/2 stream.
+        # Client side class -> whether it is an HTTP/2 stream; the last class seen, and its answer.
         self._http2: dict[type, bool] = {}
+        self._last_class: type | None = None
+        self._last_http2 = False
 
     # What the data path calls.
 
@@ -137,9 +141,8 @@ class AccessLog:
         head = exchange.head
         if now is None:
             now = self.clock.seconds()
-        second = int(now)
-        if second != self._second:
-            self._set_second(second)
+        if not self._second_start <= now < self._second_end:
+            self._set_second(int(now))
         target = head.target
         if (
             exchange.error_message is not None or not (state is _RESPONDING or state is _TUNNEL)
@@ -152,9 +155,10 @@ class AccessLog:
             self._exchange_any(exchange, state, now)
             return
         client = exchange.client
-        http2 = self._http2.get(type(client))
-        if http2 is None:
-            http2 = self._http2[type(client)] = hasattr(client, "stream_id")
+        if client.__class__ is self._last_class:
+            http2 = self._last_http2
+        else:
+            http2 = self._side_is_http2(client)
         name = exchange.route.service.name
         service = self._names.get(name)
         if service is None:
@@ -172,6 +176,14 @@ class AccessLog:
         elif len(self._lines) >= BATCH_LINES:
             self.flush()
 
+    def _side_is_http2(self, client: Any) -> bool:
+        cls = client.__class__
+        http2 = self._http2.get(cls)
+        if http2 is None:
+            http2 = self._http2[cls] = hasattr(client, "stream_id")
+        self._last_class, self._last_http2 = cls, http2
+        return http2
+
     def refused(self, side: Any, head: Any, status: int, message: str) -> None:
         """labelgw answered the request itself, without an exchange (308, 400, 404, 503; HTTP/2 refusals)."""
         method = head.method if head is not None else getattr(side, "method", b"")
@@ -184,9 +196,8 @@ class AccessLog:
         self, now: float, side: Any, head: Any, status: int, bytes_in: int, bytes_out: int, duration: float,
         upstream: float | None, route: Any, version: str | None, backend: Any, retries: int,
     ) -> None:
-        second = int(now)
-        if second != self._second:
-            self._set_second(second)
+        if not self._second_start <= now < self._second_end:
+            self._set_second(int(now))
         self._lines.append(
             self._format_line(now, side, head, status, bytes_in, bytes_out, duration, upstream, route, version,
                               backend, retries).encode("utf-8", "replace")
@@ -198,6 +209,7 @@ class AccessLog:
 
     def _set_second(self, second: int) -> None:
         self._second = second
+        self._second_start, self._second_end = float(second), float(second + 1)
         t = time.gmtime(second)
         self._clf_time = f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
         self._clf_bytes = self._clf_time.encode("ascii")

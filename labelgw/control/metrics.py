@@ -174,8 +174,9 @@ class RequestMetrics:
             except KeyError:
                 slot = self._slot(exchange.route.service.name, None)
         else:
-            slot = self.slots.get((exchange.route.service.name, version))
-            if slot is None:
+            try:
+                slot = self.slots[(exchange.route.service.name, version)]
+            except KeyError:
                 slot = self._slot(exchange.route.service.name, version)
         status = exchange.status
         method = exchange.head.method

@@ -174,9 +174,8 @@ class RequestMetrics:
             except KeyError:
                 slot = self._slot(exchange.route.service.name, None)
         else:
-            try:
-                slot = self.slots[(exchange.route.service.name, version)]
-            except KeyError:
+            slot = self.slots.get((exchange.route.service.name, version))
+            if slot is None:
                 slot = self._slot(exchange.route.service.name, version)
         status = exchange.status
         method = exchange.head.method

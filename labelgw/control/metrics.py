@@ -168,10 +168,8 @@ class RequestMetrics:
         per status class, the duration's bucket by comparisons for fast answers."""
         version = exchange.version
         if version is None:
-            # A subscript (one specialised instruction) rather than get() (a method call): a miss is once a slot.
-            try:
-                slot = self.plain[exchange.route.service.name]
-            except KeyError:
+            slot = self.plain.get(exchange.route.service.name)
+            if slot is None:
                 slot = self._slot(exchange.route.service.name, None)
         else:
             slot = self.slots.get((exchange.route.service.name, version))

@@ -164,11 +164,9 @@ class AccessLog:
             http2 = self._last_http2
         else:
             http2 = self._side_is_http2(client)
-        # Subscripts, not get(): a dict subscript is one specialised instruction, a method call is not.
         name = exchange.route.service.name
-        try:
-            service = self._names[name]
-        except KeyError:
+        service = self._names.get(name)
+        if service is None:
             service = self._names[name] = name.encode("utf-8", "replace")
         status = CLIENT_CLOSED if exchange.client_gone and state is _RESPONDING else exchange.status
         # The constant runs of the line cached as bytes (each %s field costs the formatter ~270 instructions): the

@@ -57,6 +57,9 @@ class Ticket:
     breaker probe) until its exchange completes, and the route it goes to (the fallback's, when diverted)."""
 
     __slots__ = ("chain", "route", "fallback_reason", "slot", "queued", "probe", "exchange", "auth_wait")
+    # As Pass's (the dispatcher reads them): a ticket's bind always has more to do than set the response rules.
+    plain = False
+    response_rules: "HeaderRules | None" = None
 
     def __init__(self, chain: "Chain", route: Route) -> None:
         self.chain = chain
@@ -175,18 +178,19 @@ class Pass:
     per-exchange settings on the exchange; with no fallback, a service without a ready backend gets the
     dispatcher's own 503, as `Ticket.divert` would give it."""
 
-    __slots__ = ("chain", "route", "response_rules", "_plain")
+    __slots__ = ("chain", "route", "response_rules", "plain")
     fallback_reason: str | None = None
 
     def __init__(self, chain: "Chain", route: Route) -> None:
         self.chain = chain
         self.route = route
         self.response_rules = chain.response_rules
-        # Nothing but the response rules to put on an exchange (no body limit, no response transform).
-        self._plain = chain.max_body is None and not chain.response_transforms
+        # Nothing but the response rules to put on an exchange (no body limit, no response transform): then the
+        # dispatcher sets them itself instead of calling bind.
+        self.plain = chain.max_body is None and not chain.response_transforms
 
     def bind(self, exchange: Exchange) -> None:
-        if self._plain:
+        if self.plain:
             exchange.response_rules = self.response_rules
             return
         chain = self.chain

@@ -251,13 +251,15 @@ class HeaderRules:
         # For the chain, which writes out apply_request's common case.
         self.request_needles = self._request_needles
         self.request_lines = self._request_lines
+        # And the exchange, which writes out apply_response's.
+        self.response_needles = self._response_needles
 
     def apply_request(self, head: RequestHead) -> None:
         if head.forward is not None:
             # _named_in, written out (a call less per request).
             lowered = head.block.lower()
             for needle in self._request_needles:
-                if lowered.partition(needle)[1]:
+                if needle in lowered:
                     head.rewrite_fields(self._request_drop_lines, self._request_lines)
                     return
             if self._request_lines:
@@ -272,7 +274,7 @@ class HeaderRules:
             # _named_in, written out (a call less per request).
             lowered = head.block.lower()
             for needle in self._response_needles:
-                if lowered.partition(needle)[1]:
+                if needle in lowered:
                     head.rewrite_fields(self._response_drop_lines, b"")
                     break
             return self.response_lines
@@ -294,7 +296,7 @@ def _named_in(block: bytes, needles: tuple[bytes, ...]) -> bool:
     instructions, no line-start anchor to try at every byte."""
     lowered = block.lower()
     for needle in needles:
-        if lowered.partition(needle)[1]:
+        if needle in lowered:
             return True
     return False
 

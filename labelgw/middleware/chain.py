@@ -332,12 +332,16 @@ class Chain:
                 # to drop is in the head, only the rule's lines are added; after a hit, apply_request does it all.
                 lowered = head.block.lower()
                 for needle in request_rules.request_needles:
-                    if lowered.partition(needle)[1]:
+                    if needle in lowered:
                         request_rules.apply_request(head)
                         break
                 else:
-                    if request_rules.request_lines:
-                        head.rewrite_fields(None, request_rules.request_lines)
+                    add = request_rules.request_lines
+                    if add:
+                        # RequestHead.rewrite_fields(None, add), written out too.
+                        head.block += add
+                        head.forward += add
+                        head._headers = None
         if self._stateless:
             if self.plugin_steps and not self._plugins_pass(head, side):
                 return None

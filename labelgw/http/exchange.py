@@ -373,7 +373,7 @@ class Exchange:
             if head.forward is not None:
                 lowered = head.block.lower()
                 for needle in rules.response_needles:
-                    if needle in lowered:
+                    if lowered.partition(needle)[1]:  # not `in`: see _named_in
                         extra += rules.apply_response(head)
                         break
                 else:
@@ -414,7 +414,7 @@ class Exchange:
             if head.forward is not None:
                 lowered = head.block.lower()
                 for needle in rules.response_needles:
-                    if needle in lowered:
+                    if lowered.partition(needle)[1]:  # not `in`: see _named_in
                         extra += rules.apply_response(head)
                         break
                 else:

@@ -259,7 +259,7 @@ class HeaderRules:
             # _named_in, written out (a call less per request).
             lowered = head.block.lower()
             for needle in self._request_needles:
-                if needle in lowered:
+                if lowered.partition(needle)[1]:
                     head.rewrite_fields(self._request_drop_lines, self._request_lines)
                     return
             if self._request_lines:
@@ -274,7 +274,7 @@ class HeaderRules:
             # _named_in, written out (a call less per request).
             lowered = head.block.lower()
             for needle in self._response_needles:
-                if needle in lowered:
+                if lowered.partition(needle)[1]:
                     head.rewrite_fields(self._response_drop_lines, b"")
                     break
             return self.response_lines
@@ -293,10 +293,11 @@ def _named_in(block: bytes, needles: tuple[bytes, ...]) -> bool:
     `_lines_named` pattern would find a line: such a line holds "name:", and bytes patterns fold ASCII case only, as
     bytes.lower does. Now and then True when it would not (a longer name ending in it, "name:" inside a value): the
     pattern, which runs only after a True, decides. One lower() and a substring search each: a few hundred
-    instructions, no line-start anchor to try at every byte."""
+    instructions, no line-start anchor to try at every byte. (partition, not `in`: bytes' `in` first tries the
+    needle as an integer, an exception made and cleared each time.)"""
     lowered = block.lower()
     for needle in needles:
-        if needle in lowered:
+        if lowered.partition(needle)[1]:
             return True
     return False
 

@@ -332,7 +332,7 @@ class Chain:
                 # to drop is in the head, only the rule's lines are added; after a hit, apply_request does it all.
                 lowered = head.block.lower()
                 for needle in request_rules.request_needles:
-                    if needle in lowered:
+                    if lowered.partition(needle)[1]:  # not `in`: see _named_in
                         request_rules.apply_request(head)
                         break
                 else:

@@ -117,8 +117,14 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
         # The common route (no hash key, one version): the policy's pick among the ready backends, as _pick would
         # return it; without a middleware, an exchange with nothing more to set.
         backend = service.policy.pick(service.ready)
-        if backend is not None and ticket is None:
-            return Exchange(side, gateway, head, route, backend)
+        if backend is not None:
+            if ticket is None:
+                return Exchange(side, gateway, head, route, backend)
+            if ticket.plain:
+                # Pass.bind's common case written out (a call less per request): only the response rules to set.
+                exchange = Exchange(side, gateway, head, route, backend)
+                exchange.response_rules = ticket.response_rules
+                return exchange
         version, cookie, pinned, key = None, b"", False, None
     else:
         backend, version, cookie, pinned, key = _pick(gateway, service, head, side, path)
@@ -151,8 +157,7 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
         exchange.response_extra = cookie
     if ticket is not None:
         if ticket.plain:
-            # Pass.bind's common case written out (a call less per request): only the response rules to set.
-            exchange.response_rules = ticket.response_rules
+            exchange.response_rules = ticket.response_rules  # as above
         else:
             ticket.bind(exchange)
     return exchange

@@ -296,7 +296,6 @@ class Chain:
             # KeyedRateLimiter.allow's common case written out (a call less per request): a known key, no expiry
             # due, a token there. Anything else goes through allow, on the bucket untouched (the same sum again).
             bucket = limiter._buckets.get(key)
-            wait = 1.0
             if bucket is not None and now < limiter._sweep_at:
                 tokens = bucket.tokens
                 elapsed = now - bucket.stamp
@@ -309,14 +308,9 @@ class Chain:
                     if elapsed > 0:
                         bucket.stamp = now
                     bucket.tokens = tokens - 1.0 if tokens > 1.0 else 0.0
-                    wait = 0.0
-            if wait:
-                wait = limiter.allow(key, now)
-            if wait:
-                _count(gateway, self.pool.name, head, 429)
-                side.refuse(
-                    429, f"rate limit of service {self.pool.name!r} exceeded", _close(head), limiter.refusal_fields(wait)
-                )
+                elif self._limited(limiter, key, now, gateway, head, side):
+                    return None
+            elif self._limited(limiter, key, now, gateway, head, side):
                 return None
         max_body = self.max_body
         if max_body is not None and head.content_length is not None and head.content_length > max_body:
@@ -385,6 +379,17 @@ class Chain:
             ticket._release(observed=False)
             return None
         return ticket
+
+    def _limited(
+        self, limiter: KeyedRateLimiter, key: bytes, now: float, gateway: Any, head: RequestHead, side: "RequestSide"
+    ) -> bool:
+        """KeyedRateLimiter.allow, when enter's written-out common case did not take a token: True after a 429."""
+        wait = limiter.allow(key, now)
+        if not wait:
+            return False
+        _count(gateway, self.pool.name, head, 429)
+        side.refuse(429, f"rate limit of service {self.pool.name!r} exceeded", _close(head), limiter.refusal_fields(wait))
+        return True
 
     def _plugins_pass(self, head: RequestHead, side: "RequestSide") -> bool:
         """The plugin middlewares' request steps: False when one answered the request."""

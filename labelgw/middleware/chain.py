@@ -304,7 +304,9 @@ class Chain:
                     if tokens > limiter.burst:
                         tokens = limiter.burst
                 if tokens >= _ONE:
-                    limiter._buckets.move_to_end(key)
+                    if key != limiter._newest:
+                        limiter._buckets.move_to_end(key)
+                        limiter._newest = key
                     if elapsed > 0:
                         bucket.stamp = now
                     bucket.tokens = tokens - 1.0 if tokens > 1.0 else 0.0

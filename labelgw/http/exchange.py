@@ -368,7 +368,18 @@ class Exchange:
         extra = self.response_extra
         rules = self.response_rules
         if rules is not None:
-            extra += rules.apply_response(head)
+            # HeaderRules.apply_response's common case written out (a call less per request): a pre-cut head with
+            # none of the fields to remove gets only the rules' lines; anything else goes through apply_response.
+            if head.forward is not None:
+                lowered = head.block.lower()
+                for needle in rules.response_needles:
+                    if lowered.partition(needle)[1]:  # not `in`: see _named_in
+                        extra += rules.apply_response(head)
+                        break
+                else:
+                    extra += rules.response_lines
+            else:
+                extra += rules.apply_response(head)
         # Held by the client side until flush: head and body then leave together (one TCP segment).
         self.client.response_head(head, body, self._client_close, extra)
 
@@ -398,7 +409,18 @@ class Exchange:
         extra = self.response_extra
         rules = self.response_rules
         if rules is not None:
-            extra += rules.apply_response(head)
+            # HeaderRules.apply_response's common case written out (a call less per request): a pre-cut head with
+            # none of the fields to remove gets only the rules' lines; anything else goes through apply_response.
+            if head.forward is not None:
+                lowered = head.block.lower()
+                for needle in rules.response_needles:
+                    if lowered.partition(needle)[1]:  # not `in`: see _named_in
+                        extra += rules.apply_response(head)
+                        break
+                else:
+                    extra += rules.response_lines
+            else:
+                extra += rules.apply_response(head)
         client = self.client
         client.response_head(head, True, self._client_close, extra)
         if self.state is _RESPONDING:

@@ -251,6 +251,8 @@ class HeaderRules:
         # For the chain, which writes out apply_request's common case.
         self.request_needles = self._request_needles
         self.request_lines = self._request_lines
+        # And the exchange, which writes out apply_response's.
+        self.response_needles = self._response_needles
 
     def apply_request(self, head: RequestHead) -> None:
         if head.forward is not None:
@@ -291,7 +293,8 @@ def _named_in(block: bytes, needles: tuple[bytes, ...]) -> bool:
     `_lines_named` pattern would find a line: such a line holds "name:", and bytes patterns fold ASCII case only, as
     bytes.lower does. Now and then True when it would not (a longer name ending in it, "name:" inside a value): the
     pattern, which runs only after a True, decides. One lower() and a substring search each: a few hundred
-    instructions, no line-start anchor to try at every byte."""
+    instructions, no line-start anchor to try at every byte. (partition, not `in`: bytes' `in` first tries the
+    needle as an integer, an exception made and cleared each time.)"""
     lowered = block.lower()
     for needle in needles:
         if lowered.partition(needle)[1]:

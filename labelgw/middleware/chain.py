@@ -57,6 +57,9 @@ class Ticket:
     breaker probe) until its exchange completes, and the route it goes to (the fallback's, when diverted)."""
 
     __slots__ = ("chain", "route", "fallback_reason", "slot", "queued", "probe", "exchange", "auth_wait")
+    # As Pass's (the dispatcher reads them): a ticket's bind always has more to do than set the response rules.
+    plain = False
+    response_rules: "HeaderRules | None" = None
 
     def __init__(self, chain: "Chain", route: Route) -> None:
         self.chain = chain
@@ -175,18 +178,19 @@ class Pass:
     per-exchange settings on the exchange; with no fallback, a service without a ready backend gets the
     dispatcher's own 503, as `Ticket.divert` would give it."""
 
-    __slots__ = ("chain", "route", "response_rules", "_plain")
+    __slots__ = ("chain", "route", "response_rules", "plain")
     fallback_reason: str | None = None
 
     def __init__(self, chain: "Chain", route: Route) -> None:
         self.chain = chain
         self.route = route
         self.response_rules = chain.response_rules
-        # Nothing but the response rules to put on an exchange (no body limit, no response transform).
-        self._plain = chain.max_body is None and not chain.response_transforms
+        # Nothing but the response rules to put on an exchange (no body limit, no response transform): then the
+        # dispatcher sets them itself instead of calling bind.
+        self.plain = chain.max_body is None and not chain.response_transforms
 
     def bind(self, exchange: Exchange) -> None:
-        if self._plain:
+        if self.plain:
             exchange.response_rules = self.response_rules
             return
         chain = self.chain
@@ -292,7 +296,6 @@ class Chain:
             # KeyedRateLimiter.allow's common case written out (a call less per request): a known key, no expiry
             # due, a token there. Anything else goes through allow, on the bucket untouched (the same sum again).
             bucket = limiter._buckets.get(key)
-            wait = 1.0
             if bucket is not None and now < limiter._sweep_at:
                 tokens = bucket.tokens
                 elapsed = now - bucket.stamp
@@ -301,18 +304,15 @@ class Chain:
                     if tokens > limiter.burst:
                         tokens = limiter.burst
                 if tokens >= _ONE:
-                    limiter._buckets.move_to_end(key)
+                    if key != limiter._newest:
+                        limiter._buckets.move_to_end(key)
+                        limiter._newest = key
                     if elapsed > 0:
                         bucket.stamp = now
                     bucket.tokens = tokens - 1.0 if tokens > 1.0 else 0.0
-                    wait = 0.0
-            if wait:
-                wait = limiter.allow(key, now)
-            if wait:
-                _count(gateway, self.pool.name, head, 429)
-                side.refuse(
-                    429, f"rate limit of service {self.pool.name!r} exceeded", _close(head), limiter.refusal_fields(wait)
-                )
+                elif self._limited(limiter, key, now, gateway, head, side):
+                    return None
+            elif self._limited(limiter, key, now, gateway, head, side):
                 return None
         max_body = self.max_body
         if max_body is not None and head.content_length is not None and head.content_length > max_body:
@@ -328,12 +328,16 @@ class Chain:
                 # to drop is in the head, only the rule's lines are added; after a hit, apply_request does it all.
                 lowered = head.block.lower()
                 for needle in request_rules.request_needles:
-                    if lowered.partition(needle)[1]:
+                    if lowered.partition(needle)[1]:  # not `in`: see _named_in
                         request_rules.apply_request(head)
                         break
                 else:
-                    if request_rules.request_lines:
-                        head.rewrite_fields(None, request_rules.request_lines)
+                    add = request_rules.request_lines
+                    if add:
+                        # RequestHead.rewrite_fields(None, add), written out too.
+                        head.block += add
+                        head.forward += add
+                        head._headers = None
         if self._stateless:
             if self.plugin_steps and not self._plugins_pass(head, side):
                 return None
@@ -377,6 +381,17 @@ class Chain:
             ticket._release(observed=False)
             return None
         return ticket
+
+    def _limited(
+        self, limiter: KeyedRateLimiter, key: bytes, now: float, gateway: Any, head: RequestHead, side: "RequestSide"
+    ) -> bool:
+        """KeyedRateLimiter.allow, when enter's written-out common case did not take a token: True after a 429."""
+        wait = limiter.allow(key, now)
+        if not wait:
+            return False
+        _count(gateway, self.pool.name, head, 429)
+        side.refuse(429, f"rate limit of service {self.pool.name!r} exceeded", _close(head), limiter.refusal_fields(wait))
+        return True
 
     def _plugins_pass(self, head: RequestHead, side: "RequestSide") -> bool:
         """The plugin middlewares' request steps: False when one answered the request."""

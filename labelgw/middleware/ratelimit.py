@@ -67,6 +67,9 @@ class KeyedRateLimiter:
         # No bucket can have expired before this time (never later than the oldest bucket's expiry: a used bucket
         # only moves that expiry later), so most requests skip the look at the oldest bucket.
         self._sweep_at = math.inf
+        # The key last inserted or moved to the end: while it is in `_buckets` it is the last one (expiry and eviction
+        # take from the front), so a client asking again needs no move_to_end (the chain reads it too).
+        self._newest: bytes | None = None
         self.limited = 0
         self.evicted = 0
         # RateLimit-Policy (draft-ietf-httpapi-ratelimit-headers): the quota as the label states it.
@@ -93,6 +96,7 @@ class KeyedRateLimiter:
                 self._sweep_at = now + self.idle_expiry
         else:
             buckets.move_to_end(key)
+        self._newest = key
         tokens = bucket.tokens
         elapsed = now - bucket.stamp
         if elapsed > 0:

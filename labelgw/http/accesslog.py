@@ -90,7 +90,11 @@ class AccessLog:
         self.sink = sink
         # Lines the destination could not take in time (its bounded buffer was full); read by the metrics.
         self.access_log_dropped = 0
-        self._lines: list[bytes] = []
+        # The lines gathered since the last hand-over, appended to one buffer: a line formatted and freed at once
+        # reuses the same (cache-hot) memory each request, where a list of up to 512 live line objects touched
+        # fresh memory per line (x0.945 CPU per request through sockets: bench/ab.py, lower in 5 of 5 rounds).
+        self._lines = bytearray()
+        self._count = 0
         # Service name -> its bytes, for the common format's fast path.
         self._names: dict[str, bytes] = {}
         self._flush_call: Any = None
@@ -180,15 +184,14 @@ class AccessLog:
             after = self._after[b"HTTP/2" if http2 else head.version][status]
         except KeyError:
             after = self._cache_after(b"HTTP/2" if http2 else head.version, status)
-        self._lines.append(
-            _CLF_CACHED % (
-                before, target, after, exchange.bytes_out, service,
-                (exchange._started_at + exchange._ttfb - exchange.created_at) * 1000.0, head.request_id or b"-",
-            )
+        self._lines += _CLF_CACHED % (
+            before, target, after, exchange.bytes_out, service,
+            (exchange._started_at + exchange._ttfb - exchange.created_at) * 1000.0, head.request_id or b"-",
         )
+        self._count += 1
         if self._flush_call is None:
             self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
-        elif len(self._lines) >= BATCH_LINES:
+        elif self._count >= BATCH_LINES:
             self.flush()
 
     def _cache_before(self, peer: bytes, method: bytes) -> bytes:
@@ -227,13 +230,13 @@ class AccessLog:
     ) -> None:
         if not self._second_start <= now < self._second_end:
             self._set_second(int(now))
-        self._lines.append(
-            self._format_line(now, side, head, status, bytes_in, bytes_out, duration, upstream, route, version,
-                              backend, retries).encode("utf-8", "replace")
-        )
+        self._lines += self._format_line(
+            now, side, head, status, bytes_in, bytes_out, duration, upstream, route, version, backend, retries,
+        ).encode("utf-8", "replace")
+        self._count += 1
         if self._flush_call is None:
             self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
-        elif len(self._lines) >= BATCH_LINES:
+        elif self._count >= BATCH_LINES:
             self.flush()
 
     def _set_second(self, second: int) -> None:
@@ -304,15 +307,16 @@ class AccessLog:
         call, self._flush_call = self._flush_call, None
         if call is not None and call.active():
             call.cancel()
-        lines = self._lines
-        if not lines:
+        lines, count = self._lines, self._count
+        if not count:
             return
-        self._lines = []
-        if self.sink.put(b"".join(lines)):
+        self._lines = bytearray()
+        self._count = 0
+        if self.sink.put(bytes(lines)):
             if self._dropping and self.sink.pending == 0:
                 self._dropping = False
         else:
-            self.access_log_dropped += len(lines)
+            self.access_log_dropped += count
             if not self._dropping:
                 self._dropping = True
                 self.log.warn(

@@ -126,18 +126,32 @@ class TwistdProcess:
             f"--- log ({self.log_path}) ---\n{self.log_text()}--- end of log ---"
         )
 
+    def _listening_ports(self) -> list[int]:
+        """The HTTP port, then the first --https and the --admin tcp: ports given (labelgw starts its listeners in
+        that order: the HTTP one accepting says nothing yet of the others, and a test that connects to the HTTPS
+        port at once would find it refused on a loaded machine)."""
+        ports = [self.port]
+        for name in ("--https", "--admin"):
+            endpoint = self.option(name)
+            if endpoint is not None and endpoint.startswith("tcp:"):
+                number = endpoint.split(":")[1]
+                if number.isdigit() and int(number) > 0:
+                    ports.append(int(number))
+        return ports
+
     def wait_until_listening(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
-        while not port_accepts(self.port, self.host, timeout=0.2):
-            code = self.process.poll()
-            if code is not None:
-                raise GatewayStartError(self._describe(f"twistd exited with code {code} before listening"))
-            if time.monotonic() >= deadline:
-                self.stop()
-                raise GatewayStartError(
-                    self._describe(f"twistd not listening on {self.host}:{self.port} after {timeout}s")
-                )
-            time.sleep(0.05)
+        for port in self._listening_ports():
+            while not port_accepts(port, self.host, timeout=0.2):
+                code = self.process.poll()
+                if code is not None:
+                    raise GatewayStartError(self._describe(f"twistd exited with code {code} before listening"))
+                if time.monotonic() >= deadline:
+                    self.stop()
+                    raise GatewayStartError(
+                        self._describe(f"twistd not listening on {self.host}:{port} after {timeout}s")
+                    )
+                time.sleep(0.05)
 
     def wait_for_log(self, substring: str, timeout: float = 10.0, since: int = 0) -> str:
         """Wait until ``substring`` appears in the log (after offset ``since``); returns the log."""

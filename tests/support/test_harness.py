@@ -223,7 +223,14 @@ STAND_IN_TAP = textwrap.dedent(
         root.putChild(b"", static.Data(("stand-in " + options["docker-host"]).encode(), "text/plain"))
         port = options["http"][0].split(":")[1]
         Logger().info("labelgw listening on http://127.0.0.1:{port}", port=port)
-        return strports.service(options["http"][0], server.Site(root))
+        from twisted.application.service import MultiService
+        top = MultiService()
+        strports.service(options["http"][0], server.Site(root)).setServiceParent(top)
+        # The fixture waits for the --https and --admin ports too: the stand-in listens there as well.
+        for name in ("https", "admin"):
+            if options[name].startswith("tcp:"):
+                strports.service(options[name], server.Site(root)).setServiceParent(top)
+        return top
     '''
 )
 

@@ -351,7 +351,14 @@ class Exchange:
             self._register_body_pauser(connection)
             self._register_upstream_producer(connection)
             return
-        # A final response: response_whole repeats these steps in one (keep the two alike).
+        body = response_has_body(status, self.head.method == b"HEAD")
+        extra = self._final_response(head, status)
+        # Held by the client side until flush: head and body then leave together (one TCP segment).
+        self.client.response_head(head, body, self._client_close, extra)
+
+    def _final_response(self, head: ResponseHead, status: int) -> bytes:
+        """The steps of a final response (response_head and response_whole): the state, a 5xx counted against the
+        backend, the close decision, and the fields added to the head (debug fields, the route's response rules)."""
         if self.state not in _TO_RESPONDING:
             self._move(_RESPONDING)
         self.state = _RESPONDING
@@ -362,26 +369,21 @@ class Exchange:
         if not self.body_done:
             # The upstream answered before the whole body arrived: the rest cannot be skipped safely.
             self._client_close = True
-        body = response_has_body(status, self.head.method == b"HEAD")
         if self.gateway.debug_headers:
             self.response_extra += debug_fields(self)
         extra = self.response_extra
         rules = self.response_rules
         if rules is not None:
-            # HeaderRules.apply_response's common case written out (a call less per request): a pre-cut head with
-            # none of the fields to remove gets only the rules' lines; anything else goes through apply_response.
+            # HeaderRules.apply_response's common case written out: a pre-cut head with none of the fields to
+            # remove gets only the rules' lines; anything else goes through apply_response.
             if head.forward is not None:
                 lowered = head.block.lower()
                 for needle in rules.response_needles:
                     if lowered.partition(needle)[1]:  # not `in`: see _named_in
-                        extra += rules.apply_response(head)
-                        break
-                else:
-                    extra += rules.response_lines
-            else:
-                extra += rules.apply_response(head)
-        # Held by the client side until flush: head and body then leave together (one TCP segment).
-        self.client.response_head(head, body, self._client_close, extra)
+                        return extra + rules.apply_response(head)
+                return extra + rules.response_lines
+            return extra + rules.apply_response(head)
+        return extra
 
     def response_data(self, data: bytes) -> None:
         self.bytes_out += len(data)
@@ -394,33 +396,7 @@ class Exchange:
         gateway = self.gateway
         self._ttfb = gateway.clock.seconds() - self._started_at
         status = self.status = head.status
-        if self.state not in _TO_RESPONDING:
-            self._move(_RESPONDING)
-        self.state = _RESPONDING
-        if status >= 500:
-            self.backend.errors += 1
-            # A 5xx counts against the backend (outlier ejection, latency penalty), like Envoy's consecutive_5xx.
-            self._gateway_error = True
-        if not self.body_done:
-            # The upstream answered before the whole body arrived: the rest cannot be skipped safely.
-            self._client_close = True
-        if gateway.debug_headers:
-            self.response_extra += debug_fields(self)
-        extra = self.response_extra
-        rules = self.response_rules
-        if rules is not None:
-            # HeaderRules.apply_response's common case written out (a call less per request): a pre-cut head with
-            # none of the fields to remove gets only the rules' lines; anything else goes through apply_response.
-            if head.forward is not None:
-                lowered = head.block.lower()
-                for needle in rules.response_needles:
-                    if lowered.partition(needle)[1]:  # not `in`: see _named_in
-                        extra += rules.apply_response(head)
-                        break
-                else:
-                    extra += rules.response_lines
-            else:
-                extra += rules.apply_response(head)
+        extra = self._final_response(head, status)
         client = self.client
         client.response_head(head, True, self._client_close, extra)
         if self.state is _RESPONDING:

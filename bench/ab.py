@@ -297,13 +297,18 @@ class Running:
     https_port: int
 
 
-def start_labelgw(tree: Tree, workdir: Path, backend_port: int, python: str) -> Running:
+def start_labelgw(tree: Tree, workdir: Path, backend_port: int, python: str, bare: bool = False) -> Running:
     prefix = workdir / f"labelgw-{tree.label}"
     prefix.mkdir()
     state, certs = prefix / "state", prefix / "certs"
     _cert, _key, der = mint_bench_certificate(state, certs, prefix)
     http_port, https_port = free_port(), free_port()
     server = labelgw_tls(prefix, http_port, https_port, backend_port, state, certs, tree=tree.path, python=python)
+    if bare:
+        # No access log and no per-request counters: the data path alone, as in a tree that predates them.
+        server.argv += ["--access-log", "off"]
+        config = prefix / "labelgw.yaml"
+        config.write_text("metrics: false\n" + config.read_text())
     server.name = f"labelgw-{tree.label}"
     server.start()
     try:
@@ -379,7 +384,9 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
         pythons = {"A": args.python_a, "B": args.python_b}
         running: dict[str, Running] = {}
         for tree in trees:
-            running[tree.label] = start_labelgw(tree, workdir, backend_port, pythons[tree.label])
+            running[tree.label] = start_labelgw(
+                tree, workdir, backend_port, pythons[tree.label], bare=tree.label in args.bare
+            )
             started.append(running[tree.label].server)
         print(
             f"loads {','.join(args.loads)}: {args.warmup} s warm-up + {args.duration} s each; {args.rounds} rounds; "
@@ -456,11 +463,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             help=f"the Python that runs {label}'s labelgw (default: this one)",
         )
     parser.add_argument(
+        "--bare",
+        default="",
+        help="comma list of A, B: run that tree's labelgw with --access-log off and `metrics: false` (to compare the "
+        "data path alone with a tree that predates the access log and the metrics)",
+    )
+    parser.add_argument(
         "--concurrent", action="store_true", help="load A and B at the same time instead of one after the other"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write every sample and the ratios here")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory (logs, trees)")
     args = parser.parse_args(argv)
+    args.bare = sorted({label.strip().upper() for label in args.bare.split(",") if label.strip()})
+    if set(args.bare) - set(LABELS):
+        parser.error(f"--bare: {', '.join(sorted(args.bare))}: only {', '.join(LABELS)}")
     chosen = [load.strip() for load in args.loads.split(",") if load.strip()]
     if not chosen or set(chosen) - set(LOADS):
         parser.error("--loads: choose among " + ", ".join(LOADS))

@@ -157,3 +157,31 @@ def test_content_length_in_any_case() -> None:
     assert floor_proxy.content_length(b"HTTP/1.1 200 OK\r\nContent-Length: 12") == 12
     assert floor_proxy.content_length(b"HTTP/1.1 200 OK\r\nCONTENT-LENGTH:3\r\nA: b") == 3
     assert floor_proxy.content_length(b"HTTP/1.1 204 No Content\r\nA: b") == 0
+
+
+bench_floor = load_bench_script("bench_floor")
+
+
+def test_bench_floor_defaults_and_target_choice() -> None:
+    args = bench_floor.parse_args([])
+    assert (args.duration, args.warmup, args.rounds, args.parts) == (4, 1, 3, ["plain", "keepalive", "handshakes"])
+    assert args.targets == list(bench_floor.DEFAULT_TARGETS)
+    chosen = bench_floor.parse_args(["--targets", "labelgw,floor-proxy", "--parts", "plain"])
+    assert (chosen.targets, chosen.parts) == (["floor-proxy", "labelgw"], ["plain"])
+    with pytest.raises(SystemExit):
+        bench_floor.parse_args(["--targets", "nginx"])
+
+
+def test_verdicts_compare_the_floor_with_issue_12s_ratios() -> None:
+    Figure = bench_floor.Figure
+    results = {
+        "plain": {"nginx-proxy": [Figure(100.0, 10.0, 0)], "floor-proxy": [Figure(60.0, 20.0, 0)],
+                  "labelgw": [Figure(30.0, 40.0, 0)]},
+        "tls13": {"nginx-tls": [Figure(1000.0, 300.0, 0)], "floor-proxy-tls": [Figure(700.0, 500.0, 0)]},
+    }
+    lines = bench_floor.verdicts(bench_floor.summarize(results))
+    assert len(lines) == 2
+    # 0.45 / 0.60: labelgw must keep 75 % of the floor's rate; it keeps 50 %.
+    assert "floor reaches x0.60 (x0.50 by CPU per request)" in lines[0]
+    assert ">= 75% of the floor's rate (labelgw keeps 50% today: x0.30 of nginx)" in lines[0]
+    assert "floor reaches x0.70" in lines[1] and "out of reach" in lines[1]

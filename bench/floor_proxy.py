@@ -113,6 +113,8 @@ def run_twisted(listen: int, backend: int, pem: str | None, reactor_name: str) -
     class Upstream(Protocol):
         """The client connection's own connection to the backend: responses go back as they arrive."""
 
+        transport: Any
+
         def __init__(self, client: Client) -> None:
             self.client = client
             self.frames = ResponseFrames()
@@ -138,6 +140,8 @@ def run_twisted(listen: int, backend: int, pem: str | None, reactor_name: str) -
             self.client.transport.loseConnection()
 
     class Client(Protocol):
+        transport: Any
+
         def connectionMade(self) -> None:
             self.partial = b""  # the start of an incomplete request head
             self.upstream: Upstream | None = None
@@ -184,6 +188,7 @@ def run_twisted(listen: int, backend: int, pem: str | None, reactor_name: str) -
             super().connectionMade()
             self.incoming = ssl.MemoryBIO()
             self.outgoing = ssl.MemoryBIO()
+            assert context is not None
             self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
             self.shaken = False
 

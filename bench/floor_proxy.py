@@ -13,10 +13,10 @@ on the same event loop can be, since labelgw must do all of that work and this c
 --loop twisted (the default) runs on labelgw's reactor (labelgw.cli.reactor's LeanEPollReactor, what labelgw runs
 on; --reactor epoll: Twisted's stock epoll reactor) and writes with labelgw's direct socket send when nothing is
 queued (labelgw.http.fastwrite.write_now). --tls PEM (certificate and key in one file) puts the client side on
-TLS with the standard library's ssl: on Twisted an ssl.SSLObject over two ssl.MemoryBIOs driven by the protocol,
-on asyncio the loop's own TLS (which is built the same way). TLS 1.2 and 1.3 with labelgw's cipher list, ALPN
-http/1.1, no session tickets (as bench_tls.py's nginx-tls). --listen 0 picks a free port; the port listened on
-is printed as `floor-proxy: listening on PORT`. Loopback only.
+TLS with the standard library's ssl: on Twisted the C object of an ssl.SSLObject over two ssl.MemoryBIOs, driven by
+the protocol; on asyncio the loop's own TLS (SSLObject and MemoryBIOs too). TLS 1.2 and 1.3 with labelgw's cipher
+list, ALPN http/1.1, no session tickets and no session cache (as bench_tls.py's nginx-tls). --listen 0 picks a
+free port; the port listened on is printed as `floor-proxy: listening on PORT`. Loopback only.
 """
 
 from __future__ import annotations
@@ -87,9 +87,13 @@ def tls_context(pem: str) -> ssl.SSLContext:
     context.set_ciphers(TLS12_CIPHERS)
     context.load_cert_chain(pem)
     context.set_alpn_protocols(["http/1.1"])
-    # Like nginx-tls: no session tickets (TLS 1.3 and 1.2) and no session cache.
+    # Like nginx-tls: no session tickets (TLS 1.3 and 1.2) and no session cache (the ssl module has no call for
+    # the cache: labelgw's ctypes one, on the same libssl).
     context.num_tickets = 0
     context.options |= ssl.OP_NO_TICKET
+    from labelgw.tls.stdtls import session_cache_off
+
+    session_cache_off(context)
     return context
 
 
@@ -189,7 +193,11 @@ def run_twisted(listen: int, backend: int, pem: str | None, reactor_name: str) -
             self.incoming = ssl.MemoryBIO()
             self.outgoing = ssl.MemoryBIO()
             assert context is not None
-            self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+            # The C object an SSLObject wraps (as labelgw's engine holds it): SSLObject's methods are Python calls
+            # around the same C methods, one more call per record.
+            self.tls = context._wrap_bio(  # type: ignore[attr-defined]
+                self.incoming, self.outgoing, server_side=True, server_hostname=None, owner=None, session=None
+            )
             self.shaken = False
 
         def flush(self) -> None:
@@ -210,13 +218,21 @@ def run_twisted(listen: int, backend: int, pem: str | None, reactor_name: str) -
                     self.transport.abortConnection()
                     return
                 self.shaken = True
+                # Nothing came after the client's last handshake message.
+                if not self.incoming.pending and not tls.pending():
+                    self.flush()
+                    return
             chunks = []
             try:
                 while True:
-                    chunk = tls.read(65536)
+                    chunk = tls.read(262144)
                     if not chunk:
                         break
                     chunks.append(chunk)
+                    # Nothing left in either buffer: another read would only raise SSLWantReadError (an
+                    # exception per event costs more than the two checks).
+                    if not self.incoming.pending and not tls.pending():
+                        break
             except ssl.SSLWantReadError:
                 pass
             except (ssl.SSLZeroReturnError, ssl.SSLError):

@@ -321,7 +321,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # wrk and s_time take whole seconds only.
     parser.add_argument("--duration", type=int, default=4, help="seconds of measured wrk load per target and round")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured wrk load before each (0: none)")
-    parser.add_argument("--handshake-time", type=int, default=3, help="seconds of s_time per TLS version")
+    parser.add_argument("--handshake-time", type=int, default=2, help="seconds of s_time per TLS version")
     parser.add_argument("--handshake-clients", type=int, default=2, help="s_time processes at once")
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (-c)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are quoted")

@@ -123,6 +123,7 @@ _SEND_DATA = StreamInputs.SEND_DATA
 _SEND_END_STREAM = StreamInputs.SEND_END_STREAM
 _CONNECTION_CLOSED = ConnectionState.CLOSED
 _SERVER_OPEN = ConnectionState.SERVER_OPEN
+_IDLE = ConnectionState.IDLE
 _LIB_OPEN = _LibStreamState.OPEN
 _LIB_HALF_CLOSED_REMOTE = _LibStreamState.HALF_CLOSED_REMOTE
 _LIB_CLOSED = _LibStreamState.CLOSED
@@ -808,7 +809,8 @@ class H2Protocol(DataProtocol):
         starting: list[tuple[H2Stream, RequestHead]] = []
         buffered = conn.incoming_buffer
         try:
-            if buffered._data or buffered._preamble_len or buffered._headers_buffer or conn.state_machine.state is not _SERVER_OPEN:
+            state = conn.state_machine.state
+            if buffered._data or buffered._preamble_len or buffered._headers_buffer or (state is not _SERVER_OPEN and state is not _IDLE):
                 events = conn.receive_data(data)
             else:
                 # Nothing half-read: the requests at the front of the read are taken without h2's frame objects and
@@ -904,6 +906,8 @@ class H2Protocol(DataProtocol):
                 break
             try:
                 headers: Any = _h2_decode_headers(conn.decoder, data[at + 9 : end])
+                # RECV_HEADERS: an idle connection (its first request) becomes open, an open one stays so.
+                conn.state_machine.state = _SERVER_OPEN
                 lib = conn._begin_new_stream(stream_id, _ODD_IDS)
                 machine = lib.state_machine
                 machine.client = False

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from h2.config import H2Configuration
-from h2.connection import AllowedStreamIDs, ConnectionState, H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.connection import _decode_headers as _h2_decode_headers
 from h2.errors import ErrorCodes
 from h2.events import (
@@ -128,7 +128,6 @@ _LIB_OPEN = _LibStreamState.OPEN
 _LIB_HALF_CLOSED_REMOTE = _LibStreamState.HALF_CLOSED_REMOTE
 _LIB_CLOSED = _LibStreamState.CLOSED
 _CLOSED_BY_SEND_END = StreamClosedBy.SEND_END_STREAM
-_ODD_IDS = AllowedStreamIDs.ODD
 
 
 def send_headers_frames(conn: H2Connection, stream: _H2LibStream, fields: list[tuple[bytes, bytes]], end: bool) -> None:
@@ -394,9 +393,32 @@ class H2Stream:
         self._pump()
 
     def response_end(self) -> None:
-        if self.state is _SENDING:
-            self._move(_ENDING)
-            self._pump()
+        if self.state is not _SENDING:
+            return
+        queue = self._queue
+        lib = self._lib
+        owner = self.owner
+        if len(queue) == 1 and self.remote_ended and lib.state_machine.state is _LIB_HALF_CLOSED_REMOTE and owner.state is not _CLOSED:
+            # The common case (a small response whose body came whole, the request complete): one DATA frame
+            # with END_STREAM if the windows and the frame size allow, what _pump and _sent_all would do.
+            chunk = queue[0]
+            size = len(chunk)
+            conn = owner.conn
+            if size <= conn.max_outbound_frame_size and size <= send_window(conn, lib):
+                queue.clear()
+                self._queued = 0
+                owner.queued_less(size)
+                send_data_frame(conn, lib, chunk, True)
+                # SENDING -> DONE (states.STREAM_MOVES); the client ended its side (half-closed remote), so no
+                # reset for an unread body.
+                self.state = _DONE
+                self.stalled_since = 0.0
+                self._maybe_gone()
+                self.sync_producer()
+                owner.flush_soon()
+                return
+        self._move(_ENDING)
+        self._pump()
 
     def error_response(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
         if self.state is not _WAITING:
@@ -908,7 +930,14 @@ class H2Protocol(DataProtocol):
                 headers: Any = _h2_decode_headers(conn.decoder, data[at + 9 : end])
                 # RECV_HEADERS: an idle connection (its first request) becomes open, an open one stays so.
                 conn.state_machine.state = _SERVER_OPEN
-                lib = conn._begin_new_stream(stream_id, _ODD_IDS)
+                # h2's _begin_new_stream, without the checks made above and its debug logging.
+                lib = _H2LibStream(
+                    stream_id, config=conn.config, inbound_window_size=conn.local_settings.initial_window_size,
+                    outbound_window_size=conn.remote_settings.initial_window_size,
+                )
+                lib.max_outbound_frame_size = conn.max_outbound_frame_size
+                conn.streams[stream_id] = lib
+                conn.highest_inbound_stream_id = stream_id
                 machine = lib.state_machine
                 machine.client = False
                 machine.headers_received = True

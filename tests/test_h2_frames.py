@@ -227,3 +227,21 @@ def test_the_concurrency_limit_is_h2s_check(h: ProxyHarness) -> None:
     assert seen and HeadersFrame.type in seen[0]
     assert client.terminated is not None and client.terminated.error_code == ErrorCodes.PROTOCOL_ERROR
     assert h.connect_count() == 0
+
+
+def test_the_h2_internals_the_reader_uses_are_there() -> None:
+    """H2Protocol._receive_requests reads h2's frame buffer state and makes h2's streams itself: the names it uses
+    (h2 4.x; tests/test_internals.py pins the version) exist and mean what it assumes."""
+    from h2.connection import _decode_headers
+    from h2.stream import H2Stream
+
+    conn = _reference()
+    buffered = conn.incoming_buffer
+    assert buffered._preamble_len == 0 and not buffered._data and buffered._headers_buffer == []
+    conn.receive_data(_headers(1)[:5])
+    assert bytes(buffered._data) == _headers(1)[:5]
+    assert conn._open_streams(1) == 0 and conn.highest_inbound_stream_id == 0
+    assert callable(_decode_headers) and callable(conn._terminate_connection)
+    stream = H2Stream(1, config=conn.config, inbound_window_size=10, outbound_window_size=20)
+    assert (stream.inbound_flow_control_window, stream.outbound_flow_control_window) == (10, 20)
+    assert callable(stream._initialize_content_length)

@@ -64,6 +64,7 @@ from labelgw.http.h2fields import malformed_request, malformed_trailers
 from labelgw.http.headers import HOP_BY_HOP, MANAGED
 from labelgw.http.hpack import CachingDecoder
 from labelgw.http.hpack import Encoder as HpackEncoder
+from labelgw.http.hpack import encode_fields
 from labelgw.http.logsafe import printable
 from labelgw.http.parser import MAX_HEADERS, RequestHead, ResponseHead
 from labelgw.http.server import ClientConnection, Gateway
@@ -101,6 +102,11 @@ _DRAINING = H2State.DRAINING
 _CLOSED = H2State.CLOSED
 
 _TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
+# Encoded final response heads by (status, the parser's cut block, content length, fields labelgw adds), shared by
+# every connection (the encoder's blocks depend on the fields only).
+_HEAD_BLOCKS: dict[tuple[int, bytes, int | None, bytes], bytes] = {}
+_HEAD_BLOCKS_KEPT = 64
+_NO_FIELDS: list[tuple[bytes, bytes]] = []
 # A field line of a parsed head's block: name, value without the whitespace around it (ResponseHead.headers' split).
 _FORWARD_FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 
@@ -130,21 +136,27 @@ _LIB_CLOSED = _LibStreamState.CLOSED
 _CLOSED_BY_SEND_END = StreamClosedBy.SEND_END_STREAM
 
 
-def send_headers_frames(conn: H2Connection, stream: _H2LibStream, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+def send_headers_frames(
+    conn: H2Connection, stream: _H2LibStream, fields: list[tuple[bytes, bytes]], end: bool, block: bytes | None = None,
+) -> None:
     """HEADERS (and CONTINUATION past the peer's frame size) of a response head, as h2's send_headers would send
-    them; raises h2's StreamClosedError or ProtocolError where it would."""
+    them; raises h2's StreamClosedError or ProtocolError where it would. `block`: the final head's fields already
+    encoded (hpack.encode_fields; `fields` is then not read)."""
     if conn.state_machine.state is _CONNECTION_CLOSED:
         raise ProtocolError("the connection is closed")
     machine = stream.state_machine
     # The first field is :status: 1xx is an interim head (it cannot end the stream).
-    if fields[0][1][:1] == b"1":
+    if block is None and fields[0][1][:1] == b"1":
         machine.process_input(_SEND_INFORMATIONAL)
     elif machine.state is _LIB_HALF_CLOSED_REMOTE and not machine.headers_sent and machine.client is False:
         # The common case (the whole request is in), moved as h2's transition table and response_sent move it.
         machine.headers_sent = True
     else:
         machine.process_input(_SEND_HEADERS)
-    block = conn.encoder.encode(fields)
+    if block is None:
+        block = conn.encoder.encode(fields)
+    else:
+        block = conn.encoder.prefix() + block  # type: ignore[attr-defined]
     if end:
         _send_end_stream(machine)
     out = conn._data_to_send
@@ -368,6 +380,30 @@ class H2Stream:
     def response_head(self, head: ResponseHead, body: bool, close: bool, extra: bytes) -> None:
         if self.state is not _WAITING:
             return
+        forward = head.forward
+        if forward is not None and len(forward) <= _KNOWN_BLOCK:
+            # A head the parser cut: its fields follow from these four, and so does its block (static table
+            # only). Backends repeat their heads (a Date field changes once a second): encoded once.
+            length = head.content_length
+            key = (head.status, forward, length, extra)
+            block = _HEAD_BLOCKS.get(key)
+            if block is None:
+                fields = [(b":status", b"%d" % head.status)]
+                self._add_fields(fields, head)
+                if length is not None:
+                    fields.append((b"content-length", b"%d" % length))
+                if extra:
+                    _add_lines(fields, extra)
+                block = encode_fields(fields)
+                if len(_HEAD_BLOCKS) >= _HEAD_BLOCKS_KEPT:
+                    _HEAD_BLOCKS.clear()
+                _HEAD_BLOCKS[key] = block
+            if not body or length == 0:
+                if self._send_headers(_NO_FIELDS, True, block):
+                    self._sent_all()
+            elif self._send_headers(_NO_FIELDS, False, block):
+                self._move(_SENDING)
+            return
         fields = [(b":status", b"%d" % head.status)]
         self._add_fields(fields, head)
         length = head.content_length
@@ -508,12 +544,12 @@ class H2Stream:
                 continue
             fields.append((lower, value))
 
-    def _send_headers(self, fields: list[tuple[bytes, bytes]], end: bool) -> bool:
+    def _send_headers(self, fields: list[tuple[bytes, bytes]], end: bool, block: bytes | None = None) -> bool:
         owner = self.owner
         if owner.state is _CLOSED or self.gone:
             return False
         try:
-            send_headers_frames(owner.conn, self._lib, fields, end)
+            send_headers_frames(owner.conn, self._lib, fields, end, block)
         except (StreamClosedError, ProtocolError):
             # h2 closed the stream itself (for example after a stream error): it cannot be answered any more.
             self._reset(ErrorCodes.INTERNAL_ERROR)

@@ -381,8 +381,8 @@ class H2Stream:
         if self.state is not _WAITING:
             return
         forward = head.forward
-        if forward is not None and len(forward) <= _KNOWN_BLOCK:
-            # A head the parser cut: its fields follow from these four, and so does its block (static table
+        if forward is not None and len(forward) <= _KNOWN_BLOCK and head.status >= 200:
+            # A final head the parser cut: its fields follow from these four, and so does its block (static table
             # only). Backends repeat their heads (a Date field changes once a second): encoded once.
             length = head.content_length
             key = (head.status, forward, length, extra)

@@ -245,3 +245,14 @@ def test_the_h2_internals_the_reader_uses_are_there() -> None:
     stream = H2Stream(1, config=conn.config, inbound_window_size=10, outbound_window_size=20)
     assert (stream.inbound_flow_control_window, stream.outbound_flow_control_window) == (10, 20)
     assert callable(stream._initialize_content_length)
+
+
+def test_a_read_given_as_a_bytearray_or_memoryview_is_read_alike(h: ProxyHarness, client: H2Client) -> None:
+    encoder = Encoder()
+    client.server.dataReceived(bytearray(HeadersFrame(1, encoder.encode(REQUEST), flags=["END_HEADERS", "END_STREAM"]).serialize()))
+    upstream = answer(h, ok(b"one"))
+    assert _served(client, 1) == b"one"
+    client.server.dataReceived(memoryview(HeadersFrame(3, encoder.encode(REQUEST), flags=["END_HEADERS", "END_STREAM"]).serialize()))
+    upstream.take()
+    upstream.send(ok(b"two"))
+    assert _served(client, 3) == b"two"

@@ -945,6 +945,9 @@ class H2Protocol(DataProtocol):
         else (padding, priority, CONTINUATION, a stream id h2 must refuse, the limit reached) stops here and h2
         reads it, so its checks and errors are the ones that apply."""
         conn = self.conn
+        if type(data) is not bytes:
+            # The decoder keeps blocks by value (transports give bytes; anything else is copied once).
+            data = bytes(data)
         size = len(data)
         at = 0
         unpack = _FRAME_HEAD.unpack_from

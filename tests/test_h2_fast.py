@@ -67,3 +67,40 @@ def test_a_smaller_header_table_from_the_client_is_honoured(h: ProxyHarness, cli
     # The client's decoder took the size update that came first in the block (else it ends the connection).
     assert client.streams[stream].status == 200 and client.terminated is None
     assert client.conn.decoder.header_table_size == 0
+
+
+def test_response_heads_are_encoded_once_and_each_response_gets_its_own(h: ProxyHarness, client: H2Client) -> None:
+    from labelgw.http import h2 as h2_module
+
+    h2_module._HEAD_BLOCKS.clear()
+    upstream = None
+    bodies = []
+    for value in (b"a", b"a", b"b", b"a"):
+        stream = client.request(b"/same")
+        if upstream is None:
+            upstream = answer(h, b"HTTP/1.1 200 OK\r\nX-V: " + value + b"\r\nContent-Length: 2\r\n\r\nok")
+        else:
+            upstream.take()
+            upstream.send(b"HTTP/1.1 200 OK\r\nX-V: " + value + b"\r\nContent-Length: 2\r\n\r\nok")
+        client.exchange()
+        h.settle()
+        result = client.streams[stream]
+        bodies.append((result.status, result.header(b"x-v"), result.header(b"content-length"), result.body))
+    assert bodies == [(200, b"a", b"2", b"ok"), (200, b"a", b"2", b"ok"), (200, b"b", b"2", b"ok"), (200, b"a", b"2", b"ok")]
+    # Two distinct heads, two blocks.
+    assert len(h2_module._HEAD_BLOCKS) == 2
+
+
+def test_a_kept_response_head_still_carries_a_size_update_owed_to_the_client(h: ProxyHarness, client: H2Client) -> None:
+    first = client.request()
+    upstream = answer(h, ok(b"x"))
+    client.exchange()
+    h.settle()
+    client.conn.update_settings({SettingCodes.HEADER_TABLE_SIZE: 0})
+    client.exchange()
+    second = client.request()
+    upstream.take()
+    upstream.send(ok(b"x"))
+    client.exchange()
+    assert [client.streams[s].status for s in (first, second)] == [200, 200] and client.terminated is None
+    assert client.conn.decoder.header_table_size == 0

@@ -32,6 +32,7 @@ from typing import Any
 
 from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
+from h2.connection import _decode_headers as _h2_decode_headers
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -46,7 +47,8 @@ from h2.events import (
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from h2.stream import H2Stream as _H2LibStream
-from h2.stream import StreamInputs
+from h2.stream import StreamClosedBy, StreamInputs
+from h2.stream import StreamState as _LibStreamState
 from hyperframe.frame import GoAwayFrame
 from twisted.internet import error
 from twisted.internet.interfaces import IProtocolNegotiationFactory
@@ -62,6 +64,7 @@ from labelgw.http.h2fields import malformed_request, malformed_trailers
 from labelgw.http.headers import HOP_BY_HOP, MANAGED
 from labelgw.http.hpack import CachingDecoder
 from labelgw.http.hpack import Encoder as HpackEncoder
+from labelgw.http.hpack import encode_fields
 from labelgw.http.logsafe import printable
 from labelgw.http.parser import MAX_HEADERS, RequestHead, ResponseHead
 from labelgw.http.server import ClientConnection, Gateway
@@ -99,6 +102,11 @@ _DRAINING = H2State.DRAINING
 _CLOSED = H2State.CLOSED
 
 _TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
+# Encoded final response heads by (status, the parser's cut block, content length, fields labelgw adds), shared by
+# every connection (the encoder's blocks depend on the fields only).
+_HEAD_BLOCKS: dict[tuple[int, bytes, int | None, bytes], bytes] = {}
+_HEAD_BLOCKS_KEPT = 64
+_NO_FIELDS: list[tuple[bytes, bytes]] = []
 # A field line of a parsed head's block: name, value without the whitespace around it (ResponseHead.headers' split).
 _FORWARD_FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 
@@ -120,19 +128,37 @@ _SEND_INFORMATIONAL = StreamInputs.SEND_INFORMATIONAL_HEADERS
 _SEND_DATA = StreamInputs.SEND_DATA
 _SEND_END_STREAM = StreamInputs.SEND_END_STREAM
 _CONNECTION_CLOSED = ConnectionState.CLOSED
+_SERVER_OPEN = ConnectionState.SERVER_OPEN
+_IDLE = ConnectionState.IDLE
+_LIB_OPEN = _LibStreamState.OPEN
+_LIB_HALF_CLOSED_REMOTE = _LibStreamState.HALF_CLOSED_REMOTE
+_LIB_CLOSED = _LibStreamState.CLOSED
+_CLOSED_BY_SEND_END = StreamClosedBy.SEND_END_STREAM
 
 
-def send_headers_frames(conn: H2Connection, stream: _H2LibStream, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+def send_headers_frames(
+    conn: H2Connection, stream: _H2LibStream, fields: list[tuple[bytes, bytes]], end: bool, block: bytes | None = None,
+) -> None:
     """HEADERS (and CONTINUATION past the peer's frame size) of a response head, as h2's send_headers would send
-    them; raises h2's StreamClosedError or ProtocolError where it would."""
+    them; raises h2's StreamClosedError or ProtocolError where it would. `block`: the final head's fields already
+    encoded (hpack.encode_fields; `fields` is then not read)."""
     if conn.state_machine.state is _CONNECTION_CLOSED:
         raise ProtocolError("the connection is closed")
     machine = stream.state_machine
     # The first field is :status: 1xx is an interim head (it cannot end the stream).
-    machine.process_input(_SEND_INFORMATIONAL if fields[0][1][:1] == b"1" else _SEND_HEADERS)
-    block = conn.encoder.encode(fields)
+    if block is None and fields[0][1][:1] == b"1":
+        machine.process_input(_SEND_INFORMATIONAL)
+    elif machine.state is _LIB_HALF_CLOSED_REMOTE and not machine.headers_sent and machine.client is False:
+        # The common case (the whole request is in), moved as h2's transition table and response_sent move it.
+        machine.headers_sent = True
+    else:
+        machine.process_input(_SEND_HEADERS)
+    if block is None:
+        block = conn.encoder.encode(fields)
+    else:
+        block = conn.encoder.prefix() + block  # type: ignore[attr-defined]
     if end:
-        machine.process_input(_SEND_END_STREAM)
+        _send_end_stream(machine)
     out = conn._data_to_send
     stream_id = stream.stream_id
     flags = _END_STREAM if end else 0
@@ -158,15 +184,26 @@ def send_data_frame(conn: H2Connection, stream: _H2LibStream, data: bytes | memo
     if conn.state_machine.state is _CONNECTION_CLOSED:
         raise ProtocolError("the connection is closed")
     machine = stream.state_machine
-    machine.process_input(_SEND_DATA)
+    # SEND_DATA leaves a half-closed (remote) stream as it is (h2's transition table); other states go through h2.
+    if machine.state is not _LIB_HALF_CLOSED_REMOTE:
+        machine.process_input(_SEND_DATA)
     if end:
-        machine.process_input(_SEND_END_STREAM)
+        _send_end_stream(machine)
     size = len(data)
     stream.outbound_flow_control_window -= size
     conn.outbound_flow_control_window -= size
     out = conn._data_to_send
     out += _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, _DATA_FRAME, _END_STREAM if end else 0, stream.stream_id)
     out += data
+
+
+def _send_end_stream(machine: Any) -> None:
+    """END_STREAM sent: a half-closed (remote) stream closes, as h2's send_end_stream transition does it."""
+    if machine.state is _LIB_HALF_CLOSED_REMOTE:
+        machine.state = _LIB_CLOSED
+        machine.stream_closed_by = _CLOSED_BY_SEND_END
+    else:
+        machine.process_input(_SEND_END_STREAM)
 
 
 def send_window(conn: H2Connection, stream: _H2LibStream) -> int:
@@ -176,6 +213,9 @@ def send_window(conn: H2Connection, stream: _H2LibStream) -> int:
 
 class _ClosedStream:
     """Stands for a stream h2 no longer keeps: it refuses what h2 would refuse on a closed stream."""
+
+    # Never one of h2's states: the senders' shortcuts do not apply, process_input refuses.
+    state = None
 
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id
@@ -340,6 +380,30 @@ class H2Stream:
     def response_head(self, head: ResponseHead, body: bool, close: bool, extra: bytes) -> None:
         if self.state is not _WAITING:
             return
+        forward = head.forward
+        if forward is not None and len(forward) <= _KNOWN_BLOCK and head.status >= 200:
+            # A final head the parser cut: its fields follow from these four, and so does its block (static table
+            # only). Backends repeat their heads (a Date field changes once a second): encoded once.
+            length = head.content_length
+            key = (head.status, forward, length, extra)
+            block = _HEAD_BLOCKS.get(key)
+            if block is None:
+                fields = [(b":status", b"%d" % head.status)]
+                self._add_fields(fields, head)
+                if length is not None:
+                    fields.append((b"content-length", b"%d" % length))
+                if extra:
+                    _add_lines(fields, extra)
+                block = encode_fields(fields)
+                if len(_HEAD_BLOCKS) >= _HEAD_BLOCKS_KEPT:
+                    _HEAD_BLOCKS.clear()
+                _HEAD_BLOCKS[key] = block
+            if not body or length == 0:
+                if self._send_headers(_NO_FIELDS, True, block):
+                    self._sent_all()
+            elif self._send_headers(_NO_FIELDS, False, block):
+                self._move(_SENDING)
+            return
         fields = [(b":status", b"%d" % head.status)]
         self._add_fields(fields, head)
         length = head.content_length
@@ -365,9 +429,32 @@ class H2Stream:
         self._pump()
 
     def response_end(self) -> None:
-        if self.state is _SENDING:
-            self._move(_ENDING)
-            self._pump()
+        if self.state is not _SENDING:
+            return
+        queue = self._queue
+        lib = self._lib
+        owner = self.owner
+        if len(queue) == 1 and self.remote_ended and lib.state_machine.state is _LIB_HALF_CLOSED_REMOTE and owner.state is not _CLOSED:
+            # The common case (a small response whose body came whole, the request complete): one DATA frame
+            # with END_STREAM if the windows and the frame size allow, what _pump and _sent_all would do.
+            chunk = queue[0]
+            size = len(chunk)
+            conn = owner.conn
+            if size <= conn.max_outbound_frame_size and size <= send_window(conn, lib):
+                queue.clear()
+                self._queued = 0
+                owner.queued_less(size)
+                send_data_frame(conn, lib, chunk, True)
+                # SENDING -> DONE (states.STREAM_MOVES); the client ended its side (half-closed remote), so no
+                # reset for an unread body.
+                self.state = _DONE
+                self.stalled_since = 0.0
+                self._maybe_gone()
+                self.sync_producer()
+                owner.flush_soon()
+                return
+        self._move(_ENDING)
+        self._pump()
 
     def error_response(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
         if self.state is not _WAITING:
@@ -457,12 +544,12 @@ class H2Stream:
                 continue
             fields.append((lower, value))
 
-    def _send_headers(self, fields: list[tuple[bytes, bytes]], end: bool) -> bool:
+    def _send_headers(self, fields: list[tuple[bytes, bytes]], end: bool, block: bytes | None = None) -> bool:
         owner = self.owner
         if owner.state is _CLOSED or self.gone:
             return False
         try:
-            send_headers_frames(owner.conn, self._lib, fields, end)
+            send_headers_frames(owner.conn, self._lib, fields, end, block)
         except (StreamClosedError, ProtocolError):
             # h2 closed the stream itself (for example after a stream error): it cannot be answered any more.
             self._reset(ErrorCodes.INTERNAL_ERROR)
@@ -776,8 +863,20 @@ class H2Protocol(DataProtocol):
             self.flush()
 
     def _receive(self, data: bytes) -> None:
+        conn = self.conn
+        starting: list[tuple[H2Stream, RequestHead]] = []
+        buffered = conn.incoming_buffer
         try:
-            events = self.conn.receive_data(data)
+            state = conn.state_machine.state
+            if buffered._data or buffered._preamble_len or buffered._headers_buffer or (state is not _SERVER_OPEN and state is not _IDLE):
+                events = conn.receive_data(data)
+            else:
+                # Nothing half-read: the requests at the front of the read are taken without h2's frame objects and
+                # events, the rest (if any) goes to h2.
+                at = self._receive_requests(data, starting)
+                if at < 0:
+                    return
+                events = conn.receive_data(memoryview(data)[at:]) if at < len(data) else []
         except ProtocolError as problem:
             # h2 queued a GOAWAY with the right code (ENHANCE_YOUR_CALM for an HPACK bomb).
             self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=printable(str(problem)))
@@ -786,7 +885,6 @@ class H2Protocol(DataProtocol):
         if self._header_block_size() > self.settings.max_header_list_size:
             self._enhance_your_calm("header block (HEADERS + CONTINUATION) too large")
             return
-        starting: list[tuple[H2Stream, RequestHead]] = []
         streams = self.streams
         for event in events:
             if isinstance(event, DataReceived):
@@ -796,15 +894,8 @@ class H2Protocol(DataProtocol):
                 elif event.flow_controlled_length:
                     self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, RequestReceived):
-                # The same block again (h2load, a browser's repeated requests): checked and parsed once.
-                known = (tuple(event.headers), event.stream_ended is None)
-                template = self._known_heads.get(known)
-                if template is None:
-                    why = malformed_request(event.headers)
-                    if why is not None:
-                        self._malformed(why)
-                        return
-                self._request(event, starting, known, template)
+                if not self._request(event.stream_id, event.headers, event.stream_ended is None, starting):
+                    return
             elif isinstance(event, StreamEnded):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
@@ -843,20 +934,87 @@ class H2Protocol(DataProtocol):
         self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=printable(problem))
         self._shut(ErrorCodes.PROTOCOL_ERROR)
 
-    def _request(
-        self, event: RequestReceived, starting: list[tuple[H2Stream, RequestHead]],
-        known: tuple[Any, bool], template: RequestHead | None,
-    ) -> None:
-        stream_id = event.stream_id
+    def _receive_requests(self, data: bytes, starting: list[tuple[H2Stream, RequestHead]]) -> int:
+        """HEADERS frames that open a stream with a whole request head, read here rather than by h2, from the start
+        of `data`: where the first other frame (or an incomplete one) starts, or -1 when the connection was shut.
+
+        What h2 does for such a frame is done here in the same order, on h2's own objects: the frame size limit,
+        the stream id (odd, above every earlier one), the concurrent streams limit, the HPACK decoding (its errors
+        end the connection as h2 ends it), h2's stream created and moved to open or half-closed (remote) as its
+        state machine moves it on RECV_HEADERS and RECV_END_STREAM, its expected content length read. Anything
+        else (padding, priority, CONTINUATION, a stream id h2 must refuse, the limit reached) stops here and h2
+        reads it, so its checks and errors are the ones that apply."""
+        conn = self.conn
+        if type(data) is not bytes:
+            # The decoder keeps blocks by value (transports give bytes; anything else is copied once).
+            data = bytes(data)
+        size = len(data)
+        at = 0
+        unpack = _FRAME_HEAD.unpack_from
+        limit = conn.max_inbound_frame_size
+        streams = self.streams
+        while size - at >= 9:
+            high, low, kind, flags, stream_id = unpack(data, at)
+            length = (high << 16) | low
+            end = at + 9 + length
+            # END_HEADERS, maybe END_STREAM, nothing else.
+            if kind != _HEADERS_FRAME or flags & ~0x5 or not flags & _END_HEADERS or end > size or length > limit:
+                break
+            stream_id &= 0x7FFFFFFF
+            if not stream_id & 1 or stream_id <= conn.highest_inbound_stream_id:
+                break
+            if conn._open_streams(1) + 1 > conn.local_settings.max_concurrent_streams:
+                break
+            try:
+                headers: Any = _h2_decode_headers(conn.decoder, data[at + 9 : end])
+                # RECV_HEADERS: an idle connection (its first request) becomes open, an open one stays so.
+                conn.state_machine.state = _SERVER_OPEN
+                # h2's _begin_new_stream, without the checks made above and its debug logging.
+                lib = _H2LibStream(
+                    stream_id, config=conn.config, inbound_window_size=conn.local_settings.initial_window_size,
+                    outbound_window_size=conn.remote_settings.initial_window_size,
+                )
+                lib.max_outbound_frame_size = conn.max_outbound_frame_size
+                conn.streams[stream_id] = lib
+                conn.highest_inbound_stream_id = stream_id
+                machine = lib.state_machine
+                machine.client = False
+                machine.headers_received = True
+                ended = flags & _END_STREAM
+                machine.state = _LIB_HALF_CLOSED_REMOTE if ended else _LIB_OPEN
+                lib._initialize_content_length(headers)
+            except ProtocolError as problem:
+                conn._terminate_connection(problem.error_code)
+                raise
+            at = end
+            if not self._request(stream_id, headers, not ended, starting) or self.state is _CLOSED:
+                return -1
+            if ended:
+                stream = streams.get(stream_id)
+                if stream is not None:
+                    stream.request_ended()
+        return at
+
+    def _request(self, stream_id: int, headers: list[tuple[bytes, bytes]], has_body: bool,
+                 starting: list[tuple[H2Stream, RequestHead]]) -> bool:
+        """A request's header block: its stream made (to start after the read) or answered; False when the block
+        is malformed and the connection was shut."""
+        # The same block again (h2load, a browser's repeated requests): checked and parsed once.
+        known = (tuple(headers), has_body)
+        template = self._known_heads.get(known)
+        if template is None:
+            why = malformed_request(headers)
+            if why is not None:
+                self._malformed(why)
+                return False
         if self._goaway_last is not None and stream_id > self._goaway_last:
             self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
-            return
+            return True
         self.requests += 1
-        has_body = event.stream_ended is None
         if template is not None:
             head: RequestHead | tuple[int, str] = _copy_head(template)
         else:
-            head = request_head(event.headers, has_body)
+            head = request_head(headers, has_body)
             if isinstance(head, RequestHead) and len(head.block) <= _KNOWN_BLOCK:
                 known_heads = self._known_heads
                 if len(known_heads) >= _KNOWN_HEADS:
@@ -864,16 +1022,17 @@ class H2Protocol(DataProtocol):
                 known_heads[known] = _copy_head(head)
         if isinstance(head, tuple):
             # A request h2 accepted that labelgw does not relay.
-            method = next((value for name, value in event.headers if name == b":method"), b"")
+            method = next((value for name, value in headers if name == b":method"), b"")
             stream = H2Stream(self, stream_id, method)
             self.streams[stream_id] = stream
             stream.remote_ended = not has_body
             status, message = head
             stream.refuse(status, message, True)
-            return
+            return True
         stream = H2Stream(self, stream_id, head.method)
         self.streams[stream_id] = stream
         starting.append((stream, head))
+        return True
 
     def _stream_reset(self, event: StreamReset) -> None:
         stream = self.streams.get(event.stream_id)

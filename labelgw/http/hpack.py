@@ -150,29 +150,43 @@ class Encoder:
 
     def encode(self, headers: Iterable[Any], huffman: bool = True) -> bytes:
         """The header block of `headers` (pairs of bytes; `huffman` is accepted and ignored)."""
-        out = []
         if self._size_update:
             self._size_update = False
-            out.append(_SIZE_UPDATE_0)
-        indexed = _INDEXED
-        named = _NAMED
-        for field in headers:
-            name, value = field[0], field[1]
-            index = indexed.get((name, value))
-            if index is not None:
-                out.append(index)
-                continue
-            if name in SENSITIVE or isinstance(field, NeverIndexedHeaderTuple):
-                prefix = _NAMED_NEVER.get(name)
-                if prefix is None:
-                    prefix = b"\x10" + _string(name)
-            else:
-                prefix = named.get(name)
-                if prefix is None:
-                    prefix = b"\x00" + _string(name)
-            size = len(value)
-            out.append(prefix + (_SHORT[size] if size < 127 else encode_integer(size, 7)) + value)
-        return b"".join(out)
+            return _SIZE_UPDATE_0 + encode_fields(headers)
+        return encode_fields(headers)
+
+    def prefix(self) -> bytes:
+        """What must open the next block (a size update owed to the peer, else nothing): for a block made earlier
+        by L{encode_fields}, which depends on the fields only (no dynamic table)."""
+        if self._size_update:
+            self._size_update = False
+            return _SIZE_UPDATE_0
+        return b""
+
+
+def encode_fields(headers: Iterable[Any]) -> bytes:
+    """The fields' block, without anything the encoder owes the peer (L{Encoder.prefix}): the same for every
+    connection, so it may be kept and reused."""
+    out = []
+    indexed = _INDEXED
+    named = _NAMED
+    for field in headers:
+        name, value = field[0], field[1]
+        index = indexed.get((name, value))
+        if index is not None:
+            out.append(index)
+            continue
+        if name in SENSITIVE or isinstance(field, NeverIndexedHeaderTuple):
+            prefix = _NAMED_NEVER.get(name)
+            if prefix is None:
+                prefix = b"\x10" + _string(name)
+        else:
+            prefix = named.get(name)
+            if prefix is None:
+                prefix = b"\x00" + _string(name)
+        size = len(value)
+        out.append(prefix + (_SHORT[size] if size < 127 else encode_integer(size, 7)) + value)
+    return b"".join(out)
 
 
 # Blocks the decoder's cache keeps: at most this many, each at most this long (encoded).

@@ -35,11 +35,11 @@ CLIENT_CLOSED = 499
 # Bytes waiting for the writer thread before batches are dropped (a few batches of JSON lines).
 MAX_PENDING = 16 * 1024 * 1024
 # A batch is handed to the writer thread this long after its first line, or at once when it has BATCH_LINES lines.
-# Every hand-over makes the thread take the GIL twice (woken by the queue, back from write()), and each time the
-# reactor, back from one of its own system calls, waits for the thread to give it up again: on a loaded machine a
-# scheduler slice, not the microseconds of Python the thread runs. At 512 lines / 50 ms (30+ hand-overs a second
-# under load) that cost more throughput than formatting the lines (bench/ab.py: req/s x1.18, the same tree with
-# 8192 / 0.5 s). Now ~4 a second at 17k requests/s; a line waits at most FLUSH_DELAY (nginx's `flush=` is seconds).
+# Every hand-over wakes the thread, which takes the GIL twice (woken by the queue, back from write()). At 512
+# lines / 50 ms that was 30+ times a second under load; now ~4 (bench/threads.py: 0.66 wake-ups per 1000 requests
+# against 5.9, the thread's CPU 0.14 against 0.22 us per request; bench/callgrind_real.py: ~1 100 fewer
+# instructions per request, with the batch's bytes() copy gone). A line waits at most FLUSH_DELAY (nginx's
+# `flush=` is seconds).
 FLUSH_DELAY = 0.25
 BATCH_LINES = 4096
 

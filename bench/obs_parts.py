@@ -89,19 +89,24 @@ def _work(part: str) -> Callable[[int], None]:
                 assign(head)
         return run
     if part == "handoff":
-        from labelgw.http.accesslog import ThreadWriter
+        from labelgw.http.accesslog import BATCH_LINES, ThreadWriter
 
         line = b"x" * 100
 
         def run(n: int) -> None:
-            # What the access log does per line and per batch, with a real writer thread behind it.
+            # What the access log does per line and per batch (AccessLog: one bytearray per batch, handed over as
+            # it is), with a real writer thread behind it.
             writer = ThreadWriter(None, fd=os.open(os.devnull, os.O_WRONLY))
             writer.start()
+            lines = bytearray()
+            count = 0
             for _ in range(n):
-                access_log._lines.append(line)
-                if len(access_log._lines) >= 512:
-                    lines, access_log._lines = access_log._lines, []
-                    writer.put(b"".join(lines))
+                lines += line
+                count += 1
+                if count >= BATCH_LINES:
+                    writer.put(lines)
+                    lines = bytearray()
+                    count = 0
             writer.close()
         return run
     raise SystemExit(f"unknown part {part}")

@@ -138,3 +138,26 @@ def test_request_ids_read_the_count_as_they_read_the_block(fields: bytes) -> Non
     assert (counted.request_id, counted.trace_id, counted.trace_fields, counted.headers) == (
         searched.request_id, searched.trace_id, searched.trace_fields, searched.headers
     )
+
+
+# A connection keeps its last head as parsed and copies it for an equal head (RequestHead.copy, ResponseHead.copy).
+
+
+def test_a_copied_request_head_sets_every_slot_as_the_parse_did() -> None:
+    for raw in (b"GET /x HTTP/1.1\r\nHost: a\r\nAccept: */*", b"POST /p HTTP/1.0\r\nHost: a:80\r\nContent-Length: 3",
+                b"GET http://b/x HTTP/1.1\r\nHost: a\r\nConnection: x-y\r\nX-Request-Id: r"):
+        parsed = parse_request_head(raw)
+        assert _state(parsed.copy()) == _state(parsed)
+        assert parsed.copy() is not parsed
+
+
+def test_a_copied_response_head_sets_every_slot_as_the_parse_did() -> None:
+    for raw in (b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 5 ", b"HTTP/1.0 204 No\r\nConnection: keep-alive",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close, x-y"):
+        parsed = parse_response_head(raw)
+        parsed.headers  # the lazy pairs are not copied (the copy makes its own)
+        copied = parsed.copy()
+        assert {k: v for k, v in _state(copied).items() if k != "_headers"} == {
+            k: v for k, v in _state(parsed).items() if k != "_headers"
+        }
+        assert copied._headers is None and copied.headers == parsed.headers

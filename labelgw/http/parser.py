@@ -34,6 +34,11 @@ _KNOWN_CODINGS = {b"gzip", b"deflate", b"compress", b"x-gzip", b"br", b"zstd"}
 
 _FIELD_PATTERNS: dict[bytes, "re.Pattern[bytes]"] = {}
 _NO_TOKENS: frozenset[bytes] = frozenset()
+_new = object.__new__
+# The longest head a connection keeps as the template of its next one (RequestHead.copy, ResponseHead.copy): a
+# keep-alive peer sends the same head again and again (a client's request, a backend's response within the second
+# of its Date), and an equal head parses to an equal result.
+MAX_REMEMBERED_HEAD = 2048
 
 
 class _Head:
@@ -150,6 +155,30 @@ class RequestHead(_Head):
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
 
+    def copy(self) -> "RequestHead":
+        """A new head as parse_request_lines made this one (a connection's template of its last head, never
+        handed out: what dispatch and middlewares change is set on the copy). Every slot is copied."""
+        head = _new(RequestHead)
+        head.block = self.block
+        head.forward = self.forward
+        head._headers = None
+        head.version = self.version
+        head.content_length = self.content_length
+        head.chunked = self.chunked
+        head.keep_alive = self.keep_alive
+        head.upgrade = self.upgrade
+        head.connection_tokens = self.connection_tokens
+        head.method = self.method
+        head.target = self.target
+        head.host = self.host
+        head.absolute_form = self.absolute_form
+        head.request_id = self.request_id
+        head.trace_id = self.trace_id
+        head.trace_fields = self.trace_fields
+        head.client_ip = self.client_ip
+        head.id_fields = self.id_fields
+        return head
+
 
 class ResponseHead(_Head):
     __slots__ = ("status", "status_line")
@@ -169,6 +198,22 @@ class ResponseHead(_Head):
         self.connection_tokens = _NO_TOKENS
         self.status = 0
         self.status_line = b""
+
+    def copy(self) -> "ResponseHead":
+        """A new head as parse_response_lines made this one (see RequestHead.copy). Every slot is copied."""
+        head = _new(ResponseHead)
+        head.block = self.block
+        head.forward = self.forward
+        head._headers = None
+        head.version = self.version
+        head.content_length = self.content_length
+        head.chunked = self.chunked
+        head.keep_alive = self.keep_alive
+        head.upgrade = self.upgrade
+        head.connection_tokens = self.connection_tokens
+        head.status = self.status
+        head.status_line = self.status_line
+        return head
 
 
 # A whole field block in one match (C speed): token, colon, value, CRLF; control bytes and bare CR/LF are refused
@@ -307,7 +352,6 @@ def parse_request_head(head: bytes) -> RequestHead:
 _SHORT_HEAD = 14 + 4 * MAX_HEADERS
 # Host values found valid (a bounded set): the same few arrive on nearly every request.
 _VALID_HOSTS: set[bytes] = set()
-_new = object.__new__
 
 
 def parse_request_lines(data: bytes) -> RequestHead:

@@ -180,8 +180,19 @@ class UpstreamConnection(DataProtocol):
         """The exchange is done with this connection after a complete response: pool it or close it."""
         self.sink = None
         self._mode = _IDLE
-        # The pool notes when it became idle.
-        self.pool.release(self)
+        # UpstreamPool.release's common case written out (a call less per request): back to the idle list, the
+        # time noted, the timer left as it is when it fires soon enough.
+        pool = self.pool
+        backend = self.backend
+        settings = pool.settings
+        if self.reusable and self.connected and backend.ready and len(backend.idle) < settings.max_idle_per_backend:
+            backend.idle.append(self)
+            self._idle_since = now = pool.clock.seconds()
+            limit = settings.upstream_idle_timeout
+            if self._timer is None or self._timer_at > now + limit:
+                pool.release_timer(self, now, limit)
+        else:
+            pool.release(self)
 
     def has_unread(self) -> bool:
         """Whether the backend sent bytes, or closed, since the last response ended, and the reactor has not read
@@ -470,15 +481,19 @@ class UpstreamPool:
             # Idle from now: its timer must fire by the end of the idle timeout (usually the pending one is
             # already due sooner and re-arms itself).
             connection._idle_since = now = self.clock.seconds()
-            limit = self.settings.upstream_idle_timeout
-            timer = connection._timer
-            if timer is None:
-                connection._arm(limit, now)
-            elif connection._timer_at > now + limit:
-                timer.reset(limit)
-                connection._timer_at = now + limit
+            self.release_timer(connection, now, self.settings.upstream_idle_timeout)
         elif connection.connected:
             connection.transport.loseConnection()
+
+    def release_timer(self, connection: UpstreamConnection, now: float, limit: float) -> None:
+        """An idle connection's timer must fire by the end of the idle timeout (usually the pending one is already
+        due sooner and re-arms itself)."""
+        timer = connection._timer
+        if timer is None:
+            connection._arm(limit, now)
+        elif connection._timer_at > now + limit:
+            timer.reset(limit)
+            connection._timer_at = now + limit
 
     def forget(self, connection: UpstreamConnection) -> None:
         try:

@@ -35,9 +35,9 @@ _KNOWN_CODINGS = {b"gzip", b"deflate", b"compress", b"x-gzip", b"br", b"zstd"}
 _FIELD_PATTERNS: dict[bytes, "re.Pattern[bytes]"] = {}
 _NO_TOKENS: frozenset[bytes] = frozenset()
 _new = object.__new__
-# The longest head a connection keeps as the template of its next one (RequestHead.copy, ResponseHead.copy): a
-# keep-alive peer sends the same head again and again (a client's request, a backend's response within the second
-# of its Date), and an equal head parses to an equal result.
+# The longest head a connection keeps as the template of its next one (request_fields and request_from, and the
+# same for responses): a keep-alive peer sends the same head again and again (a client's request, a backend's
+# response within the second of its Date), and an equal head parses to an equal result.
 MAX_REMEMBERED_HEAD = 2048
 
 
@@ -155,30 +155,6 @@ class RequestHead(_Head):
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
 
-    def copy(self) -> "RequestHead":
-        """A new head as parse_request_lines made this one (a connection's template of its last head, never
-        handed out: what dispatch and middlewares change is set on the copy). Every slot is copied."""
-        head = _new(RequestHead)
-        head.block = self.block
-        head.forward = self.forward
-        head._headers = None
-        head.version = self.version
-        head.content_length = self.content_length
-        head.chunked = self.chunked
-        head.keep_alive = self.keep_alive
-        head.upgrade = self.upgrade
-        head.connection_tokens = self.connection_tokens
-        head.method = self.method
-        head.target = self.target
-        head.host = self.host
-        head.absolute_form = self.absolute_form
-        head.request_id = self.request_id
-        head.trace_id = self.trace_id
-        head.trace_fields = self.trace_fields
-        head.client_ip = self.client_ip
-        head.id_fields = self.id_fields
-        return head
-
 
 class ResponseHead(_Head):
     __slots__ = ("status", "status_line")
@@ -198,22 +174,6 @@ class ResponseHead(_Head):
         self.connection_tokens = _NO_TOKENS
         self.status = 0
         self.status_line = b""
-
-    def copy(self) -> "ResponseHead":
-        """A new head as parse_response_lines made this one (see RequestHead.copy). Every slot is copied."""
-        head = _new(ResponseHead)
-        head.block = self.block
-        head.forward = self.forward
-        head._headers = None
-        head.version = self.version
-        head.content_length = self.content_length
-        head.chunked = self.chunked
-        head.keep_alive = self.keep_alive
-        head.upgrade = self.upgrade
-        head.connection_tokens = self.connection_tokens
-        head.status = self.status
-        head.status_line = self.status_line
-        return head
 
 
 # A whole field block in one match (C speed): token, colon, value, CRLF; control bytes and bare CR/LF are refused
@@ -582,3 +542,53 @@ def parse_response_lines(data: bytes) -> ResponseHead:
         # Every matched field is cut: labelgw writes framing and Connection itself.
         response.forward = b"".join(pieces[::3])[block_start:] if len(pieces) > 1 else block
     return response
+
+
+# A head's slots as parsed, as one tuple (a connection's template of its last head: the head itself is handed out and
+# changed by dispatch, middlewares and header rules), and a new head from such a tuple: every slot set in one
+# unpacking (tests/test_parser_fast.py checks that none is left out).
+RequestFields = tuple[
+    bytes, "bytes | None", None, bytes, "int | None", bool, bool, "bytes | None", frozenset, bytes, bytes, "bytes | None",
+    bool, bytes, bytes, bytes, "bytes | None", int,
+]
+
+
+def request_fields(head: RequestHead) -> RequestFields:
+    """What request_from needs to make a head equal to `head` as the parser made it."""
+    return (
+        head.block, head.forward, None, head.version, head.content_length, head.chunked, head.keep_alive, head.upgrade,
+        head.connection_tokens, head.method, head.target, head.host, head.absolute_form, head.request_id, head.trace_id,
+        head.trace_fields, head.client_ip, head.id_fields,
+    )
+
+
+def request_from(fields: RequestFields) -> RequestHead:
+    head = _new(RequestHead)
+    (
+        head.block, head.forward, head._headers, head.version, head.content_length, head.chunked, head.keep_alive,
+        head.upgrade, head.connection_tokens, head.method, head.target, head.host, head.absolute_form, head.request_id,
+        head.trace_id, head.trace_fields, head.client_ip, head.id_fields,
+    ) = fields
+    return head
+
+
+ResponseFields = tuple[
+    bytes, "bytes | None", None, bytes, "int | None", bool, bool, "bytes | None", frozenset, int, bytes,
+]
+
+
+def response_fields(head: ResponseHead) -> ResponseFields:
+    """What response_from needs to make a head equal to `head` as the parser made it."""
+    return (
+        head.block, head.forward, None, head.version, head.content_length, head.chunked, head.keep_alive, head.upgrade,
+        head.connection_tokens, head.status, head.status_line,
+    )
+
+
+def response_from(fields: ResponseFields) -> ResponseHead:
+    head = _new(ResponseHead)
+    (
+        head.block, head.forward, head._headers, head.version, head.content_length, head.chunked, head.keep_alive,
+        head.upgrade, head.connection_tokens, head.status, head.status_line,
+    ) = fields
+    return head

@@ -18,7 +18,9 @@ from labelgw.http.headers import client_response_head, error_response
 from labelgw.http.framing import (
     LAST_CHUNK, BodyReader, HttpError, encode_chunk, find_head_end, request_reader,
 )
-from labelgw.http.parser import MAX_REMEMBERED_HEAD, RequestHead, ResponseHead, parse_request_lines
+from labelgw.http.parser import (
+    MAX_REMEMBERED_HEAD, RequestHead, ResponseHead, parse_request_lines, request_fields, request_from,
+)
 from labelgw.http.settings import ProxySettings
 from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move, sources
 from labelgw.http.transport import DataProtocol, GatewayConnection, Producer
@@ -110,7 +112,7 @@ class Gateway:
 # Content-Length lines by value, made once (at most 4096 kept): the same few lengths answer most requests.
 _LENGTH_LINES: dict[int, bytes] = {}
 # The template of a connection that has parsed no head yet (its raw bytes b"" match no head).
-_NO_HEAD = RequestHead()
+_NO_FIELDS = request_fields(RequestHead())
 
 
 class ClientConnection(DataProtocol):
@@ -154,7 +156,7 @@ class ClientConnection(DataProtocol):
         self._close_after = False
         # The last request head this connection parsed, as bytes and as parsed (b"": none yet, never matched).
         self._last_raw = b""
-        self._last_head = _NO_HEAD
+        self._last_fields = _NO_FIELDS
 
     def _move(self, new: ConnectionState) -> None:
         self.state = check_move(CONNECTION_MOVES, self.state, new)
@@ -296,15 +298,14 @@ class ClientConnection(DataProtocol):
                     last = self._last_raw
                     if end + 2 == len(last) and buffer.startswith(last):
                         # The same head as the last request's (keep-alive clients repeat themselves): parsed then.
-                        head = self._last_head.copy()
+                        head = request_from(self._last_fields)
                     else:
                         # The head with its last line's CRLF: the parser needs no copy of it.
                         raw = buffer[: end + 2]
                         head = parse_request_lines(raw)
                         if end < MAX_REMEMBERED_HEAD:
-                            # Kept as parsed, never handed out: dispatch and middlewares change the head they get.
-                            self._last_raw, self._last_head = raw, head
-                            head = head.copy()
+                            # Kept as parsed (dispatch and middlewares change the head itself).
+                            self._last_raw, self._last_fields = raw, request_fields(head)
                 except HttpError as error:
                     self.send_error(error.status, error.reason, close=True)
                     return

@@ -14,7 +14,9 @@ from twisted.python.failure import Failure
 from labelgw.core.backends import Backend
 from labelgw.http.fastwrite import write_now
 from labelgw.http.framing import MAX_HEAD_BYTES, UNTIL_CLOSE, BodyReader, HttpError, find_head_end, response_reader
-from labelgw.http.parser import MAX_REMEMBERED_HEAD, ResponseHead, parse_response_lines
+from labelgw.http.parser import (
+    MAX_REMEMBERED_HEAD, ResponseHead, parse_response_lines, response_fields, response_from,
+)
 from labelgw.http.transport import DataProtocol
 
 if TYPE_CHECKING:
@@ -57,7 +59,7 @@ _IDLE, _HEAD, _BODY, _TUNNEL, _ABORTED = range(5)
 # poll object kept per connection: no exception on the common answer (a peek raises BlockingIOError then).
 _POLL_IN = select.POLLIN
 # The template of a connection that has parsed no head yet (its raw bytes b"" match no head).
-_NO_HEAD = ResponseHead()
+_NO_FIELDS = response_fields(ResponseHead())
 
 
 class UpstreamConnection(DataProtocol):
@@ -91,7 +93,7 @@ class UpstreamConnection(DataProtocol):
         self._timer_at = 0.0
         # The last response head this connection parsed, as bytes and as parsed (b"": none yet, never matched).
         self._last_raw = b""
-        self._last_head = _NO_HEAD
+        self._last_fields = _NO_FIELDS
 
     # Lifecycle.
 
@@ -293,15 +295,14 @@ class UpstreamConnection(DataProtocol):
                 last = self._last_raw
                 if end + 2 == len(last) and buffer.startswith(last):
                     # The same head as the last response's (a keep-alive backend repeats itself): parsed then.
-                    head = self._last_head.copy()
+                    head = response_from(self._last_fields)
                 else:
                     # The head with its last line's CRLF: the parser needs no copy of it.
                     raw = buffer[: end + 2]
                     head = parse_response_lines(raw)
                     if end < MAX_REMEMBERED_HEAD:
-                        # Kept as parsed, never handed out: the exchange may change the head it gets.
-                        self._last_raw, self._last_head = raw, head
-                        head = head.copy()
+                        # Kept as parsed (the exchange may change the head itself: header rules).
+                        self._last_raw, self._last_fields = raw, response_fields(head)
             except HttpError as error:
                 self._fail(502, error.reason)
                 return

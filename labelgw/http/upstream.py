@@ -7,6 +7,7 @@ import select
 import socket
 from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
 
+from twisted.internet import tcp
 from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -58,6 +59,7 @@ _IDLE, _HEAD, _BODY, _TUNNEL, _ABORTED = range(5)
 # Is there anything (or an EOF, or an error) the reactor has not read yet? One poll(2) with a zero timeout on a
 # poll object kept per connection: no exception on the common answer (a peek raises BlockingIOError then).
 _POLL_IN = select.POLLIN
+_TCP_CLIENT = tcp.Client
 # The template of a connection that has parsed no head yet (its raw bytes b"" match no head).
 _NO_FIELDS = response_fields(ResponseHead())
 
@@ -202,12 +204,18 @@ class UpstreamConnection(DataProtocol):
         response). One poll(2) of the socket with a zero timeout (readable: a byte, or EOF; or an error: either way
         not a clean idle connection). A TLS connection is not polled: its socket may hold TLS records that are no
         response bytes (session tickets); bytes it reads while idle still close it."""
-        # Not every transport has a handle (a memory transport has none).
-        get_handle = getattr(self.transport, "getHandle", None)
-        try:
-            handle = get_handle() if get_handle is not None else None
-        except AttributeError:
-            return False
+        transport: Any = self.transport
+        handle: Any
+        if type(transport) is _TCP_CLIENT:
+            # A plain TCP connection's handle is its socket (tcp.Connection.getHandle): read without the call.
+            handle = transport.socket
+        else:
+            # Not every transport has a handle (a memory transport has none).
+            get_handle = getattr(transport, "getHandle", None)
+            try:
+                handle = get_handle() if get_handle is not None else None
+            except AttributeError:
+                return False
         if self._poller is None or handle is not self._polled or handle.fileno() != self._polled_fd:
             if not isinstance(handle, socket.socket):
                 return False

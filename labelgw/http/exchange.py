@@ -37,15 +37,6 @@ _TO_RESPONDING = sources(EXCHANGE_MOVES, _RESPONDING)
 _TO_DONE = sources(EXCHANGE_MOVES, _DONE)
 
 
-# Exchange.__init__'s first values of state, upstream, body_sent_upstream, attempts, _pending, _pending_size,
-# _body_paused_by_upstream, _upstream_paused_by_client, _ttfb, _gateway_error, version, pinned, response_extra,
-# hash_key, fallback_reason, held, on_backend, on_done, body_limit, response_rules.
-_FRESH = (
-    _CONNECTING, None, False, 1, None, 0, False, False, 0.0, False, None, False, b"", None, None, False, True, None, None,
-    None,
-)
-
-
 class _BodyPauser:
     """Registered on the upstream's transport while the request body streams: its full buffer pauses the
     client side's reading. stopProducing (the upstream connection lost) does not cascade to the client."""
@@ -123,13 +114,25 @@ class Exchange:
         self.head = head
         self.route = route
         self.backend = backend
-        # The slots every exchange starts with, set from one constant tuple (two bytecodes a slot, not three).
-        (
-            self.state, self.upstream, self.body_sent_upstream, self.attempts, self._pending, self._pending_size,
-            self._body_paused_by_upstream, self._upstream_paused_by_client, self._ttfb, self._gateway_error,
-            self.version, self.pinned, self.response_extra, self.hash_key, self.fallback_reason, self.held,
-            self.on_backend, self.on_done, self.body_limit, self.response_rules,
-        ) = _FRESH
+        self.state = _CONNECTING
+        self.upstream = None
+        self.body_sent_upstream = False
+        self.attempts = 1
+        self._pending = None
+        self._pending_size = 0
+        self._body_paused_by_upstream = self._upstream_paused_by_client = False
+        self._ttfb = 0.0
+        self._gateway_error = False
+        self.version = None
+        self.pinned = False
+        self.response_extra = b""
+        self.hash_key = None
+        self.fallback_reason = None
+        self.held = False
+        self.on_backend = True
+        self.on_done = None
+        self.body_limit = None
+        self.response_rules = None
         self.status = self.bytes_in = self.bytes_out = 0
         self.fail_cause = "upstream_error"
         self.client_gone = False

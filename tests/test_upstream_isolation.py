@@ -283,6 +283,9 @@ def test_has_unread_of_a_plain_tcp_connection_polls_its_socket(socket_pair: tupl
     assert connection.has_unread() is False
     backend.close()
     assert connection.has_unread() is True
+    # Closed on our side (tcp.Connection.connectionLost closes it): an error, never a clean idle connection.
+    ours.close()
+    assert connection.has_unread() is True
 
 
 # Item 3: only a failure before any response byte may be retried, and only as its method allows.

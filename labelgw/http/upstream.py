@@ -70,6 +70,8 @@ class UpstreamConnection(DataProtocol):
     _poller: Any = None
     _polled: Any = None
     _polled_fd = -1
+    # The plain TCP transport whose socket that is (None: none, or not a tcp.Client).
+    _polled_transport: Any = None
 
     def __init__(self, pool: "UpstreamPool", backend: Backend) -> None:
         self.pool = pool
@@ -206,9 +208,10 @@ class UpstreamConnection(DataProtocol):
         response bytes (session tickets); bytes it reads while idle still close it."""
         transport: Any = self.transport
         handle: Any
-        if type(transport) is _TCP_CLIENT:
-            # A plain TCP connection's handle is its socket (tcp.Connection.getHandle): read without the call.
-            handle = transport.socket
+        if transport is self._polled_transport:
+            # A plain TCP transport polled before: its socket is the one polled (tcp.Client keeps one for its life),
+            # found without the getHandle call.
+            handle = self._polled
         else:
             # Not every transport has a handle (a memory transport has none).
             get_handle = getattr(transport, "getHandle", None)
@@ -225,6 +228,8 @@ class UpstreamConnection(DataProtocol):
             except (ValueError, OSError):
                 return True  # a closed socket
             self._poller, self._polled, self._polled_fd = poller, handle, handle.fileno()
+            if type(transport) is _TCP_CLIENT:
+                self._polled_transport = transport
         try:
             return bool(self._poller.poll(0))
         except OSError:

@@ -70,7 +70,7 @@ class UpstreamConnection(DataProtocol):
     _poller: Any = None
     _polled: Any = None
     _polled_fd = -1
-    # The plain TCP transport whose socket that is (None: none, or not a tcp.Client).
+    # The plain TCP transport whose socket that is (None: none, or not a tcp.Client); also set in __init__.
     _polled_transport: Any = None
 
     def __init__(self, pool: "UpstreamPool", backend: Backend) -> None:
@@ -98,6 +98,9 @@ class UpstreamConnection(DataProtocol):
         # The last response head this connection parsed, as bytes and as parsed (b"": none yet, never matched).
         self._last_raw = b""
         self._last_fields = _NO_FIELDS
+        # The plain TCP transport whose socket has_unread polls (None: none, or not a tcp.Client), set in the
+        # instance: read once per request.
+        self._polled_transport = None
 
     # Lifecycle.
 

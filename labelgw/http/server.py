@@ -19,7 +19,7 @@ from labelgw.http.framing import (
     LAST_CHUNK, BodyReader, HttpError, encode_chunk, find_head_end, request_reader,
 )
 from labelgw.http.parser import (
-    MAX_REMEMBERED_HEAD, RequestHead, ResponseHead, parse_request_lines, request_fields, request_from,
+    MAX_REMEMBERED_HEAD, RequestFields, RequestHead, ResponseHead, parse_request_lines, request_fields, request_from,
 )
 from labelgw.http.settings import ProxySettings
 from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move, sources
@@ -111,8 +111,6 @@ class Gateway:
 
 # Content-Length lines by value, made once (at most 4096 kept): the same few lengths answer most requests.
 _LENGTH_LINES: dict[int, bytes] = {}
-# The template of a connection that has parsed no head yet (its raw bytes b"" match no head).
-_NO_FIELDS = request_fields(RequestHead())
 
 
 class ClientConnection(DataProtocol):
@@ -156,7 +154,7 @@ class ClientConnection(DataProtocol):
         self._close_after = False
         # The last request head this connection parsed, as bytes and as parsed (b"": none yet, never matched).
         self._last_raw = b""
-        self._last_fields = _NO_FIELDS
+        self._last_fields: RequestFields | None = None
 
     def _move(self, new: ConnectionState) -> None:
         self.state = check_move(CONNECTION_MOVES, self.state, new)
@@ -297,15 +295,22 @@ class ClientConnection(DataProtocol):
                         return
                     last = self._last_raw
                     if end + 2 == len(last) and buffer.startswith(last):
-                        # The same head as the last request's (keep-alive clients repeat themselves): parsed then.
-                        head = request_from(self._last_fields)
+                        # The same head as the last request's (keep-alive clients repeat themselves).
+                        fields = self._last_fields
+                        if fields is not None:
+                            head = request_from(fields)
+                        else:
+                            # Seen twice in a row: its parse is kept from now on (dispatch and middlewares change
+                            # the head itself, never the fields).
+                            head = parse_request_lines(last)
+                            self._last_fields = request_fields(head)
                     else:
                         # The head with its last line's CRLF: the parser needs no copy of it.
                         raw = buffer[: end + 2]
                         head = parse_request_lines(raw)
                         if end < MAX_REMEMBERED_HEAD:
-                            # Kept as parsed (dispatch and middlewares change the head itself).
-                            self._last_raw, self._last_fields = raw, request_fields(head)
+                            # Only the bytes: a head that never comes again costs no more than this store.
+                            self._last_raw, self._last_fields = raw, None
                 except HttpError as error:
                     self.send_error(error.status, error.reason, close=True)
                     return

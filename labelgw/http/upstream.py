@@ -16,7 +16,7 @@ from labelgw.core.backends import Backend
 from labelgw.http.fastwrite import write_now
 from labelgw.http.framing import MAX_HEAD_BYTES, UNTIL_CLOSE, BodyReader, HttpError, find_head_end, response_reader
 from labelgw.http.parser import (
-    MAX_REMEMBERED_HEAD, ResponseHead, parse_response_lines, response_fields, response_from,
+    MAX_REMEMBERED_HEAD, ResponseFields, ResponseHead, parse_response_lines, response_fields, response_from,
 )
 from labelgw.http.transport import DataProtocol
 
@@ -60,8 +60,6 @@ _IDLE, _HEAD, _BODY, _TUNNEL, _ABORTED = range(5)
 # poll object kept per connection: no exception on the common answer (a peek raises BlockingIOError then).
 _POLL_IN = select.POLLIN
 _TCP_CLIENT = tcp.Client
-# The template of a connection that has parsed no head yet (its raw bytes b"" match no head).
-_NO_FIELDS = response_fields(ResponseHead())
 
 
 class UpstreamConnection(DataProtocol):
@@ -97,7 +95,7 @@ class UpstreamConnection(DataProtocol):
         self._timer_at = 0.0
         # The last response head this connection parsed, as bytes and as parsed (b"": none yet, never matched).
         self._last_raw = b""
-        self._last_fields = _NO_FIELDS
+        self._last_fields: ResponseFields | None = None
         # The plain TCP transport whose socket has_unread polls (None: none, or not a tcp.Client), set in the
         # instance: read once per request.
         self._polled_transport = None
@@ -310,15 +308,22 @@ class UpstreamConnection(DataProtocol):
                         return
                 last = self._last_raw
                 if end + 2 == len(last) and buffer.startswith(last):
-                    # The same head as the last response's (a keep-alive backend repeats itself): parsed then.
-                    head = response_from(self._last_fields)
+                    # The same head as the last response's (a keep-alive backend repeats itself).
+                    fields = self._last_fields
+                    if fields is not None:
+                        head = response_from(fields)
+                    else:
+                        # Seen twice in a row: its parse is kept from now on (header rules change the head itself,
+                        # never the fields).
+                        head = parse_response_lines(last)
+                        self._last_fields = response_fields(head)
                 else:
                     # The head with its last line's CRLF: the parser needs no copy of it.
                     raw = buffer[: end + 2]
                     head = parse_response_lines(raw)
                     if end < MAX_REMEMBERED_HEAD:
-                        # Kept as parsed (the exchange may change the head itself: header rules).
-                        self._last_raw, self._last_fields = raw, response_fields(head)
+                        # Only the bytes: a head that never comes again costs no more than this store.
+                        self._last_raw, self._last_fields = raw, None
             except HttpError as error:
                 self._fail(502, error.reason)
                 return

@@ -1,7 +1,7 @@
 """A keep-alive connection parses a head equal to its last one by copying the last one's parse (the client side's
 request heads, the upstream side's response heads): what the exchange and middlewares change on the head they got
-never reaches the next request's, and a head that differs by one byte is parsed afresh. A head is kept as bytes when first parsed, and its parse only
-when it comes a second time in a row (a head that never repeats costs one store)."""
+never reaches the next request's, and a head that differs by one byte is parsed afresh. A head is kept as bytes when
+first parsed, and its parse only when it comes a second time in a row (a head that never repeats costs one store)."""
 
 from __future__ import annotations
 

@@ -138,3 +138,33 @@ def test_request_ids_read_the_count_as_they_read_the_block(fields: bytes) -> Non
     assert (counted.request_id, counted.trace_id, counted.trace_fields, counted.headers) == (
         searched.request_id, searched.trace_id, searched.trace_fields, searched.headers
     )
+
+
+# A connection keeps its last head as parsed (request_fields, response_fields) and makes a new one from that for an
+# equal head (request_from, response_from).
+
+
+def test_a_request_head_made_from_its_fields_sets_every_slot_as_the_parse_did() -> None:
+    for raw in (b"GET /x HTTP/1.1\r\nHost: a\r\nAccept: */*", b"POST /p HTTP/1.0\r\nHost: a:80\r\nContent-Length: 3",
+                b"GET http://b/x HTTP/1.1\r\nHost: a\r\nConnection: x-y\r\nX-Request-Id: r",
+                b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nUpgrade: ws\r\nConnection: upgrade"):
+        parsed = parse_request_head(raw)
+        fields = parser_module.request_fields(parsed)
+        assert len(fields) == len(_slots(RequestHead))
+        made = parser_module.request_from(fields)
+        assert made is not parsed and _state(made) == _state(parsed)
+        # What dispatch changes on the head it got does not reach the fields kept.
+        made.target, made.request_id = b"/y", b"id"
+        assert _state(parser_module.request_from(fields)) == _state(parsed)
+
+
+def test_a_response_head_made_from_its_fields_sets_every_slot_as_the_parse_did() -> None:
+    for raw in (b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 5 ", b"HTTP/1.0 204 No\r\nConnection: keep-alive",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close, x-y"):
+        parsed = parse_response_head(raw)
+        fields = parser_module.response_fields(parsed)
+        assert len(fields) == len(_slots(ResponseHead))
+        made = parser_module.response_from(fields)
+        assert made is not parsed and _state(made) == _state(parsed)
+        parsed.headers  # the lazy pairs are the head's own, never kept
+        assert parser_module.response_from(parser_module.response_fields(parsed))._headers is None

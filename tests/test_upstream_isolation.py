@@ -267,6 +267,27 @@ def test_has_unread(socket_pair: tuple[socket.socket, socket.socket]) -> None:
     assert connection.has_unread() is False
 
 
+def test_has_unread_of_a_plain_tcp_connection_polls_its_socket(socket_pair: tuple[socket.socket, socket.socket]) -> None:
+    # A TCP client transport's socket is read without getHandle: the same answers.
+    from twisted.internet import tcp
+
+    ours, backend = socket_pair
+    connection = UpstreamConnection.__new__(UpstreamConnection)
+    transport = tcp.Client.__new__(tcp.Client)
+    transport.socket = ours
+    connection.transport = transport
+    assert connection.has_unread() is False
+    backend.sendall(b"x")
+    assert connection.has_unread() is True
+    assert ours.recv(1) == b"x"
+    assert connection.has_unread() is False
+    backend.close()
+    assert connection.has_unread() is True
+    # Closed on our side (tcp.Connection.connectionLost closes it): an error, never a clean idle connection.
+    ours.close()
+    assert connection.has_unread() is True
+
+
 # Item 3: only a failure before any response byte may be retried, and only as its method allows.
 
 

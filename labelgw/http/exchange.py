@@ -402,7 +402,16 @@ class Exchange:
         if self.state is _RESPONDING:
             self.bytes_out += len(body)
             client.response_data(body)
-            self.response_done()
+            # response_done, written out (a call less per request).
+            client.response_end()
+            upstream = self.upstream
+            if self._body_paused_by_upstream or self._upstream_paused_by_client:
+                self._unregister_producers()
+            if upstream is not None:
+                if not self.body_done:
+                    upstream.reusable = False
+                upstream.detach()
+            self._complete(self._gateway_error)
 
     response_chunk = response_data
 

@@ -34,6 +34,11 @@ _KNOWN_CODINGS = {b"gzip", b"deflate", b"compress", b"x-gzip", b"br", b"zstd"}
 
 _FIELD_PATTERNS: dict[bytes, "re.Pattern[bytes]"] = {}
 _NO_TOKENS: frozenset[bytes] = frozenset()
+_new = object.__new__
+# The longest head a connection keeps as the template of its next one (request_fields and request_from, and the
+# same for responses): a keep-alive peer sends the same head again and again (a client's request, a backend's
+# response within the second of its Date), and an equal head parses to an equal result.
+MAX_REMEMBERED_HEAD = 2048
 
 
 class _Head:
@@ -307,7 +312,6 @@ def parse_request_head(head: bytes) -> RequestHead:
 _SHORT_HEAD = 14 + 4 * MAX_HEADERS
 # Host values found valid (a bounded set): the same few arrive on nearly every request.
 _VALID_HOSTS: set[bytes] = set()
-_new = object.__new__
 
 
 def parse_request_lines(data: bytes) -> RequestHead:
@@ -538,3 +542,53 @@ def parse_response_lines(data: bytes) -> ResponseHead:
         # Every matched field is cut: labelgw writes framing and Connection itself.
         response.forward = b"".join(pieces[::3])[block_start:] if len(pieces) > 1 else block
     return response
+
+
+# A head's slots as parsed, as one tuple (a connection's template of its last head: the head itself is handed out and
+# changed by dispatch, middlewares and header rules), and a new head from such a tuple: every slot set in one
+# unpacking (tests/test_parser_fast.py checks that none is left out).
+RequestFields = tuple[
+    bytes, "bytes | None", None, bytes, "int | None", bool, bool, "bytes | None", frozenset, bytes, bytes, "bytes | None",
+    bool, bytes, bytes, bytes, "bytes | None", int,
+]
+
+
+def request_fields(head: RequestHead) -> RequestFields:
+    """What request_from needs to make a head equal to `head` as the parser made it."""
+    return (
+        head.block, head.forward, None, head.version, head.content_length, head.chunked, head.keep_alive, head.upgrade,
+        head.connection_tokens, head.method, head.target, head.host, head.absolute_form, head.request_id, head.trace_id,
+        head.trace_fields, head.client_ip, head.id_fields,
+    )
+
+
+def request_from(fields: RequestFields) -> RequestHead:
+    head = _new(RequestHead)
+    (
+        head.block, head.forward, head._headers, head.version, head.content_length, head.chunked, head.keep_alive,
+        head.upgrade, head.connection_tokens, head.method, head.target, head.host, head.absolute_form, head.request_id,
+        head.trace_id, head.trace_fields, head.client_ip, head.id_fields,
+    ) = fields
+    return head
+
+
+ResponseFields = tuple[
+    bytes, "bytes | None", None, bytes, "int | None", bool, bool, "bytes | None", frozenset, int, bytes,
+]
+
+
+def response_fields(head: ResponseHead) -> ResponseFields:
+    """What response_from needs to make a head equal to `head` as the parser made it."""
+    return (
+        head.block, head.forward, None, head.version, head.content_length, head.chunked, head.keep_alive, head.upgrade,
+        head.connection_tokens, head.status, head.status_line,
+    )
+
+
+def response_from(fields: ResponseFields) -> ResponseHead:
+    head = _new(ResponseHead)
+    (
+        head.block, head.forward, head._headers, head.version, head.content_length, head.chunked, head.keep_alive,
+        head.upgrade, head.connection_tokens, head.status, head.status_line,
+    ) = fields
+    return head

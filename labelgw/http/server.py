@@ -18,7 +18,9 @@ from labelgw.http.headers import client_response_head, error_response
 from labelgw.http.framing import (
     LAST_CHUNK, BodyReader, HttpError, encode_chunk, find_head_end, request_reader,
 )
-from labelgw.http.parser import RequestHead, ResponseHead, parse_request_lines
+from labelgw.http.parser import (
+    MAX_REMEMBERED_HEAD, RequestFields, RequestHead, ResponseHead, parse_request_lines, request_fields, request_from,
+)
 from labelgw.http.settings import ProxySettings
 from labelgw.http.states import CONNECTION_MOVES, ConnectionState, check_move, sources
 from labelgw.http.transport import DataProtocol, GatewayConnection, Producer
@@ -150,6 +152,9 @@ class ClientConnection(DataProtocol):
         self._out: list[bytes] = []
         self._chunked = False
         self._close_after = False
+        # The last request head this connection parsed, as bytes and as parsed (b"": none yet, never matched).
+        self._last_raw = b""
+        self._last_fields: RequestFields | None = None
 
     def _move(self, new: ConnectionState) -> None:
         self.state = check_move(CONNECTION_MOVES, self.state, new)
@@ -288,35 +293,53 @@ class ClientConnection(DataProtocol):
                             self._head_started = self.gateway.clock.seconds()
                             self._rearm(self.gateway.settings.head_timeout)
                         return
-                    # The head with its last line's CRLF: the parser needs no copy of it.
-                    head = parse_request_lines(buffer[: end + 2])
+                    last = self._last_raw
+                    if end + 2 == len(last) and buffer.startswith(last):
+                        # The same head as the last request's (keep-alive clients repeat themselves).
+                        fields = self._last_fields
+                        if fields is not None:
+                            head = request_from(fields)
+                        else:
+                            # Seen twice in a row: its parse is kept from now on (dispatch and middlewares change
+                            # the head itself, never the fields).
+                            head = parse_request_lines(last)
+                            self._last_fields = request_fields(head)
+                    else:
+                        # The head with its last line's CRLF: the parser needs no copy of it.
+                        raw = buffer[: end + 2]
+                        head = parse_request_lines(raw)
+                        if end < MAX_REMEMBERED_HEAD:
+                            # Only the bytes: a head that never comes again costs no more than this store.
+                            self._last_raw, self._last_fields = raw, None
                 except HttpError as error:
                     self.send_error(error.status, error.reason, close=True)
                     return
                 self._buffer = buffer[end + 4 :]
                 self._requests += 1
-                self._dispatch(head)
+                # _dispatch's common case (no body) written out: a call less per request.
+                self._request = head
+                # Route lookup, redirect, 404/503, version choice: labelgw.http.dispatch, shared with HTTP/2.
+                exchange = dispatch(self.gateway, head, self)
+                if exchange is None:
+                    continue
+                # The framing decision (labelgw.http.framing): None, with no object made, for the common request
+                # without a body.
+                self.exchange = exchange
+                reader = self._reader = request_reader(head)
+                if reader is not None:
+                    self._body_start(exchange, reader)
+                    continue
+                if self.state not in _TO_RESPONSE:
+                    self._move(_RESPONSE)  # refused: raises StateError
+                self.state = _RESPONSE
+                exchange.start()
             if self.exchange is not None and self._buffer:
                 self.set_paused("pipeline", True)
         finally:
             self._processing = False
 
-    def _dispatch(self, head: RequestHead) -> None:
-        self._request = head
-        # Route lookup, redirect, 404/503, version choice: labelgw.http.dispatch, shared with HTTP/2.
-        exchange = dispatch(self.gateway, head, self)
-        if exchange is None:
-            return
-        self.exchange = exchange
-        # The framing decision (labelgw.http.framing): None, with no object made, for the common request without a
-        # body.
-        reader = self._reader = request_reader(head)
-        if reader is None:
-            if self.state not in _TO_RESPONSE:
-                self._move(_RESPONSE)  # refused: raises StateError
-            self.state = _RESPONSE
-            exchange.start()
-            return
+    def _body_start(self, exchange: Exchange, reader: BodyReader) -> None:
+        """Start a dispatched request that has a body (_process starts the others itself)."""
         self._move(_BODY)
         exchange.start()
         if self.state is _BODY and self.exchange is exchange:

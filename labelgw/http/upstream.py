@@ -7,6 +7,7 @@ import select
 import socket
 from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
 
+from twisted.internet import tcp
 from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -14,7 +15,9 @@ from twisted.python.failure import Failure
 from labelgw.core.backends import Backend
 from labelgw.http.fastwrite import write_now
 from labelgw.http.framing import MAX_HEAD_BYTES, UNTIL_CLOSE, BodyReader, HttpError, find_head_end, response_reader
-from labelgw.http.parser import ResponseHead, parse_response_lines
+from labelgw.http.parser import (
+    MAX_REMEMBERED_HEAD, ResponseFields, ResponseHead, parse_response_lines, response_fields, response_from,
+)
 from labelgw.http.transport import DataProtocol
 
 if TYPE_CHECKING:
@@ -56,6 +59,7 @@ _IDLE, _HEAD, _BODY, _TUNNEL, _ABORTED = range(5)
 # Is there anything (or an EOF, or an error) the reactor has not read yet? One poll(2) with a zero timeout on a
 # poll object kept per connection: no exception on the common answer (a peek raises BlockingIOError then).
 _POLL_IN = select.POLLIN
+_TCP_CLIENT = tcp.Client
 
 
 class UpstreamConnection(DataProtocol):
@@ -64,6 +68,8 @@ class UpstreamConnection(DataProtocol):
     _poller: Any = None
     _polled: Any = None
     _polled_fd = -1
+    # The plain TCP transport whose socket that is (None: none, or not a tcp.Client); also set in __init__.
+    _polled_transport: Any = None
 
     def __init__(self, pool: "UpstreamPool", backend: Backend) -> None:
         self.pool = pool
@@ -87,6 +93,12 @@ class UpstreamConnection(DataProtocol):
         # The one timer (None: none pending) and when it fires, kept here: re-arming costs no DelayedCall calls.
         self._timer: Any = None
         self._timer_at = 0.0
+        # The last response head this connection parsed, as bytes and as parsed (b"": none yet, never matched).
+        self._last_raw = b""
+        self._last_fields: ResponseFields | None = None
+        # The plain TCP transport whose socket has_unread polls (None: none, or not a tcp.Client), set in the
+        # instance: read once per request.
+        self._polled_transport = None
 
     # Lifecycle.
 
@@ -175,8 +187,19 @@ class UpstreamConnection(DataProtocol):
         """The exchange is done with this connection after a complete response: pool it or close it."""
         self.sink = None
         self._mode = _IDLE
-        # The pool notes when it became idle.
-        self.pool.release(self)
+        # UpstreamPool.release's common case written out (a call less per request): back to the idle list, the
+        # time noted, the timer left as it is when it fires soon enough.
+        pool = self.pool
+        backend = self.backend
+        settings = pool.settings
+        if self.reusable and self.connected and backend.ready and len(backend.idle) < settings.max_idle_per_backend:
+            backend.idle.append(self)
+            self._idle_since = now = pool.clock.seconds()
+            limit = settings.upstream_idle_timeout
+            if self._timer is None or self._timer_at > now + limit:
+                pool.release_timer(self, now, limit)
+        else:
+            pool.release(self)
 
     def has_unread(self) -> bool:
         """Whether the backend sent bytes, or closed, since the last response ended, and the reactor has not read
@@ -184,12 +207,19 @@ class UpstreamConnection(DataProtocol):
         response). One poll(2) of the socket with a zero timeout (readable: a byte, or EOF; or an error: either way
         not a clean idle connection). A TLS connection is not polled: its socket may hold TLS records that are no
         response bytes (session tickets); bytes it reads while idle still close it."""
-        # Not every transport has a handle (a memory transport has none).
-        get_handle = getattr(self.transport, "getHandle", None)
-        try:
-            handle = get_handle() if get_handle is not None else None
-        except AttributeError:
-            return False
+        transport: Any = self.transport
+        handle: Any
+        if transport is self._polled_transport:
+            # A plain TCP transport polled before: its socket is the one polled (tcp.Client keeps one for its life),
+            # found without the getHandle call.
+            handle = self._polled
+        else:
+            # Not every transport has a handle (a memory transport has none).
+            get_handle = getattr(transport, "getHandle", None)
+            try:
+                handle = get_handle() if get_handle is not None else None
+            except AttributeError:
+                return False
         if self._poller is None or handle is not self._polled or handle.fileno() != self._polled_fd:
             if not isinstance(handle, socket.socket):
                 return False
@@ -199,6 +229,8 @@ class UpstreamConnection(DataProtocol):
             except (ValueError, OSError):
                 return True  # a closed socket
             self._poller, self._polled, self._polled_fd = poller, handle, handle.fileno()
+            if type(transport) is _TCP_CLIENT:
+                self._polled_transport = transport
         try:
             return bool(self._poller.poll(0))
         except OSError:
@@ -274,8 +306,24 @@ class UpstreamConnection(DataProtocol):
                     if end == -1:
                         self._buffer = buffer
                         return
-                # The head with its last line's CRLF: the parser needs no copy of it.
-                head = parse_response_lines(buffer[: end + 2])
+                last = self._last_raw
+                if end + 2 == len(last) and buffer.startswith(last):
+                    # The same head as the last response's (a keep-alive backend repeats itself).
+                    fields = self._last_fields
+                    if fields is not None:
+                        head = response_from(fields)
+                    else:
+                        # Seen twice in a row: its parse is kept from now on (header rules change the head itself,
+                        # never the fields).
+                        head = parse_response_lines(last)
+                        self._last_fields = response_fields(head)
+                else:
+                    # The head with its last line's CRLF: the parser needs no copy of it.
+                    raw = buffer[: end + 2]
+                    head = parse_response_lines(raw)
+                    if end < MAX_REMEMBERED_HEAD:
+                        # Only the bytes: a head that never comes again costs no more than this store.
+                        self._last_raw, self._last_fields = raw, None
             except HttpError as error:
                 self._fail(502, error.reason)
                 return
@@ -455,15 +503,19 @@ class UpstreamPool:
             # Idle from now: its timer must fire by the end of the idle timeout (usually the pending one is
             # already due sooner and re-arms itself).
             connection._idle_since = now = self.clock.seconds()
-            limit = self.settings.upstream_idle_timeout
-            timer = connection._timer
-            if timer is None:
-                connection._arm(limit, now)
-            elif connection._timer_at > now + limit:
-                timer.reset(limit)
-                connection._timer_at = now + limit
+            self.release_timer(connection, now, self.settings.upstream_idle_timeout)
         elif connection.connected:
             connection.transport.loseConnection()
+
+    def release_timer(self, connection: UpstreamConnection, now: float, limit: float) -> None:
+        """An idle connection's timer must fire by the end of the idle timeout (usually the pending one is already
+        due sooner and re-arms itself)."""
+        timer = connection._timer
+        if timer is None:
+            connection._arm(limit, now)
+        elif connection._timer_at > now + limit:
+            timer.reset(limit)
+            connection._timer_at = now + limit
 
     def forget(self, connection: UpstreamConnection) -> None:
         try:

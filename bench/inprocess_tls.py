@@ -344,7 +344,7 @@ def real_reactor(args: argparse.Namespace) -> None:
                                       is_routed=lambda name: False, local_ca=LocalCA.load_or_create(Path(state)))
         factory = factory_for_engine("stdlib", selector, negotiating_factory(gateway, b"https"), clock=reactor,
                                      handshake_timeout=gateway.settings.head_timeout, **as_https_builds_it())
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=1024)
+        port = listen(reactor, 0, factory, 1024, "127.0.0.1", args.port)
         argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port.getHost().port}", "-new", "-time", str(args.reactor)]
         if args.tls12:
             argv += ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]
@@ -381,6 +381,8 @@ def real_reactor(args: argparse.Namespace) -> None:
         print(f"real reactor, {count} handshakes ({'TLS 1.2' if args.tls12 else 'TLS 1.3'}), "
               f"{factory.handshake_failures} failed, {cpu / max(count, 1) * 1e6:.0f} us CPU each")
         return
+    if args.stats:
+        profiler.dump_stats(args.stats)
     raw: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     total = sum(calls for (_f, _l, name), (_p, calls, *_rest) in raw.items() if "disable" not in name)
     print(f"real reactor, {count} handshakes ({'TLS 1.2' if args.tls12 else 'TLS 1.3'}), {factory.handshake_failures} "
@@ -390,6 +392,19 @@ def real_reactor(args: argparse.Namespace) -> None:
             for (filename, line, name), (_p, calls, *_rest) in raw.items()]
     for calls, where in sorted(rows, reverse=True)[: args.top]:
         print(f"  {calls:6.2f} calls  {where}")
+
+
+def listen(reactor: Any, port: int, factory: Any, backlog: int, interface: str, kind: str) -> Any:
+    """A listening port as labelgw's listeners make it (`lean`: labelgw.cli.accept, where this tree has it), or
+    Twisted's own (`twisted`)."""
+    if kind == "lean":
+        try:
+            from labelgw.cli.accept import listen_tcp
+        except ImportError:
+            pass
+        else:
+            return listen_tcp(reactor, port, factory, backlog, interface)
+    return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
 
 
 def instructions(args: argparse.Namespace, handshakes: int) -> int:
@@ -423,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, metavar="N",
                         help="with --reactor: one client process making N connections one after the other instead "
                              "of s_time (a fixed amount of work: run it under valgrind with N and 2N)")
+    parser.add_argument("--stats", metavar="FILE", help="with --reactor: save the cProfile statistics (pstats)")
+    parser.add_argument("--port", choices=("lean", "twisted"), default="lean",
+                        help="with --reactor: the listening port labelgw makes (labelgw.cli.accept.LeanPort where the "
+                             "tree has it) or Twisted's tcp.Port")
     parser.add_argument("--reactor", type=int, metavar="S",
                         help="profile labelgw's real reactor under two openssl s_time -new clients for S seconds")
     args = parser.parse_args(argv)

@@ -3,6 +3,8 @@
 It listens in privilegedStartService, so a bad or busy endpoint stops twistd with one clear line before anything
 else starts; it logs the URL it serves; and every listener gets a listen backlog of L{DEFAULT_BACKLOG} unless its
 endpoint string says ``backlog=`` itself (Twisted's default of 50 makes a burst of connects wait for a SYN retry).
+A TCP endpoint on a real reactor listens with a L{labelgw.cli.accept.LeanPort} (fewer Python steps per accepted
+connection).
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, execute, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from labelgw.cli.accept import listen_tcp
 from labelgw.cli.quietlog import PORT_LINES, install_quiet_log
 
 # nginx listens with 511; twice that takes a burst of a thousand connects (the kernel caps it at
@@ -54,6 +59,14 @@ def with_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
     return f"{description}:backlog={backlog}"
 
 
+def _lean_accept(endpoint: Any) -> bool:
+    """Whether C{endpoint} is one of Twisted's TCP endpoints on a real reactor (not a test's memory reactor): its
+    port is then a L{LeanPort}."""
+    return type(endpoint) in (TCP4ServerEndpoint, TCP6ServerEndpoint) and isinstance(
+        getattr(endpoint, "_reactor", None), PosixReactorBase
+    )
+
+
 @implementer(IStreamServerEndpoint)
 class _KeepsPort:
     """An endpoint that remembers the port it listens on (the stock service keeps it to itself)."""
@@ -63,7 +76,15 @@ class _KeepsPort:
         self.port: IListeningPort | None = None
 
     def listen(self, factory: Any) -> Deferred[Any]:
-        listening: Deferred[Any] = self.endpoint.listen(factory)
+        endpoint = self.endpoint
+        listening: Deferred[Any]
+        if _lean_accept(endpoint):
+            # Twisted's TCP endpoints call reactor.listenTCP with these; a LeanPort accepts with fewer steps.
+            listening = execute(
+                listen_tcp, endpoint._reactor, endpoint._port, factory, endpoint._backlog, endpoint._interface
+            )
+        else:
+            listening = endpoint.listen(factory)
         return listening.addCallback(self._keep)
 
     def _keep(self, port: IListeningPort) -> IListeningPort:

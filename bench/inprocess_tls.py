@@ -28,6 +28,7 @@ Except with `--reactor`, nothing leaves the process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import ssl
@@ -37,7 +38,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -265,8 +266,20 @@ def keepalive_loop(state: Path, tls12: bool) -> tuple[Callable[[int], None], Cal
     return loop, lambda: "keep-alive: one connection, the TLS layer and a responder"
 
 
-def run(args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def state_dir(args: argparse.Namespace) -> Iterator[str]:
+    """The local CA's directory: `--state DIR` (made once, then reused: runs compared under valgrind then do not
+    differ by a CA key generation), else a temporary one."""
+    if args.state:
+        Path(args.state).mkdir(parents=True, exist_ok=True)
+        yield args.state
+        return
     with tempfile.TemporaryDirectory() as state:
+        yield state
+
+
+def run(args: argparse.Namespace) -> None:
+    with state_dir(args) as state:
         if args.keepalive:
             loop, check = keepalive_loop(Path(state), args.tls12)
         else:
@@ -330,7 +343,7 @@ def real_reactor(args: argparse.Namespace) -> None:
     from labelgw.cli.reactor import install
 
     reactor = install()
-    with tempfile.TemporaryDirectory() as state:
+    with state_dir(args) as state:
         from labelgw.http.h2 import negotiating_factory
         from labelgw.http.server import Gateway
         from labelgw.http.settings import ProxySettings
@@ -372,10 +385,18 @@ def real_reactor(args: argparse.Namespace) -> None:
             else:
                 reactor.callLater(0.2, poll)
 
+        if args.freeze:
+            import gc
+
+            gc.collect()
+            gc.freeze()
+        collections = GCRecorder()
         reactor.callWhenRunning(start)
         cpu = time.process_time()
         reactor.run()
         cpu = time.process_time() - cpu
+        collections.stop()
+        print(f"garbage collector: {collections}")
     count = factory.handshakes
     if args.no_profile:
         print(f"real reactor, {count} handshakes ({'TLS 1.2' if args.tls12 else 'TLS 1.3'}), "
@@ -407,10 +428,39 @@ def listen(reactor: Any, port: int, factory: Any, backlog: int, interface: str, 
     return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
 
 
+class GCRecorder:
+    """Collections by generation and the CPU time they took, from gc.callbacks."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.counts = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.process_time()
+        else:
+            generation = info["generation"]
+            self.counts[generation] += 1
+            self.seconds[generation] += time.process_time() - self._started
+
+    def stop(self) -> None:
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+    def __str__(self) -> str:
+        return ", ".join(f"gen{g} {self.counts[g]} in {self.seconds[g] * 1e3:.1f} ms" for g in range(3))
+
+
 def instructions(args: argparse.Namespace, handshakes: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", sys.executable, __file__,
-                "--mode", args.mode, "--handshakes", str(handshakes), *(["--tls12"] if args.tls12 else []),
+                "--mode", args.mode, "--handshakes", str(handshakes), *(["--state", args.state] if args.state else []),
+                *(["--tls12"] if args.tls12 else []),
                 *(["--sni", args.sni] if args.sni else []), *(["--keepalive"] if args.keepalive else [])]
         done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="0"),
                               check=False)
@@ -438,7 +488,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, metavar="N",
                         help="with --reactor: one client process making N connections one after the other instead "
                              "of s_time (a fixed amount of work: run it under valgrind with N and 2N)")
+    parser.add_argument("--state", metavar="DIR", help="the local CA's directory, made once and reused (default: a "
+                        "temporary one per run; give one when comparing instruction counts)")
     parser.add_argument("--stats", metavar="FILE", help="with --reactor: save the cProfile statistics (pstats)")
+    parser.add_argument("--freeze", action="store_true",
+                        help="with --reactor: gc.collect() and gc.freeze() before the load, as labelgw does once started")
     parser.add_argument("--port", choices=("lean", "twisted"), default="lean",
                         help="with --reactor: the listening port labelgw makes (labelgw.cli.accept.LeanPort where the "
                              "tree has it) or Twisted's tcp.Port")

@@ -275,3 +275,31 @@ def test_listeners_use_it_on_a_real_reactor_only() -> None:
             reactor.iterate(0)
         reactor._poller.close()
         reactor.waker.connectionLost(None)
+
+
+def test_start_up_is_frozen_out_of_the_collector_once_the_reactor_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from labelgw.cli import listeners
+    from labelgw.cli.reactor import LeanEPollReactor
+
+    monkeypatch.setattr(listeners, "_FREEZE_SCHEDULED", False)
+    # A test's memory reactor never runs: nothing is scheduled on it, and the process-wide flag is left for a
+    # real one.
+    listeners.freeze_after_start(MemoryReactorClock())
+    assert not listeners._FREEZE_SCHEDULED
+    reactor = LeanEPollReactor()
+    try:
+        listeners.freeze_after_start(reactor)
+        listeners.freeze_after_start(reactor)  # once per process
+        scheduled = [entry for entry in reactor._eventTriggers["startup"].after if entry[0] is listeners._freeze]
+        assert len(scheduled) == 1
+        done: list[str] = []
+        monkeypatch.setattr(gc, "collect", lambda *a: done.append("collect") or 0)
+        monkeypatch.setattr(gc, "freeze", lambda: done.append("freeze"))
+        scheduled[0][0]()
+        # Collected first: no garbage is frozen.
+        assert done == ["collect", "freeze"]
+    finally:
+        reactor._poller.close()
+        reactor.waker.connectionLost(None)

@@ -323,7 +323,11 @@ class ServerContexts:
     def server_object(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, owner: Any) -> Any:
         """The ssl module's C object for one server connection (L{raw_tls}); C{owner} is what the SNI callback is
         handed (the connection's L{StdTLSProtocol})."""
-        return raw_tls(self._dispatch_context(), incoming, outgoing, True, owner)
+        ctx = self._dispatch
+        if ctx is None or self._clock.seconds() - self._dispatch_since >= self._lifetime:
+            ctx = self._dispatch_context()
+        # raw_tls's server call, made here: once per connection.
+        return ctx._wrap_bio(incoming, outgoing, server_side=True, server_hostname=None, owner=owner, session=None)  # type: ignore[attr-defined]
 
     def _dispatch_context(self) -> ssl.SSLContext:
         now = self._clock.seconds()
@@ -426,8 +430,10 @@ class StdTLSProtocol(Protocol):
     # A TLS 1.3 session ticket is to be made at the first write (the factory's deferred_tickets).
     _ticket_due = False
 
-    def __init__(self, factory: "StdTLSFactory | StdTLSClientFactory", wrapped: Any) -> None:
+    def __init__(self, factory: "StdTLSFactory | StdTLSClientFactory", wrapped: Any, peer: Any = None) -> None:
         self.factory = factory
+        # The client's address, as the listener gave it to the factory (None: ask TCP).
+        self._peer = peer
         self.wrappedProtocol = wrapped
         self._incoming = incoming = ssl.MemoryBIO()
         self._outgoing = outgoing = ssl.MemoryBIO()
@@ -471,7 +477,8 @@ class StdTLSProtocol(Protocol):
             return
         self._lost = True
         self.disconnecting = True
-        self._cancel_timer()
+        if self._timer is not None:
+            self._cancel_timer()
         if not self._handshake_done:
             self.factory.handshake_failures += 1
         self.wrappedProtocol.connectionLost(reason)
@@ -501,7 +508,8 @@ class StdTLSProtocol(Protocol):
             self._fail()
             return
         self._handshake_done = True
-        self._cancel_timer()
+        if self._timer is not None:
+            self._cancel_timer()
         factory = self.factory
         factory.handshakes += 1
         tls = self._tls
@@ -711,7 +719,9 @@ class StdTLSProtocol(Protocol):
             timer.cancel()
 
     def getPeer(self) -> Any:
-        return self.transport.getPeer()
+        # The address the factory was given (TCP makes a new one per call).
+        peer = self._peer
+        return peer if peer is not None else self.transport.getPeer()
 
     def getHost(self) -> Any:
         return self.transport.getHost()
@@ -835,7 +845,7 @@ class StdTLSFactory(Factory):
         wrapped = self.wrappedFactory.buildProtocol(addr)
         if wrapped is None:
             return None
-        return StdTLSProtocol(self, wrapped)
+        return StdTLSProtocol(self, wrapped, addr)
 
     is_client = False
 

@@ -278,9 +278,70 @@ def state_dir(args: argparse.Namespace) -> Iterator[str]:
         yield state
 
 
+def gateway_keepalive_loop(state: Path, tls12: bool) -> tuple[Callable[[int], None], Callable[[], str]]:
+    """Requests on one HTTPS connection through the whole gateway: the HTTPS listener's stack (SNI selector, the
+    stdlib engine, the ALPN factory, the HTTP/1.1 side, the exchange) to a pooled upstream connection on the proxy
+    harness's memory reactor, the backend answering each request as nginx does in bench_proxy.py."""
+    from tests.proxyharness import DEFAULT_SPECS, ProxyHarness, get, ok
+
+    from labelgw.http.h2 import negotiating_factory
+    from labelgw.tls.ca import LocalCA
+    from labelgw.tls.sni import SNIContextSelector
+    from labelgw.tls.stdtls import factory_for_engine
+
+    harness = ProxyHarness(specs=DEFAULT_SPECS[:1])
+    reactor = harness.reactor
+    selector = SNIContextSelector(
+        clock=reactor, run_in_thread=lambda f, *a, **k: defer.succeed(None),
+        is_routed=harness.gateway.table.knows_host, local_ca=LocalCA.load_or_create(state),
+    )
+    factory = factory_for_engine(
+        "stdlib", selector, negotiating_factory(harness.gateway, b"https"), clock=reactor,
+        handshake_timeout=harness.gateway.settings.head_timeout, **as_https_builds_it(),
+    )
+    request, response = get(b"api.localhost"), ok()
+    c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context(tls12).wrap_bio(c_in, c_out, server_hostname="api.localhost")
+    server = factory.buildProtocol(PEER)
+    wire = Wire()
+    server.makeConnection(wire)
+    while True:
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pass
+        server.dataReceived(c_out.read())
+        c_in.write(wire.take())
+    client.write(request)
+    server.dataReceived(c_out.read())
+    upstream = harness.upstream().accept()
+    upstream.send(response)
+    c_in.write(wire.take())
+    assert client.read(65536).startswith(b"HTTP/1.1 200")
+    to_backend, from_backend = upstream.transport, upstream.protocol.dataReceived
+
+    def loop(n: int) -> None:
+        for _ in range(n):
+            client.write(request)
+            server.dataReceived(c_out.read())
+            from_backend(response)
+            to_backend.clear()
+            c_in.write(wire.take())
+            client.read(65536)
+
+    def check() -> str:
+        assert harness.connect_count() == 1 and harness.gateway.in_flight == 0
+        return "keep-alive through the gateway: one HTTPS connection, one pooled upstream connection"
+
+    return loop, check
+
+
 def run(args: argparse.Namespace) -> None:
     with state_dir(args) as state:
-        if args.keepalive:
+        if args.keepalive and args.gateway:
+            loop, check = gateway_keepalive_loop(Path(state), args.tls12)
+        elif args.keepalive:
             loop, check = keepalive_loop(Path(state), args.tls12)
         else:
             loop, check = make_loop(args.mode, args.tls12, Path(state), args.sni)
@@ -461,7 +522,8 @@ def instructions(args: argparse.Namespace, handshakes: int) -> int:
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", sys.executable, __file__,
                 "--mode", args.mode, "--handshakes", str(handshakes), *(["--state", args.state] if args.state else []),
                 *(["--tls12"] if args.tls12 else []),
-                *(["--sni", args.sni] if args.sni else []), *(["--keepalive"] if args.keepalive else [])]
+                *(["--sni", args.sni] if args.sni else []), *(["--keepalive"] if args.keepalive else []),
+                *(["--gateway"] if args.gateway else [])]
         done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="0"),
                               check=False)
         match = _COLLECTED.search(done.stderr)
@@ -479,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                         "api.localhost is the routed name: a leaf minted by the local CA)")
     parser.add_argument("--keepalive", action="store_true",
                         help="requests on one connection instead of handshakes (--handshakes is then their number)")
+    parser.add_argument("--gateway", action="store_true",
+                        help="with --keepalive: the requests go through the whole gateway to a backend (in memory)")
     parser.add_argument("--profile", action="store_true", help="Python calls per handshake (cProfile)")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--callgrind", action="store_true",

@@ -28,6 +28,7 @@ Except with `--reactor`, nothing leaves the process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import ssl
@@ -37,7 +38,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -265,9 +266,82 @@ def keepalive_loop(state: Path, tls12: bool) -> tuple[Callable[[int], None], Cal
     return loop, lambda: "keep-alive: one connection, the TLS layer and a responder"
 
 
-def run(args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def state_dir(args: argparse.Namespace) -> Iterator[str]:
+    """The local CA's directory: `--state DIR` (made once, then reused: runs compared under valgrind then do not
+    differ by a CA key generation), else a temporary one."""
+    if args.state:
+        Path(args.state).mkdir(parents=True, exist_ok=True)
+        yield args.state
+        return
     with tempfile.TemporaryDirectory() as state:
-        if args.keepalive:
+        yield state
+
+
+def gateway_keepalive_loop(state: Path, tls12: bool) -> tuple[Callable[[int], None], Callable[[], str]]:
+    """Requests on one HTTPS connection through the whole gateway: the HTTPS listener's stack (SNI selector, the
+    stdlib engine, the ALPN factory, the HTTP/1.1 side, the exchange) to a pooled upstream connection on the proxy
+    harness's memory reactor, the backend answering each request as nginx does in bench_proxy.py."""
+    from tests.proxyharness import DEFAULT_SPECS, ProxyHarness, get, ok
+
+    from labelgw.http.h2 import negotiating_factory
+    from labelgw.tls.ca import LocalCA
+    from labelgw.tls.sni import SNIContextSelector
+    from labelgw.tls.stdtls import factory_for_engine
+
+    harness = ProxyHarness(specs=DEFAULT_SPECS[:1])
+    reactor = harness.reactor
+    selector = SNIContextSelector(
+        clock=reactor, run_in_thread=lambda f, *a, **k: defer.succeed(None),
+        is_routed=harness.gateway.table.knows_host, local_ca=LocalCA.load_or_create(state),
+    )
+    factory = factory_for_engine(
+        "stdlib", selector, negotiating_factory(harness.gateway, b"https"), clock=reactor,
+        handshake_timeout=harness.gateway.settings.head_timeout, **as_https_builds_it(),
+    )
+    request, response = get(b"api.localhost"), ok()
+    c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context(tls12).wrap_bio(c_in, c_out, server_hostname="api.localhost")
+    server = factory.buildProtocol(PEER)
+    wire = Wire()
+    server.makeConnection(wire)
+    while True:
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pass
+        server.dataReceived(c_out.read())
+        c_in.write(wire.take())
+    client.write(request)
+    server.dataReceived(c_out.read())
+    upstream = harness.upstream().accept()
+    upstream.send(response)
+    c_in.write(wire.take())
+    assert client.read(65536).startswith(b"HTTP/1.1 200")
+    to_backend, from_backend = upstream.transport, upstream.protocol.dataReceived
+
+    def loop(n: int) -> None:
+        for _ in range(n):
+            client.write(request)
+            server.dataReceived(c_out.read())
+            from_backend(response)
+            to_backend.clear()
+            c_in.write(wire.take())
+            client.read(65536)
+
+    def check() -> str:
+        assert harness.connect_count() == 1 and harness.gateway.in_flight == 0
+        return "keep-alive through the gateway: one HTTPS connection, one pooled upstream connection"
+
+    return loop, check
+
+
+def run(args: argparse.Namespace) -> None:
+    with state_dir(args) as state:
+        if args.keepalive and args.gateway:
+            loop, check = gateway_keepalive_loop(Path(state), args.tls12)
+        elif args.keepalive:
             loop, check = keepalive_loop(Path(state), args.tls12)
         else:
             loop, check = make_loop(args.mode, args.tls12, Path(state), args.sni)
@@ -330,7 +404,7 @@ def real_reactor(args: argparse.Namespace) -> None:
     from labelgw.cli.reactor import install
 
     reactor = install()
-    with tempfile.TemporaryDirectory() as state:
+    with state_dir(args) as state:
         from labelgw.http.h2 import negotiating_factory
         from labelgw.http.server import Gateway
         from labelgw.http.settings import ProxySettings
@@ -344,7 +418,7 @@ def real_reactor(args: argparse.Namespace) -> None:
                                       is_routed=lambda name: False, local_ca=LocalCA.load_or_create(Path(state)))
         factory = factory_for_engine("stdlib", selector, negotiating_factory(gateway, b"https"), clock=reactor,
                                      handshake_timeout=gateway.settings.head_timeout, **as_https_builds_it())
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=1024)
+        port = listen(reactor, 0, factory, 1024, "127.0.0.1", args.port)
         argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port.getHost().port}", "-new", "-time", str(args.reactor)]
         if args.tls12:
             argv += ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]
@@ -372,15 +446,25 @@ def real_reactor(args: argparse.Namespace) -> None:
             else:
                 reactor.callLater(0.2, poll)
 
+        if args.freeze:
+            import gc
+
+            gc.collect()
+            gc.freeze()
+        collections = GCRecorder()
         reactor.callWhenRunning(start)
         cpu = time.process_time()
         reactor.run()
         cpu = time.process_time() - cpu
+        collections.stop()
+        print(f"garbage collector: {collections}")
     count = factory.handshakes
     if args.no_profile:
         print(f"real reactor, {count} handshakes ({'TLS 1.2' if args.tls12 else 'TLS 1.3'}), "
               f"{factory.handshake_failures} failed, {cpu / max(count, 1) * 1e6:.0f} us CPU each")
         return
+    if args.stats:
+        profiler.dump_stats(args.stats)
     raw: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     total = sum(calls for (_f, _l, name), (_p, calls, *_rest) in raw.items() if "disable" not in name)
     print(f"real reactor, {count} handshakes ({'TLS 1.2' if args.tls12 else 'TLS 1.3'}), {factory.handshake_failures} "
@@ -392,11 +476,54 @@ def real_reactor(args: argparse.Namespace) -> None:
         print(f"  {calls:6.2f} calls  {where}")
 
 
+def listen(reactor: Any, port: int, factory: Any, backlog: int, interface: str, kind: str) -> Any:
+    """A listening port as labelgw's listeners make it (`lean`: labelgw.cli.accept, where this tree has it), or
+    Twisted's own (`twisted`)."""
+    if kind == "lean":
+        try:
+            from labelgw.cli.accept import listen_tcp
+        except ImportError:
+            pass
+        else:
+            return listen_tcp(reactor, port, factory, backlog, interface)
+    return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
+
+
+class GCRecorder:
+    """Collections by generation and the CPU time they took, from gc.callbacks."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.counts = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.process_time()
+        else:
+            generation = info["generation"]
+            self.counts[generation] += 1
+            self.seconds[generation] += time.process_time() - self._started
+
+    def stop(self) -> None:
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+    def __str__(self) -> str:
+        return ", ".join(f"gen{g} {self.counts[g]} in {self.seconds[g] * 1e3:.1f} ms" for g in range(3))
+
+
 def instructions(args: argparse.Namespace, handshakes: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", sys.executable, __file__,
-                "--mode", args.mode, "--handshakes", str(handshakes), *(["--tls12"] if args.tls12 else []),
-                *(["--sni", args.sni] if args.sni else []), *(["--keepalive"] if args.keepalive else [])]
+                "--mode", args.mode, "--handshakes", str(handshakes), *(["--state", args.state] if args.state else []),
+                *(["--tls12"] if args.tls12 else []),
+                *(["--sni", args.sni] if args.sni else []), *(["--keepalive"] if args.keepalive else []),
+                *(["--gateway"] if args.gateway else [])]
         done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="0"),
                               check=False)
         match = _COLLECTED.search(done.stderr)
@@ -414,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                         "api.localhost is the routed name: a leaf minted by the local CA)")
     parser.add_argument("--keepalive", action="store_true",
                         help="requests on one connection instead of handshakes (--handshakes is then their number)")
+    parser.add_argument("--gateway", action="store_true",
+                        help="with --keepalive: the requests go through the whole gateway to a backend (in memory)")
     parser.add_argument("--profile", action="store_true", help="Python calls per handshake (cProfile)")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--callgrind", action="store_true",
@@ -423,6 +552,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, metavar="N",
                         help="with --reactor: one client process making N connections one after the other instead "
                              "of s_time (a fixed amount of work: run it under valgrind with N and 2N)")
+    parser.add_argument("--state", metavar="DIR", help="the local CA's directory, made once and reused (default: a "
+                        "temporary one per run; give one when comparing instruction counts)")
+    parser.add_argument("--stats", metavar="FILE", help="with --reactor: save the cProfile statistics (pstats)")
+    parser.add_argument("--freeze", action="store_true",
+                        help="with --reactor: gc.collect() and gc.freeze() before the load, as labelgw does once started")
+    parser.add_argument("--port", choices=("lean", "twisted"), default="lean",
+                        help="with --reactor: the listening port labelgw makes (labelgw.cli.accept.LeanPort where the "
+                             "tree has it) or Twisted's tcp.Port")
     parser.add_argument("--reactor", type=int, metavar="S",
                         help="profile labelgw's real reactor under two openssl s_time -new clients for S seconds")
     args = parser.parse_args(argv)

@@ -132,6 +132,12 @@ def _libssl() -> Any:
     lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
     lib.SSL_CTX_get_options.restype = ctypes.c_uint64
     lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    lib.SSL_get_SSL_CTX.restype = ctypes.c_void_p
+    lib.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
+    lib.SSL_is_server.restype = ctypes.c_int
+    lib.SSL_is_server.argtypes = [ctypes.c_void_p]
+    lib.SSL_new_session_ticket.restype = ctypes.c_int
+    lib.SSL_new_session_ticket.argtypes = [ctypes.c_void_p]
     return lib
 
 
@@ -154,6 +160,64 @@ def _ctx_control(ctx: ssl.SSLContext, command: int, larg: int, parg: Any) -> int
         return int(_LIB.SSL_CTX_ctrl(pointer, command, larg, parg))
     except (OSError, AttributeError, ValueError):
         return None
+
+
+def _ctx_pointer(ctx: ssl.SSLContext) -> int | None:
+    """The SSL_CTX of a standard-library context, checked as L{_ctx_control} checks it; None if not found."""
+    global _LIB
+    try:
+        if _LIB is None:
+            _LIB = _libssl()
+        pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        if not pointer or _LIB.SSL_CTX_get_options(pointer) != int(ctx.options):
+            return None
+        return int(pointer)
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+# Where the ssl module's connection object keeps its SSL pointer: after the object header and the socket's weak
+# reference, before the context (CPython's PySSLSocket); None: not checked yet, 0: not usable here.
+_SSL_OFFSET: int | None = None
+
+
+def _ssl_offset() -> int:
+    """The offset of the SSL pointer in the ssl module's connection object, checked on a throwaway connection
+    (the field after it is the context object itself, and OpenSSL names the same SSL_CTX); 0 when it is not
+    where CPython 3.11-3.13 put it."""
+    global _SSL_OFFSET
+    if _SSL_OFFSET is None:
+        _SSL_OFFSET = 0
+        try:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            probe = raw_tls(ctx, ssl.MemoryBIO(), ssl.MemoryBIO(), True, None)
+            word = ctypes.sizeof(ctypes.c_void_p)
+            offset = object.__basicsize__ + word
+            ctx_pointer = _ctx_pointer(ctx)
+            # Checked in Python first (the context object's address), so that OpenSSL is never handed a wrong pointer.
+            if ctx_pointer is not None and ctypes.c_void_p.from_address(id(probe) + offset + word).value == id(ctx):
+                pointer = ctypes.c_void_p.from_address(id(probe) + offset).value
+                if pointer and _LIB.SSL_get_SSL_CTX(pointer) == ctx_pointer and _LIB.SSL_is_server(pointer) == 1:
+                    _SSL_OFFSET = offset
+        except (OSError, AttributeError, ValueError):
+            _SSL_OFFSET = 0
+    return _SSL_OFFSET
+
+
+def deferred_tickets() -> bool:
+    """Whether a TLS 1.3 server's session ticket can be made at its first write (L{new_session_ticket}) instead of
+    at the end of every handshake."""
+    return _ssl_offset() != 0
+
+
+def new_session_ticket(tls: Any) -> bool:
+    """OpenSSL's C{SSL_new_session_ticket} on a server connection (L{raw_tls}'s object) whose handshake is done: a
+    TLS 1.3 session ticket goes out ahead of the next write. False if it could not be done."""
+    offset = _ssl_offset()
+    if not offset:
+        return False
+    pointer = ctypes.c_void_p.from_address(id(tls) + offset).value
+    return bool(pointer) and _LIB.SSL_new_session_ticket(pointer) == 1
 
 
 def set_groups(ctx: ssl.SSLContext, groups: str) -> bool:
@@ -253,16 +317,26 @@ class ServerContexts:
         self._contexts: weakref.WeakKeyDictionary[CertificateMaterial, ssl.SSLContext] = weakref.WeakKeyDictionary()
         self._dispatch: ssl.SSLContext | None = None
         self._dispatch_since = 0.0
+        # TLS 1.3 session tickets made at a connection's first write (none for a client that leaves first).
+        self.deferred_tickets = deferred_tickets()
 
     def server_object(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, owner: Any) -> Any:
         """The ssl module's C object for one server connection (L{raw_tls}); C{owner} is what the SNI callback is
         handed (the connection's L{StdTLSProtocol})."""
-        return raw_tls(self._dispatch_context(), incoming, outgoing, True, owner)
+        ctx = self._dispatch
+        if ctx is None or self._clock.seconds() - self._dispatch_since >= self._lifetime:
+            ctx = self._dispatch_context()
+        # raw_tls's server call, made here: once per connection.
+        return ctx._wrap_bio(incoming, outgoing, server_side=True, server_hostname=None, owner=owner, session=None)  # type: ignore[attr-defined]
 
     def _dispatch_context(self) -> ssl.SSLContext:
         now = self._clock.seconds()
         if self._dispatch is None or now - self._dispatch_since >= self._lifetime:
             ctx = build_stdlib_context(self._policy, self._alpn)
+            if self.deferred_tickets:
+                # A connection's tickets come from this context (SSL_new copies the count): none at the end of the
+                # handshake; StdTLSProtocol asks for one at the first write.
+                ctx.num_tickets = 0
             # Run by OpenSSL with or without SNI, before any certificate is chosen.
             ctx.sni_callback = self._on_server_name
             self._dispatch, self._dispatch_since = ctx, now
@@ -353,9 +427,13 @@ class StdTLSProtocol(Protocol):
     offered_alpn: tuple[bytes, ...] = ()
     # Bytes of session tickets (TLS 1.3) waiting in the outgoing BIO for the first write, which takes them along.
     _held = 0
+    # A TLS 1.3 session ticket is to be made at the first write (the factory's deferred_tickets).
+    _ticket_due = False
 
-    def __init__(self, factory: "StdTLSFactory | StdTLSClientFactory", wrapped: Any) -> None:
+    def __init__(self, factory: "StdTLSFactory | StdTLSClientFactory", wrapped: Any, peer: Any = None) -> None:
         self.factory = factory
+        # The client's address, as the listener gave it to the factory (None: ask TCP).
+        self._peer = peer
         self.wrappedProtocol = wrapped
         self._incoming = incoming = ssl.MemoryBIO()
         self._outgoing = outgoing = ssl.MemoryBIO()
@@ -399,7 +477,8 @@ class StdTLSProtocol(Protocol):
             return
         self._lost = True
         self.disconnecting = True
-        self._cancel_timer()
+        if self._timer is not None:
+            self._cancel_timer()
         if not self._handshake_done:
             self.factory.handshake_failures += 1
         self.wrappedProtocol.connectionLost(reason)
@@ -429,7 +508,8 @@ class StdTLSProtocol(Protocol):
             self._fail()
             return
         self._handshake_done = True
-        self._cancel_timer()
+        if self._timer is not None:
+            self._cancel_timer()
         factory = self.factory
         factory.handshakes += 1
         tls = self._tls
@@ -439,6 +519,14 @@ class StdTLSProtocol(Protocol):
             if protocol == b"h2":
                 self._batch = []
         early, self._early = self._early, None
+        if factory.deferred_tickets and tls.version() == "TLSv1.3":
+            # No ticket was made at the end of the handshake: one is made at the first write (the response,
+            # HTTP/2's SETTINGS, close_notify) and goes out ahead of it. A client that leaves before any answer
+            # (openssl s_time) costs neither the ticket's encryption nor a send.
+            if not early:
+                self._ticket_due = True
+                return
+            new_session_ticket(tls)
         if early:
             for data in early:
                 tls.write(data)
@@ -538,7 +626,11 @@ class StdTLSProtocol(Protocol):
                 self.factory.clock.callLater(0, self._write_batch)
             self._batch.append(data)
             return
-        self._tls.write(data)
+        tls = self._tls
+        if self._ticket_due:
+            self._ticket_due = False
+            new_session_ticket(tls)
+        tls.write(data)
         write_now(self.transport, self._outgoing.read())
         self._held = 0
 
@@ -549,6 +641,9 @@ class StdTLSProtocol(Protocol):
         self._batch = []
         if self._lost or self._closing:
             return
+        if self._ticket_due:
+            self._ticket_due = False
+            new_session_ticket(self._tls)
         self._tls.write(batch[0] if len(batch) == 1 else b"".join(batch))
         write_now(self.transport, self._outgoing.read())
         self._held = 0
@@ -573,6 +668,15 @@ class StdTLSProtocol(Protocol):
             self.abortConnection()
             return
         self._closing = True
+        if self._ticket_due:
+            # The ticket goes out ahead of close_notify, as it would ahead of any first write (SSL_shutdown refuses
+            # while a ticket is due: SSL_do_handshake writes it).
+            self._ticket_due = False
+            if new_session_ticket(self._tls):
+                try:
+                    self._tls.do_handshake()
+                except (ssl.SSLError, ValueError):
+                    pass
         try:
             # SSL_shutdown: close_notify into the outgoing BIO (SSLObject.unwrap is this call).
             self._tls.shutdown()
@@ -615,7 +719,9 @@ class StdTLSProtocol(Protocol):
             timer.cancel()
 
     def getPeer(self) -> Any:
-        return self.transport.getPeer()
+        # The address the factory was given (TCP makes a new one per call).
+        peer = self._peer
+        return peer if peer is not None else self.transport.getPeer()
 
     def getHost(self) -> Any:
         return self.transport.getHost()
@@ -723,6 +829,7 @@ class StdTLSFactory(Factory):
         if problem is not None:
             self._log.warn("TLS policy: {problem}", problem=problem)
         self.new_tls = self.contexts.server_object
+        self.deferred_tickets = self.contexts.deferred_tickets
         # For /metrics: handshakes completed, and connections closed before theirs completed.
         self.handshakes = 0
         self.handshake_failures = 0
@@ -738,7 +845,7 @@ class StdTLSFactory(Factory):
         wrapped = self.wrappedFactory.buildProtocol(addr)
         if wrapped is None:
             return None
-        return StdTLSProtocol(self, wrapped)
+        return StdTLSProtocol(self, wrapped, addr)
 
     is_client = False
 
@@ -759,6 +866,7 @@ class StdTLSClientFactory(ClientFactory):
     is_client = True
     handshake_timer = True
     reads_alpn_offer = False
+    deferred_tickets = False
     _log = Logger()
 
     def __init__(

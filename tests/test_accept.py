@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_internals import fingerprint  # noqa: E402
+from test_reactor_read import Recorder  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll is Linux only")
 
@@ -34,22 +35,6 @@ def test_the_twisted_steps_it_writes_out_are_the_ones_it_was_written_from() -> N
     assert fingerprint(abstract.FileDescriptor.__init__) == "aa5a15c0c73aee75", "FileDescriptor.__init__ changed"
     assert fingerprint(tcp.Server.getHost) == "db4a19df1c61ed29", "tcp.Server.getHost changed"
     assert fingerprint(tcp._SocketCloser._closeSocket) == "950d183805824065", "_SocketCloser._closeSocket changed"
-
-
-class Recorder(Protocol):
-    def __init__(self, kept: list["Recorder"]) -> None:
-        self.kept = kept
-        self.received = b""
-        self.lost: list[Failure] = []
-
-    def connectionMade(self) -> None:
-        self.kept.append(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.lost.append(reason)
 
 
 class Ports:

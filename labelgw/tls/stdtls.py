@@ -144,11 +144,11 @@ def _libssl() -> Any:
 _LIB: Any = None
 
 
-def _ctx_control(ctx: ssl.SSLContext, command: int, larg: int, parg: Any) -> int | None:
-    """OpenSSL's C{SSL_CTX_ctrl} on a standard-library context; None when it could not be done safely.
+def _ctx_pointer(ctx: ssl.SSLContext) -> int | None:
+    """The SSL_CTX pointer of a standard-library context; None when it could not be found safely.
 
-    The SSL_CTX pointer is the first field after the object header of the ssl module's context object; it is
-    checked (the options OpenSSL reports must be the context's) before it is used.
+    It is the first field after the object header of the ssl module's context object; it is checked (the options
+    OpenSSL reports must be the context's) before it is used.
     """
     global _LIB
     try:
@@ -157,21 +157,18 @@ def _ctx_control(ctx: ssl.SSLContext, command: int, larg: int, parg: Any) -> int
         pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
         if not pointer or _LIB.SSL_CTX_get_options(pointer) != int(ctx.options):
             return None
-        return int(_LIB.SSL_CTX_ctrl(pointer, command, larg, parg))
+        return int(pointer)
     except (OSError, AttributeError, ValueError):
         return None
 
 
-def _ctx_pointer(ctx: ssl.SSLContext) -> int | None:
-    """The SSL_CTX of a standard-library context, checked as L{_ctx_control} checks it; None if not found."""
-    global _LIB
+def _ctx_control(ctx: ssl.SSLContext, command: int, larg: int, parg: Any) -> int | None:
+    """OpenSSL's C{SSL_CTX_ctrl} on a standard-library context; None when it could not be done safely."""
+    pointer = _ctx_pointer(ctx)
+    if pointer is None:
+        return None
     try:
-        if _LIB is None:
-            _LIB = _libssl()
-        pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
-        if not pointer or _LIB.SSL_CTX_get_options(pointer) != int(ctx.options):
-            return None
-        return int(pointer)
+        return int(_LIB.SSL_CTX_ctrl(pointer, command, larg, parg))
     except (OSError, AttributeError, ValueError):
         return None
 

@@ -57,7 +57,11 @@ def test_explain_prints_the_route_the_costs_and_the_choice_and_counts_nothing(la
     assert "route     api.localhost/api -> service api over http, prefix stripped; sent upstream as /users?id=7" in text
     assert "balancer  wrt: cost = latency estimate" in text
     chosen = [line for line in text.splitlines() if line.startswith("  -> ")]
-    assert len(chosen) == 1 and "cost 30" in chosen[0]
+    assert len(chosen) == 1
+    # The 30 ms default estimate, decayed (Peak EWMA, to now) over the moment between the dry pick and the read of
+    # the costs: 30 when they are read within ~0.2 ms, 29.999 on a loaded machine.
+    cost = float(chosen[0].split("cost", 1)[1].split()[0])
+    assert 29.99 <= cost <= 30.0, chosen[0]
     # Static backends are named after their service and address.
     assert sum(1 for line in text.splitlines() if line.startswith(("     api[127.0.0.1:", "  -> api[127.0.0.1:"))) == 2
     assert "answer    forwarded to api[127.0.0.1:" in text and "as /users?id=7" in text

@@ -101,6 +101,18 @@ class Wire:
         pass
 
 
+def handshake(client: ssl.SSLObject, server: Any, c_in: ssl.MemoryBIO, c_out: ssl.MemoryBIO, wire: "Wire") -> None:
+    """Drive a MemoryBIO client's handshake against a protocol `server` writing to `wire`, until the client is done."""
+    while True:
+        try:
+            client.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            pass
+        server.dataReceived(c_out.read())
+        c_in.write(wire.take())
+
+
 def client_context(tls12: bool) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
@@ -191,14 +203,7 @@ def make_loop(mode: str, tls12: bool, state: Path, sni: str | None = None) -> tu
             server = factory.buildProtocol(PEER)
             wire = Wire()
             server.makeConnection(wire)
-            while True:
-                try:
-                    client.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    pass
-                server.dataReceived(c_out.read())
-                c_in.write(wire.take())
+            handshake(client, server, c_in, c_out, wire)
             server.dataReceived(c_out.read())
             # s_time closes TCP without a close_notify.
             server.connectionLost(_DONE)
@@ -246,14 +251,7 @@ def keepalive_loop(state: Path, tls12: bool) -> tuple[Callable[[int], None], Cal
     server = factory.buildProtocol(PEER)
     wire = Wire()
     server.makeConnection(wire)
-    while True:
-        try:
-            client.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            pass
-        server.dataReceived(c_out.read())
-        c_in.write(wire.take())
+    handshake(client, server, c_in, c_out, wire)
     server.dataReceived(c_out.read())
 
     def loop(n: int) -> None:
@@ -305,14 +303,7 @@ def gateway_keepalive_loop(state: Path, tls12: bool) -> tuple[Callable[[int], No
     server = factory.buildProtocol(PEER)
     wire = Wire()
     server.makeConnection(wire)
-    while True:
-        try:
-            client.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            pass
-        server.dataReceived(c_out.read())
-        c_in.write(wire.take())
+    handshake(client, server, c_in, c_out, wire)
     client.write(request)
     server.dataReceived(c_out.read())
     upstream = harness.upstream().accept()

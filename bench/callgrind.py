@@ -24,21 +24,25 @@ HERE = Path(__file__).resolve().parent
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 
-def instructions(
-    requests: int, only: str, observability: str, python: str, without: str = "", middleware: bool = False
-) -> int:
+def callgrind_total(command: list[str]) -> int:
+    """The instruction total of `command` (a Python command line) run under valgrind's callgrind, with
+    PYTHONHASHSEED fixed so that repeated runs hash alike. The one runner of bench/'s in-process counters."""
     with tempfile.TemporaryDirectory() as tmp:
-        argv = [
-            "valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", python, str(HERE / "inprocess.py"),
-            "--only", only, "--runs", "1", "--requests", str(requests), "--observability", observability,
-            "--without", without, *(["--middleware"] if middleware else []),
-        ]
-        env = dict(os.environ, PYTHONHASHSEED="0")
-        done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", *command]
+        done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="0"), check=False)
         match = _COLLECTED.search(done.stderr)
         if done.returncode != 0 or match is None:
             raise SystemExit(f"callgrind run failed ({done.returncode}):\n{done.stdout}\n{done.stderr[-2000:]}")
         return int(match.group(1))
+
+
+def instructions(
+    requests: int, only: str, observability: str, python: str, without: str = "", middleware: bool = False
+) -> int:
+    return callgrind_total([
+        python, str(HERE / "inprocess.py"), "--only", only, "--runs", "1", "--requests", str(requests),
+        "--observability", observability, "--without", without, *(["--middleware"] if middleware else []),
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import re
 import ssl
 import subprocess
 import sys
@@ -50,7 +48,6 @@ from twisted.python.failure import Failure  # noqa: E402
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 HOST = IPv4Address("TCP", "127.0.0.1", 8443)
 _DONE = Failure(error.ConnectionDone("the client closed"))
-_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 
 class Wire:
@@ -509,18 +506,14 @@ class GCRecorder:
 
 
 def instructions(args: argparse.Namespace, handshakes: int) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", sys.executable, __file__,
-                "--mode", args.mode, "--handshakes", str(handshakes), *(["--state", args.state] if args.state else []),
-                *(["--tls12"] if args.tls12 else []),
-                *(["--sni", args.sni] if args.sni else []), *(["--keepalive"] if args.keepalive else []),
-                *(["--gateway"] if args.gateway else [])]
-        done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="0"),
-                              check=False)
-        match = _COLLECTED.search(done.stderr)
-        if done.returncode != 0 or match is None:
-            raise SystemExit(f"callgrind run failed ({done.returncode}):\n{done.stdout}\n{done.stderr[-2000:]}")
-        return int(match.group(1))
+    from callgrind import callgrind_total
+
+    return callgrind_total([
+        sys.executable, __file__, "--mode", args.mode, "--handshakes", str(handshakes),
+        *(["--state", args.state] if args.state else []), *(["--tls12"] if args.tls12 else []),
+        *(["--sni", args.sni] if args.sni else []), *(["--keepalive"] if args.keepalive else []),
+        *(["--gateway"] if args.gateway else []),
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 PARTS = ("log", "metrics", "ids", "json", "handoff")
 
 
@@ -113,16 +109,9 @@ def _work(part: str) -> Callable[[int], None]:
 
 
 def instructions(part: str, calls: int, python: str) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        argv = [
-            "valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", python, __file__, "--inner", part,
-            "--calls", str(calls),
-        ]
-        done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="0"), check=False)
-        match = _COLLECTED.search(done.stderr)
-        if done.returncode != 0 or match is None:
-            raise SystemExit(f"callgrind run failed ({done.returncode}):\n{done.stdout}\n{done.stderr[-2000:]}")
-        return int(match.group(1))
+    from callgrind import callgrind_total
+
+    return callgrind_total([python, __file__, "--inner", part, "--calls", str(calls)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,9 @@ import pytest
 import twisted
 from packaging.requirements import Requirement
 from packaging.version import Version
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol
+
+from support.handpair import connect_by_hand
 
 REPO = Path(__file__).resolve().parent.parent
 # The release lines these checks were last verified on. A new major line: run this module, read what failed.
@@ -209,18 +211,10 @@ def tcp_pair() -> Iterator[tuple[Any, Keep, Keep]]:
     from twisted.internet.selectreactor import SelectReactor
 
     reactor = SelectReactor()
-    servers: list[Keep] = []
-    clients: list[Keep] = []
-    port = reactor.listenTCP(0, Factory.forProtocol(lambda: Keep(servers)), interface="127.0.0.1")
-    reactor.connectTCP("127.0.0.1", port.getHost().port, ClientFactory.forProtocol(lambda: Keep(clients)))
-    for _ in range(200):
-        if servers and clients:
-            break
-        reactor.iterate(0.01)
-    assert servers and clients
-    yield reactor, servers[0], clients[0]
-    servers[0].transport.abortConnection()
-    clients[0].transport.abortConnection()
+    port, server, client = connect_by_hand(reactor, Keep)
+    yield reactor, server, client
+    server.transport.abortConnection()
+    client.transport.abortConnection()
     port.stopListening()
     for _ in range(5):
         reactor.iterate(0)

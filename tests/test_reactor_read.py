@@ -12,10 +12,11 @@ from typing import Any, Iterator
 
 import pytest
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 sys.path.insert(0, str(Path(__file__).parent))
+from support.handpair import connect_by_hand  # noqa: E402
 from test_internals import fingerprint  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll is Linux only")
@@ -56,17 +57,9 @@ def pair() -> Iterator[tuple[Any, Recorder, Recorder]]:
     from labelgw.cli.reactor import LeanEPollReactor
 
     reactor = LeanEPollReactor()
-    servers: list[Recorder] = []
-    clients: list[Recorder] = []
-    port = reactor.listenTCP(0, Factory.forProtocol(lambda: Recorder(servers)), interface="127.0.0.1")
-    reactor.connectTCP("127.0.0.1", port.getHost().port, ClientFactory.forProtocol(lambda: Recorder(clients)))
-    for _ in range(200):
-        if servers and clients:
-            break
-        reactor.iterate(0.01)
-    assert servers and clients
-    yield reactor, servers[0], clients[0]
-    for side in (servers[0], clients[0]):
+    port, server, client = connect_by_hand(reactor, Recorder)
+    yield reactor, server, client
+    for side in (server, client):
         if not side.lost:
             side.transport.abortConnection()
     port.stopListening()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -14,11 +15,43 @@ LOOPBACK = "127.0.0.1"
 HeaderPairs = list[tuple[str, str]]
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports handed out come from below the kernel's ephemeral range: a port chosen by binding to 0 lies inside it, and an
+# outgoing connection (this suite's clients, labelgw's upstream pool) could be given it as its source port between
+# the choice and the listen ("Address already in use", seen once in CI). Below the range only listeners compete,
+# and each is checked by a bind. Each process starts at its own place (pid) so concurrent suites rarely meet.
+_PORT_FLOOR = 15000
+_port_span = max(0, _ephemeral_low() - _PORT_FLOOR)
+_next_offset = (os.getpid() * 7919) % _port_span if _port_span else 0
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A port that was free a moment ago (bind to port 0 and release it)."""
+    """A port that was free a moment ago and lies outside the kernel's range for outgoing connections' source
+    ports (so only another listener can take it before the caller listens); never the same one twice per process."""
+    global _next_offset
+    for _ in range(_port_span):
+        port = _PORT_FLOOR + _next_offset
+        _next_offset = (_next_offset + 1) % _port_span
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def port_accepts(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:

@@ -63,6 +63,14 @@ def test_free_port_is_bindable() -> None:
         s.bind(("127.0.0.1", port))
 
 
+def test_free_port_stays_outside_outgoing_source_ports_and_never_repeats() -> None:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+        ephemeral_low = int(ranges.read().split()[0])
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(1024 <= port < ephemeral_low for port in ports)
+
+
 def test_http_get_overrides_host_and_keeps_duplicate_headers(echo_server: int) -> None:
     response = http_get(f"http://127.0.0.1:{echo_server}/p?q=1", host="api.localhost")
     assert response.status == 200

@@ -18,7 +18,7 @@ from labelgw.http.headers import upstream_request_head
 from labelgw.http.accesslog import debug_fields
 from labelgw.http.framing import LAST_CHUNK, encode_chunk, response_has_body
 from labelgw.http.parser import RequestHead, ResponseHead
-from labelgw.http.sides import ClientSide
+from labelgw.http.sides import ClientSide, WholeClientSide
 from labelgw.http.states import EXCHANGE_MOVES, ExchangeState, check_move, sources
 from labelgw.http.upstream import UpstreamConnection
 from labelgw.core.routes import Route
@@ -174,9 +174,20 @@ class Exchange:
     def start(self) -> None:
         if self.held:
             return
-        connection = self.gateway.pool.acquire(self.backend, self)
-        if connection is not None:
-            self._send_on(connection, self._started_at)
+        backend = self.backend
+        idle = backend.idle
+        if idle:
+            # UpstreamPool.acquire's common case written out (a call less per request): the most recently pooled
+            # connection, open, reusable and with nothing unread; any other case goes through acquire.
+            connection = idle[-1]
+            if connection.connected and connection.reusable and not connection.has_unread():
+                idle.pop()
+                connection.reused = True
+                self._send_on(connection, self._started_at)
+                return
+        pooled = self.gateway.pool.acquire(backend, self)
+        if pooled is not None:
+            self._send_on(pooled, self._started_at)
 
     def hold(self) -> None:
         """A middleware keeps the request waiting (a concurrency queue, a password check): it leaves its
@@ -517,7 +528,8 @@ class Exchange:
             # Canary analysis: the failed attempt counts against its version.
             self.gateway.canary.observe(self.route.service, backend, self.gateway.clock.seconds(), elapsed, failed)
 
-    def _complete(self, failed: bool, observe: bool = True) -> None:
+    def _complete(self, failed: bool, observe: bool = True, now: float | None = None) -> None:
+        """`now`: the clock's time, when the caller has just read it."""
         state = self.state
         if state is _DONE:
             return
@@ -533,7 +545,8 @@ class Exchange:
             backend.in_flight -= 1
         else:
             observe = False  # it never reached a backend
-        now = gateway.clock.seconds()
+        if now is None:
+            now = gateway.clock.seconds()
         if observe and state is not _TUNNEL:
             # Time to the response head: a long download or a WebSocket must not look like a slow backend.
             started = state is _RESPONDING
@@ -590,3 +603,39 @@ class Exchange:
             upstream = self.upstream
             if upstream is not None and upstream.connected:
                 upstream.transport.resumeProducing()
+
+
+class WholeExchange(Exchange):
+    """An exchange whose client side also takes a whole response in one call (HTTP/1.1's
+    ClientConnection.response_whole): a small response's head, body and end leave in one step, with one clock read
+    for its time to the head, the pooled connection's idle time and the end."""
+
+    __slots__ = ()
+    client: WholeClientSide
+
+    def response_whole(self, head: ResponseHead, connection: UpstreamConnection, body: bytes) -> None:
+        gateway = self.gateway
+        now = gateway.clock.seconds()
+        self._ttfb = now - self._started_at
+        status = self.status = head.status
+        if (
+            status < 500 and self.state is _WAITING and self.body_done and self.response_rules is None
+            and not gateway.debug_headers
+        ):
+            # _final_response's common case: no 5xx, the request body read, nothing added to the head but the
+            # version cookie (if any).
+            self.state = _RESPONDING
+            extra = self.response_extra
+        else:
+            extra = self._final_response(head, status)
+        self.bytes_out += len(body)
+        self.client.response_whole(head, self._client_close, extra, body)
+        if self.state is _RESPONDING:
+            upstream = self.upstream
+            if self._body_paused_by_upstream or self._upstream_paused_by_client:
+                self._unregister_producers()
+            if upstream is not None:
+                if not self.body_done:
+                    upstream.reusable = False
+                upstream.detach(now)
+            self._complete(self._gateway_error, True, now)

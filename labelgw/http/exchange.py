@@ -62,7 +62,7 @@ class Exchange:
     __slots__ = (
         "client", "gateway", "head", "route", "backend", "body_done", "_client_close", "_started_at", "created_at",
         "_head_bytes", "state", "upstream", "body_sent_upstream", "attempts", "_pending", "_pending_size",
-        "_body_paused_by_upstream", "_upstream_paused_by_client", "_ttfb", "_gateway_error", "version", "pinned",
+        "_body_paused_by_upstream", "_upstream_paused_by_client", "_ttfb", "version", "pinned",
         "response_extra", "hash_key", "fallback_reason", "held", "on_backend", "on_done", "body_limit", "response_rules", "status",
         "bytes_in", "bytes_out", "fail_cause", "client_gone", "error_message",
     )
@@ -76,7 +76,6 @@ class Exchange:
     _body_paused_by_upstream: bool
     _upstream_paused_by_client: bool
     _ttfb: float
-    _gateway_error: bool
     # The version this request goes to (services split by version), and the cookie line that makes it stick.
     version: str | None
     pinned: bool
@@ -118,11 +117,10 @@ class Exchange:
         self.upstream = None
         self.body_sent_upstream = False
         self.attempts = 1
+        # _pending_size is set with _pending (a list: request body bytes that wait for an upstream connection).
         self._pending = None
-        self._pending_size = 0
         self._body_paused_by_upstream = self._upstream_paused_by_client = False
         self._ttfb = 0.0
-        self._gateway_error = False
         self.version = None
         self.pinned = False
         self.response_extra = b""
@@ -337,6 +335,7 @@ class Exchange:
         elif upstream is None:
             if self._pending is None:
                 self._pending = []
+                self._pending_size = 0
             self._pending.append(data)
             self._pending_size += len(data)
             if self._pending_size > self.gateway.settings.pending_body_limit:
@@ -374,9 +373,9 @@ class Exchange:
             self._move(_RESPONDING)
         self.state = _RESPONDING
         if status >= 500:
+            # A 5xx counts against the backend (outlier ejection, latency penalty, as the exchange's end says:
+            # status >= 500), like Envoy's consecutive_5xx.
             self.backend.errors += 1
-            # A 5xx counts against the backend (outlier ejection, latency penalty), like Envoy's consecutive_5xx.
-            self._gateway_error = True
         if not self.body_done:
             # The upstream answered before the whole body arrived: the rest cannot be skipped safely.
             self._client_close = True
@@ -422,7 +421,7 @@ class Exchange:
                 if not self.body_done:
                     upstream.reusable = False
                 upstream.detach()
-            self._complete(self._gateway_error)
+            self._complete(self.status >= 500)
 
     response_chunk = response_data
 
@@ -443,7 +442,7 @@ class Exchange:
             if not self.body_done:
                 upstream.reusable = False
             upstream.detach()
-        self._complete(self._gateway_error)
+        self._complete(self.status >= 500)
 
     def upstream_failed(self, status: int, reason: str, retryable: bool = False) -> None:
         if self.finished:
@@ -638,4 +637,4 @@ class WholeExchange(Exchange):
                 if not self.body_done:
                     upstream.reusable = False
                 upstream.detach(now)
-            self._complete(self._gateway_error, True, now)
+            self._complete(self.status >= 500, True, now)

@@ -181,7 +181,13 @@ class Exchange:
             if connection.connected and connection.reusable and not connection.has_unread():
                 idle.pop()
                 connection.reused = True
-                self._send_on(connection, self._started_at)
+                if self.body_done and self.state is _CONNECTING:
+                    # _send_on's common case written out too: a request without a body (nothing pending) goes out.
+                    self.upstream = connection
+                    self.state = _WAITING
+                    connection.send(self, self._head_bytes, self.head.method == b"HEAD", False, self._started_at)
+                else:
+                    self._send_on(connection, self._started_at)
                 return
         pooled = self.gateway.pool.acquire(backend, self)
         if pooled is not None:

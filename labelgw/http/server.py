@@ -278,12 +278,6 @@ class ClientConnection(DataProtocol):
                     self.set_paused("pipeline", True)
                     return
                 buffer = self._buffer
-                first = buffer[0]
-                if first == 13 or first == 10:
-                    # RFC 9112 section 2.2: empty lines before a request line are ignored.
-                    buffer = self._buffer = buffer.lstrip(b"\r\n")
-                    if not buffer:
-                        return
                 try:
                     last = self._last_head
                     if last and buffer.startswith(last):
@@ -300,6 +294,13 @@ class ClientConnection(DataProtocol):
                             head = parse_request_lines(last[:-2])
                             self._last_fields = request_fields(head)
                     else:
+                        first = buffer[0]
+                        if first == 13 or first == 10:
+                            # RFC 9112 section 2.2: empty lines before a request line are ignored (a kept head
+                            # never starts with one).
+                            buffer = self._buffer = buffer.lstrip(b"\r\n")
+                            if not buffer:
+                                return
                         # Refuses at once a head over the size cap, or one ended by a bare LF (labelgw.http.framing).
                         end = find_head_end(buffer)
                         if end == -1:

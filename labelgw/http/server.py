@@ -225,13 +225,9 @@ class ClientConnection(DataProtocol):
 
     # Reading.
 
-    def dataReceived(self, data: bytes) -> None:
-        state = self.state
-        if state < _BODY:
-            # IDLE or HEAD: (more of) a request head.
-            self._buffer = self._buffer + data if self._buffer else data
-            self._process()
-        elif state is _RESPONSE:
+    def _data_in_exchange(self, state: ConnectionState, data: bytes) -> None:
+        """Bytes while an exchange is in progress (or the connection closes): body, pipelined, or tunnelled."""
+        if state is _RESPONSE:
             # Pipelined bytes while a response is pending: keep them and stop reading until it is done.
             self._buffer += data
             self.set_paused("pipeline", True)
@@ -270,6 +266,20 @@ class ClientConnection(DataProtocol):
         exchange.request_end()
 
     def _process(self) -> None:
+        """Parse and dispatch what the buffer holds: dataReceived with no new bytes."""
+        self.dataReceived(b"")
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self.state
+        if state >= _BODY:
+            self._data_in_exchange(state, data)
+            return
+        # IDLE or HEAD: (more of) a request head. The heads in the buffer are parsed and dispatched one at a time
+        # here (pipelined ones wait for the exchange before them): _process's loop, a call less per request.
+        if self._buffer:
+            self._buffer += data
+        else:
+            self._buffer = data
         self._processing = True
         try:
             while self.exchange is None and self._buffer and self.state < _CLOSING:

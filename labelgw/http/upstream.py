@@ -273,29 +273,17 @@ class UpstreamConnection(DataProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         mode = self._mode
-        if mode == _HEAD:
-            self._read_head(data)
-        elif mode == _BODY:
-            self._read_body(data)
-        else:
-            self._relay(data)
-        sink = self.sink
-        if sink is not None:
-            sink.flush()
-
-    def _relay(self, data: bytes) -> None:
-        """Bytes outside a response: a tunnel's, or unasked for."""
-        mode = self._mode
-        if mode == _TUNNEL:
+        if mode != _HEAD:
+            if mode == _BODY:
+                self._read_body(data)
+            else:
+                self._relay(data)
             sink = self.sink
             if sink is not None:
-                sink.tunnel_data(data)
-        elif mode == _IDLE:
-            # Bytes from an idle upstream connection: nothing asked for them.
-            self.discard()
-        # _ABORTED: what a connection we gave up on still delivers is dropped.
-
-    def _read_head(self, data: bytes) -> None:
+                sink.flush()
+            return
+        # The response head (and what came with it), read here rather than in a method of its own: a call less per
+        # response. Every way out that leaves a sink flushes it (the end of this upstream read).
         sink = self.sink
         if sink is None:
             return
@@ -323,6 +311,7 @@ class UpstreamConnection(DataProtocol):
                         end = find_head_end(buffer)
                         if end == -1:
                             self._buffer = buffer
+                            sink.flush()
                             return
                     # The head with its last line's CRLF.
                     head = parse_response_lines(buffer[: end + 2])
@@ -351,6 +340,7 @@ class UpstreamConnection(DataProtocol):
             sink.response_head(head, self)
             if buffer and self.sink is not None:
                 self.sink.tunnel_data(buffer)
+            self._flush_sink()
             return
         head_only = self.head_only
         if (
@@ -361,6 +351,8 @@ class UpstreamConnection(DataProtocol):
             self._mode = _IDLE
             self._reader = None
             sink.response_whole(head, self, buffer)
+            if self.sink is not None:
+                self.sink.flush()
             return
         reader = response_reader(head, head_only)
         if reader is None:
@@ -370,6 +362,7 @@ class UpstreamConnection(DataProtocol):
                 # A body (or anything) where none may be: the connection's framing cannot be trusted.
                 self.reusable = False
             self._finish()
+            self._flush_sink()
             return
         if reader.kind == UNTIL_CLOSE:
             self.reusable = False
@@ -385,6 +378,24 @@ class UpstreamConnection(DataProtocol):
         sink.response_head(head, self)
         if self.sink is not None:
             self._deliver(pieces, reader)
+        self._flush_sink()
+
+    def _flush_sink(self) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.flush()
+
+    def _relay(self, data: bytes) -> None:
+        """Bytes outside a response: a tunnel's, or unasked for."""
+        mode = self._mode
+        if mode == _TUNNEL:
+            sink = self.sink
+            if sink is not None:
+                sink.tunnel_data(data)
+        elif mode == _IDLE:
+            # Bytes from an idle upstream connection: nothing asked for them.
+            self.discard()
+        # _ABORTED: what a connection we gave up on still delivers is dropped.
 
     def _read_body(self, data: bytes) -> None:
         reader = self._reader

@@ -93,6 +93,10 @@ class WeightedResponseTime:
     """
 
     name = "wrt"
+    # Told of each failed request once the estimate has taken it in, and sets `backend.consecutive_failures` to 0
+    # on each success: outlier ejection (labelgw.control.outlier) without a wrapper's call per request. None:
+    # nobody listens (the counter is then 0 anyway: only the detector raises it).
+    failure_hook: Callable[[Backend], None] | None = None
 
     def __init__(
         self,
@@ -176,6 +180,8 @@ class WeightedResponseTime:
             # successes), without the builtin's call or, from the 34th on, the division (1 / 34 < 0.03 <= 1 / 33).
             self._successes = successes = self._successes + 1
             self._typical += (elapsed - self._typical) * (1.0 / successes if successes < 34 else 0.03)
+            # A success ends a run of failures (see failure_hook).
+            backend.consecutive_failures = 0
         # A lower sample, even the first one after the starting guess, only pulls with the time-based weight:
         # one lucky fast request must not make a backend the favourite of a whole service (in the simulator,
         # trusting first samples raised the p99 of 128-backend services by a third).
@@ -188,6 +194,10 @@ class WeightedResponseTime:
         # max(0.01, 1 / samples), the same way (1 / 100 is 0.01).
         self._samples = samples = self._samples + 1
         self._typical_estimate += (estimate - self._typical_estimate) * (1.0 / samples if samples < 100 else 0.01)
+        if failed:
+            hook = self.failure_hook
+            if hook is not None:
+                hook(backend)
 
     def on_ready(self, backend: Backend) -> None:
         """The backend (re)enters the ready set after an ejection or a failed health check: start it afresh."""

@@ -175,6 +175,10 @@ def dispatch(
             exchange.response_rules = ticket.response_rules  # as above
         else:
             ticket.bind(exchange)
+            if exchange.client is not side and type(exchange) is not Exchange:
+                # A response transform wrapped the client side (labelgw.middleware: compression, plugins): the
+                # response goes to it in the three steps every client side takes, not whole.
+                exchange.__class__ = Exchange
     return exchange
 
 

@@ -181,8 +181,9 @@ class Exchange:
             if connection.connected and connection.reusable and not connection.has_unread():
                 idle.pop()
                 connection.reused = True
-                if self.body_done and self.state is _CONNECTING:
-                    # _send_on's common case written out too: a request without a body (nothing pending) goes out.
+                if self.body_done and self._pending is None and self.state is _CONNECTING:
+                    # _send_on's common case written out too: a request whose body (if any) is not waiting here,
+                    # nor still to come, goes out as its head alone.
                     self.upstream = connection
                     self.state = _WAITING
                     connection.send(self, self._head_bytes, self.head.method == b"HEAD", False, self._started_at)

@@ -18,4 +18,3 @@ def test_inprocess_bench_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert module.main(["--requests", "50", "--runs", "1"]) == 0
     out = capsys.readouterr().out
     assert "GET, no body: 50 requests" in out and "POST, 5-byte body: 50 requests" in out
-

@@ -107,6 +107,50 @@ def test_a_success_resets_the_count() -> None:
     assert h.backend("c0").consecutive_failures == 4
 
 
+def _wrt(clock: Clock) -> Any:
+    return balancer.make_policy("wrt", clock.seconds, random.Random(3))
+
+
+def test_wrt_reports_failures_itself_with_one_call_per_request() -> None:
+    h = Harness(make_policy=_wrt)
+    # The wrapper's on_finish is the wrt policy's own: it resets the run on success and tells the detector of
+    # each failure through its hook.
+    assert h.pool.policy.on_finish == h.inner.on_finish
+    h.finish("c0", times=4)
+    assert h.backend("c0").consecutive_failures == 4
+    h.finish("c0", failed=False)
+    assert h.backend("c0").consecutive_failures == 0
+    h.finish("c0", times=4)
+    assert h.ready_keys() == ["c0", "c1"]
+    h.finish("c0")
+    assert h.ready_keys() == ["c1"]
+    assert h.backend("c0").ejections == 1
+    # The estimate took the failures in, as without the detector.
+    assert h.backend("c0").stats.failures == 9
+
+
+def test_a_wrt_policy_shared_by_two_services_keeps_the_wrapper() -> None:
+    clock = Clock()
+    shared = _wrt(clock)
+    changed: list[tuple[str, str]] = []
+    detector = OutlierDetector(clock, lambda pool, backend: changed.append((pool.name, backend.key)))
+    registry = Registry(policy_factory=lambda first: shared, listeners=[detector])
+    registry.apply("a0", spec("a0", service="api"))
+    registry.apply("a1", spec("a1", service="api", port=8001))
+    registry.apply("w0", spec("w0", service="web", port=8002))
+    registry.apply("w1", spec("w1", service="web", port=8003))
+    api, web = registry.services["api"], registry.services["web"]
+    # The first service's wrapper took the hook; the second calls through its own wrapper.
+    assert api.policy.on_finish == shared.on_finish
+    assert web.policy.on_finish != shared.on_finish
+    for _ in range(5):
+        web.policy.on_finish(web.backends["w0"], 0.01, True)
+    assert changed == [("web", "w0")]
+    for _ in range(5):
+        api.policy.on_finish(api.backends["a0"], 0.01, True)
+    assert changed == [("web", "w0"), ("api", "a0")]
+
+
 def test_readmitted_when_the_time_is_up_through_on_ready() -> None:
     h = Harness()
     h.finish("c0", times=5)

@@ -22,6 +22,7 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 
 from labelgw.core.backends import Backend, KeyedPolicy, Policy, ServicePool
+from labelgw.core.balancer import WeightedResponseTime
 
 __all__ = ["EjectingPolicy", "OutlierDetector"]
 
@@ -32,7 +33,7 @@ class EjectingPolicy:
     """A service's policy with outlier ejection added: `on_finish` also reports the outcome to the detector.
 
     `pick` and `on_start` are the inner policy's own bound methods: nothing added to the per-request cost of
-    selection."""
+    selection. So is `on_finish` over the default `wrt` policy, which reports failures through its failure_hook."""
 
     def __init__(self, inner: Policy, pool: ServicePool, detector: OutlierDetector) -> None:
         self.inner = inner
@@ -46,14 +47,23 @@ class EjectingPolicy:
         self._inner_finish = inner.on_finish
         self._pool = pool
         self._detector = detector
+        self.on_finish: Callable[[Backend, float, bool], None] = self._finish
+        if isinstance(inner, WeightedResponseTime) and inner.failure_hook is None:
+            # The default policy reports failures itself and resets the counter on success: its own on_finish is
+            # the whole of it (a call less per request). A policy object shared by services keeps the wrapper.
+            inner.failure_hook = self._failed
+            self.on_finish = inner.on_finish
 
-    def on_finish(self, backend: Backend, elapsed: float, failed: bool) -> None:
+    def _finish(self, backend: Backend, elapsed: float, failed: bool) -> None:
         self._inner_finish(backend, elapsed, failed)
         if failed:
             self._detector.observe(self._pool, backend, failed)
         else:
             # OutlierDetector.observe's answer to a success, without the call (this runs once per request).
             backend.consecutive_failures = 0
+
+    def _failed(self, backend: Backend) -> None:
+        self._detector.observe(self._pool, backend, True)
 
     def on_ready(self, backend: Backend) -> None:
         self.inner.on_ready(backend)

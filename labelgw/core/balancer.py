@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from math import exp as _exp
 from typing import Any, Callable, Sequence
 
 from labelgw.core.backends import Backend, Policy, RoundRobin
@@ -92,6 +93,10 @@ class WeightedResponseTime:
     """
 
     name = "wrt"
+    # Told of each failed request once the estimate has taken it in, and sets `backend.consecutive_failures` to 0
+    # on each success: outlier ejection (labelgw.control.outlier) without a wrapper's call per request. None:
+    # nobody listens (the counter is then 0 anyway: only the detector raises it).
+    failure_hook: Callable[[Backend], None] | None = None
 
     def __init__(
         self,
@@ -155,34 +160,44 @@ class WeightedResponseTime:
     def on_finish(self, backend: Backend, elapsed: float, failed: bool) -> None:
         now = self._clock()
         stats = backend.stats
-        if not isinstance(stats, WrtStats) or stats.owner is not self:
+        # Not isinstance: every policy's stats have an owner (as in _scan); this runs once per request.
+        if stats is None or stats.owner is not self:
             stats = self._adopt(backend, (), now)
         gap = now - stats.stamp
-        decay = math.exp(-gap / self.tau) if gap > 0 else 1.0
-        current = stats.estimate * decay
+        if gap > 0:
+            decay = _exp(-gap / self.tau)
+            current = stats.estimate * decay
+        else:
+            decay = 1.0
+            current = stats.estimate
         if failed:
             stats.failures += 1
             penalty = self.failure_penalty * max(current, self._typical)
             sample = max(elapsed, min(penalty, self.max_penalty))
         else:
             sample = elapsed
-            # Running mean over the first 32 successes, then an EWMA over about the last 32.
+            # Running mean over the first 32 successes, then an EWMA over about the last 32: max(0.03, 1 /
+            # successes), without the builtin's call or, from the 34th on, the division (1 / 34 < 0.03 <= 1 / 33).
             self._successes = successes = self._successes + 1
-            # max(0.03, 1 / successes), without the builtin's call: this runs once per request.
-            rate = 1.0 / successes
-            self._typical += (elapsed - self._typical) * (rate if rate > 0.03 else 0.03)
+            self._typical += (elapsed - self._typical) * (1.0 / successes if successes < 34 else 0.03)
+            # A success ends a run of failures (see failure_hook).
+            backend.consecutive_failures = 0
         # A lower sample, even the first one after the starting guess, only pulls with the time-based weight:
         # one lucky fast request must not make a backend the favourite of a whole service (in the simulator,
         # trusting first samples raised the p99 of 128-backend services by a third).
         if sample > current:
-            stats.estimate = sample
+            stats.estimate = estimate = sample
         else:
-            stats.estimate = current + sample * (1.0 - decay)
+            stats.estimate = estimate = current + sample * (1.0 - decay)
         stats.stamp = now
         stats.samples += 1
+        # max(0.01, 1 / samples), the same way (1 / 100 is 0.01).
         self._samples = samples = self._samples + 1
-        rate = 1.0 / samples
-        self._typical_estimate += (stats.estimate - self._typical_estimate) * (rate if rate > 0.01 else 0.01)
+        self._typical_estimate += (estimate - self._typical_estimate) * (1.0 / samples if samples < 100 else 0.01)
+        if failed:
+            hook = self.failure_hook
+            if hook is not None:
+                hook(backend)
 
     def on_ready(self, backend: Backend) -> None:
         """The backend (re)enters the ready set after an ejection or a failed health check: start it afresh."""

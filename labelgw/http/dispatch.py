@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 # Raw Host header -> normalised host name: the same few values arrive on every request.
 _HOSTS: dict[bytes, str] = {}
+# Request target -> its path to route on and target to forward (route_target: a pure function of the target, and
+# a refused one is never kept): a client's requests repeat a few targets. Targets up to 512 bytes, 4096 of them.
+_TARGETS: dict[bytes, tuple[str, bytes]] = {}
+_TARGET_KEPT = 512
 
 
 def _close(head: RequestHead) -> bool:
@@ -37,8 +41,11 @@ def _loopback(peer_ip: bytes) -> bool:
     return peer_ip.startswith(b"127.") or peer_ip in (b"::1", b"::ffff:127.0.0.1") or peer_ip.startswith(b"::ffff:127.")
 
 
-def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchange | None:
-    """The exchange that will serve `head` (not started yet), or None after `side` answered it itself."""
+def dispatch(
+    gateway: "Gateway", head: RequestHead, side: RequestSide, make: type[Exchange] = Exchange
+) -> Exchange | None:
+    """The exchange that will serve `head` (not started yet), or None after `side` answered it itself. `make`: the
+    exchange's class (HTTP/1.1's client side takes a whole response in one call: WholeExchange)."""
     trusted = gateway.trusted_proxies
     if trusted is not None:
         # --trusted-proxies: the client is the last untrusted X-Forwarded-For hop (labelgw.middleware.access).
@@ -56,13 +63,21 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
     else:
         host = ""
     # Routed on the path's normal form, forwarded without dot segments; or refused (labelgw.core.paths).
-    try:
-        path, target = route_target(head.target)
-    except PathRefused as error:
-        if gateway.metrics is not None:
-            gateway.metrics.refused(None, None, head.method, 400)
-        side.refuse(400, error.reason, _close(head))
-        return None
+    raw_target = head.target
+    routed = _TARGETS.get(raw_target)
+    if routed is None:
+        try:
+            routed = route_target(raw_target)
+        except PathRefused as error:
+            if gateway.metrics is not None:
+                gateway.metrics.refused(None, None, head.method, 400)
+            side.refuse(400, error.reason, _close(head))
+            return None
+        if len(raw_target) <= _TARGET_KEPT:
+            if len(_TARGETS) >= 4096:
+                _TARGETS.clear()
+            _TARGETS[raw_target] = routed
+    path, target = routed
     head.target = target
     # ACME HTTP-01 validations of labelgw's own orders, before routing and the HTTPS redirect (labelgw.tls.acme_http).
     # (The second character first: one comparison for nearly every path.)
@@ -119,10 +134,10 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
         backend = service.policy.pick(service.ready)
         if backend is not None:
             if ticket is None:
-                return Exchange(side, gateway, head, route, backend)
+                return make(side, gateway, head, route, backend)
             if ticket.plain:
                 # Pass.bind's common case written out (a call less per request): only the response rules to set.
-                exchange = Exchange(side, gateway, head, route, backend)
+                exchange = make(side, gateway, head, route, backend)
                 exchange.response_rules = ticket.response_rules
                 return exchange
         version, cookie, pinned, key = None, b"", False, None
@@ -148,7 +163,7 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
             gateway.metrics.refused(service.name, version, head.method, 503, "no_ready_backend")
         side.refuse(503, f"service {service.name!r} has no ready backend{what}", _close(head), b"Retry-After: 1\r\n")
         return None
-    exchange = Exchange(side, gateway, head, route, backend)
+    exchange = make(side, gateway, head, route, backend)
     if key is not None:
         exchange.hash_key = key  # a retry is placed by the same key
     if version is not None:
@@ -160,6 +175,10 @@ def dispatch(gateway: "Gateway", head: RequestHead, side: RequestSide) -> Exchan
             exchange.response_rules = ticket.response_rules  # as above
         else:
             ticket.bind(exchange)
+            if exchange.client is not side and type(exchange) is not Exchange:
+                # A response transform wrapped the client side (labelgw.middleware: compression, plugins): the
+                # response goes to it in the three steps every client side takes, not whole.
+                exchange.__class__ = Exchange
     return exchange
 
 

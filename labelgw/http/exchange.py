@@ -18,7 +18,7 @@ from labelgw.http.headers import upstream_request_head
 from labelgw.http.accesslog import debug_fields
 from labelgw.http.framing import LAST_CHUNK, encode_chunk, response_has_body
 from labelgw.http.parser import RequestHead, ResponseHead
-from labelgw.http.sides import ClientSide
+from labelgw.http.sides import ClientSide, WholeClientSide
 from labelgw.http.states import EXCHANGE_MOVES, ExchangeState, check_move, sources
 from labelgw.http.upstream import UpstreamConnection
 from labelgw.core.routes import Route
@@ -62,7 +62,7 @@ class Exchange:
     __slots__ = (
         "client", "gateway", "head", "route", "backend", "body_done", "_client_close", "_started_at", "created_at",
         "_head_bytes", "state", "upstream", "body_sent_upstream", "attempts", "_pending", "_pending_size",
-        "_body_paused_by_upstream", "_upstream_paused_by_client", "_ttfb", "_gateway_error", "version", "pinned",
+        "_body_paused_by_upstream", "_upstream_paused_by_client", "_ttfb", "version", "pinned",
         "response_extra", "hash_key", "fallback_reason", "held", "on_backend", "on_done", "body_limit", "response_rules", "status",
         "bytes_in", "bytes_out", "fail_cause", "client_gone", "error_message",
     )
@@ -76,7 +76,6 @@ class Exchange:
     _body_paused_by_upstream: bool
     _upstream_paused_by_client: bool
     _ttfb: float
-    _gateway_error: bool
     # The version this request goes to (services split by version), and the cookie line that makes it stick.
     version: str | None
     pinned: bool
@@ -118,11 +117,10 @@ class Exchange:
         self.upstream = None
         self.body_sent_upstream = False
         self.attempts = 1
+        # _pending_size is set with _pending (a list: request body bytes that wait for an upstream connection).
         self._pending = None
-        self._pending_size = 0
         self._body_paused_by_upstream = self._upstream_paused_by_client = False
         self._ttfb = 0.0
-        self._gateway_error = False
         self.version = None
         self.pinned = False
         self.response_extra = b""
@@ -174,9 +172,27 @@ class Exchange:
     def start(self) -> None:
         if self.held:
             return
-        connection = self.gateway.pool.acquire(self.backend, self)
-        if connection is not None:
-            self._send_on(connection, self._started_at)
+        backend = self.backend
+        idle = backend.idle
+        if idle:
+            # UpstreamPool.acquire's common case written out (a call less per request): the most recently pooled
+            # connection, open, reusable and with nothing unread; any other case goes through acquire.
+            connection = idle[-1]
+            if connection.connected and connection.reusable and not connection.has_unread():
+                idle.pop()
+                connection.reused = True
+                if self.body_done and self._pending is None and self.state is _CONNECTING:
+                    # _send_on's common case written out too: a request whose body (if any) is not waiting here,
+                    # nor still to come, goes out as its head alone.
+                    self.upstream = connection
+                    self.state = _WAITING
+                    connection.send(self, self._head_bytes, self.head.method == b"HEAD", False, self._started_at)
+                else:
+                    self._send_on(connection, self._started_at)
+                return
+        pooled = self.gateway.pool.acquire(backend, self)
+        if pooled is not None:
+            self._send_on(pooled, self._started_at)
 
     def hold(self) -> None:
         """A middleware keeps the request waiting (a concurrency queue, a password check): it leaves its
@@ -326,6 +342,7 @@ class Exchange:
         elif upstream is None:
             if self._pending is None:
                 self._pending = []
+                self._pending_size = 0
             self._pending.append(data)
             self._pending_size += len(data)
             if self._pending_size > self.gateway.settings.pending_body_limit:
@@ -363,9 +380,9 @@ class Exchange:
             self._move(_RESPONDING)
         self.state = _RESPONDING
         if status >= 500:
+            # A 5xx counts against the backend (outlier ejection, latency penalty, as the exchange's end says:
+            # status >= 500), like Envoy's consecutive_5xx.
             self.backend.errors += 1
-            # A 5xx counts against the backend (outlier ejection, latency penalty), like Envoy's consecutive_5xx.
-            self._gateway_error = True
         if not self.body_done:
             # The upstream answered before the whole body arrived: the rest cannot be skipped safely.
             self._client_close = True
@@ -411,7 +428,7 @@ class Exchange:
                 if not self.body_done:
                     upstream.reusable = False
                 upstream.detach()
-            self._complete(self._gateway_error)
+            self._complete(self.status >= 500)
 
     response_chunk = response_data
 
@@ -432,7 +449,7 @@ class Exchange:
             if not self.body_done:
                 upstream.reusable = False
             upstream.detach()
-        self._complete(self._gateway_error)
+        self._complete(self.status >= 500)
 
     def upstream_failed(self, status: int, reason: str, retryable: bool = False) -> None:
         if self.finished:
@@ -517,7 +534,8 @@ class Exchange:
             # Canary analysis: the failed attempt counts against its version.
             self.gateway.canary.observe(self.route.service, backend, self.gateway.clock.seconds(), elapsed, failed)
 
-    def _complete(self, failed: bool, observe: bool = True) -> None:
+    def _complete(self, failed: bool, observe: bool = True, now: float | None = None) -> None:
+        """`now`: the clock's time, when the caller has just read it."""
         state = self.state
         if state is _DONE:
             return
@@ -533,7 +551,8 @@ class Exchange:
             backend.in_flight -= 1
         else:
             observe = False  # it never reached a backend
-        now = gateway.clock.seconds()
+        if now is None:
+            now = gateway.clock.seconds()
         if observe and state is not _TUNNEL:
             # Time to the response head: a long download or a WebSocket must not look like a slow backend.
             started = state is _RESPONDING
@@ -590,3 +609,39 @@ class Exchange:
             upstream = self.upstream
             if upstream is not None and upstream.connected:
                 upstream.transport.resumeProducing()
+
+
+class WholeExchange(Exchange):
+    """An exchange whose client side also takes a whole response in one call (HTTP/1.1's
+    ClientConnection.response_whole): a small response's head, body and end leave in one step, with one clock read
+    for its time to the head, the pooled connection's idle time and the end."""
+
+    __slots__ = ()
+    client: WholeClientSide
+
+    def response_whole(self, head: ResponseHead, connection: UpstreamConnection, body: bytes) -> None:
+        gateway = self.gateway
+        now = gateway.clock.seconds()
+        self._ttfb = now - self._started_at
+        status = self.status = head.status
+        if (
+            status < 500 and self.state is _WAITING and self.body_done and self.response_rules is None
+            and not gateway.debug_headers
+        ):
+            # _final_response's common case: no 5xx, the request body read, nothing added to the head but the
+            # version cookie (if any).
+            self.state = _RESPONDING
+            extra = self.response_extra
+        else:
+            extra = self._final_response(head, status)
+        self.bytes_out += len(body)
+        self.client.response_whole(head, self._client_close, extra, body)
+        if self.state is _RESPONDING:
+            upstream = self.upstream
+            if self._body_paused_by_upstream or self._upstream_paused_by_client:
+                self._unregister_producers()
+            if upstream is not None:
+                if not self.body_done:
+                    upstream.reusable = False
+                upstream.detach(now)
+            self._complete(self.status >= 500, True, now)

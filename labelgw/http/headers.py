@@ -82,16 +82,19 @@ def upstream_request_head(
 _SENT_WITH_LENGTH = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
-def client_response_head(response: ResponseHead, framing: bytes, close: bool, upgrade: bool = False) -> bytes:
+def client_response_head(
+    response: ResponseHead, framing: bytes, close: bool, upgrade: bool = False, body: bytes = b""
+) -> bytes:
     """The response head labelgw sends the client. `framing` is the Content-Length or Transfer-Encoding line
-    labelgw chose; hop-by-hop fields and those the upstream named in Connection are removed."""
+    labelgw chose; hop-by-hop fields and those the upstream named in Connection are removed. `body`: bytes that
+    follow the head in the same send (a whole response's body), joined to it here."""
     reason = response.status_line[9:]
     forward = response.forward
     if forward is not None and not upgrade:
         # Nearly every response: one join.
         return b"".join((
             b"HTTP/1.1 ", reason, b"\r\n" if len(reason) > 3 else b" \r\n", forward, framing,
-            b"Connection: close\r\n\r\n" if close else b"\r\n",
+            b"Connection: close\r\n\r\n" if close else b"\r\n", body,
         ))
     parts = [b"HTTP/1.1 " + (reason if len(reason) > 3 else reason + b" ") + b"\r\n"]
     if forward is not None:
@@ -114,6 +117,7 @@ def client_response_head(response: ResponseHead, framing: bytes, close: bool, up
         parts.append(b"Connection: close\r\n\r\n")
     else:
         parts.append(b"\r\n")
+    parts.append(body)
     return b"".join(parts)
 
 

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from labelgw.http.dispatch import dispatch
-from labelgw.http.exchange import Exchange
+from labelgw.http.exchange import Exchange, WholeExchange
 from labelgw.http.fastwrite import write_now
 from labelgw.http.headers import client_response_head, error_response
 from labelgw.http.framing import (
@@ -152,8 +152,9 @@ class ClientConnection(DataProtocol):
         self._out: list[bytes] = []
         self._chunked = False
         self._close_after = False
-        # The last request head this connection parsed, as bytes and as parsed (b"": none yet, never matched).
-        self._last_raw = b""
+        # The last request head this connection parsed, as bytes (blank line included) and as parsed (b"": none
+        # yet, never matched).
+        self._last_head = b""
         self._last_fields: RequestFields | None = None
 
     def _move(self, new: ConnectionState) -> None:
@@ -224,13 +225,9 @@ class ClientConnection(DataProtocol):
 
     # Reading.
 
-    def dataReceived(self, data: bytes) -> None:
-        state = self.state
-        if state < _BODY:
-            # IDLE or HEAD: (more of) a request head.
-            self._buffer = self._buffer + data if self._buffer else data
-            self._process()
-        elif state is _RESPONSE:
+    def _data_in_exchange(self, state: ConnectionState, data: bytes) -> None:
+        """Bytes while an exchange is in progress (or the connection closes): body, pipelined, or tunnelled."""
+        if state is _RESPONSE:
             # Pipelined bytes while a response is pending: keep them and stop reading until it is done.
             self._buffer += data
             self.set_paused("pipeline", True)
@@ -269,6 +266,20 @@ class ClientConnection(DataProtocol):
         exchange.request_end()
 
     def _process(self) -> None:
+        """Parse and dispatch what the buffer holds: dataReceived with no new bytes."""
+        self.dataReceived(b"")
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self.state
+        if state >= _BODY:
+            self._data_in_exchange(state, data)
+            return
+        # IDLE or HEAD: (more of) a request head. The heads in the buffer are parsed and dispatched one at a time
+        # here (pipelined ones wait for the exchange before them): _process's loop, a call less per request.
+        if self._buffer:
+            self._buffer += data
+        else:
+            self._buffer = data
         self._processing = True
         try:
             while self.exchange is None and self._buffer and self.state < _CLOSING:
@@ -277,40 +288,46 @@ class ClientConnection(DataProtocol):
                     self.set_paused("pipeline", True)
                     return
                 buffer = self._buffer
-                first = buffer[0]
-                if first == 13 or first == 10:
-                    # RFC 9112 section 2.2: empty lines before a request line are ignored.
-                    buffer = self._buffer = buffer.lstrip(b"\r\n")
-                    if not buffer:
-                        return
                 try:
-                    # Refuses at once a head over the size cap, or one ended by a bare LF (labelgw.http.framing).
-                    end = find_head_end(buffer)
-                    if end == -1:
-                        if self.state is _IDLE:
-                            # A head that does not arrive whole gets an absolute deadline (slow clients).
-                            self._move(_HEAD)
-                            self._head_started = self.gateway.clock.seconds()
-                            self._rearm(self.gateway.settings.head_timeout)
-                        return
-                    last = self._last_raw
-                    if end + 2 == len(last) and buffer.startswith(last):
-                        # The same head as the last request's (keep-alive clients repeat themselves).
+                    last = self._last_head
+                    # (`==` first: a read that holds just the head, the common case, is compared without the
+                    # argument parsing of a startswith call.)
+                    if buffer == last or last and buffer.startswith(last):
+                        # The same head as the last request's, its blank line included (keep-alive clients repeat
+                        # themselves): it ends where that one did (its first CRLFCRLF, within the size cap), and it
+                        # parses as that one did.
+                        end = len(last) - 4
                         fields = self._last_fields
                         if fields is not None:
                             head = request_from(fields)
                         else:
                             # Seen twice in a row: its parse is kept from now on (dispatch and middlewares change
                             # the head itself, never the fields).
-                            head = parse_request_lines(last)
+                            head = parse_request_lines(last[:-2])
                             self._last_fields = request_fields(head)
                     else:
-                        # The head with its last line's CRLF: the parser needs no copy of it.
-                        raw = buffer[: end + 2]
-                        head = parse_request_lines(raw)
+                        first = buffer[0]
+                        if first == 13 or first == 10:
+                            # RFC 9112 section 2.2: empty lines before a request line are ignored (a kept head
+                            # never starts with one).
+                            buffer = self._buffer = buffer.lstrip(b"\r\n")
+                            if not buffer:
+                                return
+                        # Refuses at once a head over the size cap, or one ended by a bare LF (labelgw.http.framing).
+                        end = find_head_end(buffer)
+                        if end == -1:
+                            if self.state is _IDLE:
+                                # A head that does not arrive whole gets an absolute deadline (slow clients).
+                                self._move(_HEAD)
+                                self._head_started = self.gateway.clock.seconds()
+                                self._rearm(self.gateway.settings.head_timeout)
+                            return
+                        # The head with its last line's CRLF.
+                        head = parse_request_lines(buffer[: end + 2])
                         if end < MAX_REMEMBERED_HEAD:
-                            # Only the bytes: a head that never comes again costs no more than this store.
-                            self._last_raw, self._last_fields = raw, None
+                            # Only the bytes (the buffer itself when it holds just this head): a head that never
+                            # comes again costs no more than this store.
+                            self._last_head, self._last_fields = buffer[: end + 4], None
                 except HttpError as error:
                     self.send_error(error.status, error.reason, close=True)
                     return
@@ -319,7 +336,7 @@ class ClientConnection(DataProtocol):
                 # _dispatch's common case (no body) written out: a call less per request.
                 self._request = head
                 # Route lookup, redirect, 404/503, version choice: labelgw.http.dispatch, shared with HTTP/2.
-                exchange = dispatch(self.gateway, head, self)
+                exchange = dispatch(self.gateway, head, self, WholeExchange)
                 if exchange is None:
                     continue
                 # The framing decision (labelgw.http.framing): None, with no object made, for the common request
@@ -417,6 +434,34 @@ class ClientConnection(DataProtocol):
             framing += extra
         # Held until flush (the end of this upstream read): head and body then leave in one send.
         self._out.append(client_response_head(head, framing, close or self.draining))
+
+    def response_whole(self, head: ResponseHead, close: bool, extra: bytes, body: bytes) -> None:
+        """A final response whose whole body came with its head (WholeExchange.response_whole), framed by its
+        length: what response_head, response_data and response_end do, head and body joined in one send."""
+        if self._out:
+            # Something is held already (not on the common path): the three steps keep the order.
+            self.response_head(head, True, close, extra)
+            self._out.append(body)
+            self.response_end()
+            return
+        length = len(body)
+        framing = _LENGTH_LINES.get(length)
+        if framing is None:
+            framing = b"Content-Length: %d\r\n" % length
+            if len(_LENGTH_LINES) < 4096:
+                _LENGTH_LINES[length] = framing
+        if extra:
+            framing += extra
+        forward = head.forward
+        if forward is None:
+            write_now(self.transport, client_response_head(head, framing, close or self.draining, False, body))
+            return
+        # client_response_head's common case (a head the parser cut) written out: a call less per request.
+        reason = head.status_line[9:]
+        write_now(self.transport, b"".join((
+            b"HTTP/1.1 ", reason, b"\r\n" if len(reason) > 3 else b" \r\n", forward, framing,
+            b"Connection: close\r\n\r\n" if close or self.draining else b"\r\n", body,
+        )))
 
     def response_data(self, data: bytes) -> None:
         self._out.append(encode_chunk(data) if self._chunked else data)

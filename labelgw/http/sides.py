@@ -78,3 +78,11 @@ class RequestSide(ClientSide, Protocol):
 
     def refuse(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:
         """Answer the current request with labelgw's own response (308, 404, 503) and go on (or close)."""
+
+
+class WholeClientSide(ClientSide, Protocol):
+    """A client side that also takes a whole small response in one call (HTTP/1.1: labelgw.http.server)."""
+
+    def response_whole(self, head: ResponseHead, close: bool, extra: bytes, body: bytes) -> None:
+        """A final response whose whole body (framed by its length) came with its head: response_head (a body
+        follows), response_data and response_end in one call."""

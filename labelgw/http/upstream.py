@@ -93,8 +93,9 @@ class UpstreamConnection(DataProtocol):
         # The one timer (None: none pending) and when it fires, kept here: re-arming costs no DelayedCall calls.
         self._timer: Any = None
         self._timer_at = 0.0
-        # The last response head this connection parsed, as bytes and as parsed (b"": none yet, never matched).
-        self._last_raw = b""
+        # The last response head this connection parsed, as bytes (blank line included) and as parsed (b"": none
+        # yet, never matched).
+        self._last_head = b""
         self._last_fields: ResponseFields | None = None
         # The plain TCP transport whose socket has_unread polls (None: none, or not a tcp.Client), set in the
         # instance: read once per request.
@@ -183,8 +184,9 @@ class UpstreamConnection(DataProtocol):
         if self.connected:
             self.transport.abortConnection()
 
-    def detach(self) -> None:
-        """The exchange is done with this connection after a complete response: pool it or close it."""
+    def detach(self, now: float | None = None) -> None:
+        """The exchange is done with this connection after a complete response: pool it or close it. `now`: the
+        clock's time, when the caller has just read it."""
         self.sink = None
         self._mode = _IDLE
         # UpstreamPool.release's common case written out (a call less per request): back to the idle list, the
@@ -194,7 +196,9 @@ class UpstreamConnection(DataProtocol):
         settings = pool.settings
         if self.reusable and self.connected and backend.ready and len(backend.idle) < settings.max_idle_per_backend:
             backend.idle.append(self)
-            self._idle_since = now = pool.clock.seconds()
+            if now is None:
+                now = pool.clock.seconds()
+            self._idle_since = now
             limit = settings.upstream_idle_timeout
             if self._timer is None or self._timer_at > now + limit:
                 pool.release_timer(self, now, limit)
@@ -269,29 +273,17 @@ class UpstreamConnection(DataProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         mode = self._mode
-        if mode == _HEAD:
-            self._read_head(data)
-        elif mode == _BODY:
-            self._read_body(data)
-        else:
-            self._relay(data)
-        sink = self.sink
-        if sink is not None:
-            sink.flush()
-
-    def _relay(self, data: bytes) -> None:
-        """Bytes outside a response: a tunnel's, or unasked for."""
-        mode = self._mode
-        if mode == _TUNNEL:
+        if mode != _HEAD:
+            if mode == _BODY:
+                self._read_body(data)
+            else:
+                self._relay(data)
             sink = self.sink
             if sink is not None:
-                sink.tunnel_data(data)
-        elif mode == _IDLE:
-            # Bytes from an idle upstream connection: nothing asked for them.
-            self.discard()
-        # _ABORTED: what a connection we gave up on still delivers is dropped.
-
-    def _read_head(self, data: bytes) -> None:
+                sink.flush()
+            return
+        # The response head (and what came with it), read here rather than in a method of its own: a call less per
+        # response. Every way out that leaves a sink flushes it (the end of this upstream read).
         sink = self.sink
         if sink is None:
             return
@@ -299,31 +291,33 @@ class UpstreamConnection(DataProtocol):
         buffer = self._buffer + data if self._buffer else data
         while True:
             try:
-                end = buffer.find(b"\r\n\r\n")
-                if end == -1 or end + 4 > MAX_HEAD_BYTES:
-                    # Refuses a head over the size cap, or one ended by a bare LF (labelgw.http.framing).
-                    end = find_head_end(buffer)
-                    if end == -1:
-                        self._buffer = buffer
-                        return
-                last = self._last_raw
-                if end + 2 == len(last) and buffer.startswith(last):
-                    # The same head as the last response's (a keep-alive backend repeats itself).
+                last = self._last_head
+                if last and buffer.startswith(last):
+                    # The same head as the last response's, its blank line included (a keep-alive backend repeats
+                    # itself): it ends where that one did, and it parses as that one did.
+                    end = len(last) - 4
                     fields = self._last_fields
                     if fields is not None:
                         head = response_from(fields)
                     else:
                         # Seen twice in a row: its parse is kept from now on (header rules change the head itself,
                         # never the fields).
-                        head = parse_response_lines(last)
+                        head = parse_response_lines(last[:-2])
                         self._last_fields = response_fields(head)
                 else:
-                    # The head with its last line's CRLF: the parser needs no copy of it.
-                    raw = buffer[: end + 2]
-                    head = parse_response_lines(raw)
+                    end = buffer.find(b"\r\n\r\n")
+                    if end == -1 or end + 4 > MAX_HEAD_BYTES:
+                        # Refuses a head over the size cap, or one ended by a bare LF (labelgw.http.framing).
+                        end = find_head_end(buffer)
+                        if end == -1:
+                            self._buffer = buffer
+                            sink.flush()
+                            return
+                    # The head with its last line's CRLF.
+                    head = parse_response_lines(buffer[: end + 2])
                     if end < MAX_REMEMBERED_HEAD:
                         # Only the bytes: a head that never comes again costs no more than this store.
-                        self._last_raw, self._last_fields = raw, None
+                        self._last_head, self._last_fields = buffer[: end + 4], None
             except HttpError as error:
                 self._fail(502, error.reason)
                 return
@@ -346,6 +340,7 @@ class UpstreamConnection(DataProtocol):
             sink.response_head(head, self)
             if buffer and self.sink is not None:
                 self.sink.tunnel_data(buffer)
+            self._flush_sink()
             return
         head_only = self.head_only
         if (
@@ -356,6 +351,8 @@ class UpstreamConnection(DataProtocol):
             self._mode = _IDLE
             self._reader = None
             sink.response_whole(head, self, buffer)
+            if self.sink is not None:
+                self.sink.flush()
             return
         reader = response_reader(head, head_only)
         if reader is None:
@@ -365,6 +362,7 @@ class UpstreamConnection(DataProtocol):
                 # A body (or anything) where none may be: the connection's framing cannot be trusted.
                 self.reusable = False
             self._finish()
+            self._flush_sink()
             return
         if reader.kind == UNTIL_CLOSE:
             self.reusable = False
@@ -380,6 +378,24 @@ class UpstreamConnection(DataProtocol):
         sink.response_head(head, self)
         if self.sink is not None:
             self._deliver(pieces, reader)
+        self._flush_sink()
+
+    def _flush_sink(self) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.flush()
+
+    def _relay(self, data: bytes) -> None:
+        """Bytes outside a response: a tunnel's, or unasked for."""
+        mode = self._mode
+        if mode == _TUNNEL:
+            sink = self.sink
+            if sink is not None:
+                sink.tunnel_data(data)
+        elif mode == _IDLE:
+            # Bytes from an idle upstream connection: nothing asked for them.
+            self.discard()
+        # _ABORTED: what a connection we gave up on still delivers is dropped.
 
     def _read_body(self, data: bytes) -> None:
         reader = self._reader

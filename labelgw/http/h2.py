@@ -401,7 +401,27 @@ class H2Stream:
             if not body or length == 0:
                 if self._send_headers(_NO_FIELDS, True, block):
                     self._sent_all()
-            elif self._send_headers(_NO_FIELDS, False, block):
+                return
+            owner = self.owner
+            conn = owner.conn
+            machine = self._lib.state_machine
+            if (machine.state is _LIB_HALF_CLOSED_REMOTE and not machine.headers_sent and owner.state is not _CLOSED
+                    and not self.gone and conn.state_machine.state is not _CONNECTION_CLOSED):
+                # send_headers_frames' common case written out: the whole request is in (half-closed remote), a
+                # final head, one frame. HEADERS leave with the first DATA, at the flush that ends this read.
+                size = len(block)
+                # (Room for a size update owed to the client: one byte, labelgw.http.hpack.Encoder.prefix.)
+                if size < conn.max_outbound_frame_size:
+                    machine.headers_sent = True
+                    encoder = conn.encoder
+                    if encoder._size_update:  # type: ignore[attr-defined]
+                        block = encoder.prefix() + block  # type: ignore[attr-defined]
+                        size = len(block)
+                    conn._data_to_send += _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, _HEADERS_FRAME, _END_HEADERS, self.stream_id) + block
+                    # WAITING -> SENDING (states.STREAM_MOVES).
+                    self.state = _SENDING
+                    return
+            if self._send_headers(_NO_FIELDS, False, block):
                 self._move(_SENDING)
             return
         fields = [(b":status", b"%d" % head.status)]
@@ -422,8 +442,13 @@ class H2Stream:
     def response_data(self, data: bytes) -> None:
         if data and self.state is _SENDING:
             self._queue.append(data)
-            self._queued += len(data)
-            self.owner.queued_more(len(data))
+            size = len(data)
+            self._queued += size
+            owner = self.owner
+            # queued_more, its common case written out (the connection's bound not reached).
+            queued = owner.queued = owner.queued + size
+            if queued > owner.settings.connection_buffer and not owner.buffer_full:
+                owner.queued_more(0)
 
     def flush(self) -> None:
         self._pump()
@@ -434,24 +459,41 @@ class H2Stream:
         queue = self._queue
         lib = self._lib
         owner = self.owner
-        if len(queue) == 1 and self.remote_ended and lib.state_machine.state is _LIB_HALF_CLOSED_REMOTE and owner.state is not _CLOSED:
+        machine = lib.state_machine
+        if len(queue) == 1 and self.remote_ended and machine.state is _LIB_HALF_CLOSED_REMOTE and owner.state is not _CLOSED:
             # The common case (a small response whose body came whole, the request complete): one DATA frame
             # with END_STREAM if the windows and the frame size allow, what _pump and _sent_all would do.
             chunk = queue[0]
             size = len(chunk)
             conn = owner.conn
-            if size <= conn.max_outbound_frame_size and size <= send_window(conn, lib):
+            if (size <= conn.max_outbound_frame_size and size <= conn.outbound_flow_control_window
+                    and size <= lib.outbound_flow_control_window and conn.state_machine.state is not _CONNECTION_CLOSED):
                 queue.clear()
                 self._queued = 0
-                owner.queued_less(size)
-                send_data_frame(conn, lib, chunk, True)
+                queued = owner.queued = owner.queued - size
+                if owner.buffer_full and queued <= owner.settings.connection_buffer // 2:
+                    owner.queued_less(0)
+                # send_data_frame and _send_end_stream for a half-closed (remote) stream, written out.
+                machine.state = _LIB_CLOSED
+                machine.stream_closed_by = _CLOSED_BY_SEND_END
+                lib.outbound_flow_control_window -= size
+                conn.outbound_flow_control_window -= size
+                out = conn._data_to_send
+                out += _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, _DATA_FRAME, _END_STREAM, self.stream_id)
+                out += chunk
                 # SENDING -> DONE (states.STREAM_MOVES); the client ended its side (half-closed remote), so no
                 # reset for an unread body.
                 self.state = _DONE
                 self.stalled_since = 0.0
-                self._maybe_gone()
-                self.sync_producer()
-                owner.flush_soon()
+                if self.exchange is None:
+                    self._maybe_gone()
+                if self._producer is not None:
+                    self.sync_producer()
+                if owner._receiving or owner._flush_call is not None or len(owner.streams) > 1:
+                    owner.flush_soon()
+                else:
+                    # flush_soon's last case (one stream, outside a read): the write now.
+                    owner.transport.write(conn.data_to_send())
                 return
         self._move(_ENDING)
         self._pump()
@@ -527,7 +569,10 @@ class H2Stream:
             # Nothing was answered (the client went away, or its body was refused): nothing more to send.
             self._reset(ErrorCodes.REFUSED_STREAM)
             return
-        self._maybe_gone()
+        if self.state is _DONE and not self.gone:
+            # _maybe_gone, written out.
+            self.gone = True
+            self.owner.stream_gone(self)
 
     # Sending.
 
@@ -771,8 +816,12 @@ class H2Protocol(DataProtocol):
         self._resets: deque[float] = deque()
         # Request blocks already checked and parsed (their fields and whether a body follows): the head to copy.
         self._known_heads: dict[tuple[Any, bool], RequestHead] = {}
+        self._max_streams = settings.max_concurrent_streams
+        self._inbound_window = settings.initial_window_size
         self._idle_since = 0.0
         self._timer: Any = None
+        # When the timer runs (its getTime(), kept as it is set).
+        self._timer_at = 0.0
         # The write of this reactor turn, once streams answer together (flush_soon).
         self._flush_call: Any = None
 
@@ -803,6 +852,10 @@ class H2Protocol(DataProtocol):
                 SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_window_size,
             },
         )
+        # labelgw never changes its settings after this (no update_settings): the values h2 reads for each new
+        # stream, read once.
+        self._max_streams = conn.local_settings.max_concurrent_streams
+        self._inbound_window = conn.local_settings.initial_window_size
         # labelgw's HPACK (labelgw.http.hpack): static-table response heads, cached indexed-only request blocks.
         # (h2's encoder and decoder attributes are not its documented API: tests/test_internals.py checks them.)
         conn.encoder = HpackEncoder()  # type: ignore[assignment]
@@ -818,6 +871,7 @@ class H2Protocol(DataProtocol):
         gateway.connections.add(self)
         self._idle_since = self.clock.seconds()
         self._timer = self.clock.callLater(gateway.settings.head_timeout, self._check_timers)
+        self._timer_at = self._timer.getTime()
         self.flush()
         if gateway.draining:
             self.drain()
@@ -860,7 +914,8 @@ class H2Protocol(DataProtocol):
             self._receive(data)
         finally:
             self._receiving = False
-            self.flush()
+            if self._flush_call is not None or self.conn._data_to_send:
+                self.flush()
 
     def _receive(self, data: bytes) -> None:
         conn = self.conn
@@ -953,6 +1008,10 @@ class H2Protocol(DataProtocol):
         unpack = _FRAME_HEAD.unpack_from
         limit = conn.max_inbound_frame_size
         streams = self.streams
+        decoder = conn.decoder
+        # Request blocks met before, with the decoder's table unchanged since: their fields, checks and parsed head
+        # (CachingDecoder.known is emptied whenever the table may have changed).
+        known_blocks = decoder.known
         while size - at >= 9:
             high, low, kind, flags, stream_id = unpack(data, at)
             length = (high << 16) | low
@@ -963,15 +1022,22 @@ class H2Protocol(DataProtocol):
             stream_id &= 0x7FFFFFFF
             if not stream_id & 1 or stream_id <= conn.highest_inbound_stream_id:
                 break
-            if conn._open_streams(1) + 1 > conn.local_settings.max_concurrent_streams:
+            # (h2's count of open streams also forgets the closed ones, as h2 does before opening a stream.)
+            if conn._open_streams(1) + 1 > self._max_streams:
                 break
+            block = data[at + 9 : end]
+            ended = flags & _END_STREAM
+            known_key = (block, ended, decoder.max_header_list_size)
+            known = known_blocks.get(known_key)
+            headers: Any = None
             try:
-                headers: Any = _h2_decode_headers(conn.decoder, data[at + 9 : end])
+                if known is None:
+                    headers = _h2_decode_headers(decoder, block)
                 # RECV_HEADERS: an idle connection (its first request) becomes open, an open one stays so.
                 conn.state_machine.state = _SERVER_OPEN
                 # h2's _begin_new_stream, without the checks made above and its debug logging.
                 lib = _H2LibStream(
-                    stream_id, config=conn.config, inbound_window_size=conn.local_settings.initial_window_size,
+                    stream_id, config=conn.config, inbound_window_size=self._inbound_window,
                     outbound_window_size=conn.remote_settings.initial_window_size,
                 )
                 lib.max_outbound_frame_size = conn.max_outbound_frame_size
@@ -980,19 +1046,38 @@ class H2Protocol(DataProtocol):
                 machine = lib.state_machine
                 machine.client = False
                 machine.headers_received = True
-                ended = flags & _END_STREAM
                 machine.state = _LIB_HALF_CLOSED_REMOTE if ended else _LIB_OPEN
-                lib._initialize_content_length(headers)
+                if known is None:
+                    lib._initialize_content_length(headers)
+                else:
+                    lib._expected_content_length = known[1]
             except ProtocolError as problem:
                 conn._terminate_connection(problem.error_code)
                 raise
             at = end
+            if known is not None and self._goaway_last is None:
+                # A block met before: checked and parsed then (_request's work, without its look-ups).
+                self.requests += 1
+                template = known[0]
+                stream = H2Stream(self, stream_id, template.method)
+                streams[stream_id] = stream
+                starting.append((stream, _copy_head(template)))
+                if ended:
+                    stream.remote_ended = True
+                continue
             if not self._request(stream_id, headers, not ended, starting) or self.state is _CLOSED:
                 return -1
             if ended:
                 stream = streams.get(stream_id)
                 if stream is not None:
                     stream.request_ended()
+            if known is None and decoder.cached(block):
+                # Keep what this block made (its parsed head, h2's expected length) while the decoder keeps its fields.
+                template = self._known_heads.get((tuple(headers), not ended))
+                if template is not None:
+                    if len(known_blocks) >= _KNOWN_HEADS:
+                        known_blocks.clear()
+                    known_blocks[known_key] = (template, lib._expected_content_length)
         return at
 
     def _request(self, stream_id: int, headers: list[tuple[bytes, bytes]], has_body: bool,
@@ -1141,14 +1226,17 @@ class H2Protocol(DataProtocol):
     # Streams and closing.
 
     def stream_gone(self, stream: H2Stream) -> None:
-        if self.streams.get(stream.stream_id) is stream:
-            del self.streams[stream.stream_id]
-        if not self.streams:
+        streams = self.streams
+        if streams.get(stream.stream_id) is stream:
+            del streams[stream.stream_id]
+        if not streams:
             now = self._idle_since = self.clock.seconds()
             # The timer may wait for a later deadline (the head timeout, armed at the connection's start).
-            if self.state is _OPEN:
+            state = self.state
+            if state is _OPEN:
                 self.watch(now + self.gateway.settings.idle_timeout)
-            self._close_if_drained()
+            elif state is _DRAINING:
+                self._close_if_drained()
 
     def _close_if_drained(self) -> None:
         if self.state is _DRAINING and not self.streams:
@@ -1183,12 +1271,17 @@ class H2Protocol(DataProtocol):
     def watch(self, deadline: float) -> None:
         """Make sure the timer runs by `deadline` (a stream's send or body timeout, a blocked client)."""
         timer = self._timer
+        if timer is not None and self._timer_at <= deadline:
+            # It runs by then (the timer is only cancelled with the connection, and _check_timers forgets it first).
+            return
         now = self.clock.seconds()
         if timer is None or not timer.active():
             if self.state is not _CLOSED:
-                self._timer = self.clock.callLater(max(deadline - now, 0.001), self._check_timers)
+                timer = self._timer = self.clock.callLater(max(deadline - now, 0.001), self._check_timers)
+                self._timer_at = timer.getTime()
         elif timer.getTime() > deadline:
             timer.reset(max(deadline - now, 0.001))
+            self._timer_at = timer.getTime()
 
     def _check_timers(self) -> None:
         self._timer = None
@@ -1232,6 +1325,7 @@ class H2Protocol(DataProtocol):
             if blocked:
                 deadline = min(deadline, blocked + settings.send_timeout)
         self._timer = self.clock.callLater(max(deadline - now, 0.001), self._check_timers)
+        self._timer_at = self._timer.getTime()
 
 
 def _describe(address: Any) -> str:

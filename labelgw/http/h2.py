@@ -1008,7 +1008,7 @@ class H2Protocol(DataProtocol):
         unpack = _FRAME_HEAD.unpack_from
         limit = conn.max_inbound_frame_size
         streams = self.streams
-        decoder = conn.decoder
+        decoder: CachingDecoder = conn.decoder  # type: ignore[assignment]
         # Request blocks met before, with the decoder's table unchanged since: their fields, checks and parsed head
         # (CachingDecoder.known is emptied whenever the table may have changed).
         known_blocks = decoder.known
@@ -1059,11 +1059,11 @@ class H2Protocol(DataProtocol):
                 # A block met before: checked and parsed then (_request's work, without its look-ups).
                 self.requests += 1
                 template = known[0]
-                stream = H2Stream(self, stream_id, template.method)
-                streams[stream_id] = stream
-                starting.append((stream, _copy_head(template)))
+                new = H2Stream(self, stream_id, template.method)
+                streams[stream_id] = new
+                starting.append((new, _copy_head(template)))
                 if ended:
-                    stream.remote_ended = True
+                    new.remote_ended = True
                 continue
             if not self._request(stream_id, headers, not ended, starting) or self.state is _CLOSED:
                 return -1

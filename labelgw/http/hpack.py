@@ -225,9 +225,10 @@ class CachingDecoder(_HpackDecoder):
         self._cache.clear()
         self.known.clear()
 
-    def cached(self, data: bytes) -> bool:
-        """Whether `data` decodes to fields kept in the cache (an indexed-only block, the table unchanged since)."""
-        return (data, False, self.max_header_list_size) in self._cache
+    def cached(self, data: bytes, raw: bool = True) -> bool:
+        """Whether `data` decodes to fields kept in the cache (an indexed-only block, the table unchanged since);
+        `raw` as given to decode (h2 decodes raw)."""
+        return (data, raw, self.max_header_list_size) in self._cache
 
     @property  # type: ignore[override]
     def header_table_size(self) -> int:

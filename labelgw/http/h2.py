@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,13 +256,21 @@ class H2Stream:
     body_seen = 0.0
     # The request, once dispatched (the access log reads it).
     head: RequestHead | None = None
+    # h2's stream while labelgw keeps it as plain fields (None: not made yet, H2Protocol._lazy): a request that came
+    # whole (HEADERS with END_STREAM) is half-closed (remote) until the response's END_STREAM closes it; whether the
+    # response head went out (h2's headers_sent), the send window, h2's expected content length.
+    lib_state: Any = _LIB_HALF_CLOSED_REMOTE
+    lib_headers_sent: bool | None = None
+    lib_window = 0
+    lib_expected: int | None = None
 
-    def __init__(self, owner: "H2Protocol", stream_id: int, method: bytes) -> None:
+    def __init__(self, owner: "H2Protocol", stream_id: int, method: bytes, lib: Any) -> None:
         self.owner = owner
         self.stream_id = stream_id
         # h2's own stream (created by the HEADERS that opened this one): the state the frames sent here move.
-        # One h2 already closed and forgot (opened and reset in the same read) refuses every frame.
-        self._lib: Any = owner.conn.streams.get(stream_id) or _ClosedStream(stream_id)
+        # One h2 already closed and forgot (opened and reset in the same read) refuses every frame. None: not made
+        # yet (_h2 makes it).
+        self._lib: Any = lib
         self.method = method
         self.peer_ip = owner.peer_ip
         self.proto = owner.proto
@@ -274,6 +282,17 @@ class H2Stream:
 
     def __repr__(self) -> str:
         return f"<H2Stream {self.stream_id} {self.state.name} queued={self._queued}>"
+
+    def _h2(self) -> Any:
+        """h2's stream, made now if labelgw kept it as plain fields."""
+        lib = self._lib
+        if lib is None:
+            self.owner.materialize()
+            lib = self._lib
+            if lib is None:
+                # Closed, and h2 has moved it to its record of closed streams: it refuses what h2 would refuse.
+                lib = self._lib = _ClosedStream(self.stream_id)
+        return lib
 
     def _move(self, new: StreamState) -> None:
         self.state = check_move(STREAM_MOVES, self.state, new)
@@ -352,6 +371,7 @@ class H2Stream:
             if owner.state is not _CLOSED:
                 # Also for a closed stream: the connection's window gets the bytes back.
                 try:
+                    owner.materialize()
                     owner.conn.acknowledge_received_data(unacked, self.stream_id)
                 except (StreamClosedError, ProtocolError):
                     return
@@ -404,15 +424,23 @@ class H2Stream:
                 return
             owner = self.owner
             conn = owner.conn
-            machine = self._lib.state_machine
-            if (machine.state is _LIB_HALF_CLOSED_REMOTE and not machine.headers_sent and owner.state is not _CLOSED
-                    and not self.gone and conn.state_machine.state is not _CONNECTION_CLOSED):
+            lib = self._lib
+            if lib is None:
+                state, sent = self.lib_state, self.lib_headers_sent
+            else:
+                machine = lib.state_machine
+                state, sent = machine.state, machine.headers_sent
+            if (state is _LIB_HALF_CLOSED_REMOTE and not sent and owner.state is not _CLOSED and not self.gone
+                    and conn.state_machine.state is not _CONNECTION_CLOSED):
                 # send_headers_frames' common case written out: the whole request is in (half-closed remote), a
                 # final head, one frame. HEADERS leave with the first DATA, at the flush that ends this read.
                 size = len(block)
                 # (Room for a size update owed to the client: one byte, labelgw.http.hpack.Encoder.prefix.)
                 if size < conn.max_outbound_frame_size:
-                    machine.headers_sent = True
+                    if lib is None:
+                        self.lib_headers_sent = True
+                    else:
+                        machine.headers_sent = True
                     encoder = conn.encoder
                     if encoder._size_update:  # type: ignore[attr-defined]
                         block = encoder.prefix() + block  # type: ignore[attr-defined]
@@ -459,24 +487,35 @@ class H2Stream:
         queue = self._queue
         lib = self._lib
         owner = self.owner
-        machine = lib.state_machine
-        if len(queue) == 1 and self.remote_ended and machine.state is _LIB_HALF_CLOSED_REMOTE and owner.state is not _CLOSED:
+        if lib is None:
+            state, window = self.lib_state, self.lib_window
+        else:
+            machine = lib.state_machine
+            state = machine.state
+        if len(queue) == 1 and self.remote_ended and state is _LIB_HALF_CLOSED_REMOTE and owner.state is not _CLOSED:
             # The common case (a small response whose body came whole, the request complete): one DATA frame
             # with END_STREAM if the windows and the frame size allow, what _pump and _sent_all would do.
             chunk = queue[0]
             size = len(chunk)
             conn = owner.conn
-            if (size <= conn.max_outbound_frame_size and size <= conn.outbound_flow_control_window
-                    and size <= lib.outbound_flow_control_window and conn.state_machine.state is not _CONNECTION_CLOSED):
+            if lib is not None:
+                window = lib.outbound_flow_control_window
+            if (size <= conn.max_outbound_frame_size and size <= conn.outbound_flow_control_window and size <= window
+                    and conn.state_machine.state is not _CONNECTION_CLOSED):
                 queue.clear()
                 self._queued = 0
                 queued = owner.queued = owner.queued - size
                 if owner.buffer_full and queued <= owner.settings.connection_buffer // 2:
                     owner.queued_less(0)
                 # send_data_frame and _send_end_stream for a half-closed (remote) stream, written out.
-                machine.state = _LIB_CLOSED
-                machine.stream_closed_by = _CLOSED_BY_SEND_END
-                lib.outbound_flow_control_window -= size
+                if lib is None:
+                    self.lib_state = _LIB_CLOSED
+                    self.lib_window = window - size
+                    owner.lazy_closed(self)
+                else:
+                    machine.state = _LIB_CLOSED
+                    machine.stream_closed_by = _CLOSED_BY_SEND_END
+                    lib.outbound_flow_control_window -= size
                 conn.outbound_flow_control_window -= size
                 out = conn._data_to_send
                 out += _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, _DATA_FRAME, _END_STREAM, self.stream_id)
@@ -594,7 +633,7 @@ class H2Stream:
         if owner.state is _CLOSED or self.gone:
             return False
         try:
-            send_headers_frames(owner.conn, self._lib, fields, end, block)
+            send_headers_frames(owner.conn, self._h2(), fields, end, block)
         except (StreamClosedError, ProtocolError):
             # h2 closed the stream itself (for example after a stream error): it cannot be answered any more.
             self._reset(ErrorCodes.INTERNAL_ERROR)
@@ -613,7 +652,7 @@ class H2Stream:
             while self._send_frame():
                 pass
             if self.state is _ENDING and not self._queue:
-                send_data_frame(owner.conn, self._lib, b"", True)
+                send_data_frame(owner.conn, self._h2(), b"", True)
                 self._sent_all()
         except (StreamClosedError, ProtocolError):
             self._reset(ErrorCodes.INTERNAL_ERROR)
@@ -636,7 +675,7 @@ class H2Stream:
             return False
         owner = self.owner
         conn = owner.conn
-        lib = self._lib
+        lib = self._h2()
         window = send_window(conn, lib)
         if window <= 0:
             return False
@@ -689,6 +728,7 @@ class H2Stream:
         if not self.remote_ended and owner.state is not _CLOSED:
             # The client is still sending a body nobody will read: tell it to stop (RFC 9113 section 8.1).
             try:
+                owner.materialize()
                 owner.conn.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
             except (StreamClosedError, ProtocolError):
                 pass
@@ -713,6 +753,7 @@ class H2Stream:
             self._drop_queue()
             if owner.state is not _CLOSED and not self.gone:
                 try:
+                    owner.materialize()
                     owner.conn.reset_stream(self.stream_id, code)
                 except (StreamClosedError, ProtocolError):
                     pass
@@ -818,6 +859,12 @@ class H2Protocol(DataProtocol):
         self._known_heads: dict[tuple[Any, bool], RequestHead] = {}
         self._max_streams = settings.max_concurrent_streams
         self._inbound_window = settings.initial_window_size
+        # The client's initial stream window (h2's remote setting), read again after each read h2 takes.
+        self._outbound_window = 65535
+        # Streams whose h2 stream labelgw keeps as plain fields until h2 needs it (materialize), open ones by id,
+        # and those closed since the last stream opened (h2 would still hold them, closed).
+        self._lazy: dict[int, H2Stream] = {}
+        self._closed_lately: list[H2Stream] = []
         self._idle_since = 0.0
         self._timer: Any = None
         # When the timer runs (its getTime(), kept as it is set).
@@ -856,6 +903,7 @@ class H2Protocol(DataProtocol):
         # stream, read once.
         self._max_streams = conn.local_settings.max_concurrent_streams
         self._inbound_window = conn.local_settings.initial_window_size
+        self._outbound_window = conn.remote_settings.initial_window_size
         # labelgw's HPACK (labelgw.http.hpack): static-table response heads, cached indexed-only request blocks.
         # (h2's encoder and decoder attributes are not its documented API: tests/test_internals.py checks them.)
         conn.encoder = HpackEncoder()  # type: ignore[assignment]
@@ -921,21 +969,26 @@ class H2Protocol(DataProtocol):
         conn = self.conn
         starting: list[tuple[H2Stream, RequestHead]] = []
         buffered = conn.incoming_buffer
+        events: list[Any] | None
         try:
             state = conn.state_machine.state
             if buffered._data or buffered._preamble_len or buffered._headers_buffer or (state is not _SERVER_OPEN and state is not _IDLE):
-                events = conn.receive_data(data)
+                events = self._h2_reads(data)
             else:
                 # Nothing half-read: the requests at the front of the read are taken without h2's frame objects and
                 # events, the rest (if any) goes to h2.
                 at = self._receive_requests(data, starting)
                 if at < 0:
                     return
-                events = conn.receive_data(memoryview(data)[at:]) if at < len(data) else []
+                events = self._h2_reads(memoryview(data)[at:]) if at < len(data) else None
         except ProtocolError as problem:
             # h2 queued a GOAWAY with the right code (ENHANCE_YOUR_CALM for an HPACK bomb).
             self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=printable(str(problem)))
             self._shut(None)
+            return
+        if events is None:
+            # h2 took nothing of this read.
+            self._start(starting)
             return
         if self._header_block_size() > self.settings.max_header_list_size:
             self._enhance_your_calm("header block (HEADERS + CONTINUATION) too large")
@@ -979,10 +1032,76 @@ class H2Protocol(DataProtocol):
                 if why is not None:
                     self._malformed(why)
                     return
+        self._start(starting)
+
+    def _start(self, starting: list[tuple[H2Stream, RequestHead]]) -> None:
         # Streams start after the whole read: one opened and reset in the same read never reaches a backend.
         for stream, head in starting:
             if not stream.gone and stream.state is _WAITING and self.state is not _CLOSED:
                 stream.start(head)
+
+    def _h2_reads(self, data: Any) -> list[Any]:
+        """h2 reads `data`, holding every stream as it would have made them."""
+        if self._lazy or self._closed_lately:
+            self.materialize()
+        conn = self.conn
+        try:
+            return conn.receive_data(data)
+        finally:
+            self._outbound_window = conn.remote_settings.initial_window_size
+
+    def materialize(self) -> None:
+        """Make h2's streams for those labelgw kept as plain fields, as h2 would hold them now: before h2 reads
+        frames, resets or acknowledges anything, or sends on them other than as labelgw's own framing does."""
+        conn = self.conn
+        closed = self._closed_lately
+        if closed:
+            # Closed since the last stream opened: h2 keeps such a stream, closed, until a stream opens.
+            for stream in closed:
+                conn.streams[stream.stream_id] = stream._lib = self._lib_stream(stream)
+            closed.clear()
+        lazy = self._lazy
+        if lazy:
+            for stream in lazy.values():
+                conn.streams[stream.stream_id] = stream._lib = self._lib_stream(stream)
+            lazy.clear()
+
+    def _lib_stream(self, stream: H2Stream) -> Any:
+        """h2's stream as h2 would have made and moved it: opened by a whole request (RECV_HEADERS with
+        END_STREAM), then the response's HEADERS and END_STREAM as labelgw sent them (send_headers_frames,
+        send_data_frame)."""
+        conn = self.conn
+        lib = _H2LibStream(
+            stream.stream_id, config=conn.config, inbound_window_size=self._inbound_window,
+            outbound_window_size=stream.lib_window,
+        )
+        # (Settings h2 reads for it change only in a read h2 takes, after this.)
+        lib.max_outbound_frame_size = conn.max_outbound_frame_size
+        machine = lib.state_machine
+        machine.client = False
+        machine.headers_received = True
+        machine.headers_sent = stream.lib_headers_sent
+        machine.state = stream.lib_state
+        if stream.lib_state is _LIB_CLOSED:
+            machine.stream_closed_by = _CLOSED_BY_SEND_END
+        lib._expected_content_length = stream.lib_expected
+        return lib
+
+    def lazy_closed(self, stream: H2Stream) -> None:
+        """A stream kept as plain fields sent its END_STREAM (closed)."""
+        del self._lazy[stream.stream_id]
+        self._closed_lately.append(stream)
+
+    def _forget_closed(self) -> None:
+        """A stream opens: h2 would now move the closed streams it holds to its record of closed streams (its
+        _open_streams), bounded as h2 bounds it (a SizeLimitDict, written to without its Python methods)."""
+        record = self.conn._closed_streams
+        limit = record._size_limit  # type: ignore[attr-defined]
+        for stream in self._closed_lately:
+            _ordered_set(record, stream.stream_id, _CLOSED_BY_SEND_END)
+            if len(record) > limit:
+                record.popitem(last=False)  # type: ignore[call-arg]
+        self._closed_lately.clear()
 
     def _malformed(self, problem: str) -> None:
         """A malformed header block (RFC 9113 section 8.1.1): the connection ends, as h2's own check ended it."""
@@ -1022,13 +1141,39 @@ class H2Protocol(DataProtocol):
             stream_id &= 0x7FFFFFFF
             if not stream_id & 1 or stream_id <= conn.highest_inbound_stream_id:
                 break
-            # (h2's count of open streams also forgets the closed ones, as h2 does before opening a stream.)
-            if conn._open_streams(1) + 1 > self._max_streams:
-                break
             block = data[at + 9 : end]
             ended = flags & _END_STREAM
             known_key = (block, ended, decoder.max_header_list_size)
             known = known_blocks.get(known_key)
+            lazy = self._lazy
+            if known is not None and ended and self._goaway_last is None:
+                # A whole request (END_STREAM) whose block was met before: checked and parsed then, and h2's stream
+                # kept as plain fields (materialize makes it if h2 ever needs it). h2's checks before it opens a
+                # stream: the concurrency limit counts h2's open streams (it forgets its closed ones while counting)
+                # and these.
+                if (conn._open_streams(1) if conn.streams else 0) + len(lazy) + 1 > self._max_streams:
+                    break
+                if self._closed_lately:
+                    self._forget_closed()
+                # RECV_HEADERS: an idle connection (its first request) becomes open, an open one stays so.
+                conn.state_machine.state = _SERVER_OPEN
+                conn.highest_inbound_stream_id = stream_id
+                at = end
+                self.requests += 1
+                template = known[0]
+                new = H2Stream(self, stream_id, template.method, None)
+                new.lib_window = self._outbound_window
+                new.lib_expected = known[1]
+                new.remote_ended = True
+                lazy[stream_id] = new
+                streams[stream_id] = new
+                starting.append((new, _copy_head(template)))
+                continue
+            # (h2's count of open streams also forgets the closed ones, as h2 does before opening a stream.)
+            if conn._open_streams(1) + len(lazy) + 1 > self._max_streams:
+                break
+            if self._closed_lately:
+                self._forget_closed()
             headers: Any = None
             try:
                 if known is None:
@@ -1056,14 +1201,13 @@ class H2Protocol(DataProtocol):
                 raise
             at = end
             if known is not None and self._goaway_last is None:
-                # A block met before: checked and parsed then (_request's work, without its look-ups).
+                # A block met before (a body follows): checked and parsed then (_request's work, without its
+                # look-ups).
                 self.requests += 1
                 template = known[0]
-                new = H2Stream(self, stream_id, template.method)
+                new = H2Stream(self, stream_id, template.method, lib)
                 streams[stream_id] = new
                 starting.append((new, _copy_head(template)))
-                if ended:
-                    new.remote_ended = True
                 continue
             if not self._request(stream_id, headers, not ended, starting) or self.state is _CLOSED:
                 return -1
@@ -1108,13 +1252,13 @@ class H2Protocol(DataProtocol):
         if isinstance(head, tuple):
             # A request h2 accepted that labelgw does not relay.
             method = next((value for name, value in headers if name == b":method"), b"")
-            stream = H2Stream(self, stream_id, method)
+            stream = H2Stream(self, stream_id, method, self.conn.streams.get(stream_id) or _ClosedStream(stream_id))
             self.streams[stream_id] = stream
             stream.remote_ended = not has_body
             status, message = head
             stream.refuse(status, message, True)
             return True
-        stream = H2Stream(self, stream_id, head.method)
+        stream = H2Stream(self, stream_id, head.method, self.conn.streams.get(stream_id) or _ClosedStream(stream_id))
         self.streams[stream_id] = stream
         starting.append((stream, head))
         return True
@@ -1326,6 +1470,9 @@ class H2Protocol(DataProtocol):
                 deadline = min(deadline, blocked + settings.send_timeout)
         self._timer = self.clock.callLater(max(deadline - now, 0.001), self._check_timers)
         self._timer_at = self._timer.getTime()
+
+
+_ordered_set = OrderedDict.__setitem__
 
 
 def _describe(address: Any) -> str:

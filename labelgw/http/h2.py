@@ -66,7 +66,7 @@ from labelgw.http.hpack import CachingDecoder
 from labelgw.http.hpack import Encoder as HpackEncoder
 from labelgw.http.hpack import encode_fields
 from labelgw.http.logsafe import printable
-from labelgw.http.parser import MAX_HEADERS, RequestHead, ResponseHead
+from labelgw.http.parser import MAX_HEADERS, RequestFields, RequestHead, ResponseHead, request_fields, request_from
 from labelgw.http.server import ClientConnection, Gateway
 from labelgw.http.states import H2_MOVES, STREAM_MOVES, H2State, StreamState, check_move
 from labelgw.http.transport import DataProtocol, Producer
@@ -511,7 +511,9 @@ class H2Stream:
                 if lib is None:
                     self.lib_state = _LIB_CLOSED
                     self.lib_window = window - size
-                    owner.lazy_closed(self)
+                    # Closed: h2 would hold it until the next stream opens (H2Protocol.materialize, _forget_closed).
+                    del owner._lazy[self.stream_id]
+                    owner._closed_lately.append(self)
                 else:
                     machine.state = _LIB_CLOSED
                     machine.stream_closed_by = _CLOSED_BY_SEND_END
@@ -531,8 +533,10 @@ class H2Stream:
                 if owner._receiving or owner._flush_call is not None or len(owner.streams) > 1:
                     owner.flush_soon()
                 else:
-                    # flush_soon's last case (one stream, outside a read): the write now.
-                    owner.transport.write(conn.data_to_send())
+                    # flush_soon's last case (one stream, outside a read): the write now (data_to_send, written out).
+                    data = bytes(out)
+                    del out[:]
+                    owner.transport.write(data)
                 return
         self._move(_ENDING)
         self._pump()
@@ -611,7 +615,17 @@ class H2Stream:
         if self.state is _DONE and not self.gone:
             # _maybe_gone, written out.
             self.gone = True
-            self.owner.stream_gone(self)
+            owner = self.owner
+            streams = owner.streams
+            if len(streams) == 1 and owner.state is _OPEN and streams.get(self.stream_id) is self:
+                # stream_gone's common case written out: the connection goes idle (the idle timeout's timer).
+                del streams[self.stream_id]
+                now = owner._idle_since = owner.clock.seconds()
+                deadline = now + owner.gateway.settings.idle_timeout
+                if owner._timer is None or owner._timer_at > deadline:
+                    owner.watch(deadline)
+            else:
+                owner.stream_gone(self)
 
     # Sending.
 
@@ -856,7 +870,7 @@ class H2Protocol(DataProtocol):
         self._goaway_last: int | None = None
         self._resets: deque[float] = deque()
         # Request blocks already checked and parsed (their fields and whether a body follows): the head to copy.
-        self._known_heads: dict[tuple[Any, bool], RequestHead] = {}
+        self._known_heads: dict[tuple[Any, bool], RequestFields] = {}
         self._max_streams = settings.max_concurrent_streams
         self._inbound_window = settings.initial_window_size
         # The client's initial stream window (h2's remote setting), read again after each read h2 takes.
@@ -959,86 +973,82 @@ class H2Protocol(DataProtocol):
             return
         self._receiving = True
         try:
-            self._receive(data)
+            conn = self.conn
+            starting: list[tuple[H2Stream, RequestHead]] = []
+            buffered = conn.incoming_buffer
+            events: list[Any] | None
+            try:
+                state = conn.state_machine.state
+                if buffered._data or buffered._preamble_len or buffered._headers_buffer or (state is not _SERVER_OPEN and state is not _IDLE):
+                    events = self._h2_reads(data)
+                else:
+                    # Nothing half-read: the requests at the front of the read are taken without h2's frame objects and
+                    # events, the rest (if any) goes to h2.
+                    at = self._receive_requests(data, starting)
+                    if at < 0:
+                        return
+                    events = self._h2_reads(memoryview(data)[at:]) if at < len(data) else None
+            except ProtocolError as problem:
+                # h2 queued a GOAWAY with the right code (ENHANCE_YOUR_CALM for an HPACK bomb).
+                self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=printable(str(problem)))
+                self._shut(None)
+                return
+            if events is None:
+                # h2 took nothing of this read. The streams start after the whole read (below, the same).
+                for opened, head in starting:
+                    if not opened.gone and opened.state is _WAITING and self.state is not _CLOSED:
+                        opened.start(head)
+                return
+            if self._header_block_size() > self.settings.max_header_list_size:
+                self._enhance_your_calm("header block (HEADERS + CONTINUATION) too large")
+                return
+            streams = self.streams
+            for event in events:
+                if isinstance(event, DataReceived):
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        stream.data_received(event.data or b"", event.flow_controlled_length or 0)
+                    elif event.flow_controlled_length:
+                        self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, RequestReceived):
+                    if not self._request(event.stream_id, event.headers, event.stream_ended is None, starting):
+                        return
+                elif isinstance(event, StreamEnded):
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        stream.request_ended()
+                elif isinstance(event, WindowUpdated):
+                    if event.stream_id:
+                        stream = streams.get(event.stream_id)
+                        if stream is not None:
+                            stream.pump()
+                    else:
+                        self._pump_all()
+                elif isinstance(event, StreamReset):
+                    self._stream_reset(event)
+                    if self.state is _CLOSED:
+                        return
+                elif isinstance(event, RemoteSettingsChanged):
+                    if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                        self._pump_all()
+                elif isinstance(event, ConnectionTerminated):
+                    # The client's GOAWAY: h2 will not send anything more on this connection.
+                    self._shut(None)
+                    return
+                elif isinstance(event, TrailersReceived):
+                    # Dropped (an HTTP/1.1 upstream gets none), but checked as h2 would have.
+                    why = malformed_trailers(event.headers)
+                    if why is not None:
+                        self._malformed(why)
+                        return
+            # Streams start after the whole read: one opened and reset in the same read never reaches a backend.
+            for opened, head in starting:
+                if not opened.gone and opened.state is _WAITING and self.state is not _CLOSED:
+                    opened.start(head)
         finally:
             self._receiving = False
             if self._flush_call is not None or self.conn._data_to_send:
                 self.flush()
-
-    def _receive(self, data: bytes) -> None:
-        conn = self.conn
-        starting: list[tuple[H2Stream, RequestHead]] = []
-        buffered = conn.incoming_buffer
-        events: list[Any] | None
-        try:
-            state = conn.state_machine.state
-            if buffered._data or buffered._preamble_len or buffered._headers_buffer or (state is not _SERVER_OPEN and state is not _IDLE):
-                events = self._h2_reads(data)
-            else:
-                # Nothing half-read: the requests at the front of the read are taken without h2's frame objects and
-                # events, the rest (if any) goes to h2.
-                at = self._receive_requests(data, starting)
-                if at < 0:
-                    return
-                events = self._h2_reads(memoryview(data)[at:]) if at < len(data) else None
-        except ProtocolError as problem:
-            # h2 queued a GOAWAY with the right code (ENHANCE_YOUR_CALM for an HPACK bomb).
-            self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=printable(str(problem)))
-            self._shut(None)
-            return
-        if events is None:
-            # h2 took nothing of this read.
-            self._start(starting)
-            return
-        if self._header_block_size() > self.settings.max_header_list_size:
-            self._enhance_your_calm("header block (HEADERS + CONTINUATION) too large")
-            return
-        streams = self.streams
-        for event in events:
-            if isinstance(event, DataReceived):
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream.data_received(event.data or b"", event.flow_controlled_length or 0)
-                elif event.flow_controlled_length:
-                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, RequestReceived):
-                if not self._request(event.stream_id, event.headers, event.stream_ended is None, starting):
-                    return
-            elif isinstance(event, StreamEnded):
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream.request_ended()
-            elif isinstance(event, WindowUpdated):
-                if event.stream_id:
-                    stream = streams.get(event.stream_id)
-                    if stream is not None:
-                        stream.pump()
-                else:
-                    self._pump_all()
-            elif isinstance(event, StreamReset):
-                self._stream_reset(event)
-                if self.state is _CLOSED:
-                    return
-            elif isinstance(event, RemoteSettingsChanged):
-                if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                    self._pump_all()
-            elif isinstance(event, ConnectionTerminated):
-                # The client's GOAWAY: h2 will not send anything more on this connection.
-                self._shut(None)
-                return
-            elif isinstance(event, TrailersReceived):
-                # Dropped (an HTTP/1.1 upstream gets none), but checked as h2 would have.
-                why = malformed_trailers(event.headers)
-                if why is not None:
-                    self._malformed(why)
-                    return
-        self._start(starting)
-
-    def _start(self, starting: list[tuple[H2Stream, RequestHead]]) -> None:
-        # Streams start after the whole read: one opened and reset in the same read never reaches a backend.
-        for stream, head in starting:
-            if not stream.gone and stream.state is _WAITING and self.state is not _CLOSED:
-                stream.start(head)
 
     def _h2_reads(self, data: Any) -> list[Any]:
         """h2 reads `data`, holding every stream as it would have made them."""
@@ -1086,11 +1096,6 @@ class H2Protocol(DataProtocol):
             machine.stream_closed_by = _CLOSED_BY_SEND_END
         lib._expected_content_length = stream.lib_expected
         return lib
-
-    def lazy_closed(self, stream: H2Stream) -> None:
-        """A stream kept as plain fields sent its END_STREAM (closed)."""
-        del self._lazy[stream.stream_id]
-        self._closed_lately.append(stream)
 
     def _forget_closed(self) -> None:
         """A stream opens: h2 would now move the closed streams it holds to its record of closed streams (its
@@ -1153,21 +1158,30 @@ class H2Protocol(DataProtocol):
                 # and these.
                 if (conn._open_streams(1) if conn.streams else 0) + len(lazy) + 1 > self._max_streams:
                     break
-                if self._closed_lately:
-                    self._forget_closed()
+                closed = self._closed_lately
+                if closed:
+                    if len(closed) == 1:
+                        # _forget_closed's common case written out (the last request's stream).
+                        record = conn._closed_streams
+                        _ordered_set(record, closed[0].stream_id, _CLOSED_BY_SEND_END)
+                        if len(record) > record._size_limit:  # type: ignore[attr-defined]
+                            record.popitem(last=False)  # type: ignore[call-arg]
+                        closed.clear()
+                    else:
+                        self._forget_closed()
                 # RECV_HEADERS: an idle connection (its first request) becomes open, an open one stays so.
                 conn.state_machine.state = _SERVER_OPEN
                 conn.highest_inbound_stream_id = stream_id
                 at = end
                 self.requests += 1
                 template = known[0]
-                new = H2Stream(self, stream_id, template.method, None)
+                new = H2Stream(self, stream_id, known[2], None)
                 new.lib_window = self._outbound_window
                 new.lib_expected = known[1]
                 new.remote_ended = True
                 lazy[stream_id] = new
                 streams[stream_id] = new
-                starting.append((new, _copy_head(template)))
+                starting.append((new, request_from(template)))
                 continue
             # (h2's count of open streams also forgets the closed ones, as h2 does before opening a stream.)
             if conn._open_streams(1) + len(lazy) + 1 > self._max_streams:
@@ -1204,10 +1218,9 @@ class H2Protocol(DataProtocol):
                 # A block met before (a body follows): checked and parsed then (_request's work, without its
                 # look-ups).
                 self.requests += 1
-                template = known[0]
-                new = H2Stream(self, stream_id, template.method, lib)
+                new = H2Stream(self, stream_id, known[2], lib)
                 streams[stream_id] = new
-                starting.append((new, _copy_head(template)))
+                starting.append((new, request_from(known[0])))
                 continue
             if not self._request(stream_id, headers, not ended, starting) or self.state is _CLOSED:
                 return -1
@@ -1221,7 +1234,8 @@ class H2Protocol(DataProtocol):
                 if template is not None:
                     if len(known_blocks) >= _KNOWN_HEADS:
                         known_blocks.clear()
-                    known_blocks[known_key] = (template, lib._expected_content_length)
+                    # (The head's fields, h2's expected content length, the method.)
+                    known_blocks[known_key] = (template, lib._expected_content_length, request_from(template).method)
         return at
 
     def _request(self, stream_id: int, headers: list[tuple[bytes, bytes]], has_body: bool,
@@ -1241,14 +1255,14 @@ class H2Protocol(DataProtocol):
             return True
         self.requests += 1
         if template is not None:
-            head: RequestHead | tuple[int, str] = _copy_head(template)
+            head: RequestHead | tuple[int, str] = request_from(template)
         else:
             head = request_head(headers, has_body)
             if isinstance(head, RequestHead) and len(head.block) <= _KNOWN_BLOCK:
                 known_heads = self._known_heads
                 if len(known_heads) >= _KNOWN_HEADS:
                     known_heads.clear()
-                known_heads[known] = _copy_head(head)
+                known_heads[known] = request_fields(head)
         if isinstance(head, tuple):
             # A request h2 accepted that labelgw does not relay.
             method = next((value for name, value in headers if name == b":method"), b"")
@@ -1505,6 +1519,8 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
     cookie_at = 0
     # A field labelgw does not forward (hop-by-hop, managed X-Forwarded-*): the block is then filtered field by field.
     cut = False
+    # X-Request-Id and traceparent fields, counted as the HTTP/1.1 parser counts them (RequestHead.id_fields).
+    id_fields = 0
     for name, value in headers:
         if name[:1] == b":":
             if name == b":method":
@@ -1541,6 +1557,8 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
             cookie_at = len(lines)
         elif name in HOP_BY_HOP or (name[:2] in _X_PREFIXES and name.replace(b"_", b"-").replace(b".", b"-") in MANAGED):
             cut = True
+        if name == b"x-request-id" or name == b"traceparent":
+            id_fields += 1
         lines.append(name + b": " + value + b"\r\n")
     if cookies is not None and len(cookies) > 1:
         lines[cookie_at] = b"cookie: " + b"; ".join(cookies) + b"\r\n"
@@ -1564,6 +1582,7 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
     head.target = path
     head.host = authority
     head.block = (b"host: " + authority + b"\r\n" if authority else b"") + b"".join(lines)
+    head.id_fields = id_fields
     if authority and not cut:
         # Nothing to take out: the block goes upstream as it is (labelgw.http.headers.upstream_request_head's fast
         # path, as for an HTTP/1.1 head the parser cut).
@@ -1578,19 +1597,6 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
 # Known request heads kept per connection (h2load and browsers repeat a handful), each of a small block only.
 _KNOWN_HEADS = 8
 _KNOWN_BLOCK = 2048
-
-
-def _copy_head(head: RequestHead) -> RequestHead:
-    """A fresh head with what request_head set (the exchange adds to its own copy)."""
-    copy = RequestHead()
-    copy.method = head.method
-    copy.target = head.target
-    copy.host = head.host
-    copy.block = head.block
-    copy.forward = head.forward
-    copy.chunked = head.chunked
-    copy.content_length = head.content_length
-    return copy
 
 
 class H2Factory(Factory):

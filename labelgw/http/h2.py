@@ -308,10 +308,12 @@ class H2Stream:
             self._drop_inbound()
             return
         self.exchange = exchange
-        self.body_seen = self.owner.clock.seconds()
         exchange.start()
         if self.exchange is exchange and not exchange.body_done:
-            self.owner.watch(self.body_seen + self.owner.gateway.settings.body_timeout)
+            # A body follows: the body timeout runs from now (a request that came whole has none to wait for).
+            owner = self.owner
+            self.body_seen = owner.clock.seconds()
+            owner.watch(self.body_seen + owner.gateway.settings.body_timeout)
             if not self._paused:
                 self._release_inbound()
 

@@ -239,37 +239,40 @@ class H2Stream:
     the upstream (the response producer) is paused while too much waits.
     """
 
-    state = _WAITING
-    exchange: Exchange | None = None
+    # Slots: no per-stream dict to make and free, and attribute reads the interpreter specialises.
+    __slots__ = (
+        "owner", "stream_id", "_lib", "method", "peer_ip", "proto", "local_port", "_inbound", "_unacked", "_queue",
+        "_queued", "state", "exchange", "started", "remote_ended", "gone", "_paused", "_producer", "_producer_paused",
+        "stalled_since", "_progressed", "body_seen", "head", "lib_state", "lib_headers_sent", "lib_window",
+        "lib_expected",
+    )
+    state: StreamState
+    exchange: Exchange | None
     # Dispatched (or answered locally): DATA from now on goes to the exchange or is dropped.
-    started = False
+    started: bool
     # The client sent END_STREAM (the exchange hears of it once it has the whole body: body_done).
-    remote_ended = False
+    remote_ended: bool
     # Out of the connection's table: nothing more happens on this stream.
-    gone = False
-    _paused = False
-    _producer: Producer | None = None
-    _producer_paused = False
+    gone: bool
     # Since when response bytes wait and none could be sent (0.0: none wait); the stream's send timeout.
-    stalled_since = 0.0
-    _progressed = False
-    body_seen = 0.0
+    stalled_since: float
     # The request, once dispatched (the access log reads it).
-    head: RequestHead | None = None
-    # h2's stream while labelgw keeps it as plain fields (None: not made yet, H2Protocol._lazy): a request that came
-    # whole (HEADERS with END_STREAM) is half-closed (remote) until the response's END_STREAM closes it; whether the
-    # response head went out (h2's headers_sent), the send window, h2's expected content length.
-    lib_state: Any = _LIB_HALF_CLOSED_REMOTE
-    lib_headers_sent: bool | None = None
-    lib_window = 0
-    lib_expected: int | None = None
+    head: RequestHead | None
+    # h2's stream while labelgw keeps it as plain fields (_lib None: not made yet, H2Protocol._lazy): a request that
+    # came whole (HEADERS with END_STREAM) is half-closed (remote) until the response's END_STREAM closes it; whether
+    # the response head went out (h2's headers_sent), the send window, h2's expected content length.
+    lib_state: Any
+    lib_headers_sent: bool | None
+    lib_window: int
+    lib_expected: int | None
 
-    def __init__(self, owner: "H2Protocol", stream_id: int, method: bytes, lib: Any) -> None:
+    def __init__(self, owner: "H2Protocol", stream_id: int, method: bytes, lib: Any, window: int = 0,
+                 expected: int | None = None, ended: bool = False) -> None:
         self.owner = owner
         self.stream_id = stream_id
         # h2's own stream (created by the HEADERS that opened this one): the state the frames sent here move.
         # One h2 already closed and forgot (opened and reset in the same read) refuses every frame. None: not made
-        # yet (_h2 makes it).
+        # yet (_h2 makes it from the lib_* fields).
         self._lib: Any = lib
         self.method = method
         self.peer_ip = owner.peer_ip
@@ -279,6 +282,22 @@ class H2Stream:
         self._unacked = 0
         self._queue: deque[bytes | memoryview] = deque()
         self._queued = 0
+        self.state = _WAITING
+        self.exchange = None
+        self.started = False
+        self.remote_ended = ended
+        self.gone = False
+        self._paused = False
+        self._producer: Producer | None = None
+        self._producer_paused = False
+        self.stalled_since = 0.0
+        self._progressed = False
+        self.body_seen = 0.0
+        self.head = None
+        self.lib_state = _LIB_HALF_CLOSED_REMOTE
+        self.lib_headers_sent = None
+        self.lib_window = window
+        self.lib_expected = expected
 
     def __repr__(self) -> str:
         return f"<H2Stream {self.stream_id} {self.state.name} queued={self._queued}>"
@@ -1177,10 +1196,7 @@ class H2Protocol(DataProtocol):
                 at = end
                 self.requests += 1
                 template = known[0]
-                new = H2Stream(self, stream_id, known[2], None)
-                new.lib_window = self._outbound_window
-                new.lib_expected = known[1]
-                new.remote_ended = True
+                new = H2Stream(self, stream_id, known[2], None, self._outbound_window, known[1], True)
                 lazy[stream_id] = new
                 streams[stream_id] = new
                 starting.append((new, request_from(template)))

@@ -16,7 +16,7 @@ from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated
 from h2.exceptions import ProtocolError
 from hpack import Encoder
-from hyperframe.frame import ContinuationFrame, DataFrame, Frame, HeadersFrame, SettingsFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, Frame, HeadersFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame
 
 from tests.proxyharness import ProxyHarness, ok
 from test_h2 import SOLO, H2Client, answer, client, h, make_harness  # noqa: F401 (fixtures)
@@ -74,6 +74,9 @@ def _stream_shape(conn: H2Connection, stream_id: int) -> tuple[Any, ...]:
 def _served(client: H2Client, stream_id: int) -> bytes:
     """The response body the server wrote on `stream_id` since the last look (raw frames: the client's h2 did not
     open that stream)."""
+    if client.server._flush_call is not None:
+        # The reactor turn ends (several streams answered in it: one write at its end).
+        client.server.flush()
     return b"".join(frame.data for frame in client.raw_frames() if isinstance(frame, DataFrame) and frame.stream_id == stream_id)
 
 
@@ -256,3 +259,190 @@ def test_a_read_given_as_a_bytearray_or_memoryview_is_read_alike(h: ProxyHarness
     upstream.take()
     upstream.send(ok(b"two"))
     assert _served(client, 3) == b"two"
+
+
+# Whole requests (HEADERS with END_STREAM) whose block was met before: h2's stream is kept as plain fields on
+# labelgw's stream (H2Protocol._lazy) until h2 needs it, then made as h2 would hold it (H2Protocol.materialize).
+
+_BODY = b"x"
+
+
+def _lazy_setup(h: ProxyHarness, client: H2Client) -> tuple[H2Connection, Encoder, list[Any]]:
+    """Streams 1, 3 and 5 with one block (h2's encoder: the second and third are indexed only), sent alike to
+    labelgw and to h2 reading on its own; stream 5 is the first one labelgw keeps as fields. Their upstreams
+    accepted, not answered."""
+    reference = _reference()
+    encoder = Encoder()
+    for stream_id in (1, 3, 5):
+        frame = HeadersFrame(stream_id, encoder.encode(REQUEST), flags=["END_HEADERS", "END_STREAM"]).serialize()
+        reference.receive_data(frame)
+        client.server.dataReceived(frame)
+    assert list(client.server._lazy) == [5] and 5 not in client.server.conn.streams
+    upstreams = [upstream.accept() for upstream in h.new_connects()]
+    assert len(upstreams) == 3
+    return reference, encoder, upstreams
+
+
+def _finish(h: ProxyHarness, upstreams: list[Any]) -> None:
+    """Answer whatever request an upstream still holds (stream 7 went to a pooled connection)."""
+    for upstream in upstreams:
+        if upstream.take() and upstream.transport.connected:
+            upstream.send(ok(_BODY))
+    _answer_all(h)
+
+
+def _answer_like_labelgw(reference: H2Connection, stream_id: int) -> None:
+    reference.send_headers(stream_id, [(b":status", b"200"), (b"content-length", b"%d" % len(_BODY))])
+    reference.send_data(stream_id, _BODY, end_stream=True)
+
+
+def _outcome(data: Any) -> list[tuple[int, int, int]]:
+    """The RST_STREAM and GOAWAY frames in `data`: (type, stream id, error code)."""
+    data = bytes(data)
+    found = []
+    while len(data) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9 : 9 + length]))
+        if frame.type == 0x3:
+            found.append((frame.type, frame.stream_id, int(frame.error_code)))
+        elif frame.type == 0x7:
+            found.append((frame.type, frame.last_stream_id, int(frame.error_code)))
+        data = data[9 + length :]
+    return found
+
+
+def test_a_stream_kept_as_fields_is_made_as_h2_would_hold_it(h: ProxyHarness, client: H2Client) -> None:
+    reference, _, upstreams = _lazy_setup(h, client)
+    server = client.server
+    # Half-closed (remote), before the response.
+    server.materialize()
+    for stream_id in (1, 3, 5):
+        assert _stream_shape(server.conn, stream_id) == _stream_shape(reference, stream_id)
+    # Made by h2's rules from now on: answered as any stream.
+    for upstream in upstreams:
+        upstream.take()
+        upstream.send(ok(_BODY))
+    assert _served(client, 5) == _BODY
+
+
+@pytest.mark.parametrize("then", ["nothing", "another stream"])
+def test_a_stream_kept_as_fields_is_closed_as_h2_would_close_it(h: ProxyHarness, client: H2Client, then: str) -> None:
+    reference, encoder, upstreams = _lazy_setup(h, client)
+    server = client.server
+    for upstream, stream_id in zip(upstreams, (1, 3, 5)):
+        upstream.take()
+        upstream.send(ok(_BODY))
+        _answer_like_labelgw(reference, stream_id)
+    assert _served(client, 5) == _BODY
+    assert not server._lazy and [s.stream_id for s in server._closed_lately] == [5]
+    if then == "another stream":
+        frame = HeadersFrame(7, encoder.encode(REQUEST), flags=["END_HEADERS", "END_STREAM"]).serialize()
+        reference.receive_data(frame)
+        server.dataReceived(frame)
+        assert list(server._lazy) == [7] and not server._closed_lately
+        # h2 moved its closed streams to its record when stream 7 opened; labelgw did the same with stream 5.
+        assert reference._closed_streams == server.conn._closed_streams
+    else:
+        server.materialize()
+        assert _stream_shape(server.conn, 5) == _stream_shape(reference, 5)
+    server.materialize()
+    assert set(server.conn.streams) == set(reference.streams)
+    for stream_id in reference.streams:
+        assert _stream_shape(server.conn, stream_id) == _stream_shape(reference, stream_id)
+    _finish(h, upstreams)
+
+
+LATE_FRAMES = {
+    "window update": lambda: WindowUpdateFrame(5, window_increment=100).serialize(),
+    "reset": lambda: RstStreamFrame(5, error_code=8).serialize(),
+    "data": lambda: DataFrame(5, b"late", flags=["END_STREAM"]).serialize(),
+    "headers again": lambda: HeadersFrame(5, Encoder().encode(REQUEST), flags=["END_HEADERS", "END_STREAM"]).serialize(),
+}
+
+
+@pytest.mark.parametrize("then", ["nothing", "another stream"])
+@pytest.mark.parametrize("late", sorted(LATE_FRAMES))
+def test_frames_on_a_closed_stream_kept_as_fields_get_h2s_answer(h: ProxyHarness, client: H2Client, late: str, then: str) -> None:
+    """RFC 9113 section 5.1: what a client sends on a stream after its END_STREAM went out; h2's answer (ignore,
+    RST_STREAM or GOAWAY, and which code) whether h2 still held the closed stream or had moved it to its record."""
+    reference, encoder, upstreams = _lazy_setup(h, client)
+    server = client.server
+    for upstream, stream_id in zip(upstreams, (1, 3, 5)):
+        upstream.take()
+        upstream.send(ok(_BODY))
+        _answer_like_labelgw(reference, stream_id)
+    reference.data_to_send()
+    client.raw_frames()
+    raw = b""
+    if then == "another stream":
+        raw = HeadersFrame(7, encoder.encode(REQUEST), flags=["END_HEADERS", "END_STREAM"]).serialize()
+    raw += LATE_FRAMES[late]()
+    try:
+        reference.receive_data(raw)
+    except ProtocolError:
+        pass
+    expected = _outcome(reference.data_to_send())
+    server.dataReceived(raw)
+    assert _outcome(client.transport.value()) == expected
+    client.transport.clear()
+    _finish(h, upstreams)
+
+
+def test_the_concurrency_limit_counts_the_streams_kept_as_fields(h: ProxyHarness) -> None:
+    from labelgw.http.h2 import H2Settings
+
+    client = H2Client(h, H2Settings(max_concurrent_streams=3))
+    encoder = Encoder()
+    frames = [HeadersFrame(s, encoder.encode(REQUEST), flags=["END_HEADERS", "END_STREAM"]).serialize() for s in (1, 3, 5, 7)]
+    client.server.dataReceived(frames[0] + frames[1] + frames[2])
+    assert list(client.server._lazy) == [5]
+    seen = _spy(client)
+    client.send_raw(frames[3])
+    # Over the limit: h2 read it (with every stream made first) and refused it as before.
+    assert seen and HeadersFrame.type in seen[0]
+    assert client.terminated is not None and client.terminated.error_code == ErrorCodes.PROTOCOL_ERROR
+    h.settle()
+
+
+def test_a_smaller_window_from_the_client_reaches_a_stream_kept_as_fields(h: ProxyHarness, client: H2Client) -> None:
+    from h2.settings import SettingCodes
+
+    for index in range(2):
+        stream = client.request(b"/w")
+        if index == 0:
+            upstream = answer(h, ok(b"first"))
+        else:
+            upstream.take()
+            upstream.send(ok(b"second"))
+        client.exchange()
+        assert client.streams[stream].body == (b"first", b"second")[index]
+    # The third is kept as fields; then the client's window shrinks to 3 bytes before the response.
+    stream = client.request(b"/w")
+    assert stream in client.server._lazy
+    client.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 3})
+    client.exchange()
+    upstream.take()
+    upstream.send(ok(b"0123456789"))
+    client.exchange()
+    result = client.streams[stream]
+    # Sent within the windows (3 bytes, then as the client's h2 acknowledges): whole, in order.
+    assert result.body == b"0123456789" and result.ended
+
+
+def test_a_client_reset_of_a_stream_kept_as_fields_cancels_its_upstream(h: ProxyHarness, client: H2Client) -> None:
+    for index in range(2):
+        stream = client.request(b"/r")
+        if index == 0:
+            upstream = answer(h, ok(b"x"))
+        else:
+            upstream.take()
+            upstream.send(ok(b"x"))
+        client.exchange()
+    stream = client.request(b"/r")
+    assert stream in client.server._lazy
+    assert upstream.take().startswith(b"GET /r ")
+    client.reset(stream)
+    assert stream not in client.server.streams
+    # The upstream request was cancelled with it (its connection is not reused mid-response).
+    assert upstream.transport.disconnecting
+    h.settle()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,7 @@ from labelgw.http.hpack import CachingDecoder
 from labelgw.http.hpack import Encoder as HpackEncoder
 from labelgw.http.hpack import encode_fields
 from labelgw.http.logsafe import printable
-from labelgw.http.parser import MAX_HEADERS, RequestHead, ResponseHead
+from labelgw.http.parser import MAX_HEADERS, RequestFields, RequestHead, ResponseHead, request_fields, request_from
 from labelgw.http.server import ClientConnection, Gateway
 from labelgw.http.states import H2_MOVES, STREAM_MOVES, H2State, StreamState, check_move
 from labelgw.http.transport import DataProtocol, Producer
@@ -239,30 +239,41 @@ class H2Stream:
     the upstream (the response producer) is paused while too much waits.
     """
 
-    state = _WAITING
-    exchange: Exchange | None = None
+    # Slots: no per-stream dict to make and free, and attribute reads the interpreter specialises.
+    __slots__ = (
+        "owner", "stream_id", "_lib", "method", "peer_ip", "proto", "local_port", "_inbound", "_unacked", "_queue",
+        "_queued", "state", "exchange", "started", "remote_ended", "gone", "_paused", "_producer", "_producer_paused",
+        "stalled_since", "_progressed", "body_seen", "head", "lib_state", "lib_headers_sent", "lib_window",
+        "lib_expected",
+    )
+    state: StreamState
+    exchange: Exchange | None
     # Dispatched (or answered locally): DATA from now on goes to the exchange or is dropped.
-    started = False
+    started: bool
     # The client sent END_STREAM (the exchange hears of it once it has the whole body: body_done).
-    remote_ended = False
+    remote_ended: bool
     # Out of the connection's table: nothing more happens on this stream.
-    gone = False
-    _paused = False
-    _producer: Producer | None = None
-    _producer_paused = False
+    gone: bool
     # Since when response bytes wait and none could be sent (0.0: none wait); the stream's send timeout.
-    stalled_since = 0.0
-    _progressed = False
-    body_seen = 0.0
+    stalled_since: float
     # The request, once dispatched (the access log reads it).
-    head: RequestHead | None = None
+    head: RequestHead | None
+    # h2's stream while labelgw keeps it as plain fields (_lib None: not made yet, H2Protocol._lazy): a request that
+    # came whole (HEADERS with END_STREAM) is half-closed (remote) until the response's END_STREAM closes it; whether
+    # the response head went out (h2's headers_sent), the send window, h2's expected content length.
+    lib_state: Any
+    lib_headers_sent: bool | None
+    lib_window: int
+    lib_expected: int | None
 
-    def __init__(self, owner: "H2Protocol", stream_id: int, method: bytes) -> None:
+    def __init__(self, owner: "H2Protocol", stream_id: int, method: bytes, lib: Any, window: int = 0,
+                 expected: int | None = None, ended: bool = False) -> None:
         self.owner = owner
         self.stream_id = stream_id
         # h2's own stream (created by the HEADERS that opened this one): the state the frames sent here move.
-        # One h2 already closed and forgot (opened and reset in the same read) refuses every frame.
-        self._lib: Any = owner.conn.streams.get(stream_id) or _ClosedStream(stream_id)
+        # One h2 already closed and forgot (opened and reset in the same read) refuses every frame. None: not made
+        # yet (_h2 makes it from the lib_* fields).
+        self._lib: Any = lib
         self.method = method
         self.peer_ip = owner.peer_ip
         self.proto = owner.proto
@@ -271,9 +282,36 @@ class H2Stream:
         self._unacked = 0
         self._queue: deque[bytes | memoryview] = deque()
         self._queued = 0
+        self.state = _WAITING
+        self.exchange = None
+        self.started = False
+        self.remote_ended = ended
+        self.gone = False
+        self._paused = False
+        self._producer: Producer | None = None
+        self._producer_paused = False
+        self.stalled_since = 0.0
+        self._progressed = False
+        self.body_seen = 0.0
+        self.head = None
+        self.lib_state = _LIB_HALF_CLOSED_REMOTE
+        self.lib_headers_sent = None
+        self.lib_window = window
+        self.lib_expected = expected
 
     def __repr__(self) -> str:
         return f"<H2Stream {self.stream_id} {self.state.name} queued={self._queued}>"
+
+    def _h2(self) -> Any:
+        """h2's stream, made now if labelgw kept it as plain fields."""
+        lib = self._lib
+        if lib is None:
+            self.owner.materialize()
+            lib = self._lib
+            if lib is None:
+                # Closed, and h2 has moved it to its record of closed streams: it refuses what h2 would refuse.
+                lib = self._lib = _ClosedStream(self.stream_id)
+        return lib
 
     def _move(self, new: StreamState) -> None:
         self.state = check_move(STREAM_MOVES, self.state, new)
@@ -289,10 +327,12 @@ class H2Stream:
             self._drop_inbound()
             return
         self.exchange = exchange
-        self.body_seen = self.owner.clock.seconds()
         exchange.start()
         if self.exchange is exchange and not exchange.body_done:
-            self.owner.watch(self.body_seen + self.owner.gateway.settings.body_timeout)
+            # A body follows: the body timeout runs from now (a request that came whole has none to wait for).
+            owner = self.owner
+            self.body_seen = owner.clock.seconds()
+            owner.watch(self.body_seen + owner.gateway.settings.body_timeout)
             if not self._paused:
                 self._release_inbound()
 
@@ -352,6 +392,7 @@ class H2Stream:
             if owner.state is not _CLOSED:
                 # Also for a closed stream: the connection's window gets the bytes back.
                 try:
+                    owner.materialize()
                     owner.conn.acknowledge_received_data(unacked, self.stream_id)
                 except (StreamClosedError, ProtocolError):
                     return
@@ -401,7 +442,35 @@ class H2Stream:
             if not body or length == 0:
                 if self._send_headers(_NO_FIELDS, True, block):
                     self._sent_all()
-            elif self._send_headers(_NO_FIELDS, False, block):
+                return
+            owner = self.owner
+            conn = owner.conn
+            lib = self._lib
+            if lib is None:
+                state, sent = self.lib_state, self.lib_headers_sent
+            else:
+                machine = lib.state_machine
+                state, sent = machine.state, machine.headers_sent
+            if (state is _LIB_HALF_CLOSED_REMOTE and not sent and owner.state is not _CLOSED and not self.gone
+                    and conn.state_machine.state is not _CONNECTION_CLOSED):
+                # send_headers_frames' common case written out: the whole request is in (half-closed remote), a
+                # final head, one frame. HEADERS leave with the first DATA, at the flush that ends this read.
+                size = len(block)
+                # (Room for a size update owed to the client: one byte, labelgw.http.hpack.Encoder.prefix.)
+                if size < conn.max_outbound_frame_size:
+                    if lib is None:
+                        self.lib_headers_sent = True
+                    else:
+                        machine.headers_sent = True
+                    encoder = conn.encoder
+                    if encoder._size_update:  # type: ignore[attr-defined]
+                        block = encoder.prefix() + block  # type: ignore[attr-defined]
+                        size = len(block)
+                    conn._data_to_send += _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, _HEADERS_FRAME, _END_HEADERS, self.stream_id) + block
+                    # WAITING -> SENDING (states.STREAM_MOVES).
+                    self.state = _SENDING
+                    return
+            if self._send_headers(_NO_FIELDS, False, block):
                 self._move(_SENDING)
             return
         fields = [(b":status", b"%d" % head.status)]
@@ -422,8 +491,13 @@ class H2Stream:
     def response_data(self, data: bytes) -> None:
         if data and self.state is _SENDING:
             self._queue.append(data)
-            self._queued += len(data)
-            self.owner.queued_more(len(data))
+            size = len(data)
+            self._queued += size
+            owner = self.owner
+            # queued_more, its common case written out (the connection's bound not reached).
+            queued = owner.queued = owner.queued + size
+            if queued > owner.settings.connection_buffer and not owner.buffer_full:
+                owner.queued_more(0)
 
     def flush(self) -> None:
         self._pump()
@@ -434,24 +508,56 @@ class H2Stream:
         queue = self._queue
         lib = self._lib
         owner = self.owner
-        if len(queue) == 1 and self.remote_ended and lib.state_machine.state is _LIB_HALF_CLOSED_REMOTE and owner.state is not _CLOSED:
+        if lib is None:
+            state, window = self.lib_state, self.lib_window
+        else:
+            machine = lib.state_machine
+            state = machine.state
+        if len(queue) == 1 and self.remote_ended and state is _LIB_HALF_CLOSED_REMOTE and owner.state is not _CLOSED:
             # The common case (a small response whose body came whole, the request complete): one DATA frame
             # with END_STREAM if the windows and the frame size allow, what _pump and _sent_all would do.
             chunk = queue[0]
             size = len(chunk)
             conn = owner.conn
-            if size <= conn.max_outbound_frame_size and size <= send_window(conn, lib):
+            if lib is not None:
+                window = lib.outbound_flow_control_window
+            if (size <= conn.max_outbound_frame_size and size <= conn.outbound_flow_control_window and size <= window
+                    and conn.state_machine.state is not _CONNECTION_CLOSED):
                 queue.clear()
                 self._queued = 0
-                owner.queued_less(size)
-                send_data_frame(conn, lib, chunk, True)
+                queued = owner.queued = owner.queued - size
+                if owner.buffer_full and queued <= owner.settings.connection_buffer // 2:
+                    owner.queued_less(0)
+                # send_data_frame and _send_end_stream for a half-closed (remote) stream, written out.
+                if lib is None:
+                    self.lib_state = _LIB_CLOSED
+                    self.lib_window = window - size
+                    # Closed: h2 would hold it until the next stream opens (H2Protocol.materialize, _forget_closed).
+                    del owner._lazy[self.stream_id]
+                    owner._closed_lately.append(self)
+                else:
+                    machine.state = _LIB_CLOSED
+                    machine.stream_closed_by = _CLOSED_BY_SEND_END
+                    lib.outbound_flow_control_window -= size
+                conn.outbound_flow_control_window -= size
+                out = conn._data_to_send
+                out += _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, _DATA_FRAME, _END_STREAM, self.stream_id)
+                out += chunk
                 # SENDING -> DONE (states.STREAM_MOVES); the client ended its side (half-closed remote), so no
                 # reset for an unread body.
                 self.state = _DONE
                 self.stalled_since = 0.0
-                self._maybe_gone()
-                self.sync_producer()
-                owner.flush_soon()
+                if self.exchange is None:
+                    self._maybe_gone()
+                if self._producer is not None:
+                    self.sync_producer()
+                if owner._receiving or owner._flush_call is not None or len(owner.streams) > 1:
+                    owner.flush_soon()
+                else:
+                    # flush_soon's last case (one stream, outside a read): the write now (data_to_send, written out).
+                    data = bytes(out)
+                    del out[:]
+                    owner.transport.write(data)
                 return
         self._move(_ENDING)
         self._pump()
@@ -527,7 +633,20 @@ class H2Stream:
             # Nothing was answered (the client went away, or its body was refused): nothing more to send.
             self._reset(ErrorCodes.REFUSED_STREAM)
             return
-        self._maybe_gone()
+        if self.state is _DONE and not self.gone:
+            # _maybe_gone, written out.
+            self.gone = True
+            owner = self.owner
+            streams = owner.streams
+            if len(streams) == 1 and owner.state is _OPEN and streams.get(self.stream_id) is self:
+                # stream_gone's common case written out: the connection goes idle (the idle timeout's timer).
+                del streams[self.stream_id]
+                now = owner._idle_since = owner.clock.seconds()
+                deadline = now + owner.gateway.settings.idle_timeout
+                if owner._timer is None or owner._timer_at > deadline:
+                    owner.watch(deadline)
+            else:
+                owner.stream_gone(self)
 
     # Sending.
 
@@ -549,7 +668,7 @@ class H2Stream:
         if owner.state is _CLOSED or self.gone:
             return False
         try:
-            send_headers_frames(owner.conn, self._lib, fields, end, block)
+            send_headers_frames(owner.conn, self._h2(), fields, end, block)
         except (StreamClosedError, ProtocolError):
             # h2 closed the stream itself (for example after a stream error): it cannot be answered any more.
             self._reset(ErrorCodes.INTERNAL_ERROR)
@@ -568,7 +687,7 @@ class H2Stream:
             while self._send_frame():
                 pass
             if self.state is _ENDING and not self._queue:
-                send_data_frame(owner.conn, self._lib, b"", True)
+                send_data_frame(owner.conn, self._h2(), b"", True)
                 self._sent_all()
         except (StreamClosedError, ProtocolError):
             self._reset(ErrorCodes.INTERNAL_ERROR)
@@ -591,7 +710,7 @@ class H2Stream:
             return False
         owner = self.owner
         conn = owner.conn
-        lib = self._lib
+        lib = self._h2()
         window = send_window(conn, lib)
         if window <= 0:
             return False
@@ -644,6 +763,7 @@ class H2Stream:
         if not self.remote_ended and owner.state is not _CLOSED:
             # The client is still sending a body nobody will read: tell it to stop (RFC 9113 section 8.1).
             try:
+                owner.materialize()
                 owner.conn.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
             except (StreamClosedError, ProtocolError):
                 pass
@@ -668,6 +788,7 @@ class H2Stream:
             self._drop_queue()
             if owner.state is not _CLOSED and not self.gone:
                 try:
+                    owner.materialize()
                     owner.conn.reset_stream(self.stream_id, code)
                 except (StreamClosedError, ProtocolError):
                     pass
@@ -770,9 +891,19 @@ class H2Protocol(DataProtocol):
         self._goaway_last: int | None = None
         self._resets: deque[float] = deque()
         # Request blocks already checked and parsed (their fields and whether a body follows): the head to copy.
-        self._known_heads: dict[tuple[Any, bool], RequestHead] = {}
+        self._known_heads: dict[tuple[Any, bool], RequestFields] = {}
+        self._max_streams = settings.max_concurrent_streams
+        self._inbound_window = settings.initial_window_size
+        # The client's initial stream window (h2's remote setting), read again after each read h2 takes.
+        self._outbound_window = 65535
+        # Streams whose h2 stream labelgw keeps as plain fields until h2 needs it (materialize), open ones by id,
+        # and those closed since the last stream opened (h2 would still hold them, closed).
+        self._lazy: dict[int, H2Stream] = {}
+        self._closed_lately: list[H2Stream] = []
         self._idle_since = 0.0
         self._timer: Any = None
+        # When the timer runs (its getTime(), kept as it is set).
+        self._timer_at = 0.0
         # The write of this reactor turn, once streams answer together (flush_soon).
         self._flush_call: Any = None
 
@@ -803,6 +934,11 @@ class H2Protocol(DataProtocol):
                 SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_window_size,
             },
         )
+        # labelgw never changes its settings after this (no update_settings): the values h2 reads for each new
+        # stream, read once.
+        self._max_streams = conn.local_settings.max_concurrent_streams
+        self._inbound_window = conn.local_settings.initial_window_size
+        self._outbound_window = conn.remote_settings.initial_window_size
         # labelgw's HPACK (labelgw.http.hpack): static-table response heads, cached indexed-only request blocks.
         # (h2's encoder and decoder attributes are not its documented API: tests/test_internals.py checks them.)
         conn.encoder = HpackEncoder()  # type: ignore[assignment]
@@ -818,6 +954,7 @@ class H2Protocol(DataProtocol):
         gateway.connections.add(self)
         self._idle_since = self.clock.seconds()
         self._timer = self.clock.callLater(gateway.settings.head_timeout, self._check_timers)
+        self._timer_at = self._timer.getTime()
         self.flush()
         if gateway.draining:
             self.drain()
@@ -857,77 +994,140 @@ class H2Protocol(DataProtocol):
             return
         self._receiving = True
         try:
-            self._receive(data)
-        finally:
-            self._receiving = False
-            self.flush()
-
-    def _receive(self, data: bytes) -> None:
-        conn = self.conn
-        starting: list[tuple[H2Stream, RequestHead]] = []
-        buffered = conn.incoming_buffer
-        try:
-            state = conn.state_machine.state
-            if buffered._data or buffered._preamble_len or buffered._headers_buffer or (state is not _SERVER_OPEN and state is not _IDLE):
-                events = conn.receive_data(data)
-            else:
-                # Nothing half-read: the requests at the front of the read are taken without h2's frame objects and
-                # events, the rest (if any) goes to h2.
-                at = self._receive_requests(data, starting)
-                if at < 0:
-                    return
-                events = conn.receive_data(memoryview(data)[at:]) if at < len(data) else []
-        except ProtocolError as problem:
-            # h2 queued a GOAWAY with the right code (ENHANCE_YOUR_CALM for an HPACK bomb).
-            self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=printable(str(problem)))
-            self._shut(None)
-            return
-        if self._header_block_size() > self.settings.max_header_list_size:
-            self._enhance_your_calm("header block (HEADERS + CONTINUATION) too large")
-            return
-        streams = self.streams
-        for event in events:
-            if isinstance(event, DataReceived):
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream.data_received(event.data or b"", event.flow_controlled_length or 0)
-                elif event.flow_controlled_length:
-                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, RequestReceived):
-                if not self._request(event.stream_id, event.headers, event.stream_ended is None, starting):
-                    return
-            elif isinstance(event, StreamEnded):
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream.request_ended()
-            elif isinstance(event, WindowUpdated):
-                if event.stream_id:
-                    stream = streams.get(event.stream_id)
-                    if stream is not None:
-                        stream.pump()
+            conn = self.conn
+            starting: list[tuple[H2Stream, RequestHead]] = []
+            buffered = conn.incoming_buffer
+            events: list[Any] | None
+            try:
+                state = conn.state_machine.state
+                if buffered._data or buffered._preamble_len or buffered._headers_buffer or (state is not _SERVER_OPEN and state is not _IDLE):
+                    events = self._h2_reads(data)
                 else:
-                    self._pump_all()
-            elif isinstance(event, StreamReset):
-                self._stream_reset(event)
-                if self.state is _CLOSED:
-                    return
-            elif isinstance(event, RemoteSettingsChanged):
-                if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                    self._pump_all()
-            elif isinstance(event, ConnectionTerminated):
-                # The client's GOAWAY: h2 will not send anything more on this connection.
+                    # Nothing half-read: the requests at the front of the read are taken without h2's frame objects and
+                    # events, the rest (if any) goes to h2.
+                    at = self._receive_requests(data, starting)
+                    if at < 0:
+                        return
+                    events = self._h2_reads(memoryview(data)[at:]) if at < len(data) else None
+            except ProtocolError as problem:
+                # h2 queued a GOAWAY with the right code (ENHANCE_YOUR_CALM for an HPACK bomb).
+                self.log.info("HTTP/2 connection from {peer}: {problem}", peer=_describe(self.peer), problem=printable(str(problem)))
                 self._shut(None)
                 return
-            elif isinstance(event, TrailersReceived):
-                # Dropped (an HTTP/1.1 upstream gets none), but checked as h2 would have.
-                why = malformed_trailers(event.headers)
-                if why is not None:
-                    self._malformed(why)
+            if events is None:
+                # h2 took nothing of this read. The streams start after the whole read (below, the same).
+                for opened, head in starting:
+                    if not opened.gone and opened.state is _WAITING and self.state is not _CLOSED:
+                        opened.start(head)
+                return
+            if self._header_block_size() > self.settings.max_header_list_size:
+                self._enhance_your_calm("header block (HEADERS + CONTINUATION) too large")
+                return
+            streams = self.streams
+            for event in events:
+                if isinstance(event, DataReceived):
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        stream.data_received(event.data or b"", event.flow_controlled_length or 0)
+                    elif event.flow_controlled_length:
+                        self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, RequestReceived):
+                    if not self._request(event.stream_id, event.headers, event.stream_ended is None, starting):
+                        return
+                elif isinstance(event, StreamEnded):
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        stream.request_ended()
+                elif isinstance(event, WindowUpdated):
+                    if event.stream_id:
+                        stream = streams.get(event.stream_id)
+                        if stream is not None:
+                            stream.pump()
+                    else:
+                        self._pump_all()
+                elif isinstance(event, StreamReset):
+                    self._stream_reset(event)
+                    if self.state is _CLOSED:
+                        return
+                elif isinstance(event, RemoteSettingsChanged):
+                    if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                        self._pump_all()
+                elif isinstance(event, ConnectionTerminated):
+                    # The client's GOAWAY: h2 will not send anything more on this connection.
+                    self._shut(None)
                     return
-        # Streams start after the whole read: one opened and reset in the same read never reaches a backend.
-        for stream, head in starting:
-            if not stream.gone and stream.state is _WAITING and self.state is not _CLOSED:
-                stream.start(head)
+                elif isinstance(event, TrailersReceived):
+                    # Dropped (an HTTP/1.1 upstream gets none), but checked as h2 would have.
+                    why = malformed_trailers(event.headers)
+                    if why is not None:
+                        self._malformed(why)
+                        return
+            # Streams start after the whole read: one opened and reset in the same read never reaches a backend.
+            for opened, head in starting:
+                if not opened.gone and opened.state is _WAITING and self.state is not _CLOSED:
+                    opened.start(head)
+        finally:
+            self._receiving = False
+            if self._flush_call is not None or self.conn._data_to_send:
+                self.flush()
+
+    def _h2_reads(self, data: Any) -> list[Any]:
+        """h2 reads `data`, holding every stream as it would have made them."""
+        if self._lazy or self._closed_lately:
+            self.materialize()
+        conn = self.conn
+        try:
+            return conn.receive_data(data)
+        finally:
+            self._outbound_window = conn.remote_settings.initial_window_size
+
+    def materialize(self) -> None:
+        """Make h2's streams for those labelgw kept as plain fields, as h2 would hold them now: before h2 reads
+        frames, resets or acknowledges anything, or sends on them other than as labelgw's own framing does."""
+        conn = self.conn
+        closed = self._closed_lately
+        if closed:
+            # Closed since the last stream opened: h2 keeps such a stream, closed, until a stream opens.
+            for stream in closed:
+                conn.streams[stream.stream_id] = stream._lib = self._lib_stream(stream)
+            closed.clear()
+        lazy = self._lazy
+        if lazy:
+            for stream in lazy.values():
+                conn.streams[stream.stream_id] = stream._lib = self._lib_stream(stream)
+            lazy.clear()
+
+    def _lib_stream(self, stream: H2Stream) -> Any:
+        """h2's stream as h2 would have made and moved it: opened by a whole request (RECV_HEADERS with
+        END_STREAM), then the response's HEADERS and END_STREAM as labelgw sent them (send_headers_frames,
+        send_data_frame)."""
+        conn = self.conn
+        lib = _H2LibStream(
+            stream.stream_id, config=conn.config, inbound_window_size=self._inbound_window,
+            outbound_window_size=stream.lib_window,
+        )
+        # (Settings h2 reads for it change only in a read h2 takes, after this.)
+        lib.max_outbound_frame_size = conn.max_outbound_frame_size
+        machine = lib.state_machine
+        machine.client = False
+        machine.headers_received = True
+        machine.headers_sent = stream.lib_headers_sent
+        machine.state = stream.lib_state
+        if stream.lib_state is _LIB_CLOSED:
+            machine.stream_closed_by = _CLOSED_BY_SEND_END
+        lib._expected_content_length = stream.lib_expected
+        return lib
+
+    def _forget_closed(self) -> None:
+        """A stream opens: h2 would now move the closed streams it holds to its record of closed streams (its
+        _open_streams), bounded as h2 bounds it (a SizeLimitDict, written to without its Python methods)."""
+        record = self.conn._closed_streams
+        limit = record._size_limit  # type: ignore[attr-defined]
+        for stream in self._closed_lately:
+            _ordered_set(record, stream.stream_id, _CLOSED_BY_SEND_END)
+            if len(record) > limit:
+                record.popitem(last=False)  # type: ignore[call-arg]
+        self._closed_lately.clear()
 
     def _malformed(self, problem: str) -> None:
         """A malformed header block (RFC 9113 section 8.1.1): the connection ends, as h2's own check ended it."""
@@ -953,6 +1153,10 @@ class H2Protocol(DataProtocol):
         unpack = _FRAME_HEAD.unpack_from
         limit = conn.max_inbound_frame_size
         streams = self.streams
+        decoder: CachingDecoder = conn.decoder  # type: ignore[assignment]
+        # Request blocks met before, with the decoder's table unchanged since: their fields, checks and parsed head
+        # (CachingDecoder.known is emptied whenever the table may have changed).
+        known_blocks = decoder.known
         while size - at >= 9:
             high, low, kind, flags, stream_id = unpack(data, at)
             length = (high << 16) | low
@@ -963,15 +1167,54 @@ class H2Protocol(DataProtocol):
             stream_id &= 0x7FFFFFFF
             if not stream_id & 1 or stream_id <= conn.highest_inbound_stream_id:
                 break
-            if conn._open_streams(1) + 1 > conn.local_settings.max_concurrent_streams:
+            block = data[at + 9 : end]
+            ended = flags & _END_STREAM
+            known_key = (block, ended, decoder.max_header_list_size)
+            known = known_blocks.get(known_key)
+            lazy = self._lazy
+            if known is not None and ended and self._goaway_last is None:
+                # A whole request (END_STREAM) whose block was met before: checked and parsed then, and h2's stream
+                # kept as plain fields (materialize makes it if h2 ever needs it). h2's checks before it opens a
+                # stream: the concurrency limit counts h2's open streams (it forgets its closed ones while counting)
+                # and these.
+                if (conn._open_streams(1) if conn.streams else 0) + len(lazy) + 1 > self._max_streams:
+                    break
+                closed = self._closed_lately
+                if closed:
+                    if len(closed) == 1:
+                        # _forget_closed's common case written out (the last request's stream).
+                        record = conn._closed_streams
+                        _ordered_set(record, closed[0].stream_id, _CLOSED_BY_SEND_END)
+                        if len(record) > record._size_limit:  # type: ignore[attr-defined]
+                            record.popitem(last=False)  # type: ignore[call-arg]
+                        closed.clear()
+                    else:
+                        self._forget_closed()
+                # RECV_HEADERS: an idle connection (its first request) becomes open, an open one stays so.
+                conn.state_machine.state = _SERVER_OPEN
+                conn.highest_inbound_stream_id = stream_id
+                at = end
+                self.requests += 1
+                template = known[0]
+                new = H2Stream(self, stream_id, known[2], None, self._outbound_window, known[1], True)
+                lazy[stream_id] = new
+                streams[stream_id] = new
+                starting.append((new, request_from(template)))
+                continue
+            # (h2's count of open streams also forgets the closed ones, as h2 does before opening a stream.)
+            if conn._open_streams(1) + len(lazy) + 1 > self._max_streams:
                 break
+            if self._closed_lately:
+                self._forget_closed()
+            headers: Any = None
             try:
-                headers: Any = _h2_decode_headers(conn.decoder, data[at + 9 : end])
+                if known is None:
+                    headers = _h2_decode_headers(decoder, block)
                 # RECV_HEADERS: an idle connection (its first request) becomes open, an open one stays so.
                 conn.state_machine.state = _SERVER_OPEN
                 # h2's _begin_new_stream, without the checks made above and its debug logging.
                 lib = _H2LibStream(
-                    stream_id, config=conn.config, inbound_window_size=conn.local_settings.initial_window_size,
+                    stream_id, config=conn.config, inbound_window_size=self._inbound_window,
                     outbound_window_size=conn.remote_settings.initial_window_size,
                 )
                 lib.max_outbound_frame_size = conn.max_outbound_frame_size
@@ -980,19 +1223,37 @@ class H2Protocol(DataProtocol):
                 machine = lib.state_machine
                 machine.client = False
                 machine.headers_received = True
-                ended = flags & _END_STREAM
                 machine.state = _LIB_HALF_CLOSED_REMOTE if ended else _LIB_OPEN
-                lib._initialize_content_length(headers)
+                if known is None:
+                    lib._initialize_content_length(headers)
+                else:
+                    lib._expected_content_length = known[1]
             except ProtocolError as problem:
                 conn._terminate_connection(problem.error_code)
                 raise
             at = end
+            if known is not None and self._goaway_last is None:
+                # A block met before (a body follows): checked and parsed then (_request's work, without its
+                # look-ups).
+                self.requests += 1
+                new = H2Stream(self, stream_id, known[2], lib)
+                streams[stream_id] = new
+                starting.append((new, request_from(known[0])))
+                continue
             if not self._request(stream_id, headers, not ended, starting) or self.state is _CLOSED:
                 return -1
             if ended:
                 stream = streams.get(stream_id)
                 if stream is not None:
                     stream.request_ended()
+            if known is None and decoder.cached(block):
+                # Keep what this block made (its parsed head, h2's expected length) while the decoder keeps its fields.
+                template = self._known_heads.get((tuple(headers), not ended))
+                if template is not None:
+                    if len(known_blocks) >= _KNOWN_HEADS:
+                        known_blocks.clear()
+                    # (The head's fields, h2's expected content length, the method.)
+                    known_blocks[known_key] = (template, lib._expected_content_length, request_from(template).method)
         return at
 
     def _request(self, stream_id: int, headers: list[tuple[bytes, bytes]], has_body: bool,
@@ -1012,24 +1273,24 @@ class H2Protocol(DataProtocol):
             return True
         self.requests += 1
         if template is not None:
-            head: RequestHead | tuple[int, str] = _copy_head(template)
+            head: RequestHead | tuple[int, str] = request_from(template)
         else:
             head = request_head(headers, has_body)
             if isinstance(head, RequestHead) and len(head.block) <= _KNOWN_BLOCK:
                 known_heads = self._known_heads
                 if len(known_heads) >= _KNOWN_HEADS:
                     known_heads.clear()
-                known_heads[known] = _copy_head(head)
+                known_heads[known] = request_fields(head)
         if isinstance(head, tuple):
             # A request h2 accepted that labelgw does not relay.
             method = next((value for name, value in headers if name == b":method"), b"")
-            stream = H2Stream(self, stream_id, method)
+            stream = H2Stream(self, stream_id, method, self.conn.streams.get(stream_id) or _ClosedStream(stream_id))
             self.streams[stream_id] = stream
             stream.remote_ended = not has_body
             status, message = head
             stream.refuse(status, message, True)
             return True
-        stream = H2Stream(self, stream_id, head.method)
+        stream = H2Stream(self, stream_id, head.method, self.conn.streams.get(stream_id) or _ClosedStream(stream_id))
         self.streams[stream_id] = stream
         starting.append((stream, head))
         return True
@@ -1141,14 +1402,17 @@ class H2Protocol(DataProtocol):
     # Streams and closing.
 
     def stream_gone(self, stream: H2Stream) -> None:
-        if self.streams.get(stream.stream_id) is stream:
-            del self.streams[stream.stream_id]
-        if not self.streams:
+        streams = self.streams
+        if streams.get(stream.stream_id) is stream:
+            del streams[stream.stream_id]
+        if not streams:
             now = self._idle_since = self.clock.seconds()
             # The timer may wait for a later deadline (the head timeout, armed at the connection's start).
-            if self.state is _OPEN:
+            state = self.state
+            if state is _OPEN:
                 self.watch(now + self.gateway.settings.idle_timeout)
-            self._close_if_drained()
+            elif state is _DRAINING:
+                self._close_if_drained()
 
     def _close_if_drained(self) -> None:
         if self.state is _DRAINING and not self.streams:
@@ -1183,12 +1447,17 @@ class H2Protocol(DataProtocol):
     def watch(self, deadline: float) -> None:
         """Make sure the timer runs by `deadline` (a stream's send or body timeout, a blocked client)."""
         timer = self._timer
+        if timer is not None and self._timer_at <= deadline:
+            # It runs by then (the timer is only cancelled with the connection, and _check_timers forgets it first).
+            return
         now = self.clock.seconds()
         if timer is None or not timer.active():
             if self.state is not _CLOSED:
-                self._timer = self.clock.callLater(max(deadline - now, 0.001), self._check_timers)
+                timer = self._timer = self.clock.callLater(max(deadline - now, 0.001), self._check_timers)
+                self._timer_at = timer.getTime()
         elif timer.getTime() > deadline:
             timer.reset(max(deadline - now, 0.001))
+            self._timer_at = timer.getTime()
 
     def _check_timers(self) -> None:
         self._timer = None
@@ -1232,6 +1501,10 @@ class H2Protocol(DataProtocol):
             if blocked:
                 deadline = min(deadline, blocked + settings.send_timeout)
         self._timer = self.clock.callLater(max(deadline - now, 0.001), self._check_timers)
+        self._timer_at = self._timer.getTime()
+
+
+_ordered_set = OrderedDict.__setitem__
 
 
 def _describe(address: Any) -> str:
@@ -1264,6 +1537,8 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
     cookie_at = 0
     # A field labelgw does not forward (hop-by-hop, managed X-Forwarded-*): the block is then filtered field by field.
     cut = False
+    # X-Request-Id and traceparent fields, counted as the HTTP/1.1 parser counts them (RequestHead.id_fields).
+    id_fields = 0
     for name, value in headers:
         if name[:1] == b":":
             if name == b":method":
@@ -1300,6 +1575,8 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
             cookie_at = len(lines)
         elif name in HOP_BY_HOP or (name[:2] in _X_PREFIXES and name.replace(b"_", b"-").replace(b".", b"-") in MANAGED):
             cut = True
+        if name == b"x-request-id" or name == b"traceparent":
+            id_fields += 1
         lines.append(name + b": " + value + b"\r\n")
     if cookies is not None and len(cookies) > 1:
         lines[cookie_at] = b"cookie: " + b"; ".join(cookies) + b"\r\n"
@@ -1323,6 +1600,7 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
     head.target = path
     head.host = authority
     head.block = (b"host: " + authority + b"\r\n" if authority else b"") + b"".join(lines)
+    head.id_fields = id_fields
     if authority and not cut:
         # Nothing to take out: the block goes upstream as it is (labelgw.http.headers.upstream_request_head's fast
         # path, as for an HTTP/1.1 head the parser cut).
@@ -1337,19 +1615,6 @@ def request_head(headers: list[tuple[bytes, bytes]], has_body: bool) -> RequestH
 # Known request heads kept per connection (h2load and browsers repeat a handful), each of a small block only.
 _KNOWN_HEADS = 8
 _KNOWN_BLOCK = 2048
-
-
-def _copy_head(head: RequestHead) -> RequestHead:
-    """A fresh head with what request_head set (the exchange adds to its own copy)."""
-    copy = RequestHead()
-    copy.method = head.method
-    copy.target = head.target
-    copy.host = head.host
-    copy.block = head.block
-    copy.forward = head.forward
-    copy.chunked = head.chunked
-    copy.content_length = head.content_length
-    return copy
 
 
 class H2Factory(Factory):

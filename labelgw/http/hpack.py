@@ -217,6 +217,18 @@ class CachingDecoder(_HpackDecoder):
     def __init__(self, max_header_list_size: int = 65536) -> None:
         super().__init__(max_header_list_size)
         self._cache: dict[tuple[bytes, bool, int], list[Any]] = {}
+        # What the user made of a cached block (labelgw.http.h2: the checked request head), by the user's key;
+        # emptied with the cache, so an entry stands only while its block decodes to the same fields.
+        self.known: dict[Any, Any] = {}
+
+    def _forget(self) -> None:
+        self._cache.clear()
+        self.known.clear()
+
+    def cached(self, data: bytes, raw: bool = True) -> bool:
+        """Whether `data` decodes to fields kept in the cache (an indexed-only block, the table unchanged since);
+        `raw` as given to decode (h2 decodes raw)."""
+        return (data, raw, self.max_header_list_size) in self._cache
 
     @property  # type: ignore[override]
     def header_table_size(self) -> int:
@@ -224,7 +236,7 @@ class CachingDecoder(_HpackDecoder):
 
     @header_table_size.setter
     def header_table_size(self, value: int) -> None:
-        self._cache.clear()
+        self._forget()
         self.header_table.maxsize = value
 
     def decode(self, data: bytes, raw: bool = False) -> list[Any]:  # type: ignore[override]
@@ -237,14 +249,14 @@ class CachingDecoder(_HpackDecoder):
         try:
             headers = list(super().decode(data, raw))
         except Exception:
-            cache.clear()
+            self._forget()
             raise
         if len(data) <= CACHE_BLOCK and only_indexed(data):
             if len(cache) >= CACHE_ENTRIES:
-                cache.clear()
+                self._forget()
             cache[key] = headers
             return list(headers)
         # The block may have added to the table, evicted from it or resized it: what was cached may be stale.
-        cache.clear()
+        self._forget()
         return headers
 

@@ -18,7 +18,13 @@ default) is the real stack. The difference of the two is labelgw's own work per 
     .venv/bin/python bench/inprocess_tls.py --reactor 5        # Python calls per handshake on labelgw's real
                                                                # reactor, loaded by openssl s_time -new for 5 s
 
-`--reactor S` is the one mode with sockets (loopback only): the same stack listens on 127.0.0.1 on labelgw's epoll
+`--keepalive` counts requests on one connection instead (the TLS layer and a responder; `--gateway`: the whole
+gateway to a backend); `--keepalive --mode bare` is the ssl module's server object alone on the same requests, so
+the difference of the two is labelgw's TLS layer per request; `--mode bio-socket` and `--mode socket` put a
+socketpair under it, the server's records moved by recv/send through memory BIOs as labelgw does or by OpenSSL on the
+socket itself (what a socket-mode transport would save).
+
+`--reactor S` is the one mode with sockets on the network stack (loopback only): the same stack listens on 127.0.0.1 on labelgw's epoll
 reactor under cProfile while two `openssl s_time -new` clients (other processes) connect for S seconds, so the
 count includes what the reactor and Twisted's TCP transport do per connection (accept, reads, close).
 
@@ -212,6 +218,7 @@ def make_loop(mode: str, tls12: bool, state: Path, sni: str | None = None) -> tu
     return stack, check
 
 
+READ_SIZE = 256 * 1024
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench.localhost\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nContent-Type: text/plain\r\n\r\nhello\n"
 
@@ -259,6 +266,84 @@ def keepalive_loop(state: Path, tls12: bool) -> tuple[Callable[[int], None], Cal
             client.read(4096)
 
     return loop, lambda: "keep-alive: one connection, the TLS layer and a responder"
+
+
+def raw_keepalive_loop(state: Path, tls12: bool, mode: str) -> tuple[Callable[[int], None], Callable[[], str]]:
+    """The same requests and responses on one connection without labelgw's TLS layer: the server is the ssl
+    module's own C object answering each record, so what is left is OpenSSL both sides and the loop itself.
+
+    `bare`: over memory BIOs, no sockets (keepalive_loop minus this is the TLS layer's Python per request).
+    `bio-socket` and `socket`: over a socketpair (AF_UNIX, nothing leaves the process), the server's records
+    through memory BIOs with recv and send as labelgw moves them (`bio-socket`), or read and written by OpenSSL on
+    the socket itself (`socket`: SSLContext.wrap_socket's C object; a record is two reads there, its header and the
+    rest, unless read-ahead is on, and with read-ahead only SSL_has_pending, which the ssl module does not offer,
+    tells that nothing is left without one more read). The difference of the two is what a socket-mode transport
+    would save per request in user space (callgrind does not count the kernel)."""
+    import socket
+
+    from labelgw.tls.ca import LocalCA
+    from labelgw.tls.material import CertificateMaterial
+    from labelgw.tls.policy import INTERMEDIATE
+    from labelgw.tls.stdtls import build_stdlib_context
+
+    leaf = LocalCA.load_or_create(state).issue_leaf(("localhost",), datetime.now(UTC))
+    server_ctx = build_stdlib_context(
+        INTERMEDIATE, (b"h2", b"http/1.1"), CertificateMaterial(leaf.certificate, leaf.private_key)
+    )
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context(tls12).wrap_bio(c_in, c_out)
+    near, far = socket.socketpair()
+    near.setblocking(False)
+    far.setblocking(False)
+    if mode == "socket":
+        server = server_ctx._wrap_socket(far, server_side=True, server_hostname=None, owner=None, session=None)  # type: ignore[attr-defined]
+    else:
+        server = server_ctx._wrap_bio(s_in, s_out, server_side=True, server_hostname=None, owner=None, session=None)  # type: ignore[attr-defined]
+
+    def to_server(data: bytes) -> None:
+        if mode == "bare":
+            s_in.write(data)
+        elif data:
+            near.sendall(data)
+            if mode == "bio-socket":
+                s_in.write(far.recv(65536))
+
+    def to_client() -> None:
+        if mode == "bare":
+            c_in.write(s_out.read())
+            return
+        if mode == "bio-socket":
+            far.send(s_out.read())
+        try:
+            c_in.write(near.recv(65536))
+        except BlockingIOError:
+            pass
+
+    while True:
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pass
+        to_server(c_out.read())
+        try:
+            server.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        to_client()
+    to_server(c_out.read())
+    server.do_handshake()
+
+    def loop(n: int) -> None:
+        for _ in range(n):
+            client.write(REQUEST)
+            to_server(c_out.read())
+            server.read(READ_SIZE)
+            server.write(RESPONSE)
+            to_client()
+            client.read(4096)
+
+    return loop, lambda: f"keep-alive, {mode}: the ssl module's server object alone (no labelgw TLS layer)"
 
 
 @contextlib.contextmanager
@@ -329,6 +414,8 @@ def run(args: argparse.Namespace) -> None:
     with state_dir(args) as state:
         if args.keepalive and args.gateway:
             loop, check = gateway_keepalive_loop(Path(state), args.tls12)
+        elif args.keepalive and args.mode != "labelgw":
+            loop, check = raw_keepalive_loop(Path(state), args.tls12, args.mode)
         elif args.keepalive:
             loop, check = keepalive_loop(Path(state), args.tls12)
         else:
@@ -518,7 +605,9 @@ def instructions(args: argparse.Namespace, handshakes: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("labelgw", "bare"), default="labelgw")
+    parser.add_argument("--mode", choices=("labelgw", "bare", "bio-socket", "socket"), default="labelgw",
+                        help="bare: OpenSSL alone, no labelgw layer; with --keepalive also bio-socket and socket "
+                             "(the server's records over a socketpair, moved by recv/send or by OpenSSL itself)")
     parser.add_argument("--handshakes", type=int, default=2000)
     parser.add_argument("--tls12", action="store_true", help="TLS 1.2 (ECDHE-ECDSA-AES128-GCM-SHA256) instead of 1.3")
     parser.add_argument("--sni", help="the server name the client sends (default: none, as s_time; "

@@ -405,7 +405,7 @@ class StdTLSProtocol(Protocol):
     # TCP below (Twisted declares ITransport | None; every method here runs after makeConnection set it).
     transport: Any
     _timer: Any = None
-    # Per-connection state starts as these class defaults: a new connection sets only what differs.
+    # Per-connection state: the defaults (the state read per record is also set by __init__, see there).
     _handshake_done = False
     _reading_paused = False
     _delivering = False
@@ -434,10 +434,21 @@ class StdTLSProtocol(Protocol):
         self.wrappedProtocol = wrapped
         self._incoming = incoming = ssl.MemoryBIO()
         self._outgoing = outgoing = ssl.MemoryBIO()
+        # The state read per record, set on the instance in one order: CPython reads an instance's own attribute
+        # from its values array at a fixed index, but one that falls back to the class default through a dictionary
+        # miss and a lookup in the class (~200 instructions each, about a dozen per request).
+        self._handshake_done = False
+        self._reading_paused = False
+        self._delivering = False
+        self._closing = False
+        self._lost = False
+        self.disconnecting = False
+        self._batch = None
+        self._held = 0
+        self._ticket_due = False
+        self._hello = bytearray() if factory.reads_alpn_offer else None
         # The ssl module's C object (raw_tls); an SSL_new, no handshake yet.
         self._tls = factory.new_tls(incoming, outgoing, self)
-        if factory.reads_alpn_offer:
-            self._hello = bytearray()
 
     # --- from TCP ---------------------------------------------------------------------------------------------
 
@@ -453,6 +464,35 @@ class StdTLSProtocol(Protocol):
                 self._handshake()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._handshake_done and not self._delivering and not self._reading_paused and not self._closing:
+            # The steady state, nearly every read: one whole record in, one call to the protocol behind (what
+            # _deliver does, without its loop and list). Several records, a client's close_notify: _deliver.
+            incoming, tls = self._incoming, self._tls
+            incoming.write(data)
+            try:
+                plain = tls.read(READ_SIZE)
+            except ssl.SSLWantReadError:
+                # Part of a record, or a post-handshake message alone (its answer is sent below).
+                plain = b""
+            except ssl.SSLZeroReturnError:
+                self._close_notify_received()
+                plain = b""
+            except ssl.SSLError as error:
+                self._refused(error)
+                return
+            else:
+                if not plain or incoming.pending or tls.pending():
+                    self._deliver(plain)
+                    return
+                self._delivering = True
+                try:
+                    self.wrappedProtocol.dataReceived(plain)
+                finally:
+                    self._delivering = False
+            # A post-handshake message (a TLS 1.3 key update) may have an answer to send.
+            if self._outgoing.pending > self._held and not self._lost:
+                self._flush()
+            return
         if self._closing and not self._handshake_done:
             # A refused handshake: TCP is closing, what else comes is not read.
             return
@@ -553,20 +593,24 @@ class StdTLSProtocol(Protocol):
 
     # --- reading ---------------------------------------------------------------------------------------------
 
-    def _deliver(self) -> None:
+    def _deliver(self, first: bytes | None = None) -> None:
+        """Hand over what is decrypted, every whole record at hand in one call, until the protocol pauses or the
+        incoming records run out; C{first}: a read already made (dataReceived's), b"" when it found the end."""
         # Re-entered from resumeProducing inside the protocol's dataReceived: the outer call goes on instead.
         if self._delivering:
             return
         self._delivering = True
         try:
             while not self._reading_paused and not self._lost:
-                # Every whole record at hand, decrypted, then handed over in one call.
                 chunks: list[bytes] = []
                 ended = False
                 tls, incoming = self._tls, self._incoming
                 try:
-                    while True:
+                    if first is not None:
+                        data, first = first, None
+                    else:
                         data = tls.read(READ_SIZE)
+                    while True:
                         if not data:
                             ended = True
                             break
@@ -574,14 +618,13 @@ class StdTLSProtocol(Protocol):
                         # Nothing buffered on either side: the next read would only raise SSLWantReadError.
                         if not incoming.pending and not tls.pending():
                             break
+                        data = tls.read(READ_SIZE)
                 except ssl.SSLWantReadError:
                     pass
                 except ssl.SSLZeroReturnError:
                     ended = True
                 except ssl.SSLError as error:
-                    self.factory.log_refused(self, error)
-                    self._flush()
-                    self.abortConnection()
+                    self._refused(error)
                     return
                 if chunks and not self._closing:
                     # Closing: what the client still sends is read (to see its close_notify) and dropped.
@@ -596,6 +639,12 @@ class StdTLSProtocol(Protocol):
         # TLS 1.3 post-handshake messages and alerts (a held session ticket waits for the first write).
         if self._outgoing.pending > self._held and not self._lost:
             self._flush()
+
+    def _refused(self, error: ssl.SSLError) -> None:
+        # A record that does not decrypt, an alert from the client: what OpenSSL has to say goes out, then TCP.
+        self.factory.log_refused(self, error)
+        self._flush()
+        self.abortConnection()
 
     def _close_notify_received(self) -> None:
         if self._peer_closed:

@@ -97,8 +97,9 @@ class AccessLog:
         # fresh memory per line (x0.945 CPU per request through sockets: bench/ab.py, lower in 5 of 5 rounds).
         self._lines = bytearray()
         self._count = 0
-        # Service name -> the common format's line format with that name in it, for the fast path.
-        self._formats: dict[str, bytes] = {}
+        # Service name -> client side class -> request version -> status -> the common format's line format from
+        # the target on, for the fast path (bounded: services, a few classes and versions, statuses 100-999).
+        self._formats: dict[str, dict[type, dict[bytes, dict[int, bytes]]]] = {}
         self._flush_call: Any = None
         self._dropping = False
         self._second = -1
@@ -106,10 +107,8 @@ class AccessLog:
         self._second_start = self._second_end = -1.0
         self._clf_time = ""
         self._clf_bytes = b""
-        # Client address -> method -> the line's start up to the target (cleared every second: it holds the time);
-        # client side class -> request version -> status -> the run between the target and the body bytes.
+        # Client address -> method -> the line's start up to the target (cleared every second: it holds the time).
         self._before: dict[bytes, dict[bytes, bytes]] = {}
-        self._after: dict[type, dict[bytes, dict[int, bytes]]] = {}
         self._iso_time = ""
         self._format_line = self._common if format == "common" else self._json
         if format == "common":
@@ -203,24 +202,20 @@ class AccessLog:
         client = exchange.client
         if exchange.client_gone and state is _RESPONDING:
             status = CLIENT_CLOSED
-        # The constant runs of the line cached as bytes (each %s field costs the formatter ~270 instructions): the
-        # client address, the second and the method before the target (per second); the protocol and the status
-        # after it, by client side class (HTTP/2 or not: no attribute test per line) and version (bounded: a few
-        # classes and versions, statuses 100-999); the service's name inside the format itself (per service).
+        # The constant runs of the line cached as bytes (each %s field costs the formatter ~200 instructions): the
+        # client address, the second and the method before the target (per second); the protocol, the status and
+        # the service's name inside the format itself, by service, client side class (HTTP/2 or not: no attribute
+        # test per line), version and status.
         try:
             before = self._before[client.peer_ip][method]
         except KeyError:
             before = self._cache_before(client.peer_ip, method)
         try:
-            after = self._after[type(client)][head.version][status]
+            line = self._formats[name][type(client)][head.version][status]
         except KeyError:
-            after = self._cache_after(client, head.version, status)
-        try:
-            line = self._formats[name]
-        except KeyError:
-            line = self._cache_format(name)
+            line = self._cache_format(name, client, head.version, status)
         self._lines += line % (
-            before, target, after, bytes_out, (exchange._started_at + exchange._ttfb - created) * 1000.0,
+            before, target, bytes_out, (exchange._started_at + exchange._ttfb - created) * 1000.0,
             head.request_id or b"-",
         )
         # A timer is armed exactly while lines wait (flush() resets both): the first line arms it.
@@ -237,22 +232,15 @@ class AccessLog:
         before = by_method[method] = b'%s - - [%s] "%s ' % (peer or b"-", self._clf_bytes, method)
         return before
 
-    def _cache_after(self, client: Any, version: bytes, status: int) -> bytes:
-        by_version = self._after.get(type(client))
-        if by_version is None:
-            by_version = self._after[type(client)] = {}
-        by_status = by_version.get(version)
-        if by_status is None:
-            by_status = by_version[version] = {}
+    def _cache_format(self, name: str, client: Any, version: bytes, status: int) -> bytes:
+        """The line's format for a service, client side class (HTTP/2 or not), request version and status: the
+        constant runs between the target and the body bytes and around the service's name written into it (its
+        `%` doubled: a service name is the operator's text)."""
+        by_class = self._formats.setdefault(name, {})
+        by_status = by_class.setdefault(type(client), {}).setdefault(version, {})
         protocol = b"HTTP/2" if self._side_is_http2(client) else version
-        after = by_status[status] = b' %s" %d ' % (protocol, status)
-        return after
-
-    def _cache_format(self, name: str) -> bytes:
-        # The name's bytes in the format itself, its `%` doubled (a service name is the operator's text).
-        line = self._formats[name] = (
-            b'%s%s%s%d "' + name.encode("utf-8", "replace").replace(b"%", b"%%") + b'" %.3f %s\n'
-        )
+        service = name.encode("utf-8", "replace").replace(b"%", b"%%")
+        line = by_status[status] = b'%%s%%s %s" %d %%d "%s" %%.3f %%s\n' % (protocol.replace(b"%", b"%%"), status, service)
         return line
 
     def _side_is_http2(self, client: Any) -> bool:

@@ -47,6 +47,9 @@ METHODS: dict[bytes, str] = {
     m: m.decode("ascii")
     for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"CONNECT", b"TRACE")
 }
+# Status -> its class (status // 100) for the counters' rows, by subscript: cheaper than the division and a bound
+# test per request (a status past 999, never made by labelgw's parsers, raises IndexError: class 9).
+STATUS_CLASS: list[int] = [status // 100 for status in range(1000)]
 # Status 0: the client went away before any response started.
 _STATUS_CLASSES = {0: "none", 1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
@@ -176,7 +179,10 @@ class RequestMetrics:
             slot = self._slot(exchange.route.service.name, exchange.version)
         status = exchange.status
         method = exchange.head.method
-        (slot.get if method == b"GET" else slot.row(method))[status // 100 if status < 1000 else 9] += 1
+        try:
+            (slot.get if method == b"GET" else slot.row(method))[STATUS_CLASS[status]] += 1
+        except IndexError:
+            (slot.get if method == b"GET" else slot.row(method))[9] += 1
         if exchange.bytes_in:
             slot.bytes_in += exchange.bytes_in
         if exchange.bytes_out:

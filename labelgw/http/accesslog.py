@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from twisted.logger import Logger
 
-from labelgw.control.metrics import BUCKETS
+from labelgw.control.metrics import BUCKETS, STATUS_CLASS
 from labelgw.http.states import ExchangeState
 
 _RESPONDING = ExchangeState.RESPONDING
@@ -181,7 +181,10 @@ class AccessLog:
                 slot = metrics.plain[name] if exchange.version is None else metrics.slots[(name, exchange.version)]
             except KeyError:
                 slot = metrics._slot(name, exchange.version)
-            (slot.get if method == b"GET" else slot.row(method))[status // 100 if status < 1000 else 9] += 1
+            try:
+                (slot.get if method == b"GET" else slot.row(method))[STATUS_CLASS[status]] += 1
+            except IndexError:
+                (slot.get if method == b"GET" else slot.row(method))[9] += 1
             if exchange.bytes_in:
                 slot.bytes_in += exchange.bytes_in
             if bytes_out:

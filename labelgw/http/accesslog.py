@@ -243,7 +243,9 @@ class AccessLog:
         by_status = by_class.setdefault(type(client), {}).setdefault(version, {})
         protocol = b"HTTP/2" if self._side_is_http2(client) else version
         service = name.encode("utf-8", "replace").replace(b"%", b"%%")
-        line = by_status[status] = b'%%s%%s %s" %d %%d "%s" %%.3f %%s\n' % (protocol.replace(b"%", b"%%"), status, service)
+        line = by_status[status] = b'%%s%%s %s" %d %%d "%s" %%.3f %%s\n' % (
+            protocol.replace(b"%", b"%%"), status, service,
+        )
         return line
 
     def _side_is_http2(self, client: Any) -> bool:

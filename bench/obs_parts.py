@@ -8,6 +8,8 @@ difference divided by N, as bench/callgrind.py does for whole requests).
 Each part replays a real exchange: one GET goes through the deterministic proxy harness (tests/proxyharness.py,
 the default gateway of bench/inprocess.py), the exchange its end hands to the access log is kept, and the part is
 called N times with it (the clock moves on 1 ms per call, so the per-second time text is rebuilt as in real use).
+`both` is what Exchange._complete calls with both on (fifth session): the access log's one call that also updates
+the metrics, at the answer's own time (the duration's first bucket, as `metrics`).
 `--inner` is what runs under valgrind. Nothing leaves the process. Run it from a copy of the tree, as callgrind.py.
 """
 
@@ -22,7 +24,7 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PARTS = ("log", "metrics", "ids", "json", "handoff")
+PARTS = ("log", "metrics", "ids", "json", "handoff", "both")
 
 
 def _captured() -> tuple[Any, Any, Any, Any]:
@@ -35,9 +37,9 @@ def _captured() -> tuple[Any, Any, Any, Any]:
     seen: list[tuple[Any, Any]] = []
     original = access_log.exchange
 
-    def keep(exchange: Any, state: Any, now: float | None = None) -> None:
+    def keep(exchange: Any, state: Any, now: float | None = None, metrics: Any = None) -> None:
         seen.append((exchange, state))
-        original(exchange, state, now)
+        original(exchange, state, now, metrics)
 
     access_log.exchange = keep
     loop(1)
@@ -63,6 +65,15 @@ def _work(part: str) -> Callable[[int], None]:
             for _ in range(n):
                 now += 0.001
                 call(exchange, state, now)
+        return run
+    if part == "both":
+        # What Exchange._complete calls with the access log and the metrics on: one call for both.
+        call, metrics = access_log.exchange, harness.gateway.metrics
+        now = exchange.created_at + 0.0005
+
+        def run(n: int) -> None:
+            for _ in range(n):
+                call(exchange, state, now, metrics)
         return run
     if part == "metrics":
         done = harness.gateway.metrics.exchange_done
@@ -117,7 +128,7 @@ def instructions(part: str, calls: int, python: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--parts", default="log,metrics,ids")
+    parser.add_argument("--parts", default="log,metrics,both,ids")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--jobs", type=int, default=2, help="valgrind runs at a time")
     parser.add_argument("--inner", choices=PARTS, help=argparse.SUPPRESS)

@@ -81,3 +81,54 @@ def test_the_fast_common_line_is_the_general_one(cases: list[tuple[Any, Any, flo
     fast.flush()
     general.flush()
     assert fast_sink.data == general_sink.data
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(exchanges(), st.floats(min_value=0.0, max_value=100.0),
+                          st.sampled_from([b"GET", b"POST", b"HEAD", b"BREW"]),
+                          st.sampled_from([0, 101, 200, 204, 404, 499, 502, 504, 1234])), min_size=1, max_size=6))
+def test_the_access_logs_inlined_metrics_count_as_exchange_done(cases: list[Any]) -> None:
+    """AccessLog.exchange(..., metrics) updates the counters itself (one call from Exchange._complete for both):
+    the same counts, sums and buckets as RequestMetrics.exchange_done, on the fast path and the general one, and
+    the same line as without metrics."""
+    from labelgw.control.metrics import RequestMetrics
+
+    inlined, called = RequestMetrics(), RequestMetrics()
+    with_sink, without_sink = Sink(), Sink()
+    with_metrics, without = AccessLog(Clock(), "common", with_sink), AccessLog(Clock(), "common", without_sink)
+    for (exchange, state, now), elapsed, method, status in cases:
+        exchange.head.method = method
+        exchange.status = status
+        exchange.created_at = now - elapsed
+        with_metrics.exchange(exchange, state, now, inlined)
+        called.exchange_done(exchange, now)
+        without.exchange(exchange, state, now)
+    with_metrics.flush()
+    without.flush()
+    assert with_sink.data == without_sink.data
+    assert _plain(inlined) == _plain(called)
+
+
+def _plain(metrics: Any) -> Any:
+    """RequestMetrics.by_service() with its histograms as (counts, sum)."""
+    return {
+        name: (requests, {version: (h.counts, h.total) for version, h in histograms.items()}, bytes_in, bytes_out)
+        for name, (requests, histograms, bytes_in, bytes_out) in metrics.by_service().items()
+    }
+
+
+def test_the_json_format_counts_the_metrics_too() -> None:
+    from labelgw.control.metrics import RequestMetrics
+    from labelgw.http.states import ExchangeState as S
+
+    metrics = RequestMetrics()
+    head = SimpleNamespace(method=b"GET", target=b"/", version=b"HTTP/1.1", request_id=b"r", host=b"h", trace_id=None)
+    route = SimpleNamespace(service=SimpleNamespace(name="solo"), host="solo.localhost", path_prefix="/")
+    exchange = SimpleNamespace(
+        head=head, client=H1Side(b"127.0.0.1"), created_at=10.0, _started_at=10.0, _ttfb=0.001, status=200,
+        bytes_in=3, bytes_out=5, error_message=None, client_gone=False, route=route, version=None,
+        backend=SimpleNamespace(address="127.0.0.1", port=1), on_backend=True, attempts=1,
+    )
+    AccessLog(Clock(), "json", Sink()).exchange(exchange, S.RESPONDING, 10.002, metrics)
+    requests, _, bytes_in, bytes_out = metrics.by_service()["solo"]
+    assert requests == {("", "GET", 2): 1} and (bytes_in, bytes_out) == (3, 5)

@@ -19,11 +19,13 @@ import os
 import re
 import threading
 import time
+from bisect import bisect_left
 from queue import SimpleQueue
 from typing import Any, Callable
 
 from twisted.logger import Logger
 
+from labelgw.control.metrics import BUCKETS, STATUS_CLASS
 from labelgw.http.states import ExchangeState
 
 _RESPONDING = ExchangeState.RESPONDING
@@ -43,10 +45,6 @@ MAX_PENDING = 16 * 1024 * 1024
 FLUSH_DELAY = 0.25
 BATCH_LINES = 4096
 
-# A relayed response in the common format (client, time, request line, status, body bytes, service, upstream ms,
-# request id) with its constant runs cached (AccessLog._exchange_common): client, time and method; target;
-# protocol and status; body bytes, service, upstream ms, request id.
-_CLF_CACHED = b'%s%s%s%d "%s" %.3f %s\n'
 # `"` and `\\` as ints, for `in` on bytes (see AccessLog._exchange_common).
 _QUOTE = 0x22
 _BACKSLASH = 0x5C
@@ -99,8 +97,9 @@ class AccessLog:
         # fresh memory per line (x0.945 CPU per request through sockets: bench/ab.py, lower in 5 of 5 rounds).
         self._lines = bytearray()
         self._count = 0
-        # Service name -> its bytes, for the common format's fast path.
-        self._names: dict[str, bytes] = {}
+        # Service name -> client side class -> request version -> status -> the common format's line format from
+        # the target on, for the fast path (bounded: services, a few classes and versions, statuses 100-999).
+        self._formats: dict[str, dict[type, dict[bytes, dict[int, bytes]]]] = {}
         self._flush_call: Any = None
         self._dropping = False
         self._second = -1
@@ -108,23 +107,21 @@ class AccessLog:
         self._second_start = self._second_end = -1.0
         self._clf_time = ""
         self._clf_bytes = b""
-        # Client address -> method -> the line's start up to the target (cleared every second: it holds the time);
-        # protocol -> status -> the run between the target and the body bytes.
+        # Client address -> method -> the line's start up to the target (cleared every second: it holds the time).
         self._before: dict[bytes, dict[bytes, bytes]] = {}
-        self._after: dict[bytes, dict[int, bytes]] = {}
         self._iso_time = ""
         self._format_line = self._common if format == "common" else self._json
         if format == "common":
             # The path every proxied request takes, in one function.
             self.exchange = self._exchange_common  # type: ignore[method-assign]
-        # Client side class -> whether it is an HTTP/2 stream; the last class seen, and its answer.
-        self._http2: dict[type, bool] = {}
-        self._last_class: type | None = None
-        self._last_http2 = False
 
     # What the data path calls.
 
-    def exchange(self, exchange: Any, state: Any, now: float | None = None) -> None:
+    def exchange(self, exchange: Any, state: Any, now: float | None = None, metrics: Any = None) -> None:
+        """An exchange ended: its line, and with `metrics` (labelgw.control.metrics.RequestMetrics) its counters
+        too (one call from Exchange._complete for both)."""
+        if metrics is not None:
+            metrics.exchange_done(exchange, now if now is not None else self.clock.seconds())
         self._exchange_any(exchange, state, now)
 
     def _exchange_any(self, exchange: Any, state: Any, now: float | None = None) -> None:
@@ -149,54 +146,87 @@ class AccessLog:
             exchange.route, exchange.version, exchange.backend if exchange.on_backend else None, exchange.attempts - 1,
         )
 
-    def _exchange_common(self, exchange: Any, state: Any, now: float | None = None) -> None:
-        """exchange() in the common format: a relayed response is one bytes %-format (no str round trip)."""
-        head = exchange.head
+    def _exchange_common(self, exchange: Any, state: Any, now: float | None = None, metrics: Any = None) -> None:
+        """exchange() in the common format: a relayed response is one bytes %-format (no str round trip), and the
+        metrics' update inlined. Written for the fewest interpreter operations (each costs ~50 instructions;
+        bench/obs_parts.py counts them): every constant run of the line comes from a cache, each found with
+        subscripts (no method calls)."""
         if now is None:
             now = self.clock.seconds()
         if not self._second_start <= now < self._second_end:
             self._set_second(int(now))
+        head = exchange.head
         target = head.target
         if (
-            exchange.error_message is not None or not (state is _RESPONDING or state is _TUNNEL)
+            exchange.error_message is not None or (state is not _RESPONDING and state is not _TUNNEL)
             # Byte values as needles (_QUOTE, _BACKSLASH: a memchr): `bytes in bytes` first tries the needle as an
             # int and raises and clears a TypeError (about 1 700 instructions each on CPython 3.11), and find()
             # parses its arguments (about 1 000).
             or not target.isascii() or _QUOTE in target or _BACKSLASH in target
         ):
             # labelgw's own answer (502, 504), no response head yet, or a target to escape: the general path.
+            if metrics is not None:
+                metrics.exchange_done(exchange, now)
             self._exchange_any(exchange, state, now)
             return
-        client = exchange.client
-        if client.__class__ is self._last_class:
-            http2 = self._last_http2
-        else:
-            http2 = self._side_is_http2(client)
         name = exchange.route.service.name
-        service = self._names.get(name)
-        if service is None:
-            service = self._names[name] = name.encode("utf-8", "replace")
-        status = CLIENT_CLOSED if exchange.client_gone and state is _RESPONDING else exchange.status
-        # The constant runs of the line cached as bytes (each %s field costs the formatter ~270 instructions): the
-        # client address, the second and the method before the target (per second); the protocol and the status
-        # after it (bounded: a few versions, statuses 100-999).
+        status = exchange.status
+        method = head.method
+        bytes_out = exchange.bytes_out
+        created = exchange.created_at
+        if metrics is not None:
+            # RequestMetrics.exchange_done, inlined (a call and the exchange's loads saved per request; the
+            # property test in tests/test_accesslog_fast.py holds the two to the same counts).
+            try:
+                slot = metrics.plain[name] if exchange.version is None else metrics.slots[(name, exchange.version)]
+            except KeyError:
+                slot = metrics._slot(name, exchange.version)
+            try:
+                (slot.get if method == b"GET" else slot.row(method))[STATUS_CLASS[status]] += 1
+            except IndexError:
+                (slot.get if method == b"GET" else slot.row(method))[9] += 1
+            if exchange.bytes_in:
+                slot.bytes_in += exchange.bytes_in
+            if bytes_out:
+                slot.bytes_out += bytes_out
+            if status != 101:  # a tunnel's lifetime is not a request duration
+                elapsed = now - created
+                slot.total += elapsed
+                if elapsed <= 0.001:
+                    slot.counts[0] += 1
+                elif elapsed <= 0.0025:
+                    slot.counts[1] += 1
+                elif elapsed <= 0.005:
+                    slot.counts[2] += 1
+                elif elapsed <= 0.01:
+                    slot.counts[3] += 1
+                else:
+                    slot.counts[bisect_left(BUCKETS, elapsed)] += 1
+        client = exchange.client
+        if exchange.client_gone and state is _RESPONDING:
+            status = CLIENT_CLOSED
+        # The constant runs of the line cached as bytes (each %s field costs the formatter ~200 instructions): the
+        # client address, the second and the method before the target (per second); the protocol, the status and
+        # the service's name inside the format itself, by service, client side class (HTTP/2 or not: no attribute
+        # test per line), version and status.
         try:
-            before = self._before[client.peer_ip][head.method]
+            before = self._before[client.peer_ip][method]
         except KeyError:
-            before = self._cache_before(client.peer_ip, head.method)
+            before = self._cache_before(client.peer_ip, method)
         try:
-            after = self._after[b"HTTP/2" if http2 else head.version][status]
+            line = self._formats[name][type(client)][head.version][status]
         except KeyError:
-            after = self._cache_after(b"HTTP/2" if http2 else head.version, status)
-        self._lines += _CLF_CACHED % (
-            before, target, after, exchange.bytes_out, service,
-            (exchange._started_at + exchange._ttfb - exchange.created_at) * 1000.0, head.request_id or b"-",
+            line = self._cache_format(name, client, head.version, status)
+        self._lines += line % (
+            before, target, bytes_out, (exchange._started_at + exchange._ttfb - created) * 1000.0,
+            head.request_id or b"-",
         )
-        self._count += 1
-        if self._flush_call is None:
-            self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
-        elif self._count >= BATCH_LINES:
+        # A timer is armed exactly while lines wait (flush() resets both): the first line arms it.
+        self._count = count = self._count + 1
+        if count >= BATCH_LINES:
             self.flush()
+        elif count == 1:
+            self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
 
     def _cache_before(self, peer: bytes, method: bytes) -> bytes:
         by_method = self._before.get(peer)
@@ -205,20 +235,21 @@ class AccessLog:
         before = by_method[method] = b'%s - - [%s] "%s ' % (peer or b"-", self._clf_bytes, method)
         return before
 
-    def _cache_after(self, version: bytes, status: int) -> bytes:
-        by_status = self._after.get(version)
-        if by_status is None:
-            by_status = self._after[version] = {}
-        after = by_status[status] = b' %s" %d ' % (version, status)
-        return after
+    def _cache_format(self, name: str, client: Any, version: bytes, status: int) -> bytes:
+        """The line's format for a service, client side class (HTTP/2 or not), request version and status: the
+        constant runs between the target and the body bytes and around the service's name written into it (its
+        `%` doubled: a service name is the operator's text)."""
+        by_class = self._formats.setdefault(name, {})
+        by_status = by_class.setdefault(type(client), {}).setdefault(version, {})
+        protocol = b"HTTP/2" if self._side_is_http2(client) else version
+        service = name.encode("utf-8", "replace").replace(b"%", b"%%")
+        line = by_status[status] = b'%%s%%s %s" %d %%d "%s" %%.3f %%s\n' % (
+            protocol.replace(b"%", b"%%"), status, service,
+        )
+        return line
 
     def _side_is_http2(self, client: Any) -> bool:
-        cls = client.__class__
-        http2 = self._http2.get(cls)
-        if http2 is None:
-            http2 = self._http2[cls] = hasattr(client, "stream_id")
-        self._last_class, self._last_http2 = cls, http2
-        return http2
+        return hasattr(client, "stream_id")
 
     def refused(self, side: Any, head: Any, status: int, message: str) -> None:
         """labelgw answered the request itself, without an exchange (308, 400, 404, 503; HTTP/2 refusals)."""
@@ -237,11 +268,11 @@ class AccessLog:
         self._lines += self._format_line(
             now, side, head, status, bytes_in, bytes_out, duration, upstream, route, version, backend, retries,
         ).encode("utf-8", "replace")
-        self._count += 1
-        if self._flush_call is None:
-            self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
-        elif self._count >= BATCH_LINES:
+        self._count = count = self._count + 1
+        if count >= BATCH_LINES:
             self.flush()
+        elif count == 1:
+            self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
 
     def _set_second(self, second: int) -> None:
         self._second = second

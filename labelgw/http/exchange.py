@@ -568,12 +568,12 @@ class Exchange:
         if done is not None:
             self.on_done = None
             done(self, failed, observe)
-        metrics = gateway.metrics
-        if metrics is not None:
-            metrics.exchange_done(self, now)
         access_log = gateway.access_log
         if access_log is not None:
-            access_log.exchange(self, state, now)
+            # One call for the line and the metrics' counters (labelgw.http.accesslog.AccessLog.exchange).
+            access_log.exchange(self, state, now, gateway.metrics)
+        elif gateway.metrics is not None:
+            gateway.metrics.exchange_done(self, now)
         self.client.exchange_done(self, self._client_close)
 
     def _abort_upstream(self) -> None:

@@ -23,6 +23,7 @@ after its round trips, or after 60 s).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -122,7 +123,9 @@ def callgrind(args: argparse.Namespace) -> float:
                 "--connections", str(args.connections), "--requests", str(count), "--reactor", args.reactor,
                 "--write", args.write, "--tree", str(args.tree), *(["--timers"] if args.timers else []),
             ]
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=True)
+            # A fixed hash seed: the same dict layouts in both runs.
+            env = dict(os.environ, PYTHONHASHSEED="0")
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=True, env=env)
             match = _TOTAL.search(done.stderr)
             if match is None:
                 raise SystemExit(done.stderr[-2000:])

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import errno
 import sys
+from typing import Any
 
 from twisted.internet import main, tcp
 from twisted.internet.epollreactor import EPollReactor
 from twisted.python import log
+
+from labelgw.http.fastwrite import own_defaults
 
 _READABLE = EPollReactor._POLL_IN
 # Transports whose read event is handled here without their doRead (tcp.Connection.doRead and the data-received
@@ -30,6 +33,9 @@ _READABLE = EPollReactor._POLL_IN
 TCP_TRANSPORTS = (tcp.Server, tcp.Client)
 CONNECTION_DONE = main.CONNECTION_DONE
 CONNECTION_LOST = main.CONNECTION_LOST
+_SERVER = tcp.Server
+_CLIENT = tcp.Client
+_EWOULDBLOCK = errno.EWOULDBLOCK
 
 
 class LeanEPollReactor(EPollReactor):
@@ -51,36 +57,57 @@ class LeanEPollReactor(EPollReactor):
             # A descriptor removed by an earlier event of this same batch has no selectable any more.
             if selectable is None:
                 continue
-            if event == _READABLE:
-                # Nearly every event under load: data to read, nothing else. Handled as _doReadOrWrite handles it,
-                # less its check for a selectable whose fileno() is -1 (one still registered after closing its
-                # descriptor: a bug it exists to report). Every other event (writable, hang-up, error) goes there.
-                why: BaseException | None
-                try:
-                    if type(selectable) in TCP_TRANSPORTS:
-                        # tcp.Connection.doRead and its data-received step, written out (tests/test_reactor_read.py
-                        # pins both): a recv, then the protocol's dataReceived; an empty read is the peer's close.
-                        try:
-                            data = selectable.socket.recv(selectable.bufferSize)
-                        except OSError as error:
-                            why = None if error.args[0] == errno.EWOULDBLOCK else CONNECTION_LOST
-                        else:
-                            if data:
-                                selectable.protocol.dataReceived(data)
-                                why = None
-                            else:
-                                why = CONNECTION_DONE
-                    else:
-                        why = selectable.doRead()
-                except BaseException:
-                    why = sys.exc_info()[1]
-                    log.err()
-                if why:
-                    self._disconnectSelectable(selectable, why, True)
-            else:
+            if event != _READABLE:
+                # Writable, hang-up, error: the stock dispatch.
                 dispatch(selectable, fd, event)
+                continue
+            # Nearly every event under load: data to read, nothing else. Handled as _doReadOrWrite handles it, less
+            # its check for a selectable whose fileno() is -1 (one still registered after closing its descriptor: a
+            # bug it exists to report). A plain TCP transport's read is tcp.Connection.doRead and its data-received
+            # step written out (tests/test_reactor_read.py pins both): a recv, then the protocol's dataReceived; an
+            # empty read is the peer's close. The same lines twice, once per transport type: CPython specialises
+            # each attribute read for the one type it sees there, and a server's and a client's transport read at
+            # one place would miss that cache at nearly every event (bench/reactor_cost.py counts it).
+            why: BaseException | None
+            kind = type(selectable)
+            try:
+                if kind is _SERVER:
+                    try:
+                        data = selectable.socket.recv(selectable.bufferSize)
+                    except OSError as error:
+                        why = None if error.args[0] == _EWOULDBLOCK else CONNECTION_LOST
+                    else:
+                        if data:
+                            selectable.protocol.dataReceived(data)
+                            continue
+                        why = CONNECTION_DONE
+                elif kind is _CLIENT:
+                    try:
+                        data = selectable.socket.recv(selectable.bufferSize)
+                    except OSError as error:
+                        why = None if error.args[0] == _EWOULDBLOCK else CONNECTION_LOST
+                    else:
+                        if data:
+                            selectable.protocol.dataReceived(data)
+                            continue
+                        why = CONNECTION_DONE
+                else:
+                    why = selectable.doRead()
+            except BaseException:
+                why = sys.exc_info()[1]
+                log.err()
+            if why:
+                self._disconnectSelectable(selectable, why, True)
 
     doIteration = doPoll
+
+    def addReader(self, reader: Any) -> None:
+        # A TCP transport read here (and written by fastwrite) holds its own copy of the class-level state those
+        # paths read on every event: equal values, far cheaper reads (labelgw.http.fastwrite.own_defaults). Twisted's
+        # client transports come here first from their connect step; labelgw's listener sets them itself.
+        if type(reader) in TCP_TRANSPORTS:
+            own_defaults(reader)
+        EPollReactor.addReader(self, reader)
 
 
 def install() -> LeanEPollReactor:

@@ -116,6 +116,28 @@ def test_the_stock_poll_step_is_the_one_lean_epoll_reactor_re_implements() -> No
     assert parameters(EPollReactor.addReader) == ["self", "reader"]
 
 
+@epoll_only
+def test_the_main_loop_lean_epoll_reactor_writes_out_is_the_one_it_was_written_from() -> None:
+    from twisted.internet import base
+    from twisted.logger import Logger
+
+    # LeanEPollReactor.mainLoop runs runUntilCurrent and timeout only when runUntilCurrent has something to do: a
+    # thread call, a new timed call, a due one (the heap's first), a stop, more than 50 cancelled calls. A change
+    # in any of these three: compare labelgw/cli/reactor.py with the new code, then update the fingerprints.
+    assert fingerprint(base.ReactorBase.mainLoop) == "5e3b6f721dae0aaf", "ReactorBase.mainLoop changed"
+    assert fingerprint(base.ReactorBase.runUntilCurrent) == "668ea793c19c2d0b", "runUntilCurrent changed"
+    assert fingerprint(base.ReactorBase.timeout) == "103467ec5fc9f854", "ReactorBase.timeout changed"
+    assert callable(base._topHandler.__exit__) and isinstance(base._log, Logger)
+    from labelgw.cli.reactor import LeanEPollReactor
+
+    reactor = LeanEPollReactor()
+    reactor._poller.close()
+    reactor.waker.connectionLost(None)
+    for name in ("_started", "_pendingTimedCalls", "_newTimedCalls", "_justStopped", "_cancellations"):
+        assert hasattr(reactor, name), name
+    assert isinstance(reactor.threadCallQueue, list)
+
+
 class Selectable:
     """A socket end registered with the reactor: what its dispatch calls."""
 
@@ -597,6 +619,9 @@ def test_every_private_name_the_reactor_and_fastwrite_use_is_checked_here() -> N
             "_POLL_IN", "_poller", "_selectables", "_doReadOrWrite", "_disconnectSelectable", "_READABLE",
             # labelgw's own aliases of public names (tcp.Server, tcp.Client, errno.EWOULDBLOCK)
             "_SERVER", "_CLIENT", "_EWOULDBLOCK",
+            # the main loop's (test_the_main_loop_lean_epoll_reactor_writes_out_is_the_one_it_was_written_from)
+            "_started", "_pendingTimedCalls", "_newTimedCalls", "_justStopped", "_cancellations", "_topHandler",
+            "_log", "_TOP_HANDLER", "_BASE_LOG", "_LONGEST_WAIT",
         },
         "labelgw/http/fastwrite.py": {
             "_tempDataBuffer", "_writeDisconnected", "_SERVER", "_CLIENT", "_SEND_LIMIT",

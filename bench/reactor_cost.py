@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> float:
     reactor.callLater(60, reactor.stop)
     started = time.process_time()
     reactor.run()
+    if left[0] > 0:
+        raise SystemExit(f"stopped after 60 s with {left[0]} of {args.requests} round trips left")
     return (time.process_time() - started) / args.requests
 
 

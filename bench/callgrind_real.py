@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 _TOTAL = re.compile(r"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
@@ -90,7 +91,7 @@ def instructions(tree: Path, target: str, requests: int, keep: Path | None = Non
         return int(match.group(1))
 
 
-def _floor(tree: Path, prefix: Path, port: int, backend_port: int) -> object:
+def _floor(tree: Path, prefix: Path, port: int, backend_port: int) -> Any:
     import bench_floor
 
     server = bench_floor.floor_server(prefix, "floor-proxy", port, backend_port, prefix / "unused.pem")
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(target, count) for target in targets for count in (n, 2 * n)]
     # Each job in a process of its own (bench_proxy is imported from the tree): run them side by side.
     with ThreadPoolExecutor(max_workers=min(4, len(jobs))) as pool:
-        totals = dict(zip(jobs, pool.map(lambda job: _run_one(args.tree, *job, args.keep), jobs)))
+        totals = dict(zip(jobs, pool.map(lambda job: _run_one(args.tree, job[0], job[1], args.keep), jobs)))
     per = {target: (totals[(target, 2 * n)] - totals[(target, n)]) / n for target in targets}
     for target in targets:
         print(f"{target}: {per[target]:,.0f} instructions per request (callgrind, whole process, {n} vs {2 * n})")

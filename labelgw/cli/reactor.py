@@ -111,7 +111,7 @@ class LeanEPollReactor(EPollReactor):
         or backlog of cancelled calls waits, the turn is the poll alone, with the timeout timeout() would give (the
         wait until the first pending call, from one clock reading); otherwise runUntilCurrent and timeout run as in
         Twisted's loop. An error is logged and the loop goes on, as with Twisted's _topHandler. Twisted's turn costs
-        about 3 000 instructions more than this one before the poll (two context-manager calls, runUntilCurrent,
+        about 5 000 instructions more than this one before the poll (two context-manager calls, runUntilCurrent,
         timeout, two clock reads, two checks for new calls; bench/reactor_cost.py --connections 1)."""
         seconds = self.seconds
         poll = self.doPoll

@@ -20,13 +20,15 @@ import re
 import signal
 import subprocess
 import sys
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 _TOTAL = re.compile(r"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
-TARGETS = ("labelgw", "labelgw-bare", "labelgw-log-off", "labelgw-nometrics")
+TARGETS = ("labelgw", "labelgw-bare", "labelgw-log-off", "labelgw-nometrics", "floor-proxy")
 
 
 def _h2load(port: int, requests: int) -> str:
@@ -41,8 +43,9 @@ def _h2load(port: int, requests: int) -> str:
     return match.group(0)
 
 
-def instructions(tree: Path, target: str, requests: int) -> int:
-    """Callgrind's total for `requests` requests (after the warm-up) through the target from `tree`."""
+def instructions(tree: Path, target: str, requests: int, keep: Path | None = None) -> int:
+    """Callgrind's total for `requests` requests (after the warm-up) through the target from `tree`; the callgrind
+    output is copied to `keep` (a directory) when given, for callgrind_annotate."""
     sys.path[:0] = [str(tree / "bench"), str(tree)]
     import bench_proxy as bp
 
@@ -55,6 +58,8 @@ def instructions(tree: Path, target: str, requests: int) -> int:
             "labelgw-bare": lambda: bp.labelgw_bare(prefix, port, backend_port),
             "labelgw-log-off": lambda: bp.labelgw(prefix, port, backend_port, "off"),
             "labelgw-nometrics": lambda: bp.labelgw_nometrics(prefix, port, backend_port),
+            # bench_floor.py's least proxy on labelgw's reactor: what the reactor and the sockets cost alone.
+            "floor-proxy": lambda: _floor(tree, prefix, port, backend_port),
         }[target]
         out = prefix / "callgrind.out"
         server = build()
@@ -77,10 +82,21 @@ def instructions(tree: Path, target: str, requests: int) -> int:
         finally:
             server.stop()
             backend.stop()
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out, keep / f"callgrind.{target}.{requests}.out")
         match = _TOTAL.search(out.read_text(errors="replace"))
         if match is None:
             raise SystemExit(f"{target}: no callgrind total\n{server.log_tail()}")
         return int(match.group(1))
+
+
+def _floor(tree: Path, prefix: Path, port: int, backend_port: int) -> Any:
+    import bench_floor
+
+    server = bench_floor.floor_server(prefix, "floor-proxy", port, backend_port, prefix / "unused.pem")
+    server.env = dict(os.environ)
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="labelgw,labelgw-bare")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--tree", type=Path, default=HERE.parent, help="the tree to run (default: this one)")
+    parser.add_argument("--keep", type=Path, help="copy each run's callgrind output into this directory")
     args = parser.parse_args(argv)
     targets = [t for t in args.targets.split(",") if t]
     unknown = set(targets) - set(TARGETS)
@@ -97,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(target, count) for target in targets for count in (n, 2 * n)]
     # Each job in a process of its own (bench_proxy is imported from the tree): run them side by side.
     with ThreadPoolExecutor(max_workers=min(4, len(jobs))) as pool:
-        totals = dict(zip(jobs, pool.map(lambda job: _run_one(args.tree, *job), jobs)))
+        totals = dict(zip(jobs, pool.map(lambda job: _run_one(args.tree, job[0], job[1], args.keep), jobs)))
     per = {target: (totals[(target, 2 * n)] - totals[(target, n)]) / n for target in targets}
     for target in targets:
         print(f"{target}: {per[target]:,.0f} instructions per request (callgrind, whole process, {n} vs {2 * n})")
@@ -106,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_one(tree: Path, target: str, count: int) -> int:
+def _run_one(tree: Path, target: str, count: int, keep: Path | None) -> int:
     done = subprocess.run(
-        [sys.executable, __file__, "--inner", target, str(count), str(tree)], capture_output=True, text=True,
+        [sys.executable, __file__, "--inner", target, str(count), str(tree), str(keep or "")], capture_output=True, text=True,
         check=False, timeout=1800,
     )
     if done.returncode != 0:
@@ -117,7 +134,7 @@ def _run_one(tree: Path, target: str, count: int) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--inner":
-        print(instructions(Path(sys.argv[4]), sys.argv[2], int(sys.argv[3])))
+    if len(sys.argv) == 6 and sys.argv[1] == "--inner":
+        print(instructions(Path(sys.argv[4]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[5]) if sys.argv[5] else None))
         sys.exit(0)
     sys.exit(main())

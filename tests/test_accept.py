@@ -101,6 +101,12 @@ def test_the_transport_is_the_one_twisted_builds(ports: Ports) -> None:
     # Two additions: close() without shutdown(2), and getHost without getsockname on a port with one address.
     assert set(lean_state) == set(stock_state) | {"_shouldShutdown", "getHost"}
     assert lean_state["_shouldShutdown"] is False
+    # Both hold the class-level state the fast paths read (the lean port sets it, the reactor's addReader for
+    # Twisted's port), with the class's values.
+    from labelgw.http.fastwrite import DEFAULTS
+
+    for name, value in DEFAULTS.items():
+        assert lean_state[name] == stock_state[name] == value == getattr(tcp.Server, name), name
     for name in ("reactor", "_tempDataLen", "_tempDataBuffer", "connected", "hostname", "sessionno"):
         assert lean_state[name] == stock_state[name], name
     assert lean_state["server"] is ports.lean_port and lean_state["protocol"] is ports.lean[0]

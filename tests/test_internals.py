@@ -112,6 +112,30 @@ def test_the_stock_poll_step_is_the_one_lean_epoll_reactor_re_implements() -> No
     assert parameters(EPollReactor._doReadOrWrite) == ["self", "selectable", "fd", "event"]
     assert parameters(EPollReactor._disconnectSelectable)[:4] == ["self", "selectable", "why", "isRead"]
     assert EPollReactor._POLL_IN == select.EPOLLIN
+    # LeanEPollReactor.addReader gives a TCP transport its own defaults, then calls this one.
+    assert parameters(EPollReactor.addReader) == ["self", "reader"]
+
+
+@epoll_only
+def test_the_main_loop_lean_epoll_reactor_writes_out_is_the_one_it_was_written_from() -> None:
+    from twisted.internet import base
+    from twisted.logger import Logger
+
+    # LeanEPollReactor.mainLoop runs runUntilCurrent and timeout only when runUntilCurrent has something to do: a
+    # thread call, a new timed call, a due one (the heap's first), a stop, more than 50 cancelled calls. A change
+    # in any of these three: compare labelgw/cli/reactor.py with the new code, then update the fingerprints.
+    assert fingerprint(base.ReactorBase.mainLoop) == "5e3b6f721dae0aaf", "ReactorBase.mainLoop changed"
+    assert fingerprint(base.ReactorBase.runUntilCurrent) == "668ea793c19c2d0b", "runUntilCurrent changed"
+    assert fingerprint(base.ReactorBase.timeout) == "103467ec5fc9f854", "ReactorBase.timeout changed"
+    assert callable(base._topHandler.__exit__) and isinstance(base._log, Logger)
+    from labelgw.cli.reactor import LeanEPollReactor
+
+    reactor = LeanEPollReactor()
+    reactor._poller.close()
+    reactor.waker.connectionLost(None)
+    for name in ("_started", "_pendingTimedCalls", "_newTimedCalls", "_justStopped", "_cancellations"):
+        assert hasattr(reactor, name), name
+    assert isinstance(reactor.threadCallQueue, list)
 
 
 class Selectable:
@@ -223,7 +247,33 @@ def tcp_pair() -> Iterator[tuple[Any, Keep, Keep]]:
 
 def queue_is_empty(transport: Any) -> bool:
     """write_now's test for "nothing queued"."""
-    return not transport._tempDataBuffer and len(transport.dataBuffer) == transport.offset
+    return not transport._tempDataBuffer and not transport.dataBuffer
+
+
+def test_the_write_steps_fastwrite_relies_on_are_the_ones_it_was_written_from() -> None:
+    from twisted.internet import abstract
+
+    # write_now takes an empty buffer for "all of it went out": doWrite empties the buffer (b"", offset 0) when
+    # it sent the whole of it, and write only appends to the list of pending writes. own_defaults copies class-level
+    # defaults onto the instance, which these only ever assign. A change: compare labelgw/http/fastwrite.py.
+    assert fingerprint(abstract.FileDescriptor.doWrite) == "59d5e53f857a62d1", "FileDescriptor.doWrite changed"
+    assert fingerprint(abstract.FileDescriptor.write) == "6be1610913d28b12", "FileDescriptor.write changed"
+
+
+def test_own_defaults_copies_twisteds_class_level_values() -> None:
+    from twisted.internet import tcp
+
+    from labelgw.http.fastwrite import DEFAULTS, own_defaults
+
+    assert DEFAULTS == {
+        "dataBuffer": b"", "offset": 0, "disconnecting": 0, "_writeDisconnected": False, "bufferSize": 65536,
+    }
+    for name, value in DEFAULTS.items():
+        assert getattr(tcp.Server, name) == value and getattr(tcp.Client, name) == value, name
+    transport = object.__new__(tcp.Client)
+    transport.offset = 7  # state Twisted set is kept
+    own_defaults(transport)
+    assert vars(transport) == {**DEFAULTS, "offset": 7}
 
 
 def test_tcp_transports_have_the_write_queue_fastwrite_reads(tcp_pair: tuple[Any, Keep, Keep]) -> None:
@@ -250,6 +300,7 @@ def test_a_queued_write_is_seen_as_queued_until_the_reactor_sends_it(tcp_pair: t
             break
         reactor.iterate(0.01)
     assert client.received == b"queued" and queue_is_empty(server.transport)
+    assert server.transport.dataBuffer == b"" and server.transport.offset == 0
 
 
 def test_write_now_sends_at_once_on_an_idle_tcp_transport(tcp_pair: tuple[Any, Keep, Keep]) -> None:
@@ -266,6 +317,35 @@ def test_write_now_sends_at_once_on_an_idle_tcp_transport(tcp_pair: tuple[Any, K
     assert client.received == b"direct"
     server.transport.loseConnection()
     assert server.transport.disconnecting
+
+
+def test_write_now_on_both_tcp_transport_types_keeps_the_order_of_queued_writes(
+    tcp_pair: tuple[Any, Keep, Keep],
+) -> None:
+    from labelgw.http.fastwrite import write_now
+
+    reactor, server, client = tcp_pair
+    for writer, reader in ((server, client), (client, server)):
+        # Sent at once on an idle transport of either type (tcp.Server, tcp.Client: two code paths).
+        write_now(writer.transport, b"a")
+        assert queue_is_empty(writer.transport)
+        # Queued by Twisted: write_now queues behind it instead of overtaking it.
+        writer.transport.write(b"b")
+        write_now(writer.transport, b"c")
+        assert not queue_is_empty(writer.transport)
+        for _ in range(100):
+            if reader.received.endswith(b"c"):
+                break
+            reactor.iterate(0.01)
+        assert reader.received == b"abc"
+    # A closing transport takes the ordinary path too (its bytes still go out before the close).
+    server.transport.loseConnection()
+    write_now(server.transport, b"d")
+    for _ in range(100):
+        if client.received.endswith(b"d"):
+            break
+        reactor.iterate(0.01)
+    assert client.received == b"abcd"
 
 
 # --- labelgw/http/h2.py: h2 beyond its documented API ------------------------------------------------------
@@ -537,8 +617,15 @@ def test_every_private_name_the_reactor_and_fastwrite_use_is_checked_here() -> N
     checked = {
         "labelgw/cli/reactor.py": {
             "_POLL_IN", "_poller", "_selectables", "_doReadOrWrite", "_disconnectSelectable", "_READABLE",
+            # labelgw's own aliases of public names (tcp.Server, tcp.Client, errno.EWOULDBLOCK)
+            "_SERVER", "_CLIENT", "_EWOULDBLOCK",
+            # the main loop's (test_the_main_loop_lean_epoll_reactor_writes_out_is_the_one_it_was_written_from)
+            "_started", "_pendingTimedCalls", "_newTimedCalls", "_justStopped", "_cancellations", "_topHandler",
+            "_log", "_TOP_HANDLER", "_BASE_LOG", "_LONGEST_WAIT",
         },
-        "labelgw/http/fastwrite.py": {"_tempDataBuffer", "_writeDisconnected", "_DIRECT", "_SEND_LIMIT"},
+        "labelgw/http/fastwrite.py": {
+            "_tempDataBuffer", "_writeDisconnected", "_SERVER", "_CLIENT", "_SEND_LIMIT",
+        },
     }
     for path, names in checked.items():
         source = (REPO / path).read_text()

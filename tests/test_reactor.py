@@ -146,3 +146,70 @@ def test_twistd_labelgw_runs_on_the_lean_reactor_unless_told_otherwise(tmp_path:
         assert "reactor class: twisted.internet.epollreactor.EPollReactor" in chosen.log_text()
     finally:
         chosen.stop()
+
+
+class WaitingPoller(FakePoller):
+    """No events; each poll moves a fake clock on by its timeout, at most `step` seconds (or raises once)."""
+
+    def __init__(self, now: list[float], step: float) -> None:
+        super().__init__([])
+        self.now = now
+        self.step = step
+        self.fail_once = False
+
+    def poll(self, timeout: float, most: int) -> list[tuple[int, int]]:
+        self.asked.append((timeout, most))
+        if self.fail_once:
+            self.fail_once = False
+            raise RuntimeError("bug in the loop")
+        self.now[0] += self.step if timeout < 0 else min(timeout, self.step)
+        return []
+
+
+def test_the_main_loop_runs_due_thread_and_timed_calls_and_otherwise_only_polls(lean: LeanEPollReactor) -> None:
+    from twisted.logger import globalLogPublisher
+
+    now = [100.0]
+    lean.seconds = lambda: now[0]  # type: ignore[method-assign]
+    poller = WaitingPoller(now, 2.0)
+    real_poller, lean._poller = lean._poller, poller  # type: ignore[assignment]
+    runs: list[float] = []
+    stock_run = lean.runUntilCurrent
+
+    def counted() -> None:
+        runs.append(now[0])
+        stock_run()
+
+    lean.runUntilCurrent = counted  # type: ignore[method-assign]
+    done: list[str] = []
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+
+    def first() -> None:
+        done.append(f"first at {now[0]}")
+        lean.callFromThread(lambda: done.append(f"thread call at {now[0]}"))
+        poller.fail_once = True
+
+    # 60 calls cancelled at once: a backlog runUntilCurrent compacts on the next turn.
+    cancelled = [lean.callLater(1000, done.append, "never") for _ in range(60)]
+    for call in cancelled:
+        call.cancel()
+    lean.callLater(5, first)
+    lean.callLater(8, lambda: (done.append(f"second at {now[0]}"), lean.stop()))
+    lean.addSystemEventTrigger("during", "shutdown", done.append, "shutdown")
+    try:
+        lean.run(installSignalHandlers=False)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+        lean._poller = real_poller
+    assert done == ["first at 105.0", "thread call at 105.0", "second at 108.0", "shutdown"]
+    # At 100: new calls (and the backlog): runUntilCurrent, poll(5). At 102 and 104 nothing is due: the poll alone,
+    # with the wait left (3, then 1). At 105: the first call, then a poll that fails (logged, the loop goes on),
+    # then the thread call it made, poll(3). At 107 the poll alone (1). At 108 the second call stops the reactor.
+    timeouts = [timeout for timeout, _ in poller.asked]
+    assert timeouts[:6] == [5.0, 3.0, 1.0, 3.0, 3.0, 1.0]
+    assert runs[:4] == [100.0, 105.0, 105.0, 108.0]
+    assert not any(call.cancelled for call in lean._pendingTimedCalls)
+    failures = [event for event in logged if "log_failure" in event]
+    assert len(failures) == 1 and failures[0]["log_failure"].check(RuntimeError)
+    assert failures[0]["log_format"] == "Unexpected error in main loop"

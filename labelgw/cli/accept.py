@@ -33,6 +33,8 @@ from typing import Any
 from twisted.internet import address, tcp
 from twisted.python import log
 
+from labelgw.http.fastwrite import DEFAULTS
+
 _new_server = object.__new__
 _Server = tcp.Server
 _SOCK_STREAM = socket.SOCK_STREAM
@@ -129,6 +131,8 @@ class LeanPort(tcp.Port):
             connected=1,
             # close() alone ends the connection: the descriptor is this process's only copy (module docstring).
             _shouldShutdown=False,
+            # The class-level state the fast read and write paths read, held by the instance (fastwrite.DEFAULTS).
+            **DEFAULTS,
         )
         if len(addr) != 2:
             transport._addressType = _IPv6Address

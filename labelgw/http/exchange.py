@@ -624,14 +624,23 @@ class WholeExchange(Exchange):
         now = gateway.clock.seconds()
         self._ttfb = now - self._started_at
         status = self.status = head.status
-        if (
-            status < 500 and self.state is _WAITING and self.body_done and self.response_rules is None
-            and not gateway.debug_headers
-        ):
+        if status < 500 and self.state is _WAITING and self.body_done and not gateway.debug_headers:
             # _final_response's common case: no 5xx, the request body read, nothing added to the head but the
-            # version cookie (if any).
+            # version cookie (if any) and the route's response rules (their common case written out as there).
             self.state = _RESPONDING
             extra = self.response_extra
+            rules = self.response_rules
+            if rules is not None:
+                if head.forward is not None:
+                    lowered = head.block.lower()
+                    for needle in rules.response_needles:
+                        if lowered.partition(needle)[1]:  # not `in`: see _named_in
+                            extra = extra + rules.apply_response(head)
+                            break
+                    else:
+                        extra = extra + rules.response_lines
+                else:
+                    extra = extra + rules.apply_response(head)
         else:
             extra = self._final_response(head, status)
         self.bytes_out += len(body)

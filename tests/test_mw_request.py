@@ -608,3 +608,29 @@ def test_http2_body_over_the_limit_after_the_response_started_resets_the_stream(
     h.settle()
     assert client.streams[stream].reset is not None and upstream.aborted
     h.assert_accounting()
+
+
+def test_header_rules_on_repeated_heads_on_one_connection() -> None:
+    """Repeated heads share their predecessor's bytes objects, and the rules keep their last result by identity:
+    every request still gets the rules exactly once (no line added twice, a field to drop dropped), and a head with
+    a field to drop between repeated ones is not mistaken for them."""
+    rules = HeadersSpec((("X-Env", "staging"),), ("X-Debug",), (("Strict-Transport-Security", "max-age=60"),), ("Server",))
+    h = harness(headers=rules)
+    client = h.connect()
+    upstream = None
+    sends = [b"X-Keep: yes\r\n"] * 3 + [b"X-Debug: 1\r\n"] + [b"X-Keep: yes\r\n"] * 3
+    answers = [b"X-Other: 1\r\n"] * 3 + [b"Server: gunicorn\r\n"] + [b"X-Other: 1\r\n"] * 3
+    for extra, answer in zip(sends, answers):
+        client.send(get(extra=extra))
+        if upstream is None:
+            upstream = h.upstream().accept()
+        request = upstream.request()
+        assert request.all(b"X-Env") == [b"staging"] and request.header(b"X-Debug") is None
+        assert request.header(b"X-Keep") == (b"yes" if b"X-Keep" in extra else None)
+        upstream.send(ok(extra=answer))
+        response = client.response()
+        assert response.header(b"Server") is None
+        assert response.all(b"Strict-Transport-Security") == [b"max-age=60"] and response.body == b"hello"
+        client.take()
+        upstream.take()
+    h.assert_accounting()

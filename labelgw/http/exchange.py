@@ -632,13 +632,20 @@ class WholeExchange(Exchange):
             rules = self.response_rules
             if rules is not None:
                 if head.forward is not None:
-                    lowered = head.block.lower()
-                    for needle in rules.response_needles:
-                        if lowered.partition(needle)[1]:  # not `in`: see _named_in
-                            extra = extra + rules.apply_response(head)
-                            break
-                    else:
+                    block = head.block
+                    if block is rules.clean_response_block:
+                        # The very bytes object last found without a field to drop (a repeated response head
+                        # shares it: labelgw.http.parser.response_from).
                         extra = extra + rules.response_lines
+                    else:
+                        lowered = block.lower()
+                        for needle in rules.response_needles:
+                            if lowered.partition(needle)[1]:  # not `in`: see _named_in
+                                extra = extra + rules.apply_response(head)
+                                break
+                        else:
+                            rules.clean_response_block = block
+                            extra = extra + rules.response_lines
                 else:
                     extra = extra + rules.apply_response(head)
         else:

@@ -253,6 +253,17 @@ class HeaderRules:
         self.request_lines = self._request_lines
         # And the exchange, which writes out apply_response's.
         self.response_needles = self._response_needles
+        # The last request head rewritten by the common case (its block and forward block, the bytes objects
+        # themselves) and what they became; and the last response block found without a field to drop. A repeated
+        # head is made from its predecessor's very objects (labelgw.http.parser.request_from), so an identity test
+        # stands for the search. Bytes are immutable and held here, so an identical object means identical bytes.
+        self.kept_block: bytes | None = None
+        self.kept_forward: bytes | None = None
+        self.kept_result: tuple[bytes, bytes] = (b"", b"")
+        self.clean_response_block: bytes | None = None
+
+    def keep(self, block: bytes, forward: bytes, new_block: bytes, new_forward: bytes) -> None:
+        self.kept_block, self.kept_forward, self.kept_result = block, forward, (new_block, new_forward)
 
     def apply_request(self, head: RequestHead) -> None:
         if head.forward is not None:

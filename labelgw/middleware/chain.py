@@ -326,18 +326,27 @@ class Chain:
             else:
                 # HeaderRules.apply_request's common case written out (a call less per request): none of the fields
                 # to drop is in the head, only the rule's lines are added; after a hit, apply_request does it all.
-                lowered = head.block.lower()
-                for needle in request_rules.request_needles:
-                    if lowered.partition(needle)[1]:  # not `in`: see _named_in
-                        request_rules.apply_request(head)
-                        break
+                block = head.block
+                forward = head.forward
+                if block is request_rules.kept_block and forward is request_rules.kept_forward:
+                    # The very bytes objects of the last head rewritten this way (a repeated head shares its
+                    # predecessor's: labelgw.http.parser.request_from): the same result, without the search.
+                    head.block, head.forward = request_rules.kept_result
+                    head._headers = None
                 else:
-                    add = request_rules.request_lines
-                    if add:
-                        # RequestHead.rewrite_fields(None, add), written out too.
-                        head.block += add
-                        head.forward += add
-                        head._headers = None
+                    lowered = block.lower()
+                    for needle in request_rules.request_needles:
+                        if lowered.partition(needle)[1]:  # not `in`: see _named_in
+                            request_rules.apply_request(head)
+                            break
+                    else:
+                        add = request_rules.request_lines
+                        if add:
+                            # RequestHead.rewrite_fields(None, add), written out too.
+                            head.block = block + add
+                            head.forward = forward + add
+                            head._headers = None
+                            request_rules.keep(block, forward, head.block, head.forward)
         if self._stateless:
             if self.plugin_steps and not self._plugins_pass(head, side):
                 return None

@@ -96,24 +96,21 @@ def _work(part: str) -> Callable[[int], None]:
                 assign(head)
         return run
     if part == "handoff":
-        from labelgw.http.accesslog import BATCH_LINES, ThreadWriter
+        from labelgw.http.accesslog import BATCH_PIECES, ThreadWriter
 
-        line = b"x" * 100
+        pieces_of_a_line = (b"x" * 70, b"0.123 ", b"r" * 32, b"\n")
 
         def run(n: int) -> None:
-            # What the access log does per line and per batch (AccessLog: one bytearray per batch, handed over as
-            # it is), with a real writer thread behind it.
+            # What the access log does per line and per batch (AccessLog: a line's pieces on one list, joined at
+            # the hand-over), with a real writer thread behind it.
             writer = ThreadWriter(None, fd=os.open(os.devnull, os.O_WRONLY))
             writer.start()
-            lines = bytearray()
-            count = 0
+            pieces: list[bytes] = []
             for _ in range(n):
-                lines += line
-                count += 1
-                if count >= BATCH_LINES:
-                    writer.put(lines)
-                    lines = bytearray()
-                    count = 0
+                pieces += pieces_of_a_line
+                if len(pieces) >= BATCH_PIECES:
+                    writer.put(b"".join(pieces))
+                    pieces = []
             writer.close()
         return run
     raise SystemExit(f"unknown part {part}")

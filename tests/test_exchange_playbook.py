@@ -11,6 +11,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from labelgw.http.accesslog import NO_KIND
 from labelgw.http.exchange import Exchange
 from labelgw.http.parser import RequestHead, ResponseHead, parse_request_head, parse_response_head
 from labelgw.http.server import Gateway
@@ -39,6 +40,8 @@ class RecordingSide:
     peer_ip = b"10.0.0.9"
     proto = b"http"
     local_port = b"8080"
+    log_kind = NO_KIND
+    log_kind_keeper = None
 
     def __init__(self, log: Log) -> None:
         self.log = log

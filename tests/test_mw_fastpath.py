@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from labelgw.http.accesslog import NO_KIND
 from labelgw.core.middleware import RateLimitSpec, parse_middleware
 from labelgw.core.requestmw import parse_allow
 from labelgw.middleware import access
@@ -198,6 +199,8 @@ class _NoMetrics:
 class _Side:
     def __init__(self) -> None:
         self.peer_ip = b""
+        self.log_kind = NO_KIND
+        self.log_kind_keeper = None
         self.refused: list[int] = []
 
     def refuse(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from labelgw.http.accesslog import NO_KIND
 from labelgw.core.labels import parse_container
 from labelgw.core.middleware import (
     CompressSpec, MiddlewareLabelError, MiddlewareSpec, parse_middleware,
@@ -55,6 +56,8 @@ class Recorder:
     peer_ip = b"127.0.0.1"
     proto = b"http"
     local_port = b"80"
+    log_kind = NO_KIND
+    log_kind_keeper = None
 
     def __init__(self) -> None:
         self.head: ResponseHead | None = None

@@ -151,6 +151,11 @@ class RequestMetrics:
             stats = self.services[name] = _ServiceStats()
         return stats
 
+    def slot(self, name: str, version: str | None) -> _Slot:
+        """The counters of (service, version), made on first use."""
+        slot = self.slots.get((name, version))
+        return slot if slot is not None else self._slot(name, version)
+
     def _slot(self, name: str, version: str | None) -> _Slot:
         slot = self.slots[(name, version)] = _Slot(name, version or "")
         if version is None:

@@ -5,7 +5,7 @@ to the upstream's response head in milliseconds and the request id; `json` is on
 nothing.
 
 Lines are collected on the reactor and handed over in batches, FLUSH_DELAY after the first line of a batch (or at
-once when BATCH_LINES have gathered), to L{ThreadWriter}, whose thread does the blocking writes: a regular file, a
+once when BATCH_PIECES have gathered), to L{ThreadWriter}, whose thread does the blocking writes: a regular file, a
 pipe or a terminal behind standard output all look the same to it, and a destination that stalls (a pipe nobody
 reads) stalls only that thread. What waits for it is bounded: past the bound a batch is dropped, counted in
 L{AccessLog.access_log_dropped} (lines) and said once in the log. `reopen` (SIGUSR1, logrotate's convention) is
@@ -36,16 +36,17 @@ FORMATS = ("common", "json", "off")
 CLIENT_CLOSED = 499
 # Bytes waiting for the writer thread before batches are dropped (a few batches of JSON lines).
 MAX_PENDING = 16 * 1024 * 1024
-# A batch is handed to the writer thread this long after its first line, or at once when it has BATCH_LINES lines.
+# A batch is handed to the writer thread this long after its first line, or at once when it holds BATCH_PIECES (4 096
+# lines of the common format, four pieces each; as many of labelgw's own answers, one piece each).
 # Every hand-over wakes the thread, which takes the GIL twice (woken by the queue, back from write()). At 512
 # lines / 50 ms that was 30+ times a second under load; now ~4 (bench/threads.py: 0.66 wake-ups per 1000 requests
 # against 5.9, the thread's CPU 0.14 against 0.22 us per request; bench/callgrind_real.py: ~1 100 fewer
 # instructions per request, with the batch's bytes() copy gone). A line waits at most FLUSH_DELAY (nginx's
 # `flush=` is seconds).
 FLUSH_DELAY = 0.25
-BATCH_LINES = 4096
+BATCH_PIECES = 16384
 
-# `"` and `\\` as ints, for `in` on bytes (see AccessLog._exchange_common).
+# `"` and `\\` as ints, for `in` on bytes (see AccessLog._kind).
 _QUOTE = 0x22
 _BACKSLASH = 0x5C
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -59,6 +60,26 @@ def _quoted(value: bytes) -> str:
     if _PLAIN.fullmatch(value) is not None:
         return value.decode("ascii")
     return "".join(chr(byte) if 0x20 <= byte < 0x7F and byte not in (0x22, 0x5C) else f"\\x{byte:02X}" for byte in value)
+
+
+# Microseconds -> the common format's upstream time (milliseconds with three decimals) and the space after it; at
+# most _MS_TEXTS kept, about 1.3 MB (the times of a few backends repeat: a few thousand texts answer nearly every
+# request; a wider spread empties the table now and then and formats those lines).
+_MS_TEXT: dict[int, bytes] = {}
+_MS_TEXTS = 16384
+
+
+def _ms_text(micros: int) -> bytes:
+    """The common format's upstream time, `micros` microseconds as milliseconds (`%.3f` of a whole number of
+    microseconds), with the space that follows it."""
+    if micros < 0:
+        # A clock set back while the request was in flight (reactor.seconds() is the wall clock).
+        return b"-%d.%03d " % divmod(-micros, 1000)
+    text = b"%d.%03d " % divmod(micros, 1000)
+    if len(_MS_TEXT) >= _MS_TEXTS:
+        _MS_TEXT.clear()
+    _MS_TEXT[micros] = text
+    return text
 
 
 def _ms(seconds: float) -> float:
@@ -78,9 +99,49 @@ def _jstr(value: bytes | None) -> str:
     return json.dumps(value.decode("latin-1"))
 
 
+class LineKind:
+    """What the common format's line of a connection's last request kept for the next one like it: the line's
+    constant text (the client, the second, the request line, the status, the service) as a bytes format that
+    takes the body size; what it was made for (the request's target, method
+    and version, the status, the route, the service version: held by identity); and the metrics' counters such a
+    request adds to (a
+    L{labelgw.control.metrics._Slot} and its row: the gateway's metrics, which are made once for its life, so a
+    kind is not tested against them)."""
+
+    __slots__ = (
+        "bytes_out", "head", "start", "end", "target", "method", "http_version", "status", "route", "version", "line", "slot", "row",
+        "status_class",
+    )
+
+    def __init__(
+        self, start: float, end: float, target: bytes, method: bytes, http_version: bytes, status: int, route: Any,
+        version: str | None, line: bytes, slot: Any, row: list[int] | None, status_class: int,
+    ) -> None:
+        # The second of the time in `line`, as a float range (`start <= now < end`: two float comparisons).
+        self.start = start
+        self.end = end
+        # `line` with a body size in it, and that size (-1: none yet).
+        self.bytes_out = -1
+        self.head = b""
+        self.target = target
+        self.method = method
+        self.http_version = http_version
+        self.status = status
+        self.route = route
+        self.version = version
+        self.line = line
+        self.slot = slot
+        self.row = row
+        self.status_class = status_class
+
+
+# What a client side holds before its first line: a kind no time falls in.
+NO_KIND = LineKind(0.0, 0.0, b"", b"", b"", 0, None, None, b"", None, None, 0)
+
+
 class AccessLog:
-    """Formats and batches access-log lines. `sink.put(data: bytearray) -> bool` takes a batch (False: dropped);
-    the sink owns it from then on."""
+    """Formats and batches access-log lines. `sink.put(data: bytes) -> bool` takes a batch (False: dropped); the
+    sink owns it from then on."""
 
     log = Logger()
 
@@ -92,14 +153,12 @@ class AccessLog:
         self.sink = sink
         # Lines the destination could not take in time (its bounded buffer was full); read by the metrics.
         self.access_log_dropped = 0
-        # The lines gathered since the last hand-over, appended to one buffer: a line formatted and freed at once
-        # reuses the same (cache-hot) memory each request, where a list of up to 512 live line objects touched
-        # fresh memory per line (x0.945 CPU per request through sockets: bench/ab.py, lower in 5 of 5 rounds).
-        self._lines = bytearray()
-        self._count = 0
-        # Service name -> client side class -> request version -> status -> the common format's line format from
-        # the target on, for the fast path (bounded: services, a few classes and versions, statuses 100-999).
-        self._formats: dict[str, dict[type, dict[bytes, dict[int, bytes]]]] = {}
+        # The lines gathered since the last hand-over, as pieces joined at the hand-over: a common line's pieces
+        # are bytes kept anyway (the kind's text, the time's, the request id), so no memory is made per line, and
+        # the join copies each byte once (a bytearray grown line by line copied each ~8 times in its reallocations).
+        # Making the lines later, a batch at a time, was measured slower: the exchanges kept for it are out of the
+        # caches by then (bench/callgrind.py --simulate: 146 407 model cycles per request against 132 948).
+        self._pieces: list[bytes] = []
         self._flush_call: Any = None
         self._dropping = False
         self._second = -1
@@ -107,8 +166,6 @@ class AccessLog:
         self._second_start = self._second_end = -1.0
         self._clf_time = ""
         self._clf_bytes = b""
-        # Client address -> method -> the line's start up to the target (cleared every second: it holds the time).
-        self._before: dict[bytes, dict[bytes, bytes]] = {}
         self._iso_time = ""
         self._format_line = self._common if format == "common" else self._json
         if format == "common":
@@ -118,18 +175,145 @@ class AccessLog:
     # What the data path calls.
 
     def exchange(self, exchange: Any, state: Any, now: float | None = None, metrics: Any = None) -> None:
-        """An exchange ended: its line, and with `metrics` (labelgw.control.metrics.RequestMetrics) its counters
-        too (one call from Exchange._complete for both)."""
-        if metrics is not None:
-            metrics.exchange_done(exchange, now if now is not None else self.clock.seconds())
-        self._exchange_any(exchange, state, now)
-
-    def _exchange_any(self, exchange: Any, state: Any, now: float | None = None) -> None:
-        """An exchange ended (labelgw.http.exchange.Exchange._complete); `state`: its state before DONE; `now`: the
-        clock's time, when the caller has just read it."""
-        head = exchange.head
+        """An exchange ended (labelgw.http.exchange.Exchange._complete; `state`: its state before DONE; `now`: the
+        clock's time, when the caller has just read it): its line, and with `metrics`
+        (labelgw.control.metrics.RequestMetrics) its counters too (one call for both)."""
         if now is None:
             now = self.clock.seconds()
+        if metrics is not None:
+            metrics.exchange_done(exchange, now)
+        self._append(self._line_any(exchange, state, now))
+
+    def _exchange_common(self, exchange: Any, state: Any, now: float | None = None, metrics: Any = None) -> None:
+        """exchange() in the common format. A keep-alive connection that repeats its request gets the same line
+        but for the body size, the upstream time and the request id: its client side keeps a L{LineKind} (the
+        line's constant text as a bytes format and the metrics' counters it adds to), found by one attribute read
+        and held valid by identity tests (the repeated head's very objects, the route, the version, the second of
+        the time in its text). Written for the fewest interpreter operations (each costs ~50 instructions;
+        bench/obs_parts.py counts them)."""
+        if now is None:
+            now = self.clock.seconds()
+        kind = exchange.client.log_kind
+        head = exchange.head
+        # (A tuple of these compared to one kept costs more: ~200 instructions per call.)
+        if (
+            not kind.start <= now < kind.end or head.target is not kind.target or head.method is not kind.method
+            or head.version is not kind.http_version or exchange.status != kind.status
+            or exchange.route is not kind.route or exchange.version is not kind.version or state is not _RESPONDING
+            or exchange.client_gone or exchange.error_message is not None
+        ):
+            kind = self._kind(exchange, state, now, metrics)
+            if kind is None:
+                # labelgw's own answer, a tunnel, a client gone, a target to escape: the general path.
+                if metrics is not None:
+                    metrics.exchange_done(exchange, now)
+                self._append(self._line_any(exchange, state, now))
+                return
+        bytes_out = exchange.bytes_out
+        created = exchange.created_at
+        slot = kind.slot
+        if slot is not None:
+            # RequestMetrics.exchange_done, written out (tests/test_accesslog_fast.py holds the two to the same
+            # counts).
+            kind.row[kind.status_class] += 1
+            if exchange.bytes_in:
+                slot.bytes_in += exchange.bytes_in
+            slot.bytes_out += bytes_out
+            elapsed = now - created
+            slot.total += elapsed
+            if elapsed <= 0.001:
+                slot.counts[0] += 1
+            elif elapsed <= 0.0025:
+                slot.counts[1] += 1
+            elif elapsed <= 0.005:
+                slot.counts[2] += 1
+            elif elapsed <= 0.01:
+                slot.counts[3] += 1
+            else:
+                slot.counts[bisect_left(BUCKETS, elapsed)] += 1
+        pieces = self._pieces
+        if not pieces:
+            # A timer is armed exactly while lines wait (flush() resets both): the first line arms it.
+            self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
+        # The line as pieces of kept bytes, no formatting: the text up to the body size (kept with the size it was
+        # made for: most answers of a connection have one size), the upstream time by microseconds (a few thousand
+        # texts answer nearly every request), the request id. `%` with a float cost 7 400 of the 13 600 model
+        # cycles the common line and the metrics added per request (bench/callgrind.py --simulate).
+        if bytes_out != kind.bytes_out:
+            kind.bytes_out = bytes_out
+            kind.head = kind.line % bytes_out
+        micros = int((exchange._started_at + exchange._ttfb - created) * 1000000.0 + 0.5)
+        text = _MS_TEXT.get(micros)
+        pieces += (kind.head, text if text is not None else _ms_text(micros), head.request_id or b"-", b"\n")
+        if len(pieces) >= BATCH_PIECES:
+            self.flush()
+
+    def refused(self, side: Any, head: Any, status: int, message: str) -> None:
+        """labelgw answered the request itself, without an exchange (308, 400, 404, 503; HTTP/2 refusals)."""
+        method = head.method if head is not None else getattr(side, "method", b"")
+        size = 0 if method == b"HEAD" else len(f"labelgw: {message}\n".encode("utf-8", "replace"))
+        self._append(self._line(self.clock.seconds(), side, head, status, 0, size, 0.0, None, None, None, None, 0))
+
+    def _append(self, line: bytes) -> None:
+        pieces = self._pieces
+        if not pieces:
+            self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
+        pieces.append(line)
+        if len(pieces) >= BATCH_PIECES:
+            self.flush()
+
+    def _kind(self, exchange: Any, state: Any, now: float, metrics: Any) -> LineKind | None:
+        """The line kind of an exchange whose line and counters are the common ones (kept by its connection, which
+        may repeat the request), or None: the general path."""
+        if not self._second_start <= now < self._second_end:
+            self._set_second(int(now))
+        head = exchange.head
+        target = head.target
+        status = exchange.status
+        if (
+            exchange.error_message is not None or state is not _RESPONDING or exchange.client_gone
+            # A tunnel's lifetime (101: a WebSocket's hours) is not a request duration: never a kind's.
+            or status == 101
+            # Byte values as needles (_QUOTE, _BACKSLASH: a memchr): `bytes in bytes` first tries the needle as an
+            # int and raises and clears a TypeError.
+            or not target.isascii() or _QUOTE in target or _BACKSLASH in target
+        ):
+            return None
+        client = exchange.client
+        method = head.method
+        slot = row = None
+        status_class = 9
+        if metrics is not None:
+            slot = metrics.slot(exchange.route.service.name, exchange.version)
+            row = slot.get if method == b"GET" else slot.row(method)
+            if status < len(STATUS_CLASS):
+                status_class = STATUS_CLASS[status]
+        name = exchange.route.service.name.encode("utf-8", "replace").replace(b"%", b"%%")
+        protocol = b"HTTP/2" if self._side_is_http2(client) else head.version
+        # The constant runs of the line, `%` doubled where it is client or operator text.
+        line = b'%s - - [%s] "%s %s %s" %d %%d "%s" ' % (
+            (client.peer_ip or b"-").replace(b"%", b"%%"), self._clf_bytes, method.replace(b"%", b"%%"),
+            target.replace(b"%", b"%%"), protocol.replace(b"%", b"%%"), status, name,
+        )
+        kind = LineKind(
+            self._second_start, self._second_end,
+            target, method, head.version, status, exchange.route, exchange.version, line, slot, row, status_class,
+        )
+        # Kept for the connection's next request, which may repeat this one: by the side itself (HTTP/1.1), or by
+        # its keeper when the side is made per request (an HTTP/2 stream's connection, a middleware wrapper's
+        # inner side), from which the next side starts.
+        client.log_kind = kind
+        keeper = client.log_kind_keeper
+        if keeper is not None:
+            keeper.log_kind = kind
+        return kind
+
+    def _side_is_http2(self, client: Any) -> bool:
+        return hasattr(client, "stream_id")
+
+    def _line_any(self, exchange: Any, state: Any, now: float) -> bytes:
+        """The line of an exchange that ended, in either format (the general formatter)."""
+        head = exchange.head
         created = exchange.created_at
         upstream = None
         if state is _RESPONDING or state is _TUNNEL:
@@ -141,138 +325,22 @@ class AccessLog:
         bytes_out = exchange.bytes_out
         if exchange.error_message is not None and head.method != b"HEAD":
             bytes_out = len(f"labelgw: {exchange.error_message}\n".encode("utf-8", "replace"))
-        self._add(
+        return self._line(
             now, exchange.client, head, status, exchange.bytes_in, bytes_out, now - created, upstream,
             exchange.route, exchange.version, exchange.backend if exchange.on_backend else None, exchange.attempts - 1,
         )
 
-    def _exchange_common(self, exchange: Any, state: Any, now: float | None = None, metrics: Any = None) -> None:
-        """exchange() in the common format: a relayed response is one bytes %-format (no str round trip), and the
-        metrics' update inlined. Written for the fewest interpreter operations (each costs ~50 instructions;
-        bench/obs_parts.py counts them): every constant run of the line comes from a cache, each found with
-        subscripts (no method calls)."""
-        if now is None:
-            now = self.clock.seconds()
-        if not self._second_start <= now < self._second_end:
-            self._set_second(int(now))
-        head = exchange.head
-        target = head.target
-        if (
-            exchange.error_message is not None or (state is not _RESPONDING and state is not _TUNNEL)
-            # Byte values as needles (_QUOTE, _BACKSLASH: a memchr): `bytes in bytes` first tries the needle as an
-            # int and raises and clears a TypeError (about 1 700 instructions each on CPython 3.11), and find()
-            # parses its arguments (about 1 000).
-            or not target.isascii() or _QUOTE in target or _BACKSLASH in target
-        ):
-            # labelgw's own answer (502, 504), no response head yet, or a target to escape: the general path.
-            if metrics is not None:
-                metrics.exchange_done(exchange, now)
-            self._exchange_any(exchange, state, now)
-            return
-        name = exchange.route.service.name
-        status = exchange.status
-        method = head.method
-        bytes_out = exchange.bytes_out
-        created = exchange.created_at
-        if metrics is not None:
-            # RequestMetrics.exchange_done, inlined (a call and the exchange's loads saved per request; the
-            # property test in tests/test_accesslog_fast.py holds the two to the same counts).
-            try:
-                slot = metrics.plain[name] if exchange.version is None else metrics.slots[(name, exchange.version)]
-            except KeyError:
-                slot = metrics._slot(name, exchange.version)
-            try:
-                (slot.get if method == b"GET" else slot.row(method))[STATUS_CLASS[status]] += 1
-            except IndexError:
-                (slot.get if method == b"GET" else slot.row(method))[9] += 1
-            if exchange.bytes_in:
-                slot.bytes_in += exchange.bytes_in
-            if bytes_out:
-                slot.bytes_out += bytes_out
-            if status != 101:  # a tunnel's lifetime is not a request duration
-                elapsed = now - created
-                slot.total += elapsed
-                if elapsed <= 0.001:
-                    slot.counts[0] += 1
-                elif elapsed <= 0.0025:
-                    slot.counts[1] += 1
-                elif elapsed <= 0.005:
-                    slot.counts[2] += 1
-                elif elapsed <= 0.01:
-                    slot.counts[3] += 1
-                else:
-                    slot.counts[bisect_left(BUCKETS, elapsed)] += 1
-        client = exchange.client
-        if exchange.client_gone and state is _RESPONDING:
-            status = CLIENT_CLOSED
-        # The constant runs of the line cached as bytes (each %s field costs the formatter ~200 instructions): the
-        # client address, the second and the method before the target (per second); the protocol, the status and
-        # the service's name inside the format itself, by service, client side class (HTTP/2 or not: no attribute
-        # test per line), version and status.
-        try:
-            before = self._before[client.peer_ip][method]
-        except KeyError:
-            before = self._cache_before(client.peer_ip, method)
-        try:
-            line = self._formats[name][type(client)][head.version][status]
-        except KeyError:
-            line = self._cache_format(name, client, head.version, status)
-        self._lines += line % (
-            before, target, bytes_out, (exchange._started_at + exchange._ttfb - created) * 1000.0,
-            head.request_id or b"-",
-        )
-        # A timer is armed exactly while lines wait (flush() resets both): the first line arms it.
-        self._count = count = self._count + 1
-        if count >= BATCH_LINES:
-            self.flush()
-        elif count == 1:
-            self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
-
-    def _cache_before(self, peer: bytes, method: bytes) -> bytes:
-        by_method = self._before.get(peer)
-        if by_method is None:
-            by_method = self._before[peer] = {}
-        before = by_method[method] = b'%s - - [%s] "%s ' % (peer or b"-", self._clf_bytes, method)
-        return before
-
-    def _cache_format(self, name: str, client: Any, version: bytes, status: int) -> bytes:
-        """The line's format for a service, client side class (HTTP/2 or not), request version and status: the
-        constant runs between the target and the body bytes and around the service's name written into it (its
-        `%` doubled: a service name is the operator's text)."""
-        by_class = self._formats.setdefault(name, {})
-        by_status = by_class.setdefault(type(client), {}).setdefault(version, {})
-        protocol = b"HTTP/2" if self._side_is_http2(client) else version
-        service = name.encode("utf-8", "replace").replace(b"%", b"%%")
-        line = by_status[status] = b'%%s%%s %s" %d %%d "%s" %%.3f %%s\n' % (
-            protocol.replace(b"%", b"%%"), status, service,
-        )
-        return line
-
-    def _side_is_http2(self, client: Any) -> bool:
-        return hasattr(client, "stream_id")
-
-    def refused(self, side: Any, head: Any, status: int, message: str) -> None:
-        """labelgw answered the request itself, without an exchange (308, 400, 404, 503; HTTP/2 refusals)."""
-        method = head.method if head is not None else getattr(side, "method", b"")
-        size = 0 if method == b"HEAD" else len(f"labelgw: {message}\n".encode("utf-8", "replace"))
-        self._add(self.clock.seconds(), side, head, status, 0, size, 0.0, None, None, None, None, 0)
-
     # Formatting: about 1 us a line in the common format; the JSON one costs about twice that.
 
-    def _add(
+    def _line(
         self, now: float, side: Any, head: Any, status: int, bytes_in: int, bytes_out: int, duration: float,
         upstream: float | None, route: Any, version: str | None, backend: Any, retries: int,
-    ) -> None:
+    ) -> bytes:
         if not self._second_start <= now < self._second_end:
             self._set_second(int(now))
-        self._lines += self._format_line(
+        return self._format_line(
             now, side, head, status, bytes_in, bytes_out, duration, upstream, route, version, backend, retries,
         ).encode("utf-8", "replace")
-        self._count = count = self._count + 1
-        if count >= BATCH_LINES:
-            self.flush()
-        elif count == 1:
-            self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
 
     def _set_second(self, second: int) -> None:
         self._second = second
@@ -280,7 +348,6 @@ class AccessLog:
         t = time.gmtime(second)
         self._clf_time = f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
         self._clf_bytes = self._clf_time.encode("ascii")
-        self._before = {}
         self._iso_time = f"{t.tm_year}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
 
     def _common(
@@ -298,7 +365,7 @@ class AccessLog:
         else:
             request = f"{_quoted(getattr(side, 'method', b'-'))} - {_protocol(side, head)}"
         service = route.service.name if route is not None else "-"
-        ms = "-" if upstream is None else f"{upstream * 1000.0:.3f}"
+        ms = "-" if upstream is None else _ms_text(int(upstream * 1000000.0 + 0.5)).decode("ascii").rstrip()
         peer = side.peer_ip.decode("ascii", "replace") or "-"
         # The request id: labelgw.http.requestid's safe characters only.
         request_id = head.request_id.decode("ascii") if head is not None and head.request_id else "-"
@@ -342,17 +409,16 @@ class AccessLog:
         call, self._flush_call = self._flush_call, None
         if call is not None and call.active():
             call.cancel()
-        lines, count = self._lines, self._count
-        if not count:
+        pieces = self._pieces
+        if not pieces:
             return
-        self._lines = bytearray()
-        self._count = 0
-        # The buffer itself (no copy): nothing appends to it after this.
+        self._pieces = []
+        lines = b"".join(pieces)
         if self.sink.put(lines):
             if self._dropping and self.sink.pending == 0:
                 self._dropping = False
         else:
-            self.access_log_dropped += count
+            self.access_log_dropped += lines.count(b"\n")
             if not self._dropping:
                 self._dropping = True
                 self.log.warn(

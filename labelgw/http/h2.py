@@ -57,6 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from labelgw.http.accesslog import NO_KIND
 from labelgw.http.dispatch import dispatch
 from labelgw.http.exchange import Exchange
 from labelgw.http.framing import response_has_body
@@ -244,7 +245,7 @@ class H2Stream:
         "owner", "stream_id", "_lib", "method", "peer_ip", "proto", "local_port", "_inbound", "_unacked", "_queue",
         "_queued", "state", "exchange", "started", "remote_ended", "gone", "_paused", "_producer", "_producer_paused",
         "stalled_since", "_progressed", "body_seen", "head", "lib_state", "lib_headers_sent", "lib_window",
-        "lib_expected",
+        "lib_expected", "log_kind", "log_kind_keeper",
     )
     state: StreamState
     exchange: Exchange | None
@@ -278,6 +279,9 @@ class H2Stream:
         self.peer_ip = owner.peer_ip
         self.proto = owner.proto
         self.local_port = owner.local_port
+        # The connection's last line kind, kept on the connection (a stream serves one request).
+        self.log_kind = owner.log_kind
+        self.log_kind_keeper = owner
         self._inbound: list[bytes] = []
         self._unacked = 0
         self._queue: deque[bytes | memoryview] = deque()
@@ -863,6 +867,9 @@ class H2Protocol(DataProtocol):
         self.proto = proto
         self.settings = settings
         self.clock = gateway.clock
+        # The access log's last line kind on this connection (labelgw.http.accesslog.LineKind), which each new
+        # stream starts with: the next request is most often the same.
+        self.log_kind = NO_KIND
         self.conn: H2Connection = H2Connection(
             H2Configuration(
                 client_side=False, header_encoding=None,

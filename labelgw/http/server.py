@@ -11,6 +11,7 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from labelgw.http.accesslog import NO_KIND
 from labelgw.http.dispatch import dispatch
 from labelgw.http.exchange import Exchange, WholeExchange
 from labelgw.http.fastwrite import write_now
@@ -125,6 +126,10 @@ class ClientConnection(DataProtocol):
         self.gateway = gateway
         self.proto = proto
         self.peer_ip = b""
+        # The access log's last line kind (labelgw.http.accesslog.LineKind): the next request of a keep-alive
+        # connection is most often the same. It is kept here (no other keeper).
+        self.log_kind = NO_KIND
+        self.log_kind_keeper: Any = None
         self.local_port = b""
         self.exchange: Exchange | None = None
         self.draining = False

@@ -8,7 +8,7 @@ close) and the body in it; HTTP/2 sends HEADERS and DATA frames within the flow-
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from labelgw.http.parser import ResponseHead
 from labelgw.http.transport import Producer
@@ -22,6 +22,11 @@ class ClientSide(Protocol):
     peer_ip: bytes
     proto: bytes
     local_port: bytes
+    # The access log's line kind for this side (labelgw.http.accesslog.LineKind: NO_KIND to start with), and who
+    # keeps it for the connection's next request when this side is made per request (an HTTP/2 stream's
+    # connection, a wrapper's inner side), or None.
+    log_kind: Any
+    log_kind_keeper: Any
 
     # The response.
 

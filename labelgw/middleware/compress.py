@@ -93,6 +93,9 @@ class CompressingSide:
         self._accepts = accepts_gzip(request.field(b"accept-encoding"))
         self._compressor: Any = None
         self.peer_ip = inner.peer_ip
+        # The inner side's line kind, kept by whoever keeps the inner side's (labelgw.http.accesslog).
+        self.log_kind = inner.log_kind
+        self.log_kind_keeper = inner.log_kind_keeper or inner
         self.proto = inner.proto
         self.local_port = inner.local_port
         # Everything but the response head, body and end goes straight through (bound once, no per-call lookup).

@@ -105,6 +105,9 @@ class PluginSide:
     def __init__(self, inner: Any, hooks: list[Any]) -> None:
         self._inner = inner
         self._hooks = hooks
+        # The inner side's line kind, kept by whoever keeps the inner side's (labelgw.http.accesslog).
+        self.log_kind = inner.log_kind
+        self.log_kind_keeper = inner.log_kind_keeper or inner
         for attribute in (
             "peer_ip", "proto", "local_port", "interim_head", "error_response", "abort", "set_response_producer",
             "pause_request_body", "start_tunnel", "tunnel_data", "exchange_done", "response_data", "flush",

@@ -152,10 +152,6 @@ _STEPS = st.lists(
 )
 
 
-class KeptSide(H1Side):
-    """An HTTP/1.1 connection's side: it keeps its line kind itself."""
-
-
 @settings(max_examples=300, deadline=None)
 @given(_STEPS, st.sampled_from([b"127.0.0.1", b"fe80::1%eth0"]), st.sampled_from(["solo", "50%"]))
 def test_a_kept_line_kind_writes_and_counts_as_the_general_path(steps: list[str], peer: bytes, name: str) -> None:
@@ -167,7 +163,7 @@ def test_a_kept_line_kind_writes_and_counts_as_the_general_path(steps: list[str]
     fast_sink, general_sink = Sink(), Sink()
     fast, general = AccessLog(Clock(), "common", fast_sink), AccessLog(Clock(), "common", general_sink)
     inlined, called = RequestMetrics(), RequestMetrics()
-    fast_side, general_side = KeptSide(peer), KeptSide(peer)
+    fast_side, general_side = H1Side(peer), H1Side(peer)
     route = SimpleNamespace(service=SimpleNamespace(name=name), host="solo.localhost", path_prefix="/")
     head = SimpleNamespace(method=b"GET", target=b"/a%20b", version=b"HTTP/1.1", request_id=b"r1", host=b"h",
                            trace_id=None)

@@ -102,15 +102,14 @@ def _jstr(value: bytes | None) -> str:
 class LineKind:
     """What the common format's line of a connection's last request kept for the next one like it: the line's
     constant text (the client, the second, the request line, the status, the service) as a bytes format that
-    takes the body size; what it was made for (the request's target, method
-    and version, the status, the route, the service version: held by identity); and the metrics' counters such a
-    request adds to (a
+    takes the body size; what it was made for (the request's target, method and version, the status, the route,
+    the service version: held by identity); and the metrics' counters such a request adds to (a
     L{labelgw.control.metrics._Slot} and its row: the gateway's metrics, which are made once for its life, so a
     kind is not tested against them)."""
 
     __slots__ = (
-        "bytes_out", "head", "start", "end", "target", "method", "http_version", "status", "route", "version", "line", "slot", "row",
-        "status_class",
+        "start", "end", "target", "method", "http_version", "status", "route", "version", "line", "bytes_out",
+        "sized_line", "slot", "row", "status_class",
     )
 
     def __init__(
@@ -122,7 +121,7 @@ class LineKind:
         self.end = end
         # `line` with a body size in it, and that size (-1: none yet).
         self.bytes_out = -1
-        self.head = b""
+        self.sized_line = b""
         self.target = target
         self.method = method
         self.http_version = http_version
@@ -241,10 +240,10 @@ class AccessLog:
         # cycles the common line and the metrics added per request (bench/callgrind.py --simulate).
         if bytes_out != kind.bytes_out:
             kind.bytes_out = bytes_out
-            kind.head = kind.line % bytes_out
+            kind.sized_line = kind.line % bytes_out
         micros = int((exchange._started_at + exchange._ttfb - created) * 1000000.0 + 0.5)
         text = _MS_TEXT.get(micros)
-        pieces += (kind.head, text if text is not None else _ms_text(micros), head.request_id or b"-", b"\n")
+        pieces += (kind.sized_line, text if text is not None else _ms_text(micros), head.request_id or b"-", b"\n")
         if len(pieces) >= BATCH_PIECES:
             self.flush()
 

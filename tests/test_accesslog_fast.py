@@ -33,9 +33,12 @@ class H1Side:
         self.log_kind = NO_KIND
         self.log_kind_keeper = None
 
+    is_http2 = False
+
 
 class H2Side(H1Side):
     stream_id = 1
+    is_http2 = True
 
 
 _TOKEN = st.binary(min_size=1, max_size=8).map(lambda raw: bytes(0x41 + b % 26 for b in raw))

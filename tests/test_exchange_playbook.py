@@ -42,6 +42,7 @@ class RecordingSide:
     local_port = b"8080"
     log_kind = NO_KIND
     log_kind_keeper = None
+    is_http2 = False
 
     def __init__(self, log: Log) -> None:
         self.log = log

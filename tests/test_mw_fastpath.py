@@ -201,6 +201,7 @@ class _Side:
         self.peer_ip = b""
         self.log_kind = NO_KIND
         self.log_kind_keeper = None
+        self.is_http2 = False
         self.refused: list[int] = []
 
     def refuse(self, status: int, message: str, close: bool, extra: bytes = b"") -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from labelgw.http.accesslog import NO_KIND
+from labelgw.http.accesslog import FLUSH_DELAY, NO_KIND, AccessLog
 from labelgw.core.labels import parse_container
 from labelgw.core.middleware import (
     CompressSpec, MiddlewareLabelError, MiddlewareSpec, parse_middleware,
@@ -58,6 +58,7 @@ class Recorder:
     local_port = b"80"
     log_kind = NO_KIND
     log_kind_keeper = None
+    is_http2 = False
 
     def __init__(self) -> None:
         self.head: ResponseHead | None = None
@@ -405,6 +406,41 @@ def test_rewrite_and_plugin_over_http2(example_plugin: Any) -> None:
     denied = client.request(b"/api/secret")
     client.exchange()
     assert client.streams[denied].status == 403
+
+
+@pytest.mark.parametrize("format", ["json", "common"])
+@pytest.mark.parametrize("labels", [
+    {"compress": "true"},
+    {"middlewares": "stamp", "plugin__stamp__header": "X-Stamp"},
+    {"compress": "true", "middlewares": "stamp", "plugin__stamp__header": "X-Stamp"},
+], ids=["compression", "plugin", "both"])
+def test_an_http2_request_behind_a_wrapping_middleware_is_logged_as_http2(
+    example_plugin: Any, labels: dict[str, str], format: str,
+) -> None:
+    # The wrappers (CompressingSide, PluginSide) state the protocol of the stream they wrap: the access log read
+    # it as HTTP/1.1 once (it probed the side for an HTTP/2 stream's attribute, which a wrapper has not).
+    from test_accesslog import ListSink
+    from test_h2 import H2Client
+
+    h = harness(with_spec(**labels))
+    h.registry.apply("solo-1", spec("solo-1", "api", 9001, ("solo.localhost",)))
+    sink = ListSink()
+    h.gateway.access_log = AccessLog(h.reactor, format, sink)
+    client = H2Client(h)
+    upstreams = []
+    for _ in range(2):  # the second one through the connection's kept line kind
+        stream = client.request(b"/page", headers=[(b"accept-encoding", b"gzip")])
+        upstreams += [fresh.accept() for fresh in h.new_connects()]
+        upstreams[-1].take()
+        upstreams[-1].send(ok(b"hi"))
+        client.exchange()
+        assert client.streams[stream].status == 200
+    h.advance(FLUSH_DELAY)
+    if format == "json":
+        assert [record["protocol"] for record in sink.records()] == ["HTTP/2", "HTTP/2"]
+    else:
+        lines = sink.lines()
+        assert len(lines) == 2 and all('"GET /page HTTP/2" 200 ' in line for line in lines), lines
 
 
 def test_compression_applies_to_the_fallback_service_when_no_backend_is_ready() -> None:

@@ -288,7 +288,7 @@ class AccessLog:
             if status < len(STATUS_CLASS):
                 status_class = STATUS_CLASS[status]
         name = exchange.route.service.name.encode("utf-8", "replace").replace(b"%", b"%%")
-        protocol = b"HTTP/2" if self._side_is_http2(client) else head.version
+        protocol = b"HTTP/2" if client.is_http2 else head.version
         # The constant runs of the line, `%` doubled where it is client or operator text.
         line = b'%s - - [%s] "%s %s %s" %d %%d "%s" ' % (
             (client.peer_ip or b"-").replace(b"%", b"%%"), self._clf_bytes, method.replace(b"%", b"%%"),
@@ -306,9 +306,6 @@ class AccessLog:
         if keeper is not None:
             keeper.log_kind = kind
         return kind
-
-    def _side_is_http2(self, client: Any) -> bool:
-        return hasattr(client, "stream_id")
 
     def _line_any(self, exchange: Any, state: Any, now: float) -> bytes:
         """The line of an exchange that ended, in either format (the general formatter)."""
@@ -436,7 +433,7 @@ class AccessLog:
 
 
 def _protocol(side: Any, head: Any) -> str:
-    if hasattr(side, "stream_id"):
+    if side.is_http2:
         return "HTTP/2"
     return head.version.decode("ascii") if head is not None else "HTTP/1.1"
 

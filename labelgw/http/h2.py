@@ -249,6 +249,7 @@ class H2Stream:
     )
     state: StreamState
     exchange: Exchange | None
+    is_http2 = True
     # Dispatched (or answered locally): DATA from now on goes to the exchange or is dropped.
     started: bool
     # The client sent END_STREAM (the exchange hears of it once it has the whole body: body_done).

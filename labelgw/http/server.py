@@ -118,6 +118,8 @@ class ClientConnection(DataProtocol):
     """One HTTP/1.1 client connection: requests parsed and dispatched one at a time (pipelined ones wait), each
     served by an exchange to which this connection is the client side (L{labelgw.http.sides.ClientSide})."""
 
+    is_http2 = False
+
     state = _IDLE
     # Inside refuse(), which logs the request itself (the access log).
     _refusing = False

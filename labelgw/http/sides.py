@@ -27,6 +27,9 @@ class ClientSide(Protocol):
     # connection, a wrapper's inner side), or None.
     log_kind: Any
     log_kind_keeper: Any
+    # An HTTP/2 stream, or a side that wraps one (the access log's protocol: HTTP/2; else the request's version).
+    # Stated by the side, never probed for: a middleware's wrapper copies it from the side it wraps.
+    is_http2: bool
 
     # The response.
 

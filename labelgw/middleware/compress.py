@@ -96,6 +96,7 @@ class CompressingSide:
         # The inner side's line kind, kept by whoever keeps the inner side's (labelgw.http.accesslog).
         self.log_kind = inner.log_kind
         self.log_kind_keeper = inner.log_kind_keeper or inner
+        self.is_http2 = inner.is_http2
         self.proto = inner.proto
         self.local_port = inner.local_port
         # Everything but the response head, body and end goes straight through (bound once, no per-call lookup).

@@ -108,6 +108,7 @@ class PluginSide:
         # The inner side's line kind, kept by whoever keeps the inner side's (labelgw.http.accesslog).
         self.log_kind = inner.log_kind
         self.log_kind_keeper = inner.log_kind_keeper or inner
+        self.is_http2 = inner.is_http2
         for attribute in (
             "peer_ip", "proto", "local_port", "interim_head", "error_response", "abort", "set_response_producer",
             "pause_request_body", "start_tunnel", "tunnel_data", "exchange_done", "response_data", "flush",

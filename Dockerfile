@@ -17,11 +17,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # A plain (non-editable) install from a copy of the sources, which are then dropped.
+# A C compiler only while pip builds: setup.py compiles labelgw/http/linekind.py with mypyc (the slim image has
+# Python's headers, not gcc), and the image keeps the compiled module, not the compiler.
 # `twistd --help` lists the plugins and so writes twisted/plugins/dropin.cache now, while
 # site-packages is writable: the unprivileged user could not, and would rescan at every start.
 COPY . /tmp/labelgw-src
-RUN pip install /tmp/labelgw-src \
-    && rm -rf /tmp/labelgw-src \
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install /tmp/labelgw-src \
+    && python -c "import labelgw.http.linekind as m; assert not m.__file__.endswith('.py'), m.__file__" \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* /tmp/labelgw-src \
     && twistd --help | grep '^ *labelgw ' \
     && useradd --system --create-home --home-dir /home/labelgw --shell /usr/sbin/nologin labelgw
 

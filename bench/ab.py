@@ -52,6 +52,7 @@ from bench_proxy import (  # noqa: E402
     Managed,
     free_port,
     imported_from,
+    linekind_build,
     nginx_backend,
     run_bench,
     run_wrk,
@@ -283,6 +284,11 @@ def resolve_tree(label: str, spec: str, workdir: Path) -> Tree:
     archive = subprocess.run(["git", "archive", commit], cwd=REPO, capture_output=True, timeout=120, check=True)
     subprocess.run(["tar", "-x", "-C", str(path)], input=archive.stdout, capture_output=True, timeout=120, check=True)
     _check_tree(path, spec)
+    if (path / "setup.py").is_file():
+        # An exported tree holds no build: compile what setup.py compiles, in place, as ./scripts/test does for the
+        # working tree (a tree without a compiler stays pure Python; the run prints which it got).
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=path, capture_output=True,
+                       timeout=600, check=False)
     return Tree(label, spec, path, f"{commit[:12]} (git archive)")
 
 
@@ -325,7 +331,8 @@ def start_labelgw(tree: Tree, workdir: Path, backend_port: int, python: str, bar
         server.stop()
         raise
     pid = server.process.pid  # type: ignore[union-attr]
-    print(f"{tree.label}: {tree.spec} = {tree.description}; labelgw from {origin}, its tap from {plugin} (pid {pid})")
+    print(f"{tree.label}: {tree.spec} = {tree.description}; labelgw from {origin}, its tap from {plugin} (pid {pid}); "
+          f"labelgw.http.linekind {linekind_build(server.log_path.read_text(errors='replace'))}")
     return Running(tree, server, http_port, https_port)
 
 

@@ -10,7 +10,8 @@ One run, loopback only, bounded in time. It starts:
                 (a static service `bench`, hosts [bench.localhost]); skipped, with the reason, if it does not start
 then loads each target in turn with wrk (-t1 -cC -dDs --latency -H 'Host: bench.localhost') after a short warm-up,
 and prints req/s, p50, p99, errors (socket errors + non-2xx/3xx) and the CPU time the target's processes spent per
-request (user + system, from /proc) per target, with labelgw's ratios to the others. With --rounds N the targets are interleaved N times and the medians are quoted.
+request (user + system, from /proc) per target, with labelgw's ratios to the others. With --rounds N the targets are
+interleaved N times, every other round in reverse order, and the medians are quoted.
 
     .venv/bin/python bench/bench_proxy.py [--duration 10] [--connections 50] [--rounds 1] [--json out.json]
 
@@ -90,12 +91,30 @@ from twisted.plugin import getPlugins
 makers = [maker for maker in getPlugins(IServiceMaker) if maker.tapname == "labelgw"]
 spec = importlib.util.find_spec(makers[0].module) if makers else None
 print("bench: labelgw plugin module imported from " + (spec.origin if spec else "nowhere"), flush=True)
+try:
+    import labelgw.http.linekind
+    print("bench: labelgw.http.linekind imported from " + labelgw.http.linekind.__file__, flush=True)
+except ImportError:  # a tree from before it (bench/ab.py)
+    print("bench: labelgw.http.linekind imported from nowhere", flush=True)
 from twisted.scripts.twistd import run
 sys.argv[0] = "twistd"
 sys.exit(run())
 """
 _ORIGIN_LINE = re.compile(r"^bench: labelgw imported from (.+)$", re.MULTILINE)
 _PLUGIN_LINE = re.compile(r"^bench: labelgw plugin module imported from (.+)$", re.MULTILINE)
+_LINEKIND_LINE = re.compile(r"^bench: labelgw.http.linekind imported from (.+)$", re.MULTILINE)
+
+
+def linekind_build(log_text: str) -> str:
+    """From the log of a labelgw started by `labelgw_server`: whether the module setup.py compiles was compiled
+    (`compiled`, `pure Python`, or `unknown`), with its file."""
+    match = _LINEKIND_LINE.search(log_text)
+    if match is None:
+        return "unknown"
+    origin = match.group(1).strip()
+    if origin == "nowhere":
+        return "absent (a tree from before it)"
+    return ("pure Python" if origin.endswith(".py") else "compiled") + f" ({origin})"
 
 
 def imported_from(log_text: str) -> tuple[Path | None, Path | None]:
@@ -617,6 +636,8 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
                 server.stop()
                 continue
             targets.append(Target(name, port, server))
+            if name.startswith("labelgw"):
+                print(f"{name}: labelgw.http.linekind {linekind_build(server.log_path.read_text(errors='replace'))}")
         per_target_s = args.warmup + args.duration
         print(
             f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s --latency "
@@ -624,7 +645,9 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
             f"about {len(targets) * args.rounds * per_target_s:.0f} s; load average {os.getloadavg()[0]:.2f}"
         )
         for round_index in range(args.rounds):
-            for target in targets:
+            # Every other round in reverse order (as bench/ab.py does): a target always loaded first, or always
+            # right after a given other, would carry that position's share of the machine's drift in every round.
+            for target in targets if round_index % 2 == 0 else targets[::-1]:
                 if target.server is not None and target.server.exited() is not None:
                     raise RuntimeError(f"{target.name} exited during the run:\n{target.server.log_tail()}")
                 if args.warmup > 0:

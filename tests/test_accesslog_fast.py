@@ -256,7 +256,7 @@ def test_an_http2_connection_keeps_the_line_kind_for_its_next_stream() -> None:
 
 
 def test_the_upstream_time_text_is_milliseconds_of_whole_microseconds() -> None:
-    from labelgw.http.accesslog import _ms_text
+    from labelgw.http.linekind import ms_text as _ms_text
 
     assert _ms_text(0) == b"0.000 " and _ms_text(7) == b"0.007 " and _ms_text(1234567) == b"1234.567 "
     # A wall clock set back while the request was in flight.

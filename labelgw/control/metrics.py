@@ -32,21 +32,15 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from labelgw.core import balancer
+# The counters the data path adds to, the histogram bounds and the method labels: in the module labelgw compiles
+# (the access log adds a repeated request's counters there).
+from labelgw.http.linekind import BUCKETS, METHODS, Slot
 
 __all__ = [
     "BUCKETS", "DockerMetrics", "GatewayCollector", "METHODS", "RequestMetrics", "Histogram", "metrics_registry",
     "render",
 ]
 
-# Upper bounds (seconds) of the duration histograms: 1 ms to 60 s, then +Inf.
-BUCKETS: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-)
-# The methods that get a label value of their own; any other token (clients choose them freely) is `other`.
-METHODS: dict[bytes, str] = {
-    m: m.decode("ascii")
-    for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"CONNECT", b"TRACE")
-}
 # Status -> its class (status // 100) for the counters' rows, by subscript: cheaper than the division and a bound
 # test per request (a status past 999, never made by labelgw's parsers, raises IndexError: class 9).
 STATUS_CLASS: list[int] = [status // 100 for status in range(1000)]
@@ -93,40 +87,13 @@ def _le(bound: float) -> str:
 
 class _ServiceStats:
     """One service's counters of requests labelgw answered itself (refused in the dispatcher), keyed by label
-    values; the exchanges' counters are in L{_Slot}s, merged in at scrape time."""
+    values; the exchanges' counters are in L{Slot}s, merged in at scrape time."""
 
     __slots__ = ("requests",)
 
     def __init__(self) -> None:
         # (version or "", method label, status // 100) -> requests.
         self.requests: dict[tuple[str, str, int], int] = {}
-
-
-class _Slot:
-    """The counters of one (service, version) pair, as the exchanges update them: plain ints, no label work."""
-
-    __slots__ = ("service", "version", "get", "rows", "counts", "total", "bytes_in", "bytes_out")
-
-    def __init__(self, service: str, version: str) -> None:
-        self.service = service
-        self.version = version
-        # Method -> requests by status // 100 (0: no response; labelled at scrape time). Bounded: a method not in
-        # METHODS counts in the `other` row (key b""). `get`: GET's row, the one nearly every request counts in.
-        self.rows: dict[bytes, list[int]] = {}
-        self.get = self.row(b"GET")
-        # The duration histogram's bucket counts (not cumulative) and sum.
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.total = 0.0
-        self.bytes_in = 0
-        self.bytes_out = 0
-
-    def row(self, method: bytes) -> list[int]:
-        row = self.rows.get(method)
-        if row is None:
-            if method and method not in METHODS:
-                return self.row(b"")
-            row = self.rows[method] = [0] * 10
-        return row
 
 
 class RequestMetrics:
@@ -136,8 +103,8 @@ class RequestMetrics:
         self.services: dict[str, _ServiceStats] = {}
         # (service name, exchange version) -> its slot; `plain`: the same slots of the exchanges without a
         # version (services not split by version: nearly all), by service name, found without making a key.
-        self.slots: dict[tuple[str, str | None], _Slot] = {}
-        self.plain: dict[str, _Slot] = {}
+        self.slots: dict[tuple[str, str | None], Slot] = {}
+        self.plain: dict[str, Slot] = {}
         # Requests answered without a service (400 for a refused path, 404, 308 to HTTPS): (method, class) -> n.
         self.unrouted: dict[tuple[str, int], int] = {}
         # labelgw's own 502/503/504 answers: (status, cause) -> n.
@@ -151,13 +118,13 @@ class RequestMetrics:
             stats = self.services[name] = _ServiceStats()
         return stats
 
-    def slot(self, name: str, version: str | None) -> _Slot:
+    def slot(self, name: str, version: str | None) -> Slot:
         """The counters of (service, version), made on first use."""
         slot = self.slots.get((name, version))
         return slot if slot is not None else self._slot(name, version)
 
-    def _slot(self, name: str, version: str | None) -> _Slot:
-        slot = self.slots[(name, version)] = _Slot(name, version or "")
+    def _slot(self, name: str, version: str | None) -> Slot:
+        slot = self.slots[(name, version)] = Slot(name, version or "")
         if version is None:
             self.plain[name] = slot
         return slot

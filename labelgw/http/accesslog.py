@@ -19,13 +19,13 @@ import os
 import re
 import threading
 import time
-from bisect import bisect_left
 from queue import SimpleQueue
 from typing import Any, Callable
 
 from twisted.logger import Logger
 
-from labelgw.control.metrics import BUCKETS, STATUS_CLASS
+from labelgw.control.metrics import STATUS_CLASS
+from labelgw.http.linekind import LineKind, ms_text, repeat
 from labelgw.http.states import ExchangeState
 
 _RESPONDING = ExchangeState.RESPONDING
@@ -62,26 +62,6 @@ def _quoted(value: bytes) -> str:
     return "".join(chr(byte) if 0x20 <= byte < 0x7F and byte not in (0x22, 0x5C) else f"\\x{byte:02X}" for byte in value)
 
 
-# Microseconds -> the common format's upstream time (milliseconds with three decimals) and the space after it; at
-# most _MS_TEXTS kept, about 1.3 MB (the times of a few backends repeat: a few thousand texts answer nearly every
-# request; a wider spread empties the table now and then and formats those lines).
-_MS_TEXT: dict[int, bytes] = {}
-_MS_TEXTS = 16384
-
-
-def _ms_text(micros: int) -> bytes:
-    """The common format's upstream time, `micros` microseconds as milliseconds (`%.3f` of a whole number of
-    microseconds), with the space that follows it."""
-    if micros < 0:
-        # A clock set back while the request was in flight (reactor.seconds() is the wall clock).
-        return b"-%d.%03d " % divmod(-micros, 1000)
-    text = b"%d.%03d " % divmod(micros, 1000)
-    if len(_MS_TEXT) >= _MS_TEXTS:
-        _MS_TEXT.clear()
-    _MS_TEXT[micros] = text
-    return text
-
-
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
@@ -97,41 +77,6 @@ def _jstr(value: bytes | None) -> str:
     if _PLAIN.fullmatch(value) is not None:
         return '"' + value.decode("ascii") + '"'
     return json.dumps(value.decode("latin-1"))
-
-
-class LineKind:
-    """What the common format's line of a connection's last request kept for the next one like it: the line's
-    constant text (the client, the second, the request line, the status, the service) as a bytes format that
-    takes the body size; what it was made for (the request's target, method and version, the status, the route,
-    the service version: held by identity); and the metrics' counters such a request adds to (a
-    L{labelgw.control.metrics._Slot} and its row: the gateway's metrics, which are made once for its life, so a
-    kind is not tested against them)."""
-
-    __slots__ = (
-        "start", "end", "target", "method", "http_version", "status", "route", "version", "line", "bytes_out",
-        "sized_line", "slot", "row", "status_class",
-    )
-
-    def __init__(
-        self, start: float, end: float, target: bytes, method: bytes, http_version: bytes, status: int, route: Any,
-        version: str | None, line: bytes, slot: Any, row: list[int] | None, status_class: int,
-    ) -> None:
-        # The second of the time in `line`, as a float range (`start <= now < end`: two float comparisons).
-        self.start = start
-        self.end = end
-        # `line` with a body size in it, and that size (-1: none yet).
-        self.bytes_out = -1
-        self.sized_line = b""
-        self.target = target
-        self.method = method
-        self.http_version = http_version
-        self.status = status
-        self.route = route
-        self.version = version
-        self.line = line
-        self.slot = slot
-        self.row = row
-        self.status_class = status_class
 
 
 # What a client side holds before its first line: a kind no time falls in.
@@ -185,66 +130,43 @@ class AccessLog:
 
     def _exchange_common(self, exchange: Any, state: Any, now: float | None = None, metrics: Any = None) -> None:
         """exchange() in the common format. A keep-alive connection that repeats its request gets the same line
-        but for the body size, the upstream time and the request id: its client side keeps a L{LineKind} (the
-        line's constant text as a bytes format and the metrics' counters it adds to), found by one attribute read
-        and held valid by identity tests (the repeated head's very objects, the route, the version, the second of
-        the time in its text). Written for the fewest interpreter operations (each costs ~50 instructions;
-        bench/obs_parts.py counts them)."""
+        but for the body size, the upstream time and the request id: its client side keeps a L{LineKind}, and
+        L{labelgw.http.linekind.repeat} (compiled when labelgw was built with a C compiler) adds the line and
+        the counters when the exchange is still of that kind. Here: the exchange's values read for it (attribute
+        reads the interpreter specialises), and the kinds made."""
         if now is None:
             now = self.clock.seconds()
-        kind = exchange.client.log_kind
-        head = exchange.head
-        # (A tuple of these compared to one kept costs more: ~200 instructions per call.)
-        if (
-            not kind.start <= now < kind.end or head.target is not kind.target or head.method is not kind.method
-            or head.version is not kind.http_version or exchange.status != kind.status
-            or exchange.route is not kind.route or exchange.version is not kind.version or state is not _RESPONDING
-            or exchange.client_gone or exchange.error_message is not None
-        ):
-            kind = self._kind(exchange, state, now, metrics)
-            if kind is None:
-                # labelgw's own answer, a tunnel, a client gone, a target to escape: the general path.
-                if metrics is not None:
-                    metrics.exchange_done(exchange, now)
-                self._append(self._line_any(exchange, state, now))
+        if state is _RESPONDING and not exchange.client_gone and exchange.error_message is None:
+            head = exchange.head
+            count = repeat(
+                exchange.client.log_kind, self._pieces, now, head.target, head.method, head.version, exchange.status,
+                exchange.route, exchange.version, exchange.bytes_in, exchange.bytes_out, exchange.created_at,
+                exchange._started_at, exchange._ttfb, head.request_id,
+            )
+            if count > 4:
+                if count >= BATCH_PIECES:
+                    self.flush()
                 return
-        bytes_out = exchange.bytes_out
-        created = exchange.created_at
-        slot = kind.slot
-        if slot is not None:
-            # RequestMetrics.exchange_done, written out (tests/test_accesslog_fast.py holds the two to the same
-            # counts).
-            kind.row[kind.status_class] += 1
-            if exchange.bytes_in:
-                slot.bytes_in += exchange.bytes_in
-            slot.bytes_out += bytes_out
-            elapsed = now - created
-            slot.total += elapsed
-            if elapsed <= 0.001:
-                slot.counts[0] += 1
-            elif elapsed <= 0.0025:
-                slot.counts[1] += 1
-            elif elapsed <= 0.005:
-                slot.counts[2] += 1
-            elif elapsed <= 0.01:
-                slot.counts[3] += 1
-            else:
-                slot.counts[bisect_left(BUCKETS, elapsed)] += 1
-        pieces = self._pieces
-        if not pieces:
-            # A timer is armed exactly while lines wait (flush() resets both): the first line arms it.
+            if count:
+                # The batch's first line: a timer is armed exactly while lines wait (flush() resets both).
+                self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
+                return
+        kind = self._kind(exchange, state, now, metrics)
+        if kind is None:
+            # labelgw's own answer, a tunnel, a client gone, a target to escape: the general path.
+            if metrics is not None:
+                metrics.exchange_done(exchange, now)
+            self._append(self._line_any(exchange, state, now))
+            return
+        head = exchange.head
+        count = repeat(
+            kind, self._pieces, now, head.target, head.method, head.version, exchange.status, exchange.route,
+            exchange.version, exchange.bytes_in, exchange.bytes_out, exchange.created_at, exchange._started_at,
+            exchange._ttfb, head.request_id,
+        )
+        if count == 4:
             self._flush_call = self.clock.callLater(FLUSH_DELAY, self.flush)
-        # The line as pieces of kept bytes, no formatting: the text up to the body size (kept with the size it was
-        # made for: most answers of a connection have one size), the upstream time by microseconds (a few thousand
-        # texts answer nearly every request), the request id. `%` with a float cost 7 400 of the 13 600 model
-        # cycles the common line and the metrics added per request (bench/callgrind.py --simulate).
-        if bytes_out != kind.bytes_out:
-            kind.bytes_out = bytes_out
-            kind.sized_line = kind.line % bytes_out
-        micros = int((exchange._started_at + exchange._ttfb - created) * 1000000.0 + 0.5)
-        text = _MS_TEXT.get(micros)
-        pieces += (kind.sized_line, text if text is not None else _ms_text(micros), head.request_id or b"-", b"\n")
-        if len(pieces) >= BATCH_PIECES:
+        elif count >= BATCH_PIECES:
             self.flush()
 
     def refused(self, side: Any, head: Any, status: int, message: str) -> None:
@@ -361,7 +283,7 @@ class AccessLog:
         else:
             request = f"{_quoted(getattr(side, 'method', b'-'))} - {_protocol(side, head)}"
         service = route.service.name if route is not None else "-"
-        ms = "-" if upstream is None else _ms_text(int(upstream * 1000000.0 + 0.5)).decode("ascii").rstrip()
+        ms = "-" if upstream is None else ms_text(int(upstream * 1000000.0 + 0.5)).decode("ascii").rstrip()
         peer = side.peer_ip.decode("ascii", "replace") or "-"
         # The request id: labelgw.http.requestid's safe characters only.
         request_id = head.request_id.decode("ascii") if head is not None and head.request_id else "-"

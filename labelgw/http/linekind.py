@@ -170,7 +170,15 @@ def repeat(
         slot.bytes_out += bytes_out
         elapsed = now - created
         slot.total += elapsed
-        slot.counts[bucket(elapsed)] += 1
+        # The first bounds written out: no call for the fast answers when this runs as Python.
+        if elapsed <= 0.001:
+            slot.counts[0] += 1
+        elif elapsed <= 0.0025:
+            slot.counts[1] += 1
+        elif elapsed <= 0.005:
+            slot.counts[2] += 1
+        else:
+            slot.counts[bucket(elapsed)] += 1
     if bytes_out != kind.bytes_out:
         kind.bytes_out = bytes_out
         kind.sized_line = kind.line % bytes_out
@@ -178,8 +186,5 @@ def repeat(
     text = MS_TEXT.get(micros)
     if text is None:
         text = ms_text(micros)
-    pieces.append(kind.sized_line)
-    pieces.append(text)
-    pieces.append(request_id if request_id else b"-")
-    pieces.append(b"\n")
+    pieces += (kind.sized_line, text, request_id if request_id else b"-", b"\n")
     return len(pieces)

@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from labelgw.core import balancer
 # The counters the data path adds to, the histogram bounds and the method labels: in the module labelgw compiles
 # (the access log adds a repeated request's counters there).
-from labelgw.http.linekind import BUCKETS, METHODS, Slot
+from labelgw.http.linekind import BUCKETS, METHODS, Slot, bucket
 
 __all__ = [
     "BUCKETS", "DockerMetrics", "GatewayCollector", "METHODS", "RequestMetrics", "Histogram", "metrics_registry",
@@ -163,17 +163,8 @@ class RequestMetrics:
             return  # a tunnel's lifetime (a WebSocket's hours) is not a request duration
         elapsed = now - exchange.created_at
         slot.total += elapsed
-        # BUCKETS' first bounds as comparisons: what bisect_left finds, at a fraction of a call's cost.
-        if elapsed <= 0.001:
-            slot.counts[0] += 1
-        elif elapsed <= 0.0025:
-            slot.counts[1] += 1
-        elif elapsed <= 0.005:
-            slot.counts[2] += 1
-        elif elapsed <= 0.01:
-            slot.counts[3] += 1
-        else:
-            slot.counts[bisect_left(BUCKETS, elapsed)] += 1
+        # What bisect_left(BUCKETS, elapsed) finds, as comparisons (compiled with the rest of linekind).
+        slot.counts[bucket(elapsed)] += 1
 
     def by_service(self) -> dict[str, tuple[dict[tuple[str, str, int], int], dict[str, Histogram], int, int]]:
         """Per service: requests by (version, method label, status class), duration histograms by version, body

@@ -868,7 +868,7 @@ class H2Protocol(DataProtocol):
         self.proto = proto
         self.settings = settings
         self.clock = gateway.clock
-        # The access log's last line kind on this connection (labelgw.http.accesslog.LineKind), which each new
+        # The access log's last line kind on this connection (labelgw.http.linekind.LineKind), which each new
         # stream starts with: the next request is most often the same.
         self.log_kind = NO_KIND
         self.conn: H2Connection = H2Connection(

@@ -128,7 +128,7 @@ class ClientConnection(DataProtocol):
         self.gateway = gateway
         self.proto = proto
         self.peer_ip = b""
-        # The access log's last line kind (labelgw.http.accesslog.LineKind): the next request of a keep-alive
+        # The access log's last line kind (labelgw.http.linekind.LineKind): the next request of a keep-alive
         # connection is most often the same. It is kept here (no other keeper).
         self.log_kind = NO_KIND
         self.log_kind_keeper: Any = None

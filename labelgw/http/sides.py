@@ -22,8 +22,8 @@ class ClientSide(Protocol):
     peer_ip: bytes
     proto: bytes
     local_port: bytes
-    # The access log's line kind for this side (labelgw.http.accesslog.LineKind: NO_KIND to start with), and who
-    # keeps it for the connection's next request when this side is made per request (an HTTP/2 stream's
+    # The access log's line kind for this side (labelgw.http.linekind.LineKind; accesslog.NO_KIND to start with),
+    # and who keeps it for the connection's next request when this side is made per request (an HTTP/2 stream's
     # connection, a wrapper's inner side), or None.
     log_kind: Any
     log_kind_keeper: Any
